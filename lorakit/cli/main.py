@@ -1,0 +1,51 @@
+"""Entry point of the ``lorakit`` command: the group, error handling and exit codes.
+
+Exit codes: 0 success, 2 bad input (nothing written), 3 a release rejected by the gate, 1 an unexpected crash.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lorakit import __version__
+from lorakit.errors import LorakitError
+
+
+class LorakitGroup(click.Group):
+    """Turns :class:`LorakitError` into one ``error:`` line and its exit code instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LorakitError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=LorakitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lorakit")
+def main() -> None:
+    """lorakit turns a base LLM plus task data into a quantized release model you can trust.
+
+    \b
+    The release chain:  prep -> train (QLoRA, one adapter per task) -> merge -> quantize -> gate -> registry
+    Every command writes a folder in a standard format (PEFT adapters, HF safetensors models) with a
+    lorakit_*.json beside the files that says how it was made, from which inputs (by digest).
+
+    \b
+    Exit codes: 0 ok, 2 bad input (nothing was written), 3 rejected by the gate, 1 unexpected error.
+    Environment: LORAKIT_HOME (cache, default ~/.cache/lorakit), LORAKIT_THREADS (torch threads).
+    """
+
+
+def register_commands() -> None:
+    # Sub-commands live in their own modules; importing them here keeps `lorakit --help` fast and complete.
+    from lorakit.cli import merge_cmd, model_cmd
+
+    main.add_command(merge_cmd.merge)
+    main.add_command(model_cmd.default_model)
+
+
+register_commands()

@@ -1,0 +1,42 @@
+"""Content digests: how lorakit (and its registry) name the exact bytes an artifact was made from."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_CHUNK = 8 << 20
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks so a multi-GB shard never sits in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(folder: str | os.PathLike[str]) -> dict[str, str]:
+    """Map each file's path (relative, POSIX) under ``folder`` to its sha256, in sorted order."""
+    folder = Path(folder)
+    out: dict[str, str] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        out[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return out
+
+
+def manifest_digest(manifest: dict[str, str], kind: str = "") -> str:
+    """One digest for a set of files: sha256 over the sorted ``path\\0digest`` lines (and the kind)."""
+    h = hashlib.sha256()
+    h.update(kind.encode() + b"\n")
+    for rel, digest in sorted(manifest.items()):
+        h.update(rel.encode() + b"\0" + digest.encode() + b"\n")
+    return h.hexdigest()
+
+
+def folder_digest(folder: str | os.PathLike[str], exclude: tuple[str, ...] = ()) -> str:
+    """Digest of a folder's content, ignoring lorakit's own metadata files named in ``exclude``."""
+    manifest = {k: v for k, v in file_manifest(folder).items() if k not in exclude}
+    return manifest_digest(manifest)

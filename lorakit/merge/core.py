@@ -1,0 +1,261 @@
+"""``merge_adapters``: combine LoRA adapters into one adapter or into the base model's weights.
+
+Everything is validated before anything is written (weights, method parameters, adapter compatibility, the base
+model's shapes), output goes to a temporary sibling that is renamed into place, and the output folder's
+``lorakit_merge.json`` records the inputs' digests and every number that defines the result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import lorakit
+from lorakit.adapters import CONFIG_FILE, WEIGHTS_FILE, Adapter, check_compatible, check_tied_targets, load_adapter
+from lorakit.errors import IncompatibleAdaptersError, InputError
+from lorakit.io.atomic import atomic_dir, check_output_free, write_json
+from lorakit.io.digests import manifest_digest
+from lorakit.io.safetensors_stream import copy_with_digest, overwrite_tensor, read_tensor, save_file
+from lorakit.merge.linear import concat_factors
+from lorakit.merge.registry import MergeMethod, ModuleContext, get_method
+from lorakit.merge.svd import Truncation, truncate_dense, truncate_factors
+from lorakit.models.embedded import MODEL_ID
+from lorakit.models.folder import read_model_config, resolve_model_dir, shard_names, tensor_index, ties_embeddings
+
+MERGE_META = "lorakit_merge.json"
+OUTPUT_KINDS = ("adapter", "model")
+_PREFIX = "base_model.model."
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    output_kind: str
+    method: str
+    exact: bool
+    relative_error: float | None
+    metadata: dict[str, Any]
+
+
+def check_weights(weights: Sequence[float], n_adapters: int) -> list[float]:
+    """One finite weight per adapter; any sign (a negative weight subtracts a task)."""
+    if len(weights) != n_adapters:
+        raise InputError(
+            f"got {len(weights)} weight(s) for {n_adapters} adapter(s); pass one weight per adapter, "
+            f"e.g. --weights {','.join(['0.5'] * max(n_adapters, 1))}"
+        )
+    out = []
+    for i, w in enumerate(weights, 1):
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise InputError(f"weight {i} ({w!r}) is not a number") from None
+        if not math.isfinite(w):
+            raise InputError(f"weight {i} is {w}; weights must be finite numbers")
+        out.append(w)
+    return out
+
+
+def _check_plan(method: MergeMethod, output_kind: str, rank: int | None) -> None:
+    if output_kind not in OUTPUT_KINDS:
+        raise InputError(f"--output-kind must be one of {', '.join(OUTPUT_KINDS)}, got {output_kind!r}")
+    if rank is not None:
+        if output_kind != "adapter":
+            raise InputError("--rank re-factors an adapter output; it does not apply to --output-kind model")
+        if int(rank) < 1:
+            raise InputError(f"--rank must be a positive integer, got {rank}")
+    if output_kind == "adapter" and not method.factorable and rank is None:
+        raise InputError(
+            f"method {method.name} produces full-rank updates; pass --rank K to re-factor them into an adapter "
+            "(the error is reported), or --output-kind model"
+        )
+
+
+def _base_dir(adapters: list[Adapter], base: str | os.PathLike[str] | None, required: bool) -> Path | None:
+    """The base model folder: --base, else the adapters' recorded base when it is reachable locally."""
+    if base is not None:
+        return resolve_model_dir(base)
+    name = adapters[0].base_name
+    if name and Path(name).is_dir():
+        return Path(name)
+    if name == MODEL_ID:
+        return resolve_model_dir(None)
+    if required:
+        if not name:
+            raise InputError("the adapters do not record their base model; pass --base with the model folder")
+        return resolve_model_dir(name)
+    return None
+
+
+def _check_base_fits(adapters: list[Adapter], base_dir: Path, index: dict[str, tuple[str, Any]]) -> None:
+    for name, module in adapters[0].modules.items():
+        entry = index.get(f"{name}.weight")
+        if entry is None:
+            raise IncompatibleAdaptersError(
+                f"adapter {adapters[0].label} targets {name}, which base model {base_dir} does not have; "
+                "pass --base with the model the adapters were trained on"
+            )
+        if tuple(entry[1].shape) != module.weight_shape:
+            raise IncompatibleAdaptersError(
+                f"adapter {adapters[0].label} expects a {list(module.weight_shape)} weight at {name} but base model "
+                f"{base_dir} has {list(entry[1].shape)}; pass --base with the model the adapters were trained on"
+            )
+
+
+def _merged_delta(method: MergeMethod, adapters: list[Adapter], name: str, weights: list[float],
+                  params: dict[str, Any]) -> torch.Tensor:
+    deltas = [a.modules[name].delta() for a in adapters]
+    return method.combine(deltas, weights, ModuleContext(name, int(params.get("seed") or 0)), params)
+
+
+def _adapter_config(first: Adapter, ranks: dict[str, int], base_name: str | None) -> dict[str, Any]:
+    """The first adapter's config with scaling 1 (scales live in B) and the merged ranks."""
+    common, _ = Counter(ranks.values()).most_common(1)[0]
+    pattern = {name: r for name, r in ranks.items() if r != common}
+    cfg = dict(first.config)
+    cfg.update(
+        r=common, lora_alpha=common, use_rslora=False, rank_pattern=pattern, alpha_pattern=dict(pattern),
+        use_dora=False, lora_bias=False, inference_mode=True, base_model_name_or_path=base_name,
+    )
+    return cfg
+
+
+def _write_adapter(tmp: Path, method: MergeMethod, adapters: list[Adapter], weights: list[float],
+                   params: dict[str, Any], rank: int | None, base_name: str | None,
+                   progress: bool) -> dict[str, Any]:
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    errors: dict[str, float] = {}
+    err_sq = norm_sq = 0.0
+    for name in tqdm(sorted(adapters[0].modules), desc="merging modules", unit="module", disable=not progress):
+        modules = [a.modules[name] for a in adapters]
+        if method.factorable and rank is None:
+            A, B = concat_factors(modules, weights)
+        else:
+            if method.factorable:
+                A_cat, B_cat = concat_factors(modules, weights)
+                cut: Truncation = truncate_factors(B_cat, A_cat, rank)
+            else:
+                cut = truncate_dense(_merged_delta(method, adapters, name, weights, params), rank)
+            A, B = cut.A, cut.B
+            errors[name] = cut.relative_error
+            err_sq += cut.error**2
+            norm_sq += cut.norm**2
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.contiguous()
+        ranks[name] = A.shape[0]
+    save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_json(tmp / CONFIG_FILE, _adapter_config(adapters[0], ranks, base_name))
+    if rank is None:
+        return {"exact": True, "relative_error": None, "per_module_relative_error": None, "rank": None}
+    overall = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
+    return {"exact": overall == 0.0, "relative_error": overall, "per_module_relative_error": errors, "rank": rank}
+
+
+def _write_model(tmp: Path, method: MergeMethod, adapters: list[Adapter], weights: list[float],
+                 params: dict[str, Any], base_dir: Path, index: dict[str, tuple[str, Any]],
+                 progress: bool) -> dict[str, Any]:
+    """Copy the base folder shard by shard and patch only the adapted weights in place."""
+    for item in sorted(base_dir.iterdir()):
+        if item.is_file() and not item.name.endswith(".safetensors") and not item.name.startswith("lorakit_"):
+            shutil.copy2(item, tmp / item.name)
+    by_shard: dict[str, list[str]] = {}
+    for name in adapters[0].modules:
+        by_shard.setdefault(index[f"{name}.weight"][0], []).append(name)
+    shard_digests: dict[str, str] = {}
+    bar = tqdm(total=len(adapters[0].modules), desc="merging into base", unit="module", disable=not progress)
+    for shard in shard_names(base_dir):
+        shard_digests[shard] = copy_with_digest(base_dir / shard, tmp / shard)
+        with open(tmp / shard, "r+b") as fh:
+            for name in sorted(by_shard.get(shard, [])):
+                info = index[f"{name}.weight"][1]
+                weight = read_tensor(fh, info)
+                module = adapters[0].modules[name]
+                delta = module.to_weight_layout(_merged_delta(method, adapters, name, weights, params))
+                merged = (weight.float() + delta).to(weight.dtype)
+                overwrite_tensor(fh, info, merged)
+                bar.update(1)
+    bar.close()
+    return {"exact": True, "relative_error": None, "per_module_relative_error": None, "rank": None,
+            "base_weights_digest": manifest_digest(shard_digests, "weights"), "base_shards": shard_digests}
+
+
+def merge_adapters(
+    adapters: Sequence[str | os.PathLike[str]],
+    weights: Sequence[float],
+    output: str | os.PathLike[str],
+    *,
+    method: str = "linear",
+    output_kind: str = "adapter",
+    rank: int | None = None,
+    base: str | os.PathLike[str] | None = None,
+    density: float | None = None,
+    seed: int | None = None,
+    normalize: bool | None = None,
+    force: bool = False,
+    ignore_base_name: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge PEFT LoRA adapters: ΔW = method(w₁·ΔW₁, …) with ΔWᵢ = scalingᵢ·BᵢAᵢ per target module.
+
+    Returns what was written and how exact it is; raises :class:`lorakit.errors.InputError` (nothing written)
+    for every input it cannot merge correctly.
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    weights = check_weights(weights, len(adapters))
+    merge_method = get_method(method)
+    params = merge_method.resolve_params({"density": density, "seed": seed, "normalize": normalize})
+    _check_plan(merge_method, output_kind, rank)
+    check_output_free(output, force)
+    resolved_inputs = [Path(a).resolve() for a in adapters]
+    if output.resolve() in resolved_inputs or (base is not None and Path(base).resolve() == output.resolve()):
+        raise InputError(f"output {output} is one of the inputs; write the merge to a new folder")
+
+    loaded = [load_adapter(a) for a in adapters]
+    check_compatible(loaded, ignore_base_name=ignore_base_name)
+    base_dir = _base_dir(loaded, base, required=output_kind == "model")
+    index = None
+    if base_dir is not None:
+        check_tied_targets(loaded, ties_embeddings(read_model_config(base_dir)), str(base_dir))
+        index = tensor_index(base_dir)
+        _check_base_fits(loaded, base_dir, index)
+    base_name = str(base) if base is not None else loaded[0].base_name
+
+    with atomic_dir(output, force=force) as tmp:
+        if output_kind == "adapter":
+            result = _write_adapter(tmp, merge_method, loaded, weights, params, rank, base_name, progress)
+        else:
+            result = _write_model(tmp, merge_method, loaded, weights, params, base_dir, index, progress)
+            digests = [a.base_digest for a in loaded if a.base_digest]
+            if digests and any(d != result["base_weights_digest"] for d in digests):
+                raise IncompatibleAdaptersError(
+                    f"the adapters were trained on a base with weights digest {digests[0][:12]}, but {base_dir} has "
+                    f"{result['base_weights_digest'][:12]}; pass --base with the model the adapters were trained on"
+                )
+        metadata = {
+            "lorakit_version": lorakit.__version__,
+            "method": merge_method.name,
+            "params": params,
+            "weights": weights,
+            "negative_weights": [str(a.path) for a, w in zip(loaded, weights) if w < 0],
+            "output_kind": output_kind,
+            "inputs": [a.summary() for a in loaded],
+            "base": {"path": str(base_dir) if base_dir else None, "name": base_name,
+                     "weights_digest": result.pop("base_weights_digest", None),
+                     "shards": result.pop("base_shards", None)},
+            **result,
+            "wall_time_s": round(time.perf_counter() - started, 3),
+        }
+        write_json(tmp / MERGE_META, metadata)
+    return MergeResult(output, output_kind, merge_method.name, metadata["exact"], metadata["relative_error"], metadata)

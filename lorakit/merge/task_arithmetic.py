@@ -1,0 +1,100 @@
+"""TIES, DARE and magnitude pruning: one family of sparsified task arithmetic on the deltas ΔWᵢ.
+
+Every operation here acts on each adapter's full update ΔWᵢ = scalingᵢ·BᵢAᵢ of a module, never on A and B
+separately (which is what PEFT does, and why its results are not what the papers describe). Randomness (DARE)
+comes from a per-module, per-adapter generator derived from ``--seed``, the module name and the adapter's
+position, so results do not depend on processing order or on how many modules are merged in one call.
+
+- ``magnitude_prune``: keep the ``density`` fraction of largest-|·| entries of each ΔWᵢ, then Σ wᵢ·ΔŴᵢ.
+- ``dare_linear``: keep each entry with probability ``density`` and rescale by 1/density, then Σ wᵢ·ΔŴᵢ.
+- ``ties``: magnitude-trim each ΔWᵢ, elect a sign per entry from Σ wᵢ·ΔŴᵢ, sum only the weighted entries
+  that agree with it (optionally divided by the sum of the agreeing weights: ``--normalize``).
+- ``dare_ties``: DARE instead of magnitude trimming, then the same sign election.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lorakit.merge.linear import weighted_sum
+from lorakit.merge.registry import MergeMethod, ModuleContext, Param, register
+
+DENSITY = Param("density", float, required=True, help="fraction of each delta's entries to keep, in (0, 1]")
+SEED = Param("seed", int, default=0, help="seed of DARE's random masks (deterministic per module)")
+NORMALIZE = Param("normalize", bool, default=False, help="divide by the sum of the agreeing weights")
+
+
+def module_generator(seed: int, module: str, index: int) -> torch.Generator:
+    """The random stream for adapter ``index`` at ``module``: seed·1000003 + crc32(module)·31 + index."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(module.encode()) * 31 + index) % (2**63 - 1))
+    return g
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the round(density·n) entries of largest magnitude."""
+    n = delta.numel()
+    k = int(round(density * n))
+    if k >= n:
+        return torch.ones_like(delta, dtype=torch.bool)
+    mask = torch.zeros(n, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(delta.abs().flatten(), k, sorted=False).indices] = True
+    return mask.view_as(delta)
+
+
+def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Keep each entry independently with probability ``density``."""
+    return torch.rand(shape, generator=generator) < density
+
+
+def trim(deltas: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
+    return [d * magnitude_mask(d, density) for d in deltas]
+
+
+def drop_and_rescale(deltas: Sequence[torch.Tensor], density: float, ctx: ModuleContext) -> list[torch.Tensor]:
+    return [d * dare_mask(d.shape, density, module_generator(ctx.seed, ctx.name, i)) / density
+            for i, d in enumerate(deltas)]
+
+
+def sign_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    weighted = torch.stack([d * float(w) for d, w in zip(deltas, weights)])
+    elected = torch.sign(weighted.sum(dim=0))
+    agree = (torch.sign(weighted) == elected) & (weighted != 0)
+    merged = (weighted * agree).sum(dim=0)
+    if normalize:
+        w = torch.tensor([float(x) for x in weights], dtype=weighted.dtype).view(-1, *([1] * (weighted.dim() - 1)))
+        divisor = (w * agree).sum(dim=0)
+        safe = divisor.abs() > 1e-12
+        merged = torch.where(safe, merged / torch.where(safe, divisor, torch.ones_like(divisor)), merged)
+    return merged
+
+
+def _magnitude_prune(deltas, weights, ctx: ModuleContext, p: dict[str, Any]) -> torch.Tensor:
+    return weighted_sum(trim(deltas, p["density"]), weights)
+
+
+def _dare_linear(deltas, weights, ctx: ModuleContext, p: dict[str, Any]) -> torch.Tensor:
+    return weighted_sum(drop_and_rescale(deltas, p["density"], ctx), weights)
+
+
+def _ties(deltas, weights, ctx: ModuleContext, p: dict[str, Any]) -> torch.Tensor:
+    return sign_consensus(trim(deltas, p["density"]), weights, p["normalize"])
+
+
+def _dare_ties(deltas, weights, ctx: ModuleContext, p: dict[str, Any]) -> torch.Tensor:
+    return sign_consensus(drop_and_rescale(deltas, p["density"], ctx), weights, p["normalize"])
+
+
+register(MergeMethod("magnitude_prune", "keep the largest |entries| of each delta, then weighted sum",
+                     _magnitude_prune, (DENSITY,)))
+register(MergeMethod("dare_linear", "random drop + 1/density rescale of each delta, then weighted sum",
+                     _dare_linear, (DENSITY, SEED)))
+register(MergeMethod("ties", "trim by magnitude, elect signs, sum the agreeing weighted entries",
+                     _ties, (DENSITY, NORMALIZE)))
+register(MergeMethod("dare_ties", "DARE drop + rescale, elect signs, sum the agreeing weighted entries",
+                     _dare_ties, (DENSITY, SEED, NORMALIZE)))

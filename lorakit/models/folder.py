@@ -1,0 +1,79 @@
+"""HF model folders: find their config and safetensors shards, and resolve what a user passed as ``--base``.
+
+``--base`` may be omitted (the embedded default), a local folder, or a hub id (used from the local HF cache or
+downloaded when a hub is reachable). Later stages add registry references here, so every command accepts the
+same kinds of model reference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lorakit.errors import InputError
+from lorakit.io.atomic import read_json
+from lorakit.io.safetensors_stream import TensorInfo, read_header
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def resolve_model_dir(ref: str | os.PathLike[str] | None) -> Path:
+    """A local folder for a model reference (None/"default" = embedded SmolLM2-135M-Instruct)."""
+    from lorakit.models.embedded import DEFAULT_MODEL_NAME, ensure_default_model
+
+    if ref is None or str(ref) in ("", "default", DEFAULT_MODEL_NAME):
+        return ensure_default_model()
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise InputError(f"model {ref} is a file, not a model folder; pass the folder that holds config.json")
+    if str(ref).startswith((".", "/", "~")) or str(ref).count("/") != 1:
+        raise InputError(f"model {ref} does not exist; pass an HF model folder or a hub id like org/name")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(ref), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt"]))
+    except Exception as exc:  # the hub client raises many types; all mean "not available"
+        raise InputError(
+            f"model {ref} is not a local folder and could not be fetched from the hub ({type(exc).__name__}); "
+            "pass a local HF model folder"
+        ) from None
+
+
+def read_model_config(model_dir: Path) -> dict:
+    if not (model_dir / "config.json").exists():
+        raise InputError(f"{model_dir} is not an HF model folder (no config.json)")
+    return read_json(model_dir / "config.json", "model config")
+
+
+def ties_embeddings(config: dict) -> bool:
+    """HF's rule: absent ``tie_word_embeddings`` means tied."""
+    text_cfg = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", True)))
+
+
+def shard_names(model_dir: Path) -> list[str]:
+    """The safetensors shard files of a model folder, in index order."""
+    if (model_dir / INDEX_FILE).exists():
+        index = read_json(model_dir / INDEX_FILE, "safetensors index")
+        names = sorted(set(index.get("weight_map", {}).values()))
+        if not names:
+            raise InputError(f"{model_dir / INDEX_FILE} lists no shards; the model folder is corrupt")
+        return names
+    if (model_dir / SINGLE_FILE).exists():
+        return [SINGLE_FILE]
+    if any(model_dir.glob("*.bin")):
+        raise InputError(f"{model_dir} stores pickled weights (*.bin); re-save it with safetensors (save_pretrained)")
+    raise InputError(f"{model_dir} holds no model.safetensors; pass an HF model folder saved with safetensors")
+
+
+def tensor_index(model_dir: Path) -> dict[str, tuple[str, TensorInfo]]:
+    """Every tensor of the model: name -> (shard file, where it lives), read from headers only."""
+    out: dict[str, tuple[str, TensorInfo]] = {}
+    for shard in shard_names(model_dir):
+        tensors, _ = read_header(model_dir / shard)
+        for name, info in tensors.items():
+            out[name] = (shard, info)
+    return out

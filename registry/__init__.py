@@ -1,0 +1,1 @@
+"""The local model registry (filled by the registry issue)."""
