@@ -41,11 +41,17 @@ def main() -> None:
 
 
 def register_commands() -> None:
-    # Sub-commands live in their own modules; importing them here keeps `lorakit --help` fast and complete.
-    from lorakit.cli import merge_cmd, model_cmd
+    """Add every ``lorakit/cli/*_cmd.py`` module's ``COMMANDS``; heavy imports stay inside the commands."""
+    import importlib
+    import pkgutil
 
-    main.add_command(merge_cmd.merge)
-    main.add_command(model_cmd.default_model)
+    import lorakit.cli as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name.endswith("_cmd"):
+            module = importlib.import_module(f"lorakit.cli.{info.name}")
+            for command in getattr(module, "COMMANDS", ()):
+                main.add_command(command)
 
 
 register_commands()

@@ -79,3 +79,6 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
     exactness = "exact" if result.exact else "approximate"
     click.echo(f"merged {len(adapters)} adapters ({result.method}, weights {','.join(f'{x:g}' for x in w)}) -> "
                f"{result.output} [{result.output_kind}, {exactness}, {meta['wall_time_s']:.1f}s]")
+
+
+COMMANDS = [merge]

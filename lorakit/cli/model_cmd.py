@@ -16,3 +16,6 @@ def default_model():
     from lorakit.models import ensure_default_model
 
     click.echo(str(ensure_default_model()))
+
+
+COMMANDS = [default_model]

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random models made in code (fast), and the real embedded default (slow tests)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Quiet, predictable runs: no telemetry, no hub access attempts, threads sized for a 2-core CI machine.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lorakit.runtime import configure_threads  # noqa: E402
+
+configure_threads()
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real ``lorakit`` CLI in a subprocess (this checkout's code first on the path)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "lorakit", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lorakit {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A random 2-layer Llama (hidden 128, untied embeddings) saved as an HF folder with a byte tokenizer."""
+    from lorakit.models.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_base(tmp_path_factory) -> Path:
+    from lorakit.models.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-tied", tie_word_embeddings=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def real_base() -> Path:
+    """The embedded default SmolLM2-135M-Instruct (converted once into $LORAKIT_HOME)."""
+    from lorakit.models import ensure_default_model
+
+    return ensure_default_model()
+
+
+def assert_nothing_written(path: Path) -> None:
+    """The output does not exist and no temporary sibling was left behind."""
+    assert not path.exists(), f"{path} was created"
+    leftovers = [p.name for p in path.parent.glob(f".{path.name}.*")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
