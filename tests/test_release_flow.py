@@ -1,0 +1,89 @@
+"""The whole release flow on a tiny model, in-process under one session-scoped Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from release_helpers import flow_runs_under, missing_stages, task_runs_of, tiny_config_data
+
+pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on this branch yet: {missing_stages()}")
+
+STAGE_TASKS = {"prep-data", "train-adapter", "merge-adapters", "quantize-model", "gate", "register"}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server for every in-process flow test (its cold start is 25-45 s here)."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_LOGGING_LEVEL, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage, PREFECT_LOGGING_LEVEL: "WARNING"}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield storage
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("release")
+
+
+def run_release(data: dict):
+    from flows.config import parse_config
+    from flows.release import release
+
+    return release(**parse_config(data).flow_parameters(), return_state=True)
+
+
+def stage_states(flow_run_id) -> dict[str, set[str]]:
+    """Task name -> state names of every stage task in the run and its subflows."""
+    ids = [flow_run_id, *(r.id for r in flow_runs_under(flow_run_id))]
+    states: dict[str, set[str]] = {}
+    for tr in task_runs_of(ids):
+        name = tr.name.rsplit("-", 1)[0]  # task run names are "<task name>-<suffix>"
+        if name in STAGE_TASKS:
+            states.setdefault(name, set()).add(tr.state.name)
+    return states
+
+
+def test_release_completes_registers_lineage_and_caches(prefect_harness, tiny_base, workdir):
+    from registry import Registry
+
+    data = tiny_config_data(tiny_base, workdir)
+    first = run_release(data)
+    assert first.is_completed(), first.message
+    result = first.result()
+    refs = result["refs"]
+    assert set(refs) == {"prep:arithmetic", "prep:reverse", "adapter:arithmetic", "adapter:reverse", "merged",
+                         "quantized", "verdict"}
+    reg = Registry(data["registry"]["root"])
+    ancestry = reg.lineage(refs["quantized"])
+    text = repr(ancestry)
+    for role in ("merged", "adapter:arithmetic", "adapter:reverse", "prep:arithmetic", "prep:reverse"):
+        assert refs[role].split("@")[0] in text, (role, text)
+    assert reg.resolve("tiny-release@candidate") == reg.resolve(refs["quantized"])
+    assert "candidate" in result["aliases"][0]
+
+    second = run_release(data)
+    assert second.is_completed(), second.message
+    states = stage_states(second.state_details.flow_run_id)
+    assert set(states) == STAGE_TASKS
+    assert all(s == {"Cached"} for s in states.values()), states
+    assert second.result()["refs"] == refs
+
+
+def test_rejected_release_fails_and_stays_registered(prefect_harness, tiny_base, workdir):
+    from registry import Registry
+
+    data = tiny_config_data(tiny_base, workdir, quantize={"bits": 2}, gate={"max_degradation": 0.0},
+                            registry={"name": "tiny-rejected"})
+    state = run_release(data)
+    assert state.is_failed()
+    assert state.message.startswith("gate rejected: degradation +") and "gate:failed" in state.message
+    reg = Registry(data["registry"]["root"])
+    versions = reg.list("tiny-rejected")
+    assert versions, "the rejected candidate must still be registered"
+    assert any("gate:failed" in (v.tags or []) for v in versions)
