@@ -22,7 +22,7 @@ from lorakit.errors import InputError
 
 # The two instruction tasks bundled with lorakit (made by its own deterministic generators), so the embedded
 # default release runs with no network.
-DEFAULT_DATASETS = ("arithmetic", "reverse")
+DEFAULT_DATASETS = ("reverse-words", "number-words")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -90,9 +90,9 @@ class QuantizeConfig(_Section):
     """4-bit post-training quantization of the merged model (``lorakit.quantize.quantize_model``)."""
 
     method: Literal["gptq", "awq"] = "gptq"
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = Field(128, description="Quantization group size; -1 = one group per row.")
-    sym: bool = True
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, description="Quantization group size (a power of two).")
+    sym: bool | None = Field(None, description="Symmetric grid; default True for GPTQ, False (zero point) for AWQ.")
     desc_act: bool = False
     n_samples: int = Field(128, gt=0)
     seq_len: int = Field(512, gt=0)

@@ -73,10 +73,14 @@ class ReleasePlan:
         return {"model_dir": model_dir, "params": params,
                 "output": stage_dir(self.out, "quantized", params["method"], {"model": model_dir, **params})}
 
-    def gate(self, baseline: str, candidate: str, data: list[str]) -> dict[str, Any]:
+    def gate(self, baseline: str, candidate: str, preps: dict[str, str]) -> dict[str, Any]:
+        """The first dataset's validation split is the primary check; every other task is a check of its own,
+        with the same threshold (the release passes only when all pass)."""
         g = self.config.gate
         params = {"max_degradation": g.max_degradation, "seq_len": g.seq_len, "stride": g.stride or g.seq_len,
                   "max_tokens": g.max_tokens}
-        return {"baseline": baseline, "candidate": candidate, "data": data, "params": params,
-                "output": stage_dir(self.out, "gate", "verdict",
-                                    {"baseline": baseline, "candidate": candidate, "data": data, **params})}
+        first, *others = [ds.name for ds in self.config.datasets]
+        extra = [{"name": n, "data": preps[n], "max_degradation": g.max_degradation, "kind": "task", "split": "val"}
+                 for n in others]
+        args = {"baseline": baseline, "candidate": candidate, "data": preps[first], "extra_checks": extra}
+        return {**args, "params": params, "output": stage_dir(self.out, "gate", "verdict", {**args, **params})}

@@ -42,7 +42,7 @@ def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lo
         adapters[ds.name] = run_gpu(train_flow, **on_gpu, **plan.train(ds, preps[ds.name]["path"]))
     merged = stages.merge_adapters(**plan.merge([adapters[ds.name]["path"] for ds in cfg.datasets]))
     quantized = run_gpu(quantize_flow, **on_gpu, **plan.quantize(merged["path"], preps[cfg.calib_dataset()]["path"]))
-    verdict = stages.gate(**plan.gate(merged["path"], quantized["path"], [preps[ds.name]["path"] for ds in cfg.datasets]))
+    verdict = stages.gate(**plan.gate(merged["path"], quantized["path"], {n: p["path"] for n, p in preps.items()}))
 
     refs = register_release(cfg, preps, adapters, merged, quantized, verdict)
     passed = verdict["metadata"]["passed"]

@@ -60,9 +60,11 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
 
 def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:
     v = verdict_meta
-    ppl = ""
-    if v.get("baseline_ppl") is not None and v.get("candidate_ppl") is not None:
-        ppl = f" (perplexity {v['baseline_ppl']:.4g} -> {v['candidate_ppl']:.4g})"
+    primary = v["checks"][0]
+    ppl = f" (perplexity {primary['baseline_ppl']:.4g} -> {primary['candidate_ppl']:.4g})"
+    failed = [c["name"] for c in v["checks"] if not c["passed"]]
+    if failed and failed != [primary["name"]]:
+        ppl += f"; failed checks: {', '.join(failed)}"
     word = "passed" if v["passed"] else "rejected"
     cmp = "<=" if v["passed"] else ">"
     return f"gate {word}: degradation {v['degradation']:+.2%} {cmp} {max_degradation:.2%}{ppl}"

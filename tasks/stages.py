@@ -47,9 +47,12 @@ def prep_data(sources: list[str], output: str, params: dict[str, Any]) -> dict[s
         retry_condition_fn=retry_unless_bad_input)
 def train_adapter(prep_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
     """QLoRA-train one adapter (``lorakit.train.train_adapter``); a retry resumes from the last checkpoint."""
+    from prefect.runtime import task_run
+
     from lorakit.train import train_adapter as train
 
-    return _out(train(prep_dir, output, force=True, progress=False, **params))
+    retrying = (task_run.run_count or 0) > 1  # checkpoints carry a fingerprint: only the same run is resumed
+    return _out(train(prep_dir, output, resume=retrying, force=True, progress=False, **params))
 
 
 @_stage(name="merge-adapters")
@@ -80,22 +83,33 @@ def evaluate(model: str, data: str, params: dict[str, Any]) -> dict[str, Any]:
 
 
 @_stage(name="gate")
-def gate(baseline: str, candidate: str, data: list[str], output: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The perplexity gate (``lorakit.gate.check``): returns the verdict, pass or fail, without raising."""
-    from lorakit.gate import check
+def gate(baseline: str, candidate: str, data: str, extra_checks: list[dict[str, Any]], output: str,
+         params: dict[str, Any]) -> dict[str, Any]:
+    """The perplexity gate (``lorakit.gate.check``): returns the verdict, pass or fail, without raising.
 
-    verdict = check(baseline, candidate, data, output=output, force=True, progress=False, **params)
+    ``extra_checks`` are ``CheckSpec`` fields as plain dicts (task inputs must be serialisable to be cached).
+    """
+    from lorakit.gate import CheckSpec, check
+
+    specs = [CheckSpec(**spec) for spec in extra_checks]
+    verdict = check(baseline, candidate, data, extra_checks=specs, output=output, force=True, progress=False, **params)
     return _out(verdict)
 
 
 @_stage(name="register", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
-def register(path: str, root: str | None, name: str, kind: str, metrics: dict[str, Any],
-             params: dict[str, Any], parents: list[str], tags: list[str]) -> dict[str, Any]:
-    """Register one artifact with its lineage (``registry.Registry.register``); idempotent for equal content."""
+def register(path: str, root: str | None, name: str, kind: str, metrics: dict[str, float],
+             params: dict[str, Any], parents: list[str | list], tags: list[str]) -> dict[str, Any]:
+    """Register one artifact with its lineage (``registry.Registry.register``); idempotent for equal content.
+
+    A parent is a reference, or ``[reference, edge_params]`` (a list, because task results round-trip as JSON-like
+    data; the registry takes a tuple).
+    """
     from registry import Registry
 
-    v = Registry(root).register(path, name=name, kind=kind, metrics=metrics, params=params, parents=parents, tags=tags)
-    return {"ref": f"{v.name}@{v.version}", "name": v.name, "version": v.version, "digest": v.digest}
+    edges = [p if isinstance(p, str) else (p[0], p[1]) for p in parents]
+    v = Registry(root).register(path, name=name, kind=kind, metrics=metrics, params=params, parents=edges, tags=tags)
+    return {"ref": v.ref, "name": v.name, "version": v.version, "digest": v.digest,
+            "verdict": v.verdict["passed"] if v.verdict else None}
 
 
 @task(name="set-alias", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)

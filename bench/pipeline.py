@@ -1,0 +1,110 @@
+"""Benchmark: wall time of a whole release run, cold and fully cached, and Prefect's share of the cold run.
+
+Each run is what a user starts: ``lorakit run CONFIG`` in a fresh process (ephemeral Prefect server included).
+Cold = empty Prefect home, output folder and registry; cached = the same command again (every stage task is a
+cache hit). Prefect overhead = cold wall time - the stages' own wall times (from the ``lorakit_*.json`` /
+``prep.json`` / ``gate.json`` each stage wrote), i.e. server start, orchestration, result persistence, process
+start and imports. Goal: cached < 5% of cold.
+
+    python bench/pipeline.py                       # embedded default (configs/default.yaml), slow on CPU
+    python bench/pipeline.py --tiny                # tiny random model (configs/tiny.yaml), a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def stage_seconds(output_dir: Path) -> dict[str, float]:
+    """Wall time each stage recorded in its output folder's metadata."""
+    from flows.report import _seconds
+
+    times = {}
+    for meta in sorted(output_dir.glob("*/*/*.json")):
+        if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json"):
+            data = json.loads(meta.read_text())
+            sec = _seconds(data) if isinstance(data, dict) else None
+            if sec is not None:
+                times[f"{meta.parent.parent.name}/{meta.parent.name}"] = sec
+    return times
+
+
+def run_once(config: Path, env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "run", str(config), "-q"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode not in (0, 3):  # 3 = rejected by the gate: still a complete run
+        raise SystemExit(f"lorakit run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    print(f"  {wall:8.1f} s  {proc.stdout.strip()}", flush=True)
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny random model and configs/tiny.yaml")
+    ap.add_argument("--cached-runs", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "work" / "pipeline")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "pipeline.json")
+    args = ap.parse_args()
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    if args.tiny:
+        from lorakit.models.tiny import make_tiny_llama
+
+        data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+        data["base"] = str(make_tiny_llama(args.work / "tiny-model", seed=0))
+    else:
+        data = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    data["output_dir"] = str(args.work / "out")
+    data["registry"] = {**data.get("registry", {}), "root": str(args.work / "registry")}
+    config = args.work / "run.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = dict(os.environ, PREFECT_HOME=str(args.work / "prefect-home"), DO_NOT_TRACK="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO))
+    env.pop("PREFECT_API_URL", None)
+
+    print("cold run:", flush=True)
+    cold = run_once(config, env)
+    stages = stage_seconds(args.work / "out")
+    print(f"cached runs (x{args.cached_runs}):", flush=True)
+    cached = [run_once(config, env) for _ in range(args.cached_runs)]
+    cached_med = statistics.median(cached)
+    compute = sum(stages.values())
+    load = os.getloadavg()
+    result = {
+        "config": "configs/tiny.yaml (tiny random Llama)" if args.tiny else "configs/default.yaml (SmolLM2-135M)",
+        "cold_s": round(cold, 2),
+        "cached_s": [round(c, 2) for c in cached],
+        "cached_median_s": round(cached_med, 2),
+        "cached_over_cold": round(cached_med / cold, 4),
+        "goal_cached_over_cold": 0.05,
+        "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
+        "stage_compute_s": round(compute, 2),
+        "prefect_overhead_s": round(cold - compute, 2),
+        "prefect_overhead_share_of_cold": round((cold - compute) / cold, 4),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "loadavg_1_5_15": load,
+                    "shared": "2 cores shared with other agents' jobs; timings are noisy" if load[0] > 1 else "quiet"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
