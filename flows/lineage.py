@@ -46,7 +46,7 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
 
     base_dir = str(resolve_model_dir(cfg.base).absolute())
     names = artifact_names(cfg, base_dir)
-    root = cfg.registry.root
+    root = registry_root(cfg)
     status = "gate:passed" if verdict["metadata"]["passed"] else "gate:failed"
     metrics = gate_metrics(verdict["metadata"])
     refs: dict[str, str] = {}
@@ -73,4 +73,13 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
 def move_aliases(cfg: ReleaseConfig, release_ref: str) -> list[str]:
     """``candidate`` after every passed gate; ``production`` only when the config says so (else a human does)."""
     aliases = ["candidate"] + (["production"] if cfg.auto_promote else [])
-    return [set_alias(cfg.registry.root, release_ref, alias) for alias in aliases]
+    return [set_alias(registry_root(cfg), release_ref, alias) for alias in aliases]
+
+
+def registry_root(cfg: ReleaseConfig) -> str:
+    """The registry folder, always explicit (a task's cache key must say which registry it wrote to)."""
+    from registry import Registry, default_root
+
+    root = Path(cfg.registry.root).absolute() if cfg.registry.root else default_root()
+    Registry(root)  # creates the registry on first use, so its folder has an identity before anything registers
+    return str(root)

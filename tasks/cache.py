@@ -43,11 +43,25 @@ def stamp(path: str) -> list[tuple[str, int, int, int]]:
 
 @dataclass
 class InputFileStamps(CachePolicy):
-    """Cache key component: the stat of every file reachable from the task's path arguments."""
+    """Cache key component: the stat of every file reachable from the task's path arguments.
+
+    The task's own ``output`` is not an input: stamping it would change the key as soon as the first run wrote it.
+    The registry ``root`` changes with every registration; only its identity counts (the folder's inode): a
+    registry that was deleted and re-created is a different registry, so registrations run again.
+    """
+
+    exclude: tuple[str, ...] = ("output",)
+    identity_only: tuple[str, ...] = ("root",)
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        paths = sorted(set(_paths(inputs or {})))
-        return hash_objects({p: stamp(p) for p in paths}) if paths else None
+        inputs = inputs or {}
+        skip = (*self.exclude, *self.identity_only)
+        stamps: dict[str, Any] = {p: stamp(p) for p in sorted(set(_paths({k: v for k, v in inputs.items() if k not in skip})))}
+        for key in self.identity_only:
+            for p in _paths(inputs.get(key)):
+                st = os.stat(p)
+                stamps[f"identity:{p}"] = (st.st_dev, st.st_ino)
+        return hash_objects(stamps) if stamps else None
 
 
 STAGE_CACHE = TASK_SOURCE + INPUTS + InputFileStamps()

@@ -72,6 +72,22 @@ def test_file_stamps_follow_file_contents(tmp_path):
     os.utime(data, ns=(1, 1))  # same size, different mtime: still a change
     assert policy.compute_key(None, inputs, {}) != changed
     assert policy.compute_key(None, {"method": "linear", "n": 3}, {}) is None  # no paths, no component
+    # The step's own output is not an input: writing it must not change the key of the step that wrote it.
+    before = policy.compute_key(None, inputs, {})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "result.json").write_text("{}")
+    assert policy.compute_key(None, inputs, {}) == before
+    # A registry root counts by identity only: registrations change its contents, not which registry it is.
+    reg = tmp_path / "registry"
+    reg.mkdir()
+    with_root = {**inputs, "root": str(reg)}
+    key = policy.compute_key(None, with_root, {})
+    (reg / "index.sqlite").write_text("more rows")
+    assert policy.compute_key(None, with_root, {}) == key
+    reg.rename(tmp_path / "old-registry")
+    (tmp_path / "keep-inode-busy").mkdir()
+    reg.mkdir()
+    assert policy.compute_key(None, with_root, {}) != key
 
 
 def test_importing_tasks_does_not_import_torch():
