@@ -25,6 +25,7 @@ class Row:
     position_ids: list[int]
     attention_mask: list[int] | None  # None for packed rows (documents are told apart by position_ids)
     n_documents: int
+    n_tokens: int  # real tokens (the rest is padding)
 
 
 def pack_rows(examples: list[Tokenized], row_length: int, pad_id: int) -> list[Row]:
@@ -64,7 +65,7 @@ def pack_rows(examples: list[Tokenized], row_length: int, pad_id: int) -> list[R
         ids += [pad_id] * pad
         labels += [IGNORE_INDEX] * pad
         pos += list(range(pad))
-        out.append(Row(ids, labels, pos, None, len(members)))
+        out.append(Row(ids, labels, pos, None, len(members), row_length - pad))
     return out
 
 
@@ -77,7 +78,7 @@ def pad_rows(examples: list[Tokenized], row_length: int, pad_id: int) -> list[Ro
             continue
         pad = row_length - n
         out.append(Row(ex.input_ids + [pad_id] * pad, ex.labels + [IGNORE_INDEX] * pad,
-                       list(range(n)) + [0] * pad, [1] * n + [0] * pad, 1))
+                       list(range(n)) + [0] * pad, [1] * n + [0] * pad, 1, n))
     return out
 
 

@@ -31,7 +31,7 @@ from lorakit.errors import InputError
 from lorakit.io.atomic import atomic_dir, check_output_free, read_json, write_json
 from lorakit.io.digests import file_manifest, manifest_digest, sha256_file
 
-ROW_COLUMNS = ("input_ids", "labels", "position_ids", "attention_mask")
+ROW_COLUMNS = ("input_ids", "labels", "position_ids", "attention_mask", "tokens")
 
 
 def rows_path(prep_dir: str | os.PathLike[str], split: str) -> Path:
@@ -140,6 +140,7 @@ def _write_rows(path: Path, rows: list[Row], pack: bool) -> None:
         "input_ids": [r.input_ids for r in rows],
         "labels": [r.labels for r in rows],
         "position_ids": [r.position_ids for r in rows],
+        "tokens": [[r.n_tokens] for r in rows],  # real (non-padding) tokens of the row, for tokens/s
     }
     if not pack:
         columns["attention_mask"] = [r.attention_mask for r in rows]
