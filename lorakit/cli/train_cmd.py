@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import click
 
 
@@ -55,16 +58,19 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, 
       lorakit train prep/reverse -o adapters/reverse --resume          after an interruption
     """
     from lorakit.runtime import configure_threads, quiet_third_party_logs
-    from lorakit.train import train_adapter
+    from lorakit.train import train_adapter as _train
 
     configure_threads()
     quiet_third_party_logs()
-    result = train_adapter(
-        prep_dir, output, base=base, quant=quant, r=r, alpha=alpha, dropout=dropout, target=target, rslora=rslora,
-        lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        resume=resume, device=device, checkpoint_every=checkpoint_every,
-        min_loss_drop=None if no_loss_check else min_loss_drop, force=force, progress=not quiet,
-    )
+    # PEFT imports GPTQModel while wrapping layers, and GPTQModel prints a banner on stdout; keep stdout for
+    # lorakit's own result lines (scripts read the output path from --quiet).
+    with contextlib.redirect_stdout(sys.stderr):
+        result = _train(
+            prep_dir, output, base=base, quant=quant, r=r, alpha=alpha, dropout=dropout, target=target, rslora=rslora,
+            lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+            resume=resume, device=device, checkpoint_every=checkpoint_every,
+            min_loss_drop=None if no_loss_check else min_loss_drop, force=force, progress=not quiet,
+        )
     if quiet:
         click.echo(str(result.output))
         return
