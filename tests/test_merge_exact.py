@@ -189,3 +189,22 @@ def test_dare_is_deterministic_and_keeps_density(adapters, tiny_base, tmp_path):
     base = load_file(tiny_base / "model.safetensors")
     changed = [(ta[k] != base[k]).double().mean().item() for k in ta if "q_proj" in k]
     assert all(abs(c - 0.3) < 0.02 for c in changed)
+
+
+def test_sharded_base_stays_sharded_and_exact(adapters, tiny_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(sharded, max_shard_size="300KB")
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").exists()
+    out = merge_adapters(adapters, WEIGHTS, tmp_path / "m", output_kind="model", base=sharded, progress=False).output
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert (out / "model.safetensors.index.json").read_text() == (sharded / "model.safetensors.index.json").read_text()
+    merged = {k: v for s in shards for k, v in load_file(out / s).items()}
+    deltas = hand_deltas(adapters)
+    base = {k: v for s in shards for k, v in load_file(sharded / s).items()}
+    for module, ds in deltas.items():
+        want = base[f"{module}.weight"].double() + sum(d * w for d, w in zip(ds, WEIGHTS))
+        assert (merged[f"{module}.weight"].double() - want).abs().max().item() <= TOL
+    AutoModelForCausalLM.from_pretrained(out)  # loads as a normal sharded HF folder

@@ -76,3 +76,30 @@ def test_cli_rank_reports_error_and_negative_weight(two_adapters, tiny_base, tmp
     proc = run_cli("merge", str(a), str(b), "-w", "1,-0.5", "--rank", "4", "-o", str(tmp_path / "out"), check=True)
     assert "relative Frobenius error" in proc.stdout
     assert "negative weight" in proc.stdout
+
+
+@pytest.mark.slow
+def test_real_model_three_adapters_model_output(real_base, tmp_path):
+    """SmolLM2-135M, three adapters of ranks 8/16/8 into the full model: exact against a direct computation,
+    and targeting the tied lm_head of this model is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.adapters import load_adapter
+    from lorakit.errors import InputError
+
+    model = AutoModelForCausalLM.from_pretrained(real_base)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapters = [make_random_adapter(real_base, tmp_path / n, r=r, alpha=2 * r, seed=s, model=model, target_modules=targets)
+                for n, r, s in (("a", 8, 1), ("b", 16, 2), ("c", 8, 3))]
+    weights = [0.5, 0.3, -0.2]
+    out = merge_adapters(adapters, weights, tmp_path / "m", output_kind="model", progress=False)
+    assert out.metadata["base"]["path"] == str(real_base)
+    loaded = [load_adapter(a) for a in adapters]
+    W, M = load_file(real_base / "model.safetensors"), load_file(out.output / "model.safetensors")
+    for name in list(loaded[0].modules)[::17]:
+        want = W[f"{name}.weight"].double() + sum(w * a.modules[name].delta(torch.float64) for a, w in zip(loaded, weights))
+        assert (M[f"{name}.weight"].double() - want).abs().max().item() <= 1e-5
+    assert torch.equal(M["model.embed_tokens.weight"], W["model.embed_tokens.weight"])
+    tied = make_random_adapter(real_base, tmp_path / "tied", r=4, alpha=8, model=model, target_modules=["lm_head"])
+    with pytest.raises(InputError, match="tied to the input embedding"):
+        merge_adapters([tied], [1.0], tmp_path / "t", output_kind="model", progress=False)
