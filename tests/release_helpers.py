@@ -81,3 +81,17 @@ def task_runs_of(flow_run_ids) -> list:
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids))))
 
     return run_coro_as_sync(go())
+
+
+def artifacts_of(flow_run_id) -> dict[str, object]:
+    """The artifacts a flow run published, by key."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a for a in run_coro_as_sync(go())}

@@ -11,7 +11,7 @@ import yaml
 from flows.config import DatasetConfig, ReleaseConfig, dump_config, load_config, parse_config
 from flows.plan import ReleasePlan
 from lorakit.errors import InputError
-from conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli
 
 
 def write(tmp_path: Path, text: str) -> Path:

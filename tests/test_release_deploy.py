@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from prefect_server import BIN, prefect_stack
-from release_helpers import missing_stages, tiny_config_data
+from tests.prefect_server import BIN, prefect_stack
+from tests.release_helpers import missing_stages, tiny_config_data
 
 pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on this branch yet: {missing_stages()}")
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from release_helpers import flow_runs_under, missing_stages, task_runs_of, tiny_config_data
+from tests.release_helpers import artifacts_of, flow_runs_under, missing_stages, task_runs_of, tiny_config_data
 
 pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on this branch yet: {missing_stages()}")
 
@@ -66,6 +66,11 @@ def test_release_completes_registers_lineage_and_caches(prefect_harness, tiny_ba
     assert release_version.verdict["passed"] is True and "candidate" in release_version.aliases
     assert reg.resolve("tiny-release@candidate") == reg.resolve(refs["quantized"])
     assert "production" not in release_version.aliases  # a human promotes (auto_promote is off)
+    report = artifacts_of(first.state_details.flow_run_id)
+    summary = report["release-report"].data
+    assert summary.startswith("# Release `tiny-release`: PASSED") and refs["quantized"] in summary
+    assert "data:image/png;base64," in summary  # the gate chart, embedded
+    assert report["release-report-stages"].type == "table"
 
     second = run_release(data)
     assert second.is_completed(), second.message
