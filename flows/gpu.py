@@ -19,20 +19,20 @@ from lorakit.errors import LorakitError
 from tasks import stages
 
 
-@flow(name="train-adapter", persist_result=True)
+@flow(name="train", persist_result=True)
 def train_flow(prep_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
     """Train one LoRA adapter on one prepared data set."""
     return stages.train_adapter(prep_dir, output, params)
 
 
-@flow(name="quantize-model", persist_result=True)
+@flow(name="quantize", persist_result=True)
 def quantize_flow(model_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
     """Quantize a full-precision model folder to GPTQ/AWQ."""
     return stages.quantize_model(model_dir, output, params)
 
 
 def deployment_name(gpu_flow, pool: str) -> str:
-    """GPU deployments are named after the pool they run on: ``train-adapter/cuda``."""
+    """GPU deployments are named after the pool they run on: ``train/cuda``, ``quantize/cuda``."""
     return f"{gpu_flow.name}/{pool}"
 
 

@@ -57,7 +57,7 @@ def test_release_deployment_runs_gpu_flows_on_cuda_pool(tiny_base, tmp_path):
     assert info["state"] == "COMPLETED", logs
     assert info["pool"] == "cpu"
     gpu_runs = sorted((c["flow"], c["pool"], c["state"]) for c in info["children"])
-    assert gpu_runs == [("quantize-model", "cuda", "COMPLETED"), ("train-adapter", "cuda", "COMPLETED")], logs
+    assert gpu_runs == [("quantize", "cuda", "COMPLETED"), ("train", "cuda", "COMPLETED")], logs
     refs = info["result"]["refs"]
     reg = Registry(data["registry"]["root"])
     assert reg.resolve("tiny-release@candidate") == reg.resolve(refs["quantized"])
