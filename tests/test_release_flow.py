@@ -93,3 +93,33 @@ def test_rejected_release_fails_and_stays_registered(prefect_harness, tiny_base,
     assert rejected.verdict["passed"] is False and "gate:failed" in rejected.tags
     assert "candidate" not in rejected.aliases  # ... but gets no alias
     assert reg.list("tiny-rejected-gate") and reg.list("tiny-rejected-merged")
+
+
+def test_cli_run_exit_codes(prefect_harness, tiny_base, workdir, tmp_path):
+    """`lorakit run` in a fresh process: exit 0 with the verdict on a pass, exit 3 with it on a rejection.
+
+    It shares the harness's result storage, so every stage comes from the cache of the tests above: a fresh
+    process (with its own ephemeral Prefect server) reuses what another process computed.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.release_helpers import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"),
+               PREFECT_LOCAL_STORAGE_PATH=str(prefect_harness), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    outcomes = {}
+    for label, updates in {"pass": {}, "reject": {"gate": {"max_degradation": 0.0},
+                                                  "registry": {"name": "tiny-rejected"}}}.items():
+        config = tmp_path / f"{label}.yaml"
+        config.write_text(yaml.safe_dump(tiny_config_data(tiny_base, workdir, **updates)))
+        outcomes[label] = subprocess.run([sys.executable, "-m", "lorakit", "run", str(config), "-q"], env=env,
+                                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    ok, rejected = outcomes["pass"], outcomes["reject"]
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.startswith("gate passed: degradation +")
+    assert rejected.returncode == 3, rejected.stderr[-3000:]
+    assert rejected.stderr.strip().splitlines()[-1].startswith("error: gate rejected: degradation +")
