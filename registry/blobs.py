@@ -1,7 +1,7 @@
 """Content-addressed blob store: every file is kept once, under the sha256 of its bytes.
 
-A blob is written to a temporary file in its final folder, hashed while it is copied, fsynced, checked against
-the digest it must have, and only then renamed into place. So a blob path either does not exist or holds exactly
+A blob is written to a temporary file in its final folder (after its source was hashed, and checked unchanged
+after the copy), fsynced, and only then renamed into place. So a blob path either does not exist or holds exactly
 the bytes its name promises; a crash leaves at most a ``.tmp-*`` file that ``gc`` removes. Blobs are made
 read-only to discourage editing them through a checkout's hard links (``verify`` catches it anyway).
 """
@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +42,10 @@ def hash_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
     return h.hexdigest()
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class BlobStore:
     """``<root>/sha256/ab/abcdef...``: two-character fan-out keeps folders small for large registries."""
 
@@ -59,30 +64,24 @@ class BlobStore:
             return False
         return size is None or st.st_size == size
 
-    def put(self, src: Path, digest: str, progress: Callable[[int], None] | None = None) -> bool:
+    def put(self, src: Path, digest: str, stat_when_hashed: os.stat_result | None = None) -> bool:
         """Store ``src`` as blob ``digest`` unless it is already there; True when bytes were written.
 
-        The copy is hashed as it is written, so a source file edited between hashing and copying is caught
-        here instead of producing a blob whose name lies about its content.
+        The caller hashed ``src`` just before; the copy is a kernel copy (``copy_file_range``, as fast as
+        ``cp``), and the source's inode, size and mtime must be unchanged afterwards, so a file edited during
+        registration is refused instead of producing a blob whose name lies about its content.
         """
         dest = self.path(digest)
         if dest.exists():
-            if progress:
-                progress(src.stat().st_size)
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)
+        os.close(fd)
         try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(src, "rb") as fh:
-                while chunk := fh.read(CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
-            if h.hexdigest() != digest:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            if stat_when_hashed is not None and _identity(src.stat()) != _identity(stat_when_hashed):
                 raise InputError(f"{src} changed while it was being registered; register it again once it is stable")
             os.chmod(tmp, 0o444)
             os.replace(tmp, dest)  # identical content under the same name: a concurrent writer's copy is as good

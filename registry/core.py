@@ -286,6 +286,7 @@ class Registry:
         tags: Iterable[str] = (),
         verdict: str | os.PathLike[str] | Mapping[str, Any] | bool | None = None,
         progress: bool = False,
+        checkout: bool = True,
     ) -> ArtifactVersion:
         """Store the folder at ``path`` as the next version of ``name`` (or return the identical existing one).
 
@@ -294,6 +295,7 @@ class Registry:
         a gate output folder / gate.json, or ``{"passed": bool, ...}``; a ``verdict``-kind artifact registered with
         one parent (or parents whose edge params say ``{"role": "candidate"}``) becomes that parent's verdict.
         Re-registering identical content (same files, same kind) returns the existing version unchanged.
+        ``checkout`` builds the loadable folder right away (hard links, no copy), so ``resolve`` costs a stat.
         """
         folder = Path(path).expanduser()
         validate_name(name)
@@ -311,24 +313,27 @@ class Registry:
             raise InputError(f"{folder} is empty; there is nothing to register")
         metadata_json = to_json(read_stage_metadata(folder), f"metadata JSONs in {folder}")
 
-        total = sum(p.stat().st_size for _, p in files)
-        bar = _progress_bar(total * 2, f"register {name}", progress)
+        stats = {rel: p.stat() for rel, p in files}
+        total = sum(st.st_size for st in stats.values())
+        bar = _progress_bar(total, f"register {name}", progress)
         try:
             manifest = {rel: hash_file(p, bar.update if bar else None) for rel, p in files}
-            digest = manifest_digest(manifest, kind)
-            existing = self._existing(name, kind, digest)
-            if existing is not None:
-                return existing
-            with write_lock(self.root, exclusive=False):
-                for rel, p in files:
-                    self.blobs.put(p, manifest[rel], bar.update if bar else None)
-                row, created = index.with_retry(lambda: self._insert(
-                    name, kind, digest, folder, files, manifest, total, params_json, metadata_json, clean, clean_tags,
-                    edges, attached,
-                ))
         finally:
             if bar:
                 bar.close()
+        digest = manifest_digest(manifest, kind)
+        existing = self._existing(name, kind, digest)
+        if existing is not None:
+            return existing
+        with write_lock(self.root, exclusive=False):
+            written = {manifest[rel] for rel, p in files if self.blobs.put(p, manifest[rel], stats[rel])}
+            row, created = index.with_retry(lambda: self._insert(
+                name, kind, digest, folder, files, manifest, total, params_json, metadata_json, clean, clean_tags,
+                edges, attached,
+            ))
+            if created and checkout:
+                # The blobs written just now were hashed on their way in; only pre-existing ones get re-hashed.
+                self.checkouts.materialize(digest, self._files(row), f"{name}@{row['version']}", trusted=written)
         return self._version(row, created=created)
 
     def _existing(self, name: str, kind: str, digest: str) -> ArtifactVersion | None:
