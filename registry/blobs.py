@@ -64,15 +64,16 @@ class BlobStore:
             return False
         return size is None or st.st_size == size
 
-    def put(self, src: Path, digest: str, stat_when_hashed: os.stat_result | None = None) -> bool:
+    def put(self, src: Path, digest: str, stat_when_hashed: os.stat_result | None = None, *, replace: bool = False) -> bool:
         """Store ``src`` as blob ``digest`` unless it is already there; True when bytes were written.
 
         The caller hashed ``src`` just before; the copy is a kernel copy (``copy_file_range``, as fast as
         ``cp``), and the source's inode, size and mtime must be unchanged afterwards, so a file edited during
-        registration is refused instead of producing a blob whose name lies about its content.
+        registration is refused instead of producing a blob whose name lies about its content. ``replace``
+        rewrites a blob found corrupt from a source known to hash right.
         """
         dest = self.path(digest)
-        if dest.exists():
+        if dest.exists() and not replace:
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=dest.parent)

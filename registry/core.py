@@ -9,6 +9,7 @@ which ``gc`` removes.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -327,13 +328,20 @@ class Registry:
             return existing
         with write_lock(self.root, exclusive=False):
             written = {manifest[rel] for rel, p in files if self.blobs.put(p, manifest[rel], stats[rel])}
+            for rel, p in files:
+                # Blobs shared with earlier artifacts are re-hashed; a corrupt one is repaired from this source.
+                if manifest[rel] not in written and self.blobs.check(manifest[rel], stats[rel].st_size):
+                    self.blobs.put(p, manifest[rel], stats[rel], replace=True)
+                written.add(manifest[rel])
             row, created = index.with_retry(lambda: self._insert(
                 name, kind, digest, folder, files, manifest, total, params_json, metadata_json, clean, clean_tags,
                 edges, attached,
             ))
             if created and checkout:
-                # The blobs written just now were hashed on their way in; only pre-existing ones get re-hashed.
-                self.checkouts.materialize(digest, self._files(row), f"{name}@{row['version']}", trusted=written)
+                # Every blob was just written or re-hashed, so the checkout needs no second hashing pass. It is a
+                # cache: if building it fails, resolve builds it later.
+                with contextlib.suppress(OSError, CorruptArtifactError):
+                    self.checkouts.materialize(digest, self._files(row), f"{name}@{row['version']}", trusted=written)
         return self._version(row, created=created)
 
     def _existing(self, name: str, kind: str, digest: str) -> ArtifactVersion | None:

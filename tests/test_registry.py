@@ -258,8 +258,22 @@ def test_verify_detects_tampered_blob_and_resolve_refuses_it(reg, tmp_path):
     with pytest.raises(CorruptArtifactError):
         reg.export(v.ref, out)
     assert not out.exists() and not list(tmp_path.glob(".export.*"))
-    # Re-registering the intact source does not repair a blob in place (it exists); verify keeps saying so.
     assert not reg.verify().ok
+    # Registering the intact source again (under any name) re-hashes the shared blob and repairs it.
+    reg.register(src, name="m-again", kind="base")
+    assert reg.verify().ok
+    assert file_manifest(reg.resolve(v.ref)) == file_manifest(src)
+
+
+def test_a_source_edited_during_registration_is_refused(reg, tmp_path):
+    src = tmp_path / "shard.bin"
+    src.write_bytes(b"a" * 1000)
+    stat_when_hashed = src.stat()
+    digest = __import__("hashlib").sha256(b"a" * 1000).hexdigest()
+    src.write_bytes(b"b" * 1001)  # edited between hashing and copying
+    with pytest.raises(InputError, match="changed while it was being registered"):
+        reg.blobs.put(src, digest, stat_when_hashed)
+    assert not reg.blobs.has(digest) and list(reg.blobs.temporaries()) == []
 
 
 def test_edited_checkout_is_rebuilt_from_blobs(reg, tmp_path):
