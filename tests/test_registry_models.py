@@ -68,3 +68,21 @@ def test_lorakit_model_and_adapter_options_accept_registry_refs(registered):
         resolve_model_dir("tiny@production")
     with pytest.raises(InputError, match="no artifact named 'nope'"):
         load_adapter("nope@1")
+
+
+def test_merge_cli_takes_registry_refs_and_the_result_registers_with_lineage(registered, tiny_base, tmp_path):
+    from conftest import run_cli
+    from lorakit.models.synthetic import make_random_adapter
+
+    reg, base, ad, _ = registered
+    second = reg.register(make_random_adapter(tiny_base, tmp_path / "ad2", r=4, alpha=8, seed=4), name="tiny-lora",
+                          kind="adapter", parents=[base.ref])
+    out = tmp_path / "merged"
+    run_cli("merge", "tiny-lora@candidate", second.ref, "-w", "0.5,0.5", "--output-kind", "model", "--base", "tiny@1",
+            "-o", str(out), check=True)
+    merged = reg.register(out, name="tiny-merged", kind="merged",
+                          parents=[(ad.ref, {"weight": 0.5}), (second.ref, {"weight": 0.5})])
+    assert "lorakit_merge.json" in merged.metadata
+    tree = reg.lineage(merged.ref)
+    assert {p.artifact.ref for p in tree.parents} == {"tiny-lora@1", "tiny-lora@2"}
+    assert {pp.artifact.ref for p in tree.parents for pp in p.parents} == {"tiny@1"}
