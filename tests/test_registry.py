@@ -352,3 +352,22 @@ def test_default_root_follows_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("LORAKIT_REGISTRY")
     monkeypatch.setenv("LORAKIT_HOME", str(tmp_path / "home"))
     assert Registry().root == tmp_path / "home" / "registry"
+
+
+def test_registry_stays_a_light_top_level_package(tmp_path):
+    """registry may use lorakit.io/errors only: no Prefect, tasks or flows, and no torch at import."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    for src in (root / "registry").glob("*.py"):
+        imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", src.read_text(), re.M)
+        assert not [m for m in imports if m.split(".")[0] in ("prefect", "tasks", "flows", "torch")], src
+        assert not [m for m in imports if m.startswith("lorakit.") and
+                    m.split(".")[1] not in ("io", "errors", "home")], src
+    code = ("import sys, registry; registry.Registry(sys.argv[1]).conn; "
+            "print(sorted(m for m in ('torch', 'prefect', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], cwd=root, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
