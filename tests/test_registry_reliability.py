@@ -98,7 +98,7 @@ def test_kill_9_during_registration_leaves_nothing_or_complete(tmp_path):
 def test_16_processes_register_and_alias_concurrently(tmp_path):
     rng = random.Random(7)
     root = tmp_path / "reg"
-    Registry(root).close()  # create the index once, as a first CLI call would
+    # No index yet: the 16 processes also race to create and migrate it.
     flag = tmp_path / "go"
     common = _artifact(tmp_path / "common", rng, n_files=2, size=4096)
     procs = []
