@@ -2,7 +2,8 @@
 
 Peers run in the same process, interleaved, on the same files (page cache warmed first so neither side pays the
 first disk read alone); medians of ``--reps`` runs. ``cp -r`` does not fsync, the registry does (every blob and
-every index commit), so ``cp -r + fsync`` is reported too. Results: bench/results/registry.json.
+every index commit), so ``cp -r + fsync`` is reported too. Results: bench/results/registry.json and the
+``## registry`` section of bench/README.md.
 
     python bench/registry.py [--reps 3] [--small 1000]
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import update_readme_section, write_results  # noqa: E402
 from lorakit.io.atomic import fsync_tree  # noqa: E402
 from lorakit.io.digests import file_manifest  # noqa: E402
 from registry import Registry  # noqa: E402
 
-RESULTS = Path(__file__).with_name("results") / "registry.json"
 
 
 def _timed(fn) -> float:
@@ -105,18 +105,14 @@ def main() -> None:
         work = Path(tmp)
         large = bench_large(args.model, work, args.reps)
         small = bench_small(work, args.small)
-    result = {
+    load = (load_before, os.getloadavg())
+    write_results("registry", {
         "large_folder": large, "small_registrations": small,
-        "machine": {
-            "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "note": "shared 2-core VM: other agents were running builds/tests at the same time; absolute times are "
-                    "noisy, the ratios against cp -r (same run, interleaved) are the figure to read",
-        },
-        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        "load": {"loadavg_before": load[0], "loadavg_after": load[1],
+                 "note": "shared 2-core VM with other agents building and testing: absolute times are noisy; "
+                         "the ratios against cp -r (same run, interleaved) are the figures to read"},
+    })
+    update_readme_section("registry", readme_section(large, small, args.reps, load))
     m = large["median_s"]
     print(f"{large['bytes'] / 1e6:.0f} MB folder, median of {args.reps}:")
     for k, v in m.items():
@@ -126,6 +122,40 @@ def main() -> None:
     print(f"{small['n']} small registrations: {small['registrations_per_s']:.0f}/s "
           f"(idempotent {small['reregister_idempotent_per_s']:.0f}/s, resolve {small['resolve_first_per_s']:.0f}/s first, "
           f"{small['resolve_again_per_s']:.0f}/s again)")
+
+
+def readme_section(large: dict, small: dict, reps: int, load) -> str:
+    m, cp = large["median_s"], large["median_s"]["cp_r"]
+    mb = large["bytes"] / 1e6
+    hash_rate = mb / m["reregister_idempotent"]
+    return f"""## registry
+
+`python bench/registry.py --reps {reps}` — register + resolve of the embedded SmolLM2-135M folder ({mb:.0f} MB)
+into a fresh registry vs `cp -r` of the same folder (interleaved, page cache warm), and {small['n']:,} small
+registrations (2 files of ~1 KB each). Shared 2-core VM, load average {load[0][0]:.1f} → {load[1][0]:.1f} during the
+run (other agents building and testing): absolute times are noisy, read the ratios.
+
+| {mb:.0f} MB model folder (median of {reps}) | seconds | vs `cp -r` |
+|---|---:|---:|
+| `cp -r` | {cp:.2f} | 1.00× |
+| `cp -r` + fsync of every file | {m['cp_r_fsync']:.2f} | {m['cp_r_fsync'] / cp:.2f}× |
+| `register` (sha256 of every byte, kernel copy into blobs, fsync, index commit, hard-linked checkout) | {m['register']:.2f} | {m['register'] / cp:.2f}× |
+| `resolve` right after (checkout built at registration: a stamp check) | {m['resolve_first']:.4f} | — |
+| **register + resolve** | **{m['register_plus_resolve']:.2f}** | **{large['ratio_register_plus_resolve_vs_cp_r']:.2f}×** ({large['ratio_register_plus_resolve_vs_cp_r_fsync']:.2f}× vs `cp -r` + fsync) |
+| re-register identical content (hash only, returns the existing version) | {m['reregister_idempotent']:.2f} | {m['reregister_idempotent'] / cp:.2f}× |
+
+| {small['n']:,} small registrations | per second |
+|---|---:|
+| register (new content) | {small['registrations_per_s']:.0f} |
+| re-register identical content | {small['reregister_idempotent_per_s']:,.0f} |
+| resolve | {small['resolve_first_per_s']:,.0f} |
+
+Where the time goes: hashing is the floor (sha256 ran at ~{hash_rate:.0f} MB/s in this run; ~1.7 GB/s on an idle
+core), so a registration costs one hashing pass plus one `cp`. Small registrations are bound by fsync (each new
+blob and its folder are fsynced before the index commit, itself `synchronous=FULL`): fsync took
+2.6 s of 4.6 s in a profile of 100 registrations. That durability is what lets a `kill -9` or a power cut leave no half-registered
+version.
+"""
 
 
 if __name__ == "__main__":

@@ -161,6 +161,10 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
             )
         if ".lora_magnitude_vector" in name:
             raise InputError(f"adapter {path} holds DoRA magnitudes ({name}); retrain it as plain LoRA")
+        if name.endswith(".base_layer.weight"):
+            # PEFT saves frozen copies of embedding/lm_head base weights when those are targeted
+            # (save_embedding_layers); they are not part of the update and are checked against the base instead.
+            continue
         m = _KEY.match(name)
         if not m:
             raise InputError(f"adapter {path} holds an unexpected tensor {key!r}; it is not a plain LoRA adapter")

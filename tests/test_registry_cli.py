@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import assert_nothing_written, run_cli
+from tests.conftest import assert_nothing_written, run_cli
 
 
 def _folder(path, files: dict[str, str]):

@@ -71,7 +71,7 @@ def test_lorakit_model_and_adapter_options_accept_registry_refs(registered):
 
 
 def test_merge_cli_takes_registry_refs_and_the_result_registers_with_lineage(registered, tiny_base, tmp_path):
-    from conftest import run_cli
+    from tests.conftest import run_cli
     from lorakit.models.synthetic import make_random_adapter
 
     reg, base, ad, _ = registered

@@ -181,9 +181,18 @@ def _write_model(tmp: Path, method: MergeMethod, adapters: list[Adapter], weight
                 info = index[f"{name}.weight"][1]
                 weight = read_tensor(fh, info)
                 module = adapters[0].modules[name]
-                delta = module.to_weight_layout(_merged_delta(method, adapters, name, weights, params))
-                merged = (weight.float() + delta).to(weight.dtype)
-                overwrite_tensor(fh, info, merged)
+                merged = weight.float()  # no copy for fp32 weights: the buffer was just read and is ours
+                if method.factorable:
+                    # One GEMM with the concatenated factors, accumulated straight into the weight:
+                    # several times faster than forming each ΔWᵢ and summing them.
+                    A, B = concat_factors([a.modules[name] for a in adapters], weights)
+                    if module.fan_in_fan_out:
+                        merged.addmm_(A.T, B.T)
+                    else:
+                        merged.addmm_(B, A)
+                else:
+                    merged += module.to_weight_layout(_merged_delta(method, adapters, name, weights, params))
+                overwrite_tensor(fh, info, merged.to(weight.dtype))
                 bar.update(1)
     bar.close()
     return {"exact": True, "relative_error": None, "per_module_relative_error": None, "rank": None,

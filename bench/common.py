@@ -1,0 +1,73 @@
+"""Shared benchmark plumbing: run a command in a fresh process and measure wall time and peak RSS, take
+medians, write ``bench/results/<name>.json`` and this benchmark's section of ``bench/README.md``."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+README = BENCH / "README.md"
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> dict[str, float]:
+    """Wall seconds and peak RSS (MiB) of one command, as GNU time reports them.
+
+    GNU time forks the command from its own small process; measuring with wait4 from this (large) benchmark
+    process would count the pages the child shares with us between fork and exec.
+    """
+    import tempfile
+
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        start = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", report.name, *cmd], env=full_env, cwd=cwd,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.decode()[-3000:]}")
+        peak_kib = int(report.read().strip().splitlines()[-1])
+    return {"wall_s": wall, "peak_rss_mib": peak_kib / 1024}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def machine() -> dict[str, object]:
+    load = os.getloadavg()
+    return {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "loadavg_1m_at_end": round(load[0], 2),
+            "note": "2-core shared machine; other work may have been running (see loadavg)"}
+
+
+def write_results(name: str, data: dict) -> Path:
+    path = BENCH / "results" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **data}
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def update_readme_section(name: str, markdown: str) -> None:
+    """Replace (or append) the ``## name`` section between markers, leaving other benchmarks' sections alone."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{markdown.strip()}\n{end}"
+    text = README.read_text() if README.exists() else "# Benchmarks\n\nEach section is written by its script in this folder; raw numbers are in `results/`.\n"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    README.write_text(text)
+
+
+def python() -> str:
+    return sys.executable

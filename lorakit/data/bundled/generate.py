@@ -1,0 +1,93 @@
+"""Deterministic generators of the bundled instruction datasets (``python -m lorakit.data.bundled.generate``).
+
+Each generator takes a seed and returns records; ``write_all`` writes the shipped JSONL files. The records are
+unique by input, so a train/val split never puts the same question on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+N_EXAMPLES = 400
+SEED = 1234
+
+# Short, common, single-token-ish English words keep examples short (~40 tokens with SmolLM2's chat template).
+_WORDS = (
+    "apple river blue stone cloud green table window horse light paper music garden winter silver orange tiger "
+    "candle bread ocean forest yellow mountain sugar pencil rabbit mirror thunder copper violet basket lemon "
+    "shadow bridge falcon marble meadow coffee rocket planet velvet island anchor crystal desert feather hammer "
+    "jacket kettle ladder needle pillow ribbon saddle tunnel wagon zebra"
+).split()
+
+_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+        "seventeen eighteen nineteen".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_to_words(n: int) -> str:
+    """American English words for 0 <= n < 1,000,000 ("three hundred forty-seven", no "and")."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"{n} is out of range")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + (f"-{_ONES[ones]}" if ones else "")
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        return f"{_ONES[hundreds]} hundred" + (f" {number_to_words(rest)}" if rest else "")
+    thousands, rest = divmod(n, 1000)
+    return f"{number_to_words(thousands)} thousand" + (f" {number_to_words(rest)}" if rest else "")
+
+
+def reverse_words_records(n: int = N_EXAMPLES, seed: int = SEED) -> list[dict]:
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out = []
+    while len(out) < n:
+        words = rng.sample(_WORDS, rng.randint(3, 6))
+        text = " ".join(words)
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append({"instruction": "Reverse the order of the words.", "input": text, "output": " ".join(reversed(words))})
+    return out
+
+
+def number_words_records(n: int = N_EXAMPLES, seed: int = SEED) -> list[dict]:
+    rng = random.Random(seed + 1)
+    seen: set[int] = set()
+    out = []
+    while len(out) < n:
+        # Mix magnitudes so every part of the rule (teens, tens, hundreds, thousands) is seen.
+        value = rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 99_999)])
+        if value in seen:
+            continue
+        seen.add(value)
+        out.append({"instruction": "Write the number in English words.", "input": str(value),
+                    "output": number_to_words(value)})
+    return out
+
+
+GENERATORS = {"reverse-words": reverse_words_records, "number-words": number_words_records}
+
+
+def render_jsonl(records: list[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()
+
+
+def write_all(folder: Path | None = None) -> list[Path]:
+    folder = folder or Path(__file__).resolve().parent
+    paths = []
+    for name, gen in GENERATORS.items():
+        path = folder / f"{name}.jsonl"
+        path.write_bytes(render_jsonl(gen()))
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in write_all():
+        print(p, p.stat().st_size)

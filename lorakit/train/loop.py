@@ -1,0 +1,370 @@
+"""``train_adapter``: QLoRA (or plain LoRA) training of one adapter on a prepared-data folder.
+
+The loop is deliberately small and explicit instead of a Trainer: the data order and learning rate are pure
+functions of the step, so a resumed run is the same computation as an uninterrupted one; the loss is summed over
+every labelled token of the whole (accumulated) batch and divided once, so ``grad_accum`` does not reweight
+examples; and the sanity gate sees every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import lorakit
+from lorakit.adapters import TRAIN_META
+from lorakit.data.formats import IGNORE_INDEX
+from lorakit.data.prep import read_prep
+from lorakit.data.splits import PREP_META
+from lorakit.data.tokenizer import base_id, tokenizer_digest
+from lorakit.errors import InputError
+from lorakit.io.atomic import atomic_dir, check_output_free, read_json, write_json
+from lorakit.io.digests import file_manifest, manifest_digest
+from lorakit.models.folder import read_model_config, resolve_model_dir, ties_embeddings, weights_digest
+from lorakit.train.batches import Rows, Schedule, load_rows, model_inputs
+from lorakit.train.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.train.model import (assert_not_repacked, check_tied_targets, dropout_off, load_for_training,
+                                 parse_targets, pick_device)
+from lorakit.train.sanity import TrainingSanityError, check_loss_fell, check_step
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting that defines the run (the ``config`` block of lorakit_train.json)."""
+
+    quant: str = "nf4"
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    target: str = "all-linear"
+    rslora: bool = False
+    lr: float = 2e-4
+    epochs: float | None = None
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    warmup_ratio: float = 0.05
+    schedule: str = "linear"  # linear warm-up, then linear decay towards 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    min_loss_drop: float | None = 0.01
+    checkpoint_every: int | None = 50
+    device: str = "auto"
+    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU (where it only costs time)
+
+    def validate(self) -> None:
+        positive = {"r": self.r, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        for name, value in positive.items():
+            if int(value) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.epochs is not None and self.max_steps is not None:
+            raise InputError("pass either --epochs or --max-steps, not both")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise InputError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if self.epochs is not None and not float(self.epochs) > 0:
+            raise InputError(f"--epochs must be positive, got {self.epochs}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise InputError(f"--lr must be a finite number >= 0, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not self.alpha > 0:
+            raise InputError(f"--alpha must be positive, got {self.alpha}")
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise InputError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+
+    def fingerprint(self, prep_digest: str, base_digest: str) -> str:
+        """What a checkpoint must match to be resumed: everything that changes the computation."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "min_loss_drop")}
+        blob = json.dumps({"config": fields, "prep": prep_digest, "base": base_digest}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class TrainRecord:
+    """Everything ``lorakit_train.json`` holds; serialises 1:1 and reads back with :func:`read_train_record`."""
+
+    base: str
+    base_dir: str
+    base_digest: str  # lorakit.models.folder.weights_digest(base_dir); merging checks it
+    tied_embeddings: bool
+    prep: dict[str, Any]
+    config: dict[str, Any]
+    target_modules: list[str]
+    trainable_params: int
+    device: str
+    compute_dtype: str
+    gradient_checkpointing: bool
+    steps: int
+    epochs_done: float
+    tokens: int
+    first_loss: float
+    final_loss: float
+    best_loss: float
+    first_batch_loss_before: float
+    first_batch_loss_after: float
+    loss_drop: float
+    resumed_from_step: int | None
+    wall_time_s: float
+    versions: dict[str, str]
+    lorakit_version: str = lorakit.__version__
+    stage: str = "train"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_train_record(adapter_dir: str | os.PathLike[str]) -> TrainRecord:
+    raw = read_json(Path(adapter_dir) / TRAIN_META, "training metadata")
+    try:
+        return TrainRecord(**raw)
+    except TypeError as exc:
+        raise InputError(f"{Path(adapter_dir) / TRAIN_META} does not match this lorakit version ({exc})") from None
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    metadata: dict[str, Any]
+    final_loss: float
+    steps: int
+    log: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, total: int, lr: float, warmup_ratio: float) -> float:
+    warmup = max(1, math.ceil(warmup_ratio * total)) if warmup_ratio > 0 else 0
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__}
+    try:
+        import bitsandbytes
+
+        out["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:  # pragma: no cover - only --quant none works without it
+        out["bitsandbytes"] = "not installed"
+    return out
+
+
+def _batch_loss_sum(model, rows: Rows, idx: torch.Tensor, device: str) -> torch.Tensor:
+    """Sum of token cross-entropies of one microbatch (labels shifted as in causal LM training)."""
+    out = model(**model_inputs(rows, idx, device), use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels = rows.labels[idx][:, 1:].to(device)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _label_count(rows: Rows, micro: list[torch.Tensor]) -> int:
+    return int(sum((rows.labels[idx][:, 1:] != IGNORE_INDEX).sum() for idx in micro))
+
+
+def _check_prep(prep_dir: Path):
+    record = read_prep(prep_dir)
+    files = {k: v for k, v in file_manifest(prep_dir).items() if k != PREP_META}
+    if manifest_digest(files, "prep-data") != record.data_digest:
+        raise InputError(f"the data files in {prep_dir} do not match its {PREP_META} (modified or corrupt); "
+                         "re-run `lorakit prep`")
+    return record
+
+
+def _resolve_base(base, prep) -> tuple[Path, str]:
+    if base is None:
+        recorded = Path(prep.tokenizer.get("model_dir") or "")
+        if prep.tokenizer["id"] != lorakit.models.embedded.MODEL_ID and recorded.is_dir():
+            return recorded, prep.tokenizer["id"]
+        base_dir = resolve_model_dir(None)
+        return base_dir, base_id(None, base_dir)
+    base_dir = resolve_model_dir(base)
+    return base_dir, base_id(base, base_dir)
+
+
+def train_adapter(
+    prep_dir: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    base: str | os.PathLike[str] | None = None,
+    quant: str = "nf4",
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.05,
+    target: str = "all-linear",
+    rslora: bool = False,
+    lr: float = 2e-4,
+    epochs: float | None = None,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    seed: int = 0,
+    resume: bool = False,
+    device: str = "auto",
+    checkpoint_every: int | None = 50,
+    warmup_ratio: float = 0.05,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    min_loss_drop: float | None = 0.01,
+    gradient_checkpointing: bool | None = None,
+    keep_checkpoints: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one LoRA adapter on ``prep_dir``'s train split and write a PEFT adapter folder at ``output``.
+
+    ``base`` defaults to the model whose tokenizer prep used (the embedded default when prep used it). Without
+    ``epochs``/``max_steps`` the run is one epoch. ``on_step`` receives each step's log entry (progress reporting
+    for callers such as Prefect tasks; an exception there interrupts the run like Ctrl-C, leaving checkpoints).
+    Raises :class:`InputError` on bad input and :class:`TrainingSanityError` when the run fails the sanity gate;
+    in both cases nothing is written at ``output``.
+    """
+    import lorakit.models.embedded  # noqa: F401  (used by _resolve_base)
+
+    started = time.perf_counter()
+    output = Path(output)
+    prep_dir = Path(prep_dir)
+    cfg = TrainConfig(quant=quant, r=int(r), alpha=float(alpha), dropout=float(dropout),
+                      target=target if isinstance(target, str) else ",".join(target), rslora=bool(rslora),
+                      lr=float(lr), epochs=epochs, max_steps=max_steps, batch_size=int(batch_size),
+                      grad_accum=int(grad_accum), seed=int(seed), warmup_ratio=float(warmup_ratio),
+                      weight_decay=float(weight_decay), max_grad_norm=float(max_grad_norm),
+                      min_loss_drop=min_loss_drop, checkpoint_every=checkpoint_every, device=device,
+                      gradient_checkpointing=gradient_checkpointing)
+    cfg.validate()
+    check_output_free(output, force)
+    prep = _check_prep(prep_dir)
+    base_dir, base_name = _resolve_base(base, prep)
+    if tokenizer_digest(base_dir) != prep.tokenizer["digest"]:
+        raise InputError(
+            f"{prep_dir} was tokenized with {prep.tokenizer['id']}'s tokenizer, but base {base_name} has a different "
+            f"one; re-run `lorakit prep --base {base_name}` or train with --base {prep.tokenizer['id']}"
+        )
+    tied = ties_embeddings(read_model_config(base_dir))
+    targets = parse_targets(cfg.target)
+    check_tied_targets(targets, tied, base_name)
+    rows = load_rows(prep_dir, "train")
+    schedule = Schedule(len(rows), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    total = int(cfg.max_steps) if cfg.max_steps is not None else schedule.steps_for_epochs(cfg.epochs or 1)
+    dev = pick_device(cfg.device)
+    base_digest = weights_digest(base_dir)
+    fingerprint = cfg.fingerprint(prep.data_digest, base_digest)
+    root = checkpoint_root(output)
+    ckpt = latest_checkpoint(root) if root.exists() else None
+    if ckpt is not None and not resume and not force:
+        raise InputError(f"checkpoints of an earlier run exist in {root}; pass --resume to continue it, or --force "
+                         "to start over")
+    if not resume and root.exists():
+        shutil.rmtree(root)
+        ckpt = None
+
+    loaded = load_for_training(base_dir, quant=cfg.quant, device=dev, r=cfg.r, alpha=cfg.alpha,
+                               dropout=cfg.dropout, targets=targets, rslora=cfg.rslora, seed=cfg.seed,
+                               gradient_checkpointing=cfg.gradient_checkpointing)
+    model = loaded.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.manual_seed(cfg.seed)  # dropout stream
+
+    start_step, log, first_batch_loss, elapsed_before, resumed_from = 0, [], None, 0.0, None
+    if ckpt is not None:
+        state, log = load_checkpoint(ckpt, model, optimizer, fingerprint)
+        start_step, first_batch_loss = int(state["step"]), state["first_batch_loss"]
+        elapsed_before, resumed_from = float(state["elapsed_s"]), start_step
+
+    bar = tqdm(total=total, initial=start_step, desc="training", unit="step", disable=not progress)
+    run_started = time.perf_counter()
+    try:
+        for step in range(start_step, total):
+            t0 = time.perf_counter()
+            step_lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            micro = schedule.step_microbatches(step)
+            n_labels = max(1, _label_count(rows, micro))
+            loss_sum = 0.0
+            for idx in micro:
+                part = _batch_loss_sum(model, rows, idx, dev)
+                (part / n_labels).backward()
+                loss_sum += float(part.detach())
+            loss = loss_sum / n_labels
+            if step == start_step:
+                assert_not_repacked(model)
+            if step == 0:
+                first_batch_loss = loss
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            check_step(step + 1, loss, grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            tokens = int(sum(int(rows.tokens[idx].sum()) for idx in micro))
+            entry = {"step": step + 1, "epoch": round(schedule.epoch_at(step), 4), "loss": loss, "grad_norm": grad_norm,
+                     "lr": step_lr, "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else None,
+                     "step_time_s": dt, "elapsed_s": elapsed_before + time.perf_counter() - run_started}
+            log.append(entry)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                save_checkpoint(root, step + 1, model, optimizer,
+                                {"fingerprint": fingerprint, "first_batch_loss": first_batch_loss,
+                                 "elapsed_s": entry["elapsed_s"]}, log)
+            if on_step is not None:
+                on_step(entry)
+        bar.close()
+
+        # The gate's final check: the same first batch, same code path (training mode, dropout off), after training.
+        dropout_off(model)
+        with torch.no_grad():
+            micro = schedule.step_microbatches(0)
+            after = sum(float(_batch_loss_sum(model, rows, idx, dev)) for idx in micro) / max(1, _label_count(rows, micro))
+        drop = check_loss_fell(first_batch_loss, after, cfg.min_loss_drop)
+    except TrainingSanityError:
+        bar.close()
+        shutil.rmtree(root, ignore_errors=True)  # resuming would replay the same failure
+        raise
+    except BaseException:
+        bar.close()
+        raise
+
+    losses = [e["loss"] for e in log]
+    record = TrainRecord(
+        base=base_name, base_dir=str(base_dir), base_digest=base_digest, tied_embeddings=tied,
+        prep={"path": str(prep_dir.resolve()), "digest": prep.data_digest, "format": prep.format,
+              "pack": prep.pack, "row_length": prep.row_length, "train_rows": len(rows),
+              "tokenizer_id": prep.tokenizer["id"], "tokenizer_digest": prep.tokenizer["digest"]},
+        config=asdict(cfg), target_modules=loaded.target_modules, trainable_params=loaded.trainable_params,
+        device=dev, compute_dtype=loaded.compute_dtype, gradient_checkpointing=loaded.gradient_checkpointing,
+        steps=total, epochs_done=round(schedule.epoch_at(total - 1), 4), tokens=sum(e["tokens"] for e in log),
+        first_loss=losses[0], final_loss=losses[-1], best_loss=min(losses),
+        first_batch_loss_before=first_batch_loss, first_batch_loss_after=after, loss_drop=drop,
+        resumed_from_step=resumed_from, wall_time_s=round(elapsed_before + time.perf_counter() - started, 3),
+        versions=_versions(),
+    )
+    model.peft_config["default"].base_model_name_or_path = base_name
+    with atomic_dir(output, force=force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / TRAIN_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
+        write_json(tmp / TRAIN_META, record.to_json())
+    if not keep_checkpoints:
+        shutil.rmtree(root, ignore_errors=True)
+    return TrainResult(output, record.to_json(), losses[-1], total, log)

@@ -1,0 +1,138 @@
+"""Load the base for training (NF4 4-bit via bitsandbytes, or full precision), attach LoRA, and guard the CPU trap.
+
+The trap (shared NOTES): on CPUs with AVX512-BF16, bitsandbytes repacks every 4-bit weight the first time a
+``Linear4bit`` runs in eval mode on an input without grad. After that, training goes through a kernel without a
+correct backward and LoRA gradients are silently wrong. Training never evaluates before it trains, and
+:func:`assert_not_repacked` checks the flag before optimizer steps, so the failure is loud instead of silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.adapters import TIED_TARGETS
+from lorakit.errors import InputError, LorakitError
+
+QUANT_MODES = ("nf4", "none")
+SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was asked for but CUDA is not available here; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def parse_targets(target: str | list[str]) -> str | list[str]:
+    """``all-linear`` (PEFT: every linear layer but the output head) or a list like ``q,v`` / ``q_proj,v_proj``."""
+    if isinstance(target, str):
+        if target.strip().lower() == "all-linear":
+            return "all-linear"
+        names = [t.strip() for t in target.split(",") if t.strip()]
+    else:
+        names = list(target)
+    if not names:
+        raise InputError("--target is empty; pass all-linear or a list such as q,k,v,o")
+    return [SHORT_TARGETS.get(n, n) for n in names]
+
+
+def check_tied_targets(targets: str | list[str], tied: bool, base_label: str) -> None:
+    if not tied or isinstance(targets, str):
+        return
+    bad = [t for t in targets if t.split(".")[-1] in TIED_TARGETS]
+    if bad:
+        raise InputError(
+            f"--target {','.join(bad)} on base {base_label}, whose output head is tied to the input embedding: the "
+            "update would change both, and merging would be wrong; train without it (all-linear leaves it out)"
+        )
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    device: str
+    quant: str
+    compute_dtype: str
+    gradient_checkpointing: bool
+    trainable_params: int
+    target_modules: list[str]
+
+
+def load_for_training(base_dir: Path, *, quant: str, device: str, r: int, alpha: float, dropout: float,
+                      targets: str | list[str], rslora: bool, seed: int,
+                      gradient_checkpointing: bool | None) -> LoadedModel:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if quant not in QUANT_MODES:
+        raise InputError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    on_cuda = device.startswith("cuda")
+    gc = on_cuda if gradient_checkpointing is None else bool(gradient_checkpointing)
+    if quant == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, device_map={"": device},
+                                                     dtype=torch.float32)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+        compute = "bfloat16"
+    else:
+        dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+        if gc:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        compute = str(dtype).removeprefix("torch.")
+    model.config.use_cache = False
+    torch.manual_seed(seed)  # LoRA A init
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora,
+                        bias="none", task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:
+        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise InputError(f"--target {targets}: {str(exc).splitlines()[0]}; linear layers of this model: {', '.join(names)}") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    resolved = sorted(model.peft_config["default"].target_modules)
+    return LoadedModel(model, device, quant, compute, gc, trainable, resolved)
+
+
+def repacked_modules(model: torch.nn.Module) -> list[str]:
+    """4-bit layers whose weights bitsandbytes repacked for CPU inference (their backward is then wrong)."""
+    out = []
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            out.append(name)
+    return out
+
+
+class CpuRepackError(LorakitError):
+    """The 4-bit weights were repacked for CPU inference before training; gradients would be wrong."""
+
+    exit_code = 1
+
+
+def assert_not_repacked(model: torch.nn.Module) -> None:
+    bad = repacked_modules(model)
+    if bad:
+        raise CpuRepackError(
+            f"{len(bad)} 4-bit layer(s) (first: {bad[0]}) were repacked for CPU inference by an eval/no-grad pass "
+            "before training; LoRA gradients would be wrong. Reload the model and train before evaluating it"
+        )
+
+
+def dropout_off(model: torch.nn.Module) -> None:
+    """Disable dropout only, keeping every other module in training mode (no 4-bit CPU repacking)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()

@@ -1,0 +1,49 @@
+"""Atomic outputs and the streaming safetensors reader/writer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file as st_load, save_file as st_save
+
+from lorakit.errors import InputError
+from lorakit.io.atomic import atomic_dir
+from lorakit.io.safetensors_stream import load_file, read_header, save_file
+from tests.conftest import assert_nothing_written
+
+
+def test_save_file_round_trips_through_the_reference_reader(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6, dtype=torch.int32),
+               "empty": torch.zeros(0, 4)}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    back = st_load(tmp_path / "x.safetensors")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_load_file_reads_reference_files(tmp_path):
+    tensors = {"w": torch.randn(4, 4), "h": torch.randn(2).half()}
+    st_save(tensors, tmp_path / "y.safetensors")
+    back = load_file(tmp_path / "y.safetensors")
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("cut", [4, 20, -3])
+def test_truncation_is_detected(tmp_path, cut):
+    st_save({"w": torch.randn(16, 16)}, tmp_path / "z.safetensors")
+    data = (tmp_path / "z.safetensors").read_bytes()
+    (tmp_path / "z.safetensors").write_bytes(data[:cut])
+    with pytest.raises(InputError, match="truncated|corrupt|not a safetensors"):
+        read_header(tmp_path / "z.safetensors")
+
+
+def test_atomic_dir_publishes_only_complete_output(tmp_path):
+    dest = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "half.txt").write_text("partial")
+            raise RuntimeError("boom")
+    assert_nothing_written(dest)
+    with atomic_dir(dest) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (dest / "done.txt").read_text() == "ok"
+    assert oct(dest.stat().st_mode & 0o777) != oct(0o700), "published folder must not keep mkdtemp's private mode"

@@ -1,0 +1,210 @@
+"""Every merge method against a direct computation of its definition, on tiny random models.
+
+The references below are written independently of lorakit's implementation (sorting instead of topk, explicit
+loops for sign election, scalings from the adapter configs by hand), so a shared bug cannot hide.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.merge import merge_adapters
+from lorakit.merge.task_arithmetic import module_generator
+from lorakit.models.synthetic import make_random_adapter
+
+TOL = 1e-5
+WEIGHTS = [0.7, -0.4, 0.5]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_base, tmp_path_factory) -> list[Path]:
+    """Mixed ranks and alphas, rsLoRA, and a rank/alpha pattern: everything that changes the scaling."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    return [
+        make_random_adapter(tiny_base, root / "a", r=4, alpha=8, seed=1, model=model),
+        make_random_adapter(tiny_base, root / "b", r=8, alpha=32, use_rslora=True, seed=2, model=model),
+        make_random_adapter(tiny_base, root / "c", r=6, alpha=6, seed=3, model=model,
+                            rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 12}),
+    ]
+
+
+def hand_scaling(adapter_dir: Path, module: str, r: int) -> float:
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    alpha = cfg["lora_alpha"]
+    for key, value in cfg.get("alpha_pattern", {}).items():
+        if module.endswith(key):
+            alpha = value
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def hand_deltas(adapter_dirs: list[Path]) -> dict[str, list[torch.Tensor]]:
+    """module -> [scalingᵢ·BᵢAᵢ], in float64, straight from the files."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for d in adapter_dirs:
+        t = load_file(d / "adapter_model.safetensors")
+        for key in t:
+            if key.endswith("lora_A.weight"):
+                module = key[len("base_model.model."):-len(".lora_A.weight")]
+                A = t[key].double()
+                B = t[key.replace("lora_A", "lora_B")].double()
+                out.setdefault(module, []).append(hand_scaling(d, module, A.shape[0]) * (B @ A))
+    return out
+
+
+def keep_top(delta: torch.Tensor, density: float) -> torch.Tensor:
+    k = int(round(density * delta.numel()))
+    if k == 0:
+        return torch.zeros_like(delta)
+    threshold = delta.abs().flatten().sort(descending=True).values[k - 1]
+    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+
+
+def dare(delta: torch.Tensor, density: float, seed: int, module: str, index: int) -> torch.Tensor:
+    keep = torch.rand(delta.shape, generator=module_generator(seed, module, index)) < density
+    return torch.where(keep, delta / density, torch.zeros_like(delta))
+
+
+def elect(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    weighted = [d * w for d, w in zip(deltas, weights)]
+    total = sum(weighted)
+    out = torch.zeros_like(total)
+    div = torch.zeros_like(total)
+    for wd, w in zip(weighted, weights):
+        agree = (torch.sign(wd) == torch.sign(total)) & (wd != 0)
+        out += torch.where(agree, wd, torch.zeros_like(wd))
+        div += torch.where(agree, torch.full_like(wd, w), torch.zeros_like(wd))
+    if normalize:
+        out = torch.where(div.abs() > 1e-12, out / torch.where(div.abs() > 1e-12, div, torch.ones_like(div)), out)
+    return out
+
+
+def reference(method: str, deltas: list[torch.Tensor], module: str, density: float, seed: int,
+              normalize: bool) -> torch.Tensor:
+    if method == "linear":
+        return sum(d * w for d, w in zip(deltas, WEIGHTS))
+    if method == "magnitude_prune":
+        return sum(keep_top(d, density) * w for d, w in zip(deltas, WEIGHTS))
+    if method == "dare_linear":
+        return sum(dare(d, density, seed, module, i) * w for i, (d, w) in enumerate(zip(deltas, WEIGHTS)))
+    if method == "ties":
+        return elect([keep_top(d, density) for d in deltas], WEIGHTS, normalize)
+    if method == "dare_ties":
+        return elect([dare(d, density, seed, module, i) for i, d in enumerate(deltas)], WEIGHTS, normalize)
+    raise AssertionError(method)
+
+
+CASES = [
+    ("linear", {}),
+    ("magnitude_prune", {"density": 0.3}),
+    ("dare_linear", {"density": 0.5, "seed": 7}),
+    ("ties", {"density": 0.4}),
+    ("ties", {"density": 0.4, "normalize": True}),
+    ("dare_ties", {"density": 0.6, "seed": 3, "normalize": True}),
+]
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{'-'.join(map(str, p.values()))}" for m, p in CASES])
+def test_model_output_matches_direct_computation(method, params, adapters, tiny_base, tmp_path):
+    out = tmp_path / "merged"
+    merge_adapters(adapters, WEIGHTS, out, method=method, output_kind="model", base=tiny_base, progress=False, **params)
+    base = load_file(tiny_base / "model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    deltas = hand_deltas(adapters)
+    assert set(merged) == set(base)
+    worst = 0.0
+    for name, w in base.items():
+        module = name[: -len(".weight")]
+        if module in deltas:
+            want = w.double() + reference(method, deltas[module], module, params.get("density", 1.0),
+                                          params.get("seed", 0), params.get("normalize", False))
+            worst = max(worst, (merged[name].double() - want).abs().max().item())
+        else:
+            assert torch.equal(merged[name], w), f"{name} is not a target but changed"
+    assert worst <= TOL, f"{method}: max abs error {worst:.2e}"
+    meta = json.loads((out / "lorakit_merge.json").read_text())
+    assert meta["method"] == method and meta["weights"] == WEIGHTS
+    assert [i["digest"] for i in meta["inputs"]] and meta["negative_weights"] == [str(adapters[1])]
+    assert meta["base"]["weights_digest"]
+
+
+def test_exact_adapter_output_is_the_weighted_sum(adapters, tmp_path):
+    out = tmp_path / "merged"
+    result = merge_adapters(adapters, WEIGHTS, out, progress=False)
+    assert result.exact and result.relative_error is None
+    merged = hand_deltas([out])
+    for module, deltas in hand_deltas(adapters).items():
+        want = sum(d * w for d, w in zip(deltas, WEIGHTS))
+        assert (merged[module][0] - want).abs().max().item() <= TOL
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    # rank Σrᵢ (4 + 8 + 6), and q_proj where adapter c has rank 2: 4 + 8 + 2
+    assert cfg["r"] == 18 and all(v == 14 for v in cfg["rank_pattern"].values())
+    assert cfg["lora_alpha"] == cfg["r"] and not cfg["use_rslora"]
+
+
+@pytest.mark.parametrize("method,params", [("linear", {}), ("ties", {"density": 0.5})])
+def test_rank_k_reports_its_true_error(method, params, adapters, tmp_path):
+    out = tmp_path / "merged"
+    result = merge_adapters(adapters, WEIGHTS, out, method=method, rank=4, progress=False, **params)
+    merged = hand_deltas([out])
+    err_sq = norm_sq = 0.0
+    for module, deltas in hand_deltas(adapters).items():
+        want = reference(method, deltas, module, params.get("density", 1.0), 0, False)
+        got = merged[module][0]
+        err = (got - want).norm().item()
+        assert result.metadata["per_module_relative_error"][module] == pytest.approx(err / want.norm().item(), rel=1e-4, abs=1e-7)
+        err_sq += err**2
+        norm_sq += want.norm().item() ** 2
+        assert got.shape == want.shape
+    assert result.relative_error == pytest.approx(math.sqrt(err_sq / norm_sq), rel=1e-4)
+    assert 0 < result.relative_error < 1 and not result.exact
+    # The truncation is optimal: no rank-4 matrix is closer than the SVD's (Eckart–Young) -- check one module.
+    module, deltas = next(iter(hand_deltas(adapters).items()))
+    want = reference(method, deltas, module, params.get("density", 1.0), 0, False)
+    s = torch.linalg.svdvals(want)
+    assert result.metadata["per_module_relative_error"][module] == pytest.approx(
+        (s[4:].square().sum().sqrt() / s.square().sum().sqrt()).item(), rel=1e-4)
+
+
+def test_rank_at_least_total_rank_is_exact(adapters, tmp_path):
+    result = merge_adapters(adapters, WEIGHTS, tmp_path / "m", rank=18, progress=False)
+    assert result.relative_error < 1e-6
+
+
+def test_dare_is_deterministic_and_keeps_density(adapters, tiny_base, tmp_path):
+    a = merge_adapters(adapters[:1], [1.0], tmp_path / "a", method="dare_linear", density=0.3, seed=5,
+                       output_kind="model", base=tiny_base, progress=False)
+    b = merge_adapters(adapters[:1], [1.0], tmp_path / "b", method="dare_linear", density=0.3, seed=5,
+                       output_kind="model", base=tiny_base, progress=False)
+    ta, tb = load_file(a.output / "model.safetensors"), load_file(b.output / "model.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    base = load_file(tiny_base / "model.safetensors")
+    changed = [(ta[k] != base[k]).double().mean().item() for k in ta if "q_proj" in k]
+    assert all(abs(c - 0.3) < 0.02 for c in changed)
+
+
+def test_sharded_base_stays_sharded_and_exact(adapters, tiny_base, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_base).save_pretrained(sharded, max_shard_size="300KB")
+    shards = sorted(p.name for p in sharded.glob("*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").exists()
+    out = merge_adapters(adapters, WEIGHTS, tmp_path / "m", output_kind="model", base=sharded, progress=False).output
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert (out / "model.safetensors.index.json").read_text() == (sharded / "model.safetensors.index.json").read_text()
+    merged = {k: v for s in shards for k, v in load_file(out / s).items()}
+    deltas = hand_deltas(adapters)
+    base = {k: v for s in shards for k, v in load_file(sharded / s).items()}
+    for module, ds in deltas.items():
+        want = base[f"{module}.weight"].double() + sum(d * w for d, w in zip(ds, WEIGHTS))
+        assert (merged[f"{module}.weight"].double() - want).abs().max().item() <= TOL
+    AutoModelForCausalLM.from_pretrained(out)  # loads as a normal sharded HF folder

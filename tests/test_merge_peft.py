@@ -1,0 +1,105 @@
+"""Merge outputs agree with PEFT itself: merge_and_unload for one adapter, PeftModel logits for merged adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.merge import merge_adapters
+from lorakit.models.synthetic import make_random_adapter
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_base, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("peft")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    return (make_random_adapter(tiny_base, root / "a", r=8, alpha=16, seed=11, model=model),
+            make_random_adapter(tiny_base, root / "b", r=16, alpha=8, use_rslora=True, seed=12, model=model,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def test_single_adapter_at_weight_one_equals_merge_and_unload(two_adapters, tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = merge_adapters([two_adapters[1]], [1.0], tmp_path / "m", output_kind="model", base=tiny_base, progress=False)
+    peft_merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), two_adapters[1]).merge_and_unload()
+    ours = load_file(out.output / "model.safetensors")
+    theirs = peft_merged.state_dict()
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert worst <= 1e-5
+
+
+def test_merged_adapter_and_merged_model_give_the_same_logits(two_adapters, tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = merge_adapters(two_adapters, [0.6, 0.4], tmp_path / "adapter", base=tiny_base, progress=False)
+    model = merge_adapters(two_adapters, [0.6, 0.4], tmp_path / "model", output_kind="model", base=tiny_base,
+                           progress=False)
+    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    via_peft = _logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter.output), ids)
+    via_model = _logits(AutoModelForCausalLM.from_pretrained(model.output), ids)
+    base = _logits(AutoModelForCausalLM.from_pretrained(tiny_base), ids)
+    assert (via_peft - via_model).abs().max().item() <= 1e-4
+    assert (via_model - base).abs().max().item() > 1e-3, "the merge changed nothing; the test would be vacuous"
+    # the merged model folder is a complete HF folder: tokenizer and config came along
+    assert (model.output / "tokenizer.json").exists() and (model.output / "config.json").exists()
+
+
+def test_cli_merge_two_adapters_half_half(two_adapters, tiny_base, tmp_path):
+    a, b = two_adapters
+    proc = run_cli("merge", str(a), str(b), "--weights", "0.5,0.5", "-o", str(tmp_path / "out"), "--base", str(tiny_base),
+                   check=True)
+    assert "merged 2 adapters (linear, weights 0.5,0.5)" in proc.stdout and "exact" in proc.stdout
+    meta = json.loads((tmp_path / "out" / "lorakit_merge.json").read_text())
+    assert meta["weights"] == [0.5, 0.5] and meta["exact"] is True
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), tmp_path / "out")
+
+
+def test_cli_rank_reports_error_and_negative_weight(two_adapters, tiny_base, tmp_path):
+    a, b = two_adapters
+    proc = run_cli("merge", str(a), str(b), "-w", "1,-0.5", "--rank", "4", "-o", str(tmp_path / "out"), check=True)
+    assert "relative Frobenius error" in proc.stdout
+    assert "negative weight" in proc.stdout
+
+
+@pytest.mark.slow
+def test_real_model_three_adapters_model_output(real_base, tmp_path):
+    """SmolLM2-135M, three adapters of ranks 8/16/8 into the full model: exact against a direct computation,
+    and targeting the tied lm_head of this model is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.adapters import load_adapter
+    from lorakit.errors import InputError
+
+    model = AutoModelForCausalLM.from_pretrained(real_base)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapters = [make_random_adapter(real_base, tmp_path / n, r=r, alpha=2 * r, seed=s, model=model, target_modules=targets)
+                for n, r, s in (("a", 8, 1), ("b", 16, 2), ("c", 8, 3))]
+    weights = [0.5, 0.3, -0.2]
+    out = merge_adapters(adapters, weights, tmp_path / "m", output_kind="model", progress=False)
+    assert out.metadata["base"]["path"] == str(real_base)
+    loaded = [load_adapter(a) for a in adapters]
+    W, M = load_file(real_base / "model.safetensors"), load_file(out.output / "model.safetensors")
+    for name in list(loaded[0].modules)[::17]:
+        want = W[f"{name}.weight"].double() + sum(w * a.modules[name].delta(torch.float64) for a, w in zip(loaded, weights))
+        assert (M[f"{name}.weight"].double() - want).abs().max().item() <= 1e-5
+    assert torch.equal(M["model.embed_tokens.weight"], W["model.embed_tokens.weight"])
+    tied = make_random_adapter(real_base, tmp_path / "tied", r=4, alpha=8, model=model, target_modules=["lm_head"])
+    with pytest.raises(InputError, match="tied to the input embedding"):
+        merge_adapters([tied], [1.0], tmp_path / "t", output_kind="model", progress=False)
