@@ -86,3 +86,14 @@ def test_merge_cli_takes_registry_refs_and_the_result_registers_with_lineage(reg
     tree = reg.lineage(merged.ref)
     assert {p.artifact.ref for p in tree.parents} == {"tiny-lora@1", "tiny-lora@2"}
     assert {pp.artifact.ref for p in tree.parents for pp in p.parents} == {"tiny@1"}
+
+
+def test_prepared_data_from_a_registered_base_registers_as_a_dataset(registered, tmp_path):
+    from lorakit.data.prep import prepare_dataset
+
+    reg, base, _, _ = registered
+    prep = prepare_dataset(["bundled:reverse-words"], tmp_path / "prep", base="tiny@1", max_length=128, progress=False)
+    data = reg.register(prep.output, name="reverse-words", kind="dataset", parents=[base.ref], params={"max_length": 128})
+    assert data.metadata["prep.json"] == prep.metadata
+    assert [n.artifact.ref for n in reg.lineage(data.ref).walk()] == ["reverse-words@1", "tiny@1"]
+    assert [v.ref for v in reg.descendants(base.ref)] == ["reverse-words@1", "tiny-lora@1"]
