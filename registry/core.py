@@ -191,6 +191,18 @@ class Registry:
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return index.with_retry(lambda: self.conn.execute(sql, args).fetchall())
 
+    @contextlib.contextmanager
+    def _snapshot(self):
+        """Run several reads against one consistent state (a WAL read transaction), even while others write."""
+        if self.conn.in_transaction:
+            yield
+            return
+        index.with_retry(lambda: self.conn.execute("BEGIN DEFERRED"))
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")
+
     # -- lookups ------------------------------------------------------------------------------------------------
     def _row(self, ref: str | Ref) -> sqlite3.Row:
         r = parse_ref(ref) if isinstance(ref, str) else ref
@@ -261,7 +273,8 @@ class Registry:
 
     def get(self, ref: str) -> ArtifactVersion:
         """The version a reference names (``name@3``, ``name@candidate``, ``name@sha256:..``, ``sha256:..``)."""
-        return self._version(self._row(ref))
+        with self._snapshot():
+            return self._version(self._row(ref))
 
     def list(self, name: str | None = None, kind: str | None = None) -> list[ArtifactVersion]:
         """All versions, optionally of one name and/or kind, in name then version order."""
@@ -272,7 +285,8 @@ class Registry:
         if kind is not None:
             sql += " AND kind=?"
             args.append(validate_kind(kind))
-        return [self._version(r) for r in self._read(sql + " ORDER BY name, version", args)]
+        with self._snapshot():
+            return [self._version(r) for r in self._read(sql + " ORDER BY name, version", args)]
 
     # -- registration -------------------------------------------------------------------------------------------
     def register(
@@ -470,8 +484,6 @@ class Registry:
     # -- lineage ------------------------------------------------------------------------------------------------
     def lineage(self, ref: str) -> LineageNode:
         """The tree of everything ``ref`` was made from, each edge with the parameters of its step."""
-        row = self._row(ref)
-
         def node(r: sqlite3.Row, params: dict | None, path: tuple[int, ...]) -> LineageNode:
             parents = []
             if r["id"] not in path:  # edges only point to older versions, but never loop on a damaged index
@@ -480,7 +492,8 @@ class Registry:
                     parents.append(node(e, json.loads(e["edge_params"]), path + (r["id"],)))
             return LineageNode(self._version(r), params, parents)
 
-        return node(row, None, ())
+        with self._snapshot():
+            return node(self._row(ref), None, ())
 
     def descendants(self, ref: str) -> list[ArtifactVersion]:
         """Everything made (directly or not) from ``ref``: which releases used this dataset or adapter?"""

@@ -82,7 +82,7 @@ def registry_group(ctx: click.Context, root: str | None) -> None:
       lorakit registry register out/adapter-a --name support-lora --kind adapter --parent support-data@1
       lorakit registry lineage release@candidate
       lorakit registry promote release@4
-      lorakit quantize release-merged@production -o out/q   # a reference instead of a folder
+      lorakit merge support-lora@candidate faq-lora@2 -o out/m   # references instead of folders
     """
     ctx.ensure_object(dict)
     ctx.obj["root"] = root
