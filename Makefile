@@ -32,6 +32,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/merge.py
+	$(PY) bench/registry.py
 
 clean:
 	rm -rf $(VENV) demo-out lorakit-out .pytest_cache

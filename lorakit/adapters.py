@@ -122,8 +122,12 @@ def _refuse_variants(path: Path, cfg: dict) -> None:
 
 
 def load_adapter(path: str | os.PathLike[str]) -> Adapter:
-    """Read and validate one adapter folder; every problem is an :class:`InputError` naming the folder."""
+    """Read and validate one adapter folder (or registry reference); every problem is an :class:`InputError`."""
     path = Path(path)
+    if not path.is_dir():
+        from lorakit.models.folder import resolve_registry_ref
+
+        path = resolve_registry_ref(path) or path
     if not path.is_dir():
         raise InputError(f"adapter {path} does not exist or is not a folder; pass a PEFT adapter folder")
     cfg = read_json(path / CONFIG_FILE, f"adapter config of {path}:")

@@ -1,8 +1,8 @@
 """HF model folders: find their config and safetensors shards, and resolve what a user passed as ``--base``.
 
-``--base`` may be omitted (the embedded default), a local folder, or a hub id (used from the local HF cache or
-downloaded when a hub is reachable). Later stages add registry references here, so every command accepts the
-same kinds of model reference.
+``--base`` may be omitted (the embedded default), a local folder, a registry reference (``name@production``,
+``name@3``, ``sha256:...``), or a hub id (used from the local HF cache or downloaded when a hub is reachable).
+Every command resolves models here, so all of them accept the same kinds of model reference.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ def resolve_model_dir(ref: str | os.PathLike[str] | None) -> Path:
     path = Path(ref).expanduser()
     if path.is_dir():
         return path
+    registered = resolve_registry_ref(ref)
+    if registered is not None:
+        return registered
     if path.exists():
         raise InputError(f"model {ref} is a file, not a model folder; pass the folder that holds config.json")
     if str(ref).startswith((".", "/", "~")) or str(ref).count("/") != 1:
@@ -40,6 +43,20 @@ def resolve_model_dir(ref: str | os.PathLike[str] | None) -> Path:
             f"model {ref} is not a local folder and could not be fetched from the hub ({type(exc).__name__}); "
             "pass a local HF model folder"
         ) from None
+
+
+def resolve_registry_ref(ref: str | os.PathLike[str]) -> Path | None:
+    """The verified registry checkout for ``name@alias``/``name@N``/``sha256:...``; None for anything else.
+
+    ``registry`` is a top-level package above ``lorakit``; this lazy import is the one place lorakit reaches up
+    to it (adapter loading comes through here too), so lorakit never needs the registry to import.
+    """
+    text = str(ref).strip()
+    if "/" in text or os.sep in text or ("@" not in text and not text.startswith("sha256:")):
+        return None  # a path or a hub id: registry references have neither separators nor a missing '@'
+    import registry
+
+    return registry.resolve_reference(text)
 
 
 def read_model_config(model_dir: Path) -> dict:
