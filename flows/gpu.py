@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 from prefect.deployments import run_deployment
 
-from lorakit.errors import LorakitError
+from lorakit.errors import InputError, LorakitError
 from tasks import stages
 
 
@@ -40,7 +40,16 @@ def run_gpu(gpu_flow, *, route: bool, pool: str, **parameters: Any) -> dict[str,
     """Run a GPU flow in-process, or as a subflow run of its deployment on the CUDA pool."""
     if not route:
         return gpu_flow(**parameters)
-    run = run_deployment(name=deployment_name(gpu_flow, pool), parameters=parameters, as_subflow=True)
+    from prefect.exceptions import ObjectNotFound
+
+    name = deployment_name(gpu_flow, pool)
+    try:
+        run = run_deployment(name=name, parameters=parameters, as_subflow=True)
+    except ObjectNotFound:
+        raise InputError(
+            f"route_gpu is on but the Prefect server has no deployment {name}; run scripts/pools_up.sh and "
+            "`prefect --no-prompt deploy --all` against it (PREFECT_API_URL), or set route_gpu: false"
+        ) from None
     if run.state is None or not run.state.is_completed():
         state = run.state.name if run.state else "no state"
         raise LorakitError(

@@ -13,19 +13,6 @@ pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on t
 STAGE_TASKS = {"prep-data", "train-adapter", "merge-adapters", "quantize-model", "gate", "register"}
 
 
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """One temporary Prefect server for every in-process flow test (its cold start is 25-45 s here)."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_LOGGING_LEVEL, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    storage = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage, PREFECT_LOGGING_LEVEL: "WARNING"}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield storage
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("release")

@@ -98,3 +98,11 @@ def test_importing_tasks_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_route_gpu_without_deployment_is_input_error(prefect_harness, tmp_path):
+    """route_gpu against a server without the GPU deployments: one actionable line, nothing run."""
+    from flows.gpu import run_gpu, train_flow
+
+    with pytest.raises(InputError, match=r"no deployment train/cuda; run scripts/pools_up.sh"):
+        run_gpu(train_flow, route=True, pool="cuda", prep_dir=str(tmp_path), output=str(tmp_path / "a"), params={})
