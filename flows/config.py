@@ -96,8 +96,9 @@ class QuantizeConfig(_Section):
     group_size: int = Field(128, description="Quantization group size (a power of two).")
     sym: bool | None = Field(None, description="Symmetric grid; default True for GPTQ, False (zero point) for AWQ.")
     desc_act: bool = False
-    n_samples: int = Field(128, gt=0)
-    seq_len: int = Field(512, gt=0)
+    # 64 blocks of 256 tokens: what the small bundled tasks can fill (128 x 512 needs 65k calibration tokens).
+    n_samples: int = Field(64, gt=0)
+    seq_len: int = Field(256, gt=0)
     seed: int = 0
     device: str = "auto"
     calib_dataset: str | None = Field(None, description="Dataset whose train split calibrates; default the first.")
