@@ -1,6 +1,6 @@
 """Perplexity evaluation with one fixed, recorded method, for plain, adapter and GPTQ/AWQ models."""
 
-from lorakit.evaluate.core import METHOD_NAME, PerplexityResult, perplexity, score_windows
+from lorakit.evaluate.core import METHOD_NAME, PerplexityResult, evaluate_models, perplexity, score_windows
 from lorakit.evaluate.dequant import dequantize_awq, dequantize_gptq
 from lorakit.evaluate.loading import EvalModel, ModelSpec, describe_model, load_eval_model, load_tokenizer
 from lorakit.evaluate.text import EvalTexts, EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
@@ -8,6 +8,6 @@ from lorakit.evaluate.windows import Window, plan_windows
 
 __all__ = [
     "METHOD_NAME", "EvalModel", "EvalTexts", "EvalTokens", "ModelSpec", "PerplexityResult", "Window",
-    "dequantize_awq", "dequantize_gptq", "describe_model", "load_eval_model", "load_tokenizer", "perplexity",
+    "dequantize_awq", "dequantize_gptq", "describe_model", "evaluate_models", "load_eval_model", "load_tokenizer", "perplexity",
     "plan_windows", "read_eval_texts", "score_windows", "tokenize_eval_texts", "tokenizer_digest",
 ]

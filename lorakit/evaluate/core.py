@@ -158,3 +158,42 @@ def perplexity(
         model=loaded.describe(), batch_size=int(batch_size), n_windows=len(windows), wall_s=round(seconds, 4),
         tokens_per_s=fed / max(seconds, 1e-9),
     )
+
+
+def evaluate_models(
+    models: list[str | os.PathLike[str]],
+    data: str | os.PathLike[str] | list[str] | EvalTexts,
+    *,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    base: str | os.PathLike[str] | None = None,
+    split: str = "val",
+    quant_path: str = "auto",
+    device: str = "auto",
+    dtype: str = "float32",
+    progress: bool = True,
+) -> list[PerplexityResult]:
+    """Perplexity of several models on one token stream, tokenized once with the first model's tokenizer.
+
+    Every model's tokenizer is checked against the first before any weights are loaded, and the windows are
+    planned first too, so mismatched tokenizers or too-short data fail in seconds.
+    """
+    if not models:
+        raise InputError("no model given; pass at least one model folder")
+    stride = seq_len if stride is None else stride
+    check_window_params(seq_len, stride)
+    specs = [describe_model(m, base=base) for m in models]
+    tokenizers = [load_tokenizer(s) for s in specs]
+    tokens = prepare_tokens(data, tokenizers[0], max_tokens=max_tokens, split=split)
+    for spec, tok in zip(specs[1:], tokenizers[1:]):
+        check_tokenizer_matches(tokens, tokenizer_digest(tok), f"model {spec.folder}")
+    plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
+    results = []
+    for spec, tok in zip(specs, tokenizers):
+        loaded = load_eval_model(spec, quant_path=quant_path, device=device, dtype=dtype, tokenizer=tok)
+        results.append(perplexity(loaded, tokens, seq_len=seq_len, stride=stride, batch_size=batch_size,
+                                  progress=progress))
+        del loaded
+    return results

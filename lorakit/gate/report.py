@@ -77,7 +77,9 @@ def render_png(verdict: Verdict, path: Path) -> None:
         ax.set_xticks(x, names)
         ax.set_ylabel("perplexity")
         ax.set_title(f"gate {'PASSED' if verdict.passed else 'REJECTED'}")
-        ax.legend(loc="lower right", fontsize=8)
+        top = max(max(c.baseline_ppl, c.candidate_ppl) for c in verdict.checks)
+        ax.set_ylim(0, top * 1.25)  # room for the labels and the legend above the bars
+        ax.legend(loc="upper right", ncol=2, fontsize=8)
         fig.tight_layout()
         fig.savefig(path)
     finally:
