@@ -109,10 +109,17 @@ def degradation_of(baseline_ppl: float, candidate_ppl: float) -> float:
     return candidate_ppl / baseline_ppl - 1.0
 
 
+BOUNDARY_TOLERANCE = 1e-12
+
+
 def judge(baseline_ppl: float, candidate_ppl: float, max_degradation: float) -> tuple[float, bool]:
-    """(degradation, passed): passes when degradation ≤ threshold, the boundary included."""
+    """(degradation, passed): passes when degradation ≤ threshold, the boundary included.
+
+    The ratio is a float: a candidate exactly 5% worse computes as 0.05000000000000004. Differences below
+    ``BOUNDARY_TOLERANCE`` (far below any perplexity's precision) count as the boundary, so it passes.
+    """
     d = degradation_of(baseline_ppl, candidate_ppl)
-    return d, bool(d <= max_degradation)
+    return d, bool(d <= max_degradation + BOUNDARY_TOLERANCE)
 
 
 def _check_threshold(value: float, name: str) -> float:
@@ -181,8 +188,11 @@ def check(
         )
     streams: dict[str, EvalTokens] = {}
     for spec in specs:
-        tokens = tokenize_eval_texts(read_eval_texts(spec.data, spec.split), base_tok, max_tokens=max_tokens)
-        plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"data of check {spec.name!r} ({tokens.texts.source})")
+        try:
+            tokens = tokenize_eval_texts(read_eval_texts(spec.data, spec.split), base_tok, max_tokens=max_tokens)
+            plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
+        except InputError as exc:
+            raise InputError(f"check {spec.name!r}: {exc}") from None
         streams[spec.name] = tokens
 
     common = dict(seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress)
@@ -211,7 +221,8 @@ def check(
         candidate=models["candidate"],
         params={"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
                 "split": split, "quant_path": quant_path, "device": device, "dtype": dtype,
-                "rule": "degradation = ppl(candidate)/ppl(baseline) - 1; a check passes when degradation <= threshold"},
+                "rule": "degradation = ppl(candidate)/ppl(baseline) - 1; a check passes when degradation <= threshold",
+                "boundary_tolerance": BOUNDARY_TOLERANCE},
         versions=_versions(), wall_s=round(time.perf_counter() - start, 3),
     )
     verdict.metadata = verdict.to_dict()
