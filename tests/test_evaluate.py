@@ -282,3 +282,56 @@ def test_gptq_dequantized_path_matches_kernel_path(tiny_gptq, tiny_base):
     dense = perplexity(tiny_base, DOCS, seq_len=64, progress=False)
     assert dense.method["tokenizer_digest"] == fast.method["tokenizer_digest"]  # quantized keeps the tokenizer
     assert fast.ppl != dense.ppl  # quantization is visible: the fast path did not load the fp32 base
+
+
+@pytest.fixture(scope="module")
+def tiny_awq(tiny_base, tmp_path_factory):
+    """The tiny base as an AWQ GEMM checkpoint: 4-bit g32 asymmetric round-to-nearest, packed per the layout.
+
+    (Calibrated AWQ with GPTQModel takes ~70 s on CPU; the layout, which is what the evaluator reads, is the same.)
+    """
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("models") / "tiny-awq"
+    shutil.copytree(tiny_base, out)
+    group, tensors = 32, {}
+    for name, w in load_file(tiny_base / "model.safetensors").items():
+        if not name.endswith("_proj.weight"):
+            tensors[name] = w
+            continue
+        wg = w.t().float().reshape(w.shape[1] // group, group, w.shape[0])  # [groups, group, out]
+        lo, hi = wg.amin(1), wg.amax(1)
+        s = ((hi - lo) / 15).clamp(min=1e-8).half()
+        z = torch.round(-lo / s.float()).clamp(0, 15)
+        q = (torch.round(wg / s.float()[:, None]) + z[:, None]).clamp(0, 15).reshape(w.shape[1], w.shape[0])
+        prefix = name[: -len(".weight")]
+        tensors[f"{prefix}.qweight"] = _pack_along(q, 4, dim=1, order=list(AWQ_ORDER))
+        tensors[f"{prefix}.qzeros"] = _pack_along(z, 4, dim=1, order=list(AWQ_ORDER))
+        tensors[f"{prefix}.scales"] = s
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                     "version": "gemm"}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def test_awq_dequantized_weights_equal_gptqmodels_own(tiny_awq):
+    """GPTQModel's AWQ GEMM dequantizer (fp16) agrees exactly with ours rounded to fp16, on every layer."""
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+    from safetensors.torch import load_file
+
+    tensors = load_file(tiny_awq / "model.safetensors")
+    dense = load_eval_model(describe_model(tiny_awq), quant_path="dequantized", device="cpu")
+    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    assert len(prefixes) == 14 and dense.path_used == "awq-dequantized"
+    for p in prefixes:
+        theirs = dequantize_gemm(tensors[f"{p}.qweight"], tensors[f"{p}.qzeros"], tensors[f"{p}.scales"], 4, 32)
+        assert torch.equal(theirs.t(), dense.model.get_submodule(p).weight.half()), p
+
+
+def test_awq_dequantized_path_matches_kernel_path(tiny_awq):
+    kernel = perplexity(tiny_awq, DOCS, seq_len=64, quant_path="kernel", progress=False)
+    fast = perplexity(tiny_awq, DOCS, seq_len=64, quant_path="dequantized", progress=False)
+    assert (kernel.path_used, fast.path_used) == ("awq-kernel", "awq-dequantized")
+    assert abs(fast.ppl / kernel.ppl - 1) <= 1e-3
