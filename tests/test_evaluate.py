@@ -275,9 +275,11 @@ def test_gptq_dequantized_weights_equal_gptqmodels_own(tiny_gptq):
 
 def test_gptq_dequantized_path_matches_kernel_path(tiny_gptq, tiny_base):
     kernel = perplexity(tiny_gptq, DOCS, seq_len=64, quant_path="kernel", progress=False)
-    fast = perplexity(tiny_gptq, DOCS, seq_len=64, quant_path="dequantized", progress=False)
+    fast = perplexity(tiny_gptq, DOCS, seq_len=64, quant_path="dequantized", progress=False, kernel_check_tokens=128)
     assert (kernel.path_used, fast.path_used) == ("gptq-kernel", "gptq-dequantized")
     assert abs(fast.ppl / kernel.ppl - 1) <= 1e-3
+    check = fast.extra["kernel_check"]  # the same evidence, recorded with the result on request
+    assert check["agrees"] and check["tokens"] == 126 and check["kernel_path"] == "gptq-kernel"
     assert fast.method == kernel.method  # same stream, windows and dtype: comparable numbers
     dense = perplexity(tiny_base, DOCS, seq_len=64, progress=False)
     assert dense.method["tokenizer_digest"] == fast.method["tokenizer_digest"]  # quantized keeps the tokenizer

@@ -53,8 +53,10 @@ def _method_options(f):
 @_method_options
 @click.option("--json", "json_out", type=click.Path(), help="Write all results (numbers and method) to this JSON file.")
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
+@click.option("--kernel-check", type=int, metavar="N", help="For GPTQ/AWQ on the dequantized path: also score the "
+              "first N tokens with the int4 kernels and report the relative difference (slow on CPU).")
 def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, dtype, quiet,
-          json_out, force):
+          json_out, force, kernel_check):
     """Perplexity of one or more models on the same text, with one fixed method.
 
     \b
@@ -85,7 +87,7 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
         check_output_free(Path(json_out), force)
     results = evaluate_models(list(models), data, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                               batch_size=batch_size, base=base, split=split, quant_path=quant_path, device=device,
-                              dtype=dtype, progress=not quiet)
+                              dtype=dtype, progress=not quiet, kernel_check_tokens=kernel_check)
     method = results[0].method
     if not quiet:
         click.echo(f"method: seq_len {method['seq_len']}, stride {method['stride']}, {method['dtype']}, "
@@ -93,6 +95,11 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
                    f"(text {method['text_digest'][:12]}, tokenizer {method['tokenizer_digest'][:12]})")
     for r in results:
         click.echo(f"{r.ppl:10.4f}  {r.model['folder']}  [{r.path_used}, {r.tokens_per_s:.0f} tok/s]")
+        kc = r.extra.get("kernel_check")
+        if kc:
+            click.echo(f"            kernel check on {kc['tokens']} tokens: dequantized {kc['ppl_dequantized']:.4f} vs "
+                       f"{kc['kernel_path']} {kc['ppl_kernel']:.4f} (relative difference "
+                       f"{kc['relative_difference']:.1e}, {'agrees' if kc['agrees'] else 'DISAGREES'})")
     if json_out is not None:
         import lorakit
 

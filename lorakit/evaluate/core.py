@@ -125,6 +125,7 @@ def perplexity(
     device: str = "auto",
     dtype: str = "float32",
     progress: bool = True,
+    kernel_check_tokens: int | None = None,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``data`` with lorakit's fixed method (see module docstring).
 
@@ -132,6 +133,9 @@ def perplexity(
     already loaded :class:`EvalModel`. ``data``: a prepared-data folder (its ``split``), a ``.jsonl``/text file,
     a list of documents, or :class:`EvalTokens` from the baseline of a comparison (then this model's tokenizer
     must be the same, or the call is refused). ``stride`` defaults to ``seq_len`` (non-overlapping windows).
+    ``kernel_check_tokens``: for a quantized model on the dequantized path, also score the first N tokens with
+    the installed kernels and record both perplexities in ``extra["kernel_check"]`` (evidence that the fast path
+    computes the same model; ``agrees`` when their relative difference is ≤ 1e-3).
     """
     stride = seq_len if stride is None else stride
     check_window_params(seq_len, stride)
@@ -152,12 +156,35 @@ def perplexity(
                                                desc=f"ppl {Path(spec.folder).name}")
     fed = sum(w.length for w in windows)
     mean = nll_sum / n_scored
+    extra = {}
+    if kernel_check_tokens and loaded.path_used.endswith("-dequantized"):
+        extra["kernel_check"] = kernel_check(loaded, tokens, int(kernel_check_tokens), seq_len, batch_size)
     return PerplexityResult(
         ppl=math.exp(mean), nll_sum=nll_sum, tokens=n_scored, mean_nll=mean,
         method=method_of(tokens, seq_len, stride, loaded.dtype, windows), path_used=loaded.path_used,
         model=loaded.describe(), batch_size=int(batch_size), n_windows=len(windows), wall_s=round(seconds, 4),
-        tokens_per_s=fed / max(seconds, 1e-9),
+        tokens_per_s=fed / max(seconds, 1e-9), extra=extra,
     )
+
+
+KERNEL_CHECK_TOLERANCE = 1e-3
+
+
+def kernel_check(dense: EvalModel, tokens: EvalTokens, n_tokens: int, seq_len: int, batch_size: int) -> dict:
+    """Score the first ``n_tokens`` with the dequantized model and with the kernels; record the agreement."""
+    n = min(n_tokens, int(tokens.ids.numel()))
+    length = min(seq_len, n)
+    windows = plan_windows(n, length, length, source="kernel check sample")
+    kernel = load_eval_model(dense.spec, quant_path="kernel", device=str(dense.device), dtype=dense.dtype,
+                             tokenizer=dense.tokenizer)
+    ids = tokens.ids[:n]
+    a, count, _ = score_windows(dense.model, ids, windows, batch_size=batch_size, device=dense.device, progress=False)
+    b, _, _ = score_windows(kernel.model, ids, windows, batch_size=batch_size, device=kernel.device, progress=False)
+    ppl_dense, ppl_kernel = math.exp(a / count), math.exp(b / count)
+    rel = abs(ppl_dense / ppl_kernel - 1)
+    return {"tokens": count, "seq_len": length, "ppl_dequantized": ppl_dense, "ppl_kernel": ppl_kernel,
+            "kernel_path": kernel.path_used, "relative_difference": rel, "tolerance": KERNEL_CHECK_TOLERANCE,
+            "agrees": rel <= KERNEL_CHECK_TOLERANCE}
 
 
 def evaluate_models(
@@ -174,6 +201,7 @@ def evaluate_models(
     device: str = "auto",
     dtype: str = "float32",
     progress: bool = True,
+    kernel_check_tokens: int | None = None,
 ) -> list[PerplexityResult]:
     """Perplexity of several models on one token stream, tokenized once with the first model's tokenizer.
 
@@ -194,6 +222,6 @@ def evaluate_models(
     for spec, tok in zip(specs, tokenizers):
         loaded = load_eval_model(spec, quant_path=quant_path, device=device, dtype=dtype, tokenizer=tok)
         results.append(perplexity(loaded, tokens, seq_len=seq_len, stride=stride, batch_size=batch_size,
-                                  progress=progress))
+                                  progress=progress, kernel_check_tokens=kernel_check_tokens))
         del loaded
     return results
