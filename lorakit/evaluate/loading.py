@@ -75,6 +75,7 @@ def _has_tokenizer(folder: Path) -> bool:
 
 def describe_model(ref: str | os.PathLike[str] | None, *, base: str | os.PathLike[str] | None = None) -> ModelSpec:
     """Classify a model reference without loading weights; ``base`` overrides an adapter's recorded base."""
+    from lorakit.models.embedded import MODEL_ID
     from lorakit.models.folder import read_model_config, resolve_model_dir
 
     folder = resolve_model_dir(ref)
@@ -82,7 +83,9 @@ def describe_model(ref: str | os.PathLike[str] | None, *, base: str | os.PathLik
     if (folder / ADAPTER_CONFIG).exists():
         cfg = read_json(folder / ADAPTER_CONFIG, "adapter config")
         base_ref = base if base is not None else cfg.get("base_model_name_or_path")
-        if not base_ref:
+        if base is None and base_ref == MODEL_ID and not Path(base_ref).is_dir():
+            base_ref = None  # the embedded default's hub id: use the local converted copy, as merging does
+        elif not base_ref:
             raise InputError(f"adapter {folder} records no base model; pass its base with --base")
         try:
             base_spec = describe_model(base_ref)
