@@ -153,7 +153,8 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
     if spec.kind == "adapter":
         from peft import PeftModel
 
-        base = load_eval_model(spec.base, quant_path=quant_path, device=device, dtype=dtype)
+        # The base's own tokenizer is never used here: the adapter's (or the base's, by describe_model) is.
+        base = load_eval_model(spec.base, quant_path=quant_path, device=device, dtype=dtype, tokenizer=tokenizer)
         try:
             model = PeftModel.from_pretrained(base.model, str(spec.folder), is_trainable=False)
         except Exception as exc:  # PEFT raises many types for adapters that do not fit the base
