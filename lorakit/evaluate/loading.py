@@ -170,7 +170,13 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
         if spec.kind == "model":
             model, path_used = _from_pretrained(spec.folder, tdt), "dense"
         elif choose_quant_path(quant_path, dev) == "kernel":
-            model, path_used = _from_pretrained(spec.folder, tdt), f"{spec.kind}-kernel"
+            try:
+                model, path_used = _from_pretrained(spec.folder, tdt), f"{spec.kind}-kernel"
+            except InputError:
+                raise
+            except Exception as exc:  # kernels refuse layouts per device (e.g. CPU int4 with K % group != 0)
+                raise InputError(f"the installed {spec.kind.upper()} kernels cannot load {spec.folder} on {dev} "
+                                 f"({type(exc).__name__}: {str(exc)[:200]}); use --quant-path dequantized") from None
         else:
             model, path_used = _dequantized_model(spec, tdt), f"{spec.kind}-dequantized"
         model.to(dev).eval()
