@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -18,6 +19,13 @@ def _start(quiet: bool) -> None:
     configure_threads()
     quiet_third_party_logs()
     hf_logging.disable_progress_bar()
+    # GPTQModel logs every kernel choice at INFO through its shared LogBar logger when a GPTQ/AWQ folder loads.
+    try:
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.WARNING)
+    except Exception:  # logbar absent or changed: the messages are only noise, never worth failing over
+        pass
 
 
 def _method_options(f):
