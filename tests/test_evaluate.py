@@ -16,6 +16,7 @@ from conftest import assert_nothing_written, make_eval_text, make_prep_dir, run_
 from lorakit.errors import InputError
 from lorakit.evaluate import (
     dequantize_awq, dequantize_gptq, describe_model, evaluate_models, load_eval_model, perplexity, plan_windows,
+    read_results,
 )
 from lorakit.evaluate.dequant import AWQ_ORDER
 
@@ -169,6 +170,7 @@ def test_eval_cli_writes_results_for_several_models(tiny_base, tmp_path):
     proc = run_cli("eval", str(tiny_base), str(copy), "--data", str(txt), "--seq-len", "64", "--stride", "32",
                    "--json", str(out), "-q", check=True)
     data = json.loads(out.read_text())
+    assert [r.to_dict() for r in read_results(out)] == data["results"]
     a, b = data["results"]
     assert a["ppl"] == b["ppl"] and a["method"] == b["method"] == data["method"]
     assert data["method"]["stride"] == 32 and f"{a['ppl']:10.4f}" in proc.stdout
@@ -355,3 +357,14 @@ def test_real_model_perplexity_is_sane_and_matches_hand_computation(real_base):
     nll, count = _hand_nll(_load_dense(real_base), _stream(real_base, [ENGLISH, ENGLISH.upper()]), 64, 32)
     assert res.tokens == count and res.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert 2 < res.ppl < 100  # a trained model on English, not a random one (~vocab size 49152)
+
+
+def test_gate_on_a_quantized_candidate_records_the_fast_path(tiny_base, tiny_gptq, tmp_path):
+    from lorakit.gate import check, read_verdict
+
+    verdict = check(tiny_base, tiny_gptq, DOCS, seq_len=64, max_degradation=0.05, output=tmp_path / "v",
+                    progress=False)
+    assert verdict.baseline["path_used"] == "dense" and verdict.candidate["path_used"] == "gptq-dequantized"
+    assert verdict.candidate["quant"]["bits"] == 4 and verdict.candidate["quant"]["group_size"] == 32
+    assert verdict.degradation != 0 and verdict.passed == (verdict.degradation <= 0.05)
+    assert read_verdict(tmp_path / "v").candidate["path_used"] == "gptq-dequantized"

@@ -167,6 +167,17 @@ def perplexity(
     )
 
 
+def read_results(path: str | os.PathLike[str]) -> list[PerplexityResult]:
+    """The results stored by ``lorakit eval --json``."""
+    from lorakit.io.atomic import read_json
+
+    data = read_json(path, "perplexity results")
+    try:
+        return [PerplexityResult.from_dict(r) for r in data["results"]]
+    except (TypeError, KeyError) as exc:
+        raise InputError(f"{path} is not a lorakit eval result file ({exc})") from None
+
+
 KERNEL_CHECK_TOLERANCE = 1e-3
 
 
