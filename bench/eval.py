@@ -75,10 +75,15 @@ def make_gptq(base: Path, out: Path, calib: list[str]) -> float:
         return float(json.loads((out / "bench_quantize.json").read_text())["seconds"])
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    start = time.perf_counter()
-    model = GPTQModel.load(str(base), QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=False), device="cpu")
-    model.quantize(calib, batch_size=1)
-    model.save(str(out))
+    start, cwd = time.perf_counter(), os.getcwd()
+    os.chdir(out.parent)  # GPTQModel writes a ./logs/ folder into the working directory
+    try:
+        model = GPTQModel.load(str(base), QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=False),
+                               device="cpu")
+        model.quantize(calib, batch_size=1)
+        model.save(str(out))
+    finally:
+        os.chdir(cwd)
     seconds = time.perf_counter() - start
     (out / "bench_quantize.json").write_text(json.dumps({"seconds": seconds}))
     return seconds

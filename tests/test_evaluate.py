@@ -252,10 +252,15 @@ def tiny_gptq(tiny_base, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("models") / "tiny-gptq"
     calib = [make_eval_text(80, seed=s) for s in range(16)]
-    model = GPTQModel.load(str(tiny_base), QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=False),
-                           device="cpu")
-    model.quantize(calib, batch_size=1)
-    model.save(str(out))
+    cwd = os.getcwd()
+    os.chdir(out.parent)  # GPTQModel writes a ./logs/ folder into the working directory
+    try:
+        model = GPTQModel.load(str(tiny_base), QuantizeConfig(bits=4, group_size=32, sym=False, desc_act=False),
+                               device="cpu")
+        model.quantize(calib, batch_size=1)
+        model.save(str(out))
+    finally:
+        os.chdir(cwd)
     return out
 
 
