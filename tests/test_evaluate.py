@@ -373,3 +373,17 @@ def test_gate_on_a_quantized_candidate_records_the_fast_path(tiny_base, tiny_gpt
     assert verdict.candidate["quant"]["bits"] == 4 and verdict.candidate["quant"]["group_size"] == 32
     assert verdict.degradation != 0 and verdict.passed == (verdict.degradation <= 0.05)
     assert read_verdict(tmp_path / "v").candidate["path_used"] == "gptq-dequantized"
+
+
+def test_gptq_dequantization_follows_g_idx_act_order():
+    """With desc_act, input rows belong to groups in activation order: g_idx, not i // group_size, decides."""
+    g = torch.Generator().manual_seed(7)
+    n_in, n_out, group = 64, 16, 16
+    q = torch.randint(0, 16, (n_in, n_out), generator=g)
+    z = torch.randint(0, 16, (n_in // group, n_out), generator=g)
+    s = torch.rand(n_in // group, n_out, generator=g).half()
+    g_idx = (torch.arange(n_in) // group)[torch.randperm(n_in, generator=g)].to(torch.int32)
+    w = dequantize_gptq(_pack_along(q, 4, dim=0), _pack_along(z, 4, dim=1), s, g_idx, bits=4, group_size=group,
+                        checkpoint_format="gptq_v2")
+    gi = g_idx.long()
+    assert torch.equal(w, ((q - z[gi]).float() * s.float()[gi]).t())
