@@ -61,6 +61,31 @@ def assert_nothing_written(path: Path) -> None:
     assert not leftovers, f"temporary files left behind: {leftovers}"
 
 
+# --- evaluation / gate (issue 5) -------------------------------------------------------------------------------
+
+def make_eval_text(n_words: int = 120, seed: int = 0) -> str:
+    """Deterministic English-like text; with the tiny models' byte tokenizer every byte is one token."""
+    import random
+
+    words = ["the", "model", "reads", "a", "short", "line", "of", "text", "and", "predicts", "next", "token",
+             "while", "we", "measure", "how", "surprised", "it", "is", "by", "each", "word"]
+    rng = random.Random(seed)
+    return " ".join(rng.choice(words) for _ in range(n_words)) + "."
+
+
+def make_prep_dir(path: Path, val_texts: list[str], train_texts: list[str] | None = None) -> Path:
+    """A prepared-data folder by hand, following lorakit/data/splits.py (until `lorakit prep` exists)."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "prep.json").write_text(json.dumps({"made_by": "tests"}))
+    for split, texts in (("val", val_texts), ("train", train_texts or val_texts)):
+        with open(path / f"{split}.texts.jsonl", "w", encoding="utf-8") as fh:
+            for t in texts:
+                fh.write(json.dumps({"text": t}) + "\n")
+    return path
+
+
 # --- Prefect (flows issue) ------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,190 @@
+"""``lorakit eval`` (perplexity) and ``lorakit gate`` (accept or reject a candidate against its baseline)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from lorakit.errors import EXIT_REJECTED, InputError
+
+
+def _start(quiet: bool) -> None:
+    """Threads, quiet third-party logs, and no per-shard "Loading weights" bars (ours shows the real work)."""
+    from transformers.utils import logging as hf_logging
+
+    from lorakit.runtime import configure_threads, quiet_third_party_logs
+
+    configure_threads()
+    quiet_third_party_logs()
+    hf_logging.disable_progress_bar()
+    # GPTQModel logs every kernel choice at INFO through its shared LogBar logger when a GPTQ/AWQ folder loads.
+    try:
+        from logbar import LogBar
+
+        LogBar.shared().setLevel(logging.WARNING)
+    except Exception:  # logbar absent or changed: the messages are only noise, never worth failing over
+        pass
+
+
+def _method_options(f):
+    """Options shared by eval and gate: they define the perplexity method and how models are loaded."""
+    options = [
+        click.option("--data", required=True, type=click.Path(),
+                     help="A prepared-data folder (its --split is used), a .jsonl of {\"text\": ...} lines, or a "
+                          "plain text file (one document)."),
+        click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]),
+                     help="Split of a prepared-data folder."),
+        click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per window."),
+        click.option("--stride", type=int, help="Tokens between window starts (default: --seq-len, non-overlapping). "
+                     "With stride < seq-len each window scores only its new tokens."),
+        click.option("--max-tokens", type=int, help="Cut the token stream to its first N tokens."),
+        click.option("--batch-size", default=4, show_default=True, type=int,
+                     help="Windows per forward pass (does not change the result)."),
+        click.option("--base", help="Base model for adapter folders (default: the adapter's recorded base)."),
+        click.option("--quant-path", type=click.Choice(["auto", "dequantized", "kernel"]), default="auto",
+                     show_default=True, help="GPTQ/AWQ: dequantized = exact dense weights (fast on CPU); kernel = the "
+                     "installed int4 kernels; auto = dequantized on CPU, kernel on CUDA."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
+                     show_default=True, help="Compute dtype (auto: the model's config dtype)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the result."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command(name="eval")
+@click.argument("models", nargs=-1, required=True)
+@_method_options
+@click.option("--json", "json_out", type=click.Path(), help="Write all results (numbers and method) to this JSON file.")
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
+@click.option("--kernel-check", type=int, metavar="N", help="For GPTQ/AWQ on the dequantized path: also score the "
+              "first N tokens with the int4 kernels and report the relative difference (slow on CPU).")
+def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, dtype, quiet,
+          json_out, force, kernel_check):
+    """Perplexity of one or more models on the same text, with one fixed method.
+
+    \b
+    MODELS are HF model folders, PEFT adapter folders (loaded onto their base), GPTQ or AWQ folders, or
+    "default" (the embedded SmolLM2-135M-Instruct). The first model is the baseline: the text is tokenized
+    once with its tokenizer and every other model must have the same tokenizer, or it is refused.
+
+    \b
+    The method: each document is tokenized without special tokens; documents are joined with one EOS;
+    windows of --seq-len tokens start every --stride tokens; a window scores the tokens no earlier window
+    scored (never its first token); perplexity = exp(token-level mean NLL). Text digest, tokenizer digest,
+    seq-len, stride, token count, dtype and the load path used are recorded with every result.
+
+    \b
+    Examples:
+      lorakit eval default --data notes.txt
+      lorakit eval base/ merged/ quantized-gptq/ --data prep/ --seq-len 256 --stride 128 --json ppl.json
+    """
+    from pathlib import Path
+
+    from lorakit.evaluate import evaluate_models
+    from lorakit.io.atomic import check_output_free, write_json
+
+    _start(quiet)
+    if json_out is not None:
+        if Path(json_out).is_dir():
+            raise InputError(f"--json {json_out} is a folder; pass a file path")
+        check_output_free(Path(json_out), force)
+    results = evaluate_models(list(models), data, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
+                              batch_size=batch_size, base=base, split=split, quant_path=quant_path, device=device,
+                              dtype=dtype, progress=not quiet, kernel_check_tokens=kernel_check)
+    method = results[0].method
+    if not quiet:
+        click.echo(f"method: seq_len {method['seq_len']}, stride {method['stride']}, {method['dtype']}, "
+                   f"{method['tokens_scored']} tokens scored of {method['tokens_total']} "
+                   f"(text {method['text_digest'][:12]}, tokenizer {method['tokenizer_digest'][:12]})")
+    for r in results:
+        click.echo(f"{r.ppl:10.4f}  {r.model['folder']}  [{r.path_used}, {r.tokens_per_s:.0f} tok/s]")
+        kc = r.extra.get("kernel_check")
+        if kc:
+            click.echo(f"            kernel check on {kc['tokens']} tokens: dequantized {kc['ppl_dequantized']:.4f} vs "
+                       f"{kc['kernel_path']} {kc['ppl_kernel']:.4f} (relative difference "
+                       f"{kc['relative_difference']:.1e}, {'agrees' if kc['agrees'] else 'DISAGREES'})")
+    if json_out is not None:
+        import lorakit
+
+        write_json(json_out, {"lorakit": lorakit.__version__, "method": method,
+                              "results": [r.to_dict() for r in results]})
+
+
+def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
+    """``NAME=DATA`` or ``NAME=DATA:MAX`` -> (name, data, max_degradation)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise InputError(f"--check {text!r} is not NAME=DATA[:MAX_DEGRADATION], e.g. --check math=prep/math:0.08")
+    data, colon, tail = rest.rpartition(":")
+    if colon:
+        try:
+            return name, data, float(tail)
+        except ValueError:
+            pass  # a colon inside the path, not a threshold
+    return name, rest, default_max
+
+
+@click.command()
+@click.option("--baseline", required=True, help="The model the candidate must not be worse than (folder or \"default\").")
+@click.option("--candidate", required=True, help="The model under test (HF, adapter, GPTQ or AWQ folder).")
+@_method_options
+@click.option("--max-degradation", default=0.05, show_default=True, type=float,
+              help="Largest accepted ppl(candidate)/ppl(baseline) - 1 on --data (0.05 = 5% worse).")
+@click.option("--check", "checks", multiple=True, metavar="NAME=DATA[:MAX]",
+              help="Extra check, repeatable: a task's validation data (prep folder or text) with its own threshold "
+                   "(default: --max-degradation).")
+@click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting).")
+@click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
+@click.option("-o", "--output", type=click.Path(), help="Write gate.json, gate.md and gate.png into this new folder.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
+def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, dtype,
+         quiet, max_degradation, checks, general_text, general_max_degradation, output, force):
+    """Accept or reject CANDIDATE: its perplexity may be at most --max-degradation worse than BASELINE's.
+
+    \b
+    degradation = ppl(candidate) / ppl(baseline) - 1, both measured in this process with the method of
+    `lorakit eval` on one token stream (tokenized with the baseline's tokenizer; a candidate with another
+    tokenizer is refused). A check passes when degradation <= its threshold (the boundary passes); the gate
+    passes when every check passes: --data, each --check, and --general-text.
+
+    \b
+    Exit codes (for CI and schedulers):
+      0  passed        3  rejected (a check over its threshold)
+      2  bad input     1  unexpected error
+    With -o, the verdict is written as gate.json (every number, method and threshold), gate.md and gate.png.
+
+    \b
+    Examples:
+      lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ -o gate-out
+      lorakit gate --baseline default --candidate m/ --data prep/ --check math=prep-math:0.08 \\
+                   --general-text wiki.txt --general-max-degradation 0.1
+    """
+    from lorakit.gate import CheckSpec, check
+    from lorakit.gate.report import render_text
+
+    _start(quiet)
+    extra = [CheckSpec(n, d, m, "task", split) for n, d, m in (_parse_check(c, max_degradation) for c in checks)]
+    if general_text is not None:
+        gmax = max_degradation if general_max_degradation is None else general_max_degradation
+        extra.append(CheckSpec("general", general_text, gmax, "general", split))
+    elif general_max_degradation is not None:
+        raise InputError("--general-max-degradation needs --general-text")
+    verdict = check(baseline, candidate, data, max_degradation=max_degradation, extra_checks=extra, output=output,
+                    base=base, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
+                    split=split, quant_path=quant_path, device=device, dtype=dtype, force=force, progress=not quiet)
+    if quiet:
+        click.echo("PASSED" if verdict.passed else "REJECTED")
+    else:
+        click.echo(render_text(verdict))
+        if verdict.output is not None:
+            click.echo(f"verdict written to {verdict.output}")
+    if not verdict.passed:
+        sys.exit(EXIT_REJECTED)
+
+
+COMMANDS = [eval_, gate]

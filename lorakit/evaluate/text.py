@@ -1,0 +1,147 @@
+"""Evaluation text: where it comes from, and the one way it becomes the token stream that is scored.
+
+The method is fixed because every choice here moves perplexity (see NOTES: chunking vs sliding windows alone
+moved GPT-2's number by 16%): each document is tokenized on its own *without* special tokens, documents are
+joined with a single EOS token between them (none before the first or after the last, no BOS), and the stream
+is cut to ``max_tokens`` if given. The text is tokenized once, with the baseline's tokenizer, and the same ids
+are fed to every model of a comparison; a model whose tokenizer differs is refused (its ids would mean
+something else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.errors import InputError
+
+_IGNORED_TOKENIZER_KEYS = ("truncation", "padding")  # runtime settings that do not change which ids text gets
+
+
+@dataclass
+class EvalTexts:
+    """Documents to evaluate on, and a description of where they came from."""
+
+    texts: list[str]
+    source: str
+    source_kind: str  # "prep" | "jsonl" | "text" | "list"
+    split: str | None
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the documents as a JSON list (order and boundaries included)."""
+        return hashlib.sha256(json.dumps(self.texts, ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class EvalTokens:
+    """The token stream every model of a comparison is scored on, and what defines it."""
+
+    ids: torch.Tensor  # int64 [n]
+    texts: EvalTexts
+    tokenizer_digest: str
+    eos_token_id: int
+    max_tokens: int | None
+
+    @property
+    def token_digest(self) -> str:
+        return hashlib.sha256(self.ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def describe(self) -> dict:
+        return {
+            "source": self.texts.source,
+            "source_kind": self.texts.source_kind,
+            "split": self.texts.split,
+            "n_documents": len(self.texts.texts),
+            "text_digest": self.texts.digest,
+            "tokenizer_digest": self.tokenizer_digest,
+            "token_digest": self.token_digest,
+            "eos_token_id": self.eos_token_id,
+            "join": "documents tokenized without special tokens, joined with one EOS between documents, no BOS",
+            "max_tokens": self.max_tokens,
+            "tokens_total": int(self.ids.numel()),
+        }
+
+
+def read_eval_texts(data: str | os.PathLike[str] | list[str] | EvalTexts, split: str = "val") -> EvalTexts:
+    """Documents from a prepared-data folder (its ``split``), a ``.jsonl`` of ``{"text"}``, or a text file.
+
+    A plain text file is one document: splitting it on blank lines would be a second, silent choice of method.
+    """
+    from lorakit.data.splits import read_texts
+
+    if isinstance(data, EvalTexts):
+        return data
+    if isinstance(data, list):
+        texts, out = data, EvalTexts(list(data), "<list>", "list", None)
+    else:
+        path = Path(data).expanduser()
+        if path.is_dir():
+            out = EvalTexts(read_texts(path, split), str(path), "prep", split)
+            texts = out.texts
+        elif not path.exists():
+            raise InputError(f"evaluation data {data} does not exist; pass a prepared-data folder or a text file")
+        elif path.suffix == ".jsonl":
+            texts = []
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            texts.append(json.loads(line)["text"])
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            raise InputError(f"{path}:{lineno} is not a JSON object with a 'text' field") from None
+            out = EvalTexts(texts, str(path), "jsonl", None)
+        else:
+            try:
+                texts = [path.read_text(encoding="utf-8")]
+            except UnicodeDecodeError:
+                raise InputError(f"evaluation data {path} is not UTF-8 text; pass a text file or a prepared-data folder") from None
+            out = EvalTexts(texts, str(path), "text", None)
+    if not any(isinstance(t, str) and t.strip() for t in texts):
+        raise InputError(f"evaluation data {out.source} holds no text; pass a non-empty text file or data folder")
+    if not all(isinstance(t, str) for t in texts):
+        raise InputError(f"evaluation data {out.source} holds non-string documents")
+    return out
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """Identity of what a tokenizer does: its full fast-tokenizer definition (vocab, merges, normalizer,
+    pre-tokenizer, added tokens) without runtime padding/truncation settings, plus its special-token ids.
+
+    Two saves of the same tokenizer have the same digest; tokenizers that would give different ids do not.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        for key in _IGNORED_TOKENIZER_KEYS:
+            spec.pop(key, None)
+    else:  # a slow (sentencepiece/python) tokenizer: its vocabulary is the best identity available
+        spec = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
+    spec["_special"] = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenize_eval_texts(texts: EvalTexts, tokenizer, *, max_tokens: int | None = None) -> EvalTokens:
+    """The fixed method: per-document ids without special tokens, joined by one EOS, cut to ``max_tokens``."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InputError("the baseline tokenizer has no EOS token, which joins documents; set eos_token in its "
+                         "tokenizer_config.json")
+    if max_tokens is not None and int(max_tokens) < 2:
+        raise InputError(f"--max-tokens must be at least 2, got {max_tokens}")
+    ids: list[int] = []
+    for i, text in enumerate(texts.texts):
+        if i:
+            ids.append(eos)
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[: int(max_tokens)]
+    return EvalTokens(torch.tensor(ids, dtype=torch.int64), texts, tokenizer_digest(tokenizer), int(eos),
+                      None if max_tokens is None else int(max_tokens))

@@ -1,0 +1,260 @@
+"""``check``: the validation gate that accepts or rejects a candidate model against its baseline.
+
+degradation = ppl(candidate) / ppl(baseline) − 1, with both perplexities measured in this one process by the same
+method on the same token stream (tokenized once with the baseline's tokenizer). A check passes when its
+degradation ≤ its threshold; the verdict passes when every check passes. Extra checks (each task's own
+validation split, a general-text set) carry their own thresholds and are all reported.
+
+Order of work is chosen so that bad input fails in seconds and writes nothing: thresholds, output path,
+tokenizers, data length are all checked before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lorakit
+from lorakit.errors import InputError
+from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, PerplexityResult, perplexity
+from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
+from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
+from lorakit.evaluate.windows import check_window_params, plan_windows
+from lorakit.io.atomic import atomic_dir, check_output_free, read_json, write_json
+from lorakit.io.digests import folder_digest
+
+GATE_JSON = "gate.json"
+GATE_MD = "gate.md"
+GATE_PNG = "gate.png"
+DEFAULT_MAX_DEGRADATION = 0.05
+CHECK_KINDS = ("primary", "task", "general")
+
+
+@dataclass
+class CheckSpec:
+    """One data set the gate measures, with its own threshold."""
+
+    name: str
+    data: str | os.PathLike[str] | list[str]
+    max_degradation: float = DEFAULT_MAX_DEGRADATION
+    kind: str = "task"  # "primary" | "task" | "general"
+    split: str = "val"
+
+
+@dataclass
+class CheckResult:
+    name: str
+    kind: str
+    data: str
+    max_degradation: float
+    baseline_ppl: float
+    candidate_ppl: float
+    degradation: float
+    passed: bool
+    tokens: int
+    method: dict[str, Any]
+    baseline: dict[str, Any]  # PerplexityResult.to_dict()
+    candidate: dict[str, Any]
+
+
+@dataclass
+class Verdict:
+    """The gate's decision: ``passed`` only when every check passed. Serialises 1:1 to ``gate.json``."""
+
+    passed: bool
+    degradation: float  # of the primary check
+    max_degradation: float
+    checks: list[CheckResult]
+    baseline: dict[str, Any]
+    candidate: dict[str, Any]
+    params: dict[str, Any]
+    versions: dict[str, str]
+    wall_s: float
+    output: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("output")
+        out.pop("metadata")
+        out["failed_checks"] = [c.name for c in self.checks if not c.passed]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], output: Path | None = None) -> Verdict:
+        data = dict(data)
+        data.pop("failed_checks", None)
+        checks = [CheckResult(**c) for c in data.pop("checks")]
+        verdict = cls(checks=checks, output=output, **data)
+        verdict.metadata = verdict.to_dict()
+        return verdict
+
+
+def read_verdict(folder: str | os.PathLike[str]) -> Verdict:
+    """The verdict stored in a gate output folder (``gate.json``)."""
+    folder = Path(folder)
+    data = read_json(folder / GATE_JSON, "gate verdict")
+    try:
+        return Verdict.from_dict(data, output=folder)
+    except (TypeError, KeyError) as exc:
+        raise InputError(f"{folder / GATE_JSON} is not a lorakit gate verdict ({exc})") from None
+
+
+def degradation_of(baseline_ppl: float, candidate_ppl: float) -> float:
+    return candidate_ppl / baseline_ppl - 1.0
+
+
+BOUNDARY_TOLERANCE = 1e-12
+
+
+def judge(baseline_ppl: float, candidate_ppl: float, max_degradation: float) -> tuple[float, bool]:
+    """(degradation, passed): passes when degradation ≤ threshold, the boundary included.
+
+    The ratio is a float: a candidate exactly 5% worse computes as 0.05000000000000004. Differences below
+    ``BOUNDARY_TOLERANCE`` (far below any perplexity's precision) count as the boundary, so it passes.
+    """
+    d = degradation_of(baseline_ppl, candidate_ppl)
+    return d, bool(d <= max_degradation + BOUNDARY_TOLERANCE)
+
+
+def _check_threshold(value: float, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"threshold of check {name!r} ({value!r}) is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"threshold of check {name!r} is {value}; pass a finite fraction ≥ 0, e.g. 0.05 for 5%")
+    return value
+
+
+def _data_label(data) -> str:
+    return "<list>" if isinstance(data, list) else str(data)
+
+
+def check(
+    baseline: str | os.PathLike[str] | None,
+    candidate: str | os.PathLike[str],
+    data: str | os.PathLike[str] | list[str],
+    *,
+    max_degradation: float = DEFAULT_MAX_DEGRADATION,
+    extra_checks: list[CheckSpec] | tuple[CheckSpec, ...] = (),
+    output: str | os.PathLike[str] | None = None,
+    base: str | os.PathLike[str] | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    split: str = "val",
+    quant_path: str = "auto",
+    device: str = "auto",
+    dtype: str = "float32",
+    force: bool = False,
+    progress: bool = True,
+) -> Verdict:
+    """Measure baseline and candidate on every check and decide; write gate.json/.md/.png to ``output``.
+
+    ``base`` is the base model for adapter folders among baseline/candidate whose recorded base should be
+    overridden. Raises :class:`InputError` on bad input (nothing written); a rejection is *not* an exception:
+    inspect ``Verdict.passed`` (the CLI turns it into exit code 3).
+    """
+    start = time.perf_counter()
+    stride = seq_len if stride is None else stride
+    check_window_params(seq_len, stride)
+    specs = [CheckSpec("primary", data, _check_threshold(max_degradation, "primary"), "primary", split)]
+    for spec in extra_checks:
+        if spec.kind not in CHECK_KINDS[1:]:
+            raise InputError(f"check {spec.name!r} has kind {spec.kind!r}; use task or general")
+        specs.append(CheckSpec(spec.name, spec.data, _check_threshold(spec.max_degradation, spec.name), spec.kind,
+                               spec.split))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise InputError(f"check names must be unique, got {names}")
+    out_dir = Path(output) if output is not None else None
+    if out_dir is not None:
+        check_output_free(out_dir, force)
+
+    base_spec, cand_spec = describe_model(baseline, base=base), describe_model(candidate, base=base)
+    base_tok, cand_tok = load_tokenizer(base_spec), load_tokenizer(cand_spec)
+    if tokenizer_digest(base_tok) != tokenizer_digest(cand_tok):
+        raise InputError(
+            f"candidate {cand_spec.folder} has a different tokenizer than baseline {base_spec.folder} "
+            f"(vocab {len(cand_tok)} vs {len(base_tok)}); the gate compares models over one token stream — "
+            "compare a candidate derived from this baseline"
+        )
+    streams: dict[str, EvalTokens] = {}
+    for spec in specs:
+        try:
+            tokens = tokenize_eval_texts(read_eval_texts(spec.data, spec.split), base_tok, max_tokens=max_tokens)
+            plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
+        except InputError as exc:
+            raise InputError(f"check {spec.name!r}: {exc}") from None
+        streams[spec.name] = tokens
+
+    common = dict(seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress)
+    results: dict[str, dict[str, PerplexityResult]] = {"baseline": {}, "candidate": {}}
+    models: dict[str, dict] = {}
+    for role, spec_, tok in (("baseline", base_spec, base_tok), ("candidate", cand_spec, cand_tok)):
+        loaded = load_eval_model(spec_, quant_path=quant_path, device=device, dtype=dtype, tokenizer=tok)
+        models[role] = {**loaded.describe(), "digest": _model_digest(spec_)}
+        for spec in specs:
+            results[role][spec.name] = perplexity(loaded, streams[spec.name], **common)
+        del loaded
+        gc.collect()
+
+    checks: list[CheckResult] = []
+    for spec in specs:
+        b, c = results["baseline"][spec.name], results["candidate"][spec.name]
+        if b.method != c.method:  # same stream and params by construction; a mismatch is a lorakit bug
+            raise RuntimeError(f"check {spec.name}: baseline and candidate were measured with different methods")
+        d, ok = judge(b.ppl, c.ppl, spec.max_degradation)
+        checks.append(CheckResult(spec.name, spec.kind, _data_label(spec.data), spec.max_degradation, b.ppl, c.ppl,
+                                  d, ok, b.tokens, b.method, b.to_dict(), c.to_dict()))
+
+    verdict = Verdict(
+        passed=all(c.passed for c in checks), degradation=checks[0].degradation,
+        max_degradation=checks[0].max_degradation, checks=checks, baseline=models["baseline"],
+        candidate=models["candidate"],
+        params={"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
+                "split": split, "quant_path": quant_path, "device": device, "dtype": dtype,
+                "rule": "degradation = ppl(candidate)/ppl(baseline) - 1; a check passes when degradation <= threshold",
+                "boundary_tolerance": BOUNDARY_TOLERANCE},
+        versions=_versions(), wall_s=round(time.perf_counter() - start, 3),
+    )
+    verdict.metadata = verdict.to_dict()
+    if out_dir is not None:
+        from lorakit.gate.report import render_markdown, render_png
+
+        with atomic_dir(out_dir, force=force) as tmp:
+            write_json(tmp / GATE_JSON, verdict.metadata)
+            (tmp / GATE_MD).write_text(render_markdown(verdict), encoding="utf-8")
+            render_png(verdict, tmp / GATE_PNG)
+        verdict.output = out_dir
+    return verdict
+
+
+def _model_digest(spec) -> dict[str, str]:
+    """Content digests of the folders a model was loaded from (adapter + its base)."""
+    out = {"folder": folder_digest(spec.folder)}
+    if spec.base is not None:
+        out["base"] = folder_digest(spec.base.folder)
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    out = {"lorakit": lorakit.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("peft", "gptqmodel", "optimum"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:  # not installed: nothing to record
+            pass
+    return out

@@ -1,0 +1,86 @@
+"""Human-readable forms of a gate verdict: a one-screen text summary, a Markdown report and a PNG bar chart.
+
+The Markdown and PNG become a Prefect artifact and registry metadata, so they are self-contained: they name
+the models, the method and every threshold, not just pass/fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorakit.gate.core import Verdict
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.2f}%"
+
+
+def render_text(verdict: Verdict) -> str:
+    """The verdict as printed by ``lorakit gate``: one line per check and the decision."""
+    m = verdict.checks[0].method
+    lines = [
+        f"baseline  {verdict.baseline['folder']}  [{verdict.baseline['path_used']}]",
+        f"candidate {verdict.candidate['folder']}  [{verdict.candidate['path_used']}]",
+        f"method    seq_len {m['seq_len']}, stride {m['stride']}, {m['dtype']}, token-level mean NLL",
+        "",
+        f"{'check':<16} {'tokens':>8} {'baseline':>10} {'candidate':>10} {'degr.':>9} {'max':>8}  result",
+    ]
+    for c in verdict.checks:
+        lines.append(f"{c.name:<16} {c.tokens:>8} {c.baseline_ppl:>10.4f} {c.candidate_ppl:>10.4f} "
+                     f"{_pct(c.degradation):>9} {_pct(c.max_degradation):>8}  {'pass' if c.passed else 'FAIL'}")
+    failed = [c.name for c in verdict.checks if not c.passed]
+    lines.append("")
+    lines.append("PASSED: candidate accepted" if verdict.passed else f"REJECTED: {', '.join(failed)} over threshold")
+    return "\n".join(lines)
+
+
+def render_markdown(verdict: Verdict) -> str:
+    m = verdict.checks[0].method
+    status = "PASSED" if verdict.passed else "REJECTED"
+    lines = [
+        f"# Gate verdict: {status}",
+        "",
+        f"- baseline: `{verdict.baseline['folder']}` ({verdict.baseline['kind']}, {verdict.baseline['path_used']})",
+        f"- candidate: `{verdict.candidate['folder']}` ({verdict.candidate['kind']}, {verdict.candidate['path_used']})",
+        f"- rule: degradation = ppl(candidate)/ppl(baseline) − 1; a check passes when degradation ≤ its threshold",
+        f"- method: {m['name']}; seq_len {m['seq_len']}, stride {m['stride']}, dtype {m['dtype']}; "
+        f"documents joined with EOS; tokenizer `{m['tokenizer_digest'][:12]}`",
+        "",
+        "| check | kind | tokens | baseline ppl | candidate ppl | degradation | threshold | result |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in verdict.checks:
+        lines.append(f"| {c.name} | {c.kind} | {c.tokens} | {c.baseline_ppl:.4f} | {c.candidate_ppl:.4f} | "
+                     f"{_pct(c.degradation)} | {_pct(c.max_degradation)} | {'pass' if c.passed else '**FAIL**'} |")
+    lines += ["", "![baseline vs candidate perplexity per check](gate.png)", ""]
+    return "\n".join(lines)
+
+
+def render_png(verdict: Verdict, path: Path) -> None:
+    """Grouped bars, baseline vs candidate perplexity per check, failed checks marked in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c.name + ("" if c.passed else "\n(FAIL)") for c in verdict.checks]
+    x = list(range(len(names)))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 1.5), 3.6), dpi=100)
+    try:
+        ax.bar([i - width / 2 for i in x], [c.baseline_ppl for c in verdict.checks], width, label="baseline",
+               color="#4C72B0")
+        ax.bar([i + width / 2 for i in x], [c.candidate_ppl for c in verdict.checks], width, label="candidate",
+               color=["#55A868" if c.passed else "#C44E52" for c in verdict.checks])
+        for i, c in enumerate(verdict.checks):
+            ax.annotate(_pct(c.degradation), (i + width / 2, c.candidate_ppl), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, names)
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"gate {'PASSED' if verdict.passed else 'REJECTED'}")
+        top = max(max(c.baseline_ppl, c.candidate_ppl) for c in verdict.checks)
+        ax.set_ylim(0, top * 1.25)  # room for the labels and the legend above the bars
+        ax.legend(loc="upper right", ncol=2, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
