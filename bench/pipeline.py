@@ -85,7 +85,7 @@ def run_once(config: Path, env: dict[str, str]) -> tuple[float, str]:
     wall = time.perf_counter() - started
     if proc.returncode not in (0, 3):  # 3 = rejected by the gate: still a complete run
         raise SystemExit(f"lorakit run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
-    verdict = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1]
+    verdict = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1].removeprefix("error: ")
     print(f"  {wall:8.1f} s  {verdict}", flush=True)
     return wall, verdict
 

@@ -59,15 +59,16 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
 
 
 def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:
-    v = verdict_meta
-    primary = v["checks"][0]
-    ppl = f" (perplexity {primary['baseline_ppl']:.4g} -> {primary['candidate_ppl']:.4g})"
-    failed = [c["name"] for c in v["checks"] if not c["passed"]]
-    if failed and failed != [primary["name"]]:
-        ppl += f"; failed checks: {', '.join(failed)}"
-    word = "passed" if v["passed"] else "rejected"
-    cmp = "<=" if v["passed"] else ">"
-    return f"gate {word}: degradation {v['degradation']:+.2%} {cmp} {max_degradation:.2%}{ppl}"
+    """One line: the deciding check (the worst failed one, else the worst passing one) and its numbers."""
+    checks = verdict_meta["checks"]
+    failed = [c for c in checks if not c["passed"]]
+    worst = max(failed or checks, key=lambda c: c["degradation"])
+    word, cmp = ("passed", "<=") if verdict_meta["passed"] else ("rejected", ">")
+    line = (f"gate {word}: degradation {worst['degradation']:+.2%} {cmp} {worst['max_degradation']:.2%} on "
+            f"{worst['name']} (perplexity {worst['baseline_ppl']:.4g} -> {worst['candidate_ppl']:.4g})")
+    if len(checks) > 1:
+        line += f"; {len(checks) - len(failed)}/{len(checks)} checks passed"
+    return line
 
 
 def _png(gate_dir: str) -> str:
