@@ -101,7 +101,8 @@ class QuantizeConfig(_Section):
     seq_len: int = Field(256, gt=0)
     seed: int = 0
     device: str = "auto"
-    calib_dataset: str | None = Field(None, description="Dataset whose train split calibrates; default the first.")
+    calib_dataset: str | None = Field(
+        None, description="Dataset whose train split calibrates; default: every dataset's data prepared together.")
 
 
 class GateConfig(_Section):
@@ -169,8 +170,11 @@ class ReleaseConfig(_Section):
     def merge_weights(self) -> list[float]:
         return list(self.merge.weights) if self.merge.weights is not None else [1.0 / len(self.datasets)] * len(self.datasets)
 
-    def calib_dataset(self) -> str:
-        return self.quantize.calib_dataset or self.datasets[0].name
+    def calib_dataset(self) -> str | None:
+        """The one dataset that calibrates quantization; None = all of them, prepared together."""
+        if self.quantize.calib_dataset is None and len(self.datasets) == 1:
+            return self.datasets[0].name
+        return self.quantize.calib_dataset
 
     def flow_parameters(self) -> dict[str, Any]:
         """The keyword arguments of the ``release`` flow (typed sections kept as objects)."""

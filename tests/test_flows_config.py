@@ -112,3 +112,19 @@ def test_cli_show_config(tmp_path):
     proc = run_cli("run", str(REPO / "configs" / "tiny.yaml"), "--show-config", "-o", str(tmp_path), check=True)
     cfg = parse_config(yaml.safe_load(proc.stdout))
     assert cfg.output_dir == str(tmp_path) and cfg.registry.name == "tiny-release"
+
+
+def test_calibration_covers_every_dataset(tmp_path):
+    files = []
+    for name in ("a", "b"):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text('{"text": "x"}\n')
+    two = ReleasePlan(parse_config({"datasets": [{"name": "a", "files": [str(files[0])]},
+                                                 {"name": "b", "files": [str(files[1])]}]}))
+    assert two.calibration()["sources"] == [str(f) for f in files]
+    assert Path(two.calibration()["output"]).name.startswith("calibration-")
+    chosen = ReleasePlan(two.config.model_copy(update={"quantize": two.config.quantize.model_copy(
+        update={"calib_dataset": "b"})}))
+    assert chosen.calibration() is None and chosen.config.calib_dataset() == "b"
+    one = ReleasePlan(parse_config({"datasets": [{"name": "a", "files": [str(files[0])]}]}))
+    assert one.calibration() is None and one.config.calib_dataset() == "a"
