@@ -12,7 +12,7 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel's default worke
 import pytest
 import torch
 
-from conftest import assert_nothing_written, make_eval_text, make_prep_dir, run_cli
+from tests.conftest import assert_nothing_written, make_eval_text, make_prep_dir, run_cli
 from lorakit.errors import InputError
 from lorakit.evaluate import (
     dequantize_awq, dequantize_gptq, describe_model, evaluate_models, load_eval_model, perplexity, plan_windows,

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_nothing_written, make_eval_text, make_prep_dir, run_cli
+from tests.conftest import assert_nothing_written, make_eval_text, make_prep_dir, run_cli
 from lorakit.errors import EXIT_REJECTED, InputError
 from lorakit.gate import CheckSpec, check, judge, read_verdict
 

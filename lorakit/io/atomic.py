@@ -20,7 +20,8 @@ from typing import Any
 from lorakit.errors import InputError, OutputExistsError
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Persist a folder's entries (a rename is durable only once its parent folder is flushed)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -35,7 +36,7 @@ def fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
 def _umask() -> int:
@@ -73,7 +74,7 @@ def atomic_dir(dest: str | os.PathLike[str], *, force: bool = False) -> Iterator
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -96,7 +97,7 @@ def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 _CHUNK = 8 << 20
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks so a multi-GB shard never sits in memory."""
+def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file, read in chunks so a multi-GB shard never sits in memory.
+
+    ``progress`` receives the byte count of each chunk (for progress bars over large folders).
+    """
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
             h.update(chunk)
+            if progress:
+                progress(len(chunk))
     return h.hexdigest()
 
 
