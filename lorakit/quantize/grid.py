@@ -28,6 +28,13 @@ class GroupQuant:
         return dequantize(self.q, self.scales, self.zeros, self.group_size)
 
 
+def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= x: rounding a scale down would push a group's extreme weight off the grid."""
+    h = x.half()
+    h = torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.float()
+
+
 def grid_params(w: torch.Tensor, bits: int, group_size: int, sym: bool,
                 min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale (rounded to fp16) and integer zero point of ``w`` [out, in].
@@ -49,7 +56,7 @@ def grid_params(w: torch.Tensor, bits: int, group_size: int, sym: bool,
         scales = ((hi - lo) / maxq).clamp(min=MIN_SCALE)
         if min_zero:
             scales = torch.maximum(scales, hi / (maxq - min_zero))
-    scales = scales.half().float()  # the checkpoint stores fp16; quantize against the stored value
+    scales = _fp16_at_least(scales)  # the checkpoint stores fp16; quantize against the stored value
     if not sym:
         zeros = torch.clamp(torch.round(-lo / scales), min_zero, maxq)
     return scales, zeros.to(torch.int32)
