@@ -196,6 +196,30 @@ def test_awq_search_beats_plain_rounding(quantized):
     assert q["mean_mse_ratio_vs_alpha0"] < 1.0
 
 
+def test_awq_scale_folding_leaves_the_fp_model_unchanged():
+    """Folding s into the preceding op (norm, v_proj, up_proj) is an exact identity before rounding: with clipping
+    off, the folded fp model must reproduce the original logits. Full multi-head attention (kv heads = heads) so
+    the o_proj -> v_proj fold is exercised too."""
+    import copy
+
+    from lorakit.models.tiny import make_tiny_llama
+    from lorakit.quantize.awq import AwqParams, awq_quantize
+
+    original = make_tiny_llama(num_kv_heads=4, seed=3)
+    folded = copy.deepcopy(original)
+    blocks = _sample_ids(4, 32)
+    quantized, report = awq_quantize(folded, blocks, AwqParams(group_size=32, clip=False, n_grid=5),
+                                     device=torch.device("cpu"), progress=False)
+    assert len(quantized) == 14 and any(k.endswith("self_attn.o_proj") for k in report.alphas)
+    assert any(a > 0 for a in report.alphas.values())  # some scale differs from 1, so the test sees a fold
+    ids = _sample_ids(2, 40)
+    with torch.no_grad():
+        ref, got = original(ids).logits, folded(ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    changed = (folded.model.layers[0].input_layernorm.weight - original.model.layers[0].input_layernorm.weight)
+    assert changed.abs().max() > 1e-3
+
+
 def test_cli_quantizes_from_a_text_file_and_generates(tmp_path, tiny_base, prep):
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(json.loads(line)["text"] for line in (prep / "train.texts.jsonl").read_text().splitlines()))

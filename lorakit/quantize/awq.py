@@ -70,11 +70,15 @@ def _layer_inputs(model, blocks: torch.Tensor, device: torch.device, batch_size:
                                                                              "past_key_value", "use_cache")})
         raise _Stop
 
+    # The first call has batch size 1, so the captured extras (rotary tables, any mask) broadcast to every batch.
+    bounds = [0, 1, *range(1 + batch_size, blocks.shape[0], batch_size), blocks.shape[0]]
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for start in range(0, blocks.shape[0], batch_size):
+        for start, stop in zip(bounds, bounds[1:]):
+            if stop <= start:
+                continue
             try:
-                model(blocks[start:start + batch_size].to(device), use_cache=False)
+                model(blocks[start:stop].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -142,7 +146,7 @@ def _search_clip(lin: nn.Linear, inputs: torch.Tensor, p: AwqParams) -> bool:
     wg = w.view(out_f, in_f // g, g)  # [o, G, g]
     ref = torch.einsum("tGk,oGk->oGt", xg, wg)
     absmax = wg.abs().amax(dim=-1, keepdim=True)
-    best_err = torch.full((out_f, in_f // g), float("inf"))
+    best_err = torch.full((out_f, in_f // g), float("inf"), device=w.device)
     best_max = absmax.clone()
     for i in range(int(p.clip_max_shrink * p.clip_grid) + 1):
         cur = absmax * (1 - i / p.clip_grid)
@@ -241,7 +245,7 @@ def awq_quantize(model, blocks: torch.Tensor, p: AwqParams, *, device: torch.dev
                 x = sub[src] / s.view(1, 1, -1) if s is not None else sub[src]
                 report.clipped_modules += _search_clip(names[key], x, p)
         for key, lin in names.items():
-            results[f"model.layers.{idx}.{_FULL[key]}"] = quantize_weight(lin.weight.detach().float(), p.bits,
+            results[f"model.layers.{idx}.{_FULL[key]}"] = quantize_weight(lin.weight.detach().float().cpu(), p.bits,
                                                                           p.group_size, p.sym, p.min_zero)
         inps = torch.cat(outs)
         bar.update(1)

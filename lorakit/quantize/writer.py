@@ -33,11 +33,11 @@ def write_checkpoint(out_dir: Path, model, quantized: dict[str, GroupQuant], con
                 for key, value in pack(quantized[module]).items():
                     tensors[f"{module}.{key}"] = value.contiguous()
             else:  # a bias stays in the model's dtype
-                tensors[name] = tensor.detach().to(dtype).contiguous()
+                tensors[name] = tensor.detach().to("cpu", dtype).contiguous()
             continue
         if tied and name == "lm_head.weight":
             continue  # shares storage with the input embedding; the loader re-ties it
-        tensors[name] = tensor.detach().to(dtype).contiguous().clone()
+        tensors[name] = tensor.detach().to("cpu", dtype).contiguous().clone()
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = dict(config)
     config["quantization_config"] = quantization_config(layout, bits, group_size, sym)
