@@ -49,15 +49,11 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
     (plus optimum for GPTQ). lorakit_quant.json inside records inputs, digests, parameters, versions, timings.
     Nothing is written when an input is unusable; the folder appears only when complete.
     """
-    import os
-
     from lorakit.quantize import quantize_model
     from lorakit.runtime import configure_threads, quiet_third_party_logs
 
     configure_threads()
     quiet_third_party_logs()
-    if quiet:
-        os.environ.setdefault("GPTQMODEL_LOG_LEVEL", "ERROR")
     result = quantize_model(
         model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
         n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,

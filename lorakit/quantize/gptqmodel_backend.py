@@ -8,11 +8,14 @@ the user's shell:
 * its first ``quantize()`` JIT-builds a C++ packing op (~2 minutes, needs g++/ninja) cached under
   ``~/.cache/gptqmodel/torch_extensions`` (``$GPTQMODEL_TORCH_EXTENSIONS_DIR``); lorakit says so when the cache
   is empty, so a silent two-minute pause is not mistaken for a hang;
-* it rewrites ``generation_config.json`` (turning ``do_sample`` on); lorakit restores the source's file.
+* it rewrites ``generation_config.json`` (turning ``do_sample`` on); lorakit restores the source's file;
+* it prints banners, tables and progress bars on stdout; lorakit routes them to stderr, so stdout stays for
+  results (``lorakit quantize --quiet`` prints only the output path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import sys
@@ -30,6 +33,20 @@ def _configure_environment() -> None:
         except AttributeError:  # pragma: no cover - not Linux
             cores = os.cpu_count() or 1
         os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, cores))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send everything written to file descriptor 1 (Python or C level) to descriptor 2 for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def ops_cache_dir() -> Path:
@@ -62,16 +79,17 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
     if not (ops_cache_dir() / "pack_block_cpu").exists() and progress:
         print(f"note: GPTQModel builds a C++ packing op on its first run (~2 min), cached in {ops_cache_dir()}",
               file=sys.stderr)
-    _import_gptqmodel()
-    from gptqmodel import GPTQModel, QuantizeConfig
+    with _stdout_to_stderr():
+        _import_gptqmodel()
+        from gptqmodel import GPTQModel, QuantizeConfig
 
-    qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
-    started = time.perf_counter()
-    model = GPTQModel.load(str(model_dir), qcfg, device=device)
-    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
-    model.quantize(calib, batch_size=1)
-    quantize_s = time.perf_counter() - started
-    model.save(str(out_dir))
+        qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+        started = time.perf_counter()
+        model = GPTQModel.load(str(model_dir), qcfg, device=device)
+        calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
+        model.quantize(calib, batch_size=1)
+        quantize_s = time.perf_counter() - started
+        model.save(str(out_dir))
     dtype = str(getattr(model.model, "dtype", "unknown")).replace("torch.", "")
     losses = _read_quant_log(out_dir / "quant_log.csv")
     return {
