@@ -196,6 +196,20 @@ def test_awq_search_beats_plain_rounding(quantized):
     assert q["mean_mse_ratio_vs_alpha0"] < 1.0
 
 
+def test_awq_on_a_tied_embedding_model_keeps_the_tie(tmp_path, tiny_tied_base, prep):
+    """SmolLM2 ties lm_head to the input embedding: the checkpoint stores it once and the loader re-ties it."""
+    from transformers import AutoModelForCausalLM
+
+    out = quantize_model(tiny_tied_base, tmp_path / "tied-awq", method="awq", group_size=64, calib=prep,
+                         progress=False, **CALIB).output
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = _sample_ids()
+    fp, q = _logits(tiny_tied_base, ids), _logits(out, ids)
+    assert ((q - fp).norm() / fp.norm()).item() < 0.25
+
+
 def test_awq_scale_folding_leaves_the_fp_model_unchanged():
     """Folding s into the preceding op (norm, v_proj, up_proj) is an exact identity before rounding: with clipping
     off, the folded fp model must reproduce the original logits. Full multi-head attention (kv heads = heads) so
