@@ -188,11 +188,30 @@ def save(results: dict) -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def table(results: dict) -> str:
+    """The markdown table for bench/README.md, rendered from the results file."""
+    fp = results["runs"].get("fp32", {}).get("ppl")
+    rows = ["| run | quantize s | peak RSS MB | size MB | ppl | vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results["runs"].items():
+        if "error" in r:
+            rows.append(f"| {name} | {r['error'][:60]} | | | | |")
+            continue
+        ppl = r.get("ppl")
+        rel = f"{(ppl / fp - 1) * 100:+.1f}%" if ppl and fp else ""
+        rows.append(f"| {name} | {r['quantize_s']:.0f} | {r['peak_rss_mb']} | {r['size_mb']:.0f} | "
+                    f"{ppl if ppl is not None else 'n/a'} | {rel} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the last results")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(RESULTS.read_text())))
+        return
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
         return

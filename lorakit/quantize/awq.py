@@ -185,7 +185,8 @@ def awq_quantize(model, blocks: torch.Tensor, p: AwqParams, *, device: torch.dev
         attn, mlp = layer.self_attn, layer.mlp
         names = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
                  "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
-        sums = {k: torch.zeros(m.in_features, device=device) for k, m in names.items() if k in ("q", "o", "gate", "down")}
+        # One input per group: q's input is k's and v's too, gate's is up's.
+        sums = {k: torch.zeros(names[k].in_features, device=device) for k in ("q", "o", "gate", "down")}
         kept: dict[str, list[torch.Tensor]] = {k: [] for k in sums}
         seen = {"n": 0}
 
@@ -215,11 +216,14 @@ def awq_quantize(model, blocks: torch.Tensor, p: AwqParams, *, device: torch.dev
         def attn_out(x):
             return attn(x, **kwargs)[0]
 
+        qkv, gate_up = [names["q"], names["k"], names["v"]], [names["gate"], names["up"]]
+        # (label, linears scaled together, their search inputs, activation means, what the loss is measured on,
+        #  how the scale is folded into the preceding op)
         groups = [
-            ("self_attn.qkv", ["q", "k", "v"], sub["q"], x_mean["q"],
-             lambda x: _run_batched(attn_out, x, p.batch_size), lambda s: _norm_fold(layer.input_layernorm, [names["q"], names["k"], names["v"]], s)),
-            ("mlp.gate_up", ["gate", "up"], sub["gate"], x_mean["gate"],
-             lambda x: _run_batched(mlp, x, p.batch_size), lambda s: _norm_fold(layer.post_attention_layernorm, [names["gate"], names["up"]], s)),
+            ("self_attn.qkv", ["q", "k", "v"], sub["q"], x_mean["q"], lambda x: _run_batched(attn_out, x, p.batch_size),
+             lambda s: _norm_fold(layer.input_layernorm, qkv, s)),
+            ("mlp.gate_up", ["gate", "up"], sub["gate"], x_mean["gate"], lambda x: _run_batched(mlp, x, p.batch_size),
+             lambda s: _norm_fold(layer.post_attention_layernorm, gate_up, s)),
             ("mlp.down_proj", ["down"], sub["down"], x_mean["down"], names["down"],
              lambda s: _linear_fold(names["up"], [names["down"]], s)),
         ]
