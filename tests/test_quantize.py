@@ -239,9 +239,10 @@ def test_cli_quantizes_from_a_text_file_and_generates(tmp_path, tiny_base, prep)
     text.write_text("\n\n".join(json.loads(line)["text"] for line in (prep / "train.texts.jsonl").read_text().splitlines()))
     out = tmp_path / "gptq"
     proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--method", "gptq", "--group-size", "64",
-                   "--calib", str(text), "--n-samples", "4", "--seq-len", "64", "--quiet")
+                   "--calib", str(text), "--n-samples", "4", "--seq-len", "64", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{out}\n"  # GPTQModel's banners and tables went to stderr
+    assert not (tmp_path / "logs").exists()  # nor did its log files land in the working directory
     assert read_quant_meta(out).calibration["kind"] == "file"
     from transformers import AutoModelForCausalLM
 

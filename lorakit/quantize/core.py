@@ -82,10 +82,9 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
     from lorakit.quantize.writer import write_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
-    source_dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", ""))
     quantized, report = awq_quantize(model, blocks, p, device=torch.device(device), progress=progress)
     write_checkpoint(tmp, model, quantized, config, layout, bits=p.bits, group_size=p.group_size, sym=p.sym,
-                     dtype=source_dtype)
+                     dtype=torch.float16)
     alphas = list(report.alphas.values())
     ratios = [report.loss_best[k] / report.loss_fp_grid[k] for k in report.alphas if report.loss_fp_grid[k] > 0]
     return {"alpha": report.alphas, "output_mse_alpha0": report.loss_fp_grid, "output_mse_best": report.loss_best,

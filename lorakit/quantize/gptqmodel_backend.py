@@ -9,6 +9,8 @@ the user's shell:
   ``~/.cache/gptqmodel/torch_extensions`` (``$GPTQMODEL_TORCH_EXTENSIONS_DIR``); lorakit says so when the cache
   is empty, so a silent two-minute pause is not mistaken for a hang;
 * it rewrites ``generation_config.json`` (turning ``do_sample`` on); lorakit restores the source's file;
+* it writes per-run log files into ``./logs`` of whatever the current directory is; lorakit points them to
+  ``$LORAKIT_HOME/logs/gptqmodel`` instead, so a run never litters the user's working tree;
 * it prints banners, tables and progress bars on stdout; lorakit routes them to stderr, so stdout stays for
   results (``lorakit quantize --quiet`` prints only the output path).
 """
@@ -54,10 +56,23 @@ def ops_cache_dir() -> Path:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "gptqmodel" / "torch_extensions"
 
 
+def log_dir() -> Path:
+    from lorakit.home import lorakit_home
+
+    return lorakit_home() / "logs" / "gptqmodel"
+
+
 def _import_gptqmodel():
     _configure_environment()
     import gptqmodel  # noqa: F401  (heavy: ~3 s, prints a banner)
 
+    try:  # a private, relative Path("logs") in 7.6.0; nothing to redirect if a later version moved it
+        from gptqmodel.looper import loop_processor
+
+        if isinstance(getattr(loop_processor, "_PROJECT_LOG_DIR", None), Path):
+            loop_processor._PROJECT_LOG_DIR = log_dir()
+    except ImportError:  # pragma: no cover - layout of another gptqmodel version
+        pass
     return gptqmodel
 
 

@@ -22,7 +22,11 @@ def quantization_config(layout: str, bits: int, group_size: int, sym: bool) -> d
 
 def write_checkpoint(out_dir: Path, model, quantized: dict[str, GroupQuant], config: dict, layout: str, *,
                      bits: int, group_size: int, sym: bool, dtype: torch.dtype) -> None:
-    """Save ``model``'s tensors with each quantized linear replaced by its packed form, and the config."""
+    """Save ``model``'s tensors with each quantized linear replaced by its packed form, and the config.
+
+    The unquantized tensors (embeddings, norms, lm_head) are stored in ``dtype``: float16, the convention of
+    AWQ/GPTQ checkpoints whose GPU kernels compute in fp16 (fp32 would double the embedding's share of the size).
+    """
     pack = pack_awq if layout == "awq-gemm" else pack_gptq
     tied = bool(config.get("tie_word_embeddings", True))
     tensors: dict[str, torch.Tensor] = {}
@@ -40,5 +44,7 @@ def write_checkpoint(out_dir: Path, model, quantized: dict[str, GroupQuant], con
         tensors[name] = tensor.detach().to("cpu", dtype).contiguous().clone()
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     config = dict(config)
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(dtype).replace("torch.", "")
     config["quantization_config"] = quantization_config(layout, bits, group_size, sym)
     write_json(out_dir / "config.json", config)
