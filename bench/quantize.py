@@ -188,6 +188,35 @@ def save(results: dict) -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def finalize(results: dict) -> None:
+    """Derived numbers: perplexity change vs fp32, the 5% verdict, and the AWQ speed comparison."""
+    base_ppl = results["runs"].get("fp32", {}).get("ppl")
+    if base_ppl:
+        for r in results["runs"].values():
+            if "ppl" in r:
+                r["ppl_vs_fp32"] = round(r["ppl"] / base_ppl - 1, 4)
+                r["within_5pct"] = r["ppl_vs_fp32"] <= 0.05
+    ours = results["runs"].get(f"lorakit-awq-4b-g64-first{CUT_LAYERS}layers", {})
+    theirs = results["runs"].get(f"gptqmodel-awq-4b-g64-first{CUT_LAYERS}layers", {})
+    if "quantize_s" in ours and "quantize_s" in theirs:
+        speed = {
+            "measured_on": f"SmolLM2 cut to its first {CUT_LAYERS} of 30 layers, same calibration, same machine, one "
+                           "run each (process wall time incl. model load and save)",
+            "lorakit_s": ours["quantize_s"], "gptqmodel_s": theirs["quantize_s"],
+            "speedup": round(theirs["quantize_s"] / ours["quantize_s"], 1),
+            "gptqmodel_full_model_extrapolated_min": round(theirs["quantize_s"] * 30 / CUT_LAYERS / 60, 1),
+            "extrapolation": "EXTRAPOLATED, linear in layers from the cut run (its fixed load/save cost is multiplied "
+                             "too, so this overestimates somewhat); GPTQModel's AWQ was not run on the full model",
+        }
+        full = results["runs"].get("lorakit-awq-4b-g64-asym", {})
+        if "quantize_s" in full:
+            speed["lorakit_full_model_measured_s"] = full["quantize_s"]
+            speed["speedup_full_measured_vs_extrapolated"] = round(
+                theirs["quantize_s"] * 30 / CUT_LAYERS / full["quantize_s"], 1)
+        results["awq_speed"] = speed
+    save(results)
+
+
 def table(results: dict) -> str:
     """The markdown table for bench/README.md, rendered from the results file."""
     fp = results["runs"].get("fp32", {}).get("ppl")
@@ -208,9 +237,23 @@ def main() -> None:
     parser.add_argument("--one")
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--table", action="store_true", help="print the markdown table of the last results")
+    parser.add_argument("--rerun", help="NAME or NAME={spec overrides as JSON}: run one entry again, update results")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(RESULTS.read_text())))
+        return
+    if args.rerun:
+        results = json.loads(RESULTS.read_text())
+        name, _, spec_json = args.rerun.partition("=")
+        old = results["runs"].get(name, {}).get("spec", {})
+        spec = {**old, **(json.loads(spec_json) if spec_json else {})}
+        spec.update(prep=str(WORK / "prep"), out=str(WORK / name))
+        print(f"[bench] rerun {name} ...", flush=True)
+        r = spawn(spec, 2400)
+        results["runs"][name] = {"spec": {k: v for k, v in spec.items() if k in ("kind", "params", "model", "ppl")}, **r,
+                                 "note": "re-run after the main bench run (same calibration, same machine)"}
+        finalize(results)
+        print(f"[bench] {name}: {r}", flush=True)
         return
     if args.one:
         print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
@@ -239,12 +282,12 @@ def main() -> None:
         spec = {"prep": str(prep), "out": str(WORK / name), "model": str(base), **spec}
         print(f"[bench] {name} ...", flush=True)
         r = spawn(spec, timeout)
-        results["runs"][name] = {"spec": {k: v for k, v in spec.items() if k in ("kind", "params", "model")}, **r}
+        results["runs"][name] = {"spec": {k: v for k, v in spec.items() if k in ("kind", "params", "model", "ppl")}, **r}
         save(results)
         print(f"[bench] {name}: {r}", flush=True)
         return r
 
-    fp = record("fp32", {"kind": "fp"})
+    record("fp32", {"kind": "fp"})
     # Head to head (group size 64: 128 does not divide SmolLM2's 576, and GPTQModel's default CPU kernel then
     # refuses to load a g128 checkpoint).
     record("lorakit-gptq-4b-g64-sym", {"kind": "lorakit", "params": {"method": "gptq", "bits": 4, "group_size": 64}})
@@ -252,24 +295,11 @@ def main() -> None:
     record("lorakit-awq-4b-g64-asym", {"kind": "lorakit", "params": {"method": "awq", "bits": 4, "group_size": 64}})
     # GPTQModel's AWQ, bounded: the first CUT_LAYERS layers only, next to lorakit's AWQ on the same cut model.
     cut_spec = {"model": str(cut), "ppl": False}
-    ours = record(f"lorakit-awq-4b-g64-first{CUT_LAYERS}layers",
-                  {**cut_spec, "kind": "lorakit", "params": {"method": "awq", "bits": 4, "group_size": 64}})
-    theirs = record(f"gptqmodel-awq-4b-g64-first{CUT_LAYERS}layers",
-                    {**cut_spec, "kind": "gptqmodel-awq", "params": {"bits": 4, "group_size": 64, "sym": False}},
-                    timeout=2400)
-    if "quantize_s" in ours and "quantize_s" in theirs:
-        results["awq_speed"] = {
-            "measured_on": f"first {CUT_LAYERS} of 30 layers, same calibration, same machine, one run each",
-            "lorakit_s": ours["quantize_s"], "gptqmodel_s": theirs["quantize_s"],
-            "speedup": round(theirs["quantize_s"] / ours["quantize_s"], 1),
-            "gptqmodel_full_model_extrapolated_min": round(theirs["quantize_s"] * 30 / CUT_LAYERS / 60, 1),
-            "extrapolation": "linear in layers (fixed load/setup cost included in the cut run, so this overestimates slightly)",
-        }
-        full = results["runs"].get("lorakit-awq-4b-g64-asym", {})
-        if "quantize_s" in full:
-            results["awq_speed"]["lorakit_full_model_measured_s"] = full["quantize_s"]
-            results["awq_speed"]["speedup_full_vs_extrapolated"] = round(theirs["quantize_s"] * 30 / CUT_LAYERS / full["quantize_s"], 1)
-        save(results)
+    record(f"lorakit-awq-4b-g64-first{CUT_LAYERS}layers",
+           {**cut_spec, "kind": "lorakit", "params": {"method": "awq", "bits": 4, "group_size": 64}})
+    record(f"gptqmodel-awq-4b-g64-first{CUT_LAYERS}layers",
+           {**cut_spec, "kind": "gptqmodel-awq", "params": {"bits": 4, "group_size": 64, "sym": False}}, timeout=2400)
+    finalize(results)
 
     if not args.skip_sweep:
         # In priority order (a loaded 2-core machine allows only some). Group size 128 is not swept: it does not
@@ -283,13 +313,7 @@ def main() -> None:
             name = f"sweep-{method}-{bits}b-g{g}-{'sym' if sym else 'asym'}{'-actorder' if act else ''}"
             record(name, {"kind": "lorakit", "params": {"method": method, "bits": bits, "group_size": g, "sym": sym,
                                                           "desc_act": act, "strict_group_size": True}})
-    base_ppl = fp.get("ppl")
-    if base_ppl:
-        for r in results["runs"].values():
-            if "ppl" in r:
-                r["ppl_vs_fp32"] = round(r["ppl"] / base_ppl - 1, 4)
-                r["within_5pct"] = r["ppl_vs_fp32"] <= 0.05
-    save(results)
+    finalize(results)
     print(json.dumps(results, indent=2))
 
 

@@ -284,6 +284,7 @@ def test_rejects_an_unsupported_architecture(tmp_path, tiny_base, prep):
     (dict(method="hqq"), "--method 'hqq' is not supported"),
     (dict(method="awq", desc_act=True), "--desc-act"),
     (dict(group_size=256, strict_group_size=True), "does not divide"),
+    (dict(method="awq", awq_grid=0), "--awq-grid and --awq-search-tokens must be positive"),
 ])
 def test_rejects_out_of_range_parameters(tmp_path, tiny_base, prep, kw, match):
     _bad(tmp_path, tiny_base, match, calib=prep, **kw)

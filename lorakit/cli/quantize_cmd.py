@@ -26,11 +26,13 @@ import click
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
 @click.option("--awq-search-tokens", type=int, default=2048, show_default=True,
               help="awq: calibration tokens on which each scale's output error is measured.")
+@click.option("--awq-grid", type=int, default=20, show_default=True,
+              help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym, desc_act, calib, n_samples,
-             seq_len, seed, device, awq_search_tokens, no_awq_clip, force, quiet):
+             seq_len, seed, device, awq_search_tokens, awq_grid, no_awq_clip, force, quiet):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
 
     \b
@@ -57,7 +59,7 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
     result = quantize_model(
         model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
         n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,
-        awq_search_tokens=awq_search_tokens, awq_clip=not no_awq_clip, force=force, progress=not quiet,
+        awq_search_tokens=awq_search_tokens, awq_grid=awq_grid, awq_clip=not no_awq_clip, force=force, progress=not quiet,
     )
     if quiet:
         click.echo(str(result.output))

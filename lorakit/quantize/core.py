@@ -109,6 +109,7 @@ def quantize_model(
     seed: int = 0,
     strict_group_size: bool = False,
     awq_search_tokens: int = 2048,
+    awq_grid: int = 20,
     awq_clip: bool = True,
     force: bool = False,
     progress: bool = True,
@@ -123,6 +124,8 @@ def quantize_model(
     started = time.perf_counter()
     output = Path(output)
     check_method(method, bits, group_size)
+    if awq_grid < 1 or awq_search_tokens < 1:
+        raise InputError(f"--awq-grid and --awq-search-tokens must be positive (got {awq_grid}, {awq_search_tokens})")
     sym = (method == "gptq") if sym is None else bool(sym)
     if desc_act and method != "gptq":
         raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
@@ -163,7 +166,8 @@ def quantize_model(
             from lorakit.quantize.awq import AwqParams
             from lorakit.quantize.gptqmodel_backend import backend_versions
 
-            p = AwqParams(bits=bits, group_size=used_group, sym=sym, search_tokens=awq_search_tokens, clip=awq_clip,
+            p = AwqParams(bits=bits, group_size=used_group, sym=sym, search_tokens=awq_search_tokens, n_grid=awq_grid,
+                          clip=awq_clip,
                           min_zero=1 if layout == "gptq-v1" and not sym else 0)
             quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress)
             method_params = {k: v for k, v in asdict(p).items() if k not in ("bits", "group_size", "sym")}
