@@ -33,6 +33,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/merge.py
 	$(PY) bench/registry.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) demo-out lorakit-out .pytest_cache
