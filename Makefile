@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m lorakit.demo
+	$(PY) -m lorakit run configs/default.yaml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -33,6 +33,7 @@ test-fast: setup
 bench: setup
 	$(PY) bench/merge.py
 	$(PY) bench/registry.py
+	$(PY) bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache
+	rm -rf $(VENV) demo-out lorakit-out .pytest_cache

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers over lorakit library functions (filled by the flows issue)."""
+"""Prefect tasks: thin wrappers over lorakit library functions, one per release stage (see tasks.stages)."""

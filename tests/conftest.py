@@ -84,3 +84,22 @@ def make_prep_dir(path: Path, val_texts: list[str], train_texts: list[str] | Non
             for t in texts:
                 fh.write(json.dumps({"text": t}) + "\n")
     return path
+
+
+# --- Prefect (flows issue) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server for every in-process flow test (its cold start is 25-45 s here).
+
+    Yields the folder that holds persisted task results (and so the cache), which other processes can share.
+    """
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_LOGGING_LEVEL, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage, PREFECT_LOGGING_LEVEL: "WARNING"}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield storage

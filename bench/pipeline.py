@@ -1,0 +1,171 @@
+"""Benchmark: wall time of a whole release run, cold and fully cached, and Prefect's share of the cold run.
+
+Each run is what a user starts: ``lorakit run CONFIG`` in a fresh process (ephemeral Prefect server included).
+Cold = empty Prefect home, output folder and registry; cached = the same command again (every stage task is a
+cache hit). Prefect overhead of the cold run = its wall time - the time spent inside the task functions (the
+stages and registrations, read back from the run's task runs), split into process start + ephemeral server +
+imports (wall - flow run time) and orchestration inside the flow (flow run time - task time). The stages' own
+recorded wall times (``lorakit_*.json`` / ``prep.json`` / ``gate.json``) are listed as a cross-check.
+Goal: cached < 5% of cold.
+
+    python bench/pipeline.py                       # embedded default (configs/default.yaml), slow on CPU
+    python bench/pipeline.py --tiny                # tiny random model (configs/tiny.yaml), a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.common import update_readme_section, write_results  # noqa: E402
+
+
+def stage_seconds(output_dir: Path) -> dict[str, float]:
+    """Wall time each stage recorded in its output folder's metadata."""
+    from flows.report import _seconds
+
+    times = {}
+    for meta in sorted(output_dir.glob("*/*/*.json")):
+        if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json"):
+            data = json.loads(meta.read_text())
+            sec = _seconds(data) if isinstance(data, dict) else None
+            if sec is not None:
+                times[f"{meta.parent.parent.name}/{meta.parent.name}"] = sec
+    return times
+
+
+def task_times(prefect_home: Path) -> dict[str, object]:
+    """Run times of the first (cold) release flow run and of every task run under it, from its Prefect database."""
+    os.environ["PREFECT_HOME"] = str(prefect_home)
+    os.environ.pop("PREFECT_API_URL", None)
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId,
+                                                FlowRunFilterParentFlowRunId)
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async def go():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["release"])),
+                                               sort=FlowRunSort.START_TIME_ASC)
+            cold = runs[0]
+            subs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[cold.id])))
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[cold.id, *(r.id for r in subs)])))
+            return cold, tasks
+
+    cold, tasks = asyncio.run(go())
+    per_task: dict[str, float] = {}
+    for tr in tasks:
+        name = tr.name.rsplit("-", 1)[0]
+        if name in ("train", "quantize"):  # the parent's placeholder for a subflow, not work of its own
+            continue
+        per_task[name] = per_task.get(name, 0.0) + tr.total_run_time.total_seconds()
+    return {"flow_run_s": cold.total_run_time.total_seconds(), "tasks_s": per_task}
+
+
+def run_once(config: Path, env: dict[str, str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "run", str(config), "-q"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode not in (0, 3):  # 3 = rejected by the gate: still a complete run
+        raise SystemExit(f"lorakit run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    verdict = proc.stdout.strip() or proc.stderr.strip().splitlines()[-1].removeprefix("error: ")
+    print(f"  {wall:8.1f} s  {verdict}", flush=True)
+    return wall, verdict
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny random model and configs/tiny.yaml")
+    ap.add_argument("--cached-runs", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "work" / "pipeline")
+    args = ap.parse_args()
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    if args.tiny:
+        from lorakit.models.tiny import make_tiny_llama
+
+        data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+        data["base"] = str(make_tiny_llama(args.work / "tiny-model", seed=0))
+    else:
+        data = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    data["output_dir"] = str(args.work / "out")
+    data["registry"] = {**data.get("registry", {}), "root": str(args.work / "registry")}
+    config = args.work / "run.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = dict(os.environ, PREFECT_HOME=str(args.work / "prefect-home"), DO_NOT_TRACK="1",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(REPO))
+    env.pop("PREFECT_API_URL", None)
+
+    print("cold run:", flush=True)
+    cold, verdict = run_once(config, env)
+    stages = stage_seconds(args.work / "out")
+    print(f"cached runs (x{args.cached_runs}):", flush=True)
+    cached = [run_once(config, env)[0] for _ in range(args.cached_runs)]
+    cached_med = statistics.median(cached)
+    times = task_times(args.work / "prefect-home")
+    in_tasks = sum(times["tasks_s"].values())
+    result = {
+        "config": "configs/tiny.yaml (tiny random Llama)" if args.tiny else "configs/default.yaml (SmolLM2-135M)",
+        "cold_s": round(cold, 2),
+        "cached_s": [round(c, 2) for c in cached],
+        "cached_median_s": round(cached_med, 2),
+        "cached_over_cold": round(cached_med / cold, 4),
+        "goal_cached_over_cold": 0.05,
+        "cold_task_seconds": {k: round(v, 2) for k, v in times["tasks_s"].items()},
+        "cold_in_tasks_s": round(in_tasks, 2),
+        "cold_flow_run_s": round(times["flow_run_s"], 2),
+        "prefect_overhead_s": round(cold - in_tasks, 2),
+        "prefect_overhead_share_of_cold": round((cold - in_tasks) / cold, 4),
+        "overhead_process_server_imports_s": round(cold - times["flow_run_s"], 2),
+        "overhead_orchestration_in_flow_s": round(times["flow_run_s"] - in_tasks, 2),
+        "stage_recorded_seconds": {k: round(v, 2) for k, v in stages.items()},
+        "verdict": verdict,
+    }
+    if args.tiny:  # a smoke run: print, keep the recorded results of the real benchmark
+        print(json.dumps(result, indent=2))
+        return
+    path = write_results("pipeline", result)
+    update_readme_section("pipeline", readme(result))
+    print(f"wrote {path} and the pipeline section of bench/README.md")
+
+
+def readme(r: dict) -> str:
+    tasks = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r["cold_task_seconds"].items(), key=lambda kv: -kv[1]))
+    return f"""## pipeline
+
+`python bench/pipeline.py` (-> `bench/results/pipeline.json`): `lorakit run` on {r["config"]}, each run a fresh
+process with an ephemeral Prefect server. Cold: empty Prefect home, outputs and registry. Cached: the same
+command again, {len(r["cached_s"])} times (median). Verdict of the run: {r["verdict"]}.
+
+| run | wall (s) | share of cold |
+|---|---:|---:|
+| cold | {r["cold_s"]:.1f} | 100% |
+| fully cached (median) | {r["cached_median_s"]:.1f} | {r["cached_over_cold"]:.1%} (goal < 5%) |
+| Prefect overhead in the cold run | {r["prefect_overhead_s"]:.1f} | {r["prefect_overhead_share_of_cold"]:.1%} |
+
+Overhead = wall time outside the task functions: process start, imports and the ephemeral server
+({r["overhead_process_server_imports_s"]:.1f} s) plus orchestration inside the flow
+({r["overhead_orchestration_in_flow_s"]:.1f} s). Time inside tasks (s): {tasks}. Shared, loaded 2-core machine.
+"""
+
+
+if __name__ == "__main__":
+    main()

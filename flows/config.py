@@ -1,0 +1,235 @@
+"""The release run configuration: one typed object that a YAML file, the CLI and the Prefect flow all share.
+
+Each top-level field of :class:`ReleaseConfig` is one parameter of the ``release`` flow (same name, same type,
+same default), so a config file, a deployment's parameters and a direct call describe a run the same way and
+Prefect validates and displays them with the same schema. This module is Prefect-free so that reading a config
+never starts an orchestration client.
+
+Paths in a config (data files, base model folder, output and registry folders) are used as written: relative
+paths are relative to the working directory of the process that runs the flow, as on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorakit.errors import InputError
+
+# The two instruction tasks bundled with lorakit (made by its own deterministic generators), so the embedded
+# default release runs with no network.
+DEFAULT_DATASETS = ("reverse-words", "number-words")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Section(BaseModel):
+    """Refuses unknown keys: a misspelt option must fail loudly, not silently fall back to its default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Section):
+    """One task: its data (a bundled dataset or local files) and how ``prepare_dataset`` renders it."""
+
+    name: str = Field(description="Task name; names the prepared data, the adapter and their registry entries.")
+    bundled: str | None = Field(None, description="Name of a dataset bundled with lorakit (instead of files).")
+    files: list[str] = Field(default_factory=list, description="Local data files (JSONL, JSON, CSV, Parquet, text).")
+    format: Literal["auto", "text", "instruction", "chat"] = "auto"
+    max_length: int = Field(512, gt=0)
+    pack: bool = True
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetConfig:
+        if (self.bundled is None) == (not self.files):
+            raise ValueError("give exactly one of 'bundled' (a bundled dataset name) or 'files' (a list of paths)")
+        return self
+
+
+class LoraConfig(_Section):
+    """QLoRA training hyper-parameters, passed unchanged to ``lorakit.train.train_adapter``."""
+
+    quant: Literal["nf4", "none"] = "nf4"
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target: str = "all-linear"
+    rslora: bool = False
+    lr: float = Field(2e-4, gt=0)
+    epochs: int | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    # Effective batch 8 as 2 x 4: a batch of 8 packed rows made SmolLM2-135M training on CPU peak at ~19 GB RSS.
+    batch_size: int = Field(2, gt=0)
+    grad_accum: int = Field(4, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    gradient_checkpointing: bool | None = Field(None, description="Default: on for CUDA, off on CPU.")
+
+
+class MergeConfig(_Section):
+    """How the task adapters are combined into the base weights (``lorakit.merge.merge_adapters``)."""
+
+    method: Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = "linear"
+    weights: list[float] | None = Field(None, description="One weight per dataset, in order; default 1/n each.")
+    density: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    normalize: bool | None = None
+
+
+class QuantizeConfig(_Section):
+    """4-bit post-training quantization of the merged model (``lorakit.quantize.quantize_model``)."""
+
+    method: Literal["gptq", "awq"] = "gptq"
+    bits: Literal[4, 8] = 4
+    group_size: int = Field(128, description="Quantization group size (a power of two).")
+    sym: bool | None = Field(None, description="Symmetric grid; default True for GPTQ, False (zero point) for AWQ.")
+    desc_act: bool = False
+    # 64 blocks of 256 tokens: what the small bundled tasks can fill (128 x 512 needs 65k calibration tokens).
+    n_samples: int = Field(64, gt=0)
+    seq_len: int = Field(256, gt=0)
+    seed: int = 0
+    device: str = "auto"
+    calib_dataset: str | None = Field(
+        None, description="Dataset whose train split calibrates; default: every dataset's data prepared together.")
+
+
+class GateConfig(_Section):
+    """The perplexity gate: the quantized model against the merged full-precision model."""
+
+    max_degradation: float = Field(0.05, ge=0, description="Largest accepted ppl(candidate)/ppl(baseline) - 1.")
+    seq_len: int = Field(512, gt=0)
+    stride: int | None = Field(None, gt=0, description="Window stride; default = seq_len (non-overlapping).")
+    max_tokens: int | None = Field(None, gt=0, description="Evaluate at most this many tokens per data set.")
+
+
+class RegistryConfig(_Section):
+    """Where and under which name the release artifacts are registered."""
+
+    root: str | None = Field(None, description="Registry folder; default $LORAKIT_REGISTRY or under $LORAKIT_HOME.")
+    name: str = "release"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
+        return v
+
+
+class PoolsConfig(_Section):
+    """Work pool names. GPU flows are deployed as ``<flow>/<cuda>``, the release flow as ``release/<cpu>``."""
+
+    cpu: str = "cpu"
+    cuda: str = "cuda"
+
+
+class ReleaseConfig(_Section):
+    """A whole release run. Every field is a parameter of the ``release`` flow."""
+
+    base: str = Field("default", description="Base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or hub id.")
+    datasets: list[DatasetConfig] = Field(
+        default_factory=lambda: [DatasetConfig(name=n, bundled=n, max_length=256) for n in DEFAULT_DATASETS], min_length=1
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    pools: PoolsConfig = Field(default_factory=PoolsConfig)
+    route_gpu: bool = Field(False, description="Run training and quantization as deployments on the CUDA pool.")
+    auto_promote: bool = Field(False, description="On a passed gate also move the 'production' alias.")
+    output_dir: str = Field("lorakit-out", description="Folder that holds every stage's output.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReleaseConfig:
+        names = [d.name for d in self.datasets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"dataset names must be unique; repeated: {', '.join(dupes)}")
+        if self.merge.weights is not None and len(self.merge.weights) != len(self.datasets):
+            raise ValueError(
+                f"merge.weights has {len(self.merge.weights)} value(s) for {len(self.datasets)} dataset(s); "
+                "give one weight per dataset, in order"
+            )
+        if self.quantize.calib_dataset is not None and self.quantize.calib_dataset not in names:
+            raise ValueError(f"quantize.calib_dataset {self.quantize.calib_dataset!r} is not one of the datasets ({', '.join(names)})")
+        return self
+
+    def merge_weights(self) -> list[float]:
+        return list(self.merge.weights) if self.merge.weights is not None else [1.0 / len(self.datasets)] * len(self.datasets)
+
+    def calib_dataset(self) -> str | None:
+        """The one dataset that calibrates quantization; None = all of them, prepared together."""
+        if self.quantize.calib_dataset is None and len(self.datasets) == 1:
+            return self.datasets[0].name
+        return self.quantize.calib_dataset
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The keyword arguments of the ``release`` flow (typed sections kept as objects)."""
+        return {name: getattr(self, name) for name in type(self).model_fields}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    if error["type"] == "missing":
+        return f"missing key '{where}'"
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"'{where}': {msg}" if error["loc"] else msg
+
+
+def config_error(source: str, exc: ValidationError) -> InputError:
+    """One actionable line per problem, naming the key (``datasets.0.fromat``) and the file."""
+    problems = "; ".join(_describe(e) for e in exc.errors())
+    return InputError(f"{source}: {problems}. Fix the file (keys and defaults: README, 'The run config').")
+
+
+def parse_config(data: Any, source: str = "config") -> ReleaseConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: the top level must be a mapping of keys (base:, datasets:, ...), got {type(data).__name__}")
+    try:
+        return ReleaseConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(source, exc) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> ReleaseConfig:
+    """Read and validate a YAML run config; any problem is an :class:`InputError` naming the file and key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"config file {path} does not exist; pass a YAML run config such as configs/default.yaml") from None
+    except IsADirectoryError:
+        raise InputError(f"config {path} is a folder; pass a YAML run config file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise InputError(f"{path}{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    return parse_config(data, str(path))
+
+
+def dump_config(config: ReleaseConfig) -> str:
+    """The config as YAML with every default spelled out (what ``load_config`` reads back unchanged)."""
+    import yaml
+
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,85 @@
+"""Registering a release's artifacts with their lineage, and moving its aliases.
+
+Lineage follows the chain: base model -> prepared data (its tokenizer) -> adapter -> merged model -> quantized
+model <- gate verdict, each edge carrying the parameters of the step that made it. The verdict is registered with
+the quantized model as its ``candidate`` parent, which attaches the verdict to it in the registry (the registry
+refuses ``production`` to an artifact whose verdict failed). Every artifact is registered whether the gate passed or not,
+so a rejected candidate stays inspectable, marked with its failed verdict (and therefore not promotable).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from flows.config import ReleaseConfig
+from tasks.stages import register, set_alias
+
+
+def base_name(base_dir: str) -> str:
+    """``base-<folder name>``: one registry name per base model, shared by every release built on it."""
+    return "base-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(base_dir).name).strip("-.")[:59]
+
+
+def artifact_names(cfg: ReleaseConfig, base_dir: str) -> dict[str, str]:
+    """Registry names: the release itself is ``<name>``; its ingredients carry a suffix."""
+    n = cfg.registry.name
+    names = {"base": base_name(base_dir), "merged": f"{n}-merged", "quantized": n, "verdict": f"{n}-gate"}
+    for ds in cfg.datasets:
+        names[f"prep:{ds.name}"] = f"{n}-data-{ds.name}"
+        names[f"adapter:{ds.name}"] = f"{n}-adapter-{ds.name}"
+    return names
+
+
+def gate_metrics(verdict_meta: dict[str, Any]) -> dict[str, float]:
+    """The primary check's numbers (registry metrics are plain numbers)."""
+    primary = verdict_meta["checks"][0]
+    return {"degradation": verdict_meta["degradation"], "max_degradation": verdict_meta["max_degradation"],
+            "baseline_ppl": primary["baseline_ppl"], "ppl": primary["candidate_ppl"]}
+
+
+def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[str, dict], merged: dict,
+                     quantized: dict, verdict: dict) -> dict[str, str]:
+    """Register every artifact of one run, parents first; returns ``{role: "name@version"}``."""
+    from lorakit.models.folder import resolve_model_dir
+
+    base_dir = str(resolve_model_dir(cfg.base).absolute())
+    names = artifact_names(cfg, base_dir)
+    root = registry_root(cfg)
+    status = "gate:passed" if verdict["metadata"]["passed"] else "gate:failed"
+    metrics = gate_metrics(verdict["metadata"])
+    refs: dict[str, str] = {}
+
+    def reg(role: str, out: dict, kind: str, parents: list, metrics: dict | None = None,
+            params: dict | None = None, tags: tuple[str, ...] = ()) -> str:
+        refs[role] = register(out["path"], root, names[role], kind, metrics or {}, params or {}, parents,
+                              [f"release:{cfg.registry.name}", *tags])["ref"]
+        return refs[role]
+
+    base_ref = reg("base", {"path": base_dir}, "base", [], params={"base": cfg.base})
+    for ds in cfg.datasets:
+        data_ref = reg(f"prep:{ds.name}", preps[ds.name], "dataset", [base_ref], params=ds.model_dump())
+        reg(f"adapter:{ds.name}", adapters[ds.name], "adapter", [data_ref, base_ref], params=cfg.lora.model_dump())
+    merged_ref = reg("merged", merged, "merged", [refs[f"adapter:{ds.name}"] for ds in cfg.datasets],
+                     params={**cfg.merge.model_dump(), "weights": cfg.merge_weights()})
+    quant_ref = reg("quantized", quantized, "quantized", [merged_ref], metrics=metrics,
+                    params=cfg.quantize.model_dump(), tags=(status,))
+    reg("verdict", verdict, "verdict", [[quant_ref, {"role": "candidate"}], [merged_ref, {"role": "baseline"}]],
+        metrics=metrics, params=cfg.gate.model_dump(), tags=(status,))
+    return refs
+
+
+def move_aliases(cfg: ReleaseConfig, release_ref: str) -> list[str]:
+    """``candidate`` after every passed gate; ``production`` only when the config says so (else a human does)."""
+    aliases = ["candidate"] + (["production"] if cfg.auto_promote else [])
+    return [set_alias(registry_root(cfg), release_ref, alias) for alias in aliases]
+
+
+def registry_root(cfg: ReleaseConfig) -> str:
+    """The registry folder, always explicit (a task's cache key must say which registry it wrote to)."""
+    from registry import Registry, default_root
+
+    root = Path(cfg.registry.root).absolute() if cfg.registry.root else default_root()
+    Registry(root)  # creates the registry on first use, so its folder has an identity before anything registers
+    return str(root)

@@ -1,0 +1,113 @@
+"""The run report: a Markdown summary and a table, published as Prefect artifacts of the release flow run.
+
+Everything in it comes from the stages' own metadata (the ``lorakit_*.json`` beside each output), so the report
+says the same thing as the files. The gate's bar chart is embedded (a data URI, readable in the Prefect UI
+without file access) and linked by path.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+from flows.config import ReleaseConfig
+
+ARTIFACT_KEY = "release-report"
+
+
+def _seconds(meta: dict[str, Any]) -> float | None:
+    for key in ("wall_time_s", "wall_s", "seconds"):
+        if isinstance(meta.get(key), (int, float)):
+            return float(meta[key])
+    timings = meta.get("timings")
+    if isinstance(timings, dict):
+        for key in ("total_s", "wall_time_s", "total"):
+            if isinstance(timings.get(key), (int, float)):
+                return float(timings[key])
+    return None
+
+
+def _fmt(x: Any, spec: str = ".4g") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else ("-" if x is None else str(x))
+
+
+def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, quantized: dict, verdict: dict,
+               refs: dict[str, str]) -> list[dict[str, Any]]:
+    """One row per stage output: stage, item, seconds, key number, output folder, registry ref."""
+    rows = []
+    for ds in cfg.datasets:
+        rows.append({"stage": "prep", "item": ds.name, "seconds": _seconds(preps[ds.name]["metadata"]),
+                     "result": "", "path": preps[ds.name]["path"], "ref": refs.get(f"prep:{ds.name}", "")})
+        meta = adapters[ds.name]["metadata"]
+        loss = meta.get("final_loss", meta.get("loss"))
+        rows.append({"stage": "train", "item": ds.name, "seconds": _seconds(meta),
+                     "result": f"final loss {_fmt(loss)}", "path": adapters[ds.name]["path"],
+                     "ref": refs.get(f"adapter:{ds.name}", "")})
+    rows.append({"stage": "merge", "item": cfg.merge.method, "seconds": _seconds(merged["metadata"]),
+                 "result": "exact" if merged["metadata"].get("exact") else "approximate",
+                 "path": merged["path"], "ref": refs.get("merged", "")})
+    q = cfg.quantize
+    rows.append({"stage": "quantize", "item": f"{q.method} {q.bits}-bit g{q.group_size}",
+                 "seconds": _seconds(quantized["metadata"]), "result": "", "path": quantized["path"],
+                 "ref": refs.get("quantized", "")})
+    v = verdict["metadata"]
+    rows.append({"stage": "gate", "item": f"max {cfg.gate.max_degradation:.1%}", "seconds": _seconds(v),
+                 "result": f"{'PASS' if v['passed'] else 'REJECT'} degradation {v['degradation']:+.2%}",
+                 "path": verdict["path"], "ref": refs.get("verdict", "")})
+    return rows
+
+
+def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:
+    """One line: the deciding check (the worst failed one, else the worst passing one) and its numbers."""
+    checks = verdict_meta["checks"]
+    failed = [c for c in checks if not c["passed"]]
+    worst = max(failed or checks, key=lambda c: c["degradation"])
+    word, cmp = ("passed", "<=") if verdict_meta["passed"] else ("rejected", ">")
+    line = (f"gate {word}: degradation {worst['degradation']:+.2%} {cmp} {worst['max_degradation']:.2%} on "
+            f"{worst['name']} (perplexity {worst['baseline_ppl']:.4g} -> {worst['candidate_ppl']:.4g})")
+    if len(checks) > 1:
+        line += f"; {len(checks) - len(failed)}/{len(checks)} checks passed"
+    return line
+
+
+def _png(gate_dir: str) -> str:
+    png = Path(gate_dir) / "gate.png"
+    if not png.exists():
+        return ""
+    data = base64.b64encode(png.read_bytes()).decode()
+    return f"\n![gate chart](data:image/png;base64,{data})\n\nChart file: `{png}`\n"
+
+
+def markdown(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, aliases: list[str],
+             wall_s: float) -> str:
+    v = verdict["metadata"]
+    lines = [
+        f"# Release `{cfg.registry.name}`: {'PASSED' if v['passed'] else 'REJECTED'}",
+        "",
+        f"**{verdict_line(v, cfg.gate.max_degradation)}**",
+        "",
+        f"Base `{cfg.base}`; {len(cfg.datasets)} task(s); merge {cfg.merge.method} weights "
+        f"{', '.join(f'{w:g}' for w in cfg.merge_weights())}; GPU stages "
+        f"{'on pool `' + cfg.pools.cuda + '`' if cfg.route_gpu else 'in-process'}; run wall time {wall_s:.1f} s.",
+        "",
+        "| stage | item | seconds | result | registry | output |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['item']} | {_fmt(r['seconds'], '.1f')} | {r['result']} | "
+                     f"`{r['ref']}` | `{r['path']}` |")
+    lines += ["", f"Aliases moved: {', '.join(aliases) if aliases else 'none (rejected release)'}.",
+              "Production stays a human decision unless `auto_promote: true`.", _png(verdict["path"])]
+    return "\n".join(lines)
+
+
+def publish(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, aliases: list[str], wall_s: float) -> str:
+    """Create the Markdown and table artifacts on the current flow run; returns the Markdown."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    text = markdown(cfg, rows, verdict, aliases, wall_s)
+    create_markdown_artifact(text, key=ARTIFACT_KEY, description=verdict_line(verdict["metadata"], cfg.gate.max_degradation))
+    create_table_artifact([{k: ("" if val is None else val) for k, val in r.items()} for r in rows],
+                          key=f"{ARTIFACT_KEY}-stages", description="Release stages")
+    return text

@@ -1,0 +1,128 @@
+"""One Prefect task per release stage, each a thin wrapper over the lorakit library function of that stage.
+
+What the wrappers add is only what Prefect needs: a cache key (:data:`tasks.cache.STAGE_CACHE`), persisted
+results, retries where a retry can help, the ``gpu`` tag that the GPU-slot concurrency limit counts, and a
+plain return value (the output path and the small metadata dict the stage wrote beside its files) so no tensor
+ever crosses a task boundary. Stage outputs are owned by the pipeline (``flows.plan`` gives every distinct set of
+arguments its own folder), so a step that runs again replaces its own folder: ``force=True``. Library imports
+stay inside the tasks: importing this module must not pull in torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from lorakit.errors import LorakitError
+from tasks.cache import STAGE_CACHE
+
+GPU_TAG = "gpu"
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry transient failures (a lost GPU, a busy database); an InputError will fail the same way again."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return not isinstance(exc, LorakitError)
+
+
+def _stage(**options: Any):
+    return task(cache_policy=STAGE_CACHE, persist_result=True, **options)
+
+
+def _out(result: Any) -> dict[str, Any]:
+    return {"path": str(Path(result.output).absolute()), "metadata": result.metadata}
+
+
+@_stage(name="prep-data")
+def prep_data(sources: list[str], output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Tokenize and split one task's data (``lorakit.data.prep.prepare_dataset``)."""
+    from lorakit.data.prep import prepare_dataset
+
+    return _out(prepare_dataset(sources, output, force=True, progress=False, **params))
+
+
+@_stage(name="train-adapter", tags=[GPU_TAG], retries=1, retry_delay_seconds=10,
+        retry_condition_fn=retry_unless_bad_input)
+def train_adapter(prep_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """QLoRA-train one adapter (``lorakit.train.train_adapter``); a retry resumes from the last checkpoint."""
+    from prefect.runtime import task_run
+
+    from lorakit.train import train_adapter as train
+
+    retrying = (task_run.run_count or 0) > 1  # checkpoints carry a fingerprint: only the same run is resumed
+    return _out(train(prep_dir, output, resume=retrying, force=True, progress=False, **params))
+
+
+@_stage(name="merge-adapters")
+def merge_adapters(adapters: list[str], weights: list[float], output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Fold the weighted adapters into the base weights (``lorakit.merge.merge_adapters``)."""
+    from lorakit.merge import merge_adapters as merge
+
+    return _out(merge(adapters, weights, output, force=True, progress=False, **params))
+
+
+@_stage(name="quantize-model", tags=[GPU_TAG], retries=1, retry_delay_seconds=10,
+        retry_condition_fn=retry_unless_bad_input)
+def quantize_model(model_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """GPTQ/AWQ-quantize a model folder (``lorakit.quantize.quantize_model``)."""
+    from lorakit.quantize import quantize_model as quantize
+
+    return _out(quantize(model_dir, output, force=True, progress=False, **params))
+
+
+@_stage(name="evaluate")
+def evaluate(model: str, data: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Perplexity of one model on one data set (``lorakit.evaluate.perplexity``)."""
+    from lorakit.evaluate import perplexity
+
+    result = perplexity(model, data, progress=False, **params)
+    return {"ppl": result.ppl, "nll_sum": result.nll_sum, "tokens": result.tokens, "method": result.method,
+            "path_used": result.path_used}
+
+
+@_stage(name="gate")
+def gate(baseline: str, candidate: str, data: str, extra_checks: list[dict[str, Any]], output: str,
+         params: dict[str, Any]) -> dict[str, Any]:
+    """The perplexity gate (``lorakit.gate.check``): returns the verdict, pass or fail, without raising.
+
+    ``extra_checks`` are ``CheckSpec`` fields as plain dicts (task inputs must be serialisable to be cached).
+    """
+    from lorakit.gate import CheckSpec, check
+
+    specs = [CheckSpec(**spec) for spec in extra_checks]
+    verdict = check(baseline, candidate, data, extra_checks=specs, output=output, force=True, progress=False, **params)
+    return _out(verdict)
+
+
+@_stage(name="register", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
+def register(path: str, root: str | None, name: str, kind: str, metrics: dict[str, float],
+             params: dict[str, Any], parents: list[str | list], tags: list[str]) -> dict[str, Any]:
+    """Register one artifact with its lineage (``registry.Registry.register``); idempotent for equal content.
+
+    A parent is a reference, or ``[reference, edge_params]`` (a list, because task results round-trip as JSON-like
+    data; the registry takes a tuple).
+    """
+    from registry import Registry
+
+    edges = [p if isinstance(p, str) else (p[0], p[1]) for p in parents]
+    v = Registry(root).register(path, name=name, kind=kind, metrics=metrics, params=params, parents=edges, tags=tags)
+    return {"ref": v.ref, "name": v.name, "version": v.version, "digest": v.digest,
+            "verdict": v.verdict["passed"] if v.verdict else None}
+
+
+@task(name="set-alias", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
+def set_alias(root: str | None, ref: str, alias: str) -> str:
+    """Point ``name@alias`` at a version (``candidate`` after a passed gate; ``production`` via promote).
+
+    Never cached: an alias move is an action on the registry's current state, not a derivation from inputs.
+    """
+    from registry import Registry
+
+    reg = Registry(root)
+    if alias == "production":
+        reg.promote(ref)
+    else:
+        reg.set_alias(ref, alias)
+    return f"{ref.split('@')[0]}@{alias}"

@@ -1,0 +1,130 @@
+"""The run config (YAML <-> pydantic <-> release flow parameters) and the stage plan derived from it."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import DatasetConfig, ReleaseConfig, dump_config, load_config, parse_config
+from flows.plan import ReleasePlan
+from lorakit.errors import InputError
+from tests.conftest import REPO, run_cli
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_yaml_is_the_default_config():
+    assert load_config(REPO / "configs" / "default.yaml") == ReleaseConfig()
+
+
+def test_tiny_yaml_loads():
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    assert cfg.merge_weights() == [0.5, 0.5] and cfg.lora.max_steps == 3
+
+
+def test_release_flow_parameters_are_the_config_fields():
+    from flows.release import release
+
+    params = inspect.signature(release.fn).parameters
+    assert list(params) == list(ReleaseConfig.model_fields)
+    defaults = ReleaseConfig()
+    for name, param in params.items():
+        assert param.default == getattr(defaults, name), name
+    # Prefect derives the deployment's parameter schema from the same types.
+    assert set(release.parameters.properties) == set(ReleaseConfig.model_fields)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("lora: {rank: 8}\n", "unknown key 'lora.rank'"),
+    ("bsae: x\n", "unknown key 'bsae'"),
+    ("datasets: [{name: a, bundled: a, fromat: chat}]\n", "unknown key 'datasets.0.fromat'"),
+    ("datasets: [{bundled: a}]\n", "missing key 'datasets.0.name'"),
+    ("datasets: [{name: a, bundled: a, files: [x.jsonl]}]\n", "exactly one of 'bundled'"),
+    ("datasets: [{name: a}]\n", "exactly one of 'bundled'"),
+    ("datasets: [{name: a, bundled: a}, {name: a, bundled: b}]\n", "repeated: a"),
+    ("merge: {weights: [1, 2, 3]}\n", "merge.weights has 3 value(s) for 2 dataset(s)"),
+    ("quantize: {method: int8}\n", "'quantize.method'"),
+    ("gate: {max_degradation: -0.1}\n", "'gate.max_degradation'"),
+    ("datasets: [{name: ../x, bundled: a}]\n", "'datasets.0.name'"),
+    ("quantize: {calib_dataset: nope}\n", "calib_dataset 'nope' is not one of the datasets"),
+    ("- a\n- b\n", "top level must be a mapping"),
+])
+def test_bad_config_is_one_actionable_line(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert expected in message and str(path) in message and "\n" not in message
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = write(tmp_path, "base: default\nlora: {r: 4\n")
+    with pytest.raises(InputError, match=r"run.yaml:\d+:\d+ is not valid YAML"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_empty_file_is_the_default(tmp_path):
+    assert load_config(write(tmp_path, "")) == ReleaseConfig()
+
+
+def test_dump_round_trips():
+    cfg = parse_config({"base": "m", "datasets": [{"name": "t", "files": ["a.jsonl"]}], "merge": {"weights": [1]}})
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_plan_folders_are_content_addressed(tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "x"}\n')
+    base = {"base": "m", "datasets": [{"name": "t", "files": [str(data)]}], "output_dir": str(tmp_path / "out")}
+    one, two = ReleasePlan(parse_config(base)), ReleasePlan(parse_config({**base, "lora": {"r": 4}}))
+    ds = one.config.datasets[0]
+    assert one.prep(ds) == two.prep(ds)  # training params do not touch prepared data
+    prep_dir = one.prep(ds)["output"]
+    assert Path(prep_dir).parent == tmp_path / "out" / "prep" and Path(prep_dir).name.startswith("t-")
+    assert one.train(ds, prep_dir)["output"] != two.train(ds, prep_dir)["output"]
+    a1, a2 = one.train(ds, prep_dir)["output"], two.train(ds, prep_dir)["output"]
+    assert one.merge([a1])["output"] != one.merge([a2])["output"]  # downstream folders follow their inputs
+    assert one.merge([a1])["output"] == two.merge([a1])["output"]
+    assert one.prep(ds)["sources"] == [str(data)]
+
+
+def test_cli_run_bad_config_exit_2(tmp_path):
+    path = write(tmp_path, "lora: {rank: 8}\n")
+    proc = run_cli("run", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {path}: unknown key 'lora.rank'. "
+                                                "Fix the file (keys and defaults: README, 'The run config')."]
+
+
+def test_cli_show_config(tmp_path):
+    proc = run_cli("run", str(REPO / "configs" / "tiny.yaml"), "--show-config", "-o", str(tmp_path), check=True)
+    cfg = parse_config(yaml.safe_load(proc.stdout))
+    assert cfg.output_dir == str(tmp_path) and cfg.registry.name == "tiny-release"
+
+
+def test_calibration_covers_every_dataset(tmp_path):
+    files = []
+    for name in ("a", "b"):
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text('{"text": "x"}\n')
+    two = ReleasePlan(parse_config({"datasets": [{"name": "a", "files": [str(files[0])]},
+                                                 {"name": "b", "files": [str(files[1])]}]}))
+    assert two.calibration()["sources"] == [str(f) for f in files]
+    assert Path(two.calibration()["output"]).name.startswith("calibration-")
+    chosen = ReleasePlan(two.config.model_copy(update={"quantize": two.config.quantize.model_copy(
+        update={"calib_dataset": "b"})}))
+    assert chosen.calibration() is None and chosen.config.calib_dataset() == "b"
+    one = ReleasePlan(parse_config({"datasets": [{"name": "a", "files": [str(files[0])]}]}))
+    assert one.calibration() is None and one.config.calib_dataset() == "a"

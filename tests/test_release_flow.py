@@ -1,0 +1,112 @@
+"""The whole release flow on a tiny model, in-process under one session-scoped Prefect test harness."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.release_helpers import artifacts_of, flow_runs_under, missing_stages, task_runs_of, tiny_config_data
+
+pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on this branch yet: {missing_stages()}")
+
+STAGE_TASKS = {"prep-data", "train-adapter", "merge-adapters", "quantize-model", "gate", "register"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("release")
+
+
+def run_release(data: dict):
+    from flows.config import parse_config
+    from flows.release import release
+
+    return release(**parse_config(data).flow_parameters(), return_state=True)
+
+
+def stage_states(flow_run_id) -> dict[str, set[str]]:
+    """Task name -> state names of every stage task in the run and its subflows."""
+    ids = [flow_run_id, *(r.id for r in flow_runs_under(flow_run_id))]
+    states: dict[str, set[str]] = {}
+    for tr in task_runs_of(ids):
+        name = tr.name.rsplit("-", 1)[0]  # task run names are "<task name>-<suffix>"
+        if name in STAGE_TASKS:
+            states.setdefault(name, set()).add(tr.state.name)
+    return states
+
+
+def test_release_completes_registers_lineage_and_caches(prefect_harness, tiny_base, workdir):
+    from registry import Registry
+
+    data = tiny_config_data(tiny_base, workdir)
+    first = run_release(data)
+    assert first.is_completed(), first.message
+    result = first.result()
+    refs = result["refs"]
+    assert set(refs) == {"base", "prep:reverse-words", "prep:number-words", "adapter:reverse-words",
+                         "adapter:number-words", "merged", "quantized", "verdict"}
+    reg = Registry(data["registry"]["root"])
+    ancestors = {node.artifact.ref for node in reg.lineage(refs["quantized"]).walk()}
+    assert ancestors == {refs[r] for r in refs if r != "verdict"}
+    release_version = reg.get(refs["quantized"])
+    assert release_version.verdict["passed"] is True and "candidate" in release_version.aliases
+    assert reg.resolve("tiny-release@candidate") == reg.resolve(refs["quantized"])
+    assert "production" not in release_version.aliases  # a human promotes (auto_promote is off)
+    report = artifacts_of(first.state_details.flow_run_id)
+    summary = report["release-report"].data
+    assert summary.startswith("# Release `tiny-release`: PASSED") and refs["quantized"] in summary
+    assert "data:image/png;base64," in summary  # the gate chart, embedded
+    assert report["release-report-stages"].type == "table"
+
+    second = run_release(data)
+    assert second.is_completed(), second.message
+    states = stage_states(second.state_details.flow_run_id)
+    assert set(states) == STAGE_TASKS
+    assert all(s == {"Cached"} for s in states.values()), states
+    assert second.result()["refs"] == refs
+
+
+def test_rejected_release_fails_and_stays_registered(prefect_harness, tiny_base, workdir):
+    from registry import Registry
+
+    # Same chain as the passing run (cached up to the merge); a zero threshold rejects any quantization loss.
+    data = tiny_config_data(tiny_base, workdir, gate={"max_degradation": 0.0}, registry={"name": "tiny-rejected"})
+    state = run_release(data)
+    assert state.is_failed()
+    assert state.message.startswith("gate rejected: degradation +") and "gate:failed" in state.message
+    reg = Registry(data["registry"]["root"])
+    [rejected] = reg.list("tiny-rejected")  # the rejected candidate is still registered ...
+    assert rejected.verdict["passed"] is False and "gate:failed" in rejected.tags
+    assert "candidate" not in rejected.aliases  # ... but gets no alias
+    assert reg.list("tiny-rejected-gate") and reg.list("tiny-rejected-merged")
+
+
+def test_cli_run_exit_codes(prefect_harness, tiny_base, workdir, tmp_path):
+    """`lorakit run` in a fresh process: exit 0 with the verdict on a pass, exit 3 with it on a rejection.
+
+    It shares the harness's result storage, so every stage comes from the cache of the tests above: a fresh
+    process (with its own ephemeral Prefect server) reuses what another process computed.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.release_helpers import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"),
+               PREFECT_LOCAL_STORAGE_PATH=str(prefect_harness), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    outcomes = {}
+    for label, updates in {"pass": {}, "reject": {"gate": {"max_degradation": 0.0},
+                                                  "registry": {"name": "tiny-rejected"}}}.items():
+        config = tmp_path / f"{label}.yaml"
+        config.write_text(yaml.safe_dump(tiny_config_data(tiny_base, workdir, **updates)))
+        outcomes[label] = subprocess.run([sys.executable, "-m", "lorakit", "run", str(config), "-q"], env=env,
+                                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    ok, rejected = outcomes["pass"], outcomes["reject"]
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert ok.stdout.startswith("gate passed: degradation +")
+    assert rejected.returncode == 3, rejected.stderr[-3000:]
+    assert rejected.stderr.strip().splitlines()[-1].startswith("error: gate rejected: degradation +")
