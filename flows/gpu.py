@@ -22,13 +22,13 @@ from tasks import stages
 @flow(name="train", persist_result=True)
 def train_flow(prep_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
     """Train one LoRA adapter on one prepared data set."""
-    return stages.train_adapter(prep_dir, output, params)
+    return stages.run_fresh(stages.train_adapter, prep_dir, output, params)
 
 
 @flow(name="quantize", persist_result=True)
 def quantize_flow(model_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
     """Quantize a full-precision model folder to GPTQ/AWQ."""
-    return stages.quantize_model(model_dir, output, params)
+    return stages.run_fresh(stages.quantize_model, model_dir, output, params)
 
 
 def deployment_name(gpu_flow, pool: str) -> str:

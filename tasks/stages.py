@@ -27,6 +27,19 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(exc, LorakitError)
 
 
+def run_fresh(stage, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Call a cached stage task; a cache hit whose output folder was deleted since is recomputed.
+
+    The cache key covers code, arguments and input files, not the step's own output (stamping it would change the
+    key as soon as the first run wrote it), so a hit can point at a folder someone removed by hand. Re-running
+    with ``refresh_cache`` rebuilds it instead of handing a dangling path to the next stage.
+    """
+    result = stage(*args, **kwargs)
+    if not Path(result["path"]).exists():
+        result = stage.with_options(refresh_cache=True)(*args, **kwargs)
+    return result
+
+
 def _stage(**options: Any):
     return task(cache_policy=STAGE_CACHE, persist_result=True, **options)
 

@@ -66,6 +66,14 @@ def test_release_completes_registers_lineage_and_caches(prefect_harness, tiny_ba
     assert all(s == {"Cached"} for s in states.values()), states
     assert second.result()["refs"] == refs
 
+    import shutil
+
+    shutil.rmtree(second.result()["release"])  # a cached output deleted by hand is rebuilt, not handed on
+    third = run_release(data)
+    assert third.is_completed(), third.message
+    assert "Completed" in stage_states(third.state_details.flow_run_id)["quantize-model"]
+    assert os.path.isdir(third.result()["release"])
+
 
 def test_rejected_release_fails_and_stays_registered(prefect_harness, tiny_base, workdir):
     from registry import Registry
