@@ -1,0 +1,76 @@
+"""``lorakit quantize``: GPTQ or AWQ post-training quantization into a standard checkpoint folder."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist unless --force).")
+@click.option("--method", type=click.Choice(["gptq", "awq"]), default="gptq", show_default=True,
+              help="gptq: GPTQModel's GPTQ (Hessian-based rounding). awq: lorakit's activation-aware scaling.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 4 or 8.")
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="Input channels sharing one scale/zero (16..1024, power of two). If it does not divide every "
+                   "layer's input size, the largest valid one below it is used (see --strict-group-size).")
+@click.option("--strict-group-size", is_flag=True, help="Fail instead of choosing a smaller valid group size.")
+@click.option("--sym/--asym", default=None, help="Symmetric grid (no zero point) or asymmetric with a zero point "
+              "[default: --sym for gptq, --asym for awq].")
+@click.option("--desc-act", is_flag=True, help="GPTQ act-order: quantize columns by decreasing activation size.")
+@click.option("--calib", type=click.Path(), help="Calibration text: a `lorakit prep` folder (its train split is "
+              "used) or a text file (blank-line separated paragraphs, or .jsonl with a 'text' field).")
+@click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration text shuffle.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
+@click.option("--awq-search-tokens", type=int, default=2048, show_default=True,
+              help="awq: calibration tokens on which each scale's output error is measured.")
+@click.option("--awq-grid", type=int, default=20, show_default=True,
+              help="awq: number of α values tried per group (time grows linearly with it).")
+@click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
+def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym, desc_act, calib, n_samples,
+             seq_len, seed, device, awq_search_tokens, awq_grid, no_awq_clip, force, quiet):
+    """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
+
+    \b
+    MODEL_DIR is an HF safetensors folder of a Llama-style model (e.g. `lorakit merge --output-kind model`
+    output), or `default` for the embedded SmolLM2-135M-Instruct.
+
+    \b
+    Examples:
+      lorakit quantize merged -o merged-gptq --calib prep/ --group-size 32 --asym
+      lorakit quantize merged -o merged-awq --method awq --calib prep/ --group-size 64
+      lorakit quantize default -o smol-w8 --bits 8 --calib corpus.txt --n-samples 32
+
+    \b
+    Output: the standard GPTQ (v1) or AWQ (GEMM) layout; AWQ at 8 bits uses the GPTQ layout (AWQ GEMM is
+    4-bit only). transformers.AutoModelForCausalLM.from_pretrained(OUT) loads it with gptqmodel installed
+    (plus optimum for GPTQ). lorakit_quant.json inside records inputs, digests, parameters, versions, timings.
+    Nothing is written when an input is unusable; the folder appears only when complete.
+    """
+    from lorakit.quantize import quantize_model
+    from lorakit.runtime import configure_threads, quiet_third_party_logs
+
+    configure_threads()
+    quiet_third_party_logs()
+    result = quantize_model(
+        model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
+        n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,
+        awq_search_tokens=awq_search_tokens, awq_grid=awq_grid, awq_clip=not no_awq_clip, force=force, progress=not quiet,
+    )
+    if quiet:
+        click.echo(str(result.output))
+        return
+    meta = result.metadata
+    p = meta["params"]
+    mib = 1 << 20
+    click.echo(f"quantized {meta['input']['path']} with {method} ({p['bits']}-bit, group {p['group_size']}, "
+               f"{'sym' if p['sym'] else 'asym'}, {p['layout']} layout) on {p['n_samples']}x{p['seq_len']} calibration "
+               f"tokens -> {result.output} [{meta['size_before_bytes'] / mib:.0f} MiB -> "
+               f"{meta['size_after_bytes'] / mib:.0f} MiB, {meta['wall_time_s']:.1f}s]")
+
+
+COMMANDS = [quantize]

@@ -1,0 +1,106 @@
+"""Calibration data: which texts, sampled how, tokenized with which tokenizer.
+
+The texts come from a prepared-data folder's **train** split (``lorakit.data.splits.read_texts(prep, "train")``)
+so that the validation split, which the perplexity gate measures, never shapes the quantized weights; or from a
+plain text file (blank-line separated paragraphs) or a ``.jsonl`` file of ``{"text": ...}`` lines.
+
+Sampling is deterministic: the texts are shuffled with ``random.Random(seed)``, tokenized with the model's own
+tokenizer, joined with the EOS token into one stream and cut into consecutive blocks of ``seq_len`` tokens; the
+first ``n_samples`` blocks are the calibration set. Too little text is an error, not a silently smaller set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorakit.data.splits import PREP_META, read_texts, split_texts_path
+from lorakit.errors import InputError
+from lorakit.io.digests import sha256_file
+
+CALIB_SPLIT = "train"
+
+
+@dataclass
+class Calibration:
+    blocks: torch.Tensor  # int64 [n_samples, seq_len]
+    source: str
+    source_kind: str  # "prep" or "file"
+    source_digest: str
+    tokens_digest: str
+    n_texts: int
+    tokens_read: int
+
+    def summary(self) -> dict:
+        return {"source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
+                else None, "source_sha256": self.source_digest, "tokens_sha256": self.tokens_digest,
+                "n_samples": int(self.blocks.shape[0]), "seq_len": int(self.blocks.shape[1]),
+                "n_texts": self.n_texts, "tokens_read": self.tokens_read,
+                "sampling": "shuffle texts with random.Random(seed), join with EOS, first n_samples blocks"}
+
+
+def _file_texts(path: Path) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"calibration file {path} is not UTF-8 text; pass a text file or a prepared-data folder") from None
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise InputError(f"{path}:{lineno} is not a JSON object with a 'text' field") from None
+        return texts
+    return [p.strip() for p in raw.split("\n\n") if p.strip()]
+
+
+def load_texts(calib: str | Path | None) -> tuple[list[str], str, str, str]:
+    """(texts, source, kind, sha256 of the file read)."""
+    if calib is None:
+        raise InputError("quantization needs calibration text; pass --calib with a prepared-data folder "
+                         "(`lorakit prep`) or a text file")
+    path = Path(calib).expanduser()
+    if path.is_dir():
+        if not (path / PREP_META).exists():
+            raise InputError(f"--calib {path} is a folder but not a prepared-data folder (no {PREP_META}); "
+                             "pass a `lorakit prep` output or a text file")
+        texts = read_texts(path, CALIB_SPLIT)
+        return texts, str(path), "prep", sha256_file(split_texts_path(path, CALIB_SPLIT))
+    if not path.is_file():
+        raise InputError(f"--calib {path} does not exist; pass a prepared-data folder or a text file")
+    return _file_texts(path), str(path), "file", sha256_file(path)
+
+
+def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int, seq_len: int, seed: int) -> Calibration:
+    if n_samples < 1 or seq_len < 8:
+        raise InputError(f"--n-samples must be >= 1 and --seq-len >= 8 (got {n_samples}, {seq_len})")
+    texts, source, kind, digest = load_texts(calib)
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for i in order:
+        stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if len(stream) >= n_samples * seq_len:
+            break
+    available = len(stream) // seq_len
+    if available < n_samples:
+        raise InputError(
+            f"calibration data {source} gives {len(stream)} tokens = {available} blocks of {seq_len}, but "
+            f"--n-samples {n_samples} needs {n_samples * seq_len}; add text, or lower --n-samples/--seq-len "
+            f"(e.g. --n-samples {max(available, 1)} --seq-len {seq_len})" if available else
+            f"calibration data {source} gives only {len(stream)} tokens, less than one block of --seq-len {seq_len}; "
+            "add text or lower --seq-len"
+        )
+    blocks = torch.tensor(stream[: n_samples * seq_len], dtype=torch.int64).view(n_samples, seq_len)
+    tokens_digest = hashlib.sha256(blocks.to(torch.int32).numpy().tobytes()).hexdigest()
+    return Calibration(blocks, source, kind, digest, tokens_digest, len(texts), len(stream))

@@ -1,0 +1,196 @@
+"""``quantize_model``: a full-precision HF model folder -> a GPTQ or AWQ checkpoint folder.
+
+Validation (method, bits, group size, model, calibration data) happens before any work; the output is written
+to a temporary sibling and renamed into place; ``lorakit_quant.json`` records inputs, parameters and timings.
+GPTQ runs in GPTQModel (``gptqmodel_backend``); AWQ runs in lorakit's own torch implementation (``awq``), which
+is two orders of magnitude faster on CPU than GPTQModel's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lorakit
+from lorakit.errors import InputError
+from lorakit.io.atomic import atomic_dir, check_output_free
+from lorakit.models.folder import resolve_model_dir, shard_names, weights_digest
+from lorakit.quantize.calibration import build_calibration
+from lorakit.quantize.checks import check_method, check_model, resolve_group_size
+from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, write_quant_meta
+
+HOW_TO_LOAD = ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed "
+               "(and optimum for the GPTQ layout); vLLM/SGLang and GPTQModel.load read the same layout")
+
+
+@dataclass
+class QuantResult:
+    output: Path
+    method: str
+    bits: int
+    group_size: int
+    metadata: dict[str, Any]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was requested but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"--device {device!r} is not one of auto, cpu, cuda")
+    return device
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises OSError/ValueError/... for a missing or broken tokenizer
+        raise InputError(f"{model_dir} has no usable tokenizer ({type(exc).__name__}); calibration tokenizes "
+                         "with the model's own tokenizer, so save it into the model folder") from None
+
+
+def _copy_side_files(src: Path, dst: Path, overwrite: bool) -> None:
+    """Tokenizer, chat template, generation config: everything but weights, config and lorakit records."""
+    for item in sorted(src.iterdir()):
+        if (not item.is_file() or item.name.endswith((".safetensors", ".bin")) or item.name == "config.json"
+                or item.name == "model.safetensors.index.json" or item.name.startswith("lorakit_")):
+            continue
+        if overwrite or not (dst / item.name).exists():
+            shutil.copy2(item, dst / item.name)
+
+
+def _folder_bytes(folder: Path, names: list[str]) -> int:
+    return sum((folder / n).stat().st_size for n in names)
+
+
+def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, device: str,
+             progress: bool) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.quantize.awq import awq_quantize
+    from lorakit.quantize.writer import write_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
+    quantized, report = awq_quantize(model, blocks, p, device=torch.device(device), progress=progress)
+    write_checkpoint(tmp, model, quantized, config, layout, bits=p.bits, group_size=p.group_size, sym=p.sym,
+                     dtype=torch.float16)
+    alphas = list(report.alphas.values())
+    ratios = [report.loss_best[k] / report.loss_fp_grid[k] for k in report.alphas if report.loss_fp_grid[k] > 0]
+    return {"alpha": report.alphas, "output_mse_alpha0": report.loss_fp_grid, "output_mse_best": report.loss_best,
+            "mean_alpha": sum(alphas) / max(len(alphas), 1),
+            "mean_mse_ratio_vs_alpha0": sum(ratios) / max(len(ratios), 1),
+            "clipped_modules": report.clipped_modules}
+
+
+def quantize_model(
+    model_dir: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str],
+    *,
+    method: str = "gptq",
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool | None = None,
+    desc_act: bool = False,
+    calib: str | os.PathLike[str] | None = None,
+    n_samples: int = 128,
+    seq_len: int = 512,
+    device: str = "auto",
+    seed: int = 0,
+    strict_group_size: bool = False,
+    awq_search_tokens: int = 2048,
+    awq_grid: int = 20,
+    awq_clip: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> QuantResult:
+    """Quantize a full-precision Llama-style model folder with GPTQ or AWQ into a standard checkpoint folder.
+
+    ``sym`` defaults to True for GPTQ and False (zero point) for AWQ. A ``group_size`` that does not divide
+    every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
+    that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
+    the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder).
+    """
+    started = time.perf_counter()
+    output = Path(output)
+    check_method(method, bits, group_size)
+    if awq_grid < 1 or awq_search_tokens < 1:
+        raise InputError(f"--awq-grid and --awq-search-tokens must be positive (got {awq_grid}, {awq_search_tokens})")
+    sym = (method == "gptq") if sym is None else bool(sym)
+    if desc_act and method != "gptq":
+        raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
+    check_output_free(output, force)
+    src = resolve_model_dir(model_dir)
+    if output.resolve() == src.resolve():
+        raise InputError(f"output {output} is the input model folder; write the quantized model to a new folder")
+    config = check_model(src)
+    used_group, note = resolve_group_size(config, group_size, strict_group_size)
+    device = resolve_device(device)
+    notes: list[str] = []
+    if note:
+        notes.append(note)
+        if progress:
+            print(f"note: {note}", file=sys.stderr)
+    layout = "gptq-v1" if (method == "gptq" or bits != 4) else "awq-gemm"
+    if method == "awq" and bits == 8:
+        notes.append("AWQ at 8 bits is written in the GPTQ v1 layout (the AWQ GEMM layout is 4-bit only); "
+                     "loaders see quant_method=gptq")
+        if progress:
+            print(f"note: {notes[-1]}", file=sys.stderr)
+    tokenizer = _load_tokenizer(src)
+    calibration = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    source_shards = shard_names(src)
+    input_digest = weights_digest(src)
+
+    with atomic_dir(output, force=force) as tmp:
+        if method == "gptq":
+            from lorakit.quantize.gptqmodel_backend import backend_versions, gptq_quantize
+
+            details = gptq_quantize(src, tmp, calibration.blocks, bits=bits, group_size=used_group, sym=sym,
+                                    desc_act=desc_act, device=device, progress=progress)
+            quality = {"module_loss": details.pop("module_loss")}
+            method_params = details
+            backend = {"name": "gptqmodel", "versions": backend_versions()}
+            _copy_side_files(src, tmp, overwrite=True)  # undo GPTQModel's generation_config rewrite
+        else:
+            from lorakit.quantize.awq import AwqParams
+            from lorakit.quantize.gptqmodel_backend import backend_versions
+
+            p = AwqParams(bits=bits, group_size=used_group, sym=sym, search_tokens=awq_search_tokens, n_grid=awq_grid,
+                          clip=awq_clip,
+                          min_zero=1 if layout == "gptq-v1" and not sym else 0)
+            quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress)
+            method_params = {k: v for k, v in asdict(p).items() if k not in ("bits", "group_size", "sym")}
+            backend = {"name": "lorakit-awq (plain torch)", "versions": backend_versions()}
+            _copy_side_files(src, tmp, overwrite=True)
+        out_shards = sorted(p.name for p in tmp.glob("*.safetensors"))
+        meta = QuantMeta(
+            lorakit_version=lorakit.__version__,
+            params=QuantParams(method=method, bits=bits, group_size=used_group, group_size_requested=group_size,
+                               sym=sym, desc_act=desc_act, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                               device=device, layout=layout, method_params=method_params),
+            input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
+            calibration=calibration.summary(),
+            backend=backend,
+            wall_time_s=round(time.perf_counter() - started, 3),
+            size_before_bytes=_folder_bytes(src, source_shards),
+            size_after_bytes=_folder_bytes(tmp, out_shards),
+            how_to_load=HOW_TO_LOAD,
+            notes=notes,
+            quality=quality,
+        )
+        write_quant_meta(tmp, meta)
+    return QuantResult(output, method, bits, used_group, meta.to_dict())
+
+
+__all__ = ["QUANT_META", "QuantResult", "quantize_model", "resolve_device"]

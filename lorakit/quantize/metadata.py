@@ -1,0 +1,68 @@
+"""``lorakit_quant.json``: how a quantized folder was made, as a typed record that maps 1:1 to the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import InputError
+from lorakit.io.atomic import read_json, write_json
+
+QUANT_META = "lorakit_quant.json"
+
+
+@dataclass
+class QuantParams:
+    """Every parameter that defines the result (as used, after defaults and adjustments)."""
+
+    method: str
+    bits: int
+    group_size: int
+    group_size_requested: int
+    sym: bool
+    desc_act: bool
+    n_samples: int
+    seq_len: int
+    seed: int
+    device: str
+    layout: str  # "awq-gemm" or "gptq-v1"
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuantMeta:
+    lorakit_version: str
+    params: QuantParams
+    input: dict[str, Any]  # path, model_type, weights_digest
+    calibration: dict[str, Any]  # source, digests, sample count, sampling rule
+    backend: dict[str, Any]  # name and library versions
+    wall_time_s: float
+    size_before_bytes: int
+    size_after_bytes: int
+    how_to_load: str
+    notes: list[str] = field(default_factory=list)
+    quality: dict[str, Any] = field(default_factory=dict)  # per-module losses / AWQ search results
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantMeta:
+        try:
+            params = QuantParams(**data["params"])
+            rest = {k: v for k, v in data.items() if k != "params"}
+            return cls(params=params, **rest)
+        except (KeyError, TypeError) as exc:
+            raise InputError(f"{QUANT_META} does not match this lorakit version's format ({exc})") from None
+
+
+def write_quant_meta(folder: Path, meta: QuantMeta) -> None:
+    write_json(folder / QUANT_META, meta.to_dict())
+
+
+def read_quant_meta(folder: str | os.PathLike[str]) -> QuantMeta:
+    """The record of a quantized folder; an InputError if it is missing or malformed."""
+    return QuantMeta.from_dict(read_json(Path(folder) / QUANT_META, "quantization record"))

@@ -1,0 +1,339 @@
+"""lorakit quantize: GPTQ (GPTQModel) and AWQ (lorakit) checkpoints that plain transformers loads, on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_nothing_written, run_cli
+from lorakit.errors import InputError
+from lorakit.io.safetensors_stream import load_file
+from lorakit.quantize import QUANT_META, quantize_model, read_quant_meta
+from lorakit.quantize.checks import resolve_group_size
+from lorakit.quantize.grid import dequantize, quantize_weight
+from lorakit.quantize.layouts import AWQ_ORDER, pack_awq, pack_gptq, unpack_awq, unpack_gptq
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+CALIB = dict(n_samples=8, seq_len=64)
+
+
+def make_prep(folder: Path, n_train: int = 120, n_val: int = 10, seed: int = 0) -> Path:
+    """A prepared-data folder per the lorakit.data.splits contract, with English-like sentences."""
+    import random
+
+    rng = random.Random(seed)
+    words = ("the model reads a short text and writes an answer about data weights layers tokens quantization "
+             "of small networks on a shared machine with two cores").split()
+    folder.mkdir(parents=True)
+    (folder / "prep.json").write_text(json.dumps({"format": "test", "seed": seed}))
+    for split, n in (("train", n_train), ("val", n_val)):
+        with open(folder / f"{split}.texts.jsonl", "w") as fh:
+            for _ in range(n):
+                text = " ".join(rng.choice(words) for _ in range(rng.randint(30, 80))).capitalize() + "."
+                fh.write(json.dumps({"text": text}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory) -> Path:
+    return make_prep(tmp_path_factory.mktemp("prep") / "prep")
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
+    """Tiny model quantized four ways (made once for the module; each takes a few seconds)."""
+    root = tmp_path_factory.mktemp("quant")
+    runs = {"gptq4": dict(method="gptq", bits=4, group_size=32), "gptq8": dict(method="gptq", bits=8, group_size=64),
+            "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64)}
+    return {name: quantize_model(tiny_base, root / name, calib=prep, progress=False, **CALIB, **kw).output
+            for name, kw in runs.items()}
+
+
+def _logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def _sample_ids(n: int = 2, length: int = 48) -> torch.Tensor:
+    return torch.randint(4, 250, (n, length), generator=torch.Generator().manual_seed(1))
+
+
+def _unpack(folder: Path) -> dict[str, object]:
+    """module name -> GroupQuant, read from the checkpoint with lorakit's unpackers (layout per its config)."""
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    tensors = load_file(folder / "model.safetensors")
+    out = {}
+    for name in tensors:
+        if name.endswith(".qweight"):
+            mod = name[: -len(".qweight")]
+            if config["quant_method"] == "awq":
+                out[mod] = unpack_awq(tensors[f"{mod}.qweight"], tensors[f"{mod}.qzeros"], tensors[f"{mod}.scales"],
+                                      config["group_size"])
+            else:
+                out[mod] = unpack_gptq(tensors[f"{mod}.qweight"], tensors[f"{mod}.qzeros"], tensors[f"{mod}.scales"],
+                                       tensors[f"{mod}.g_idx"], config["bits"])
+    return out
+
+
+# --- layouts and grids: exact, against direct computation --------------------------------------------------------
+
+def test_awq_packing_order_matches_a_hand_packed_word():
+    from lorakit.quantize.grid import GroupQuant
+
+    q = torch.arange(8, dtype=torch.int32).view(8, 1).repeat(1, 32)  # out=8, in=32: row r holds value r
+    gq = GroupQuant(q, torch.ones(8, 1), torch.zeros(8, 1, dtype=torch.int32), 4, 32)
+    word = int(pack_awq(gq)["qweight"][0, 0]) & 0xFFFFFFFF
+    expected = sum(AWQ_ORDER[i] << (4 * i) for i in range(8))  # nibble i holds output channel ORDER[i]
+    assert word == expected == 0x75316420
+
+
+@pytest.mark.parametrize("bits,layout", [(4, "awq"), (4, "gptq"), (8, "gptq")])
+@pytest.mark.parametrize("sym", [True, False])
+def test_pack_unpack_roundtrip_is_exact(bits, layout, sym):
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    gq = quantize_weight(w, bits, 32, sym, min_zero=1 if layout == "gptq" else 0)
+    if layout == "awq":
+        back = unpack_awq(**pack_awq(gq), group_size=32)
+    else:
+        packed = pack_gptq(gq)
+        back = unpack_gptq(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits)
+    assert torch.equal(back.q, gq.q) and torch.equal(back.zeros, gq.zeros) and torch.equal(back.scales, gq.scales)
+    # Round-to-nearest on a grid that covers each group: error at most half a step per weight.
+    step = gq.scales.repeat_interleave(32, dim=1)
+    assert torch.all((gq.dequantize() - w).abs() <= step / 2 * (1 + 1e-6))
+
+
+def test_resolve_group_size_for_smollm2_shapes():
+    smol = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_hidden_layers": 30}
+    assert resolve_group_size(smol, 64, strict=False) == (64, None)
+    chosen, note = resolve_group_size(smol, 128, strict=False)
+    assert chosen == 64 and "576" in note and "using 64" in note
+    with pytest.raises(InputError, match="--group-size 64"):
+        resolve_group_size(smol, 128, strict=True)
+
+
+# --- end to end on the tiny model -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,bound", [("gptq4", 0.25), ("awq4", 0.25), ("gptq8", 0.025), ("awq8", 0.025)])
+def test_reloads_with_plain_from_pretrained_and_logits_stay_close(quantized, tiny_base, name, bound):
+    ids = _sample_ids()
+    fp, q = _logits(tiny_base, ids), _logits(quantized[name], ids)
+    rel = ((q - fp).norm() / fp.norm()).item()
+    assert 0 < rel < bound, f"{name}: relative logit error {rel:.4f}"
+
+
+@pytest.mark.parametrize("name", ["gptq4", "gptq8", "awq4", "awq8"])
+def test_packed_weights_lie_on_the_declared_grid_and_match_the_loader(quantized, tiny_base, name):
+    """Integers in range, one scale/zero per declared group, and the loader's kernel computes x·Wᵀ with exactly
+    the weights lorakit's unpacker reads (checked on the identity matrix, to fp16/bf16 kernel precision)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = quantized[name]
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    bits, g = qcfg["bits"], qcfg["group_size"]
+    assert bits == int(name[-1]) and qcfg["quant_method"] == ("awq" if name == "awq4" else "gptq")
+    unpacked = _unpack(folder)
+    assert sorted(unpacked) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in LINEARS)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    fp = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    for mod, gq in unpacked.items():
+        assert gq.q.min() >= 0 and gq.q.max() <= 2**bits - 1
+        assert gq.zeros.min() >= 0 and gq.zeros.max() <= 2**bits - 1
+        assert gq.scales.shape[1] * g == gq.q.shape[1] and torch.all(gq.scales > 0)
+        w = dequantize(gq.q, gq.scales, gq.zeros, g)
+        module = loaded.get_submodule(mod)
+        with torch.no_grad():
+            kernel_w = module(torch.eye(w.shape[1]).unsqueeze(0)).squeeze(0).t().float()
+        assert (kernel_w - w).abs().max() <= 0.01 * w.abs().max(), mod
+        if name.startswith("gptq"):  # AWQ weights also carry the folded scales, so only GPTQ compares to fp directly
+            ref = fp.get_submodule(mod).weight.float()
+            assert ((w - ref).norm() / ref.norm()).item() < (0.2 if bits == 4 else 0.02), mod
+
+
+def test_quant_record_says_how_it_was_made(quantized, tiny_base, prep):
+    for name, folder in quantized.items():
+        meta = read_quant_meta(folder)
+        p = meta.params
+        assert (p.method, p.bits) == (name[:-1], int(name[-1]))
+        assert p.layout == ("awq-gemm" if name == "awq4" else "gptq-v1")
+        assert meta.calibration["n_samples"] == 8 and meta.calibration["split"] == "train"
+        assert len(meta.calibration["tokens_sha256"]) == 64 and len(meta.calibration["source_sha256"]) == 64
+        assert meta.input["weights_digest"] and meta.backend["versions"]["gptqmodel"] == "7.6.0"
+        assert meta.size_after_bytes < meta.size_before_bytes and meta.wall_time_s > 0
+        assert "from_pretrained" in meta.how_to_load
+        assert (folder / "tokenizer.json").exists()
+        assert (folder / "generation_config.json").read_text() == (tiny_base / "generation_config.json").read_text()
+        assert not (folder / "quant_log.csv").exists()
+    assert read_quant_meta(quantized["awq8"]).notes and "GPTQ v1 layout" in read_quant_meta(quantized["awq8"]).notes[0]
+    # Same calibration for every method: the digest of the tokens is shared.
+    assert len({read_quant_meta(f).calibration["tokens_sha256"] for f in quantized.values()}) == 1
+
+
+def test_calibration_sampling_is_seeded(tiny_base, prep):
+    from transformers import AutoTokenizer
+
+    from lorakit.quantize.calibration import build_calibration
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    a, b = (build_calibration(prep, tok, n_samples=4, seq_len=32, seed=0) for _ in range(2))
+    c = build_calibration(prep, tok, n_samples=4, seq_len=32, seed=1)
+    assert torch.equal(a.blocks, b.blocks) and a.tokens_digest == b.tokens_digest
+    assert a.tokens_digest != c.tokens_digest
+
+
+def test_awq_search_beats_plain_rounding(quantized):
+    """The chosen α never loses to α = 0 (plain rounding) on the searched tokens; on average it gains."""
+    q = read_quant_meta(quantized["awq4"]).quality
+    assert all(q["output_mse_best"][k] <= q["output_mse_alpha0"][k] for k in q["alpha"])
+    assert q["mean_mse_ratio_vs_alpha0"] < 1.0
+
+
+def test_awq_on_a_tied_embedding_model_keeps_the_tie(tmp_path, tiny_tied_base, prep):
+    """SmolLM2 ties lm_head to the input embedding: the checkpoint stores it once and the loader re-ties it."""
+    from transformers import AutoModelForCausalLM
+
+    out = quantize_model(tiny_tied_base, tmp_path / "tied-awq", method="awq", group_size=64, calib=prep,
+                         progress=False, **CALIB).output
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = _sample_ids()
+    fp, q = _logits(tiny_tied_base, ids), _logits(out, ids)
+    assert ((q - fp).norm() / fp.norm()).item() < 0.25
+
+
+def test_awq_scale_folding_leaves_the_fp_model_unchanged():
+    """Folding s into the preceding op (norm, v_proj, up_proj) is an exact identity before rounding: with clipping
+    off, the folded fp model must reproduce the original logits. Full multi-head attention (kv heads = heads) so
+    the o_proj -> v_proj fold is exercised too."""
+    import copy
+
+    from lorakit.models.tiny import make_tiny_llama
+    from lorakit.quantize.awq import AwqParams, awq_quantize
+
+    original = make_tiny_llama(num_kv_heads=4, seed=3)
+    folded = copy.deepcopy(original)
+    blocks = _sample_ids(4, 32)
+    quantized, report = awq_quantize(folded, blocks, AwqParams(group_size=32, clip=False, n_grid=5),
+                                     device=torch.device("cpu"), progress=False)
+    assert len(quantized) == 14 and any(k.endswith("self_attn.o_proj") for k in report.alphas)
+    assert any(a > 0 for a in report.alphas.values())  # some scale differs from 1, so the test sees a fold
+    ids = _sample_ids(2, 40)
+    with torch.no_grad():
+        ref, got = original(ids).logits, folded(ids).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    changed = (folded.model.layers[0].input_layernorm.weight - original.model.layers[0].input_layernorm.weight)
+    assert changed.abs().max() > 1e-3
+
+
+def test_cli_quantizes_from_a_text_file_and_generates(tmp_path, tiny_base, prep):
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(json.loads(line)["text"] for line in (prep / "train.texts.jsonl").read_text().splitlines()))
+    out = tmp_path / "gptq"
+    proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--method", "gptq", "--group-size", "64",
+                   "--calib", str(text), "--n-samples", "4", "--seq-len", "64", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{out}\n"  # GPTQModel's banners and tables went to stderr
+    assert not (tmp_path / "logs").exists()  # nor did its log files land in the working directory
+    assert read_quant_meta(out).calibration["kind"] == "file"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    gen = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 7)
+
+
+# --- bad input: one clear error, nothing written ------------------------------------------------------------------
+
+def _bad(tmp_path, model, match, **kw):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=match):
+        quantize_model(model, out, progress=False, **{"calib": kw.pop("calib", None), **CALIB, **kw})
+    assert_nothing_written(out)
+
+
+def test_rejects_a_folder_that_is_not_a_model(tmp_path, prep):
+    (tmp_path / "notamodel").mkdir()
+    _bad(tmp_path, tmp_path / "notamodel", "not an HF model folder", calib=prep)
+
+
+def test_rejects_an_already_quantized_model(tmp_path, quantized, prep):
+    _bad(tmp_path, quantized["gptq4"], "already quantized", calib=prep)
+
+
+def test_rejects_an_unsupported_architecture(tmp_path, tiny_base, prep):
+    other = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_base, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (other / "config.json").write_text(json.dumps(cfg))
+    _bad(tmp_path, other, "gpt2 model; lorakit quantize supports llama", calib=prep)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=3), "--bits 3 is out of range"),
+    (dict(group_size=100), "--group-size 100 is out of range"),
+    (dict(method="hqq"), "--method 'hqq' is not supported"),
+    (dict(method="awq", desc_act=True), "--desc-act"),
+    (dict(group_size=256, strict_group_size=True), "does not divide"),
+    (dict(method="awq", awq_grid=0), "--awq-grid and --awq-search-tokens must be positive"),
+])
+def test_rejects_out_of_range_parameters(tmp_path, tiny_base, prep, kw, match):
+    _bad(tmp_path, tiny_base, match, calib=prep, **kw)
+
+
+def test_rejects_too_little_or_missing_calibration_data(tmp_path, tiny_base, prep):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    _bad(tmp_path, tiny_base, "less than one block", calib=short)
+    _bad(tmp_path, tiny_base, r"--n-samples 1000 needs .* lower --n-samples", calib=prep, n_samples=1000, seq_len=64)
+    _bad(tmp_path, tiny_base, "needs calibration text", calib=None)
+    _bad(tmp_path, tiny_base, "does not exist", calib=tmp_path / "nope.txt")
+    (tmp_path / "plain").mkdir()
+    _bad(tmp_path, tiny_base, "not a prepared-data folder", calib=tmp_path / "plain")
+
+
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_base, prep):
+    out = tmp_path / "out"
+    proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--bits", "5", "--calib", str(prep))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --bits 5 is out of range")
+    assert_nothing_written(out)
+
+
+def test_refuses_an_existing_output_without_force(tmp_path, tiny_base, prep):
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        quantize_model(tiny_base, out, calib=prep, progress=False, **CALIB)
+    assert list(out.iterdir()) == []
+
+
+# --- the real model ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_gptq_on_smollm2_loads_and_generates(tmp_path, real_base):
+    """SmolLM2-135M with GPTQ on CPU: 576 is not a multiple of 128, so the group size is lowered to 64."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prep = make_prep(tmp_path / "prep", n_train=40)
+    out = tmp_path / "smol-gptq"
+    result = quantize_model(real_base, out, method="gptq", bits=4, group_size=128, calib=prep, n_samples=4,
+                            seq_len=64, progress=False)
+    meta = read_quant_meta(out)
+    assert result.group_size == 64 and meta.params.group_size_requested == 128 and "576" in meta.notes[0]
+    assert meta.size_after_bytes < meta.size_before_bytes / 2
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 3
+    assert (out / QUANT_META).exists()
