@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_nothing_written, run_cli
+from tests.conftest import assert_nothing_written, run_cli
 from lorakit.errors import InputError
 from lorakit.io.safetensors_stream import load_file
 from lorakit.quantize import QUANT_META, quantize_model, read_quant_meta
