@@ -224,3 +224,18 @@ def test_sensitivity_matches_a_direct_computation(trained, prep):
     assert sens.output_mse[name] == pytest.approx(direct, rel=1e-4)
     assert sens.ranking[0] == max(sens.output_mse, key=sens.output_mse.get) and len(sens.ranking) == 14
     assert math.isfinite(sens.relative[name]) and sens.tokens == 256
+
+
+def test_cli_target_degradation_prints_the_trial_table_and_how_to_load(tmp_path, trained, prep):
+    from tests.conftest import run_cli
+
+    proc = run_cli("quantize", str(trained), "-o", str(tmp_path / "q"), "--calib", str(prep), "--target-degradation",
+                   "0", "--search-methods", "awq", "--n-samples", "8", "--seq-len", "64", "--max-trials", "1",
+                   check=True)
+    assert "NO configuration met" in proc.stdout and "how to load" in proc.stdout
+    meta = read_quant_meta(tmp_path / "q")
+    assert len(meta.search["trials"]) == 1 and meta.search["stop_reason"].startswith("max_trials")
+    proc = run_cli("quantize", str(trained), "-o", str(tmp_path / "bad"), "--calib", str(prep),
+                   "--module-bits", "model.layers.0.mlp.down_proj")
+    assert proc.returncode == 2 and "MODULE=BITS" in proc.stderr
+    assert_nothing_written(tmp_path / "bad")
