@@ -4,12 +4,13 @@ Runs ``lorakit.quantize.search_quantization`` (every trial = a real quantization
 against the fp32 baseline, same method, dequantized path) on the default release's data and records every
 configuration tried, GPTQ and AWQ: size, perplexity, degradation, quantize time, loaders.
 
-Data: the two bundled instruction tasks prepared with the embedded model's tokenizer (`lorakit prep`); the
-train split calibrates, the val split is scored. The model is the embedded *base* SmolLM2-135M-Instruct, not
-the merged model of the two bundled-task adapters (training both adapters did not fit this run's time box on
-the shared 2-core machine); the README section says so.
+The default release: each bundled task is prepared with the embedded model's tokenizer and gets its own QLoRA
+adapter (NF4, r 16, ``--train-steps`` steps: short, to fit CI time on CPU); the two adapters are merged exactly
+(linear, weights 1, ``--output-kind model``). The merged model is quantized; calibration = the union of the
+tasks' train splits, evaluation = the union of their val splits (never trained on). ``--base-only`` skips
+training and measures the base model on the same data.
 
-    python -m bench.release_quality [--max-trials 6] [--time-budget 1800] [--target 0.05]
+    python -m bench.release_quality [--max-trials 6] [--time-budget 1800] [--target 0.05] [--base-only]
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def main() -> None:
     ap.add_argument("--mixed-steps", default="4,8,30")
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--base-only", action="store_true")
     args = ap.parse_args()
 
     from lorakit.data.bundled import BUNDLED_NAMES, bundled_dataset_path
-    from lorakit.data.prep import prepare_dataset
     from lorakit.models import ensure_default_model
     from lorakit.quantize.search import SearchBounds, SearchSpace, search_quantization
     from lorakit.runtime import configure_threads
@@ -52,9 +54,7 @@ def main() -> None:
     configure_threads()
     base = ensure_default_model()
     WORK.mkdir(parents=True, exist_ok=True)
-    prep = WORK / "prep"
-    if not (prep / "prep.json").exists():
-        prepare_dataset([bundled_dataset_path(n) for n in BUNDLED_NAMES], prep, base=base, progress=False)
+    prep, model, made = release_input(base, args.train_steps, args.base_only)
     fp32_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     bf16_bytes = fp32_bytes // 2
     limit = bf16_bytes // 2
@@ -64,7 +64,7 @@ def main() -> None:
     bounds = SearchBounds(max_trials=args.max_trials, time_budget_s=args.time_budget, max_size_bytes=limit)
     out = WORK / "release"
     started = time.perf_counter()
-    result = search_quantization(base, out, calib=prep, target_degradation=args.target, space=space, bounds=bounds,
+    result = search_quantization(model, out, calib=prep, target_degradation=args.target, space=space, bounds=bounds,
                                  seq_len=args.seq_len, force=True, progress=True)
     search = result.metadata["search"]
     rows = []
@@ -81,7 +81,9 @@ def main() -> None:
             "loaders": t["loaders"], "error": t["error"], "params": p,
         })
     data = {
-        "model": "embedded SmolLM2-135M-Instruct (base, fp32), NOT the merged bundled-task model (time box)",
+        "model": ("embedded SmolLM2-135M-Instruct base (fp32), not the merged model" if args.base_only else
+                  f"merged model of the two bundled-task adapters ({args.train_steps} QLoRA steps each) on SmolLM2-135M-Instruct"),
+        "made": made,
         "data": {"prep": str(prep), "sources": list(BUNDLED_NAMES), "calibration": "train split",
                  "evaluation": "val split", "tokens_scored": search["baseline"]["tokens"]},
         "baseline_ppl": search["baseline"]["ppl"],
@@ -99,9 +101,55 @@ def main() -> None:
     print(f"wrote {path}")
 
 
+def release_input(base: Path, steps: int, base_only: bool) -> tuple[Path, Path, dict]:
+    """(combined prep folder, model to quantize, how it was made): the default release's merged model and data."""
+    from lorakit.data.bundled import BUNDLED_NAMES, bundled_dataset_path
+    from lorakit.data.prep import prepare_dataset
+
+    made: dict = {}
+    preps = []
+    for name in BUNDLED_NAMES:
+        p = WORK / f"prep-{name}"
+        if not (p / "prep.json").exists():
+            prepare_dataset([bundled_dataset_path(name)], p, base=base, max_length=256, seed=0, progress=False)
+        preps.append(p)
+    combined = WORK / "prep-release"
+    if not (combined / "prep.json").exists():
+        tmp = WORK / "prep-release.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        shutil.copy2(preps[0] / "prep.json", tmp / "prep.json")
+        for split in ("train", "val"):
+            with open(tmp / f"{split}.texts.jsonl", "w") as fh:
+                for p in preps:
+                    fh.write((p / f"{split}.texts.jsonl").read_text())
+        tmp.rename(combined)
+    if base_only:
+        return combined, base, made
+    from lorakit.merge import merge_adapters
+    from lorakit.train import train_adapter
+
+    adapters = []
+    for name, p in zip(BUNDLED_NAMES, preps):
+        a = WORK / f"adapter-{name}-{steps}"
+        if not (a / "adapter_config.json").exists():
+            t0 = time.perf_counter()
+            train_adapter(p, a, base=base, quant="nf4", r=16, alpha=32, lr=1e-3, max_steps=steps, batch_size=4,
+                          seed=0, checkpoint_every=None, min_loss_drop=None, progress=False)
+            made[f"train_{name}_s"] = round(time.perf_counter() - t0, 1)
+        adapters.append(a)
+    merged = WORK / f"merged-{steps}"
+    if not (merged / "config.json").exists():
+        t0 = time.perf_counter()
+        merge_adapters(adapters, [1.0, 1.0], merged, method="linear", output_kind="model", base=base, progress=False)
+        made["merge_s"] = round(time.perf_counter() - t0, 1)
+    made.update({"adapters": [str(a) for a in adapters], "merged": str(merged)})
+    return combined, merged, made
+
+
 def readme(d: dict) -> str:
     lines = ["## release_quality", "",
-             f"`python -m bench.release_quality` on {d['model']}; calibration: bundled tasks' train split, "
+             f"`python -m bench.release_quality` on the {d['model']}; calibration: bundled tasks' train split, "
              f"perplexity: their val split ({d['data']['tokens_scored']} tokens, fp32 baseline "
              f"{d['baseline_ppl']:.3f}), dequantized path, same method for every row. Target +{d['target_degradation']:.0%}, "
              f"size limit {d['size_limit_bytes'] / 1e6:.1f} MB (50% of bf16). Shared, loaded 2-core CPU; "

@@ -169,6 +169,17 @@ def test_gptq_module_bits_write_gptqmodel_dynamic_and_load(tmp_path, trained, pr
         dense = load_eval_model(describe_model(res.output), quant_path="dequantized", device="cpu").model
         b = dense(ids).logits.float()
     assert (a - b).abs().max() < 2e-2 * a.abs().max()
+    # What how_to_load warns about, checked: plain transformers (5.24) refuses per-module bit widths. If this starts
+    # loading, update lorakit.quantize.mixed (loaders, how_to_load) and the search's preference.
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(res.output))
+    # ... while lorakit's gate reads it (CPU: dequantized path, per-layer bit widths from the packed tensors).
+    from lorakit.gate import check
+
+    verdict = check(trained, res.output, prep, max_degradation=0.05, seq_len=64, progress=False)
+    assert verdict.passed and verdict.checks[0].candidate["path_used"] == "gptq-dequantized"
 
 
 def test_registry_export_keeps_a_searched_checkpoint_byte_for_byte(tmp_path, impossible):
