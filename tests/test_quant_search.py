@@ -250,3 +250,15 @@ def test_cli_target_degradation_prints_the_trial_table_and_how_to_load(tmp_path,
                    "--module-bits", "model.layers.0.mlp.down_proj")
     assert proc.returncode == 2 and "MODULE=BITS" in proc.stderr
     assert_nothing_written(tmp_path / "bad")
+
+
+def test_release_defaults_are_quantize_model_arguments():
+    import inspect
+
+    from lorakit.quantize.defaults import RELEASE_QUANTIZE, RELEASE_TARGET_DEGRADATION
+    from lorakit.quantize.checks import check_method
+
+    params = inspect.signature(quantize_model).parameters
+    assert set(RELEASE_QUANTIZE) <= set(params) and 0 < RELEASE_TARGET_DEGRADATION < 1
+    check_method(RELEASE_QUANTIZE["method"], RELEASE_QUANTIZE["bits"], RELEASE_QUANTIZE["group_size"])
+    assert 576 % RELEASE_QUANTIZE["group_size"] == 0 and 1536 % RELEASE_QUANTIZE["group_size"] == 0  # SmolLM2
