@@ -29,10 +29,25 @@ import click
 @click.option("--awq-grid", type=int, default=20, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
+@click.option("--module-bits", multiple=True, metavar="MODULE=BITS",
+              help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=8 (gptq: 8, via GPTQModel "
+                   "`dynamic`; NOT loadable by plain transformers) or =16 (awq: kept in fp16, still loadable). Repeatable.")
+@click.option("--target-degradation", type=float, default=None,
+              help="Search instead of using the options above: the smallest configuration (group size, sym/asym, "
+                   "act-order, per-module precision; GPTQ and AWQ) whose perplexity on the validation data is at most "
+                   "this fraction worse than the model's (e.g. 0.05). Every trial is recorded in lorakit_quant.json.")
+@click.option("--eval-data", type=click.Path(), help="search: validation data (default: the val split of --calib).")
+@click.option("--search-methods", default="awq,gptq", show_default=True,
+              help="search: methods, in order of preference at equal size.")
+@click.option("--max-trials", type=int, default=12, show_default=True, help="search: at most this many quantizations.")
+@click.option("--time-budget", type=float, default=3 * 3600, show_default=True,
+              help="search: seconds; no trial starts that would likely end past it.")
+@click.option("--max-size-mb", type=float, default=None, help="search: skip configurations predicted above this size.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym, desc_act, calib, n_samples,
-             seq_len, seed, device, awq_search_tokens, awq_grid, no_awq_clip, force, quiet):
+             seq_len, seed, device, awq_search_tokens, awq_grid, no_awq_clip, module_bits, target_degradation, eval_data,
+             search_methods, max_trials, time_budget, max_size_mb, force, quiet):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
 
     \b
@@ -56,10 +71,15 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
 
     configure_threads()
     quiet_third_party_logs()
+    if target_degradation is not None:
+        _search(model_dir, output, calib, eval_data, target_degradation, search_methods, n_samples, seq_len, seed,
+                device, max_trials, time_budget, max_size_mb, force, quiet)
+        return
     result = quantize_model(
         model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
         n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,
         awq_search_tokens=awq_search_tokens, awq_grid=awq_grid, awq_clip=not no_awq_clip, force=force, progress=not quiet,
+        module_bits=_parse_module_bits(module_bits),
     )
     if quiet:
         click.echo(str(result.output))
@@ -71,6 +91,46 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
                f"{'sym' if p['sym'] else 'asym'}, {p['layout']} layout) on {p['n_samples']}x{p['seq_len']} calibration "
                f"tokens -> {result.output} [{meta['size_before_bytes'] / mib:.0f} MiB -> "
                f"{meta['size_after_bytes'] / mib:.0f} MiB, {meta['wall_time_s']:.1f}s]")
+
+
+def _parse_module_bits(items: tuple[str, ...]) -> dict[str, int]:
+    from lorakit.errors import InputError
+
+    out = {}
+    for item in items:
+        name, _, bits = item.partition("=")
+        if not name or not bits.isdigit():
+            raise InputError(f"--module-bits {item!r} is not MODULE=BITS (e.g. model.layers.3.mlp.down_proj=8)")
+        out[name] = int(bits)
+    return out
+
+
+def _search(model_dir, output, calib, eval_data, target, methods, n_samples, seq_len, seed, device, max_trials,
+            time_budget, max_size_mb, force, quiet) -> None:
+    from lorakit.quantize.search import SearchBounds, SearchSpace, search_quantization
+
+    space = SearchSpace(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_samples=(n_samples,))
+    bounds = SearchBounds(max_trials=max_trials, time_budget_s=time_budget,
+                          max_size_bytes=int(max_size_mb * 1e6) if max_size_mb else None)
+    result = search_quantization(model_dir, output, calib=calib, eval_data=eval_data, target_degradation=target,
+                                 space=space, bounds=bounds, seq_len=seq_len, seed=seed, device=device, force=force,
+                                 progress=not quiet)
+    search = result.metadata["search"]
+    if quiet:
+        click.echo(str(result.output))
+        return
+    click.echo(f"{'| #' :<4}| config | MB | ppl | degradation | s |")
+    for t in search["trials"]:
+        p = t["params"]
+        kept = f" +{len(p['module_bits'])}@{next(iter(p['module_bits'].values()))}b" if p["module_bits"] else ""
+        cfg = f"{p['method']} g{p['group_size']} {'sym' if p['sym'] else 'asym'}{' act' if p['desc_act'] else ''}{kept}"
+        if t["error"]:
+            click.echo(f"| {t['index']:<2}| {cfg} | error: {t['error']} |")
+        else:
+            click.echo(f"| {t['index']:<2}| {cfg} | {t['size_bytes'] / 1e6:.1f} | {t['ppl']:.4f} | "
+                       f"{t['degradation']:+.2%} | {t['quantize_s']:.0f} |{' <- chosen' if t['index'] == search['chosen_trial'] else ''}")
+    click.echo(search["message"])
+    click.echo(f"how to load {result.output}: {result.metadata['how_to_load']}")
 
 
 COMMANDS = [quantize]

@@ -169,11 +169,12 @@ def _run_batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, ba
 
 @torch.no_grad()
 def awq_quantize(model, blocks: torch.Tensor, p: AwqParams, *, device: torch.device,
-                 progress: bool = True) -> tuple[dict[str, GroupQuant], AwqReport]:
+                 progress: bool = True, keep: frozenset[str] = frozenset()) -> tuple[dict[str, GroupQuant], AwqReport]:
     """Search and fold AWQ scales into ``model`` (in place) and quantize its decoder linears.
 
     Returns {module name: integers and grid} for every quantized linear; norms and preceding linears of
-    ``model`` now hold the folded scales and must be saved with the quantized weights.
+    ``model`` now hold the folded scales and must be saved with the quantized weights. Modules named in ``keep``
+    (full names) stay unquantized and unclipped; they still carry their folded scales, which is exact in fp.
     """
     report = AwqReport()
     layers = model.model.layers
@@ -245,10 +246,14 @@ def awq_quantize(model, blocks: torch.Tensor, p: AwqParams, *, device: torch.dev
             # function is unchanged). q/k are not clipped: attention scores are sensitive to it (as in AutoAWQ).
             scale_of = {keys[0]: s for (_label, keys, *_), (_fold, s) in zip(groups, found)}
             for key, src in (("v", "q"), ("o", "o"), ("gate", "gate"), ("up", "gate"), ("down", "down")):
+                if f"model.layers.{idx}.{_FULL[key]}" in keep:
+                    continue
                 s = scale_of.get(src)
                 x = sub[src] / s.view(1, 1, -1) if s is not None else sub[src]
                 report.clipped_modules += _search_clip(names[key], x, p)
         for key, lin in names.items():
+            if f"model.layers.{idx}.{_FULL[key]}" in keep:
+                continue
             results[f"model.layers.{idx}.{_FULL[key]}"] = quantize_weight(lin.weight.detach().float().cpu(), p.bits,
                                                                           p.group_size, p.sym, p.min_zero)
         inps = torch.cat(outs)

@@ -23,6 +23,7 @@ from lorakit.models.folder import resolve_model_dir, shard_names, weights_digest
 from lorakit.quantize.calibration import build_calibration
 from lorakit.quantize.checks import check_method, check_model, resolve_group_size
 from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, write_quant_meta
+from lorakit.quantize.mixed import check_module_bits, gptq_dynamic, how_to_load, loaders
 
 HOW_TO_LOAD = ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed "
                "(and optimum for the GPTQ layout); vLLM/SGLang and GPTQModel.load read the same layout")
@@ -74,7 +75,7 @@ def _folder_bytes(folder: Path, names: list[str]) -> int:
 
 
 def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, device: str,
-             progress: bool) -> dict[str, Any]:
+             progress: bool, keep: tuple[str, ...] = ()) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,9 +83,10 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
     from lorakit.quantize.writer import write_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
-    quantized, report = awq_quantize(model, blocks, p, device=torch.device(device), progress=progress)
+    quantized, report = awq_quantize(model, blocks, p, device=torch.device(device), progress=progress,
+                                     keep=frozenset(keep))
     write_checkpoint(tmp, model, quantized, config, layout, bits=p.bits, group_size=p.group_size, sym=p.sym,
-                     dtype=torch.float16)
+                     dtype=torch.float16, keep_fp=tuple(keep))
     alphas = list(report.alphas.values())
     ratios = [report.loss_best[k] / report.loss_fp_grid[k] for k in report.alphas if report.loss_fp_grid[k] > 0]
     return {"alpha": report.alphas, "output_mse_alpha0": report.loss_fp_grid, "output_mse_best": report.loss_best,
@@ -111,6 +113,7 @@ def quantize_model(
     awq_search_tokens: int = 2048,
     awq_grid: int = 20,
     awq_clip: bool = True,
+    module_bits: dict[str, int] | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> QuantResult:
@@ -120,6 +123,9 @@ def quantize_model(
     every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
     that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
     the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder).
+    ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
+    for GPTQ (GPTQModel ``dynamic``), fp16 for AWQ (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
+    for which loaders read each kind.
     """
     started = time.perf_counter()
     output = Path(output)
@@ -134,6 +140,7 @@ def quantize_model(
     if output.resolve() == src.resolve():
         raise InputError(f"output {output} is the input model folder; write the quantized model to a new folder")
     config = check_model(src)
+    module_bits = check_module_bits(config, method, bits, module_bits)
     used_group, note = resolve_group_size(config, group_size, strict_group_size)
     device = resolve_device(device)
     notes: list[str] = []
@@ -157,7 +164,8 @@ def quantize_model(
             from lorakit.quantize.gptqmodel_backend import backend_versions, gptq_quantize
 
             details = gptq_quantize(src, tmp, calibration.blocks, bits=bits, group_size=used_group, sym=sym,
-                                    desc_act=desc_act, device=device, progress=progress)
+                                    desc_act=desc_act, device=device, progress=progress,
+                                    dynamic=gptq_dynamic(module_bits))
             quality = {"module_loss": details.pop("module_loss")}
             method_params = details
             backend = {"name": "gptqmodel", "versions": backend_versions()}
@@ -169,7 +177,8 @@ def quantize_model(
             p = AwqParams(bits=bits, group_size=used_group, sym=sym, search_tokens=awq_search_tokens, n_grid=awq_grid,
                           clip=awq_clip,
                           min_zero=1 if layout == "gptq-v1" and not sym else 0)
-            quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress)
+            quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress,
+                               keep=tuple(sorted(module_bits)))
             method_params = {k: v for k, v in asdict(p).items() if k not in ("bits", "group_size", "sym")}
             backend = {"name": "lorakit-awq (plain torch)", "versions": backend_versions()}
             _copy_side_files(src, tmp, overwrite=True)
@@ -178,14 +187,16 @@ def quantize_model(
             lorakit_version=lorakit.__version__,
             params=QuantParams(method=method, bits=bits, group_size=used_group, group_size_requested=group_size,
                                sym=sym, desc_act=desc_act, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                               device=device, layout=layout, method_params=method_params),
+                               device=device, layout=layout, method_params=method_params,
+                               module_bits=module_bits),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,
             wall_time_s=round(time.perf_counter() - started, 3),
             size_before_bytes=_folder_bytes(src, source_shards),
             size_after_bytes=_folder_bytes(tmp, out_shards),
-            how_to_load=HOW_TO_LOAD,
+            how_to_load=how_to_load(method, layout, module_bits),
+            loaders=loaders(method, layout, module_bits),
             notes=notes,
             quality=quality,
         )

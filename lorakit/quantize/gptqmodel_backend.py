@@ -89,7 +89,7 @@ def backend_versions() -> dict[str, str]:
 
 
 def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                  desc_act: bool, device: str, progress: bool) -> dict[str, Any]:
+                  desc_act: bool, device: str, progress: bool, dynamic: dict | None = None) -> dict[str, Any]:
     """Quantize ``model_dir`` with GPTQ into ``out_dir``; returns the backend's settings and per-module losses."""
     if not (ops_cache_dir() / "pack_block_cpu").exists() and progress:
         print(f"note: GPTQModel builds a C++ packing op on its first run (~2 min), cached in {ops_cache_dir()}",
@@ -98,7 +98,7 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         _import_gptqmodel()
         from gptqmodel import GPTQModel, QuantizeConfig
 
-        qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act)
+        qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, dynamic=dynamic)
         started = time.perf_counter()
         model = GPTQModel.load(str(model_dir), qcfg, device=device)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]

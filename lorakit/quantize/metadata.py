@@ -30,6 +30,7 @@ class QuantParams:
     device: str
     layout: str  # "awq-gemm" or "gptq-v1"
     method_params: dict[str, Any] = field(default_factory=dict)
+    module_bits: dict[str, int] = field(default_factory=dict)  # per-module precision overrides (mixed.py)
 
 
 @dataclass
@@ -45,6 +46,8 @@ class QuantMeta:
     how_to_load: str
     notes: list[str] = field(default_factory=list)
     quality: dict[str, Any] = field(default_factory=dict)  # per-module losses / AWQ search results
+    loaders: list[str] = field(default_factory=list)  # who reads this checkpoint (mixed.loaders)
+    search: dict[str, Any] = field(default_factory=dict)  # --target-degradation: every trial (search.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,16 +12,18 @@ from lorakit.quantize.grid import GroupQuant
 from lorakit.quantize.layouts import pack_awq, pack_gptq
 
 
-def quantization_config(layout: str, bits: int, group_size: int, sym: bool) -> dict:
+def quantization_config(layout: str, bits: int, group_size: int, sym: bool, keep_fp: tuple[str, ...] = ()) -> dict:
     if layout == "awq-gemm":
         return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
-                "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+                "version": "gemm", "modules_to_not_convert": ["lm_head", *keep_fp]}
+    if keep_fp:
+        raise ValueError("modules kept in fp16 are expressed only in the AWQ GEMM layout (modules_to_not_convert)")
     return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
             "checkpoint_format": "gptq", "format": "gptq", "lm_head": False}
 
 
 def write_checkpoint(out_dir: Path, model, quantized: dict[str, GroupQuant], config: dict, layout: str, *,
-                     bits: int, group_size: int, sym: bool, dtype: torch.dtype) -> None:
+                     bits: int, group_size: int, sym: bool, dtype: torch.dtype, keep_fp: tuple[str, ...] = ()) -> None:
     """Save ``model``'s tensors with each quantized linear replaced by its packed form, and the config.
 
     The unquantized tensors (embeddings, norms, lm_head) are stored in ``dtype``: float16, the convention of
@@ -46,5 +48,5 @@ def write_checkpoint(out_dir: Path, model, quantized: dict[str, GroupQuant], con
     config = dict(config)
     config.pop("torch_dtype", None)
     config["dtype"] = str(dtype).replace("torch.", "")
-    config["quantization_config"] = quantization_config(layout, bits, group_size, sym)
+    config["quantization_config"] = quantization_config(layout, bits, group_size, sym, keep_fp)
     write_json(out_dir / "config.json", config)

@@ -1,0 +1,116 @@
+"""Per-module precision ("mixed precision"): which linears keep more bits, and who can load the result.
+
+A few linears dominate the quantization error (GPTQModel's loss log on SmolLM2-135M: ``mlp.down_proj`` with
+100–400× the error of the others), so keeping just those at higher precision buys most of the quality for a
+few MB. The two methods express that differently, and the difference decides which loaders read the file:
+
+* GPTQ: the module is quantized at **8 bits** through GPTQModel's ``dynamic`` per-module overrides, written into
+  ``quantization_config.dynamic``. GPTQModel.load and vLLM (GPTQ/Marlin with ``dynamic``) read it; plain
+  ``transformers.from_pretrained`` (5.24) does **not** (it builds every layer at the global bit width and fails
+  with a size mismatch).
+* AWQ: the module is kept **unquantized in fp16** and named in ``quantization_config.modules_to_not_convert``,
+  which transformers' AWQ loader (and vLLM's) honour, so the file stays loadable with plain transformers.
+
+lorakit's own evaluation (``lorakit eval``/``gate``, dequantized path) reads both: it derives each layer's bit
+width from its packed tensors and loads unquantized tensors as they are.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lorakit.errors import InputError
+from lorakit.quantize.checks import QUANTIZED_LINEARS
+
+KEEP_BITS = {"gptq": 8, "awq": 16}  # the one higher precision each method can express in a loadable file
+LOADER_TRANSFORMERS = "transformers.AutoModelForCausalLM.from_pretrained (with gptqmodel installed{optimum})"
+LOADER_GPTQMODEL = "gptqmodel.GPTQModel.load"
+LOADER_VLLM = "vLLM ({what})"
+LOADER_LORAKIT = "lorakit eval/gate (dequantized path)"
+
+
+def check_module_bits(config: dict, method: str, bits: int, module_bits: dict[str, int] | None) -> dict[str, int]:
+    """Validated overrides {module name: bits}; an InputError naming the bad entry otherwise."""
+    if not module_bits:
+        return {}
+    n_layers = int(config["num_hidden_layers"])
+    valid = {f"model.layers.{i}.{lin}" for i in range(n_layers) for lin in QUANTIZED_LINEARS}
+    want = KEEP_BITS[method]
+    out = {}
+    for name, b in sorted(module_bits.items()):
+        if name not in valid:
+            raise InputError(f"--module-bits names {name!r}, which is not a quantized linear of this model; use "
+                             f"names like model.layers.0.mlp.down_proj (layers 0..{n_layers - 1})")
+        if int(b) != want:
+            raise InputError(f"--module-bits {name}={b}: {method} keeps a module at {want} bits only "
+                             f"({'GPTQModel dynamic 8-bit' if method == 'gptq' else 'unquantized fp16'})")
+        out[name] = int(b)
+    if bits >= 8 and out:
+        raise InputError("--module-bits raises chosen modules above --bits; with --bits 8 there is nothing to raise")
+    return out
+
+
+def gptq_dynamic(module_bits: dict[str, int]) -> dict[str, dict[str, int]] | None:
+    """GPTQModel ``dynamic`` overrides: one anchored regex per module (first match wins, so order is irrelevant)."""
+    if not module_bits:
+        return None
+    return {f"+:^{re.escape(name)}$": {"bits": b} for name, b in sorted(module_bits.items())}
+
+
+def loaders(method: str, layout: str, module_bits: dict[str, int]) -> list[str]:
+    """The loaders that read a checkpoint of this kind (the ones lorakit's tests exercise come first)."""
+    if method == "gptq" and module_bits:
+        return [LOADER_GPTQMODEL, LOADER_VLLM.format(what="GPTQ with per-module `dynamic` bits"), LOADER_LORAKIT]
+    if layout == "awq-gemm":  # GPTQModel.load is not listed for fp16-kept modules: not verified
+        return [LOADER_TRANSFORMERS.format(optimum=""), LOADER_LORAKIT,
+                LOADER_VLLM.format(what="AWQ, honours modules_to_not_convert")] + ([] if module_bits else [LOADER_GPTQMODEL])
+    return [LOADER_TRANSFORMERS.format(optimum=" and optimum"), LOADER_LORAKIT, LOADER_GPTQMODEL,
+            LOADER_VLLM.format(what="GPTQ")]
+
+
+def plain_transformers_loads(method: str, module_bits: dict[str, int]) -> bool:
+    return not (method == "gptq" and module_bits)
+
+
+def how_to_load(method: str, layout: str, module_bits: dict[str, int]) -> str:
+    if method == "gptq" and module_bits:
+        return ("GPTQ with per-module bit widths (GPTQModel `dynamic` in quantization_config): load with "
+                "gptqmodel.GPTQModel.load(folder) or vLLM; plain transformers.from_pretrained does NOT load it. "
+                "`lorakit eval`/`gate` read it (dequantized path).")
+    kept = f"; {len(module_bits)} sensitive modules are kept in fp16 (modules_to_not_convert)" if module_bits else ""
+    if layout == "awq-gemm":
+        return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed; vLLM and "
+                f"GPTQModel.load read the same AWQ GEMM layout{kept}")
+    return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel and optimum installed; "
+            "vLLM/SGLang and GPTQModel.load read the same GPTQ layout")
+
+
+def predicted_size_bytes(config: dict, *, method: str, bits: int, group_size: int,
+                         module_bits: dict[str, int] | None = None, dtype_bytes: int = 2) -> int:
+    """Bytes of the weights file a configuration will produce (tensor data; the small header excluded).
+
+    Used to order a search by size before spending minutes quantizing; the real size is recorded per trial.
+    """
+    module_bits = module_bits or {}
+    h, inter, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config.get("num_attention_heads") or 1
+    kv = config.get("num_key_value_heads") or heads
+    hd = config.get("head_dim") or h // heads
+    shapes = {"self_attn.q_proj": (heads * hd, h), "self_attn.k_proj": (kv * hd, h), "self_attn.v_proj": (kv * hd, h),
+              "self_attn.o_proj": (h, heads * hd), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+              "mlp.down_proj": (h, inter)}
+    total = 0
+    for i in range(n_layers):
+        for lin, (out_f, in_f) in shapes.items():
+            b = module_bits.get(f"model.layers.{i}.{lin}", bits)
+            if b >= 16:
+                total += out_f * in_f * dtype_bytes
+                continue
+            groups = in_f // group_size
+            total += out_f * in_f * b // 8 + groups * out_f * 2 + groups * out_f * b // 8  # codes, scales, zeros
+            if method == "gptq" or bits != 4:
+                total += in_f * 4  # g_idx
+    vocab = config["vocab_size"]
+    total += vocab * h * dtype_bytes * (1 if config.get("tie_word_embeddings", True) else 2)
+    total += (2 * n_layers + 1) * h * dtype_bytes  # norms
+    return total

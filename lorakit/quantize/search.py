@@ -1,0 +1,337 @@
+"""``search_quantization``: the smallest GPTQ/AWQ configuration that meets a perplexity target, within bounds.
+
+Why: one fixed configuration does not fit every model. On SmolLM2-135M, GPTQ 4-bit g128 loses 23% perplexity
+and g32 asym 7.4%; a 5% release gate rejects both, and a release flow whose default always fails its own gate
+ships nothing. So lorakit measures instead of guessing. Every trial is a real quantization followed by
+``lorakit.evaluate.perplexity`` of the candidate on the run's validation data, with the same method (token
+stream, windows, dtype, dequantized path) as the baseline measured once at the start, exactly as the gate
+will measure it.
+
+Order of trials (two phases, bounded by ``max_trials``, ``time_budget_s`` and ``max_size_bytes``):
+
+1. Uniform configurations, smallest predicted file first (group size 128 → 64 → 32, methods in the order
+   given). Within one size tier the variants (asym/sym, act-order, calibration size) are tried best-expected
+   first; the others only while the tier's best one missed the target by less than ``variant_margin``× (they
+   differ in second-order effects, so a tier that missed by far is not worth their minutes). The first uniform
+   configuration that passes is the smallest uniform one, and the search stops there.
+2. If none passed: per-module precision, greedily. Modules are ranked by measured sensitivity
+   (:mod:`lorakit.quantize.sensitivity`) on the grid of the method's best uniform trial, and the top
+   k = ``mixed_steps`` modules are kept at higher precision (AWQ: fp16, still loadable with plain
+   transformers; GPTQ: 8 bits through GPTQModel ``dynamic``, which plain transformers does not load, so AWQ
+   goes first by default). Each k is one trial; the first passing k ends that method.
+
+The pick: among passing trials, plain-transformers-loadable first, then the smallest file. When nothing passes
+the search says so (``search.passed = false``, a warning) and writes the trial with the lowest degradation, so
+the release gate rejects it as it would any failing model. Every trial's ``params`` are ``quantize_model``
+keyword arguments: re-running one with the same model and calibration data reproduces it (seeded, and the
+recorded calibration digest pins the data).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import InputError
+from lorakit.io.atomic import atomic_dir, check_output_free, write_json
+from lorakit.quantize.checks import METHODS, check_model, resolve_group_size
+from lorakit.quantize.metadata import QUANT_META
+from lorakit.quantize.mixed import KEEP_BITS, plain_transformers_loads, predicted_size_bytes
+
+
+@dataclass
+class SearchSpace:
+    """What the search may vary. Tuple order = preference (tried first) at equal predicted size."""
+
+    methods: tuple[str, ...] = ("awq", "gptq")
+    group_sizes: tuple[int, ...] = (128, 64, 32)
+    sym: tuple[bool, ...] = (False, True)
+    desc_act: tuple[bool, ...] = (True, False)  # GPTQ only
+    n_samples: tuple[int, ...] = (128,)
+    mixed_steps: tuple[int, ...] = (2, 4, 8, 16, 30)
+    variant_margin: float = 2.0
+    max_mixed_fraction: float = 0.25  # never keep more than this share of the linears at higher precision
+    bits: int = 4
+
+
+@dataclass
+class SearchBounds:
+    max_trials: int = 12
+    time_budget_s: float = 3 * 3600.0
+    max_size_bytes: int | None = None
+
+
+@dataclass
+class Trial:
+    index: int
+    phase: str  # "uniform" | "mixed"
+    params: dict[str, Any]  # quantize_model keyword arguments (calib and paths aside)
+    predicted_size_bytes: int
+    size_bytes: int | None = None
+    ppl: float | None = None
+    degradation: float | None = None
+    passed: bool = False
+    quantize_s: float | None = None
+    eval_s: float | None = None
+    plain_transformers: bool = True
+    loaders: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _params(method: str, bits: int, group: int, sym: bool, desc_act: bool, n_samples: int, seq_len: int,
+            seed: int, module_bits: dict[str, int] | None = None) -> dict[str, Any]:
+    return {"method": method, "bits": bits, "group_size": group, "sym": sym,
+            "desc_act": desc_act if method == "gptq" else False, "n_samples": n_samples, "seq_len": seq_len,
+            "seed": seed, "strict_group_size": True, "module_bits": dict(sorted((module_bits or {}).items()))}
+
+
+def _uniform_tiers(config: dict, space: SearchSpace, seq_len: int, seed: int, skipped: list) -> list[list[dict]]:
+    """Uniform candidates grouped into (method, group size) tiers, tiers sorted by predicted size."""
+    tiers = []
+    for mi, method in enumerate(space.methods):
+        for group in space.group_sizes:
+            try:
+                resolve_group_size(config, group, strict=True)
+            except InputError as exc:
+                skipped.append({"method": method, "group_size": group, "reason": str(exc)})
+                continue
+            variants = []
+            for n in space.n_samples:
+                for sym in space.sym:
+                    for act in (space.desc_act if method == "gptq" else (False,)):
+                        variants.append(_params(method, space.bits, group, sym, act, n, seq_len, seed))
+            # best-expected first: asym before sym, act-order before none, more calibration before less
+            variants.sort(key=lambda p: (space.sym.index(p["sym"]),
+                                         space.desc_act.index(p["desc_act"]) if method == "gptq" else 0,
+                                         space.n_samples.index(p["n_samples"])))
+            size = predicted_size_bytes(config, method=method, bits=space.bits, group_size=group)
+            tiers.append((size, mi, variants))
+    tiers.sort(key=lambda t: (t[0], t[1]))
+    return [t[2] for t in tiers]
+
+
+def search_quantization(
+    model_dir: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str],
+    *,
+    calib: str | os.PathLike[str],
+    eval_data: str | os.PathLike[str] | list[str] | None = None,
+    target_degradation: float = 0.05,
+    space: SearchSpace | None = None,
+    bounds: SearchBounds | None = None,
+    seq_len: int = 512,
+    eval_seq_len: int = 512,
+    eval_max_tokens: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+):
+    """Search the smallest configuration meeting ``target_degradation`` (see module docstring); write it to ``output``.
+
+    ``eval_data`` defaults to ``calib`` when that is a prepared-data folder (its *val* split is scored, its
+    train split calibrates). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
+    ``lorakit_quant.json`` carries ``search`` (every trial, the pick, whether the target was met).
+    """
+    from lorakit.evaluate.core import perplexity, prepare_tokens
+    from lorakit.evaluate.loading import describe_model, load_tokenizer
+    from lorakit.models.folder import resolve_model_dir
+    from lorakit.quantize.core import QuantResult, quantize_model
+    from lorakit.quantize.sensitivity import module_sensitivity
+
+    started = time.perf_counter()
+    space = space or SearchSpace()
+    bounds = bounds or SearchBounds()
+    output = Path(output)
+    if not 0 <= target_degradation < 10:
+        raise InputError(f"--target-degradation {target_degradation} is out of range; pass a fraction such as 0.05")
+    if bounds.max_trials < 1 or bounds.time_budget_s <= 0:
+        raise InputError("--max-trials and --time-budget must be positive")
+    bad = [m for m in space.methods if m not in METHODS]
+    if bad or not space.methods:
+        raise InputError(f"search methods {bad or '(none)'} are not supported; choose from {', '.join(METHODS)}")
+    check_output_free(output, force)
+    src = resolve_model_dir(model_dir)
+    config = check_model(src)
+    if eval_data is None:
+        if not (Path(calib).is_dir()):
+            raise InputError("--target-degradation needs validation data: pass --eval-data, or a prepared-data "
+                             "folder as --calib (its val split is scored)")
+        eval_data = calib
+    spec = describe_model(str(src))
+    tokens = prepare_tokens(eval_data, load_tokenizer(spec), max_tokens=eval_max_tokens)
+    eval_kw = dict(seq_len=eval_seq_len, quant_path="dequantized", device=device, progress=False)
+    base = perplexity(str(src), tokens, **eval_kw)
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say(f"search: baseline perplexity {base.ppl:.4f} on {base.tokens} tokens; target +{target_degradation:.1%}")
+
+    trials: list[Trial] = []
+    skipped: list[dict] = []
+    stop_reason = "search space exhausted"
+    root = output.parent / f".{output.name}.search-{os.getpid()}"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+
+    def budget_left() -> str | None:
+        if len(trials) >= bounds.max_trials:
+            return f"max_trials ({bounds.max_trials}) reached"
+        spent = time.perf_counter() - started
+        done = [t for t in trials if t.quantize_s is not None]
+        estimate = (sum(t.quantize_s + (t.eval_s or 0) for t in done) / len(done)) if done else 0.0
+        if spent + estimate > bounds.time_budget_s:
+            return f"time budget ({bounds.time_budget_s:.0f} s) would be exceeded (spent {spent:.0f} s)"
+        return None
+
+    def run(phase: str, params: dict) -> Trial:
+        predicted = predicted_size_bytes(config, method=params["method"], bits=params["bits"],
+                                         group_size=params["group_size"], module_bits=params["module_bits"])
+        trial = Trial(len(trials), phase, params, predicted,
+                      plain_transformers=plain_transformers_loads(params["method"], params["module_bits"]))
+        trials.append(trial)
+        folder = root / f"trial-{trial.index:02d}"
+        t0 = time.perf_counter()
+        try:
+            result = quantize_model(src, folder, calib=calib, device=device, progress=False, **params)
+        except InputError as exc:
+            trial.error = str(exc)
+            say(f"search: trial {trial.index} {_label(params)}: error: {exc}")
+            return trial
+        trial.quantize_s = round(time.perf_counter() - t0, 2)
+        trial.size_bytes = result.metadata["size_after_bytes"]
+        trial.loaders = result.metadata["loaders"]
+        t1 = time.perf_counter()
+        res = perplexity(str(folder), tokens, **eval_kw)
+        trial.eval_s = round(time.perf_counter() - t1, 2)
+        trial.ppl = res.ppl
+        trial.degradation = res.ppl / base.ppl - 1
+        trial.passed = trial.degradation <= target_degradation
+        say(f"search: trial {trial.index} {_label(params)}: {trial.size_bytes / 1e6:.1f} MB, ppl {res.ppl:.4f} "
+            f"({trial.degradation:+.2%}) {'PASS' if trial.passed else 'fail'} [{trial.quantize_s:.0f}+{trial.eval_s:.0f} s]")
+        return trial
+
+    sensitivity: dict[str, Any] = {}
+    try:
+        done = False
+        for tier in _uniform_tiers(config, space, seq_len, seed, skipped):
+            first = None
+            for params in tier:
+                if bounds.max_size_bytes and predicted_size_bytes(
+                        config, method=params["method"], bits=params["bits"],
+                        group_size=params["group_size"]) > bounds.max_size_bytes:
+                    skipped.append({"params": params, "reason": "predicted size above max_size_bytes"})
+                    continue
+                if first is not None and (first.degradation is None
+                                          or first.degradation > space.variant_margin * target_degradation):
+                    skipped.append({"params": params, "reason": "tier's best-expected variant missed the target "
+                                    f"by more than {space.variant_margin}x"})
+                    continue
+                reason = budget_left()
+                if reason:
+                    stop_reason, done = reason, True
+                    break
+                trial = run("uniform", params)
+                first = first or trial
+                if trial.passed:
+                    stop_reason, done = "a uniform configuration passed (the smallest passing uniform one)", True
+                    break
+            if done:
+                break
+        if not any(t.passed for t in trials) and not stop_reason.startswith(("max_trials", "time budget")):
+            order = sorted(space.methods, key=lambda m: not plain_transformers_loads(m, {"x": 1}))
+            for method in order:
+                ok = [t for t in trials if t.params["method"] == method and t.degradation is not None]
+                if not ok:
+                    continue
+                best = min(ok, key=lambda t: t.degradation)
+                from lorakit.quantize.calibration import build_calibration
+                from lorakit.quantize.core import _load_tokenizer
+
+                calibration = build_calibration(calib, _load_tokenizer(src), n_samples=best.params["n_samples"],
+                                                seq_len=seq_len, seed=seed)
+                sens = module_sensitivity(src, calibration.blocks, bits=best.params["bits"],
+                                          group_size=best.params["group_size"], sym=best.params["sym"],
+                                          device="cpu" if device == "auto" else device)
+                sensitivity[method] = sens.to_dict()
+                passed = False
+                cap = int(space.max_mixed_fraction * len(sens.ranking))
+                for k in [k for k in space.mixed_steps if 0 < k <= cap]:
+                    keep = {m: KEEP_BITS[method] for m in sens.ranking[:k]}
+                    params = dict(best.params, module_bits=dict(sorted(keep.items())))
+                    if bounds.max_size_bytes and predicted_size_bytes(
+                            config, method=method, bits=params["bits"], group_size=params["group_size"],
+                            module_bits=keep) > bounds.max_size_bytes:
+                        skipped.append({"params": params, "reason": "predicted size above max_size_bytes"})
+                        break
+                    reason = budget_left()
+                    if reason:
+                        stop_reason = reason
+                        break
+                    if run("mixed", params).passed:
+                        passed = True
+                        stop_reason = f"greedy per-module precision passed ({method}, {k} modules)"
+                        break
+                if passed and plain_transformers_loads(method, {"x": 1}):
+                    break  # loadable with plain transformers: preferred over any later method
+                if stop_reason.startswith(("max_trials", "time budget")):
+                    break
+        passing = [t for t in trials if t.passed]
+        measured = [t for t in trials if t.degradation is not None]
+        if not measured:
+            raise InputError("quantization search made no successful trial "
+                             f"({'; '.join(t.error or '' for t in trials) or stop_reason}); widen the search space")
+        if passing:
+            chosen = min(passing, key=lambda t: (not t.plain_transformers, t.size_bytes, t.degradation))
+        else:
+            chosen = min(measured, key=lambda t: (t.degradation, t.size_bytes))
+            print(f"warning: no configuration met the target +{target_degradation:.1%} within the bounds "
+                  f"({stop_reason}); writing the best one (trial {chosen.index}, {chosen.degradation:+.2%}), "
+                  "which the release gate will reject", file=sys.stderr)
+        search = {
+            "target_degradation": target_degradation,
+            "passed": bool(passing),
+            "message": (f"trial {chosen.index} meets the target: {chosen.degradation:+.2%} at "
+                        f"{chosen.size_bytes / 1e6:.1f} MB" if passing else
+                        f"NO configuration met +{target_degradation:.1%} within the bounds; best was trial "
+                        f"{chosen.index} at {chosen.degradation:+.2%} (written so the gate can reject it)"),
+            "chosen_trial": chosen.index,
+            "stop_reason": stop_reason,
+            "baseline": {"model": str(src), "ppl": base.ppl, "tokens": base.tokens, "method": base.method},
+            "space": asdict(space),
+            "bounds": asdict(bounds),
+            "calibration": str(calib),
+            "sensitivity": sensitivity,
+            "skipped": skipped,
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            "trials": [asdict(t) for t in trials],
+        }
+        src_folder = root / f"trial-{chosen.index:02d}"
+        with atomic_dir(output, force=force) as tmp:
+            for item in src_folder.iterdir():
+                os.replace(item, tmp / item.name)
+            from lorakit.io.atomic import read_json
+
+            meta = read_json(tmp / QUANT_META, "quantization record")
+            meta["search"] = search
+            write_json(tmp / QUANT_META, meta)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return QuantResult(output, chosen.params["method"], chosen.params["bits"], chosen.params["group_size"], meta)
+
+
+def _label(p: dict) -> str:
+    extra = f" +{len(p['module_bits'])} modules@{next(iter(p['module_bits'].values()))}b" if p["module_bits"] else ""
+    return (f"{p['method']} {p['bits']}b g{p['group_size']} {'sym' if p['sym'] else 'asym'}"
+            f"{' act-order' if p['desc_act'] else ''} n{p['n_samples']}{extra}")
+
+
+def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "auto", progress: bool = False):
+    """Re-run one recorded trial (``search.trials[i]``) from its parameters alone."""
+    from lorakit.quantize.core import quantize_model
+
+    return quantize_model(model_dir, output, calib=calib, device=device, progress=progress, **trial["params"])

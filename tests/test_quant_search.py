@@ -1,0 +1,264 @@
+"""lorakit quantize --target-degradation: the bounded search, mixed precision, and how its pick is loaded.
+
+A random tiny model is useless here (4-bit rounding can *lower* its perplexity), so the module trains one for
+60 steps (~3 s) on the test corpus: then quantization costs a small, positive, measurable perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import assert_nothing_written
+from tests.test_quantize import make_prep
+from lorakit.errors import InputError
+from lorakit.evaluate import perplexity
+from lorakit.quantize import quantize_model, read_quant_meta
+from lorakit.quantize.mixed import predicted_size_bytes
+from lorakit.quantize.search import SearchSpace, reproduce_trial, search_quantization
+
+SMALL = dict(seq_len=64, eval_seq_len=64)
+SPACE = dict(n_samples=(8,), group_sizes=(128, 32))
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory) -> Path:
+    return make_prep(tmp_path_factory.mktemp("prep") / "prep")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prep) -> Path:
+    """The tiny Llama after 60 seeded AdamW steps on the prep's train texts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.data.splits import read_texts
+    from lorakit.models.tiny import make_tiny_llama
+
+    root = tmp_path_factory.mktemp("trained")
+    src = make_tiny_llama(root / "random", seed=0)
+    torch.manual_seed(0)
+    model, tok = AutoModelForCausalLM.from_pretrained(str(src)), AutoTokenizer.from_pretrained(str(src))
+    ids = torch.tensor([i for t in read_texts(prep, "train") for i in tok(t, add_special_tokens=False)["input_ids"]])
+    blocks = ids[: len(ids) // 64 * 64].view(-1, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        batch = blocks[torch.randint(0, blocks.shape[0], (8,))]
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    return root / "tiny"
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory, trained, prep):
+    """A search with a reachable target (0.1%) over GPTQ and AWQ."""
+    out = tmp_path_factory.mktemp("search") / "found"
+    return search_quantization(trained, out, calib=prep, target_degradation=0.001, space=SearchSpace(**SPACE),
+                               progress=False, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def impossible(tmp_path_factory, trained, prep):
+    """Zero degradation at 4 bits: AWQ uniform, then greedy fp16 modules; nothing can pass."""
+    out = tmp_path_factory.mktemp("search") / "impossible"
+    space = SearchSpace(methods=("awq",), n_samples=(8,), group_sizes=(128,), mixed_steps=(2,))
+    return search_quantization(trained, out, calib=prep, target_degradation=0.0, space=space, progress=False, **SMALL)
+
+
+def test_search_finds_the_smallest_passing_configuration(found, prep):
+    search = found.metadata["search"]
+    trials = search["trials"]
+    assert search["passed"] and "meets the target" in search["message"]
+    chosen = trials[search["chosen_trial"]]
+    passing = [t for t in trials if t["passed"]]
+    assert chosen["passed"] and chosen["degradation"] <= 0.001
+    assert chosen["size_bytes"] == min(t["size_bytes"] for t in passing if t["plain_transformers"])
+    assert all(not t["passed"] for t in trials if t["index"] < chosen["index"])  # it stopped at the first pass
+    for t in trials:  # every trial has what the report needs, and the size prediction that orders the search holds
+        assert t["ppl"] > 0 and t["quantize_s"] > 0 and t["loaders"] and t["error"] is None
+        assert t["degradation"] == pytest.approx(t["ppl"] / search["baseline"]["ppl"] - 1)
+        assert abs(t["size_bytes"] / t["predicted_size_bytes"] - 1) < 0.05
+    # The written folder is the chosen trial: its perplexity, measured again, is the recorded one.
+    again = perplexity(found.output, prep, seq_len=64, quant_path="dequantized", progress=False)
+    assert again.ppl == pytest.approx(chosen["ppl"], rel=1e-9)
+    meta = read_quant_meta(found.output)
+    assert meta.search["chosen_trial"] == chosen["index"] and "from_pretrained" in meta.how_to_load
+    assert not list(found.output.parent.glob(".found.search-*"))  # trial folders are cleaned up
+
+
+def test_search_reports_failure_when_the_target_is_impossible(impossible):
+    search = impossible.metadata["search"]
+    assert not search["passed"] and search["message"].startswith("NO configuration met")
+    assert all(t["degradation"] > 0 and not t["passed"] for t in search["trials"])
+    assert [t["phase"] for t in search["trials"]] == ["uniform", "mixed"]
+    chosen = search["trials"][search["chosen_trial"]]
+    assert chosen["degradation"] == min(t["degradation"] for t in search["trials"])  # the best is written
+    from lorakit.gate.core import judge
+
+    assert judge(search["baseline"]["ppl"], chosen["ppl"], 0.0)[1] is False  # so the gate rejects it
+
+
+def test_greedy_mixed_precision_keeps_the_most_sensitive_modules_and_stays_transformers_loadable(impossible):
+    from transformers import AutoModelForCausalLM
+
+    search = impossible.metadata["search"]
+    mixed = search["trials"][1]
+    ranking = [m["module"] for m in search["sensitivity"]["awq"]["top"]]
+    assert sorted(mixed["params"]["module_bits"]) == sorted(ranking[:2])
+    assert set(mixed["params"]["module_bits"].values()) == {16} and mixed["plain_transformers"]
+    assert mixed["size_bytes"] > search["trials"][0]["size_bytes"]
+    # Re-create the mixed checkpoint and load it the documented ways: plain transformers and lorakit's path.
+    folder = impossible.output.parent / "mixed"
+    reproduce_trial(impossible.metadata["input"]["path"], folder, mixed, calib=search["calibration"])
+    qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert set(ranking[:2]) <= set(qc["modules_to_not_convert"])
+    ids = torch.randint(4, 250, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        assert type(plain.get_submodule(ranking[0])) is torch.nn.Linear  # kept, not an AWQ layer
+        from lorakit.evaluate import describe_model, load_eval_model
+
+        dense = load_eval_model(describe_model(folder), quant_path="dequantized", device="cpu").model
+        a, b = plain(ids).logits.float(), dense(ids).logits.float()
+    assert (a - b).abs().max() < 2e-2 * a.abs().max()
+
+
+def test_every_reported_trial_reproduces_from_its_params(tmp_path, found, impossible, prep):
+    for result in (found, impossible):
+        search = result.metadata["search"]
+        for t in search["trials"]:
+            out = tmp_path / f"{result.output.name}-{t['index']}"
+            reproduce_trial(result.metadata["input"]["path"], out, t, calib=search["calibration"])
+            ppl = perplexity(out, prep, seq_len=64, quant_path="dequantized", progress=False).ppl
+            assert ppl == pytest.approx(t["ppl"], rel=1e-6), (t["params"], ppl, t["ppl"])
+
+
+def test_gptq_module_bits_write_gptqmodel_dynamic_and_load(tmp_path, trained, prep):
+    from lorakit.evaluate import describe_model, load_eval_model
+    from lorakit.io.safetensors_stream import load_file
+
+    name = "model.layers.1.mlp.down_proj"
+    res = quantize_model(trained, tmp_path / "mixed", method="gptq", group_size=32, sym=False, calib=prep,
+                         n_samples=8, seq_len=64, module_bits={name: 8}, progress=False)
+    qc = json.loads((res.output / "config.json").read_text())["quantization_config"]
+    assert any(v.get("bits") == 8 for v in qc["dynamic"].values())
+    tensors = load_file(res.output / "model.safetensors")
+    assert tensors[f"{name}.qweight"].shape[0] == 256 * 8 // 32  # 8-bit codes
+    assert tensors["model.layers.0.mlp.down_proj.qweight"].shape[0] == 256 * 4 // 32  # the rest stay 4-bit
+    assert "GPTQModel.load" in res.metadata["how_to_load"] and "NOT" in res.metadata["how_to_load"]
+    assert res.metadata["size_after_bytes"] == pytest.approx(
+        predicted_size_bytes(json.loads((trained / "config.json").read_text()), method="gptq", bits=4,
+                             group_size=32, module_bits={name: 8}), rel=0.05)
+    # GPTQModel's own loader (the documented one) computes what lorakit's dequantized path computes.
+    from lorakit.quantize.gptqmodel_backend import _import_gptqmodel
+
+    _import_gptqmodel()
+    from gptqmodel import GPTQModel
+
+    ids = torch.randint(4, 250, (1, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        kernel = GPTQModel.load(str(res.output), device="cpu")
+        a = kernel.model(ids).logits.float()
+        dense = load_eval_model(describe_model(res.output), quant_path="dequantized", device="cpu").model
+        b = dense(ids).logits.float()
+    assert (a - b).abs().max() < 2e-2 * a.abs().max()
+    # What how_to_load warns about, checked: plain transformers (5.24) refuses per-module bit widths. If this starts
+    # loading, update lorakit.quantize.mixed (loaders, how_to_load) and the search's preference.
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(RuntimeError, match="mismatched_sizes"):
+        AutoModelForCausalLM.from_pretrained(str(res.output))
+    # ... while lorakit's gate reads it (CPU: dequantized path, per-layer bit widths from the packed tensors).
+    from lorakit.gate import check
+
+    verdict = check(trained, res.output, prep, max_degradation=0.05, seq_len=64, progress=False)
+    assert verdict.passed and verdict.checks[0].candidate["path_used"] == "gptq-dequantized"
+
+
+def test_registry_export_keeps_a_searched_checkpoint_byte_for_byte(tmp_path, impossible):
+    from lorakit.io.digests import file_manifest
+    from registry import Registry
+
+    reg = Registry(tmp_path / "reg")
+    v = reg.register(impossible.output, name="release", kind="quantized")
+    out = reg.export(f"release@{v.version}", tmp_path / "exported")
+    assert file_manifest(out) == file_manifest(impossible.output)
+
+
+@pytest.mark.parametrize("module_bits, match", [
+    ({"model.layers.9.mlp.down_proj": 8}, "not a quantized linear"),
+    ({"model.layers.0.mlp.down_proj": 16}, "gptq keeps a module at 8 bits"),
+    ({"lm_head": 8}, "not a quantized linear"),
+])
+def test_bad_module_bits_are_refused_before_any_work(tmp_path, trained, prep, module_bits, match):
+    with pytest.raises(InputError, match=match):
+        quantize_model(trained, tmp_path / "out", method="gptq", calib=prep, n_samples=8, seq_len=64,
+                       module_bits=module_bits, progress=False)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_search_refuses_bad_input_and_writes_nothing(tmp_path, trained, prep):
+    with pytest.raises(InputError, match="target-degradation"):
+        search_quantization(trained, tmp_path / "o", calib=prep, target_degradation=-0.1, progress=False)
+    with pytest.raises(InputError, match="not supported"):
+        search_quantization(trained, tmp_path / "o", calib=prep, space=SearchSpace(methods=("int3",)), progress=False)
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_sensitivity_matches_a_direct_computation(trained, prep):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.quantize.calibration import build_calibration
+    from lorakit.quantize.grid import fake_quantize
+    from lorakit.quantize.sensitivity import module_sensitivity
+
+    blocks = build_calibration(prep, AutoTokenizer.from_pretrained(str(trained)), n_samples=4, seq_len=64,
+                               seed=0).blocks
+    sens = module_sensitivity(trained, blocks, bits=4, group_size=32, sym=False)
+    name = "model.layers.0.mlp.down_proj"
+    model = AutoModelForCausalLM.from_pretrained(str(trained)).eval()
+    lin = model.get_submodule(name)
+    seen = []
+    lin.register_forward_hook(lambda m, a, o: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(blocks)
+    x = torch.cat(seen).double()
+    w = lin.weight.double()
+    direct = ((x @ (w - fake_quantize(lin.weight, 4, 32, False).double()).t()) ** 2).sum().item() / x.shape[0]
+    assert sens.output_mse[name] == pytest.approx(direct, rel=1e-4)
+    assert sens.ranking[0] == max(sens.output_mse, key=sens.output_mse.get) and len(sens.ranking) == 14
+    assert math.isfinite(sens.relative[name]) and sens.tokens == 256
+
+
+def test_cli_target_degradation_prints_the_trial_table_and_how_to_load(tmp_path, trained, prep):
+    from tests.conftest import run_cli
+
+    proc = run_cli("quantize", str(trained), "-o", str(tmp_path / "q"), "--calib", str(prep), "--target-degradation",
+                   "0", "--search-methods", "awq", "--n-samples", "8", "--seq-len", "64", "--max-trials", "1",
+                   check=True)
+    assert "NO configuration met" in proc.stdout and "how to load" in proc.stdout
+    meta = read_quant_meta(tmp_path / "q")
+    assert len(meta.search["trials"]) == 1 and meta.search["stop_reason"].startswith("max_trials")
+    proc = run_cli("quantize", str(trained), "-o", str(tmp_path / "bad"), "--calib", str(prep),
+                   "--module-bits", "model.layers.0.mlp.down_proj")
+    assert proc.returncode == 2 and "MODULE=BITS" in proc.stderr
+    assert_nothing_written(tmp_path / "bad")
+
+
+def test_release_defaults_are_quantize_model_arguments():
+    import inspect
+
+    from lorakit.quantize.defaults import RELEASE_QUANTIZE, RELEASE_TARGET_DEGRADATION
+    from lorakit.quantize.checks import check_method
+
+    params = inspect.signature(quantize_model).parameters
+    assert set(RELEASE_QUANTIZE) <= set(params) and 0 < RELEASE_TARGET_DEGRADATION < 1
+    check_method(RELEASE_QUANTIZE["method"], RELEASE_QUANTIZE["bits"], RELEASE_QUANTIZE["group_size"])
+    assert 576 % RELEASE_QUANTIZE["group_size"] == 0 and 1536 % RELEASE_QUANTIZE["group_size"] == 0  # SmolLM2
