@@ -79,8 +79,9 @@ def merge_adapters(adapters: list[str], weights: list[float], output: str, param
 @_stage(name="quantize-model", tags=[GPU_TAG], retries=1, retry_delay_seconds=10,
         retry_condition_fn=retry_unless_bad_input)
 def quantize_model(model_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
-    """GPTQ/AWQ-quantize a model folder (``lorakit.quantize.quantize_model``)."""
-    from lorakit.quantize import quantize_model as quantize
+    """GPTQ/AWQ-quantize a model folder: the fixed configuration, or the search when ``target_degradation`` is set
+    (``lorakit.quantize.search.quantize_to_target``)."""
+    from lorakit.quantize.search import quantize_to_target as quantize
 
     return _out(quantize(model_dir, output, force=True, progress=False, **params))
 

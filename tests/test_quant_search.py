@@ -262,3 +262,16 @@ def test_release_defaults_are_quantize_model_arguments():
     assert set(RELEASE_QUANTIZE) <= set(params) and 0 < RELEASE_TARGET_DEGRADATION < 1
     check_method(RELEASE_QUANTIZE["method"], RELEASE_QUANTIZE["bits"], RELEASE_QUANTIZE["group_size"])
     assert 576 % RELEASE_QUANTIZE["group_size"] == 0 and 1536 % RELEASE_QUANTIZE["group_size"] == 0  # SmolLM2
+
+
+def test_release_task_runs_the_search_when_a_target_is_set(tmp_path, trained, prep):
+    """The pipeline's quantize task: a fixed configuration without a target, the bounded search with one."""
+    from tasks.stages import quantize_model as quantize_task
+
+    fixed = {"method": "gptq", "bits": 4, "group_size": 32, "n_samples": 4, "seq_len": 64, "calib": str(prep)}
+    plain = quantize_task.fn(str(trained), str(tmp_path / "plain"), dict(fixed))
+    assert plain["metadata"].get("search") in (None, {})
+    searched = quantize_task.fn(str(trained), str(tmp_path / "searched"),
+                                {**fixed, "target_degradation": 0.5, "max_trials": 1})
+    search = searched["metadata"]["search"]
+    assert len(search["trials"]) == 1 and search["passed"]

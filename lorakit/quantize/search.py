@@ -335,3 +335,28 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
     from lorakit.quantize.core import quantize_model
 
     return quantize_model(model_dir, output, calib=calib, device=device, progress=progress, **trial["params"])
+
+
+def quantize_to_target(
+    model_dir: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str],
+    *,
+    target_degradation: float | None = None,
+    max_trials: int = SearchBounds.max_trials,
+    time_budget_s: float = SearchBounds.time_budget_s,
+    **params: Any,
+):
+    """The pipeline's one quantization entry point: the fixed configuration in ``params``, or, when
+    ``target_degradation`` is set, the bounded search (calibrating and scoring on ``params['calib']``)."""
+    from lorakit.quantize.core import quantize_model
+
+    if target_degradation is None:
+        return quantize_model(model_dir, output, **params)
+    return search_quantization(
+        model_dir, output, calib=params["calib"], target_degradation=target_degradation,
+        space=SearchSpace(n_samples=(int(params.get("n_samples", 128)),), bits=int(params.get("bits", 4))),
+        bounds=SearchBounds(max_trials=max_trials, time_budget_s=time_budget_s),
+        seq_len=int(params.get("seq_len", 512)), seed=int(params.get("seed", 0)),
+        device=params.get("device", "auto"), force=bool(params.get("force", False)),
+        progress=bool(params.get("progress", True)),
+    )
