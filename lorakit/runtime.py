@@ -36,3 +36,19 @@ def quiet_third_party_logs() -> None:
 
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def resolve_device(device: str = "auto", *, cuda: str = "cuda") -> str:
+    """``--device`` for every stage: auto picks CUDA when present (as ``cuda``), else CPU; a CUDA request on a
+    machine without one is an input error rather than a crash deep inside a library."""
+    import torch
+
+    from lorakit.errors import InputError
+
+    if device == "auto":
+        return cuda if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was requested but no CUDA device is available; use --device cpu or auto")
+    return device

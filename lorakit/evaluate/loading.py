@@ -119,15 +119,9 @@ def load_tokenizer(spec: ModelSpec):
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"--device {device!r} is not a torch device; use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    return dev
+    from lorakit.runtime import resolve_device
+
+    return torch.device(resolve_device(device))
 
 
 def _torch_dtype(dtype: str, config_dtype: str | None) -> torch.dtype:

@@ -18,6 +18,7 @@ from typing import Any
 
 import lorakit
 from lorakit.errors import InputError
+from lorakit.runtime import resolve_device as runtime_resolve_device
 from lorakit.io.atomic import atomic_dir, check_output_free
 from lorakit.models.folder import resolve_model_dir, shard_names, weights_digest
 from lorakit.quantize.calibration import build_calibration
@@ -39,15 +40,8 @@ class QuantResult:
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} was requested but no CUDA device is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise InputError(f"--device {device!r} is not one of auto, cpu, cuda")
-    return device
+    """GPTQModel wants an indexed CUDA device."""
+    return runtime_resolve_device(device, cuda="cuda:0")
 
 
 def _load_tokenizer(model_dir: Path):

@@ -15,6 +15,7 @@ import torch
 
 from lorakit.adapters import TIED_TARGETS
 from lorakit.errors import InputError, LorakitError
+from lorakit.runtime import resolve_device
 
 QUANT_MODES = ("nf4", "none")
 SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
@@ -22,13 +23,7 @@ SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
 
 
 def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} was asked for but CUDA is not available here; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    return device
+    return resolve_device(device)
 
 
 def parse_targets(target: str | list[str]) -> str | list[str]:
