@@ -275,3 +275,11 @@ def test_release_task_runs_the_search_when_a_target_is_set(tmp_path, trained, pr
                                 {**fixed, "target_degradation": 0.5, "max_trials": 1})
     search = searched["metadata"]["search"]
     assert len(search["trials"]) == 1 and search["passed"]
+
+
+def test_release_flow_defaults_are_the_measured_release_defaults():
+    from flows.config import QuantizeConfig
+    from lorakit.quantize.defaults import RELEASE_QUANTIZE
+
+    defaults = QuantizeConfig().model_dump()
+    assert {k: defaults[k] for k in RELEASE_QUANTIZE} == RELEASE_QUANTIZE
