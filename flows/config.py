@@ -26,6 +26,13 @@ DEFAULT_DATASETS = ("reverse-words", "number-words")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def check_name(v: str) -> str:
+    """Dataset and registry names become folder and artifact names: keep them path-safe."""
+    if not _NAME.match(v):
+        raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
+    return v
+
+
 class _Section(BaseModel):
     """Refuses unknown keys: a misspelt option must fail loudly, not silently fall back to its default."""
 
@@ -44,12 +51,7 @@ class DatasetConfig(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
-        return v
+    _safe_name = field_validator("name")(check_name)
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetConfig:
@@ -128,12 +130,7 @@ class RegistryConfig(_Section):
     root: str | None = Field(None, description="Registry folder; default $LORAKIT_REGISTRY or under $LORAKIT_HOME.")
     name: str = "release"
 
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
-        return v
+    _safe_name = field_validator("name")(check_name)
 
 
 class PoolsConfig(_Section):
