@@ -46,10 +46,11 @@ def prep(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
-    """Tiny model quantized four ways (made once for the module; each takes a few seconds)."""
+    """Tiny model quantized five ways (made once for the module; each takes a few seconds)."""
     root = tmp_path_factory.mktemp("quant")
     runs = {"gptq4": dict(method="gptq", bits=4, group_size=32), "gptq8": dict(method="gptq", bits=8, group_size=64),
-            "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64)}
+            "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64),
+            "awq4-fp32": dict(method="awq", bits=4, group_size=32, awq_compute_dtype="float32")}
     return {name: quantize_model(tiny_base, root / name, calib=prep, progress=False, **CALIB, **kw).output
             for name, kw in runs.items()}
 
@@ -122,7 +123,8 @@ def test_resolve_group_size_for_smollm2_shapes():
 
 # --- end to end on the tiny model -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,bound", [("gptq4", 0.25), ("awq4", 0.25), ("gptq8", 0.025), ("awq8", 0.025)])
+@pytest.mark.parametrize("name,bound", [("gptq4", 0.25), ("awq4", 0.25), ("gptq8", 0.025), ("awq8", 0.025),
+                                        ("awq4-fp32", 0.25)])
 def test_reloads_with_plain_from_pretrained_and_logits_stay_close(quantized, tiny_base, name, bound):
     ids = _sample_ids()
     fp, q = _logits(tiny_base, ids), _logits(quantized[name], ids)
@@ -162,8 +164,9 @@ def test_quant_record_says_how_it_was_made(quantized, tiny_base, prep):
     for name, folder in quantized.items():
         meta = read_quant_meta(folder)
         p = meta.params
-        assert (p.method, p.bits) == (name[:-1], int(name[-1]))
-        assert p.layout == ("awq-gemm" if name == "awq4" else "gptq-v1")
+        kind = name.split("-")[0]
+        assert (p.method, p.bits) == (kind[:-1], int(kind[-1]))
+        assert p.layout == ("awq-gemm" if kind == "awq4" else "gptq-v1")
         assert meta.calibration["n_samples"] == 8 and meta.calibration["split"] == "train"
         assert len(meta.calibration["tokens_sha256"]) == 64 and len(meta.calibration["source_sha256"]) == 64
         assert meta.input["weights_digest"] and meta.backend["versions"]["gptqmodel"] == "7.6.0"
@@ -190,10 +193,66 @@ def test_calibration_sampling_is_seeded(tiny_base, prep):
 
 
 def test_awq_search_beats_plain_rounding(quantized):
-    """The chosen α never loses to α = 0 (plain rounding) on the searched tokens; on average it gains."""
-    q = read_quant_meta(quantized["awq4"]).quality
-    assert all(q["output_mse_best"][k] <= q["output_mse_alpha0"][k] for k in q["alpha"])
-    assert q["mean_mse_ratio_vs_alpha0"] < 1.0
+    from lorakit.quantize.awq import compute_dtype
+
+    """The chosen scale never loses to plain rounding on the calibration tokens; on average it gains. Both search
+    precisions: float32 (exact errors) and the machine's default (bfloat16 here when the CPU has fast bf16)."""
+    for name, dtype in (("awq4", compute_dtype("auto", torch.device("cpu"))), ("awq4-fp32", torch.float32)):
+        q = read_quant_meta(quantized[name]).quality
+        assert q["compute_dtype"] == str(dtype).removeprefix("torch.")
+        assert all(q["output_mse_best"][k] <= q["output_mse_rtn"][k] for k in q["alpha"])
+        assert q["mean_mse_ratio_vs_rtn"] < 1.0
+
+
+def test_awq_gram_errors_equal_a_direct_forward_over_every_token():
+    """AWQ scores scales and clip ranges through XᵀX; that must be the exact output error a forward pass over the
+    same tokens gives (not an estimate), for whole linears and per group of input channels."""
+    from torch import nn
+
+    from lorakit.quantize.awq import AwqParams, InputStats, output_mse, search_clip
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 64, generator=gen) * torch.linspace(0.1, 4.0, 64)  # uneven channels, as in LLMs
+    w1, w2 = torch.randn(48, 64, generator=gen), torch.randn(16, 64, generator=gen)
+    q1, q2 = w1 + 0.01 * torch.randn_like(w1), w2 + 0.02 * torch.randn_like(w2)
+    stats = InputStats(64, torch.device("cpu"))
+    stats.add(x[:2])
+    stats.add(x[2:])  # accumulated over batches, as during the block forward
+    flat = x.reshape(-1, 64)
+    direct = (torch.cat([flat @ (q1 - w1).t(), flat @ (q2 - w2).t()], dim=1)).pow(2).mean().item()
+    assert stats.tokens == 150
+    assert output_mse([w1, w2], [q1, q2], stats.mean_gram()) == pytest.approx(direct, rel=1e-5)
+    assert torch.allclose(stats.mean_abs(), flat.abs().mean(dim=0), rtol=1e-6)
+
+    # bfloat16 forwards: the Gram matrix and the candidate errors are multiplied in bfloat16; the error must stay
+    # within 1e-3 of the exact one over the same (bfloat16) activations.
+    xb = x.bfloat16()
+    stats_bf16 = InputStats(64, torch.device("cpu"))
+    stats_bf16.add(xb[:2])
+    stats_bf16.add(xb[2:])
+    flat_b = xb.reshape(-1, 64).double()
+    direct_b = (torch.cat([flat_b @ (q1 - w1).double().t(), flat_b @ (q2 - w2).double().t()], dim=1)).pow(2).mean().item()
+    assert output_mse([w1, w2], [q1, q2], stats_bf16.mean_gram().bfloat16()) == pytest.approx(direct_b, rel=1e-3)
+
+    # Clipping: keep the shrink that minimises each group's own output error, computed directly here.
+    p = AwqParams(bits=3, group_size=16, clip_grid=10)
+    lin = nn.Linear(64, 48, bias=False)
+    lin.weight.data.copy_(w1)
+    search_clip(lin, stats.mean_gram(), p)
+    from lorakit.quantize.grid import fake_quantize
+
+    wg = w1.view(48, 4, 16)
+    absmax = wg.abs().amax(dim=-1, keepdim=True)
+    errs = []
+    for i in range(6):
+        cur = absmax * (1 - i / 10)
+        d = fake_quantize(torch.maximum(torch.minimum(wg, cur), -cur).reshape(48, 64), 3, 16, False).view(48, 4, 16) - wg
+        xg = flat.view(-1, 4, 16)
+        errs.append(torch.einsum("tGk,oGk->oGt", xg, d).pow(2).mean(dim=-1))
+    best = torch.stack(errs).argmin(dim=0)  # [o, G]
+    expected = torch.maximum(torch.minimum(wg, absmax * (1 - best.unsqueeze(-1) / 10)), -absmax * (1 - best.unsqueeze(-1) / 10))
+    assert torch.allclose(lin.weight.data, expected.reshape(48, 64), atol=1e-6)
+    assert (best > 0).any()  # the check saw some group actually clipped
 
 
 def test_awq_on_a_tied_embedding_model_keeps_the_tie(tmp_path, tiny_tied_base, prep):
@@ -284,7 +343,7 @@ def test_rejects_an_unsupported_architecture(tmp_path, tiny_base, prep):
     (dict(method="hqq"), "--method 'hqq' is not supported"),
     (dict(method="awq", desc_act=True), "--desc-act"),
     (dict(group_size=256, strict_group_size=True), "does not divide"),
-    (dict(method="awq", awq_grid=0), "--awq-grid and --awq-search-tokens must be positive"),
+    (dict(method="awq", awq_grid=0), "--awq-grid must be positive"),
 ])
 def test_rejects_out_of_range_parameters(tmp_path, tiny_base, prep, kw, match):
     _bad(tmp_path, tiny_base, match, calib=prep, **kw)

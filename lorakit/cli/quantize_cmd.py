@@ -24,11 +24,12 @@ import click
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration text shuffle.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
-@click.option("--awq-search-tokens", type=int, default=2048, show_default=True,
-              help="awq: calibration tokens on which each scale's output error is measured.")
 @click.option("--awq-grid", type=int, default=20, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
+@click.option("--awq-compute-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
+              show_default=True, help="awq: dtype of the calibration forwards and the search's matmuls. auto = "
+              "bfloat16 where the CPU/GPU has fast bfloat16 units (about 2x faster), else float32 (exact search).")
 @click.option("--module-bits", multiple=True, metavar="MODULE=BITS",
               help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=8 (gptq: 8, via GPTQModel "
                    "`dynamic`; NOT loadable by plain transformers) or =16 (awq: kept in fp16, still loadable). Repeatable.")
@@ -46,7 +47,7 @@ import click
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym, desc_act, calib, n_samples,
-             seq_len, seed, device, awq_search_tokens, awq_grid, no_awq_clip, module_bits, target_degradation, eval_data,
+             seq_len, seed, device, awq_grid, no_awq_clip, awq_compute_dtype, module_bits, target_degradation, eval_data,
              search_methods, max_trials, time_budget, max_size_mb, force, quiet):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
 
@@ -78,7 +79,8 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
     result = quantize_model(
         model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
         n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,
-        awq_search_tokens=awq_search_tokens, awq_grid=awq_grid, awq_clip=not no_awq_clip, force=force, progress=not quiet,
+        awq_grid=awq_grid, awq_clip=not no_awq_clip, awq_compute_dtype=awq_compute_dtype,
+        force=force, progress=not quiet,
         module_bits=_parse_module_bits(module_bits),
     )
     if quiet:

@@ -81,12 +81,14 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
                                      keep=frozenset(keep))
     write_checkpoint(tmp, model, quantized, config, layout, bits=p.bits, group_size=p.group_size, sym=p.sym,
                      dtype=torch.float16, keep_fp=tuple(keep))
-    alphas = list(report.alphas.values())
-    ratios = [report.loss_best[k] / report.loss_fp_grid[k] for k in report.alphas if report.loss_fp_grid[k] > 0]
-    return {"alpha": report.alphas, "output_mse_alpha0": report.loss_fp_grid, "output_mse_best": report.loss_best,
+    alphas = [a for a in report.alphas.values() if a is not None]
+    ratios = [report.loss_best[k] / report.loss_rtn[k] for k in report.alphas if report.loss_rtn[k] > 0]
+    return {"alpha": report.alphas, "output_mse_rtn": report.loss_rtn, "output_mse_best": report.loss_best,
             "mean_alpha": sum(alphas) / max(len(alphas), 1),
-            "mean_mse_ratio_vs_alpha0": sum(ratios) / max(len(ratios), 1),
-            "clipped_modules": report.clipped_modules}
+            "groups_kept_plain_rounding": len(report.alphas) - len(alphas),
+            "mean_mse_ratio_vs_rtn": sum(ratios) / max(len(ratios), 1),
+            "clipped_modules": report.clipped_modules, "search_tokens": report.tokens,
+            "compute_dtype": report.compute_dtype}
 
 
 def quantize_model(
@@ -104,9 +106,9 @@ def quantize_model(
     device: str = "auto",
     seed: int = 0,
     strict_group_size: bool = False,
-    awq_search_tokens: int = 2048,
     awq_grid: int = 20,
     awq_clip: bool = True,
+    awq_compute_dtype: str = "auto",
     module_bits: dict[str, int] | None = None,
     force: bool = False,
     progress: bool = True,
@@ -124,8 +126,10 @@ def quantize_model(
     started = time.perf_counter()
     output = Path(output)
     check_method(method, bits, group_size)
-    if awq_grid < 1 or awq_search_tokens < 1:
-        raise InputError(f"--awq-grid and --awq-search-tokens must be positive (got {awq_grid}, {awq_search_tokens})")
+    if awq_grid < 1:
+        raise InputError(f"--awq-grid must be positive (got {awq_grid})")
+    if awq_compute_dtype not in ("auto", "float32", "bfloat16"):
+        raise InputError(f"--awq-compute-dtype must be auto, float32 or bfloat16 (got {awq_compute_dtype!r})")
     sym = (method == "gptq") if sym is None else bool(sym)
     if desc_act and method != "gptq":
         raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
@@ -168,8 +172,7 @@ def quantize_model(
             from lorakit.quantize.awq import AwqParams
             from lorakit.quantize.gptqmodel_backend import backend_versions
 
-            p = AwqParams(bits=bits, group_size=used_group, sym=sym, search_tokens=awq_search_tokens, n_grid=awq_grid,
-                          clip=awq_clip,
+            p = AwqParams(bits=bits, group_size=used_group, sym=sym, n_grid=awq_grid, clip=awq_clip, compute_dtype=awq_compute_dtype,
                           min_zero=1 if layout == "gptq-v1" and not sym else 0)
             quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress,
                                keep=tuple(sorted(module_bits)))

@@ -65,16 +65,20 @@ def grid_params(w: torch.Tensor, bits: int, group_size: int, sym: bool,
 def quantize_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                      group_size: int) -> torch.Tensor:
     """Nearest integers q in [0, 2^bits − 1] with w ≈ (q − z)·s."""
+    return _rounded(w, scales, zeros, bits, group_size).to(torch.int32).view(w.shape)
+
+
+def _rounded(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """q as float, shaped [out, groups, group_size]: the group view broadcasts s and z without copying them."""
     out_f, in_f = w.shape
-    s = scales.repeat_interleave(group_size, dim=1)
-    z = zeros.float().repeat_interleave(group_size, dim=1)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, 2**bits - 1).to(torch.int32)
+    g = w.float().reshape(out_f, in_f // group_size, group_size)
+    return g.div(scales.unsqueeze(-1)).round_().add_(zeros.float().unsqueeze(-1)).clamp_(0, 2**bits - 1)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    s = scales.float().repeat_interleave(group_size, dim=1)
-    z = zeros.float().repeat_interleave(group_size, dim=1)
-    return (q.float() - z) * s
+    out_f, in_f = q.shape
+    g = q.float().reshape(out_f, in_f // group_size, group_size)
+    return g.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1)).view(out_f, in_f)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> GroupQuant:
@@ -83,5 +87,8 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> torch.Tensor:
-    """``w`` rounded to its own grid (same dtype), as the search needs it."""
-    return quantize_weight(w, bits, group_size, sym, min_zero).dequantize().to(w.dtype)
+    """``w`` rounded to its own grid (same dtype), as the search needs it: the same numbers as
+    ``quantize_weight(...).dequantize()`` without materialising the integers (this runs per search candidate)."""
+    scales, zeros = grid_params(w, bits, group_size, sym, min_zero)
+    q = _rounded(w, scales, zeros, bits, group_size)
+    return q.sub_(zeros.float().unsqueeze(-1)).mul_(scales.unsqueeze(-1)).view(w.shape).to(w.dtype)
