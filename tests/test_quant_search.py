@@ -66,9 +66,12 @@ def found(tmp_path_factory, trained, prep):
 
 @pytest.fixture(scope="module")
 def impossible(tmp_path_factory, trained, prep):
-    """Zero degradation at 4 bits: AWQ uniform, then greedy fp16 modules; nothing can pass."""
+    """Zero degradation at 4 bits: AWQ uniform, then greedy fp16 modules; nothing can pass.
+
+    Calibrated on 2 samples only: with 8 or more, AWQ on this tiny, undertrained model lands a hair *below* its fp
+    perplexity (-0.14%, measured), so 0% was reachable; with 2 it stays above (+0.35% uniform, +0.30% mixed)."""
     out = tmp_path_factory.mktemp("search") / "impossible"
-    space = SearchSpace(methods=("awq",), n_samples=(8,), group_sizes=(128,), mixed_steps=(2,))
+    space = SearchSpace(methods=("awq",), n_samples=(2,), group_sizes=(128,), mixed_steps=(2,))
     return search_quantization(trained, out, calib=prep, target_degradation=0.0, space=space, progress=False, **SMALL)
 
 
