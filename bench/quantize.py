@@ -11,8 +11,8 @@ not run keep their earlier entries, each of which records when and under what lo
   Perplexity: one fixed method for every model (non-overlapping 512-token chunks of the joined held-out text,
   first 2048 tokens, mean token NLL), which is enough to compare settings; issue 5's evaluator is the official one.
 * AWQ head to head: both on the whole model in the same invocation, same calibration; lorakit's AWQ is run
-  ``AWQ_REPEATS`` times around GPTQModel's single run (about 40 minutes, too long to repeat) and its median is
-  the one the ratio uses.
+  ``AWQ_REPEATS`` times just before GPTQModel's single run (about 25 minutes, too long to repeat) and its median
+  is the one the ratio uses.
 """
 
 
