@@ -299,15 +299,23 @@ def main() -> None:
     # --strict-group-size and otherwise uses 64).
     sweep = [
         ("awq", 4, 32, False, False), ("awq", 4, 64, True, False), ("awq", 8, 64, False, False),
+        ("awq", 4, 32, False, "activation"), ("awq", 4, 64, False, "activation"),
         ("gptq", 4, 32, False, False), ("gptq", 8, 64, True, False), ("gptq", 4, 64, False, False),
         ("gptq", 4, 64, True, True),
     ]
-    for method, bits, g, sym, act in sweep:
+    for method, bits, g, sym, option in sweep:  # option: GPTQ act-order, or an AWQ scale form other than duo
         if f"sweep-{method}" not in parts:
             continue
-        name = f"sweep-{method}-{bits}b-g{g}-{'sym' if sym else 'asym'}{'-actorder' if act else ''}"
-        record(name, {"kind": "lorakit", "params": {"method": method, "bits": bits, "group_size": g, "sym": sym,
-                                                      "desc_act": act, "strict_group_size": True}})
+        params = {"method": method, "bits": bits, "group_size": g, "sym": sym, "strict_group_size": True}
+        suffix = ""
+        if method == "gptq":
+            params["desc_act"] = bool(option)
+            suffix = "-actorder" if option else ""
+        elif option:
+            params["awq_scale_form"] = option
+            suffix = f"-{option}"
+        name = f"sweep-{method}-{bits}b-g{g}-{'sym' if sym else 'asym'}{suffix}"
+        record(name, {"kind": "lorakit", "params": params})
     finalize(results)
     print(json.dumps(results, indent=2))
 

@@ -50,7 +50,7 @@ def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quant")
     runs = {"gptq4": dict(method="gptq", bits=4, group_size=32), "gptq8": dict(method="gptq", bits=8, group_size=64),
             "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64),
-            "awq4-fp32": dict(method="awq", bits=4, group_size=32, awq_compute_dtype="float32")}
+            "awq4-fp32": dict(method="awq", bits=4, group_size=32, awq_compute_dtype="float32", awq_scale_form="both")}
     return {name: quantize_model(tiny_base, root / name, calib=prep, progress=False, **CALIB, **kw).output
             for name, kw in runs.items()}
 
@@ -202,6 +202,7 @@ def test_awq_search_beats_plain_rounding(quantized):
         assert q["compute_dtype"] == str(dtype).removeprefix("torch.")
         assert all(q["output_mse_best"][k] <= q["output_mse_rtn"][k] for k in q["alpha"])
         assert q["mean_mse_ratio_vs_rtn"] < 1.0
+        assert set(q["scale_form"].values()) <= {"duo", "activation", None} and set(q["scale_form"]) == set(q["alpha"])
 
 
 def test_awq_gram_errors_equal_a_direct_forward_over_every_token():
@@ -253,6 +254,36 @@ def test_awq_gram_errors_equal_a_direct_forward_over_every_token():
     expected = torch.maximum(torch.minimum(wg, absmax * (1 - best.unsqueeze(-1) / 10)), -absmax * (1 - best.unsqueeze(-1) / 10))
     assert torch.allclose(lin.weight.data, expected.reshape(48, 64), atol=1e-6)
     assert (best > 0).any()  # the check saw some group actually clipped
+
+
+def test_awq_scale_search_picks_the_best_form_and_alpha_on_its_grid():
+    """The search's answer is the minimum over its whole grid (both scale forms, every α, plain rounding),
+    recomputed here candidate by candidate from the definition of each form."""
+    from lorakit.quantize.awq import AwqParams, InputStats, _weight_mean, output_mse, search_scale
+    from lorakit.quantize.grid import fake_quantize
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 64, generator=gen) * torch.linspace(0.05, 6.0, 64)
+    weights = [torch.randn(32, 64, generator=gen), torch.randn(16, 64, generator=gen)]
+    stats = InputStats(64, torch.device("cpu"))
+    stats.add(x)
+    p = AwqParams(bits=3, group_size=16, n_grid=10, scale_forms=("duo", "activation"))
+    s, alpha, form, loss_rtn, loss = search_scale(weights, stats, p)
+    gram, x_mean, w_mean = stats.mean_gram(), stats.mean_abs(), _weight_mean(weights, 16)
+    losses = {}
+    for f in ("duo", "activation"):
+        for i in range(10):
+            cand = x_mean.pow(i / 10) / ((w_mean.pow(1 - i / 10) + 1e-4) if f == "duo" else 1)
+            cand = cand.clamp(min=1e-4)
+            cand = cand / (cand.max() * cand.min()).sqrt()
+            approx = [fake_quantize(w * cand, 3, 16, False) / cand for w in weights]
+            losses[(f, i / 10)] = output_mse(weights, approx, gram)
+    assert loss_rtn == pytest.approx(output_mse(weights, [fake_quantize(w, 3, 16, False) for w in weights], gram))
+    assert (form, alpha) == min(losses, key=losses.get) and loss == pytest.approx(min(losses.values()))
+    assert loss < loss_rtn
+    only_duo = search_scale(weights, stats, AwqParams(bits=3, group_size=16, n_grid=10, scale_forms=("duo",)))
+    assert only_duo[2] in ("duo", None) and only_duo[4] >= loss
+    assert AwqParams().scale_forms == ("duo",)  # the default, as measured best at g64 in bench/README.md
 
 
 def test_awq_on_a_tied_embedding_model_keeps_the_tie(tmp_path, tiny_tied_base, prep):
@@ -344,6 +375,8 @@ def test_rejects_an_unsupported_architecture(tmp_path, tiny_base, prep):
     (dict(method="awq", desc_act=True), "--desc-act"),
     (dict(group_size=256, strict_group_size=True), "does not divide"),
     (dict(method="awq", awq_grid=0), "--awq-grid must be positive"),
+    (dict(method="awq", awq_scale_form="paper"), "--awq-scale-form must be one of duo, activation, both"),
+    (dict(method="awq", awq_compute_dtype="float16"), "--awq-compute-dtype must be auto, float32 or bfloat16"),
 ])
 def test_rejects_out_of_range_parameters(tmp_path, tiny_base, prep, kw, match):
     _bad(tmp_path, tiny_base, match, calib=prep, **kw)

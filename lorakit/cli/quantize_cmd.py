@@ -27,6 +27,9 @@ import click
 @click.option("--awq-grid", type=int, default=20, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
+@click.option("--awq-scale-form", type=click.Choice(["duo", "activation", "both"]), default="duo", show_default=True,
+              help="awq: scale form on the α grid: duo = x̄^α/w̄^(1−α) (AutoAWQ's default), activation = x̄^α (the "
+              "paper's), both = let the output error pick per group (twice the search time). See bench/README.md.")
 @click.option("--awq-compute-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
               show_default=True, help="awq: dtype of the calibration forwards and the search's matmuls. auto = "
               "bfloat16 where the CPU/GPU has fast bfloat16 units (about 2x faster), else float32 (exact search).")
@@ -47,7 +50,7 @@ import click
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym, desc_act, calib, n_samples,
-             seq_len, seed, device, awq_grid, no_awq_clip, awq_compute_dtype, module_bits, target_degradation, eval_data,
+             seq_len, seed, device, awq_grid, no_awq_clip, awq_scale_form, awq_compute_dtype, module_bits, target_degradation, eval_data,
              search_methods, max_trials, time_budget, max_size_mb, force, quiet):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
 
@@ -80,7 +83,7 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
         model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
         n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,
         awq_grid=awq_grid, awq_clip=not no_awq_clip, awq_compute_dtype=awq_compute_dtype,
-        force=force, progress=not quiet,
+        awq_scale_form=awq_scale_form, force=force, progress=not quiet,
         module_bits=_parse_module_bits(module_bits),
     )
     if quiet:

@@ -12,9 +12,10 @@ of a Llama block:
 * gate/up_proj, folded into post_attention_layernorm,
 * down_proj, folded into up_proj.
 
-The scale is s = x̄^α / w̄^(1−α) ("duo scaling", as in AutoAWQ and GPTQModel; x̄ is the mean |activation| per
-input channel, w̄ the mean group-normalised |weight|), with α chosen on a grid by the error of the linears'
-outputs after fake quantization. Plain rounding (s = 1) is a candidate too, so the search never loses to it.
+The scale is s = x̄^α / w̄^(1−α) ("duo scaling", as in AutoAWQ and GPTQModel) or s = x̄^α (the AWQ paper's),
+x̄ the mean |activation| per input channel, w̄ the mean group-normalised |weight|; form and α are chosen on a grid
+by the error of the linears' outputs after fake quantization. Plain rounding (s = 1) is a candidate too, so the
+search never loses to it.
 
 Why the error is measured through a Gram matrix: the output error of a weight error D on inputs X is
 ‖X Dᵀ‖² = tr(D G Dᵀ) with G = XᵀX. G is accumulated once per input during the block's forward pass, over
@@ -48,7 +49,7 @@ class AwqParams:
     group_size: int = 128
     sym: bool = False
     n_grid: int = 20
-    duo_scaling: bool = True
+    scale_forms: tuple[str, ...] = ("duo",)  # see search_scale
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
@@ -60,6 +61,7 @@ class AwqParams:
 @dataclass
 class AwqReport:
     alphas: dict[str, float | None] = field(default_factory=dict)  # None: plain rounding (s = 1) won
+    forms: dict[str, str | None] = field(default_factory=dict)  # "duo" or "activation" (see search_scale)
     loss_rtn: dict[str, float] = field(default_factory=dict)  # output MSE of plain rounding, per token and output
     loss_best: dict[str, float] = field(default_factory=dict)
     clipped_modules: int = 0
@@ -160,25 +162,35 @@ def _scaled_rounding(weights: list[torch.Tensor], s: torch.Tensor, p: AwqParams)
 
 
 @torch.no_grad()
-def search_scale(weights: list[torch.Tensor], stats: InputStats, p: AwqParams,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor | None, float | None, float, float]:
-    """Best scale for linears sharing one input: (s or None for plain rounding, α, RTN loss, best loss)."""
+def search_scale(weights: list[torch.Tensor], stats: InputStats, p: AwqParams, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor | None, float | None, str | None, float, float]:
+    """Best scale for linears sharing one input: (s or None for plain rounding, α, form, RTN loss, best loss).
+
+    Two forms of scale can be on the grid: "duo" s = x̄^α / w̄^(1−α) (AutoAWQ's and GPTQModel's default, and
+    lorakit's) and "activation" s = x̄^α (the AWQ paper's). Neither wins everywhere on SmolLM2-135M's held-out
+    perplexity (4-bit g64: duo 9.151 vs activation 9.263; g32: activation 8.733 vs duo 8.901), and letting the
+    output error pick the form per group did not beat the better one (g64: 9.216), so the form is the user's
+    choice (``--awq-scale-form``; bench/README.md has the measurements).
+    """
     gram = stats.mean_gram().to(dtype)
     x_mean = stats.mean_abs()
-    w_mean = _weight_mean(weights, p.group_size) if p.duo_scaling else None
+    w_mean = _weight_mean(weights, p.group_size) if "duo" in p.scale_forms else None
     loss_rtn = output_mse(weights, [fake_quantize(w, p.bits, p.group_size, p.sym, p.min_zero) for w in weights], gram)
-    best: tuple[torch.Tensor | None, float | None, float] = (None, None, loss_rtn)
-    for i in range(p.n_grid):
-        alpha = i / p.n_grid
-        s = x_mean.pow(alpha)
-        if w_mean is not None:
-            s = s / (w_mean.pow(1 - alpha) + 1e-4)
-        s = s.clamp(min=1e-4)
-        s = s / (s.max() * s.min()).sqrt()
-        loss = output_mse(weights, _scaled_rounding(weights, s, p), gram)
-        if loss < best[2]:
-            best = (s, alpha, loss)
-    return best[0], best[1], loss_rtn, best[2]
+    best: tuple[torch.Tensor | None, float | None, str | None, float] = (None, None, None, loss_rtn)
+    for form in p.scale_forms:
+        for i in range(p.n_grid):
+            alpha = i / p.n_grid
+            s = x_mean.pow(alpha)
+            if form == "duo":
+                s = s / (w_mean.pow(1 - alpha) + 1e-4)
+            elif form != "activation":
+                raise ValueError(f"unknown AWQ scale form {form!r}; use 'duo' and/or 'activation'")
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            loss = output_mse(weights, _scaled_rounding(weights, s, p), gram)
+            if loss < best[3]:
+                best = (s, alpha, form, loss)
+    return best[0], best[1], best[2], loss_rtn, best[3]
 
 
 def _diagonal_blocks(gram: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -345,9 +357,10 @@ def awq_quantize(model, blocks: torch.Tensor, p: AwqParams, *, device: torch.dev
         scale_of: dict[str, torch.Tensor] = {}
         for label, keys, fold in groups:
             weights = [names[k].weight.detach().float() for k in keys]
-            s, alpha, loss_rtn, loss = search_scale(weights, stats[_INPUT_OF[keys[0]]], p, inps.dtype)
+            s, alpha, form, loss_rtn, loss = search_scale(weights, stats[_INPUT_OF[keys[0]]], p, inps.dtype)
             key = f"model.layers.{idx}.{label}"
             report.alphas[key], report.loss_rtn[key], report.loss_best[key] = alpha, loss_rtn, loss
+            report.forms[key] = form
             if s is not None:
                 fold(s)
                 scale_of[_INPUT_OF[keys[0]]] = s

@@ -83,12 +83,16 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
                      dtype=torch.float16, keep_fp=tuple(keep))
     alphas = [a for a in report.alphas.values() if a is not None]
     ratios = [report.loss_best[k] / report.loss_rtn[k] for k in report.alphas if report.loss_rtn[k] > 0]
-    return {"alpha": report.alphas, "output_mse_rtn": report.loss_rtn, "output_mse_best": report.loss_best,
+    return {"alpha": report.alphas, "scale_form": report.forms, "output_mse_rtn": report.loss_rtn, "output_mse_best": report.loss_best,
             "mean_alpha": sum(alphas) / max(len(alphas), 1),
             "groups_kept_plain_rounding": len(report.alphas) - len(alphas),
             "mean_mse_ratio_vs_rtn": sum(ratios) / max(len(ratios), 1),
             "clipped_modules": report.clipped_modules, "search_tokens": report.tokens,
             "compute_dtype": report.compute_dtype}
+
+
+# --awq-scale-form -> the forms on the search grid (see lorakit.quantize.awq.search_scale)
+AWQ_SCALE_FORMS = {"duo": ("duo",), "activation": ("activation",), "both": ("duo", "activation")}
 
 
 def quantize_model(
@@ -109,6 +113,7 @@ def quantize_model(
     awq_grid: int = 20,
     awq_clip: bool = True,
     awq_compute_dtype: str = "auto",
+    awq_scale_form: str = "duo",
     module_bits: dict[str, int] | None = None,
     force: bool = False,
     progress: bool = True,
@@ -128,6 +133,8 @@ def quantize_model(
     check_method(method, bits, group_size)
     if awq_grid < 1:
         raise InputError(f"--awq-grid must be positive (got {awq_grid})")
+    if awq_scale_form not in AWQ_SCALE_FORMS:
+        raise InputError(f"--awq-scale-form must be one of {', '.join(AWQ_SCALE_FORMS)} (got {awq_scale_form!r})")
     if awq_compute_dtype not in ("auto", "float32", "bfloat16"):
         raise InputError(f"--awq-compute-dtype must be auto, float32 or bfloat16 (got {awq_compute_dtype!r})")
     sym = (method == "gptq") if sym is None else bool(sym)
@@ -172,7 +179,8 @@ def quantize_model(
             from lorakit.quantize.awq import AwqParams
             from lorakit.quantize.gptqmodel_backend import backend_versions
 
-            p = AwqParams(bits=bits, group_size=used_group, sym=sym, n_grid=awq_grid, clip=awq_clip, compute_dtype=awq_compute_dtype,
+            p = AwqParams(bits=bits, group_size=used_group, sym=sym, n_grid=awq_grid, clip=awq_clip,
+                          compute_dtype=awq_compute_dtype, scale_forms=AWQ_SCALE_FORMS[awq_scale_form],
                           min_zero=1 if layout == "gptq-v1" and not sym else 0)
             quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress,
                                keep=tuple(sorted(module_bits)))
