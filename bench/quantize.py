@@ -196,11 +196,18 @@ def finalize(results: dict) -> None:
     save(results)
 
 
+def _row_order(name: str) -> tuple:
+    """fp32, then the head-to-head pairs (GPTQ, AWQ), then the sweep by name."""
+    head = ["fp32", "lorakit-gptq-4b-g64-sym", "gptqmodel-gptq-4b-g64-sym", "lorakit-awq-4b-g64-asym",
+            "gptqmodel-awq-4b-g64-asym"]
+    return (head.index(name), "") if name in head else (len(head), name)
+
+
 def table(results: dict) -> str:
     """The markdown table for bench/README.md, rendered from the results file."""
     fp = results["runs"].get("fp32", {}).get("ppl")
     rows = ["| run | quantize s | peak RSS MB | size MB | ppl | vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
-    for name, r in results["runs"].items():
+    for name, r in sorted(results["runs"].items(), key=lambda kv: _row_order(kv[0])):
         if "error" in r:
             rows.append(f"| {name} | {r['error'][:60]} | | | | |")
             continue
