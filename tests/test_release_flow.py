@@ -25,14 +25,26 @@ def run_release(data: dict):
     return release(**parse_config(data).flow_parameters(), return_state=True)
 
 
-def stage_states(flow_run_id) -> dict[str, set[str]]:
-    """Task name -> state names of every stage task in the run and its subflows."""
-    ids = [flow_run_id, *(r.id for r in flow_runs_under(flow_run_id))]
+def stage_states(flow_run_id, timeout: float = 30.0) -> dict[str, set[str]]:
+    """Task name -> state names of every stage task in the run and its subflows.
+
+    Prefect records task-run states from events, after the flow has returned: a task run can be listed with no
+    state (or a non-final one) for a moment (seen once in CI). Poll until every stage task run has a final state.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = [flow_run_id, *(r.id for r in flow_runs_under(flow_run_id))]
+        runs = [tr for tr in task_runs_of(ids) if tr.name.rsplit("-", 1)[0] in STAGE_TASKS]
+        settled = all(tr.state is not None and tr.state.is_final() for tr in runs)
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     states: dict[str, set[str]] = {}
-    for tr in task_runs_of(ids):
+    for tr in runs:
         name = tr.name.rsplit("-", 1)[0]  # task run names are "<task name>-<suffix>"
-        if name in STAGE_TASKS:
-            states.setdefault(name, set()).add(tr.state.name)
+        states.setdefault(name, set()).add(tr.state.name if tr.state is not None else "no state recorded")
     return states
 
 
