@@ -271,9 +271,10 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
         else:
             fast = torch.backends.mkldnn.is_available() and _cpu_has_fast_bf16()
         return torch.bfloat16 if fast else torch.float32
-    if requested not in ("float32", "bfloat16"):
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if requested not in dtypes:
         raise ValueError(f"compute_dtype must be auto, float32 or bfloat16, got {requested!r}")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+    return dtypes[requested]
 
 
 def _cpu_has_fast_bf16() -> bool:
