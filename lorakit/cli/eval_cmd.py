@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from lorakit.cli.options import device_option
 from lorakit.errors import EXIT_REJECTED, InputError
 
 
@@ -46,7 +47,7 @@ def _method_options(f):
         click.option("--quant-path", type=click.Choice(["auto", "dequantized", "kernel"]), default="auto",
                      show_default=True, help="GPTQ/AWQ: dequantized = exact dense weights (fast on CPU); kernel = the "
                      "installed int4 kernels; auto = dequantized on CPU, kernel on CUDA."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        device_option,
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
                      show_default=True, help="Compute dtype (auto: the model's config dtype)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the result."),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from lorakit.cli.options import device_option
+
 
 @click.command()
 @click.argument("model_dir", type=click.Path())
@@ -23,7 +25,7 @@ import click
 @click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration text shuffle.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, or cuda[:N].")
+@device_option
 @click.option("--awq-grid", type=int, default=20, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")

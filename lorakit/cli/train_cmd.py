@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from lorakit.cli.options import device_option
+
 
 @click.command()
 @click.argument("prep_dir", type=click.Path())
@@ -26,7 +28,7 @@ import click
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per microbatch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Microbatches per optimizer step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of LoRA init, data order and dropout.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu or cuda[:N].")
+@device_option
 @click.option("--checkpoint-every", type=int, default=50, show_default=True,
               help="Steps between checkpoints (kept in OUTPUT.checkpoints until the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint; same result as an uninterrupted run.")
