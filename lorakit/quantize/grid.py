@@ -75,10 +75,14 @@ def _rounded(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: i
     return g.div(scales.unsqueeze(-1)).round_().add_(zeros.float().unsqueeze(-1)).clamp_(0, 2**bits - 1)
 
 
+def _from_grid(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(q − z)·s on the group view [out, groups, group_size]; a new tensor (q is left as it is)."""
+    return (q.float() - zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1))
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     out_f, in_f = q.shape
-    g = q.float().reshape(out_f, in_f // group_size, group_size)
-    return g.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1)).view(out_f, in_f)
+    return _from_grid(q.reshape(out_f, in_f // group_size, group_size), scales, zeros).view(out_f, in_f)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> GroupQuant:
@@ -90,5 +94,4 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_ze
     """``w`` rounded to its own grid (same dtype), as the search needs it: the same numbers as
     ``quantize_weight(...).dequantize()`` without materialising the integers (this runs per search candidate)."""
     scales, zeros = grid_params(w, bits, group_size, sym, min_zero)
-    q = _rounded(w, scales, zeros, bits, group_size)
-    return q.sub_(zeros.float().unsqueeze(-1)).mul_(scales.unsqueeze(-1)).view(w.shape).to(w.dtype)
+    return _from_grid(_rounded(w, scales, zeros, bits, group_size), scales, zeros).view(w.shape).to(w.dtype)
