@@ -80,6 +80,14 @@ class Skip(Exception):
     """A check that cannot run here (a package is missing): reported as skipped with the reason."""
 
 
+class CheckFailed(Exception):
+    """A check that ran and found a fault; ``data`` (its numbers so far) is reported with the reason."""
+
+    def __init__(self, reason: str, data: dict[str, Any]) -> None:
+        super().__init__(reason)
+        self.data = data
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Child side: one check per process. Each returns a dict of numbers; raising Skip or any exception is reported.
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,9 +145,9 @@ def check_environment(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
             imports[name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     out["imports"] = imports
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was requested but torch {torch.__version__} sees no CUDA device")
+        raise CheckFailed(f"--device {device} was requested but torch {torch.__version__} sees no CUDA device", out)
     if not imports["lorakit"]["ok"]:
-        raise RuntimeError(f"lorakit does not import: {imports['lorakit']['error']}")
+        raise CheckFailed(f"lorakit does not import: {imports['lorakit']['error']}", out)
     return out
 
 
@@ -172,15 +180,15 @@ def check_nf4_train(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
            "gradient_checkpointing": rec.gradient_checkpointing, "train_wall_s": rec.wall_time_s,
            "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
            "versions": rec.versions, **_cuda_numbers()}
-    _expect_device(rec.device, device, "training")
+    _expect_device(rec.device, device, "training", out)
     if rec.config["quant"] != "nf4":
-        raise RuntimeError(f"lorakit_train.json records quant {rec.config['quant']!r}, expected nf4")
+        raise CheckFailed(f"lorakit_train.json records quant {rec.config['quant']!r}, expected nf4", out)
     return out
 
 
-def _expect_device(used: str, requested: str, what: str) -> None:
+def _expect_device(used: str, requested: str, what: str, out: dict[str, Any]) -> None:
     if used.split(":")[0] != requested.split(":")[0]:
-        raise RuntimeError(f"{what} ran on {used}, but --device {requested} was requested")
+        raise CheckFailed(f"{what} ran on {used}, but --device {requested} was requested", out)
 
 
 def _quantize(workdir: Path, device: str, plan: dict, method: str) -> dict[str, Any]:
@@ -204,7 +212,7 @@ def _quantize(workdir: Path, device: str, plan: dict, method: str) -> dict[str, 
     else:
         losses = list((quality.get("module_loss") or {}).values())
         out["mean_module_loss"] = sum(losses) / len(losses) if losses else None
-    _expect_device(meta.params.device, device, f"{method} quantization")
+    _expect_device(meta.params.device, device, f"{method} quantization", out)
     return out
 
 
@@ -268,7 +276,7 @@ def check_kernel_vs_dequant(workdir: Path, device: str, plan: dict) -> dict[str,
     bad = {m: r.get("reason") or f"relative difference {r.get('relative_difference')}" for m, r in pairs.items()
            if r["status"] == "failed"}
     if bad:
-        raise RuntimeError(f"kernel vs dequantized: {bad}; numbers: {json.dumps(pairs, default=str)}")
+        raise CheckFailed(f"kernel vs dequantized: {bad}", out)
     if all(r["status"] == "skipped" for r in pairs.values()):
         raise Skip("; ".join(f"{m}: {r['reason']}" for m, r in pairs.items()))
     return out
@@ -330,13 +338,12 @@ def check_release_route_gpu(workdir: Path, device: str, plan: dict) -> dict[str,
                         "dtype_used": ((quant_meta.get("params") or {}).get("method_params") or {}).get("compute_dtype")},
            "gate": {"passed": gate.get("passed"), "degradation": gate.get("degradation")}, **times}
     if info.get("state") != "COMPLETED" or info.get("pool") != "cpu":
-        raise RuntimeError(f"release run ended {info.get('state')} on pool {info.get('pool')}: {info.get('message')}; "
-                           f"worker logs: {json.dumps(logs)}")
+        raise CheckFailed(f"release run ended {info.get('state')} on pool {info.get('pool')}: {info.get('message')}",
+                          {**out, "worker_logs": logs})
     if children != [("quantize", "cuda", "COMPLETED"), ("train", "cuda", "COMPLETED")]:
-        raise RuntimeError(f"GPU flows did not all complete on the cuda pool: {children}; worker logs: {json.dumps(logs)}")
+        raise CheckFailed(f"GPU flows did not all complete on the cuda pool: {children}", {**out, "worker_logs": logs})
     for stage in ("train", "quantize"):
-        used = out[stage]["device_used"] or "unknown"
-        _expect_device(used, device, f"the routed {stage} flow")
+        _expect_device(out[stage]["device_used"] or "unknown", device, f"the routed {stage} flow", out)
     return out
 
 
@@ -367,6 +374,8 @@ def run_child(name: str, workdir: Path, device: str, plan: dict, result_path: Pa
         result = {"status": "ok", **CHILDREN[name](workdir, device, plan)}
     except Skip as exc:
         result = {"status": "skipped", "reason": str(exc)}
+    except CheckFailed as exc:
+        result = {**exc.data, "status": "failed", "reason": str(exc)[:2000]}
     except BaseException as exc:  # noqa: BLE001 - every failure, SystemExit from the time limit included, is reported
         result = {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:2000]}",
                   "traceback": traceback.format_exc()[-3000:]}
