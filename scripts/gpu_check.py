@@ -5,7 +5,7 @@ Checks, each in its own subprocess so that a crash, a CUDA error or a hang in on
 
 ``environment``        torch, CUDA, the device, which optional packages import (bitsandbytes, gptqmodel, prefect...)
 ``setup``              a tiny random Llama made in code and a prepared-data folder (bundled reverse-words)
-``nf4_train``          QLoRA training (bitsandbytes NF4 + double quant) on the device; dtype read from lorakit_train.json
+``nf4_train``          QLoRA training (bitsandbytes NF4 + double quant) on the device
 ``gptq``, ``awq``      4-bit quantization on the device; dtypes read from lorakit_quant.json
 ``kernel_vs_dequant``  the gate's perplexity through the installed GPTQ/AWQ kernels vs the exact dequantized path
                        (relative difference <= 1e-3)
@@ -199,10 +199,8 @@ def _quantize(workdir: Path, device: str, plan: dict, method: str) -> dict[str, 
     result = quantize_model(p["tiny"], p[method], method=method, calib=p["prep"], device=device, force=True,
                             progress=False, **QUANT, **extra)
     meta = read_quant_meta(result.output)
-    mp, quality = meta.params.method_params, meta.quality
-    # GPTQ: the dtype GPTQModel ran the model in; AWQ: the dtype its 'auto' resolved to (the request is in mp)
-    used = quality.get("compute_dtype") if method == "awq" else mp.get("compute_dtype")
-    out = {"device_used": meta.params.device, "dtype_used": used,
+    quality = meta.quality
+    out = {"device_used": meta.params.device, "dtype_used": _quant_dtype_used(meta.to_dict()),
            "dtype_requested": extra.get("awq_compute_dtype", "gptqmodel's choice"), "layout": meta.params.layout,
            "bits": meta.params.bits, "group_size": meta.params.group_size, "sym": meta.params.sym,
            "quantize_wall_s": meta.wall_time_s, "size_before_bytes": meta.size_before_bytes,
@@ -214,6 +212,14 @@ def _quantize(workdir: Path, device: str, plan: dict, method: str) -> dict[str, 
         out["mean_module_loss"] = sum(losses) / len(losses) if losses else None
     _expect_device(meta.params.device, device, f"{method} quantization", out)
     return out
+
+
+def _quant_dtype_used(meta: dict[str, Any]) -> str | None:
+    """From lorakit_quant.json: for GPTQ the dtype GPTQModel ran the model in, for AWQ what its request resolved to."""
+    params = meta.get("params") or {}
+    if params.get("method") == "awq":
+        return (meta.get("quality") or {}).get("compute_dtype")
+    return (params.get("method_params") or {}).get("compute_dtype")
 
 
 def check_gptq(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
@@ -253,7 +259,8 @@ def _kernel_pair(folder: Path, prep: Path, device: str, dtypes: list[str]) -> di
                 "relative_difference": rel, "tolerance": KERNEL_TOLERANCE, "tokens": k.tokens,
                 "kernel_tokens_per_s": round(k.tokens_per_s, 1), "dequantized_tokens_per_s": round(d.tokens_per_s, 1),
                 "failed_attempts": attempts}
-    return {"status": "failed", "reason": f"no dtype in {dtypes} loads through the kernels", "failed_attempts": attempts}
+    return {"status": "failed", "reason": f"no dtype in {dtypes} loads through the kernels",
+            "failed_attempts": attempts}
 
 
 def check_kernel_vs_dequant(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
@@ -282,7 +289,7 @@ def check_kernel_vs_dequant(workdir: Path, device: str, plan: dict) -> dict[str,
     return out
 
 
-def _release_config(workdir: Path, device: str, quant: str) -> dict[str, Any]:
+def _release_config(workdir: Path, device: str, quant: str, method: str) -> dict[str, Any]:
     """configs/tiny.yaml on the tiny model, one dataset (every routed flow kind once), GPU stages on ``device``."""
     import yaml
 
@@ -293,19 +300,22 @@ def _release_config(workdir: Path, device: str, quant: str) -> dict[str, Any]:
                 datasets=data["datasets"][:1], merge={**data["merge"], "weights": [1.0]})
     data["registry"] = {**data.get("registry", {}), "root": str(p["release"] / "registry")}
     data["lora"] = {**data["lora"], "quant": quant, "device": stage_device}
-    data["quantize"] = {**data["quantize"], "device": stage_device}
+    data["quantize"] = {**data["quantize"], "method": method, "device": stage_device}
     return data
 
 
 def check_release_route_gpu(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
-    _need("prefect", "gptqmodel")
+    _need("prefect")
     import importlib.util
 
     sys.path.insert(0, str(REPO))
     from tests.prefect_server import RELEASE_CLIENT, prefect_cli, prefect_stack
 
+    # What the machine has decides the variant (recorded): routing is what this check is about. Without gptqmodel
+    # the release quantizes with lorakit's own AWQ, and the gate (on the cpu pool) takes the dequantized path.
     quant = "nf4" if importlib.util.find_spec("bitsandbytes") else "none"
-    data = _release_config(workdir, device, quant)
+    method = "gptq" if importlib.util.find_spec("gptqmodel") else "awq"
+    data = _release_config(workdir, device, quant, method)
     home = _paths(workdir)["release"] / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -322,10 +332,12 @@ def check_release_route_gpu(workdir: Path, device: str, plan: dict) -> dict[str,
         stack.start_worker("cuda")
         times["deploy_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        proc = stack.run(sys.executable, "-c", RELEASE_CLIENT, json.dumps(data), "360", timeout=400)
+        try:
+            proc = stack.run(sys.executable, "-c", RELEASE_CLIENT, json.dumps(data), "360", timeout=400)
+        finally:
+            logs = {n: stack.log(n)[-1500:] for n in ("worker-cpu", "worker-cuda")}
         times["release_s"] = round(time.perf_counter() - t, 1)
         info = json.loads(proc.stdout.strip().splitlines()[-1])
-        logs = {n: stack.log(n)[-1500:] for n in ("worker-cpu", "worker-cuda")}
     out_dir = Path(data["output_dir"])
     train = _first_json(out_dir / "adapters", "lorakit_train.json")
     quant_meta = _first_json(out_dir / "quantized", "lorakit_quant.json")
@@ -333,9 +345,10 @@ def check_release_route_gpu(workdir: Path, device: str, plan: dict) -> dict[str,
     children = sorted((c["flow"], c["pool"], c["state"]) for c in info.get("children", []))
     out = {"state": info.get("state"), "message": info.get("message"), "parent_pool": info.get("pool"),
            "child_runs": [{"flow": f, "pool": pl, "state": s} for f, pl, s in children], "lora_quant": quant,
+           "quantize_method": method,
            "train": {"device_used": train.get("device"), "dtype_used": train.get("compute_dtype")},
            "quantize": {"device_used": (quant_meta.get("params") or {}).get("device"),
-                        "dtype_used": ((quant_meta.get("params") or {}).get("method_params") or {}).get("compute_dtype")},
+                        "dtype_used": _quant_dtype_used(quant_meta)},
            "gate": {"passed": gate.get("passed"), "degradation": gate.get("degradation")}, **times}
     if info.get("state") != "COMPLETED" or info.get("pool") != "cpu":
         raise CheckFailed(f"release run ended {info.get('state')} on pool {info.get('pool')}: {info.get('message')}",
@@ -539,7 +552,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "time_limit_s": args.time_limit, "host": _host(), "dtype_plan": plan, "workdir": str(workdir),
         "checks": {c: {"status": "skipped", "reason": "not run"} for c in selected},
     }
-    out_path = _out_path(args)
+    out_paths = _out_paths(args)
     try:
         summary["wheels"] = _install_wheels(workdir, log)
         site = summary["wheels"].get("target") if summary["wheels"].get("rc") == 0 else None
@@ -559,7 +572,8 @@ def orchestrate(args: argparse.Namespace) -> int:
                 continue
             timeout = min(cap, left)
             log(f"[{i}/{len(selected)}] {name} (at most {timeout:.0f} s) ...")
-            result = run_check(name, workdir, args.device, plan, timeout, _child_env(workdir, args.device, name, site), log)
+            env = _child_env(workdir, args.device, name, site)
+            result = run_check(name, workdir, args.device, plan, timeout, env, log)
             summary["checks"][name] = result
             log(f"[{i}/{len(selected)}] {name}: {result['status']} in {result['wall_s']:.1f} s"
                 + (f" - {result.get('reason', '')[:300]}" if result["status"] != "ok" else ""))
@@ -570,8 +584,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         summary["status"] = "failed"
         summary["error"] = f"interrupted: {type(exc).__name__}: {exc}"
     finally:
-        env = summary["checks"].get("environment", {})
-        summary["device"] = {k: env.get(k) for k in ("device_name", "torch", "torch_cuda", "cuda_available",
+        environment = summary["checks"].get("environment", {})
+        summary["device"] = {k: environment.get(k) for k in ("device_name", "torch", "torch_cuda", "cuda_available",
                                                      "capability", "memory_gib", "bf16_supported")}
         summary["host"]["load_avg_end"] = list(os.getloadavg())
         summary["wall_s"] = round(time.monotonic() - t0, 1)
@@ -580,22 +594,23 @@ def orchestrate(args: argparse.Namespace) -> int:
         if not args.keep_workdir and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
         text = json.dumps(summary, indent=2, default=str)
-        if out_path is not None:
-            _write_json(out_path, summary)
-            log(f"summary written to {out_path}")
+        for path in out_paths:
+            _write_json(path, summary)
+            log(f"summary written to {path}")
         log(f"{summary['status']}: {summary['counts']} in {summary['wall_s']} s")
         print(text, flush=True)
     return 0 if summary["status"] == "ok" else 1
 
 
-def _out_path(args: argparse.Namespace) -> Path | None:
-    if args.out:
-        return Path(args.out)
+def _out_paths(args: argparse.Namespace) -> list[Path]:
+    """Every place the summary goes besides stdout: --out, the results file when asked, and $OUT when set (the
+    folder a device machine of this workplace sends back)."""
+    paths = [Path(args.out)] if args.out else []
     if args.write_results:
-        return RESULTS_FILE
+        paths.append(RESULTS_FILE)
     if os.environ.get("OUT"):
-        return Path(os.environ["OUT"]) / "gpu_check.json"
-    return None
+        paths.append(Path(os.environ["OUT"]) / "gpu_check.json")
+    return list(dict.fromkeys(p.resolve() for p in paths))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -606,7 +621,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     "(progress on stderr). Exit 0 when every check passed, 1 otherwise, 2 on bad arguments.",
         epilog="See docs/gpu_check.md.")
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu (what CI runs)")
-    ap.add_argument("--out", help="also write the summary here (default: $OUT/gpu_check.json when $OUT is set)")
+    ap.add_argument("--out", help="also write the summary here ($OUT/gpu_check.json too, when $OUT is set)")
     ap.add_argument("--write-results", action="store_true",
                     help=f"write the summary to {RESULTS_FILE.relative_to(REPO)} (a GPU run only)")
     ap.add_argument("--time-limit", type=float, default=480, help="seconds for the whole run (default 480 = 8 min)")
