@@ -112,6 +112,16 @@ def _cuda_numbers() -> dict[str, Any]:
     return {"cuda_peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def check_environment(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -239,21 +249,24 @@ def _kernel_pair(folder: Path, prep: Path, device: str, dtypes: list[str]) -> di
     tok = load_tokenizer(spec)
     attempts = []
     for dtype in dtypes:
-        try:
+        try:  # kernels refuse a dtype or device at load or only at their first forward: both try the next dtype
             kernel = load_eval_model(spec, quant_path="kernel", device=device, dtype=dtype, tokenizer=tok)
-        except Exception as exc:  # a kernel that refuses this dtype/device: try the next dtype, keep the reason
+            layers = sorted({type(m).__name__ for m in kernel.model.modules() if hasattr(m, "qweight")})
+            qdev = sorted({str(m.qweight.device) for m in kernel.model.modules() if hasattr(m, "qweight")})
+            k = perplexity(kernel, prep, progress=False, **EVAL)
+        except Exception as exc:
             attempts.append({"dtype": dtype, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
-        layers = sorted({type(m).__name__ for m in kernel.model.modules() if hasattr(m, "qweight")})
-        qdev = sorted({str(m.qweight.device) for m in kernel.model.modules() if hasattr(m, "qweight")})
-        k = perplexity(kernel, prep, progress=False, **EVAL)
-        del kernel
+        finally:
+            kernel = None
+            _free_cuda()
         dense = load_eval_model(spec, quant_path="dequantized", device=device, dtype=dtype, tokenizer=tok)
         d = perplexity(dense, prep, progress=False, **EVAL)
         if k.method != d.method:
             raise RuntimeError("the two paths were scored with different methods; their perplexities do not compare")
         rel = abs(d.ppl / k.ppl - 1)
         return {"status": "ok" if rel <= KERNEL_TOLERANCE else "failed", "dtype_used": dtype,
+                "device_used": {"kernel": k.model["device"], "dequantized": d.model["device"]},
                 "kernel_path": k.path_used, "kernel_layers": layers, "kernel_weights_on": qdev,
                 "dequantized_path": d.path_used, "ppl_kernel": k.ppl, "ppl_dequantized": d.ppl,
                 "relative_difference": rel, "tolerance": KERNEL_TOLERANCE, "tokens": k.tokens,
@@ -264,6 +277,8 @@ def _kernel_pair(folder: Path, prep: Path, device: str, dtypes: list[str]) -> di
 
 
 def check_kernel_vs_dequant(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
+    import importlib.util
+
     _need("gptqmodel")
     p = _paths(workdir)
     pairs: dict[str, Any] = {}
@@ -271,14 +286,13 @@ def check_kernel_vs_dequant(workdir: Path, device: str, plan: dict) -> dict[str,
         if not (p[method] / "lorakit_quant.json").exists():
             pairs[method] = {"status": "skipped", "reason": f"no {method} checkpoint (its check did not pass)"}
             continue
-        if method == "gptq" and __import__("importlib.util").util.find_spec("optimum") is None:
+        if method == "gptq" and importlib.util.find_spec("optimum") is None:
             pairs[method] = {"status": "skipped", "reason": "optimum is not installed (transformers needs it for GPTQ)"}
             continue
         try:
             pairs[method] = _kernel_pair(p[method], p["prep"], device, plan["eval"])
         except Exception as exc:
             pairs[method] = {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:500]}"}
-        pairs[method]["device_used"] = device
     out = {"pairs": pairs, "dtype_requested": plan["eval"], **_cuda_numbers()}
     bad = {m: r.get("reason") or f"relative difference {r.get('relative_difference')}" for m, r in pairs.items()
            if r["status"] == "failed"}
