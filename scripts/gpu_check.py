@@ -169,13 +169,15 @@ def check_setup(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
     p = _paths(workdir)
     make_tiny_llama(p["tiny"], seed=0)
     prepare_dataset([bundled_dataset_path("reverse-words")], p["prep"], base=p["tiny"], max_length=128,
-                           force=True, progress=False)
+                    force=True, progress=False)
     meta = json.loads((p["prep"] / "prep.json").read_text())
     return {"model": str(p["tiny"]), "prep": str(p["prep"]), "counts": meta.get("counts"),
             "format": meta.get("format")}
 
 
 def check_nf4_train(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
+    """Its own process, training first: no eval pass on a 4-bit model precedes it, which on CPUs with AVX512-BF16
+    would repack the weights for inference and make LoRA gradients wrong (shared NOTES; lorakit refuses that)."""
     _need("bitsandbytes", "peft")
     from lorakit.train import read_train_record, train_adapter
 
