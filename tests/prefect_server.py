@@ -1,4 +1,7 @@
-"""A real Prefect server, work pools and workers, as subprocesses a test starts and always stops by PID."""
+"""A real Prefect server, work pools and workers, as subprocesses a test starts and always stops by PID.
+
+Also used by scripts/gpu_check.py (the release check on a GPU machine), so it needs only Prefect, not pytest.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def prefect_cli() -> list[str]:
+    """The ``prefect`` command: the venv's script, or ``python -m prefect`` where Prefect was installed without
+    scripts (wheels unpacked with ``pip install --target``, as on the GPU machine)."""
+    script = BIN / "prefect"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "prefect"]
 
 
 def free_port() -> int:
@@ -60,6 +70,12 @@ class PrefectStack:
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.env = quiet_env(home, PREFECT_API_URL=self.api_url)
+        if not (BIN / "prefect").exists():  # scripts/pools_up.sh calls `prefect` from PATH
+            shim = home / "bin"
+            shim.mkdir(parents=True, exist_ok=True)
+            (shim / "prefect").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m prefect "$@"\n')
+            (shim / "prefect").chmod(0o755)
+            self.env["PATH"] = f"{shim}{os.pathsep}{self.env['PATH']}"
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
@@ -76,7 +92,7 @@ class PrefectStack:
         return proc
 
     def start_server(self, timeout: float = 150) -> None:
-        self.spawn("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+        self.spawn("server", *prefect_cli(), "server", "start", "--host", "127.0.0.1", "--port",
                    str(self.port), "--analytics-off")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -91,7 +107,7 @@ class PrefectStack:
         raise AssertionError(f"prefect server not healthy after {timeout} s:\n{self.log('server')}")
 
     def start_worker(self, pool: str) -> subprocess.Popen:
-        return self.spawn(f"worker-{pool}", str(BIN / "prefect"), "worker", "start", "--pool", pool,
+        return self.spawn(f"worker-{pool}", *prefect_cli(), "worker", "start", "--pool", pool,
                           "--type", "process")
 
     def log(self, name: str) -> str:
@@ -110,3 +126,28 @@ def prefect_stack(home: Path):
         yield stack
     finally:
         stack.close()
+
+
+# The release deployment on a config (argv[1], JSON), waited for up to argv[2] s; prints one JSON line: its state,
+# pool, child flow runs (flow, pool, state) and result. Runs in its own process against the stack's server (an
+# in-process test harness may be active in the caller).
+RELEASE_CLIENT = r"""
+import asyncio, json, sys
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.deployments import run_deployment
+
+run = run_deployment("release/cpu", parameters=json.loads(sys.argv[1]), timeout=float(sys.argv[2]), as_subflow=False)
+
+async def children():
+    async with get_client() as client:
+        runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+        return [{"flow": (await client.read_flow(r.flow_id)).name, "pool": r.work_pool_name,
+                 "state": r.state.type.value, "deployment": str(r.deployment_id)} for r in runs]
+
+done = run.state is not None and run.state.is_completed()
+print(json.dumps({"state": run.state.type.value if run.state else None, "message": run.state.message if run.state else None,
+                  "pool": run.work_pool_name, "children": asyncio.run(children()),
+                  "result": run.state.result() if done else None}, default=str))
+"""

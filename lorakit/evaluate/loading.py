@@ -165,7 +165,7 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
             model, path_used = _from_pretrained(spec.folder, tdt), "dense"
         elif choose_quant_path(quant_path, dev) == "kernel":
             try:
-                model, path_used = _from_pretrained(spec.folder, tdt), f"{spec.kind}-kernel"
+                model, path_used = _from_pretrained(spec.folder, tdt, device=dev), f"{spec.kind}-kernel"
             except InputError:
                 raise
             except Exception as exc:  # kernels refuse layouts per device (e.g. CPU int4 with K % group != 0)
@@ -179,11 +179,15 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
                      tokenizer=tokenizer if tokenizer is not None else load_tokenizer(spec))
 
 
-def _from_pretrained(folder: Path, dtype: torch.dtype):
+def _from_pretrained(folder: Path, dtype: torch.dtype, device: torch.device | None = None):
+    """``device`` places a quantized model while it loads: GPTQModel picks its kernels for the device the weights
+    load on (transformers loads GPTQ onto the CPU when no device_map is given), so a model loaded on the CPU and
+    moved to CUDA afterwards would keep CPU kernels."""
     from transformers import AutoModelForCausalLM
 
+    placement = {"device_map": {"": str(device)}} if device is not None else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placement)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {folder} ({type(exc).__name__}: {exc})") from None
 
