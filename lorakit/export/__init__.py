@@ -1,0 +1,5 @@
+"""Portable releases: a model as one llama.cpp GGUF file, an adapter that every runtime applies the same way."""
+
+from lorakit.export.gguf import GGUF_TYPES, ExportResult, export_gguf, read_export_meta
+
+__all__ = ["GGUF_TYPES", "ExportResult", "export_gguf", "read_export_meta"]
