@@ -98,8 +98,7 @@ def export_gguf(
     from lorakit.export.gguf_llama import check_llama_config, gguf_name, write_hparams
     from lorakit.export.gguf_vocab import read_vocab
     from lorakit.io.atomic import atomic_file, check_output_free
-    from lorakit.models.folder import read_model_config, resolve_model_dir, tensor_index, ties_embeddings, weights_digest
-    from lorakit.io.safetensors_stream import read_tensor
+    from lorakit.models.folder import read_model_config, resolve_model_dir, tensor_index, ties_embeddings
 
     if qtype not in GGUF_TYPES:
         raise InputError(f"GGUF type {qtype!r} is not one of {', '.join(GGUF_TYPES)}")
@@ -114,7 +113,7 @@ def export_gguf(
     vocab = read_vocab(src, int(config["vocab_size"]), tokenizer_pre)
     tied = ties_embeddings(config)
     index = tensor_index(src)
-    plan = []  # (hf name, gguf name, shape, ggml type), in the order llama.cpp's converter writes them
+    plan = []  # (hf name, gguf name, shape, ggml type): embedding, layers in numeric order, norm and output
     for hf in sorted(index, key=_write_order):
         name = gguf_name(hf, tied)
         if name is not None:
@@ -124,7 +123,7 @@ def export_gguf(
     if "token_embd.weight" not in names or (not tied and "output.weight" not in names):
         raise InputError(f"{src} lacks the embedding or (untied) lm_head weights; the checkpoint is incomplete")
 
-    digest = weights_digest(src)
+    digest = _digest_with_progress(src, index, progress)
     counts: dict[str, int] = {}
     for *_, t in plan:
         counts[t.name] = counts.get(t.name, 0) + 1
@@ -149,11 +148,45 @@ def export_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        _write_tensors(writer, src, index, plan, config, progress, read_tensor)
+        _write_tensors(writer, src, index, plan, config, progress)
         writer.close()
         size = tmp.stat().st_size
     meta.update(size_bytes=size, wall_time_s=round(time.perf_counter() - start, 3))
     return ExportResult(output, meta)
+
+
+EXPORT_META = "lorakit_export.json"
+
+
+def export_gguf_folder(
+    source: str | os.PathLike[str] | None,
+    output: str | os.PathLike[str],
+    *,
+    qtype: str = "q8_0",
+    force: bool = False,
+    progress: bool = True,
+) -> ExportResult:
+    """A folder holding ``model.<qtype>.gguf`` and ``lorakit_export.json`` (the GGUF's provenance as a sidecar):
+    the form the release flow registers, since registry artifacts are folders. Atomic like every lorakit output."""
+    from lorakit.io.atomic import atomic_dir, check_output_free, write_json
+
+    output = Path(output)
+    check_output_free(output, force)
+    with atomic_dir(output, force=force) as tmp:
+        result = export_gguf(source, tmp / f"model.{qtype}.gguf", qtype=qtype, progress=progress)
+        write_json(tmp / EXPORT_META, result.metadata)
+    return ExportResult(output, result.metadata)
+
+
+def _digest_with_progress(src: Path, index, progress: bool) -> str:
+    """The source's weights digest (recorded in the file), with a bar: hashing a multi-GB model takes a while."""
+    from tqdm.auto import tqdm
+
+    from lorakit.models.folder import weights_digest
+
+    total = sum((src / shard).stat().st_size for shard in {shard for shard, _ in index.values()})
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hashing source", disable=not progress, leave=False) as bar:
+        return weights_digest(src, bar.update)
 
 
 def _write_order(hf_name: str) -> tuple:
@@ -166,11 +199,13 @@ def _write_order(hf_name: str) -> tuple:
     return (0 if "embed_tokens" in hf_name else 2, 0, hf_name)
 
 
-def _write_tensors(writer, src: Path, index, plan, config: dict, progress: bool, read_tensor) -> None:
+def _write_tensors(writer, src: Path, index, plan, config: dict, progress: bool) -> None:
+    """Convert and append each tensor in plan order (the order of the tensor infos already written)."""
     import torch
     from tqdm.auto import tqdm
 
     from lorakit.export.gguf_llama import prepare_tensor
+    from lorakit.io.safetensors_stream import read_tensor
 
     handles: dict[str, Any] = {}
     try:

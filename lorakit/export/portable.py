@@ -23,7 +23,6 @@ import torch
 
 from lorakit.errors import InputError
 
-EXPORT_META = "lorakit_export.json"
 _PREFIX = "base_model.model."
 # Copied unchanged: the tokenizer an adapter may carry, and its training record (base digest, for lorakit merge).
 _COPIED_FILES = ("lorakit_train.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -50,7 +49,7 @@ def export_portable_adapter(
     """Write ``adapter`` (a folder or registry reference) in the portable form described in the module docstring."""
     from lorakit import __version__
     from lorakit.adapters import CONFIG_FILE, WEIGHTS_FILE, load_adapter
-    from lorakit.export.gguf import ExportResult
+    from lorakit.export.gguf import EXPORT_META, ExportResult
     from lorakit.io.atomic import atomic_dir, check_output_free, write_json
     from lorakit.io.safetensors_stream import save_file
 
