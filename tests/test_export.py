@@ -169,6 +169,25 @@ def test_evaluator_and_gate_take_a_gguf_candidate(tmp_path, tiny_base):
     assert verdict.passed and verdict.metadata["candidate"]["path_used"] == "gguf-dequantized"
 
 
+def test_registered_gguf_folder_is_evaluated_by_reference(tmp_path, tiny_base, monkeypatch):
+    """The release flow's form: a folder with model.<type>.gguf + lorakit_export.json, registered as kind gguf."""
+    from lorakit.evaluate import describe_model
+    from lorakit.export import export_gguf_folder
+    from registry import Registry
+
+    folder = export_gguf_folder(tiny_base, tmp_path / "gguf", qtype="q8_0", progress=False).output
+    assert sorted(p.name for p in folder.iterdir()) == ["lorakit_export.json", "model.q8_0.gguf"]
+    monkeypatch.setenv("LORAKIT_REGISTRY", str(tmp_path / "registry"))
+    version = Registry().register(folder, name="tiny-gguf", kind="gguf")
+    assert version.metadata["lorakit_export.json"]["type"] == "q8_0"
+    spec = describe_model("tiny-gguf@1")
+    assert spec.kind == "gguf" and spec.folder.name == "model.q8_0.gguf"
+    from lorakit.errors import InputError
+
+    with pytest.raises(InputError, match="no \\*.gguf file"):
+        Registry().register(tiny_base, name="not-gguf", kind="gguf")
+
+
 def test_cli_export_refuses_existing_output_and_bad_sources(tmp_path, tiny_base):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"keep")
