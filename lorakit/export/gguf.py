@@ -10,9 +10,10 @@ by tensor, so peak memory is about one tensor. Which tensor gets which type (``t
 - a matrix whose rows are not a multiple of the 32-value block falls back to F16;
 - everything else gets the requested type.
 
-How the file was made is stored inside it, as GGUF metadata (no sidecar file; the GGUF is the unit people copy):
-``general.*`` (name, type, file type, quantization version) and ``lorakit.*`` keys, read back by
-:func:`read_export_meta`. Nothing is left behind on failure: the file is written to a hidden temporary sibling and
+How the file was made is stored inside it, as GGUF metadata (the GGUF is the unit people copy): ``general.*``
+(name, type, file type, quantization version) and ``lorakit.*`` keys, read back by :func:`read_export_meta`.
+:func:`export_gguf_folder` (the release flow's form, since registry artifacts are folders) adds the same record as a
+``lorakit_export.json`` sidecar. Nothing is left behind on failure: the file is written to a hidden temporary sibling and
 renamed into place when complete.
 """
 
@@ -71,6 +72,9 @@ def encode_tensor(array: np.ndarray, ggml_type) -> np.ndarray:
     if ggml_type == t.F32:
         return np.ascontiguousarray(array, dtype=np.float32)
     if ggml_type == t.F16:
+        if np.abs(array).max(initial=0.0) > np.finfo(np.float16).max:
+            raise InputError("a weight exceeds float16's range (65504), so it cannot be stored as an f16 GGUF "
+                             "tensor; try --type q8_0 (the values are stored as int8 times a per-block scale)")
         return np.ascontiguousarray(array, dtype=np.float16)
     return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), ggml_type)
 
