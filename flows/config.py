@@ -124,6 +124,14 @@ class GateConfig(_Section):
     max_tokens: int | None = Field(None, gt=0, description="Evaluate at most this many tokens per data set.")
 
 
+class ExportConfig(_Section):
+    """Extra release formats, each gated like the quantized model (``lorakit.export``)."""
+
+    gguf: Literal["f16", "q8_0", "q4_0", "q5_0", "q5_1"] | None = Field(
+        None, description="Also write the merged model as a llama.cpp GGUF of this type, gate it and register it; "
+        "null = off (sizes, times and perplexities per type: bench/README.md, ## export).")
+
+
 class RegistryConfig(_Section):
     """Where and under which name the release artifacts are registered."""
 
@@ -151,6 +159,7 @@ class ReleaseConfig(_Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     route_gpu: bool = Field(False, description="Run training and quantization as deployments on the CUDA pool.")

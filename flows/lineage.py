@@ -1,7 +1,7 @@
 """Registering a release's artifacts with their lineage, and moving its aliases.
 
 Lineage follows the chain: base model -> prepared data (its tokenizer) -> adapter -> merged model -> quantized
-model <- gate verdict, each edge carrying the parameters of the step that made it. The verdict is registered with
+model <- gate verdict (and merged model -> GGUF <- its own verdict, when exported), each edge carrying the parameters of the step that made it. The verdict is registered with
 the quantized model as its ``candidate`` parent, which attaches the verdict to it in the registry (the registry
 refuses ``production`` to an artifact whose verdict failed). Every artifact is registered whether the gate passed or not,
 so a rejected candidate stays inspectable, marked with its failed verdict (and therefore not promotable).
@@ -25,7 +25,8 @@ def base_name(base_dir: str) -> str:
 def artifact_names(cfg: ReleaseConfig, base_dir: str) -> dict[str, str]:
     """Registry names: the release itself is ``<name>``; its ingredients carry a suffix."""
     n = cfg.registry.name
-    names = {"base": base_name(base_dir), "merged": f"{n}-merged", "quantized": n, "verdict": f"{n}-gate"}
+    names = {"base": base_name(base_dir), "merged": f"{n}-merged", "quantized": n, "verdict": f"{n}-gate",
+             "gguf": f"{n}-gguf", "gguf-verdict": f"{n}-gguf-gate"}
     for ds in cfg.datasets:
         names[f"prep:{ds.name}"] = f"{n}-data-{ds.name}"
         names[f"adapter:{ds.name}"] = f"{n}-adapter-{ds.name}"
@@ -40,7 +41,8 @@ def gate_metrics(verdict_meta: dict[str, Any]) -> dict[str, float]:
 
 
 def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[str, dict], merged: dict,
-                     quantized: dict, verdict: dict) -> dict[str, str]:
+                     quantized: dict, verdict: dict, gguf: dict | None = None,
+                     gguf_verdict: dict | None = None) -> dict[str, str]:
     """Register every artifact of one run, parents first; returns ``{role: "name@version"}``."""
     from lorakit.models.folder import resolve_model_dir
 
@@ -67,6 +69,14 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
                     params=cfg.quantize.model_dump(), tags=(status,))
     reg("verdict", verdict, "verdict", [[quant_ref, {"role": "candidate"}], [merged_ref, {"role": "baseline"}]],
         metrics=metrics, params=cfg.gate.model_dump(), tags=(status,))
+    if gguf is not None and gguf_verdict is not None:
+        g_status = "gate:passed" if gguf_verdict["metadata"]["passed"] else "gate:failed"
+        g_metrics = gate_metrics(gguf_verdict["metadata"])
+        gguf_ref = reg("gguf", gguf, "gguf", [merged_ref], metrics=g_metrics, params=cfg.export.model_dump(),
+                       tags=(g_status,))
+        reg("gguf-verdict", gguf_verdict, "verdict",
+            [[gguf_ref, {"role": "candidate"}], [merged_ref, {"role": "baseline"}]],
+            metrics=g_metrics, params=cfg.gate.model_dump(), tags=(g_status,))
     return refs
 
 

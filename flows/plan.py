@@ -16,7 +16,7 @@ from typing import Any
 
 from flows.config import DatasetConfig, ReleaseConfig
 
-STAGES = ("prep", "adapters", "merged", "quantized", "gate")
+STAGES = ("prep", "adapters", "merged", "quantized", "gguf", "gate")
 
 
 def _key(args: dict[str, Any]) -> str:
@@ -87,6 +87,11 @@ class ReleasePlan:
         params["calib"] = calib
         return {"model_dir": model_dir, "params": params,
                 "output": stage_dir(self.out, "quantized", params["method"], {"model": model_dir, **params})}
+
+    def export_gguf(self, model_dir: str) -> dict[str, Any]:
+        params = {"qtype": self.config.export.gguf}
+        return {"model_dir": model_dir, "params": params,
+                "output": stage_dir(self.out, "gguf", params["qtype"], {"model": model_dir, **params})}
 
     def gate(self, baseline: str, candidate: str, preps: dict[str, str]) -> dict[str, Any]:
         """The first dataset's validation split is the primary check; every other task is a check of its own,

@@ -1,5 +1,8 @@
 """The release pipeline: task data -> adapters -> merged model -> quantized model -> gate -> registry.
 
+With ``export.gguf`` set, the merged model is also written as a llama.cpp GGUF file, gated against the merged
+model like the quantized one, and registered; the release then passes only when both gates pass.
+
 The flow's parameters are exactly the fields of :class:`flows.config.ReleaseConfig` (a YAML run config, a
 deployment's parameters and a direct call are the same thing). Where each stage writes comes from
 :mod:`flows.plan`; training and quantization run through :func:`flows.gpu.run_gpu` (in-process, or on the CUDA
@@ -14,8 +17,8 @@ from prefect import flow
 from prefect.states import Failed
 
 from flows import report
-from flows.config import (DatasetConfig, GateConfig, LoraConfig, MergeConfig, PoolsConfig, QuantizeConfig,
-                          RegistryConfig, ReleaseConfig)
+from flows.config import (DatasetConfig, ExportConfig, GateConfig, LoraConfig, MergeConfig, PoolsConfig,
+                          QuantizeConfig, RegistryConfig, ReleaseConfig)
 from flows.gpu import quantize_flow, run_gpu, train_flow
 from flows.lineage import move_aliases, register_release
 from flows.plan import ReleasePlan
@@ -27,13 +30,13 @@ _D = ReleaseConfig()  # the defaults, shared with the config file reader
 @flow(name="release", persist_result=True)
 def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lora: LoraConfig = _D.lora,
             merge: MergeConfig = _D.merge, quantize: QuantizeConfig = _D.quantize, gate: GateConfig = _D.gate,
-            registry: RegistryConfig = _D.registry, pools: PoolsConfig = _D.pools, route_gpu: bool = _D.route_gpu,
-            auto_promote: bool = _D.auto_promote, output_dir: str = _D.output_dir):
+            export: ExportConfig = _D.export, registry: RegistryConfig = _D.registry, pools: PoolsConfig = _D.pools,
+            route_gpu: bool = _D.route_gpu, auto_promote: bool = _D.auto_promote, output_dir: str = _D.output_dir):
     """Build, gate and register one release model from a base model and task data sets."""
     started = time.perf_counter()
     cfg = ReleaseConfig(base=base, datasets=datasets, lora=lora, merge=merge, quantize=quantize, gate=gate,
-                        registry=registry, pools=pools, route_gpu=route_gpu, auto_promote=auto_promote,
-                        output_dir=output_dir)
+                        export=export, registry=registry, pools=pools, route_gpu=route_gpu,
+                        auto_promote=auto_promote, output_dir=output_dir)
     plan, on_gpu = ReleasePlan(cfg), {"route": cfg.route_gpu, "pool": cfg.pools.cuda}
 
     preps, adapters = {}, {}
@@ -44,15 +47,26 @@ def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lo
                                **plan.merge([adapters[ds.name]["path"] for ds in cfg.datasets]))
     calib = preps[cfg.calib_dataset()] if cfg.calib_dataset() else stages.run_fresh(stages.prep_data, **plan.calibration())
     quantized = run_gpu(quantize_flow, **on_gpu, **plan.quantize(merged["path"], calib["path"]))
-    verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], quantized["path"], {n: p["path"] for n, p in preps.items()}))
+    checks = {n: p["path"] for n, p in preps.items()}
+    verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], quantized["path"], checks))
+    gguf = gguf_verdict = None
+    if cfg.export.gguf:
+        gguf = stages.run_fresh(stages.export_gguf, **plan.export_gguf(merged["path"]))
+        gguf_verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], gguf["path"], checks))
 
-    refs = register_release(cfg, preps, adapters, merged, quantized, verdict)
-    passed = verdict["metadata"]["passed"]
-    aliases = move_aliases(cfg, refs["quantized"]) if passed else []
-    rows = report.stage_rows(cfg, preps, adapters, merged, quantized, verdict, refs)
+    refs = register_release(cfg, preps, adapters, merged, quantized, verdict, gguf, gguf_verdict)
+    passed = all(v["metadata"]["passed"] for v in (verdict, gguf_verdict) if v is not None)
+    released = [refs[role] for role in ("quantized", "gguf") if role in refs]
+    aliases = [alias for ref in released for alias in move_aliases(cfg, ref)] if passed else []
+    rows = report.stage_rows(cfg, preps, adapters, merged, quantized, verdict, refs, gguf, gguf_verdict)
     report.publish(cfg, rows, verdict, aliases, time.perf_counter() - started)
 
     summary = report.verdict_line(verdict["metadata"], cfg.gate.max_degradation)
+    if gguf_verdict is not None:
+        summary += f"; GGUF {cfg.export.gguf} " + report.verdict_line(gguf_verdict["metadata"], cfg.gate.max_degradation)
     if not passed:
-        return Failed(message=f"{summary}; rejected artifacts registered as {refs['quantized']} (gate:failed)")
-    return {"passed": True, "summary": summary, "refs": refs, "aliases": aliases, "release": quantized["path"]}
+        rejected = [refs[role] for role, v in (("quantized", verdict), ("gguf", gguf_verdict))
+                    if v is not None and not v["metadata"]["passed"]]
+        return Failed(message=f"{summary}; rejected artifacts registered as {', '.join(rejected)} (gate:failed)")
+    return {"passed": True, "summary": summary, "refs": refs, "aliases": aliases, "release": quantized["path"],
+            "gguf": gguf["path"] if gguf else None}

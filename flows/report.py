@@ -33,7 +33,7 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 
 def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, quantized: dict, verdict: dict,
-               refs: dict[str, str]) -> list[dict[str, Any]]:
+               refs: dict[str, str], gguf: dict | None = None, gguf_verdict: dict | None = None) -> list[dict[str, Any]]:
     """One row per stage output: stage, item, seconds, key number, output folder, registry ref."""
     rows = []
     for ds in cfg.datasets:
@@ -55,6 +55,14 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
     rows.append({"stage": "gate", "item": f"max {cfg.gate.max_degradation:.1%}", "seconds": _seconds(v),
                  "result": f"{'PASS' if v['passed'] else 'REJECT'} degradation {v['degradation']:+.2%}",
                  "path": verdict["path"], "ref": refs.get("verdict", "")})
+    if gguf is not None and gguf_verdict is not None:
+        g = gguf_verdict["metadata"]
+        rows.append({"stage": "export", "item": f"gguf {cfg.export.gguf}", "seconds": _seconds(gguf["metadata"]),
+                     "result": f"{gguf['metadata']['size_bytes'] / 1e6:.1f} MB", "path": gguf["path"],
+                     "ref": refs.get("gguf", "")})
+        rows.append({"stage": "gate", "item": f"gguf, max {cfg.gate.max_degradation:.1%}", "seconds": _seconds(g),
+                     "result": f"{'PASS' if g['passed'] else 'REJECT'} degradation {g['degradation']:+.2%}",
+                     "path": gguf_verdict["path"], "ref": refs.get("gguf-verdict", "")})
     return rows
 
 

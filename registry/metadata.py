@@ -16,9 +16,9 @@ from typing import Any
 from lorakit.errors import InputError
 
 STAGE_FILES = ("prep.json", "lorakit_train.json", "lorakit_merge.json", "lorakit_quant.json", "gate.json",
-               "lorakit_model.json")
+               "lorakit_model.json", "lorakit_export.json")
 GATE_FILE = "gate.json"
-KINDS = ("base", "dataset", "adapter", "merged", "quantized", "verdict")
+KINDS = ("base", "dataset", "adapter", "merged", "quantized", "verdict", "gguf")
 
 # The file each kind must contain, so that registering the wrong folder fails at once with a clear message.
 _KIND_MARKERS = {
@@ -28,6 +28,7 @@ _KIND_MARKERS = {
     "adapter": ("adapter_config.json", "a PEFT adapter folder"),
     "dataset": ("prep.json", "a prepared-data folder (lorakit prep)"),
     "verdict": (GATE_FILE, "a gate output folder (lorakit gate)"),
+    "gguf": ("*.gguf", "a folder holding a GGUF file (lorakit export --format gguf)"),
 }
 
 
@@ -41,6 +42,10 @@ def check_folder_kind(folder: Path, kind: str) -> None:
     marker, what = _KIND_MARKERS[kind]
     if kind == "merged" and (folder / "adapter_config.json").exists():
         return  # a merge may also output an adapter (output_kind="adapter")
+    if "*" in marker:
+        if not any(p.is_file() for p in folder.glob(marker)):
+            raise InputError(f"{folder} has no {marker} file, so it is not {what}; register the right folder or fix --kind")
+        return
     if not (folder / marker).is_file():
         raise InputError(f"{folder} has no {marker}, so it is not {what}; register the right folder or fix --kind")
 

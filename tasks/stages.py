@@ -86,6 +86,14 @@ def quantize_model(model_dir: str, output: str, params: dict[str, Any]) -> dict[
     return _out(quantize(model_dir, output, force=True, progress=False, **params))
 
 
+@_stage(name="export-gguf")
+def export_gguf(model_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Write a full-precision model folder as a llama.cpp GGUF file in a folder (``lorakit.export.export_gguf_folder``)."""
+    from lorakit.export import export_gguf_folder
+
+    return _out(export_gguf_folder(model_dir, output, force=True, progress=False, **params))
+
+
 @_stage(name="evaluate")
 def evaluate(model: str, data: str, params: dict[str, Any]) -> dict[str, Any]:
     """Perplexity of one model on one data set (``lorakit.evaluate.perplexity``)."""

@@ -130,3 +130,26 @@ def test_cli_run_exit_codes(prefect_harness, tiny_base, workdir, tmp_path):
     assert ok.stdout.startswith("gate passed: degradation +")
     assert rejected.returncode == 3, rejected.stderr[-3000:]
     assert rejected.stderr.strip().splitlines()[-1].startswith("error: gate rejected: degradation +")
+
+
+def test_release_with_gguf_export_gates_and_registers_it(prefect_harness, tiny_base, workdir):
+    from pathlib import Path
+
+    from registry import Registry
+
+    # Same chain as the passing run (cached up to the gate); `export: {gguf: q8_0}` adds export, gate, registration.
+    data = tiny_config_data(tiny_base, workdir, export={"gguf": "q8_0"}, registry={"name": "tiny-gguf"})
+    state = run_release(data)
+    assert state.is_completed(), state.message
+    result = state.result()
+    refs = result["refs"]
+    assert {"gguf", "gguf-verdict"} <= set(refs) and "GGUF q8_0 gate passed" in result["summary"]
+    assert (Path(result["gguf"]) / "model.q8_0.gguf").is_file()
+    reg = Registry(data["registry"]["root"])
+    gguf = reg.get(refs["gguf"])
+    assert gguf.kind == "gguf" and gguf.verdict["passed"] is True and "candidate" in gguf.aliases
+    assert gguf.metadata["lorakit_export.json"]["type"] == "q8_0"
+    parents = {node.artifact.ref for node in reg.lineage(refs["gguf"]).walk()}
+    assert refs["merged"] in parents
+    verdict = reg.get(refs["gguf-verdict"])
+    assert verdict.kind == "verdict"

@@ -69,8 +69,8 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
     """Perplexity of one or more models on the same text, with one fixed method.
 
     \b
-    MODELS are HF model folders, PEFT adapter folders (loaded onto their base), GPTQ or AWQ folders, or
-    "default" (the embedded SmolLM2-135M-Instruct). The first model is the baseline: the text is tokenized
+    MODELS are HF model folders, PEFT adapter folders (loaded onto their base), GPTQ or AWQ folders, GGUF
+    files (read by transformers' GGUF loader), or "default" (the embedded SmolLM2-135M-Instruct). The first model is the baseline: the text is tokenized
     once with its tokenizer and every other model must have the same tokenizer, or it is refused.
 
     \b
@@ -132,7 +132,7 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 
 @click.command()
 @click.option("--baseline", required=True, help="The model the candidate must not be worse than (folder or \"default\").")
-@click.option("--candidate", required=True, help="The model under test (HF, adapter, GPTQ or AWQ folder).")
+@click.option("--candidate", required=True, help="The model under test (HF, adapter, GPTQ or AWQ folder, or a GGUF file).")
 @_method_options
 @click.option("--max-degradation", default=0.05, show_default=True, type=float,
               help="Largest accepted ppl(candidate)/ppl(baseline) - 1 on --data (0.05 = 5% worse).")

@@ -9,7 +9,7 @@ import click
 
 from lorakit.errors import InputError
 
-_KINDS = ["base", "dataset", "adapter", "merged", "quantized", "verdict"]
+_KINDS = ["base", "dataset", "adapter", "merged", "quantized", "verdict", "gguf"]
 
 
 def _open(ctx: click.Context):

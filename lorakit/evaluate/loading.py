@@ -1,4 +1,5 @@
-"""Load any model lorakit produces for evaluation: HF folders, PEFT adapters (base + adapter), GPTQ/AWQ folders.
+"""Load any model lorakit produces for evaluation: HF folders, PEFT adapters (base + adapter), GPTQ/AWQ folders,
+GGUF files.
 
 ``describe_model`` reads only JSON (cheap), so a comparison can refuse mismatched tokenizers before loading a
 single weight. ``load_eval_model`` then builds the model on the chosen device, in eval mode.
@@ -8,6 +9,10 @@ Quantized folders have two paths, recorded as ``path_used``:
 ``<method>-dequantized``  every packed layer dequantized exactly (``lorakit.evaluate.dequant``) into a dense
                           ``nn.Linear``; the same weights, several times faster on CPU. ``quant_path="auto"``
                           picks it on CPU and the kernels on CUDA.
+
+GGUF files (``lorakit export --format gguf``; a ``.gguf`` path, or a folder holding exactly one ``.gguf`` and no
+``config.json``) are read by transformers' own GGUF loader, which dequantizes every tensor to a dense weight
+(``path_used: gguf-dequantized``): an independent reader of what lorakit wrote, tokenizer included.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class ModelSpec:
 
     ref: str
     folder: Path
-    kind: str  # "model" | "adapter" | "gptq" | "awq"
+    kind: str  # "model" | "adapter" | "gptq" | "awq" | "gguf" (then folder and tokenizer_folder are the .gguf file)
     tokenizer_folder: Path
     base: ModelSpec | None = None  # adapters only
     quant_config: dict | None = None
@@ -78,8 +83,14 @@ def describe_model(ref: str | os.PathLike[str] | None, *, base: str | os.PathLik
     from lorakit.models.embedded import MODEL_ID
     from lorakit.models.folder import read_model_config, resolve_model_dir
 
-    folder = resolve_model_dir(ref)
     label = str(ref) if ref is not None else "default"
+    gguf = gguf_file_of(ref)
+    if gguf is not None:
+        return ModelSpec(label, gguf, "gguf", gguf)
+    folder = resolve_model_dir(ref)
+    gguf = gguf_file_of(folder)
+    if gguf is not None:  # a registered GGUF export resolves to its checkout folder
+        return ModelSpec(label, gguf, "gguf", gguf)
     if (folder / ADAPTER_CONFIG).exists():
         cfg = read_json(folder / ADAPTER_CONFIG, "adapter config")
         base_ref = base if base is not None else cfg.get("base_model_name_or_path")
@@ -109,10 +120,27 @@ def describe_model(ref: str | os.PathLike[str] | None, *, base: str | os.PathLik
     return ModelSpec(label, folder, kind, folder, quant_config=quant)
 
 
+def gguf_file_of(ref: str | os.PathLike[str] | None) -> Path | None:
+    """The GGUF file a reference names: a ``.gguf`` file, or a folder with one ``.gguf`` and no config.json."""
+    if ref is None:
+        return None
+    path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) > 1:
+            raise InputError(f"{path} holds several GGUF files ({', '.join(f.name for f in files)}); pass one of them")
+        return files[0] if files else None
+    return None
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     try:
+        if spec.kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(spec.folder.parent), gguf_file=spec.folder.name)
         return AutoTokenizer.from_pretrained(str(spec.tokenizer_folder))
     except Exception as exc:  # tokenizer loading raises many types; all mean "this folder's tokenizer is broken"
         raise InputError(f"cannot load the tokenizer of {spec.tokenizer_folder} ({type(exc).__name__}: {exc})") from None
@@ -156,6 +184,11 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
                              f"({type(exc).__name__}: {exc}); pass the base it was trained on with --base") from None
         model.to(dev).eval()
         path_used, torch_dtype = f"{base.path_used}+adapter", base.dtype
+    elif spec.kind == "gguf":
+        tdt = _torch_dtype(dtype, "float32")
+        model, path_used = _from_gguf(spec.folder, tdt), "gguf-dequantized"
+        model.to(dev).eval()
+        torch_dtype = str(tdt).replace("torch.", "")
     else:
         from lorakit.models.folder import read_model_config
 
@@ -190,6 +223,15 @@ def _from_pretrained(folder: Path, dtype: torch.dtype, device: torch.device | No
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placement)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load model {folder} ({type(exc).__name__}: {exc})") from None
+
+
+def _from_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"transformers cannot load GGUF {path} ({type(exc).__name__}: {exc})") from None
 
 
 def _dequantized_model(spec: ModelSpec, dtype: torch.dtype):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,16 +115,36 @@ def tokenizer_digest(tokenizer) -> str:
     pre-tokenizer, added tokens) without runtime padding/truncation settings, plus its special-token ids.
 
     Two saves of the same tokenizer have the same digest; tokenizers that would give different ids do not.
+    Two spellings that tokenize identically are made one (:func:`_canonical_model`), so a tokenizer read back
+    from a GGUF file has the digest of the folder's tokenizer it was written from.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
         for key in _IGNORED_TOKENIZER_KEYS:
             spec.pop(key, None)
+        spec["model"] = _canonical_model(spec.get("model") or {})
     else:  # a slow (sentencepiece/python) tokenizer: its vocabulary is the best identity available
         spec = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
     spec["_special"] = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+_LLAMA_CPP_PAD = re.compile(r"^\[PAD(\d+)\]$")
+
+
+def _canonical_model(model: dict) -> dict:
+    """A BPE model with no-op differences removed: ``None`` and ``""`` as subword prefix/suffix (both mean none),
+    and llama.cpp's vocabulary padding ``[PAD<id>]`` at its own id (rows of the embedding no text maps to)."""
+    model = dict(model)
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key) is None and key in model:
+            model[key] = ""
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        model["vocab"] = {t: i for t, i in vocab.items()
+                          if not ((m := _LLAMA_CPP_PAD.match(t)) and int(m.group(1)) == i)}
+    return model
 
 
 def tokenize_eval_texts(texts: EvalTexts, tokenizer, *, max_tokens: int | None = None) -> EvalTokens:

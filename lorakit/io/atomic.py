@@ -85,6 +85,40 @@ def atomic_dir(dest: str | os.PathLike[str], *, force: bool = False) -> Iterator
         raise
 
 
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path that replaces ``dest`` when the block completes without error.
+
+    For large single-file outputs (a GGUF) that are written by a library into a path: the file is fsynced and
+    renamed into place only when complete; an exception or a full disk removes the temporary.
+    """
+    dest = Path(dest)
+    check_output_free(dest, force)
+    if dest.is_dir():
+        raise InputError(f"output {dest} is a folder; pass a file path")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno == errno.ENOSPC:
+            raise InputError(_disk_full_message(dest)) from exc
+        raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
     """Write a small file atomically (temp file in the same folder, fsync, rename)."""
     dest = Path(dest)

@@ -25,8 +25,13 @@ def sha256_file(path: str | os.PathLike[str], progress: Callable[[int], None] | 
 
 
 def file_manifest(folder: str | os.PathLike[str]) -> dict[str, str]:
-    """Map each file's path (relative, POSIX) under ``folder`` to its sha256, in sorted order."""
+    """Map each file's path (relative, POSIX) under ``folder`` to its sha256, in sorted order.
+
+    A single-file artifact (a GGUF) is its own manifest: ``{file name: sha256}``.
+    """
     folder = Path(folder)
+    if folder.is_file():
+        return {folder.name: sha256_file(folder)}
     out: dict[str, str] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         out[path.relative_to(folder).as_posix()] = sha256_file(path)

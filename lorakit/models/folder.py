@@ -86,15 +86,16 @@ def shard_names(model_dir: Path) -> list[str]:
     raise InputError(f"{model_dir} holds no model.safetensors; pass an HF model folder saved with safetensors")
 
 
-def weights_digest(model_dir: Path) -> str:
+def weights_digest(model_dir: Path, progress=None) -> str:
     """Identity of a model's weights: the digest of its shard files (config and tokenizer excluded).
 
     Training records it as ``base_digest`` and merging recomputes it, so an adapter is never folded into weights
-    other than the ones it was trained on.
+    other than the ones it was trained on. ``progress`` receives byte counts (for a progress bar on large models).
     """
     from lorakit.io.digests import manifest_digest, sha256_file
 
-    return manifest_digest({shard: sha256_file(model_dir / shard) for shard in shard_names(model_dir)}, "weights")
+    return manifest_digest({shard: sha256_file(model_dir / shard, progress) for shard in shard_names(model_dir)},
+                           "weights")
 
 
 def tensor_index(model_dir: Path) -> dict[str, tuple[str, TensorInfo]]:

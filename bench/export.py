@@ -1,0 +1,141 @@
+"""GGUF export benchmark: size, export time and perplexity per GGUF type beside the fp32 model, in one run.
+
+Model: the embedded default SmolLM2-135M-Instruct (fp32 HF folder). Each type is written by ``lorakit export
+--format gguf`` (in this process, ``lorakit.export.export_gguf``) and read back by transformers' GGUF loader, which
+dequantizes it; perplexity is ``lorakit.evaluate`` (the gate's method: the fp32 model's tokenizer, documents joined
+by EOS, non-overlapping 512-token windows) on the first ``EVAL_TOKENS`` tokens of held-out English text, the
+docstrings of a fixed list of Python standard-library modules (present wherever Python 3.11 is). The slow test
+``tests/test_export_slow.py`` measures the same stream and asserts the Q4_0 band recorded here.
+
+GPTQ/AWQ are not re-measured here; their sizes and perplexities on SmolLM2 are in ``bench/results/quantize.json``
+(a different perplexity text and method, so not comparable digit for digit).
+
+Usage: python bench/export.py [--types f16,q8_0,q4_0,q5_0,q5_1] [--work bench/work/export]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+EVAL_MODULES = ["decimal", "fractions", "statistics", "random", "heapq", "bisect", "textwrap", "string", "difflib",
+                "calendar"]
+EVAL_TOKENS = 4096
+SEQ_LEN = 512
+TYPES = ("f16", "q8_0", "q4_0", "q5_0", "q5_1")
+
+
+def eval_texts() -> list[str]:
+    """Docstrings (> 200 characters) of the public functions and classes of ``EVAL_MODULES``, in a fixed order."""
+    out = []
+    for name in EVAL_MODULES:
+        mod = importlib.import_module(name)
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            if getattr(obj, "__module__", "") != mod.__name__:
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                out.append(doc)
+    return out
+
+
+def cpu_info() -> dict:
+    """CPU model, the flags that change which kernels run, and the load when measured."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {"model": model, "flags": [f for f in wanted if f in flags], "cores": os.cpu_count(),
+            "loadavg_1m_start": round(os.getloadavg()[0], 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument("--work", default=str(BENCH / "work" / "export"))
+    args = parser.parse_args()
+
+    from bench.common import update_readme_section, write_results
+    from lorakit.evaluate import load_eval_model, load_tokenizer, perplexity
+    from lorakit.evaluate.loading import describe_model
+    from lorakit.evaluate.text import EvalTexts, tokenize_eval_texts
+    from lorakit.export import export_gguf
+    from lorakit.io.digests import sha256_file
+    from lorakit.models import ensure_default_model
+    from lorakit.runtime import configure_threads
+
+    configure_threads()
+    cpu = cpu_info()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = ensure_default_model()
+    spec = describe_model(str(base))
+    tokens = tokenize_eval_texts(EvalTexts(eval_texts(), "python stdlib docstrings", "list", None),
+                                 load_tokenizer(spec), max_tokens=EVAL_TOKENS)
+    rows = []
+
+    def measure(ref: str, label: str, extra: dict) -> dict:
+        t0 = time.perf_counter()
+        loaded = load_eval_model(describe_model(ref), device="cpu")
+        load_s = time.perf_counter() - t0
+        r = perplexity(loaded, tokens, seq_len=SEQ_LEN, progress=False)
+        row = {"type": label, "ppl": r.ppl, "tokens_scored": r.tokens, "load_s": round(load_s, 2),
+               "path_used": r.path_used, **extra}
+        print(row, flush=True)
+        return row
+
+    fp32_bytes = (base / "model.safetensors").stat().st_size
+    rows.append(measure(str(base), "fp32", {"size_bytes": fp32_bytes, "export_s": 0.0, "file": "model.safetensors"}))
+    for qtype in args.types.split(","):
+        out = work / f"smollm2-135m-instruct.{qtype}.gguf"
+        result = export_gguf(base, out, qtype=qtype, force=True, progress=False)
+        rows.append(measure(str(out), qtype, {"size_bytes": out.stat().st_size,
+                                              "export_s": result.metadata["wall_time_s"],
+                                              "tensor_types": result.metadata["tensor_types"],
+                                              "sha256": sha256_file(out)}))
+    ref_ppl = rows[0]["ppl"]
+    for row in rows:
+        row["degradation"] = row["ppl"] / ref_ppl - 1
+    cpu["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    data = {
+        "model": "SmolLM2-135M-Instruct (embedded default, fp32 HF folder)",
+        "cpu": cpu, "torch_threads": int(os.environ.get("LORAKIT_THREADS", "0") or 0) or "lorakit default",
+        "perplexity_method": {**{k: v for k, v in tokens.describe().items() if k != "join"}, "seq_len": SEQ_LEN,
+                              "stride": SEQ_LEN, "modules": EVAL_MODULES, "evaluator": "lorakit.evaluate.perplexity"},
+        "reader": "transformers AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) (dequantizes to fp32)",
+        "gptq_awq": "not measured in this run; see bench/results/quantize.json (other text and method)",
+        "rows": rows,
+    }
+    path = write_results("export", data)
+    table = ["| type | size MB | vs fp32 size | export s | ppl | vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        table.append(f"| {row['type']} | {row['size_bytes'] / 1e6:.1f} | {row['size_bytes'] / fp32_bytes:.0%} | "
+                     f"{row['export_s']:.1f} | {row['ppl']:.4f} | {row['degradation']:+.2%} |")
+    update_readme_section("export", f"""## export
+
+`python bench/export.py` → `{path.relative_to(BENCH.parent)}`. SmolLM2-135M-Instruct (the embedded default, fp32)
+written by `lorakit export --format gguf --type T`, read back by transformers' GGUF loader; perplexity with
+`lorakit.evaluate` (the gate's method, 512-token non-overlapping windows) on the first {EVAL_TOKENS} tokens of
+Python stdlib docstrings ({', '.join(EVAL_MODULES[:3])}, …). For q4_0/q5_0/q5_1 the tied embedding (also the logits
+layer) is stored as q8_0; RMSNorm weights stay f32. CPU: {cpu['model']} ({', '.join(cpu['flags'])}), {cpu['cores']}
+cores, load {cpu['loadavg_1m_start']} → {cpu['loadavg_1m_end']}. GPTQ/AWQ on the same model: `## quantize` (other
+text and method, so compare the "vs fp32" columns only loosely).
+
+{chr(10).join(table)}
+""")
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
