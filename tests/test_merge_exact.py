@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from lorakit.merge import merge_adapters
 from lorakit.merge.task_arithmetic import module_generator
 from lorakit.models.synthetic import make_random_adapter
+from tests.merge_reference import hand_deltas
 
 TOL = 1e-5
 WEIGHTS = [0.7, -0.4, 0.5]
@@ -37,33 +38,8 @@ def adapters(tiny_base, tmp_path_factory) -> list[Path]:
     ]
 
 
-def hand_scaling(adapter_dir: Path, module: str, r: int) -> float:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    alpha = cfg["lora_alpha"]
-    for key, value in cfg.get("alpha_pattern", {}).items():
-        if module.endswith(key):
-            alpha = value
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-def hand_deltas(adapter_dirs: list[Path]) -> dict[str, list[torch.Tensor]]:
-    """module -> [scalingᵢ·BᵢAᵢ], in float64, straight from the files."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for d in adapter_dirs:
-        t = load_file(d / "adapter_model.safetensors")
-        for key in t:
-            if key.endswith("lora_A.weight"):
-                module = key[len("base_model.model."):-len(".lora_A.weight")]
-                A = t[key].double()
-                B = t[key.replace("lora_A", "lora_B")].double()
-                out.setdefault(module, []).append(hand_scaling(d, module, A.shape[0]) * (B @ A))
-    return out
-
-
 def keep_top(delta: torch.Tensor, density: float) -> torch.Tensor:
-    k = int(round(density * delta.numel()))
-    if k == 0:
-        return torch.zeros_like(delta)
+    k = max(1, math.floor(density * delta.numel()))  # PEFT's and mergekit's convention
     threshold = delta.abs().flatten().sort(descending=True).values[k - 1]
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 

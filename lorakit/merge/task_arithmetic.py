@@ -5,7 +5,8 @@ separately (which is what PEFT does, and why its results are not what the papers
 comes from a per-module, per-adapter generator derived from ``--seed``, the module name and the adapter's
 position, so results do not depend on processing order or on how many modules are merged in one call.
 
-- ``magnitude_prune``: keep the ``density`` fraction of largest-|·| entries of each ΔWᵢ, then Σ wᵢ·ΔŴᵢ.
+- ``magnitude_prune``: keep the max(1, floor(density·n)) largest-|·| entries of each ΔWᵢ (n entries), then
+  Σ wᵢ·ΔŴᵢ.
 - ``dare_linear``: keep each entry with probability ``density`` and rescale by 1/density, then Σ wᵢ·ΔŴᵢ.
 - ``ties``: magnitude-trim each ΔWᵢ, elect a sign per entry from Σ wᵢ·ΔŴᵢ, sum only the weighted entries
   that agree with it (optionally divided by the sum of the agreeing weights: ``--normalize``).
@@ -35,15 +36,24 @@ def module_generator(seed: int, module: str, index: int) -> torch.Generator:
     return g
 
 
+def trim_count(density: float, n: int) -> int:
+    """How many of ``n`` entries magnitude trimming keeps: max(1, floor(density·n)).
+
+    This is the convention of PEFT's ``magnitude_based_pruning`` and mergekit's ``sparsify.magnitude``
+    (``int(density * n)`` on the float product), so a lorakit TIES or magnitude-prune merge equals theirs entry
+    for entry; rounding instead would keep one entry more whenever the fraction of density·n is >= 0.5.
+    """
+    return max(1, int(density * n))
+
+
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the round(density·n) entries of largest magnitude."""
+    """Boolean mask of the :func:`trim_count` entries of largest magnitude."""
     n = delta.numel()
-    k = int(round(density * n))
+    k = trim_count(density, n)
     if k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
     mask = torch.zeros(n, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(delta.abs().flatten(), k, sorted=False).indices] = True
+    mask[torch.topk(delta.abs().flatten(), k, sorted=False).indices] = True
     return mask.view_as(delta)
 
 
