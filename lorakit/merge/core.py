@@ -115,7 +115,8 @@ def _check_base_fits(adapters: list[Adapter], base_dir: Path, index: dict[str, t
 def _merged_delta(method: MergeMethod, adapters: list[Adapter], name: str, weights: list[float],
                   params: dict[str, Any]) -> torch.Tensor:
     deltas = [a.modules[name].delta() for a in adapters]
-    return method.combine(deltas, weights, ModuleContext(name, int(params.get("seed") or 0)), params)
+    ctx = ModuleContext(name, int(params.get("seed") or 0), tuple(a.digest for a in adapters))
+    return method.combine(deltas, weights, ctx, params)
 
 
 def _adapter_config(first: Adapter, ranks: dict[str, int], base_name: str | None) -> dict[str, Any]:

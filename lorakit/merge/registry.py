@@ -29,10 +29,15 @@ class Param:
 
 @dataclass(frozen=True)
 class ModuleContext:
-    """What a method may know about the module it merges: its name (for per-module random streams)."""
+    """What a method may know about the module it merges: enough to derive per-adapter random streams.
+
+    ``adapters`` holds each input adapter's content digest (the one recorded in lorakit_merge.json), in the
+    order of the deltas, so a stream can follow the adapter rather than its position in the list.
+    """
 
     name: str
     seed: int
+    adapters: tuple[str, ...] = ()
 
 
 DeltaCombiner = Callable[[Sequence[torch.Tensor], Sequence[float], ModuleContext, dict[str, Any]], torch.Tensor]

@@ -3,7 +3,8 @@
 Every operation here acts on each adapter's full update ΔWᵢ = scalingᵢ·BᵢAᵢ of a module, never on A and B
 separately (which is what PEFT does, and why its results are not what the papers describe). Randomness (DARE)
 comes from a per-module, per-adapter generator derived from ``--seed``, the module name and the adapter's
-position, so results do not depend on processing order or on how many modules are merged in one call.
+content digest (see :func:`stream_seed`), so an adapter's mask does not depend on the order of the adapters or
+modules, on which other adapters are merged with it, or on how many modules are merged in one call.
 
 - ``magnitude_prune``: keep the max(1, floor(density·n)) largest-|·| entries of each ΔWᵢ (n entries), then
   Σ wᵢ·ΔŴᵢ.
@@ -15,7 +16,7 @@ position, so results do not depend on processing order or on how many modules ar
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +30,21 @@ SEED = Param("seed", int, default=0, help="seed of DARE's random masks (determin
 NORMALIZE = Param("normalize", bool, default=False, help="divide by the sum of the agreeing weights")
 
 
-def module_generator(seed: int, module: str, index: int) -> torch.Generator:
-    """The random stream for adapter ``index`` at ``module``: seed·1000003 + crc32(module)·31 + index."""
+def stream_seed(seed: int, module: str, adapter_digest: str, occurrence: int = 0) -> int:
+    """The documented seeding rule of DARE's masks.
+
+    The first 8 bytes (big-endian) of sha256 of ``"{seed}/{module}/{adapter_digest}/{occurrence}"``, top bit
+    cleared (``torch.Generator.manual_seed`` takes 63 bits). ``occurrence`` counts earlier inputs with the same
+    digest (the same adapter given twice gets two independent masks; which copy gets which does not matter).
+    """
+    key = f"{int(seed)}/{module}/{adapter_digest}/{int(occurrence)}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
+def module_generator(seed: int, module: str, adapter_digest: str, occurrence: int = 0) -> torch.Generator:
+    """The random stream of one adapter at one module: a CPU generator seeded by :func:`stream_seed`."""
     g = torch.Generator(device="cpu")
-    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(module.encode()) * 31 + index) % (2**63 - 1))
+    g.manual_seed(stream_seed(seed, module, adapter_digest, occurrence))
     return g
 
 
@@ -58,7 +70,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
 
 
 def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Keep each entry independently with probability ``density``."""
+    """Keep each entry independently with probability ``density``: ``torch.rand(shape) < density`` (float32)."""
     return torch.rand(shape, generator=generator) < density
 
 
@@ -67,8 +79,13 @@ def trim(deltas: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
 
 
 def drop_and_rescale(deltas: Sequence[torch.Tensor], density: float, ctx: ModuleContext) -> list[torch.Tensor]:
-    return [d * dare_mask(d.shape, density, module_generator(ctx.seed, ctx.name, i)) / density
-            for i, d in enumerate(deltas)]
+    if len(ctx.adapters) != len(deltas):
+        raise ValueError(f"DARE needs one adapter digest per delta at {ctx.name}, got {len(ctx.adapters)}")
+    out = []
+    for i, (d, digest) in enumerate(zip(deltas, ctx.adapters)):
+        g = module_generator(ctx.seed, ctx.name, digest, ctx.adapters[:i].count(digest))
+        out.append(d * dare_mask(d.shape, density, g) / density)
+    return out
 
 
 def sign_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
