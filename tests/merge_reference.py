@@ -24,8 +24,11 @@ def hand_scaling(adapter_dir: Path, module: str, r: int) -> float:
     return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
-def hand_deltas(adapter_dirs: list[Path]) -> dict[str, list[torch.Tensor]]:
-    """module -> [scalingᵢ·BᵢAᵢ], in float64, straight from the files."""
+def hand_deltas(adapter_dirs: list[Path], absolute: bool = False) -> dict[str, list[torch.Tensor]]:
+    """module -> [scalingᵢ·BᵢAᵢ], in float64, straight from the files.
+
+    ``absolute``: scalingᵢ·|Bᵢ|·|Aᵢ| instead, the scale of a float32 product's rounding error (for bounds).
+    """
     out: dict[str, list[torch.Tensor]] = {}
     for d in adapter_dirs:
         t = load_file(Path(d) / "adapter_model.safetensors")
@@ -34,5 +37,7 @@ def hand_deltas(adapter_dirs: list[Path]) -> dict[str, list[torch.Tensor]]:
                 module = key[len("base_model.model."):-len(".lora_A.weight")]
                 A = t[key].double()
                 B = t[key.replace("lora_A", "lora_B")].double()
+                if absolute:
+                    A, B = A.abs(), B.abs()
                 out.setdefault(module, []).append(hand_scaling(d, module, A.shape[0]) * (B @ A))
     return out
