@@ -225,10 +225,11 @@ def test_dare_masks_follow_the_adapter_not_its_position(adapters, tiny_base, tmp
 
 def test_dare_combine_ignores_module_order_and_global_rng(adapters):
     """No state is shared between modules: any processing order and any global RNG state give the same deltas."""
-    from lorakit.merge.registry import ModuleContext, get_method
+    from lorakit.merge.method import ModuleContext
+    from lorakit.merge.registry import get_method, resolve_params
 
     method = get_method("dare_ties")
-    params = method.resolve_params({"density": 0.4, "seed": 3, "normalize": True})
+    params = resolve_params(method, {"density": 0.4, "seed": 3, "normalize": True})
     digests = ("d-a", "d-b", "d-c")
     per_module = {m: [d.float() for d in ds] for m, ds in hand_deltas(adapters).items()}
 

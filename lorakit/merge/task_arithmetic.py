@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lorakit.merge.linear import weighted_sum
-from lorakit.merge.registry import MergeMethod, ModuleContext, Param, register
+from lorakit.merge.method import MergeMethod, ModuleContext, Param
 
 DENSITY = Param("density", float, required=True, help="fraction of each delta's entries to keep, in (0, 1]")
 SEED = Param("seed", int, default=0, help="seed of DARE's random masks (deterministic per module)")
@@ -117,11 +117,11 @@ def _dare_ties(deltas, weights, ctx: ModuleContext, p: dict[str, Any]) -> torch.
     return sign_consensus(drop_and_rescale(deltas, p["density"], ctx), weights, p["normalize"])
 
 
-register(MergeMethod("magnitude_prune", "keep the largest |entries| of each delta, then weighted sum",
-                     _magnitude_prune, (DENSITY,)))
-register(MergeMethod("dare_linear", "random drop + 1/density rescale of each delta, then weighted sum",
-                     _dare_linear, (DENSITY, SEED)))
-register(MergeMethod("ties", "trim by magnitude, elect signs, sum the agreeing weighted entries",
-                     _ties, (DENSITY, NORMALIZE)))
-register(MergeMethod("dare_ties", "DARE drop + rescale, elect signs, sum the agreeing weighted entries",
-                     _dare_ties, (DENSITY, SEED, NORMALIZE)))
+MAGNITUDE_PRUNE = MergeMethod("magnitude_prune", "keep the largest |entries| of each delta, then weighted sum",
+                              _magnitude_prune, (DENSITY,))
+DARE_LINEAR = MergeMethod("dare_linear", "random drop + 1/density rescale of each delta, then weighted sum",
+                          _dare_linear, (DENSITY, SEED))
+TIES = MergeMethod("ties", "trim by magnitude, elect signs, sum the agreeing weighted entries",
+                   _ties, (DENSITY, NORMALIZE))
+DARE_TIES = MergeMethod("dare_ties", "DARE drop + rescale, elect signs, sum the agreeing weighted entries",
+                        _dare_ties, (DENSITY, SEED, NORMALIZE))
