@@ -105,8 +105,8 @@ class QuantizeConfig(_Section):
     n_samples: int = Field(64, gt=0)
     seq_len: int = Field(256, gt=0)
     target_degradation: float | None = Field(
-        None, ge=0, description="Set to search the smallest configuration within this perplexity loss instead of "
-        "using the fixed one above (lorakit quantize --target-degradation).")
+        None, ge=0, description="Set to search the smallest configuration within this perplexity loss, starting "
+        "from the one above (its method; its group size, then finer ones) (lorakit quantize --target-degradation).")
     max_trials: int = Field(12, gt=0, description="Search bound: quantizations tried at most.")
     time_budget_s: float = Field(10800.0, gt=0, description="Search bound: seconds.")
     seed: int = 0

@@ -65,8 +65,12 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
         reg(f"adapter:{ds.name}", adapters[ds.name], "adapter", [data_ref, base_ref], params=cfg.lora.model_dump())
     merged_ref = reg("merged", merged, "merged", [refs[f"adapter:{ds.name}"] for ds in cfg.datasets],
                      params={**cfg.merge.model_dump(), "weights": cfg.merge_weights()})
-    quant_ref = reg("quantized", quantized, "quantized", [merged_ref], metrics=metrics,
-                    params=cfg.quantize.model_dump(), tags=(status,))
+    # The settings the stage used (its lorakit_quant.json), with the configuration it was given beside them.
+    from lorakit.quantize.metadata import read_quant_meta
+
+    quant_params = {**read_quant_meta(quantized["path"]).used_settings(), "requested": cfg.quantize.model_dump()}
+    quant_ref = reg("quantized", quantized, "quantized", [merged_ref], metrics=metrics, params=quant_params,
+                    tags=(status,))
     reg("verdict", verdict, "verdict", [[quant_ref, {"role": "candidate"}], [merged_ref, {"role": "baseline"}]],
         metrics=metrics, params=cfg.gate.model_dump(), tags=(status,))
     if gguf is not None and gguf_verdict is not None:

@@ -47,8 +47,7 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
     rows.append({"stage": "merge", "item": cfg.merge.method, "seconds": _seconds(merged["metadata"]),
                  "result": "exact" if merged["metadata"].get("exact") else "approximate",
                  "path": merged["path"], "ref": refs.get("merged", "")})
-    q = cfg.quantize
-    rows.append({"stage": "quantize", "item": f"{q.method} {q.bits}-bit g{q.group_size}",
+    rows.append({"stage": "quantize", "item": quantize_label(used_quantize_settings(quantized["path"])),
                  "seconds": _seconds(quantized["metadata"]), "result": "", "path": quantized["path"],
                  "ref": refs.get("quantized", "")})
     v = verdict["metadata"]
@@ -64,6 +63,28 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
                      "result": f"{'PASS' if g['passed'] else 'REJECT'} degradation {g['degradation']:+.2%}",
                      "path": gguf_verdict["path"], "ref": refs.get("gguf-verdict", "")})
     return rows
+
+
+def used_quantize_settings(folder: str) -> dict[str, Any]:
+    """What the quantize stage used, read from its ``lorakit_quant.json`` (not the configuration it was asked for)."""
+    from lorakit.quantize.metadata import read_quant_meta
+
+    return read_quant_meta(folder).used_settings()
+
+
+def quantize_label(used: dict[str, Any]) -> str:
+    """``gptq 4-bit g128 sym`` plus what differs from the request: a lowered group size, kept modules, a search."""
+    label = f"{used['method']} {used['bits']}-bit g{used['group_size']} {'sym' if used['sym'] else 'asym'}"
+    if "group_size_requested" in used:
+        label += f" (g{used['group_size_requested']} requested)"
+    if used.get("desc_act"):
+        label += " act-order"
+    if used.get("module_bits"):
+        label += f" +{len(used['module_bits'])} modules kept"
+    label += f", {used['n_samples']}x{used['seq_len']} calibration"
+    if used.get("search"):
+        label += f", search pick (trial {used['search']['chosen_trial']})"
+    return label
 
 
 def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:

@@ -47,3 +47,39 @@ def test_atomic_dir_publishes_only_complete_output(tmp_path):
         (tmp / "done.txt").write_text("ok")
     assert (dest / "done.txt").read_text() == "ok"
     assert oct(dest.stat().st_mode & 0o777) != oct(0o700), "published folder must not keep mkdtemp's private mode"
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_cleaned_and_an_old_output_put_back(tmp_path):
+    """What a SIGKILLed run leaves (tmp-PID and old-PID siblings) goes; live or foreign ones stay."""
+    import os
+
+    from lorakit.errors import OutputExistsError
+    from lorakit.io.atomic import _owner, check_output_free
+
+    dest = tmp_path / "out"
+    host = _owner().partition("h")[2]
+    dead = _dead_pid()
+    stale_tmp = tmp_path / f".out.tmp-{dead}h{host}-abc"
+    stale_old = tmp_path / f".out.old-{dead}h{host}-def"
+    live_tmp = tmp_path / f".out.tmp-{os.getppid()}h{host}-ghi"  # our parent: alive
+    foreign = tmp_path / f".out.tmp-{dead}h00000000-jkl"         # another host's: its PID means nothing here
+    for d in (stale_tmp, stale_old / "x", live_tmp, foreign):
+        d.mkdir(parents=True)
+    (stale_old / "x" / "model.safetensors").write_text("the old output")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        check_output_free(dest, force=False)  # the killed --force run's old output is back, so it exists
+    assert (dest / "model.safetensors").read_text() == "the old output"
+    assert not stale_tmp.exists() and not stale_old.exists()
+    assert live_tmp.exists() and foreign.exists()
+    with atomic_dir(dest, force=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert (dest / "new").exists() and live_tmp.exists()

@@ -6,6 +6,7 @@ loops for sign election, scalings from the adapter configs by hand), so a shared
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorakit.merge import merge_adapters
-from lorakit.merge.task_arithmetic import module_generator
 from lorakit.models.synthetic import make_random_adapter
+from tests.merge_reference import hand_deltas
 
 TOL = 1e-5
 WEIGHTS = [0.7, -0.4, 0.5]
@@ -37,39 +38,23 @@ def adapters(tiny_base, tmp_path_factory) -> list[Path]:
     ]
 
 
-def hand_scaling(adapter_dir: Path, module: str, r: int) -> float:
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    alpha = cfg["lora_alpha"]
-    for key, value in cfg.get("alpha_pattern", {}).items():
-        if module.endswith(key):
-            alpha = value
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-
-
-def hand_deltas(adapter_dirs: list[Path]) -> dict[str, list[torch.Tensor]]:
-    """module -> [scalingᵢ·BᵢAᵢ], in float64, straight from the files."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for d in adapter_dirs:
-        t = load_file(d / "adapter_model.safetensors")
-        for key in t:
-            if key.endswith("lora_A.weight"):
-                module = key[len("base_model.model."):-len(".lora_A.weight")]
-                A = t[key].double()
-                B = t[key.replace("lora_A", "lora_B")].double()
-                out.setdefault(module, []).append(hand_scaling(d, module, A.shape[0]) * (B @ A))
-    return out
-
-
 def keep_top(delta: torch.Tensor, density: float) -> torch.Tensor:
-    k = int(round(density * delta.numel()))
-    if k == 0:
-        return torch.zeros_like(delta)
+    k = max(1, math.floor(density * delta.numel()))  # PEFT's and mergekit's convention
     threshold = delta.abs().flatten().sort(descending=True).values[k - 1]
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
-def dare(delta: torch.Tensor, density: float, seed: int, module: str, index: int) -> torch.Tensor:
-    keep = torch.rand(delta.shape, generator=module_generator(seed, module, index)) < density
+def documented_mask(shape: torch.Size, density: float, seed: int, module: str, digest: str,
+                    occurrence: int = 0) -> torch.Tensor:
+    """DARE's keep-mask written from the README's seeding rule, not from lorakit's code."""
+    key = f"{seed}/{module}/{digest}/{occurrence}".encode()
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1)
+    return torch.rand(tuple(shape), generator=g, dtype=torch.float32) < density
+
+
+def dare(delta: torch.Tensor, density: float, seed: int, module: str, digest: str) -> torch.Tensor:
+    keep = documented_mask(delta.shape, density, seed, module, digest)
     return torch.where(keep, delta / density, torch.zeros_like(delta))
 
 
@@ -88,17 +73,17 @@ def elect(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> 
 
 
 def reference(method: str, deltas: list[torch.Tensor], module: str, density: float, seed: int,
-              normalize: bool) -> torch.Tensor:
+              normalize: bool, digests: list[str] | None = None) -> torch.Tensor:
     if method == "linear":
         return sum(d * w for d, w in zip(deltas, WEIGHTS))
     if method == "magnitude_prune":
         return sum(keep_top(d, density) * w for d, w in zip(deltas, WEIGHTS))
     if method == "dare_linear":
-        return sum(dare(d, density, seed, module, i) * w for i, (d, w) in enumerate(zip(deltas, WEIGHTS)))
+        return sum(dare(d, density, seed, module, h) * w for d, w, h in zip(deltas, WEIGHTS, digests))
     if method == "ties":
         return elect([keep_top(d, density) for d in deltas], WEIGHTS, normalize)
     if method == "dare_ties":
-        return elect([dare(d, density, seed, module, i) for i, d in enumerate(deltas)], WEIGHTS, normalize)
+        return elect([dare(d, density, seed, module, h) for d, h in zip(deltas, digests)], WEIGHTS, normalize)
     raise AssertionError(method)
 
 
@@ -119,18 +104,19 @@ def test_model_output_matches_direct_computation(method, params, adapters, tiny_
     base = load_file(tiny_base / "model.safetensors")
     merged = load_file(out / "model.safetensors")
     deltas = hand_deltas(adapters)
+    meta = json.loads((out / "lorakit_merge.json").read_text())
+    digests = [i["digest"] for i in meta["inputs"]]  # the seeding rule names the digests recorded here
     assert set(merged) == set(base)
     worst = 0.0
     for name, w in base.items():
         module = name[: -len(".weight")]
         if module in deltas:
             want = w.double() + reference(method, deltas[module], module, params.get("density", 1.0),
-                                          params.get("seed", 0), params.get("normalize", False))
+                                          params.get("seed", 0), params.get("normalize", False), digests)
             worst = max(worst, (merged[name].double() - want).abs().max().item())
         else:
             assert torch.equal(merged[name], w), f"{name} is not a target but changed"
     assert worst <= TOL, f"{method}: max abs error {worst:.2e}"
-    meta = json.loads((out / "lorakit_merge.json").read_text())
     assert meta["method"] == method and meta["weights"] == WEIGHTS
     assert [i["digest"] for i in meta["inputs"]] and meta["negative_weights"] == [str(adapters[1])]
     assert meta["base"]["weights_digest"]
@@ -208,3 +194,54 @@ def test_sharded_base_stays_sharded_and_exact(adapters, tiny_base, tmp_path):
         want = base[f"{module}.weight"].double() + sum(d * w for d, w in zip(ds, WEIGHTS))
         assert (merged[f"{module}.weight"].double() - want).abs().max().item() <= TOL
     AutoModelForCausalLM.from_pretrained(out)  # loads as a normal sharded HF folder
+
+
+def test_dare_masks_follow_the_adapter_not_its_position(adapters, tiny_base, tmp_path):
+    """Permuting the adapters (weights with them) gives the same merge; an adapter merged alone gets the same
+    mask as inside the trio, and that mask is the documented stream's; the same adapter twice gets two masks."""
+    density, seed = 0.5, 11
+    kw = dict(method="dare_linear", density=density, seed=seed, output_kind="model", base=tiny_base, progress=False)
+    order = [2, 0, 1]
+    a = merge_adapters(adapters, WEIGHTS, tmp_path / "abc", **kw)
+    b = merge_adapters([adapters[i] for i in order], [WEIGHTS[i] for i in order], tmp_path / "cab", **kw)
+    ta, tb = load_file(a.output / "model.safetensors"), load_file(b.output / "model.safetensors")
+    assert max((ta[k].double() - tb[k].double()).abs().max().item() for k in ta) <= TOL
+
+    base = load_file(tiny_base / "model.safetensors")
+    digest = a.metadata["inputs"][1]["digest"]
+    alone = merge_adapters([adapters[1]], [1.0], tmp_path / "b-alone", **kw)
+    twice = merge_adapters([adapters[1], adapters[1]], [1.0, 1.0], tmp_path / "b-twice", **kw)
+    merged_alone = load_file(alone.output / "model.safetensors")
+    merged_twice = load_file(twice.output / "model.safetensors")
+    deltas = hand_deltas([adapters[1]])
+    for module, (delta,) in deltas.items():
+        key = f"{module}.weight"
+        kept = merged_alone[key] != base[key]
+        assert torch.equal(kept, documented_mask(delta.shape, density, seed, module, digest) & (delta != 0))
+        want = delta / density * (documented_mask(delta.shape, density, seed, module, digest).double()
+                                  + documented_mask(delta.shape, density, seed, module, digest, 1).double())
+        assert (merged_twice[key].double() - base[key].double() - want).abs().max().item() <= TOL
+
+
+def test_dare_combine_ignores_module_order_and_global_rng(adapters):
+    """No state is shared between modules: any processing order and any global RNG state give the same deltas."""
+    from lorakit.merge.method import ModuleContext
+    from lorakit.merge.registry import get_method, resolve_params
+
+    method = get_method("dare_ties")
+    params = resolve_params(method, {"density": 0.4, "seed": 3, "normalize": True})
+    digests = ("d-a", "d-b", "d-c")
+    per_module = {m: [d.float() for d in ds] for m, ds in hand_deltas(adapters).items()}
+
+    def run(names: list[str], rng_seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(rng_seed)
+        return {m: method.combine(per_module[m], WEIGHTS, ModuleContext(m, 3, digests), params) for m in names}
+
+    names = sorted(per_module)
+    forward, backward = run(names, 0), run(names[::-1], 123)
+    assert all(torch.equal(forward[m], backward[m]) for m in names)
+    permuted = [2, 0, 1]
+    m = names[0]
+    again = method.combine([per_module[m][i] for i in permuted], [WEIGHTS[i] for i in permuted],
+                           ModuleContext(m, 3, tuple(digests[i] for i in permuted)), params)
+    assert (again - forward[m]).abs().max().item() <= 1e-6

@@ -393,6 +393,54 @@ def test_rejects_too_little_or_missing_calibration_data(tmp_path, tiny_base, pre
     _bad(tmp_path, tiny_base, "not a prepared-data folder", calib=tmp_path / "plain")
 
 
+def _byte_tokens(prep: Path) -> int:
+    """Calibration tokens of a prep's train split under the tiny models' byte tokenizer: UTF-8 bytes + one EOS
+    per text (computed here, not by lorakit)."""
+    texts = [json.loads(line)["text"] for line in (prep / "train.texts.jsonl").read_text().splitlines()]
+    return sum(len(t.encode()) + 1 for t in texts)
+
+
+def test_default_calibration_volume_takes_what_the_data_gives(tmp_path, tiny_base, prep):
+    """`lorakit quantize M --calib PREP` with less text than the default 128 x 512: it calibrates on every block
+    the data gives, warns, and records the rule; an explicit --n-samples the data cannot fill stays an error."""
+    from lorakit.quantize.calibration import DEFAULT_N_SAMPLES, MIN_AUTO_SAMPLES
+    from lorakit.quantize.metadata import read_quant_meta
+
+    blocks = _byte_tokens(prep) // 512
+    assert MIN_AUTO_SAMPLES <= blocks < DEFAULT_N_SAMPLES, blocks  # the fixture is in the branch under test
+    out = tmp_path / "auto"
+    proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--calib", str(prep), "--group-size", "32", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"warning: calibration data {prep} gives" in proc.stderr and f"calibrating on all {blocks}" in proc.stderr
+    meta = read_quant_meta(out)
+    assert meta.params.n_samples == blocks and meta.params.seq_len == 512
+    assert meta.calibration["n_samples"] == blocks and meta.calibration["n_samples_requested"] is None
+    assert any(f"calibrating on all {blocks}" in n for n in meta.notes)
+    assert meta.used_settings()["n_samples"] == blocks
+
+    refused = tmp_path / "explicit"
+    proc = run_cli("quantize", str(tiny_base), "-o", str(refused), "--calib", str(prep), "--n-samples",
+                   str(DEFAULT_N_SAMPLES))
+    assert proc.returncode == 2 and f"--n-samples {DEFAULT_N_SAMPLES} needs" in proc.stderr
+    assert_nothing_written(refused)
+
+
+def test_default_calibration_volume_has_a_floor(tmp_path, tiny_base):
+    from lorakit.quantize.calibration import MIN_AUTO_SAMPLES
+
+    few = make_prep(tmp_path / "few", n_train=12)
+    blocks = _byte_tokens(few) // 512
+    assert 0 < blocks < MIN_AUTO_SAMPLES, blocks
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"{blocks} blocks of 512, fewer than the {MIN_AUTO_SAMPLES} .* "
+                                         rf"--n-samples {blocks} to accept fewer"):
+        quantize_model(tiny_base, out, calib=few, seq_len=512, progress=False)
+    assert_nothing_written(out)
+    # Asking for exactly what the data gives is the user's decision, and works.
+    done = quantize_model(tiny_base, out, calib=few, n_samples=blocks, seq_len=512, group_size=32, progress=False)
+    assert done.metadata["params"]["n_samples"] == blocks and not done.metadata["notes"]
+
+
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_base, prep):
     out = tmp_path / "out"
     proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--bits", "5", "--calib", str(prep))

@@ -102,6 +102,39 @@ def test_rejected_release_fails_and_stays_registered(prefect_harness, tiny_base,
     assert reg.list("tiny-rejected-gate") and reg.list("tiny-rejected-merged")
 
 
+@pytest.mark.parametrize("label,quantize,want", [
+    # 256 does not divide the tiny model's 128-wide layers: the stage lowers it to 128.
+    ("lowered", {"group_size": 256}, {"group_size": 128, "group_size_requested": 256}),
+    # The search starts from the configured settings; with one trial its pick is exactly them.
+    ("searched", {"target_degradation": 1.0, "max_trials": 1}, {"group_size": 32, "search": {
+        "target_degradation": 1.0, "passed": True, "chosen_trial": 0}}),
+])
+def test_report_and_lineage_record_the_quantization_used(prefect_harness, tiny_base, workdir, label, quantize, want):
+    """The release report and the registry carry what the quantize stage used, read from its lorakit_quant.json,
+    with the configuration it was given beside it in the lineage."""
+    import json
+    from pathlib import Path
+
+    from registry import Registry
+
+    data = tiny_config_data(tiny_base, workdir, quantize=quantize, registry={"name": f"tiny-{label}"})
+    state = run_release(data)
+    assert state.is_completed(), state.message
+    result = state.result()
+    record = json.loads((Path(result["release"]) / "lorakit_quant.json").read_text())
+    assert record["params"]["group_size"] == want["group_size"]
+    params = Registry(data["registry"]["root"]).get(result["refs"]["quantized"]).params
+    assert {k: params[k] for k in want} == want
+    assert params["method"] == "gptq" and params["sym"] is True and params["n_samples"] == 8
+    assert params["requested"]["group_size"] == data["quantize"]["group_size"]
+    summary = artifacts_of(state.state_details.flow_run_id)["release-report"].data
+    item = f"gptq 4-bit g{want['group_size']} sym"
+    if "group_size_requested" in want:
+        item += f" (g{want['group_size_requested']} requested)"
+    item += ", 8x128 calibration" + (", search pick (trial 0)" if "search" in want else "")
+    assert f"| quantize | {item} |" in summary, summary
+
+
 def test_cli_run_exit_codes(prefect_harness, tiny_base, workdir, tmp_path):
     """`lorakit run` in a fresh process: exit 0 with the verdict on a pass, exit 3 with it on a rejection.
 

@@ -170,6 +170,46 @@ def test_sanity_gate_fails_nan_batch(tiny_base, prep, tmp_path):
     assert_nothing_written(tmp_path / "out")
 
 
+def _edited_base(tiny_base: Path, dest: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_base, dest)
+    tensors = load_file(dest / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_sanity_gate_fails_zero_gradient(tiny_base, prep, tmp_path):
+    """A real disconnected adapter: with an all-zero lm_head every logit is 0, the loss is exactly log(vocab) and
+    finite, and no parameter upstream can change it, so the LoRA gradient is exactly zero."""
+    base = _edited_base(tiny_base, tmp_path / "zero-head", lambda t: t["lm_head.weight"].zero_())
+    with pytest.raises(TrainingSanityError, match=r"gradient norm is exactly 0 at step 1"):
+        train_adapter(prep, tmp_path / "out", base=base, quant="none", max_steps=3, **FAST)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_sanity_gate_fails_non_finite_gradient_with_finite_loss(tiny_base, prep, tmp_path):
+    """A real NaN gradient behind a finite loss: the pad token's embedding row is 3e38 (finite). RMSNorm's
+    mean(x²) overflows to inf, rsqrt gives 0, so the pad positions normalise to exactly 0 and every forward value
+    -- and the loss, pads carry no labels -- stays finite (the loss check runs first and passes). Backward, the
+    derivative of x² there is 2x = inf (6e38 > float32 max), and inf·0 = NaN reaches the LoRA gradients."""
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(tiny_base).pad_token_id
+    rows = load_rows(prep)
+    first = Schedule(len(rows), 4, 1, 0).step_microbatches(0)[0]
+    assert (rows.input_ids[first] == pad).any(), "the first batch should hold padding"
+
+    def huge_pad(t):
+        t["model.embed_tokens.weight"][pad] = 3e38
+
+    base = _edited_base(tiny_base, tmp_path / "huge-pad", huge_pad)
+    with pytest.raises(TrainingSanityError, match=r"LoRA gradient norm is nan at step 1"):
+        train_adapter(prep, tmp_path / "out", base=base, quant="none", max_steps=3, **FAST)
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_bad_inputs_refused(prep, tiny_tied_base, real_base, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(InputError, match="tied to the input embedding"):

@@ -22,7 +22,10 @@ from lorakit.cli.options import device_option
 @click.option("--desc-act", is_flag=True, help="GPTQ act-order: quantize columns by decreasing activation size.")
 @click.option("--calib", type=click.Path(), help="Calibration text: a `lorakit prep` folder (its train split is "
               "used) or a text file (blank-line separated paragraphs, or .jsonl with a 'text' field).")
-@click.option("--n-samples", type=int, default=128, show_default=True, help="Calibration sequences.")
+@click.option("--n-samples", type=int, default=None,
+              help="Calibration sequences. Default: 128, or every one the data gives when fewer (at least 16; a "
+                   "warning says so and lorakit_quant.json records it). A number given here the data cannot fill "
+                   "is an error.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration text shuffle.")
 @device_option

@@ -15,9 +15,7 @@ import gc
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import lorakit
 from lorakit.errors import InputError
@@ -25,84 +23,12 @@ from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, Perplexit
 from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
 from lorakit.evaluate.windows import check_window_params, plan_windows
-from lorakit.io.atomic import atomic_dir, check_output_free, read_json, write_json
+from lorakit.gate.report import render_markdown, render_png
+from lorakit.gate.verdict import (  # noqa: F401  (read_verdict and the constants: re-exported by lorakit.gate)
+    CHECK_KINDS, DEFAULT_MAX_DEGRADATION, GATE_JSON, GATE_MD, GATE_PNG, CheckResult, CheckSpec, Verdict, read_verdict,
+)
+from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.io.digests import folder_digest
-
-GATE_JSON = "gate.json"
-GATE_MD = "gate.md"
-GATE_PNG = "gate.png"
-DEFAULT_MAX_DEGRADATION = 0.05
-CHECK_KINDS = ("primary", "task", "general")
-
-
-@dataclass
-class CheckSpec:
-    """One data set the gate measures, with its own threshold."""
-
-    name: str
-    data: str | os.PathLike[str] | list[str]
-    max_degradation: float = DEFAULT_MAX_DEGRADATION
-    kind: str = "task"  # "primary" | "task" | "general"
-    split: str = "val"
-
-
-@dataclass
-class CheckResult:
-    name: str
-    kind: str
-    data: str
-    max_degradation: float
-    baseline_ppl: float
-    candidate_ppl: float
-    degradation: float
-    passed: bool
-    tokens: int
-    method: dict[str, Any]
-    baseline: dict[str, Any]  # PerplexityResult.to_dict()
-    candidate: dict[str, Any]
-
-
-@dataclass
-class Verdict:
-    """The gate's decision: ``passed`` only when every check passed. Serialises 1:1 to ``gate.json``."""
-
-    passed: bool
-    degradation: float  # of the primary check
-    max_degradation: float
-    checks: list[CheckResult]
-    baseline: dict[str, Any]
-    candidate: dict[str, Any]
-    params: dict[str, Any]
-    versions: dict[str, str]
-    wall_s: float
-    output: Path | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("output")
-        out.pop("metadata")
-        out["failed_checks"] = [c.name for c in self.checks if not c.passed]
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], output: Path | None = None) -> Verdict:
-        data = dict(data)
-        data.pop("failed_checks", None)
-        checks = [CheckResult(**c) for c in data.pop("checks")]
-        verdict = cls(checks=checks, output=output, **data)
-        verdict.metadata = verdict.to_dict()
-        return verdict
-
-
-def read_verdict(folder: str | os.PathLike[str]) -> Verdict:
-    """The verdict stored in a gate output folder (``gate.json``)."""
-    folder = Path(folder)
-    data = read_json(folder / GATE_JSON, "gate verdict")
-    try:
-        return Verdict.from_dict(data, output=folder)
-    except (TypeError, KeyError) as exc:
-        raise InputError(f"{folder / GATE_JSON} is not a lorakit gate verdict ({exc})") from None
 
 
 def degradation_of(baseline_ppl: float, candidate_ppl: float) -> float:
@@ -227,8 +153,6 @@ def check(
     )
     verdict.metadata = verdict.to_dict()
     if out_dir is not None:
-        from lorakit.gate.report import render_markdown, render_png
-
         with atomic_dir(out_dir, force=force) as tmp:
             write_json(tmp / GATE_JSON, verdict.metadata)
             (tmp / GATE_MD).write_text(render_markdown(verdict), encoding="utf-8")

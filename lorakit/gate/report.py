@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.gate.core import Verdict
+from lorakit.gate.verdict import Verdict
 
 
 def _pct(x: float) -> str:

@@ -2,7 +2,9 @@
 
 Every lorakit step writes into a hidden temporary sibling of the destination (same filesystem, so the final
 ``rename`` is atomic) and renames it into place only after everything was written and fsynced. An interrupted
-run, a full disk or an exception leaves the destination untouched and removes the temporary.
+run, a full disk or an exception leaves the destination untouched and removes the temporary. A run killed
+outright (SIGKILL, power loss) cannot clean up after itself: its temporaries carry its process id
+(``.NAME.tmp-PIDhHOST-*``), and the next atomic write to the same destination removes those whose process is gone.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,14 +49,72 @@ def _umask() -> int:
     return mask
 
 
-def check_output_free(dest: Path, force: bool) -> None:
-    """Refuse an existing destination before any work starts, so a long job never fails at its end."""
-    if dest.exists() and not force:
-        raise OutputExistsError(f"output {dest} already exists; choose another path or pass --force to replace it")
-
-
 def _disk_full_message(dest: Path) -> str:
     return f"no space left on the device while writing {dest}; free some space and run again (nothing was written)"
+
+
+def _owner() -> str:
+    """This process as it appears in temporary names: PID and a tag of the host (PIDs are per host/container)."""
+    return f"{os.getpid()}h{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _stale_siblings(dest: Path, kind: str) -> list[Path]:
+    """``.NAME.KIND-PIDhHOST-*`` siblings of ``dest`` made on this host by a process that no longer runs.
+
+    Names of another form, of another host, or of a live process are left alone.
+    """
+    prefix = f".{dest.name}.{kind}-"
+    host = _owner().partition("h")[2]
+    stale = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in dest.parent.iterdir():
+            if not entry.name.startswith(prefix) or "-" not in entry.name[len(prefix):]:
+                continue
+            pid, _, tag = entry.name[len(prefix):].split("-", 1)[0].partition("h")
+            if pid.isdigit() and tag == host and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                stale.append(entry)
+    return sorted(stale)
+
+
+def clean_stale_temporaries(dest: str | os.PathLike[str]) -> list[Path]:
+    """Remove what killed runs left beside ``dest``; return what was removed.
+
+    A ``--force`` run killed between moving the old output aside and renaming the new one in leaves ``dest``
+    missing and the old output in ``.NAME.old-PIDhHOST-*/x``: that old output is put back first, so a killed run
+    never costs the previous result.
+    """
+    dest = Path(dest)
+    for old in _stale_siblings(dest, "old"):
+        if not dest.exists() and (old / "x").exists():
+            os.rename(old / "x", dest)
+    removed = _stale_siblings(dest, "tmp") + _stale_siblings(dest, "old")
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    return removed
+
+
+def check_output_free(dest: Path, force: bool) -> None:
+    """Refuse an existing destination before any work starts, so a long job never fails at its end.
+
+    What killed runs left beside it is cleaned (and an old output they had moved aside put back) first.
+    """
+    clean_stale_temporaries(dest)
+    if Path(dest).exists() and not force:
+        raise OutputExistsError(f"output {dest} already exists; choose another path or pass --force to replace it")
 
 
 @contextlib.contextmanager
@@ -61,14 +123,14 @@ def atomic_dir(dest: str | os.PathLike[str], *, force: bool = False) -> Iterator
     dest = Path(dest)
     check_output_free(dest, force)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{_owner()}-", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's private 0700 would leak into the published folder
     try:
         yield tmp
         fsync_tree(tmp)
         if dest.exists():
             # Move the old output aside first so that a failure between the two renames keeps it.
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{_owner()}-", dir=dest.parent))
             os.rename(dest, old / "x")
             os.rename(tmp, dest)
             shutil.rmtree(old, ignore_errors=True)

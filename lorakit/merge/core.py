@@ -27,7 +27,8 @@ from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.io.digests import manifest_digest
 from lorakit.io.safetensors_stream import copy_with_digest, overwrite_tensor, read_tensor, save_file
 from lorakit.merge.linear import concat_factors
-from lorakit.merge.registry import MergeMethod, ModuleContext, get_method
+from lorakit.merge.method import MergeMethod, ModuleContext
+from lorakit.merge.registry import get_method, resolve_params
 from lorakit.merge.svd import Truncation, truncate_dense, truncate_factors
 from lorakit.models.embedded import MODEL_ID
 from lorakit.models.folder import read_model_config, resolve_model_dir, shard_names, tensor_index, ties_embeddings
@@ -115,7 +116,8 @@ def _check_base_fits(adapters: list[Adapter], base_dir: Path, index: dict[str, t
 def _merged_delta(method: MergeMethod, adapters: list[Adapter], name: str, weights: list[float],
                   params: dict[str, Any]) -> torch.Tensor:
     deltas = [a.modules[name].delta() for a in adapters]
-    return method.combine(deltas, weights, ModuleContext(name, int(params.get("seed") or 0)), params)
+    ctx = ModuleContext(name, int(params.get("seed") or 0), tuple(a.digest for a in adapters))
+    return method.combine(deltas, weights, ctx, params)
 
 
 def _adapter_config(first: Adapter, ranks: dict[str, int], base_name: str | None) -> dict[str, Any]:
@@ -224,7 +226,7 @@ def merge_adapters(
     output = Path(output)
     weights = check_weights(weights, len(adapters))
     merge_method = get_method(method)
-    params = merge_method.resolve_params({"density": density, "seed": seed, "normalize": normalize})
+    params = resolve_params(merge_method, {"density": density, "seed": seed, "normalize": normalize})
     _check_plan(merge_method, output_kind, rank)
     check_output_free(output, force)
     resolved_inputs = [Path(a).resolve() for a in adapters]

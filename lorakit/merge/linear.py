@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lorakit.adapters import LoraModule
-from lorakit.merge.registry import MergeMethod, ModuleContext, register
+from lorakit.merge.method import MergeMethod, ModuleContext
 
 
 def weighted_sum(deltas: Sequence[torch.Tensor], weights: Sequence[float], ctx: ModuleContext | None = None,
@@ -31,9 +31,9 @@ def concat_factors(modules: Sequence[LoraModule], weights: Sequence[float]) -> t
     return A, B
 
 
-LINEAR = register(MergeMethod(
+LINEAR = MergeMethod(
     name="linear",
     summary="weighted sum of the updates, Σ wᵢ·ΔWᵢ (exact; as an adapter, rank Σrᵢ unless --rank)",
     combine=weighted_sum,
     factorable=True,
-))
+)

@@ -3,9 +3,11 @@
 Every operation here acts on each adapter's full update ΔWᵢ = scalingᵢ·BᵢAᵢ of a module, never on A and B
 separately (which is what PEFT does, and why its results are not what the papers describe). Randomness (DARE)
 comes from a per-module, per-adapter generator derived from ``--seed``, the module name and the adapter's
-position, so results do not depend on processing order or on how many modules are merged in one call.
+content digest (see :func:`stream_seed`), so an adapter's mask does not depend on the order of the adapters or
+modules, on which other adapters are merged with it, or on how many modules are merged in one call.
 
-- ``magnitude_prune``: keep the ``density`` fraction of largest-|·| entries of each ΔWᵢ, then Σ wᵢ·ΔŴᵢ.
+- ``magnitude_prune``: keep the max(1, floor(density·n)) largest-|·| entries of each ΔWᵢ (n entries), then
+  Σ wᵢ·ΔŴᵢ.
 - ``dare_linear``: keep each entry with probability ``density`` and rescale by 1/density, then Σ wᵢ·ΔŴᵢ.
 - ``ties``: magnitude-trim each ΔWᵢ, elect a sign per entry from Σ wᵢ·ΔŴᵢ, sum only the weighted entries
   that agree with it (optionally divided by the sum of the agreeing weights: ``--normalize``).
@@ -14,41 +16,61 @@ position, so results do not depend on processing order or on how many modules ar
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from lorakit.merge.linear import weighted_sum
-from lorakit.merge.registry import MergeMethod, ModuleContext, Param, register
+from lorakit.merge.method import MergeMethod, ModuleContext, Param
 
 DENSITY = Param("density", float, required=True, help="fraction of each delta's entries to keep, in (0, 1]")
 SEED = Param("seed", int, default=0, help="seed of DARE's random masks (deterministic per module)")
 NORMALIZE = Param("normalize", bool, default=False, help="divide by the sum of the agreeing weights")
 
 
-def module_generator(seed: int, module: str, index: int) -> torch.Generator:
-    """The random stream for adapter ``index`` at ``module``: seed·1000003 + crc32(module)·31 + index."""
+def stream_seed(seed: int, module: str, adapter_digest: str, occurrence: int = 0) -> int:
+    """The documented seeding rule of DARE's masks.
+
+    The first 8 bytes (big-endian) of sha256 of ``"{seed}/{module}/{adapter_digest}/{occurrence}"``, top bit
+    cleared (``torch.Generator.manual_seed`` takes 63 bits). ``occurrence`` counts earlier inputs with the same
+    digest (the same adapter given twice gets two independent masks; which copy gets which does not matter).
+    """
+    key = f"{int(seed)}/{module}/{adapter_digest}/{int(occurrence)}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
+
+
+def module_generator(seed: int, module: str, adapter_digest: str, occurrence: int = 0) -> torch.Generator:
+    """The random stream of one adapter at one module: a CPU generator seeded by :func:`stream_seed`."""
     g = torch.Generator(device="cpu")
-    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(module.encode()) * 31 + index) % (2**63 - 1))
+    g.manual_seed(stream_seed(seed, module, adapter_digest, occurrence))
     return g
 
 
+def trim_count(density: float, n: int) -> int:
+    """How many of ``n`` entries magnitude trimming keeps: max(1, floor(density·n)).
+
+    This is the convention of PEFT's ``magnitude_based_pruning`` and mergekit's ``sparsify.magnitude``
+    (``int(density * n)`` on the float product), so a lorakit TIES or magnitude-prune merge equals theirs entry
+    for entry; rounding instead would keep one entry more whenever the fraction of density·n is >= 0.5.
+    """
+    return max(1, int(density * n))
+
+
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the round(density·n) entries of largest magnitude."""
+    """Boolean mask of the :func:`trim_count` entries of largest magnitude."""
     n = delta.numel()
-    k = int(round(density * n))
+    k = trim_count(density, n)
     if k >= n:
         return torch.ones_like(delta, dtype=torch.bool)
     mask = torch.zeros(n, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(delta.abs().flatten(), k, sorted=False).indices] = True
+    mask[torch.topk(delta.abs().flatten(), k, sorted=False).indices] = True
     return mask.view_as(delta)
 
 
 def dare_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Keep each entry independently with probability ``density``."""
+    """Keep each entry independently with probability ``density``: ``torch.rand(shape) < density`` (float32)."""
     return torch.rand(shape, generator=generator) < density
 
 
@@ -57,8 +79,13 @@ def trim(deltas: Sequence[torch.Tensor], density: float) -> list[torch.Tensor]:
 
 
 def drop_and_rescale(deltas: Sequence[torch.Tensor], density: float, ctx: ModuleContext) -> list[torch.Tensor]:
-    return [d * dare_mask(d.shape, density, module_generator(ctx.seed, ctx.name, i)) / density
-            for i, d in enumerate(deltas)]
+    if len(ctx.adapters) != len(deltas):
+        raise ValueError(f"DARE needs one adapter digest per delta at {ctx.name}, got {len(ctx.adapters)}")
+    out = []
+    for i, (d, digest) in enumerate(zip(deltas, ctx.adapters)):
+        g = module_generator(ctx.seed, ctx.name, digest, ctx.adapters[:i].count(digest))
+        out.append(d * dare_mask(d.shape, density, g) / density)
+    return out
 
 
 def sign_consensus(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
@@ -90,11 +117,11 @@ def _dare_ties(deltas, weights, ctx: ModuleContext, p: dict[str, Any]) -> torch.
     return sign_consensus(drop_and_rescale(deltas, p["density"], ctx), weights, p["normalize"])
 
 
-register(MergeMethod("magnitude_prune", "keep the largest |entries| of each delta, then weighted sum",
-                     _magnitude_prune, (DENSITY,)))
-register(MergeMethod("dare_linear", "random drop + 1/density rescale of each delta, then weighted sum",
-                     _dare_linear, (DENSITY, SEED)))
-register(MergeMethod("ties", "trim by magnitude, elect signs, sum the agreeing weighted entries",
-                     _ties, (DENSITY, NORMALIZE)))
-register(MergeMethod("dare_ties", "DARE drop + rescale, elect signs, sum the agreeing weighted entries",
-                     _dare_ties, (DENSITY, SEED, NORMALIZE)))
+MAGNITUDE_PRUNE = MergeMethod("magnitude_prune", "keep the largest |entries| of each delta, then weighted sum",
+                              _magnitude_prune, (DENSITY,))
+DARE_LINEAR = MergeMethod("dare_linear", "random drop + 1/density rescale of each delta, then weighted sum",
+                          _dare_linear, (DENSITY, SEED))
+TIES = MergeMethod("ties", "trim by magnitude, elect signs, sum the agreeing weighted entries",
+                   _ties, (DENSITY, NORMALIZE))
+DARE_TIES = MergeMethod("dare_ties", "DARE drop + rescale, elect signs, sum the agreeing weighted entries",
+                        _dare_ties, (DENSITY, SEED, NORMALIZE))

@@ -6,7 +6,13 @@ plain text file (blank-line separated paragraphs) or a ``.jsonl`` file of ``{"te
 
 Sampling is deterministic: the texts are shuffled with ``random.Random(seed)``, tokenized with the model's own
 tokenizer, joined with the EOS token into one stream and cut into consecutive blocks of ``seq_len`` tokens; the
-first ``n_samples`` blocks are the calibration set. Too little text is an error, not a silently smaller set.
+first ``n_samples`` blocks are the calibration set.
+
+How many blocks: an explicit ``n_samples`` (``--n-samples``) the data cannot fill is an error, never a silently
+smaller set. Without one (``n_samples=None``) the target is :data:`DEFAULT_N_SAMPLES`; when the data gives fewer
+blocks, all of them are used, with a warning and a note in ``lorakit_quant.json``, as long as there are at least
+:data:`MIN_AUTO_SAMPLES` (a policy floor, not a measured quality threshold: below it the user should decide,
+with more text, a shorter ``--seq-len`` or an explicit ``--n-samples``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from lorakit.errors import InputError
 from lorakit.io.digests import sha256_file
 
 CALIB_SPLIT = "train"
+DEFAULT_N_SAMPLES = 128
+MIN_AUTO_SAMPLES = 16
 
 
 @dataclass
@@ -35,11 +43,17 @@ class Calibration:
     tokens_digest: str
     n_texts: int
     tokens_read: int
+    n_samples_requested: int | None = None  # None: not asked for; the default or what the data gives
+    note: str | None = None  # set when fewer than the default blocks were used
 
     def summary(self) -> dict:
         return {"source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
                 else None, "source_sha256": self.source_digest, "tokens_sha256": self.tokens_digest,
                 "n_samples": int(self.blocks.shape[0]), "seq_len": int(self.blocks.shape[1]),
+                "n_samples_requested": self.n_samples_requested,
+                "n_samples_rule": ("requested" if self.n_samples_requested is not None else
+                                   f"default {DEFAULT_N_SAMPLES}, or every block the data gives when fewer "
+                                   f"(at least {MIN_AUTO_SAMPLES})"),
                 "n_texts": self.n_texts, "tokens_read": self.tokens_read,
                 "sampling": "shuffle texts with random.Random(seed), join with EOS, first n_samples blocks"}
 
@@ -78,9 +92,12 @@ def load_texts(calib: str | Path | None) -> tuple[list[str], str, str, str]:
     return _file_texts(path), str(path), "file", sha256_file(path)
 
 
-def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int, seq_len: int, seed: int) -> Calibration:
-    if n_samples < 1 or seq_len < 8:
+def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int | None, seq_len: int,
+                      seed: int) -> Calibration:
+    """The calibration blocks; ``n_samples=None`` takes the default or, when the data is shorter, what it gives."""
+    if (n_samples is not None and n_samples < 1) or seq_len < 8:
         raise InputError(f"--n-samples must be >= 1 and --seq-len >= 8 (got {n_samples}, {seq_len})")
+    want = DEFAULT_N_SAMPLES if n_samples is None else int(n_samples)
     texts, source, kind, digest = load_texts(calib)
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
@@ -90,17 +107,32 @@ def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int, se
         stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
-        if len(stream) >= n_samples * seq_len:
+        if len(stream) >= want * seq_len:
             break
     available = len(stream) // seq_len
-    if available < n_samples:
-        raise InputError(
-            f"calibration data {source} gives {len(stream)} tokens = {available} blocks of {seq_len}, but "
-            f"--n-samples {n_samples} needs {n_samples * seq_len}; add text, or lower --n-samples/--seq-len "
-            f"(e.g. --n-samples {max(available, 1)} --seq-len {seq_len})" if available else
-            f"calibration data {source} gives only {len(stream)} tokens, less than one block of --seq-len {seq_len}; "
-            "add text or lower --seq-len"
-        )
-    blocks = torch.tensor(stream[: n_samples * seq_len], dtype=torch.int64).view(n_samples, seq_len)
+    note = None
+    if available < want:
+        if n_samples is None and available >= MIN_AUTO_SAMPLES:
+            note = (f"calibration data {source} gives {len(stream)} tokens = {available} blocks of {seq_len}, fewer "
+                    f"than the default {DEFAULT_N_SAMPLES}; calibrating on all {available} (pass --n-samples to "
+                    "choose, or add text)")
+            want = available
+        elif n_samples is None:
+            raise InputError(
+                f"calibration data {source} gives {len(stream)} tokens = {available} blocks of {seq_len}, fewer than "
+                f"the {MIN_AUTO_SAMPLES} lorakit uses at least when --n-samples is not given; add text, lower "
+                f"--seq-len, or pass --n-samples {max(available, 1)} to accept fewer"
+                + ("" if available else f" (with a --seq-len below {len(stream)})")
+            )
+        else:
+            raise InputError(
+                f"calibration data {source} gives {len(stream)} tokens = {available} blocks of {seq_len}, but "
+                f"--n-samples {n_samples} needs {n_samples * seq_len}; add text, or lower --n-samples/--seq-len "
+                f"(e.g. --n-samples {max(available, 1)} --seq-len {seq_len})" if available else
+                f"calibration data {source} gives only {len(stream)} tokens, less than one block of --seq-len "
+                f"{seq_len}; add text or lower --seq-len"
+            )
+    blocks = torch.tensor(stream[: want * seq_len], dtype=torch.int64).view(want, seq_len)
     tokens_digest = hashlib.sha256(blocks.to(torch.int32).numpy().tobytes()).hexdigest()
-    return Calibration(blocks, source, kind, digest, tokens_digest, len(texts), len(stream))
+    return Calibration(blocks, source, kind, digest, tokens_digest, len(texts), len(stream),
+                       n_samples_requested=n_samples, note=note)

@@ -105,7 +105,7 @@ def quantize_model(
     sym: bool | None = None,
     desc_act: bool = False,
     calib: str | os.PathLike[str] | None = None,
-    n_samples: int = 128,
+    n_samples: int | None = None,
     seq_len: int = 512,
     device: str = "auto",
     seed: int = 0,
@@ -123,7 +123,8 @@ def quantize_model(
     ``sym`` defaults to True for GPTQ and False (zero point) for AWQ. A ``group_size`` that does not divide
     every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
     that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
-    the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder).
+    the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder;
+    ``n_samples=None``: 128 blocks, or every block the data gives when fewer, with a warning).
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
     for GPTQ (GPTQModel ``dynamic``), fp16 for AWQ (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
     for which loaders read each kind.
@@ -161,6 +162,10 @@ def quantize_model(
             print(f"note: {notes[-1]}", file=sys.stderr)
     tokenizer = _load_tokenizer(src)
     calibration = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    if calibration.note:
+        notes.append(calibration.note)
+        print(f"warning: {calibration.note}", file=sys.stderr)
+    n_samples = int(calibration.blocks.shape[0])  # what was used; the request stays in calibration.summary()
     source_shards = shard_names(src)
     input_digest = weights_digest(src)
 

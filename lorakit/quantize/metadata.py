@@ -52,6 +52,22 @@ class QuantMeta:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def used_settings(self) -> dict[str, Any]:
+        """The settings this checkpoint was made with, as used: after group-size lowering, with the calibration
+        size actually drawn, and the search's pick when a search chose them (what a report or lineage records)."""
+        p = self.params
+        used = {"method": p.method, "bits": p.bits, "group_size": p.group_size, "sym": p.sym,
+                "desc_act": p.desc_act, "n_samples": p.n_samples, "seq_len": p.seq_len, "seed": p.seed,
+                "layout": p.layout, "module_bits": dict(p.module_bits)}
+        if p.group_size_requested != p.group_size:
+            used["group_size_requested"] = p.group_size_requested
+        requested = self.calibration.get("n_samples_requested", p.n_samples)
+        if requested != p.n_samples:
+            used["n_samples_requested"] = requested
+        if self.search:
+            used["search"] = {k: self.search.get(k) for k in ("target_degradation", "passed", "chosen_trial")}
+        return used
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantMeta:
         try:

@@ -52,7 +52,7 @@ class SearchSpace:
     group_sizes: tuple[int, ...] = (128, 64, 32)
     sym: tuple[bool, ...] = (False, True)
     desc_act: tuple[bool, ...] = (True, False)  # GPTQ only
-    n_samples: tuple[int, ...] = (128,)
+    n_samples: tuple[int | None, ...] = (None,)  # None: 128, or what the calibration data gives (calibration.py)
     mixed_steps: tuple[int, ...] = (2, 4, 8, 16, 30)
     variant_margin: float = 2.0
     max_mixed_fraction: float = 0.25  # never keep more than this share of the linears at higher precision
@@ -327,7 +327,7 @@ def search_quantization(
 def _label(p: dict) -> str:
     extra = f" +{len(p['module_bits'])} modules@{next(iter(p['module_bits'].values()))}b" if p["module_bits"] else ""
     return (f"{p['method']} {p['bits']}b g{p['group_size']} {'sym' if p['sym'] else 'asym'}"
-            f"{' act-order' if p['desc_act'] else ''} n{p['n_samples']}{extra}")
+            f"{' act-order' if p['desc_act'] else ''} n{p['n_samples'] or 'auto'}{extra}")
 
 
 def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "auto", progress: bool = False):
@@ -335,6 +335,27 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
     from lorakit.quantize.core import quantize_model
 
     return quantize_model(model_dir, output, calib=calib, device=device, progress=progress, **trial["params"])
+
+
+# quantize_model arguments the search honours when it replaces a fixed configuration (quantize_to_target).
+SEARCH_HONOURS = frozenset({"calib", "method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len", "seed",
+                            "device", "force", "progress"})
+
+
+def configured_space(params: dict[str, Any]) -> SearchSpace:
+    """The search space that starts from a configured quantization instead of replacing it.
+
+    Only the configured method and bits; the configured group size first, then only finer ones (more precise,
+    larger files), so the first trial is the configured configuration itself; the configured sym and act-order
+    choices tried before their alternatives within a size tier. Per-module precision (phase 2) as usual.
+    """
+    method = params.get("method", "gptq")
+    group = int(params.get("group_size", 128))
+    sym = (method == "gptq") if params.get("sym") is None else bool(params["sym"])
+    act = bool(params.get("desc_act", False))
+    return SearchSpace(methods=(method,), group_sizes=(group,) + tuple(g for g in SearchSpace.group_sizes if g < group),
+                       sym=(sym, not sym), desc_act=(act, not act), n_samples=(params.get("n_samples"),),
+                       bits=int(params.get("bits", 4)))
 
 
 def quantize_to_target(
@@ -347,14 +368,22 @@ def quantize_to_target(
     **params: Any,
 ):
     """The pipeline's one quantization entry point: the fixed configuration in ``params``, or, when
-    ``target_degradation`` is set, the bounded search (calibrating and scoring on ``params['calib']``)."""
+    ``target_degradation`` is set, the bounded search (calibrating and scoring on ``params['calib']``) starting
+    from that configuration (:func:`configured_space`). A setting the search cannot honour is refused, never
+    dropped."""
     from lorakit.quantize.core import quantize_model
 
     if target_degradation is None:
         return quantize_model(model_dir, output, **params)
+    ignored = sorted(set(params) - SEARCH_HONOURS)
+    if ignored:
+        raise InputError(f"quantize setting(s) {', '.join(ignored)} cannot be combined with target_degradation (the "
+                         "search chooses those itself); remove them, or drop target_degradation to use them as set")
+    if params.get("method", "gptq") not in METHODS:
+        raise InputError(f"quantize method {params.get('method')!r} is not supported; choose from {', '.join(METHODS)}")
     return search_quantization(
         model_dir, output, calib=params["calib"], target_degradation=target_degradation,
-        space=SearchSpace(n_samples=(int(params.get("n_samples", 128)),), bits=int(params.get("bits", 4))),
+        space=configured_space(params),
         bounds=SearchBounds(max_trials=max_trials, time_budget_s=time_budget_s),
         seq_len=int(params.get("seq_len", 512)), seed=int(params.get("seed", 0)),
         device=params.get("device", "auto"), force=bool(params.get("force", False)),
