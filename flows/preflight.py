@@ -52,6 +52,8 @@ class Preflight:
             self.problems.append(line)
 
     def error(self, source: str) -> InputError:
+        if len(self.problems) == 1:  # one problem stays one line, worded as the schema's own errors are
+            return InputError(f"{source}: {self.problems[0]}. Fix the file (keys and defaults: README, 'The run config').")
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return InputError(f"{source}: {len(self.problems)} problem(s), nothing was run or written:\n{lines}\n"
                           "Fix the config (keys and defaults: README, 'The run config'), then re-run.")
@@ -220,7 +222,7 @@ def _check_folders(cfg: ReleaseConfig, report: Preflight) -> None:
 def _calibration_texts(cfg: ReleaseConfig, loaded: dict[str, list], tokenizer) -> tuple[list[str], str]:
     """The texts calibration will read: the prepared train split if it exists, else every raw example rendered
     as prep renders it (train is a subset of it, so the count is an upper bound)."""
-    from lorakit.data.formats import detect_format, render_record
+    from lorakit.data.formats import detect_format, has_chat_template, render_record
     from lorakit.data.splits import PREP_META, read_texts
 
     plan = ReleasePlan(cfg)
@@ -232,6 +234,9 @@ def _calibration_texts(cfg: ReleaseConfig, loaded: dict[str, list], tokenizer) -
     fmt_setting = chosen[0].format
     srcs = [s for ds in chosen for s in loaded[ds.name]]
     fmt = fmt_setting if fmt_setting != "auto" else detect_format(srcs[0])
+    if fmt == "chat" and not has_chat_template(tokenizer):
+        raise InputError("chat data needs a chat template, but the base's tokenizer has none; use a base whose "
+                         "tokenizer has one, or convert the data to instruction/text format")
     texts = [render_record(r, fmt, tokenizer).text for s in srcs for r in s.records]
     what = f"dataset {name}" if name else "every dataset together"
     return texts, f"{what} (all raw examples, not yet prepared; the train split is smaller)"
@@ -247,9 +252,13 @@ def _check_calibration(cfg: ReleaseConfig, base_dir: Path, loaded: dict[str, lis
 
     try:
         tokenizer = load_tokenizer(str(base_dir)).tokenizer
-        texts, what = _calibration_texts(cfg, loaded, tokenizer)
     except InputError as exc:
         report.add(f"'base': {exc}")
+        return
+    try:
+        texts, what = _calibration_texts(cfg, loaded, tokenizer)
+    except InputError as exc:  # an example prep could not render either
+        report.add(f"'datasets': {exc}")
         return
     need, have = q.n_samples * q.seq_len, 0
     extra = 1 if tokenizer.eos_token_id is not None else 0
@@ -258,9 +267,11 @@ def _check_calibration(cfg: ReleaseConfig, base_dir: Path, loaded: dict[str, lis
         if have >= need:
             return
     blocks = have // q.seq_len
-    fix = (f"set quantize.n_samples to at most {blocks}" if blocks else f"lower quantize.seq_len below {have}")
+    fix = (f"lower quantize.n_samples (this fills at most {blocks} blocks of {q.seq_len})" if blocks
+           else f"lower quantize.seq_len below {have}")
     report.add(f"'quantize.n_samples': {q.n_samples} x seq_len {q.seq_len} needs {need} calibration tokens but "
-               f"{what} gives at most {have}; {fix}, add data, or remove both keys to use what the data gives")
+               f"{what} gives at most {have}; {fix}, add data, or remove both keys (the default calibration "
+               "takes what the data gives)")
 
 
 def _cuda_driver_present() -> bool:
