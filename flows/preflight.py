@@ -14,9 +14,9 @@ problem (the key at fault and the fix) instead of stopping at the first:
   (:mod:`lorakit.quantize.checks`, the rules the quantize stage applies);
 - every registry name and tag the run will create (:func:`registry.validate_name`);
 - calibration volume, only when ``quantize.n_samples`` or ``seq_len`` is set explicitly (an explicit request that
-  cannot be filled is an error; the default takes what the data gives): counted with the base's tokenizer on the
-  prepared calibration split when it exists, else on every raw example rendered as prep renders it (a superset of
-  the train split, so a shortfall is certain, never a guess);
+  cannot be filled is an error; the default size is the quantize stage's to fit to the data): counted with the
+  base's tokenizer on the prepared calibration split when it exists, else on every raw example rendered as prep
+  renders it (a superset of the train split, so a shortfall is certain, never a guess);
 - the devices of training and quantization (skipped with ``route_gpu``: those run on the CUDA pool's machine).
 
 Cheap first: torch is imported only when a CUDA device is requested on a machine that has an NVIDIA driver, and
@@ -53,7 +53,8 @@ class Preflight:
 
     def error(self, source: str) -> InputError:
         if len(self.problems) == 1:  # one problem stays one line, worded as the schema's own errors are
-            return InputError(f"{source}: {self.problems[0]}. Fix the file (keys and defaults: README, 'The run config').")
+            return InputError(f"{source}: {self.problems[0]}. "
+                              "Fix the file (keys and defaults: README, 'The run config').")
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return InputError(f"{source}: {len(self.problems)} problem(s), nothing was run or written:\n{lines}\n"
                           "Fix the config (keys and defaults: README, 'The run config'), then re-run.")
@@ -270,8 +271,8 @@ def _check_calibration(cfg: ReleaseConfig, base_dir: Path, loaded: dict[str, lis
     fix = (f"lower quantize.n_samples (this fills at most {blocks} blocks of {q.seq_len})" if blocks
            else f"lower quantize.seq_len below {have}")
     report.add(f"'quantize.n_samples': {q.n_samples} x seq_len {q.seq_len} needs {need} calibration tokens but "
-               f"{what} gives at most {have}; {fix}, add data, or remove both keys (the default calibration "
-               "takes what the data gives)")
+               f"{what} gives at most {have}; {fix}, add data, or remove both keys to leave the size to "
+               "the quantize stage")
 
 
 def _cuda_driver_present() -> bool:
