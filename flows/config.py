@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
 from lorakit.errors import InputError
 
@@ -84,7 +84,8 @@ class MergeConfig(_Section):
     """How the task adapters are combined into the base weights (``lorakit.merge.merge_adapters``)."""
 
     method: Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = "linear"
-    weights: list[float] | None = Field(None, description="One weight per dataset, in order; default 1/n each.")
+    # Finite: a `.nan` weight in YAML would otherwise pass and fail only in the merge, after every adapter trained.
+    weights: list[FiniteFloat] | None = Field(None, description="One weight per dataset, in order; default 1/n each.")
     density: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     normalize: bool | None = None
@@ -173,10 +174,7 @@ class ReleaseConfig(_Section):
         if dupes:
             raise ValueError(f"dataset names must be unique; repeated: {', '.join(dupes)}")
         if self.merge.weights is not None and len(self.merge.weights) != len(self.datasets):
-            raise ValueError(
-                f"merge.weights has {len(self.merge.weights)} value(s) for {len(self.datasets)} dataset(s); "
-                "give one weight per dataset, in order"
-            )
+            raise ValueError(weights_count_problem(len(self.merge.weights), len(self.datasets)))
         if self.quantize.calib_dataset is not None and self.quantize.calib_dataset not in names:
             raise ValueError(f"quantize.calib_dataset {self.quantize.calib_dataset!r} is not one of the datasets ({', '.join(names)})")
         return self
@@ -195,7 +193,14 @@ class ReleaseConfig(_Section):
         return {name: getattr(self, name) for name in type(self).model_fields}
 
 
-def _describe(error: dict[str, Any]) -> str:
+def weights_count_problem(n_weights: int, n_datasets: int) -> str:
+    """The one wording of a merge-weight count mismatch (the schema and the preflight say it the same way)."""
+    return (f"merge.weights has {n_weights} value(s) for {n_datasets} dataset(s); "
+            "give one weight per dataset, in order")
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error as one line naming the key (``'merge.weights.0': Input should be a finite number``)."""
     where = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{where}'"
@@ -207,7 +212,7 @@ def _describe(error: dict[str, Any]) -> str:
 
 def config_error(source: str, exc: ValidationError) -> InputError:
     """One actionable line per problem, naming the key (``datasets.0.fromat``) and the file."""
-    problems = "; ".join(_describe(e) for e in exc.errors())
+    problems = "; ".join(describe_error(e) for e in exc.errors())
     return InputError(f"{source}: {problems}. Fix the file (keys and defaults: README, 'The run config').")
 
 
@@ -224,6 +229,11 @@ def parse_config(data: Any, source: str = "config") -> ReleaseConfig:
 
 def load_config(path: str | os.PathLike[str]) -> ReleaseConfig:
     """Read and validate a YAML run config; any problem is an :class:`InputError` naming the file and key."""
+    return parse_config(read_config_data(path), str(path))
+
+
+def read_config_data(path: str | os.PathLike[str]) -> Any:
+    """The YAML of a run config, parsed but not validated (:mod:`flows.preflight` validates it key by key)."""
     import yaml
 
     path = Path(path)
@@ -239,7 +249,7 @@ def load_config(path: str | os.PathLike[str]) -> ReleaseConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         raise InputError(f"{path}{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
-    return parse_config(data, str(path))
+    return data
 
 
 def dump_config(config: ReleaseConfig) -> str:

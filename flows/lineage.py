@@ -9,28 +9,12 @@ so a rejected candidate stays inspectable, marked with its failed verdict (and t
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from flows.config import ReleaseConfig
+from flows.names import artifact_names, release_tag
 from tasks.stages import register, set_alias
-
-
-def base_name(base_dir: str) -> str:
-    """``base-<folder name>``: one registry name per base model, shared by every release built on it."""
-    return "base-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(base_dir).name).strip("-.")[:59]
-
-
-def artifact_names(cfg: ReleaseConfig, base_dir: str) -> dict[str, str]:
-    """Registry names: the release itself is ``<name>``; its ingredients carry a suffix."""
-    n = cfg.registry.name
-    names = {"base": base_name(base_dir), "merged": f"{n}-merged", "quantized": n, "verdict": f"{n}-gate",
-             "gguf": f"{n}-gguf", "gguf-verdict": f"{n}-gguf-gate"}
-    for ds in cfg.datasets:
-        names[f"prep:{ds.name}"] = f"{n}-data-{ds.name}"
-        names[f"adapter:{ds.name}"] = f"{n}-adapter-{ds.name}"
-    return names
 
 
 def gate_metrics(verdict_meta: dict[str, Any]) -> dict[str, float]:
@@ -56,7 +40,7 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
     def reg(role: str, out: dict, kind: str, parents: list, metrics: dict | None = None,
             params: dict | None = None, tags: tuple[str, ...] = ()) -> str:
         refs[role] = register(out["path"], root, names[role], kind, metrics or {}, params or {}, parents,
-                              [f"release:{cfg.registry.name}", *tags])["ref"]
+                              [release_tag(cfg), *tags])["ref"]
         return refs[role]
 
     base_ref = reg("base", {"path": base_dir}, "base", [], params={"base": cfg.base})

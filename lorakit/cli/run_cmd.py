@@ -27,8 +27,10 @@ _PREFECT_DEFAULTS = {
               help="Run training and quantization as deployments on the CUDA work pool (overrides route_gpu).")
 @click.option("-o", "--output-dir", help="Folder for every stage's output (overrides output_dir).")
 @click.option("--show-config", is_flag=True, help="Print the config with every default filled in, and exit.")
+@click.option("--check", is_flag=True,
+              help="Check the config and print the plan (each stage, its output folder, whether it exists), and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings from Prefect; print only the verdict line.")
-def run(config, route_gpu, output_dir, show_config, quiet):
+def run(config, route_gpu, output_dir, show_config, check, quiet):
     """Run the release pipeline described by CONFIG (a YAML run config).
 
     \b
@@ -42,6 +44,13 @@ def run(config, route_gpu, output_dir, show_config, quiet):
       lorakit run configs/default.yaml          embedded SmolLM2-135M + the bundled tasks (make demo)
       lorakit run my.yaml -o runs/              outputs under runs/
       lorakit run my.yaml --show-config         every key with its default
+      lorakit run my.yaml --check               check everything, print the plan, run nothing
+
+    \b
+    Before any stage (and before Prefect starts) the whole config is checked in one pass: data files
+    and their format, merge weights, group size against the base, every registry name the run creates,
+    an explicit calibration size against the data, the devices. All problems are listed at once (exit 2)
+    and nothing is written.
 
     \b
     Runs in this process with an ephemeral Prefect server (no server needed); with PREFECT_API_URL set,
@@ -50,14 +59,24 @@ def run(config, route_gpu, output_dir, show_config, quiet):
     README (`lorakit-out/` by default). Exit codes: 0 released, 3 rejected by the gate (artifacts still
     registered, marked gate:failed), 2 bad input, 1 unexpected error.
     """
-    from flows.config import dump_config, load_config  # noqa: the CLI's one upward import (composition root)
+    # noqa: the CLI's one upward import (composition root); both modules are Prefect-free
+    from flows.config import dump_config, parse_config, read_config_data
+    from flows.preflight import check_release, plan_lines
 
-    cfg = load_config(config)
+    data = read_config_data(config)
     overrides = {k: v for k, v in {"route_gpu": route_gpu, "output_dir": output_dir}.items() if v is not None}
-    if overrides:
-        cfg = cfg.model_copy(update=overrides)
+    if overrides and isinstance(data, dict):
+        data = {**data, **overrides}
     if show_config:
-        click.echo(dump_config(cfg), nl=False)
+        click.echo(dump_config(parse_config(data, str(config))), nl=False)
+        return
+    report = check_release(data, str(config))  # every problem at once, before Prefect starts or anything is written
+    cfg = report.config
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if check:
+        for line in plan_lines(cfg, report.base_dir):
+            click.echo(line)
         return
     for key, value in _PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
