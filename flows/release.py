@@ -20,6 +20,7 @@ from flows.gpu import quantize_flow, run_gpu, train_flow
 from flows.lineage import move_aliases, register_release
 from flows.plan import ReleasePlan
 from tasks import stages
+from tasks.progress import stage_lines
 
 _D = ReleaseConfig()  # the defaults, shared with the config file reader
 
@@ -46,9 +47,11 @@ def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lo
     quantized = run_gpu(quantize_flow, **on_gpu, **plan.quantize(merged["path"], calib["path"]))
     verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], quantized["path"], {n: p["path"] for n, p in preps.items()}))
 
-    refs = register_release(cfg, preps, adapters, merged, quantized, verdict)
-    passed = verdict["metadata"]["passed"]
-    aliases = move_aliases(cfg, refs["quantized"]) if passed else []
+    with stage_lines("register") as info:
+        refs = register_release(cfg, preps, adapters, merged, quantized, verdict)
+        passed = verdict["metadata"]["passed"]
+        aliases = move_aliases(cfg, refs["quantized"]) if passed else []
+        info["detail"] = f"{len(refs)} artifacts" + (f", alias {', '.join(aliases)}" if aliases else "")
     rows = report.stage_rows(cfg, preps, adapters, merged, quantized, verdict, refs)
     report.publish(cfg, rows, verdict, aliases, time.perf_counter() - started)
 

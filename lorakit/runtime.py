@@ -30,12 +30,63 @@ def configure_threads() -> int:
 # drowned lorakit's own messages; real errors from them still surface.
 _NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """``lorakit -v``: keep every third-party log line, banner and progress bar (for debugging a library)."""
+    global _verbose
+    _verbose = bool(verbose)
+
+
+def is_verbose() -> bool:
+    return _verbose
+
 
 def quiet_third_party_logs() -> None:
-    import logging
+    """Keep third-party banners, INFO logs and foreign progress bars out of lorakit's output (unless ``-v``).
 
+    GPTQModel 7.6 (imported by lorakit's GPTQ backend, and by PEFT whenever it wraps layers for training) logs its
+    ASCII banner at INFO on its ``logbar`` logger at import time (``gptqmodel/__init__.py``:
+    ``setup_logger().info(banner)``), then INFO lines for every load/quantize step, and a ``WARN Python GIL is
+    enabled`` line from ``gptqmodel/utils/__init__.py`` unless ``GPTQMODEL_DISABLE_GIL_WARNING=1``. It has no
+    log-level variable: ``LogBar.shared()`` creates the ``logbar`` logger at level INFO on first use and keeps an
+    existing one as it is, so creating it here first at WARNING silences the INFO lines at their source. Its live
+    progress bars (LogBar's, on stdout) are turned off like the other libraries' bars; lorakit reports per-layer
+    progress itself. Hub/transformers bars ("Loading weights") go via ``HF_HUB_DISABLE_PROGRESS_BARS``.
+    """
+    import importlib.util
+    import logging
+    import warnings
+
+    if _verbose:
+        return
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+    if importlib.util.find_spec("logbar") is not None:
+        _quiet_logbar()
+    import sys
+
+    if "transformers" in sys.modules:  # the environment variable is read at import; tell it directly too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _quiet_logbar() -> None:
+    import contextlib
+    import io
+    import logging
+
+    with contextlib.redirect_stdout(io.StringIO()):  # creating the shared logger prints an empty line
+        from logbar import LogBar
+
+        shared = LogBar.shared()
+    shared.setLevel(logging.WARNING)
+    os.environ.setdefault("LOGBAR_ANIMATION", "0")
 
 
 def resolve_device(device: str = "auto", *, cuda: str = "cuda") -> str:

@@ -26,7 +26,10 @@ class LorakitGroup(click.Group):
 
 @click.group(cls=LorakitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lorakit")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show third-party banners, INFO logs and progress bars (GPTQModel, Prefect, transformers, "
+                   "bitsandbytes, torchao); without it only lorakit's own progress lines and warnings appear.")
+def main(verbose: bool) -> None:
     """lorakit turns a base LLM plus task data into a quantized release model you can trust.
 
     \b
@@ -36,8 +39,15 @@ def main() -> None:
 
     \b
     Exit codes: 0 ok, 2 bad input (nothing was written), 3 rejected by the gate, 1 unexpected error.
-    Environment: LORAKIT_HOME (cache, default ~/.cache/lorakit), LORAKIT_THREADS (torch threads).
+    Environment: LORAKIT_HOME (cache, default ~/.cache/lorakit), LORAKIT_THREADS (torch threads),
+    LORAKIT_HEARTBEAT_S (longest silence on long work, default 15 s).
+
+    \b
+    Progress goes to stderr: bars on a terminal, else `[mm:ss] ...` lines at least every LORAKIT_HEARTBEAT_S.
     """
+    from lorakit.runtime import set_verbose
+
+    set_verbose(verbose)
 
 
 def register_commands() -> None:
