@@ -31,12 +31,38 @@ def configure_threads() -> int:
 _NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
 _verbose = False
+_quieted: dict[str, object] = {}  # what quiet_third_party_logs changed, so that -v can put it back
 
 
 def set_verbose(verbose: bool) -> None:
-    """``lorakit -v``: keep every third-party log line, banner and progress bar (for debugging a library)."""
+    """``lorakit -v``: keep every third-party log line, banner and progress bar (for debugging a library).
+
+    ``import lorakit`` already quieted them (for library users), so turning verbose on undoes that.
+    """
     global _verbose
     _verbose = bool(verbose)
+    if _verbose:
+        _restore_third_party_logs()
+
+
+def _restore_third_party_logs() -> None:
+    import logging
+    import warnings
+
+    for name in _quieted.pop("loggers", ()):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for key in _quieted.pop("env", ()):
+        os.environ.pop(key, None)
+    for entry in _quieted.pop("warnings", ()):
+        if entry in warnings.filters:
+            warnings.filters.remove(entry)
+    logbar = _quieted.pop("logbar", None)
+    if logbar is not None:
+        logbar.setLevel(logging.INFO)  # the level LogBar.shared() gives it
+    if "transformers" in __import__("sys").modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()
 
 
 def is_verbose() -> bool:
@@ -63,11 +89,15 @@ def quiet_third_party_logs() -> None:
         return
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("GPTQMODEL_DISABLE_GIL_WARNING", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _quieted["loggers"] = _NOISY_LOGGERS
+    env = {"GPTQMODEL_DISABLE_GIL_WARNING": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    _quieted["env"] = [k for k in env if k not in os.environ]
+    for key in _quieted["env"]:
+        os.environ[key] = env[key]
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-    if importlib.util.find_spec("logbar") is not None:
-        _quiet_logbar()
+    _quieted["warnings"] = [warnings.filters[0]]
+    if importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("logbar") is not None:
+        _quieted["logbar"] = _quiet_logbar()
     import sys
 
     if "transformers" in sys.modules:  # the environment variable is read at import; tell it directly too
@@ -76,7 +106,7 @@ def quiet_third_party_logs() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _quiet_logbar() -> None:
+def _quiet_logbar():
     import contextlib
     import io
     import logging
@@ -86,7 +116,7 @@ def _quiet_logbar() -> None:
 
         shared = LogBar.shared()
     shared.setLevel(logging.WARNING)
-    os.environ.setdefault("LOGBAR_ANIMATION", "0")
+    return shared
 
 
 def resolve_device(device: str = "auto", *, cuda: str = "cuda") -> str:

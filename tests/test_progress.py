@@ -19,7 +19,7 @@ import yaml
 from lorakit import progress
 from tests.release_helpers import REPO, missing_stages, tiny_config_data
 
-HEARTBEAT_S = 5.0  # short, so a test run proves the mechanism; the default is progress.DEFAULT_HEARTBEAT_S
+HEARTBEAT_S = 8.0  # short, so a test run proves the mechanism; the default is progress.DEFAULT_HEARTBEAT_S
 STAGES = ["prep reverse-words", "train reverse-words", "prep number-words", "train number-words", "merge",
           "prep calibration", "quantize gptq", "gate", "register"]
 TRAIN_LINE = re.compile(r"training: step (\d+)/(\d+), loss (\d+\.\d+), ([\d.e+-]+) s/step, ETA (\d+[smh]\S*)")

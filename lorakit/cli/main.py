@@ -14,11 +14,16 @@ from lorakit.errors import LorakitError
 
 
 class LorakitGroup(click.Group):
-    """Turns :class:`LorakitError` into one ``error:`` line and its exit code instead of a traceback."""
+    """Turns :class:`LorakitError` into one ``error:`` line and its exit code instead of a traceback, and keeps
+    every command from staying silent on long work (:func:`lorakit.progress.activity`)."""
 
     def invoke(self, ctx: click.Context):
+        from lorakit.progress import activity
+
         try:
-            return super().invoke(ctx)
+            # any long step a command does not report itself still gets a "still working" line (heartbeat)
+            with activity(f"lorakit {ctx.invoked_subcommand or ''}".strip()):
+                return super().invoke(ctx)
         except LorakitError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
