@@ -22,7 +22,8 @@ class LorakitGroup(click.Group):
 
         try:
             # any long step a command does not report itself still gets a "still working" line (heartbeat)
-            with activity(f"lorakit {ctx.invoked_subcommand or ''}".strip()):
+            words = getattr(ctx, "_protected_args", None) or ctx.args[:1]  # the subcommand's name, once parsed
+            with activity(" ".join(["lorakit", *words[:1]])):
                 return super().invoke(ctx)
         except LorakitError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
