@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def configure_threads() -> int:
@@ -59,7 +60,7 @@ def _restore_third_party_logs() -> None:
     logbar = _quieted.pop("logbar", None)
     if logbar is not None:
         logbar.setLevel(logging.INFO)  # the level LogBar.shared() gives it
-    if "transformers" in __import__("sys").modules:
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.enable_progress_bar()
@@ -91,15 +92,14 @@ def quiet_third_party_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     _quieted["loggers"] = _NOISY_LOGGERS
     env = {"GPTQMODEL_DISABLE_GIL_WARNING": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    _quieted["env"] = [k for k in env if k not in os.environ]
-    for key in _quieted["env"]:
+    for key in [k for k in env if k not in os.environ]:
         os.environ[key] = env[key]
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-    _quieted["warnings"] = [warnings.filters[0]]
+        _quieted.setdefault("env", []).append(key)
+    if not _quieted.get("warnings"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+        _quieted["warnings"] = [warnings.filters[0]]
     if importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("logbar") is not None:
         _quieted["logbar"] = _quiet_logbar()
-    import sys
-
     if "transformers" in sys.modules:  # the environment variable is read at import; tell it directly too
         from transformers.utils import logging as hf_logging
 

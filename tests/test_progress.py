@@ -135,3 +135,17 @@ def test_heartbeat_interval_env(monkeypatch):
     assert progress.heartbeat_interval() == progress.DEFAULT_HEARTBEAT_S <= 20
     monkeypatch.setenv(progress.HEARTBEAT_ENV, "2.5")
     assert progress.heartbeat_interval() == 2.5
+
+
+def test_awq_reports_every_layer_to_the_sink(tmp_path, tiny_base):
+    """lorakit's own AWQ: per-layer lines (layer i/N, s/layer, ETA) reach the caller's sink without a TTY."""
+    from lorakit.quantize import quantize_model
+    from tests.test_quantize import CALIB, make_prep
+
+    got: list[str] = []
+    with progress.reporting(got.append):
+        quantize_model(tiny_base, tmp_path / "awq", method="awq", group_size=32, calib=make_prep(tmp_path / "prep"),
+                       progress=True, **CALIB)
+    layers = [line for line in got if line.startswith("AWQ: quantizing layers: layer ")]
+    assert layers and layers[-1].startswith("AWQ: quantizing layers: layer 2/2, "), got
+    assert re.search(r"layer 1/2, [\d.e+-]+ s/layer, ETA", layers[0]), layers
