@@ -97,7 +97,10 @@ def quiet_third_party_logs() -> None:
         _quieted.setdefault("env", []).append(key)
     if not _quieted.get("warnings"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-        _quieted["warnings"] = [warnings.filters[0]]
+        # PEFT saving an adapter of a base named by hub id, offline: it cannot fetch the base's config (harmless)
+        warnings.filterwarnings("ignore", message=r"(Unable to fetch remote file|Could not find a config file)",
+                                category=UserWarning, module=r"peft(\.|$)")
+        _quieted["warnings"] = warnings.filters[:2]
     if importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("logbar") is not None:
         _quieted["logbar"] = _quiet_logbar()
     if "transformers" in sys.modules:  # the environment variable is read at import; tell it directly too
