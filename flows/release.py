@@ -23,6 +23,7 @@ from flows.gpu import quantize_flow, run_gpu, train_flow
 from flows.lineage import move_aliases, register_release
 from flows.plan import ReleasePlan
 from tasks import stages
+from tasks.progress import stage_lines
 
 _D = ReleaseConfig()  # the defaults, shared with the config file reader
 
@@ -54,10 +55,12 @@ def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lo
         gguf = stages.run_fresh(stages.export_gguf, **plan.export_gguf(merged["path"]))
         gguf_verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], gguf["path"], checks))
 
-    refs = register_release(cfg, preps, adapters, merged, quantized, verdict, gguf, gguf_verdict)
-    passed = all(v["metadata"]["passed"] for v in (verdict, gguf_verdict) if v is not None)
-    released = [refs[role] for role in ("quantized", "gguf") if role in refs]
-    aliases = [alias for ref in released for alias in move_aliases(cfg, ref)] if passed else []
+    with stage_lines("register") as info:
+        refs = register_release(cfg, preps, adapters, merged, quantized, verdict, gguf, gguf_verdict)
+        passed = all(v["metadata"]["passed"] for v in (verdict, gguf_verdict) if v is not None)
+        released = [refs[role] for role in ("quantized", "gguf") if role in refs]
+        aliases = [alias for ref in released for alias in move_aliases(cfg, ref)] if passed else []
+        info["detail"] = f"{len(refs)} artifacts" + (f", alias {', '.join(aliases)}" if aliases else "")
     rows = report.stage_rows(cfg, preps, adapters, merged, quantized, verdict, refs, gguf, gguf_verdict)
     report.publish(cfg, rows, verdict, aliases, time.perf_counter() - started)
 

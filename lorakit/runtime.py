@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def configure_threads() -> int:
@@ -30,12 +31,95 @@ def configure_threads() -> int:
 # drowned lorakit's own messages; real errors from them still surface.
 _NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
 
+_verbose = False
+_quieted: dict[str, object] = {}  # what quiet_third_party_logs changed, so that -v can put it back
+
+
+def set_verbose(verbose: bool) -> None:
+    """``lorakit -v``: keep every third-party log line, banner and progress bar (for debugging a library).
+
+    ``import lorakit`` already quieted them (for library users), so turning verbose on undoes that.
+    """
+    global _verbose
+    _verbose = bool(verbose)
+    if _verbose:
+        _restore_third_party_logs()
+
+
+def _restore_third_party_logs() -> None:
+    import logging
+    import warnings
+
+    for name in _quieted.pop("loggers", ()):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    for key in _quieted.pop("env", ()):
+        os.environ.pop(key, None)
+    for entry in _quieted.pop("warnings", ()):
+        if entry in warnings.filters:
+            warnings.filters.remove(entry)
+    logbar = _quieted.pop("logbar", None)
+    if logbar is not None:
+        logbar.setLevel(logging.INFO)  # the level LogBar.shared() gives it
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()
+
+
+def is_verbose() -> bool:
+    return _verbose
+
 
 def quiet_third_party_logs() -> None:
-    import logging
+    """Keep third-party banners, INFO logs and foreign progress bars out of lorakit's output (unless ``-v``).
 
+    GPTQModel 7.6 (imported by lorakit's GPTQ backend, and by PEFT whenever it wraps layers for training) logs its
+    ASCII banner at INFO on its ``logbar`` logger at import time (``gptqmodel/__init__.py``:
+    ``setup_logger().info(banner)``), then INFO lines for every load/quantize step, and a ``WARN Python GIL is
+    enabled`` line from ``gptqmodel/utils/__init__.py`` unless ``GPTQMODEL_DISABLE_GIL_WARNING=1``. It has no
+    log-level variable: ``LogBar.shared()`` creates the ``logbar`` logger at level INFO on first use and keeps an
+    existing one as it is, so creating it here first at WARNING silences the INFO lines at their source. Its live
+    progress bars (LogBar's, on stdout) are turned off like the other libraries' bars; lorakit reports per-layer
+    progress itself. Hub/transformers bars ("Loading weights") go via ``HF_HUB_DISABLE_PROGRESS_BARS``.
+    """
+    import importlib.util
+    import logging
+    import warnings
+
+    if _verbose:
+        return
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    _quieted["loggers"] = _NOISY_LOGGERS
+    env = {"GPTQMODEL_DISABLE_GIL_WARNING": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    for key in [k for k in env if k not in os.environ]:
+        os.environ[key] = env[key]
+        _quieted.setdefault("env", []).append(key)
+    if not _quieted.get("warnings"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
+        # PEFT saving an adapter of a base named by hub id, offline: it cannot fetch the base's config (harmless)
+        warnings.filterwarnings("ignore", message=r"(Unable to fetch remote file|Could not find a config file)",
+                                category=UserWarning, module=r"peft(\.|$)")
+        _quieted["warnings"] = warnings.filters[:2]
+    if importlib.util.find_spec("gptqmodel") is not None and importlib.util.find_spec("logbar") is not None:
+        _quieted["logbar"] = _quiet_logbar()
+    if "transformers" in sys.modules:  # the environment variable is read at import; tell it directly too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _quiet_logbar():
+    import contextlib
+    import io
+    import logging
+
+    with contextlib.redirect_stdout(io.StringIO()):  # creating the shared logger prints an empty line
+        from logbar import LogBar
+
+        shared = LogBar.shared()
+    shared.setLevel(logging.WARNING)
+    return shared
 
 
 def resolve_device(device: str = "auto", *, cuda: str = "cuda") -> str:

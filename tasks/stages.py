@@ -17,6 +17,7 @@ from prefect import task
 
 from lorakit.errors import LorakitError
 from tasks.cache import STAGE_CACHE
+from tasks.progress import reported, stage_lines
 
 GPU_TAG = "gpu"
 
@@ -27,16 +28,53 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return not isinstance(exc, LorakitError)
 
 
+# Stage task name -> the word its progress lines start with; the item comes from the output folder's label.
+_STAGE_WORDS = {"prep-data": "prep", "train-adapter": "train", "merge-adapters": "merge",
+                "quantize-model": "quantize", "gate": "gate"}
+_UNNAMED_ITEMS = {"model", "verdict"}  # the one merged model, the one verdict: the stage word says it all
+
+
+def stage_label(stage, args: tuple, kwargs: dict[str, Any]) -> str:
+    """``train reverse-words``, ``quantize gptq``, ``merge``: the name a stage's progress lines carry."""
+    import inspect
+
+    word = _STAGE_WORDS.get(stage.name, stage.name)
+    try:
+        output = inspect.signature(stage.fn).bind_partial(*args, **kwargs).arguments.get("output")
+    except TypeError:
+        output = None
+    if not output:
+        return word
+    item = Path(str(output)).name.rsplit("-", 1)[0]  # plan.stage_dir: <label>-<key>
+    return word if item in _UNNAMED_ITEMS else f"{word} {item}"
+
+
+def _detail(result: dict[str, Any]) -> str:
+    meta = result.get("metadata") or {}
+    if isinstance(meta.get("first_loss"), (int, float)) and isinstance(meta.get("final_loss"), (int, float)):
+        return f"loss {meta['first_loss']:.2f} -> {meta['final_loss']:.2f}"
+    if isinstance(meta.get("passed"), bool) and isinstance(meta.get("degradation"), (int, float)):
+        return f"{'pass' if meta['passed'] else 'REJECT'}, degradation {meta['degradation']:+.2%}"
+    return ""
+
+
 def run_fresh(stage, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Call a cached stage task; a cache hit whose output folder was deleted since is recomputed.
 
     The cache key covers code, arguments and input files, not the step's own output (stamping it would change the
     key as soon as the first run wrote it), so a hit can point at a folder someone removed by hand. Re-running
-    with ``refresh_cache`` rebuilds it instead of handing a dangling path to the next stage.
+    with ``refresh_cache`` rebuilds it instead of handing a dangling path to the next stage. Prints (and logs to
+    Prefect) a start and a finish line with the elapsed time, and says when the result came from the cache.
     """
-    result = stage(*args, **kwargs)
-    if not Path(result["path"]).exists():
-        result = stage.with_options(refresh_cache=True)(*args, **kwargs)
+    with stage_lines(stage_label(stage, args, kwargs)) as info:
+        state = stage(*args, return_state=True, **kwargs)
+        result = state.result()
+        if not Path(result["path"]).exists():
+            state = stage.with_options(refresh_cache=True)(*args, return_state=True, **kwargs)
+            result = state.result()
+        if state.name == "Cached":
+            info["outcome"] = "cached (inputs and code unchanged since an earlier run)"
+        info["detail"] = _detail(result)
     return result
 
 
@@ -49,15 +87,17 @@ def _out(result: Any) -> dict[str, Any]:
 
 
 @_stage(name="prep-data")
+@reported
 def prep_data(sources: list[str], output: str, params: dict[str, Any]) -> dict[str, Any]:
     """Tokenize and split one task's data (``lorakit.data.prep.prepare_dataset``)."""
     from lorakit.data.prep import prepare_dataset
 
-    return _out(prepare_dataset(sources, output, force=True, progress=False, **params))
+    return _out(prepare_dataset(sources, output, force=True, progress=True, **params))
 
 
 @_stage(name="train-adapter", tags=[GPU_TAG], retries=1, retry_delay_seconds=10,
         retry_condition_fn=retry_unless_bad_input)
+@reported
 def train_adapter(prep_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
     """QLoRA-train one adapter (``lorakit.train.train_adapter``); a retry resumes from the last checkpoint."""
     from prefect.runtime import task_run
@@ -65,25 +105,27 @@ def train_adapter(prep_dir: str, output: str, params: dict[str, Any]) -> dict[st
     from lorakit.train import train_adapter as train
 
     retrying = (task_run.run_count or 0) > 1  # checkpoints carry a fingerprint: only the same run is resumed
-    return _out(train(prep_dir, output, resume=retrying, force=True, progress=False, **params))
+    return _out(train(prep_dir, output, resume=retrying, force=True, progress=True, **params))
 
 
 @_stage(name="merge-adapters")
+@reported
 def merge_adapters(adapters: list[str], weights: list[float], output: str, params: dict[str, Any]) -> dict[str, Any]:
     """Fold the weighted adapters into the base weights (``lorakit.merge.merge_adapters``)."""
     from lorakit.merge import merge_adapters as merge
 
-    return _out(merge(adapters, weights, output, force=True, progress=False, **params))
+    return _out(merge(adapters, weights, output, force=True, progress=True, **params))
 
 
 @_stage(name="quantize-model", tags=[GPU_TAG], retries=1, retry_delay_seconds=10,
         retry_condition_fn=retry_unless_bad_input)
+@reported
 def quantize_model(model_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
     """GPTQ/AWQ-quantize a model folder: the fixed configuration, or the search when ``target_degradation`` is set
     (``lorakit.quantize.search.quantize_to_target``)."""
     from lorakit.quantize.search import quantize_to_target as quantize
 
-    return _out(quantize(model_dir, output, force=True, progress=False, **params))
+    return _out(quantize(model_dir, output, force=True, progress=True, **params))
 
 
 @_stage(name="export-gguf")
@@ -95,16 +137,18 @@ def export_gguf(model_dir: str, output: str, params: dict[str, Any]) -> dict[str
 
 
 @_stage(name="evaluate")
+@reported
 def evaluate(model: str, data: str, params: dict[str, Any]) -> dict[str, Any]:
     """Perplexity of one model on one data set (``lorakit.evaluate.perplexity``)."""
     from lorakit.evaluate import perplexity
 
-    result = perplexity(model, data, progress=False, **params)
+    result = perplexity(model, data, progress=True, **params)
     return {"ppl": result.ppl, "nll_sum": result.nll_sum, "tokens": result.tokens, "method": result.method,
             "path_used": result.path_used}
 
 
 @_stage(name="gate")
+@reported
 def gate(baseline: str, candidate: str, data: str, extra_checks: list[dict[str, Any]], output: str,
          params: dict[str, Any]) -> dict[str, Any]:
     """The perplexity gate (``lorakit.gate.check``): returns the verdict, pass or fail, without raising.
@@ -114,7 +158,7 @@ def gate(baseline: str, candidate: str, data: str, extra_checks: list[dict[str, 
     from lorakit.gate import CheckSpec, check
 
     specs = [CheckSpec(**spec) for spec in extra_checks]
-    verdict = check(baseline, candidate, data, extra_checks=specs, output=output, force=True, progress=False, **params)
+    verdict = check(baseline, candidate, data, extra_checks=specs, output=output, force=True, progress=True, **params)
     return _out(verdict)
 
 

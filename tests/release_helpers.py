@@ -95,3 +95,26 @@ def artifacts_of(flow_run_id) -> dict[str, object]:
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
     return {a.key: a for a in run_coro_as_sync(go())}
+
+
+def log_messages_of(flow_run_ids, must_contain: str = "", timeout: float = 30.0) -> list[str]:
+    """Messages of every Prefect log line of the given flow runs (and their task runs).
+
+    Logs reach the server from a background worker; poll until one contains ``must_contain`` or time runs out.
+    """
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))))
+
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = [log.message for log in run_coro_as_sync(go())]
+        if any(must_contain in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)

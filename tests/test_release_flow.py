@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from tests.release_helpers import artifacts_of, flow_runs_under, missing_stages, task_runs_of, tiny_config_data
+from tests.release_helpers import (artifacts_of, flow_runs_under, log_messages_of, missing_stages, task_runs_of,
+                                   tiny_config_data)
 
 pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on this branch yet: {missing_stages()}")
 
@@ -70,12 +71,20 @@ def test_release_completes_registers_lineage_and_caches(prefect_harness, tiny_ba
     assert summary.startswith("# Release `tiny-release`: PASSED") and refs["quantized"] in summary
     assert "data:image/png;base64," in summary  # the gate chart, embedded
     assert report["release-report-stages"].type == "table"
+    # lorakit's progress lines are in the Prefect logs of the run (stage lines) and of its task runs (steps)
+    run_ids = [first.state_details.flow_run_id, *(r.id for r in flow_runs_under(first.state_details.flow_run_id))]
+    logs = "\n".join(log_messages_of(run_ids, must_contain="register: done in"))
+    for line in ("prep reverse-words: started", "train number-words: done in", "quantize gptq: started",
+                 "training: step 3/3, loss", "GPTQ: quantizing layers: layer 2/2", "register: done in"):
+        assert line in logs, (line, logs[-3000:])
 
     second = run_release(data)
     assert second.is_completed(), second.message
     states = stage_states(second.state_details.flow_run_id)
     assert set(states) == STAGE_TASKS
     assert all(s == {"Cached"} for s in states.values()), states
+    logs = log_messages_of([second.state_details.flow_run_id], must_contain="merge: cached")
+    assert any(m.startswith("merge: cached") for m in logs), logs
     assert second.result()["refs"] == refs
 
     import shutil

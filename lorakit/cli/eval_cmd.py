@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
@@ -12,21 +11,14 @@ from lorakit.errors import EXIT_REJECTED, InputError
 
 
 def _start(quiet: bool) -> None:
-    """Threads, quiet third-party logs, and no per-shard "Loading weights" bars (ours shows the real work)."""
-    from transformers.utils import logging as hf_logging
-
+    """Threads, and third-party logs and bars kept out (GPTQModel's kernel choices, "Loading weights" per shard)."""
+    from lorakit import progress
     from lorakit.runtime import configure_threads, quiet_third_party_logs
 
     configure_threads()
     quiet_third_party_logs()
-    hf_logging.disable_progress_bar()
-    # GPTQModel logs every kernel choice at INFO through its shared LogBar logger when a GPTQ/AWQ folder loads.
-    try:
-        from logbar import LogBar
-
-        LogBar.shared().setLevel(logging.WARNING)
-    except Exception:  # logbar absent or changed: the messages are only noise, never worth failing over
-        pass
+    if quiet:
+        progress.configure(console=False)
 
 
 def _method_options(f):

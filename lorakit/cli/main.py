@@ -14,11 +14,17 @@ from lorakit.errors import LorakitError
 
 
 class LorakitGroup(click.Group):
-    """Turns :class:`LorakitError` into one ``error:`` line and its exit code instead of a traceback."""
+    """Turns :class:`LorakitError` into one ``error:`` line and its exit code instead of a traceback, and keeps
+    every command from staying silent on long work (:func:`lorakit.progress.activity`)."""
 
     def invoke(self, ctx: click.Context):
+        from lorakit.progress import activity
+
         try:
-            return super().invoke(ctx)
+            # any long step a command does not report itself still gets a "still working" line (heartbeat)
+            words = getattr(ctx, "_protected_args", None) or ctx.args[:1]  # the subcommand's name, once parsed
+            with activity(" ".join(["lorakit", *words[:1]])):
+                return super().invoke(ctx)
         except LorakitError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
@@ -26,7 +32,10 @@ class LorakitGroup(click.Group):
 
 @click.group(cls=LorakitGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lorakit")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Also show third-party banners, INFO logs and progress bars (GPTQModel, Prefect, transformers, "
+                   "bitsandbytes, torchao); without it only lorakit's own progress lines and warnings appear.")
+def main(verbose: bool) -> None:
     """lorakit turns a base LLM plus task data into a quantized release model you can trust.
 
     \b
@@ -36,8 +45,15 @@ def main() -> None:
 
     \b
     Exit codes: 0 ok, 2 bad input (nothing was written), 3 rejected by the gate, 1 unexpected error.
-    Environment: LORAKIT_HOME (cache, default ~/.cache/lorakit), LORAKIT_THREADS (torch threads).
+    Environment: LORAKIT_HOME (cache, default ~/.cache/lorakit), LORAKIT_THREADS (torch threads),
+    LORAKIT_HEARTBEAT_S (longest silence on long work, default 15 s).
+
+    \b
+    Progress goes to stderr: bars on a terminal, else `[mm:ss] ...` lines at least every LORAKIT_HEARTBEAT_S.
     """
+    from lorakit.runtime import set_verbose
+
+    set_verbose(verbose)
 
 
 def register_commands() -> None:

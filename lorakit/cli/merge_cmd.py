@@ -62,6 +62,10 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
     from lorakit.runtime import configure_threads
 
     configure_threads()
+    if quiet:
+        from lorakit import progress
+
+        progress.configure(console=False)
     w = parse_weights(weights, len(adapters))
     result = merge_adapters(
         adapters, w, output, method=method, output_kind=output_kind, rank=rank, base=base, density=density,

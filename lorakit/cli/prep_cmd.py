@@ -51,6 +51,10 @@ def prep(data, output, fmt, base, max_length, pack, val_fraction, seed, drop_lon
 
     configure_threads()
     quiet_third_party_logs()
+    if quiet:
+        from lorakit import progress
+
+        progress.configure(console=False)
     result = prepare_dataset(list(data), output, format=fmt, base=base, max_length=max_length, pack=pack,
                              val_fraction=val_fraction, seed=seed, drop_long=drop_long, force=force,
                              progress=not quiet)

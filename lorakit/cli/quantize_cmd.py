@@ -80,6 +80,10 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
 
     configure_threads()
     quiet_third_party_logs()
+    if quiet:
+        from lorakit import progress
+
+        progress.configure(console=False)
     if target_degradation is not None:
         _search(model_dir, output, calib, eval_data, target_degradation, search_methods, n_samples, seq_len, seed,
                 device, max_trials, time_budget, max_size_mb, force, quiet)

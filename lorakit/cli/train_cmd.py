@@ -64,6 +64,10 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, 
 
     configure_threads()
     quiet_third_party_logs()
+    if quiet:
+        from lorakit import progress
+
+        progress.configure(console=False)
     # PEFT imports GPTQModel while wrapping layers, and GPTQModel prints a banner on stdout; keep stdout for
     # lorakit's own result lines (scripts read the output path from --quiet).
     with contextlib.redirect_stdout(sys.stderr):

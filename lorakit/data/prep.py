@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from lorakit.progress import bar as progress_bar
 
 import lorakit
 from lorakit.data.formats import FORMATS, IGNORE_INDEX, Tokenized, check_columns, detect_format, has_chat_template, \
@@ -194,7 +194,7 @@ def prepare_dataset(
         raise InputError(f"the tokenizer of {tok_info.model_dir} has neither a pad nor an EOS token; add one")
 
     records = [r for s in loaded for r in s.records]
-    bar = tqdm(records, desc="tokenizing", unit="ex", disable=not progress)
+    bar = progress_bar(records, desc="tokenizing", unit="ex", disable=not progress)
     examples: list[Tokenized] = [tokenize_rendered(render_record(r, fmt, tok), fmt, tok, max_length) for r in bar]
     warnings: list[str] = []
     train_idx, val_idx = _split(len(examples), val_fraction, seed)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from lorakit.progress import bar as progress_bar
 
 from lorakit.errors import InputError
 from lorakit.evaluate.loading import EvalModel, ModelSpec, describe_model, load_eval_model, load_tokenizer
@@ -85,7 +85,7 @@ def score_windows(model, ids: torch.Tensor, windows: list[Window], *, batch_size
     nll_sum, n_scored = 0.0, 0
     groups = batches(windows, batch_size)
     total_tokens = sum(w.length for w in windows)
-    bar = tqdm(total=total_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=total_tokens, unit="tok", desc=desc, disable=not progress, leave=False)
     start = time.perf_counter()
     try:
         for group in groups:
@@ -98,8 +98,7 @@ def score_windows(model, ids: torch.Tensor, windows: list[Window], *, batch_size
             nll_sum += float(nll.to(torch.float64).sum())
             n_scored += targets.numel()
             bar.update(sum(w.length for w in group))
-            elapsed = time.perf_counter() - start
-            bar.set_postfix_str(f"{bar.n / max(elapsed, 1e-9):.0f} tok/s, ppl {math.exp(nll_sum / n_scored):.3f}")
+            bar.set_postfix_str(f"ppl {math.exp(nll_sum / n_scored):.3f}")  # the bar itself shows tok/s and ETA
     finally:
         bar.close()
     return nll_sum, n_scored, time.perf_counter() - start

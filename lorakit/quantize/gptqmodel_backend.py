@@ -12,13 +12,15 @@ the user's shell:
 * it writes per-run log files into ``./logs`` of whatever the current directory is; lorakit points them to
   ``$LORAKIT_HOME/logs/gptqmodel`` instead, so a run never litters the user's working tree;
 * it prints banners, tables and progress bars on stdout; lorakit routes them to stderr, so stdout stays for
-  results (``lorakit quantize --quiet`` prints only the output path).
+  results (``lorakit quantize --quiet`` prints only the output path), and without ``-v`` keeps its INFO logs and
+  live bars off (lorakit.runtime.quiet_third_party_logs) and prints per-layer progress lines of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 import sys
 import time
@@ -73,7 +75,61 @@ def _import_gptqmodel():
             loop_processor._PROJECT_LOG_DIR = log_dir()
     except ImportError:  # pragma: no cover - layout of another gptqmodel version
         pass
+    from lorakit.runtime import is_verbose
+
+    if not is_verbose():
+        # Its live bars redraw on stdout through LogBar; in a log file they pile up as hundreds of lines per layer.
+        # 7.6.0 checks this private hook at every bar it opens (it turns them off under pytest); lorakit reports
+        # per-layer progress itself (_layer_progress).
+        try:
+            from gptqmodel.utils import logger as gptq_logger
+
+            if callable(getattr(gptq_logger, "_suppress_live_renderables", None)):
+                gptq_logger._suppress_live_renderables = lambda: True
+        except ImportError:  # pragma: no cover - layout of another gptqmodel version
+            pass
     return gptqmodel
+
+
+@contextlib.contextmanager
+def _layer_progress(model, enabled: bool):
+    """Per-layer progress from lorakit's side: GPTQModel quantizes decoder layers in order and runs each one's
+    forward first when it reaches it, so the first forward of layer i means layers 0..i-1 are done."""
+    from lorakit.progress import bar
+
+    layers = None
+    for path in ("model.model.layers", "model.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        layers = obj
+        break
+    if layers is None or not enabled:
+        yield
+        return
+    counter = bar(total=len(layers), desc="GPTQ: quantizing layers", unit="layer")
+    seen: set[int] = set()
+
+    def hook_for(i: int):
+        def pre_hook(module, args):
+            if i not in seen:
+                seen.add(i)
+                if i > 0 and counter.n < i:
+                    counter.update(i - counter.n)
+        return pre_hook
+
+    handles = [layer.register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+        if counter.n < len(layers):
+            counter.update(len(layers) - counter.n)
+    finally:
+        for h in handles:
+            h.remove()
+        counter.close()
 
 
 def backend_versions() -> dict[str, str]:
@@ -91,10 +147,11 @@ def backend_versions() -> dict[str, str]:
 def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits: int, group_size: int, sym: bool,
                   desc_act: bool, device: str, progress: bool, dynamic: dict | None = None) -> dict[str, Any]:
     """Quantize ``model_dir`` with GPTQ into ``out_dir``; returns the backend's settings and per-module losses."""
+    from lorakit.progress import activity, emit
+
     if not (ops_cache_dir() / "pack_block_cpu").exists() and progress:
-        print(f"note: GPTQModel builds a C++ packing op on its first run (~2 min), cached in {ops_cache_dir()}",
-              file=sys.stderr)
-    with _stdout_to_stderr():
+        emit(f"note: GPTQModel builds a C++ packing op on its first run (~2 min), cached in {ops_cache_dir()}")
+    with _stdout_to_stderr(), activity("GPTQ (GPTQModel)"):
         _import_gptqmodel()
         from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -102,9 +159,14 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         started = time.perf_counter()
         model = GPTQModel.load(str(model_dir), qcfg, device=device)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
-        model.quantize(calib, batch_size=1)
+        with _layer_progress(model, progress):
+            model.quantize(calib, batch_size=1)
         quantize_s = time.perf_counter() - started
-        model.save(str(out_dir))
+        from lorakit.runtime import is_verbose
+
+        # save() prints the folder listing and whole config files with print(); lorakit_quant.json says it all
+        with contextlib.nullcontext() if is_verbose() else contextlib.redirect_stdout(io.StringIO()):
+            model.save(str(out_dir))
     dtype = str(getattr(model.model, "dtype", "unknown")).replace("torch.", "")
     losses = _read_quant_log(out_dir / "quant_log.csv")
     return {

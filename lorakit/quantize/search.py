@@ -167,7 +167,9 @@ def search_quantization(
     tokens = prepare_tokens(eval_data, load_tokenizer(spec), max_tokens=eval_max_tokens)
     eval_kw = dict(seq_len=eval_seq_len, quant_path="dequantized", device=device, progress=False)
     base = perplexity(str(src), tokens, **eval_kw)
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    from lorakit.progress import emit
+
+    say = emit if progress else (lambda msg: None)  # timestamped, and into the Prefect logs under `lorakit run`
     say(f"search: baseline perplexity {base.ppl:.4f} on {base.tokens} tokens; target +{target_degradation:.1%}")
 
     trials: list[Trial] = []

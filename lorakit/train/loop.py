@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 import lorakit
 from lorakit.adapters import TRAIN_META
@@ -32,6 +31,7 @@ from lorakit.data.tokenizer import base_id, tokenizer_digest
 from lorakit.errors import InputError
 from lorakit.io.atomic import atomic_dir, check_output_free, read_json, write_json
 from lorakit.io.digests import file_manifest, manifest_digest
+from lorakit.progress import bar as progress_bar
 from lorakit.models.folder import read_model_config, resolve_model_dir, ties_embeddings, weights_digest
 from lorakit.train.batches import Rows, Schedule, load_rows, model_inputs
 from lorakit.train.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -292,7 +292,7 @@ def train_adapter(
         start_step, first_batch_loss = int(state["step"]), state["first_batch_loss"]
         elapsed_before, resumed_from = float(state["elapsed_s"]), start_step
 
-    bar = tqdm(total=total, initial=start_step, desc="training", unit="step", disable=not progress)
+    bar = progress_bar(total=total, initial=start_step, desc="training", unit="step", disable=not progress)
     run_started = time.perf_counter()
     try:
         for step in range(start_step, total):
@@ -322,8 +322,8 @@ def train_adapter(
                      "lr": step_lr, "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else None,
                      "step_time_s": dt, "elapsed_s": elapsed_before + time.perf_counter() - run_started}
             log.append(entry)
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update(1)
             if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 save_checkpoint(root, step + 1, model, optimizer,
                                 {"fingerprint": fingerprint, "first_batch_loss": first_batch_loss,
