@@ -4,6 +4,26 @@ from __future__ import annotations
 
 import click
 
+from lorakit.compute import DTYPE_CHOICES
+
 # Every stage resolves it with lorakit.runtime.resolve_device.
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA when present), cpu or cuda[:N].")
+
+# What `auto` means per stage (lorakit.compute.POLICY), in the words --help shows.
+_AUTO_MEANS = {
+    "fastest": "bfloat16 where it is fast here (CUDA with bf16; a CPU whose bf16 matmul a short, cached probe "
+               "finds faster than float32), else float32",
+    "float32": "float32, so results compare across machines",
+}
+
+
+def compute_dtype_option(stage: str):
+    """``--compute-dtype`` for ``stage``; every stage resolves it with lorakit.compute.resolve_compute_dtype."""
+    from lorakit.compute import EXACT_STAGES, POLICY
+
+    if stage in EXACT_STAGES:
+        choices, text = ("auto", "float32"), "float32 only: the merge is exact (auto = float32)."
+    else:
+        choices, text = DTYPE_CHOICES, f"Dtype the model computes in. auto = {_AUTO_MEANS[POLICY[stage]]}."
+    return click.option("--compute-dtype", type=click.Choice(choices), default="auto", show_default=True, help=text)

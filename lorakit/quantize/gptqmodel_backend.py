@@ -89,8 +89,15 @@ def backend_versions() -> dict[str, str]:
 
 
 def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                  desc_act: bool, device: str, progress: bool, dynamic: dict | None = None) -> dict[str, Any]:
-    """Quantize ``model_dir`` with GPTQ into ``out_dir``; returns the backend's settings and per-module losses."""
+                  desc_act: bool, device: str, progress: bool, dynamic: dict | None = None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Quantize ``model_dir`` with GPTQ into ``out_dir``; returns the backend's settings and per-module losses.
+
+    ``dtype`` is the dtype GPTQModel loads and runs the model in (lorakit.compute's resolved dtype). Without it,
+    GPTQModel 7.6 picks bfloat16 on every CPU (``gptqmodel.utils.model.auto_dtype``: "CPU + Torch Fused"), which
+    is many times slower than float32 on CPUs without bfloat16 units. Hessians are accumulated in float32 either
+    way.
+    """
     if not (ops_cache_dir() / "pack_block_cpu").exists() and progress:
         print(f"note: GPTQModel builds a C++ packing op on its first run (~2 min), cached in {ops_cache_dir()}",
               file=sys.stderr)
@@ -100,7 +107,7 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
 
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, dynamic=dynamic)
         started = time.perf_counter()
-        model = GPTQModel.load(str(model_dir), qcfg, device=device)
+        model = GPTQModel.load(str(model_dir), qcfg, device=device, dtype=dtype)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
         model.quantize(calib, batch_size=1)
         quantize_s = time.perf_counter() - started
