@@ -156,6 +156,9 @@ class ReleaseConfig(_Section):
     route_gpu: bool = Field(False, description="Run training and quantization as deployments on the CUDA pool.")
     auto_promote: bool = Field(False, description="On a passed gate also move the 'production' alias.")
     output_dir: str = Field("lorakit-out", description="Folder that holds every stage's output.")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype of training, quantization and the gate (lorakit.compute): auto = bfloat16 only "
+        "where it is fast for training/quantization, float32 for the gate; the merge is always float32.")
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseConfig:

@@ -18,12 +18,18 @@ _AUTO_MEANS = {
 }
 
 
-def compute_dtype_option(stage: str):
-    """``--compute-dtype`` for ``stage``; every stage resolves it with lorakit.compute.resolve_compute_dtype."""
+def compute_dtype_option(stage: str | None):
+    """``--compute-dtype`` for ``stage``; every stage resolves it with lorakit.compute.resolve_compute_dtype.
+    ``stage=None``: the whole pipeline (``lorakit run``), where it overrides the run config's key."""
     from lorakit.compute import EXACT_STAGES, POLICY
 
-    if stage in EXACT_STAGES:
-        choices, text = ("auto", "float32"), "float32 only: the merge is exact (auto = float32)."
+    if stage is None:
+        return click.option("--compute-dtype", type=click.Choice(DTYPE_CHOICES), default=None,
+                            help="Overrides compute_dtype of the run config. auto: train and quantize in bfloat16 "
+                                 "only where it is fast here, gate in float32; the merge always computes in float32.")
+    if stage in EXACT_STAGES:  # every choice is accepted here so that the resolver's refusal explains why
+        text = f"auto = float32, the only dtype of the {stage}: it is exact, so reduced precision is refused."
     else:
-        choices, text = DTYPE_CHOICES, f"Dtype the model computes in. auto = {_AUTO_MEANS[POLICY[stage]]}."
-    return click.option("--compute-dtype", type=click.Choice(choices), default="auto", show_default=True, help=text)
+        text = f"Dtype the model computes in. auto = {_AUTO_MEANS[POLICY[stage]]}."
+    return click.option("--compute-dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                        help=text)
