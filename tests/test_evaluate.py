@@ -174,6 +174,7 @@ def test_eval_cli_writes_results_for_several_models(tiny_base, tmp_path):
     a, b = data["results"]
     assert a["ppl"] == b["ppl"] and a["method"] == b["method"] == data["method"]
     assert data["method"]["stride"] == 32 and f"{a['ppl']:10.4f}" in proc.stdout
+    assert data["compute_dtype"] == data["method"]["dtype"] == "float32"  # auto: float32 for evaluation, any CPU
     proc = run_cli("eval", str(tiny_base), "--data", str(txt), "--seq-len", "64", "--json", str(out))
     assert proc.returncode == 2 and "already exists" in proc.stderr
 

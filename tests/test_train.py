@@ -48,6 +48,10 @@ def test_loss_falls_and_output_is_complete(trained, tiny_base, prep, quant):
     assert record.first_batch_loss_after < record.first_batch_loss_before
     assert record.base_digest == weights_digest(tiny_base)
     assert record.config["quant"] == quant and record.device == "cpu"
+    from lorakit.compute import dtype_name, resolve_compute_dtype
+
+    assert record.config["compute_dtype"] == "auto"
+    assert record.compute_dtype == dtype_name(resolve_compute_dtype("auto", "train", "cpu"))
     assert record.prep["digest"] == json.loads((prep / "prep.json").read_text())["data_digest"]
     assert set(record.versions) >= {"torch", "transformers", "peft", "bitsandbytes"}
     adapter = load_adapter(out)
