@@ -442,3 +442,9 @@ def test_gptq_runs_in_the_resolved_compute_dtype(quantized):
         meta = read_quant_meta(quantized[name])
         assert meta.params.compute_dtype == expected
         assert meta.params.method_params["compute_dtype"] == expected  # the dtype GPTQModel's model was in
+        # Unquantized tensors are stored in bfloat16 whatever the compute dtype (a float32 run must not grow them).
+        from safetensors import safe_open
+
+        with safe_open(str(quantized[name] / "model.safetensors"), "pt") as f:
+            assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+        assert meta.params.method_params["unquantized_storage_dtype"] == "bfloat16"
