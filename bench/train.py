@@ -8,8 +8,8 @@ same run. Usage: ``python bench/train.py [--steps N]`` -> bench/results/train.js
 
 ``python bench/train.py --memory`` measures instead the peak RSS of one QLoRA step of 8 packed rows x 256 tokens on
 SmolLM2-135M (NF4), with the loss computed only at labelled positions (lorakit's loss) and, for comparison, from
-full-vocabulary logits at every position (the earlier loss, kept here as ``full_logits_loss_sum``), in float32 and
-in the machine's auto compute dtype. Each configuration runs in its own process under GNU time; a watchdog ends a
+full-vocabulary logits at every position (the earlier loss, kept here as ``full_logits_loss_sum``),
+with gradient checkpointing off (the CPU default) and on, in float32 compute. Each configuration runs in its own process under GNU time; a watchdog ends a
 run whose RSS passes ``--rss-cap-gib`` (a shared machine must not be driven out of memory), recorded as such. The
 results go to the ``memory`` key of bench/results/train.json and the "train-memory" section of bench/README.md.
 """
@@ -111,7 +111,7 @@ def _rss_watchdog(cap_bytes: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def memory_one(prep: Path, loss: str, dtype: str, out: Path, cap_gib: float) -> dict:
+def memory_one(prep: Path, loss: str, dtype: str, gc: bool, out: Path, cap_gib: float) -> dict:
     from lorakit.runtime import configure_threads
     from lorakit.train import loop, train_adapter
 
@@ -121,8 +121,10 @@ def memory_one(prep: Path, loss: str, dtype: str, out: Path, cap_gib: float) -> 
         loop._batch_loss_sum = full_logits_loss_sum
     t0 = time.perf_counter()
     res = train_adapter(prep, out, quant="nf4", max_steps=1, batch_size=8, grad_accum=1, lr=1e-4, r=16, alpha=32,
-                        compute_dtype=dtype, min_loss_drop=None, progress=False, checkpoint_every=None, force=True)
-    return {"loss": loss, "compute_dtype": res.metadata["compute_dtype"], "step_s": res.log[0]["step_time_s"],
+                        compute_dtype=dtype, gradient_checkpointing=gc, min_loss_drop=None, progress=False,
+                        checkpoint_every=None, force=True)
+    return {"loss": loss, "compute_dtype": res.metadata["compute_dtype"], "gradient_checkpointing": gc,
+            "step_s": res.log[0]["step_time_s"],
             "tokens": res.log[0]["tokens"], "train_loss": res.log[0]["loss"], "wall_s": round(time.perf_counter() - t0, 2)}
 
 
@@ -138,18 +140,19 @@ def memory_main(cap_gib: float) -> None:
     prep = work / "prep"
     prepare_dataset(["bundled:reverse-words", "bundled:number-words"], prep, max_length=256, pack=True, progress=False)
     rows = []
-    for loss in ("labelled", "full"):
-        for dtype in ("float32", "auto"):
-            result = work / f"{loss}-{dtype}.json"
-            cmd = [sys.executable, __file__, "--memory-one", str(prep), loss, dtype, str(work / f"ad-{loss}-{dtype}"),
-                   str(result), "--rss-cap-gib", str(cap_gib)]
+    dtype = "float32"  # what CPUs without fast bf16 use; the same on every machine
+    for gc in (False, True):
+        for loss in ("full", "labelled"):
+            result = work / f"{loss}-{gc}.json"
+            cmd = [sys.executable, __file__, "--memory-one", str(prep), loss, dtype, "gc" if gc else "no-gc",
+                   str(work / f"ad-{loss}-{gc}"), str(result), "--rss-cap-gib", str(cap_gib)]
             try:
                 measured = run_measured(cmd)
                 row = {**json.loads(result.read_text()), "peak_rss_mib": round(measured["peak_rss_mib"], 1)}
             except RuntimeError as exc:
                 if "(75)" not in str(exc):
                     raise
-                row = {"loss": loss, "compute_dtype": dtype, "peak_rss_mib": None,
+                row = {"loss": loss, "compute_dtype": dtype, "gradient_checkpointing": gc, "peak_rss_mib": None,
                        "note": f"ended by the watchdog above {cap_gib} GiB RSS"}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -170,10 +173,11 @@ def memory_main(cap_gib: float) -> None:
              f"`python bench/train.py --memory`: peak RSS of one QLoRA step of 8 packed rows x 256 tokens on "
              f"SmolLM2-135M (NF4), whole process including model load; {info['model']} ({', '.join(info['flags'])}), "
              f"{os.environ['LORAKIT_THREADS']} thread(s), load {load[0]:.1f} at the end.", "",
-             "| loss | compute dtype | peak RSS MiB | step s |", "|---|---|---|---|"]
+             "| loss | compute dtype | gradient checkpointing | peak RSS MiB | step s |", "|---|---|---|---|---|"]
     for r in rows:
         rss = f"{r['peak_rss_mib']:.0f}" if r["peak_rss_mib"] is not None else f"> {cap_gib:.0f} GiB (stopped)"
-        lines.append(f"| {r['loss']} | {r['compute_dtype']} | {rss} | {r.get('step_s', float('nan')):.1f} |")
+        lines.append(f"| {r['loss']} | {r['compute_dtype']} | {'on' if r['gradient_checkpointing'] else 'off'} | {rss} | "
+                     f"{r.get('step_s', float('nan')):.1f} |")
     update_readme_section("train-memory", "\n".join(lines))
 
 
@@ -183,11 +187,12 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="Peak RSS of one 8 x 256-token step on SmolLM2-135M.")
     ap.add_argument("--rss-cap-gib", type=float, default=8.0, help="--memory: end a run above this RSS.")
     ap.add_argument("--one", nargs=4, metavar=("BASE", "PREP", "QUANT", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--memory-one", nargs=5, metavar=("PREP", "LOSS", "DTYPE", "OUT", "RESULT"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-one", nargs=6, metavar=("PREP", "LOSS", "DTYPE", "GC", "OUT", "RESULT"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_one:
-        prep, loss, dtype, out, result = args.memory_one
-        row = memory_one(Path(prep), loss, dtype, Path(out), args.rss_cap_gib)
+        prep, loss, dtype, gc, out, result = args.memory_one
+        row = memory_one(Path(prep), loss, dtype, gc == "gc", Path(out), args.rss_cap_gib)
         Path(result).write_text(json.dumps(row))
         return
     if args.memory:
