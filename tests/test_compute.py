@@ -69,9 +69,13 @@ def test_probe_is_cached_per_machine_and_setting(home, monkeypatch):
     again = compute.cpu_bf16_probe()
     assert again["cached"] is True and again["fast"] == first["fast"]
     # Another kernel setting is another machine as far as speed goes: a new entry, not the cached one.
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    current = os.environ.get("ATEN_CPU_CAPABILITY")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default" if current == "avx2" else "avx2")
     assert compute.probe_cache_path(compute._probe_key(compute.cpu_info())) != files[0]
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    if current is None:
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", current)
     files[0].write_text("{not json")  # a corrupt entry is measured again and replaced
     assert compute.cpu_bf16_probe()["cached"] is False
     assert json.loads(files[0].read_text())["fast"] == first["fast"]
