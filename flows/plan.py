@@ -71,6 +71,7 @@ class ReleasePlan:
     def train(self, ds: DatasetConfig, prep_dir: str) -> dict[str, Any]:
         params = self.config.lora.model_dump()
         params["base"] = self.config.base
+        params["compute_dtype"] = self.config.compute_dtype
         return {"prep_dir": prep_dir, "params": params,
                 "output": stage_dir(self.out, "adapters", ds.name, {"prep": prep_dir, **params})}
 
@@ -85,6 +86,7 @@ class ReleasePlan:
     def quantize(self, model_dir: str, calib: str) -> dict[str, Any]:
         params = self.config.quantize.model_dump(exclude={"calib_dataset"})
         params["calib"] = calib
+        params["compute_dtype"] = self.config.compute_dtype
         return {"model_dir": model_dir, "params": params,
                 "output": stage_dir(self.out, "quantized", params["method"], {"model": model_dir, **params})}
 
@@ -98,7 +100,7 @@ class ReleasePlan:
         with the same threshold (the release passes only when all pass)."""
         g = self.config.gate
         params = {"max_degradation": g.max_degradation, "seq_len": g.seq_len, "stride": g.stride or g.seq_len,
-                  "max_tokens": g.max_tokens}
+                  "max_tokens": g.max_tokens, "dtype": self.config.compute_dtype}
         first, *others = [ds.name for ds in self.config.datasets]
         extra = [{"name": n, "data": preps[n], "max_degradation": g.max_degradation, "kind": "task", "split": "val"}
                  for n in others]

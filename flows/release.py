@@ -32,12 +32,13 @@ _D = ReleaseConfig()  # the defaults, shared with the config file reader
 def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lora: LoraConfig = _D.lora,
             merge: MergeConfig = _D.merge, quantize: QuantizeConfig = _D.quantize, gate: GateConfig = _D.gate,
             export: ExportConfig = _D.export, registry: RegistryConfig = _D.registry, pools: PoolsConfig = _D.pools,
-            route_gpu: bool = _D.route_gpu, auto_promote: bool = _D.auto_promote, output_dir: str = _D.output_dir):
+            route_gpu: bool = _D.route_gpu, auto_promote: bool = _D.auto_promote, output_dir: str = _D.output_dir,
+            compute_dtype: str = _D.compute_dtype):
     """Build, gate and register one release model from a base model and task data sets."""
     started = time.perf_counter()
     cfg = ReleaseConfig(base=base, datasets=datasets, lora=lora, merge=merge, quantize=quantize, gate=gate,
                         export=export, registry=registry, pools=pools, route_gpu=route_gpu,
-                        auto_promote=auto_promote, output_dir=output_dir)
+                        auto_promote=auto_promote, output_dir=output_dir, compute_dtype=compute_dtype)
     plan, on_gpu = ReleasePlan(cfg), {"route": cfg.route_gpu, "pool": cfg.pools.cuda}
 
     preps, adapters = {}, {}

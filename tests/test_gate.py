@@ -64,6 +64,7 @@ def test_noisy_candidate_is_rejected_with_exit_3(tiny_base, noisy, data, tmp_pat
     assert verdict["passed"] is False and verdict["failed_checks"] == ["primary"]
     assert verdict["degradation"] > 0.05
     assert verdict["checks"][0]["method"]["seq_len"] == 64
+    assert verdict["params"]["dtype"] == "auto" and verdict["params"]["compute_dtype"] == "float32"
     assert "REJECTED" in (out / "gate.md").read_text()
     assert (out / "gate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -117,7 +117,7 @@ def test_model_output_matches_direct_computation(method, params, adapters, tiny_
         else:
             assert torch.equal(merged[name], w), f"{name} is not a target but changed"
     assert worst <= TOL, f"{method}: max abs error {worst:.2e}"
-    assert meta["method"] == method and meta["weights"] == WEIGHTS
+    assert meta["method"] == method and meta["weights"] == WEIGHTS and meta["compute_dtype"] == "float32"
     assert [i["digest"] for i in meta["inputs"]] and meta["negative_weights"] == [str(adapters[1])]
     assert meta["base"]["weights_digest"]
 

@@ -50,7 +50,7 @@ def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("quant")
     runs = {"gptq4": dict(method="gptq", bits=4, group_size=32), "gptq8": dict(method="gptq", bits=8, group_size=64),
             "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64),
-            "awq4-fp32": dict(method="awq", bits=4, group_size=32, awq_compute_dtype="float32", awq_scale_form="both")}
+            "awq4-fp32": dict(method="awq", bits=4, group_size=32, compute_dtype="float32", awq_scale_form="both")}
     return {name: quantize_model(tiny_base, root / name, calib=prep, progress=False, **CALIB, **kw).output
             for name, kw in runs.items()}
 
@@ -198,8 +198,9 @@ def test_awq_search_beats_plain_rounding(quantized):
     """The chosen scale never loses to plain rounding on the calibration tokens; on average it gains. Both search
     precisions: float32 (exact errors) and the machine's default (bfloat16 here when the CPU has fast bf16)."""
     for name, dtype in (("awq4", compute_dtype("auto", torch.device("cpu"))), ("awq4-fp32", torch.float32)):
-        q = read_quant_meta(quantized[name]).quality
-        assert q["compute_dtype"] == str(dtype).removeprefix("torch.")
+        meta = read_quant_meta(quantized[name])
+        q = meta.quality
+        assert q["compute_dtype"] == meta.params.compute_dtype == str(dtype).removeprefix("torch.")
         assert all(q["output_mse_best"][k] <= q["output_mse_rtn"][k] for k in q["alpha"])
         assert q["mean_mse_ratio_vs_rtn"] < 1.0
         assert set(q["scale_form"].values()) <= {"duo", "activation", None} and set(q["scale_form"]) == set(q["alpha"])
@@ -376,7 +377,8 @@ def test_rejects_an_unsupported_architecture(tmp_path, tiny_base, prep):
     (dict(group_size=256, strict_group_size=True), "does not divide"),
     (dict(method="awq", awq_grid=0), "--awq-grid must be positive"),
     (dict(method="awq", awq_scale_form="paper"), "--awq-scale-form must be one of duo, activation, both"),
-    (dict(method="awq", awq_compute_dtype="float16"), "--awq-compute-dtype must be auto, float32 or bfloat16"),
+    (dict(method="awq", compute_dtype="float16"), "--compute-dtype float16 is not available for AWQ"),
+    (dict(compute_dtype="fp8"), "--compute-dtype must be one of auto, float32, bfloat16, float16"),
 ])
 def test_rejects_out_of_range_parameters(tmp_path, tiny_base, prep, kw, match):
     _bad(tmp_path, tiny_base, match, calib=prep, **kw)
@@ -477,3 +479,20 @@ def test_gptq_on_smollm2_loads_and_generates(tmp_path, real_base):
         gen = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert gen.shape[1] == ids.shape[1] + 3
     assert (out / QUANT_META).exists()
+
+
+def test_gptq_runs_in_the_resolved_compute_dtype(quantized):
+    """GPTQModel picks bfloat16 on every CPU by itself; lorakit hands it the resolved dtype and records it."""
+    from lorakit.compute import dtype_name, resolve_compute_dtype
+
+    expected = dtype_name(resolve_compute_dtype("auto", "quantize", "cpu"))
+    for name in ("gptq4", "gptq8"):
+        meta = read_quant_meta(quantized[name])
+        assert meta.params.compute_dtype == expected
+        assert meta.params.method_params["compute_dtype"] == expected  # the dtype GPTQModel's model was in
+        # Unquantized tensors are stored in bfloat16 whatever the compute dtype (a float32 run must not grow them).
+        from safetensors import safe_open
+
+        with safe_open(str(quantized[name] / "model.safetensors"), "pt") as f:
+            assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+        assert meta.params.method_params["unquantized_storage_dtype"] == "bfloat16"

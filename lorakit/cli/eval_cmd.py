@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from lorakit.cli.options import device_option
+from lorakit.cli.options import compute_dtype_option, device_option
 from lorakit.errors import EXIT_REJECTED, InputError
 
 
@@ -21,8 +21,12 @@ def _start(quiet: bool) -> None:
         progress.configure(console=False)
 
 
-def _method_options(f):
+def _method_options(stage: str):
     """Options shared by eval and gate: they define the perplexity method and how models are loaded."""
+    return lambda f: _apply_method_options(f, stage)
+
+
+def _apply_method_options(f, stage: str):
     options = [
         click.option("--data", required=True, type=click.Path(),
                      help="A prepared-data folder (its --split is used), a .jsonl of {\"text\": ...} lines, or a "
@@ -40,8 +44,7 @@ def _method_options(f):
                      show_default=True, help="GPTQ/AWQ: dequantized = exact dense weights (fast on CPU); kernel = the "
                      "installed int4 kernels; auto = dequantized on CPU, kernel on CUDA."),
         device_option,
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32",
-                     show_default=True, help="Compute dtype (auto: the model's config dtype)."),
+        compute_dtype_option(stage),
         click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the result."),
     ]
     for option in reversed(options):
@@ -51,12 +54,12 @@ def _method_options(f):
 
 @click.command(name="eval")
 @click.argument("models", nargs=-1, required=True)
-@_method_options
+@_method_options("eval")
 @click.option("--json", "json_out", type=click.Path(), help="Write all results (numbers and method) to this JSON file.")
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @click.option("--kernel-check", type=int, metavar="N", help="For GPTQ/AWQ on the dequantized path: also score the "
               "first N tokens with the int4 kernels and report the relative difference (slow on CPU).")
-def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, dtype, quiet,
+def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, compute_dtype, quiet,
           json_out, force, kernel_check):
     """Perplexity of one or more models on the same text, with one fixed method.
 
@@ -88,7 +91,7 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
         check_output_free(Path(json_out), force)
     results = evaluate_models(list(models), data, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
                               batch_size=batch_size, base=base, split=split, quant_path=quant_path, device=device,
-                              dtype=dtype, progress=not quiet, kernel_check_tokens=kernel_check)
+                              dtype=compute_dtype, progress=not quiet, kernel_check_tokens=kernel_check)
     method = results[0].method
     if not quiet:
         click.echo(f"method: seq_len {method['seq_len']}, stride {method['stride']}, {method['dtype']}, "
@@ -104,7 +107,7 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
     if json_out is not None:
         import lorakit
 
-        write_json(json_out, {"lorakit": lorakit.__version__, "method": method,
+        write_json(json_out, {"lorakit": lorakit.__version__, "method": method, "compute_dtype": method["dtype"],
                               "results": [r.to_dict() for r in results]})
 
 
@@ -125,7 +128,7 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 @click.command()
 @click.option("--baseline", required=True, help="The model the candidate must not be worse than (folder or \"default\").")
 @click.option("--candidate", required=True, help="The model under test (HF, adapter, GPTQ or AWQ folder, or a GGUF file).")
-@_method_options
+@_method_options("gate")
 @click.option("--max-degradation", default=0.05, show_default=True, type=float,
               help="Largest accepted ppl(candidate)/ppl(baseline) - 1 on --data (0.05 = 5% worse).")
 @click.option("--check", "checks", multiple=True, metavar="NAME=DATA[:MAX]",
@@ -135,7 +138,7 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 @click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
 @click.option("-o", "--output", type=click.Path(), help="Write gate.json, gate.md and gate.png into this new folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
-def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, dtype,
+def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, compute_dtype,
          quiet, max_degradation, checks, general_text, general_max_degradation, output, force):
     """Accept or reject CANDIDATE: its perplexity may be at most --max-degradation worse than BASELINE's.
 
@@ -169,7 +172,8 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
         raise InputError("--general-max-degradation needs --general-text")
     verdict = check(baseline, candidate, data, max_degradation=max_degradation, extra_checks=extra, output=output,
                     base=base, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
-                    split=split, quant_path=quant_path, device=device, dtype=dtype, force=force, progress=not quiet)
+                    split=split, quant_path=quant_path, device=device, dtype=compute_dtype, force=force,
+                    progress=not quiet)
     if quiet:
         click.echo("PASSED" if verdict.passed else "REJECTED")
     else:

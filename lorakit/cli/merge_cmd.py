@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from lorakit.cli.options import compute_dtype_option
 from lorakit.errors import InputError
 
 
@@ -39,9 +40,10 @@ _METHODS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--ignore-base-name", is_flag=True, help="Accept adapters whose recorded base names differ "
               "(use only when they name the same weights).")
+@compute_dtype_option("merge")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def merge(adapters, weights, output, method, density, seed, normalize, output_kind, rank, base, force,
-          ignore_base_name, quiet):
+          ignore_base_name, compute_dtype, quiet):
     """Merge LoRA adapters: ΔW = Σ wᵢ·scalingᵢ·BᵢAᵢ (linear), or TIES/DARE/pruning on the updates.
 
     \b
@@ -69,7 +71,8 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
     w = parse_weights(weights, len(adapters))
     result = merge_adapters(
         adapters, w, output, method=method, output_kind=output_kind, rank=rank, base=base, density=density,
-        seed=seed, normalize=normalize, force=force, ignore_base_name=ignore_base_name, progress=not quiet,
+        seed=seed, normalize=normalize, force=force, ignore_base_name=ignore_base_name, compute_dtype=compute_dtype,
+        progress=not quiet,
     )
     if quiet:
         click.echo(str(result.output))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli.options import device_option
+from lorakit.cli.options import compute_dtype_option, device_option
 
 
 @click.command()
@@ -29,15 +29,13 @@ from lorakit.cli.options import device_option
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration text shuffle.")
 @device_option
+@compute_dtype_option("quantize")
 @click.option("--awq-grid", type=int, default=20, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
 @click.option("--awq-scale-form", type=click.Choice(["duo", "activation", "both"]), default="duo", show_default=True,
               help="awq: scale form on the α grid: duo = x̄^α/w̄^(1−α) (AutoAWQ's default), activation = x̄^α (the "
               "paper's), both = let the output error pick per group (twice the search time). See bench/README.md.")
-@click.option("--awq-compute-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
-              show_default=True, help="awq: dtype of the calibration forwards and the search's matmuls. auto = "
-              "bfloat16 where the CPU/GPU has fast bfloat16 units (about 2x faster), else float32 (exact search).")
 @click.option("--module-bits", multiple=True, metavar="MODULE=BITS",
               help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=8 (gptq: 8, via GPTQModel "
                    "`dynamic`; NOT loadable by plain transformers) or =16 (awq: kept in fp16, still loadable). Repeatable.")
@@ -55,7 +53,7 @@ from lorakit.cli.options import device_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym, desc_act, calib, n_samples,
-             seq_len, seed, device, awq_grid, no_awq_clip, awq_scale_form, awq_compute_dtype, module_bits, target_degradation, eval_data,
+             seq_len, seed, device, compute_dtype, awq_grid, no_awq_clip, awq_scale_form, module_bits, target_degradation, eval_data,
              search_methods, max_trials, time_budget, max_size_mb, force, quiet):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
 
@@ -86,12 +84,12 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
         progress.configure(console=False)
     if target_degradation is not None:
         _search(model_dir, output, calib, eval_data, target_degradation, search_methods, n_samples, seq_len, seed,
-                device, max_trials, time_budget, max_size_mb, force, quiet)
+                device, compute_dtype, max_trials, time_budget, max_size_mb, force, quiet)
         return
     result = quantize_model(
         model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
         n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,
-        awq_grid=awq_grid, awq_clip=not no_awq_clip, awq_compute_dtype=awq_compute_dtype,
+        awq_grid=awq_grid, awq_clip=not no_awq_clip, compute_dtype=compute_dtype,
         awq_scale_form=awq_scale_form, force=force, progress=not quiet,
         module_bits=_parse_module_bits(module_bits),
     )
@@ -119,7 +117,7 @@ def _parse_module_bits(items: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def _search(model_dir, output, calib, eval_data, target, methods, n_samples, seq_len, seed, device, max_trials,
+def _search(model_dir, output, calib, eval_data, target, methods, n_samples, seq_len, seed, device, compute_dtype, max_trials,
             time_budget, max_size_mb, force, quiet) -> None:
     from lorakit.quantize.search import SearchBounds, SearchSpace, search_quantization
 
@@ -127,7 +125,8 @@ def _search(model_dir, output, calib, eval_data, target, methods, n_samples, seq
     bounds = SearchBounds(max_trials=max_trials, time_budget_s=time_budget,
                           max_size_bytes=int(max_size_mb * 1e6) if max_size_mb else None)
     result = search_quantization(model_dir, output, calib=calib, eval_data=eval_data, target_degradation=target,
-                                 space=space, bounds=bounds, seq_len=seq_len, seed=seed, device=device, force=force,
+                                 space=space, bounds=bounds, seq_len=seq_len, seed=seed, device=device,
+                                 compute_dtype=compute_dtype, force=force,
                                  progress=not quiet)
     search = result.metadata["search"]
     if quiet:

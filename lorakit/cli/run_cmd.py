@@ -11,6 +11,7 @@ import os
 
 import click
 
+from lorakit.cli.options import compute_dtype_option
 from lorakit.errors import EXIT_REJECTED, LorakitError
 
 # An ephemeral Prefect server (SQLite under PREFECT_HOME) starts inside the process when no PREFECT_API_URL is
@@ -26,12 +27,13 @@ _PREFECT_DEFAULTS = {
 @click.option("--route-gpu", is_flag=True, default=None,
               help="Run training and quantization as deployments on the CUDA work pool (overrides route_gpu).")
 @click.option("-o", "--output-dir", help="Folder for every stage's output (overrides output_dir).")
+@compute_dtype_option(None)
 @click.option("--show-config", is_flag=True, help="Print the config with every default filled in, and exit.")
 @click.option("--check", is_flag=True,
               help="Check the config and print the plan (each stage, its output folder, whether it exists), and exit.")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress lines, only warnings from Prefect; print only the verdict line.")
-def run(config, route_gpu, output_dir, show_config, check, quiet):
+def run(config, route_gpu, output_dir, compute_dtype, show_config, check, quiet):
     """Run the release pipeline described by CONFIG (a YAML run config).
 
     \b
@@ -70,7 +72,8 @@ def run(config, route_gpu, output_dir, show_config, check, quiet):
     from flows.preflight import check_release, plan_lines
 
     data = read_config_data(config)
-    overrides = {k: v for k, v in {"route_gpu": route_gpu, "output_dir": output_dir}.items() if v is not None}
+    overrides = {k: v for k, v in {"route_gpu": route_gpu, "output_dir": output_dir,
+                                   "compute_dtype": compute_dtype}.items() if v is not None}
     if overrides and isinstance(data, dict):
         data = {**data, **overrides}
     if show_config:

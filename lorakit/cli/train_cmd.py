@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from lorakit.cli.options import device_option
+from lorakit.cli.options import compute_dtype_option, device_option
 
 
 @click.command()
@@ -15,7 +15,7 @@ from lorakit.cli.options import device_option
 @click.option("-o", "--output", required=True, type=click.Path(), help="Adapter folder to write (PEFT format).")
 @click.option("--base", help="Base model folder or hub id (default: the model whose tokenizer prep used).")
 @click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True,
-              help="nf4: QLoRA (4-bit NF4, double quant, bf16 compute, bitsandbytes); none: plain LoRA.")
+              help="nf4: QLoRA (4-bit NF4, double quant, bitsandbytes; computes in --compute-dtype); none: plain LoRA.")
 @click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--alpha", type=float, default=32, show_default=True, help="LoRA alpha (scaling alpha/r).")
 @click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
@@ -29,6 +29,7 @@ from lorakit.cli.options import device_option
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Microbatches per optimizer step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of LoRA init, data order and dropout.")
 @device_option
+@compute_dtype_option("train")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True,
               help="Steps between checkpoints (kept in OUTPUT.checkpoints until the run succeeds).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint; same result as an uninterrupted run.")
@@ -38,7 +39,7 @@ from lorakit.cli.options import device_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder and any stale checkpoints.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
 def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, epochs, max_steps, batch_size,
-          grad_accum, seed, device, checkpoint_every, resume, min_loss_drop, no_loss_check, force, quiet):
+          grad_accum, seed, device, compute_dtype, checkpoint_every, resume, min_loss_drop, no_loss_check, force, quiet):
     """Train one LoRA adapter (QLoRA by default) on PREP_DIR's training split.
 
     \b
@@ -74,7 +75,7 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, 
         result = _train(
             prep_dir, output, base=base, quant=quant, r=r, alpha=alpha, dropout=dropout, target=target, rslora=rslora,
             lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-            resume=resume, device=device, checkpoint_every=checkpoint_every,
+            resume=resume, device=device, compute_dtype=compute_dtype, checkpoint_every=checkpoint_every,
             min_loss_drop=None if no_loss_check else min_loss_drop, force=force, progress=not quiet,
         )
     if quiet:
@@ -82,7 +83,7 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, 
         return
     m = result.metadata
     resumed = f", resumed from step {m['resumed_from_step']}" if m["resumed_from_step"] else ""
-    click.echo(f"trained {m['steps']} steps on {m['device']} ({m['config']['quant']}{resumed}): loss "
+    click.echo(f"trained {m['steps']} steps on {m['device']} ({m['config']['quant']}, {m['compute_dtype']}{resumed}): loss "
                f"{m['first_loss']:.4f} -> {m['final_loss']:.4f}; first batch {m['first_batch_loss_before']:.4f} -> "
                f"{m['first_batch_loss_after']:.4f} ({m['loss_drop']:.1%} lower); {m['wall_time_s']:.1f}s")
     click.echo(f"-> {result.output}")

@@ -122,7 +122,7 @@ def perplexity(
     split: str = "val",
     quant_path: str = "auto",
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     progress: bool = True,
     kernel_check_tokens: int | None = None,
 ) -> PerplexityResult:
@@ -209,7 +209,7 @@ def evaluate_models(
     split: str = "val",
     quant_path: str = "auto",
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     progress: bool = True,
     kernel_check_tokens: int | None = None,
 ) -> list[PerplexityResult]:

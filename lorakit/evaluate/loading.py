@@ -32,7 +32,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 QUANT_METHODS = ("gptq", "awq")
 QUANT_PATHS = ("auto", "dequantized", "kernel")
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass
@@ -152,11 +151,12 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(resolve_device(device))
 
 
-def _torch_dtype(dtype: str, config_dtype: str | None) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    name = (config_dtype or "float32") if dtype == "auto" else dtype
-    return getattr(torch, str(name).replace("torch.", ""))
+def _torch_dtype(dtype: str, stage: str, device: torch.device) -> torch.dtype:
+    """``--compute-dtype`` of an evaluation: ``auto`` is float32 (lorakit.compute.POLICY: scores must compare
+    across machines), whatever dtype the checkpoint was saved in."""
+    from lorakit.compute import resolve_compute_dtype
+
+    return resolve_compute_dtype(dtype, stage, device)
 
 
 def choose_quant_path(quant_path: str, device: torch.device) -> str:
@@ -167,16 +167,18 @@ def choose_quant_path(quant_path: str, device: torch.device) -> str:
     return quant_path
 
 
-def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = "auto", dtype: str = "float32",
-                    tokenizer=None) -> EvalModel:
-    """Load ``spec`` for scoring: eval mode, no gradients, on ``device``."""
+def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = "auto", dtype: str = "auto",
+                    tokenizer=None, stage: str = "eval") -> EvalModel:
+    """Load ``spec`` for scoring: eval mode, no gradients, on ``device``, computing in ``dtype`` as
+    :func:`lorakit.compute.resolve_compute_dtype` resolves it for ``stage`` (eval or gate)."""
     dev = pick_device(device)
     start = time.perf_counter()
     if spec.kind == "adapter":
         from peft import PeftModel
 
         # The base's own tokenizer is never used here: the adapter's (or the base's, by describe_model) is.
-        base = load_eval_model(spec.base, quant_path=quant_path, device=device, dtype=dtype, tokenizer=tokenizer)
+        base = load_eval_model(spec.base, quant_path=quant_path, device=device, dtype=dtype, tokenizer=tokenizer,
+                               stage=stage)
         try:
             model = PeftModel.from_pretrained(base.model, str(spec.folder), is_trainable=False)
         except Exception as exc:  # PEFT raises many types for adapters that do not fit the base
@@ -193,7 +195,7 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
         from lorakit.models.folder import read_model_config
 
         config = read_model_config(spec.folder)
-        tdt = _torch_dtype(dtype, config.get("dtype") or config.get("torch_dtype"))
+        tdt = _torch_dtype(dtype, stage, dev)
         if spec.kind == "model":
             model, path_used = _from_pretrained(spec.folder, tdt), "dense"
         elif choose_quant_path(quant_path, dev) == "kernel":

@@ -78,7 +78,7 @@ def check(
     split: str = "val",
     quant_path: str = "auto",
     device: str = "auto",
-    dtype: str = "float32",
+    dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
 ) -> Verdict:
@@ -104,6 +104,11 @@ def check(
     if out_dir is not None:
         check_output_free(out_dir, force)
 
+    from lorakit.compute import dtype_name, resolve_compute_dtype
+    from lorakit.runtime import resolve_device
+
+    # Resolved once for both models (auto = float32 for the gate: a verdict must not depend on the CPU).
+    compute_dtype = dtype_name(resolve_compute_dtype(dtype, "gate", resolve_device(device)))
     base_spec, cand_spec = describe_model(baseline, base=base), describe_model(candidate, base=base)
     base_tok, cand_tok = load_tokenizer(base_spec), load_tokenizer(cand_spec)
     if tokenizer_digest(base_tok) != tokenizer_digest(cand_tok):
@@ -125,7 +130,8 @@ def check(
     results: dict[str, dict[str, PerplexityResult]] = {"baseline": {}, "candidate": {}}
     models: dict[str, dict] = {}
     for role, spec_, tok in (("baseline", base_spec, base_tok), ("candidate", cand_spec, cand_tok)):
-        loaded = load_eval_model(spec_, quant_path=quant_path, device=device, dtype=dtype, tokenizer=tok)
+        loaded = load_eval_model(spec_, quant_path=quant_path, device=device, dtype=compute_dtype, tokenizer=tok,
+                                 stage="gate")
         models[role] = {**loaded.describe(), "digest": _model_digest(spec_)}
         for spec in specs:
             results[role][spec.name] = perplexity(loaded, streams[spec.name], **common)
@@ -147,6 +153,7 @@ def check(
         candidate=models["candidate"],
         params={"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
                 "split": split, "quant_path": quant_path, "device": device, "dtype": dtype,
+                "compute_dtype": compute_dtype,
                 "rule": "degradation = ppl(candidate)/ppl(baseline) - 1; a check passes when degradation <= threshold",
                 "boundary_tolerance": BOUNDARY_TOLERANCE},
         versions=_versions(), wall_s=round(time.perf_counter() - start, 3),

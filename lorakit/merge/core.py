@@ -215,14 +215,19 @@ def merge_adapters(
     normalize: bool | None = None,
     force: bool = False,
     ignore_base_name: bool = False,
+    compute_dtype: str = "auto",
     progress: bool = True,
 ) -> MergeResult:
     """Merge PEFT LoRA adapters: ΔW = method(w₁·ΔW₁, …) with ΔWᵢ = scalingᵢ·BᵢAᵢ per target module.
 
     Returns what was written and how exact it is; raises :class:`lorakit.errors.InputError` (nothing written)
-    for every input it cannot merge correctly.
+    for every input it cannot merge correctly. ``compute_dtype`` is accepted for symmetry with the other stages
+    and must resolve to float32 (lorakit.compute.POLICY: the merge is exact; SVD rank reduction runs in float64).
     """
+    from lorakit.compute import dtype_name, resolve_compute_dtype
+
     started = time.perf_counter()
+    compute = dtype_name(resolve_compute_dtype(compute_dtype, "merge", "cpu"))
     output = Path(output)
     weights = check_weights(weights, len(adapters))
     merge_method = get_method(method)
@@ -261,6 +266,7 @@ def merge_adapters(
             "weights": weights,
             "negative_weights": [str(a.path) for a, w in zip(loaded, weights) if w < 0],
             "output_kind": output_kind,
+            "compute_dtype": compute,
             "inputs": [a.summary() for a in loaded],
             "base": {"path": str(base_dir) if base_dir else None, "name": base_name,
                      "weights_digest": result.pop("base_weights_digest", None),

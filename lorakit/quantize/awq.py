@@ -256,32 +256,23 @@ _INPUT_OF = {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate", "up": "gate
 _CLIPPED = ("v", "o", "gate", "up", "down")
 
 
+# The dtypes AWQ's search accepts: float16 has too little range for the Gram matrices of large activations.
+AWQ_COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+
+
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The dtype of the calibration forwards and of the search's large matmuls (Gram matrices, candidate errors).
 
-    Why bfloat16 by default: those matmuls are most of AWQ's time, and bfloat16 runs them about 2.4x faster than
-    float32 on CPUs with AVX512-BF16/AMX (measured on this project's CI machine) and on CUDA GPUs from Ampere on.
-    Statistics are accumulated, and scales, clipping and the quantized weights computed, in float32; GPTQModel and
-    AutoAWQ run the whole model in 16-bit. Float32 where bfloat16 has no fast path (there it is slower, not faster),
-    or when asked for: float32 makes the search's errors exact.
+    Resolved by :func:`lorakit.compute.resolve_compute_dtype` for the quantize stage: ``auto`` is bfloat16 where
+    it is fast there (those matmuls are most of AWQ's time; bfloat16 ran them ~2.4x faster on a CPU with
+    AVX512-BF16), else float32. Statistics are accumulated, and scales, clipping and the quantized weights
+    computed, in float32; GPTQModel and AutoAWQ run the whole model in 16-bit. float32 makes the search exact.
     """
-    if requested == "auto":
-        if device.type == "cuda":
-            fast = torch.cuda.is_bf16_supported()
-        else:
-            fast = torch.backends.mkldnn.is_available() and _cpu_has_fast_bf16()
-        return torch.bfloat16 if fast else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if requested not in dtypes:
-        raise ValueError(f"compute_dtype must be auto, float32 or bfloat16, got {requested!r}")
-    return dtypes[requested]
+    from lorakit.compute import resolve_compute_dtype
 
-
-def _cpu_has_fast_bf16() -> bool:
-    try:  # a private probe (AVX512-BF16 / AMX); a torch build without it gets the safe answer
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    if requested not in AWQ_COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(AWQ_COMPUTE_DTYPES)} for AWQ, got {requested!r}")
+    return resolve_compute_dtype(requested, "quantize", device)
 
 
 def _cast_floats(value, dtype: torch.dtype):

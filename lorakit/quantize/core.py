@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lorakit
+from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.errors import InputError
 from lorakit.runtime import resolve_device as runtime_resolve_device
 from lorakit.io.atomic import atomic_dir, check_output_free
@@ -24,6 +25,7 @@ from lorakit.models.folder import resolve_model_dir, shard_names, weights_digest
 from lorakit.quantize.calibration import build_calibration
 from lorakit.quantize.checks import check_method, check_model, resolve_group_size
 from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, write_quant_meta
+from lorakit.quantize.awq import AWQ_COMPUTE_DTYPES
 from lorakit.quantize.mixed import check_module_bits, gptq_dynamic, how_to_load, loaders
 
 HOW_TO_LOAD = ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed "
@@ -112,7 +114,7 @@ def quantize_model(
     strict_group_size: bool = False,
     awq_grid: int = 20,
     awq_clip: bool = True,
-    awq_compute_dtype: str = "auto",
+    compute_dtype: str = "auto",
     awq_scale_form: str = "duo",
     module_bits: dict[str, int] | None = None,
     force: bool = False,
@@ -127,7 +129,8 @@ def quantize_model(
     ``n_samples=None``: 128 blocks, or every block the data gives when fewer, with a warning).
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
     for GPTQ (GPTQModel ``dynamic``), fp16 for AWQ (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
-    for which loaders read each kind.
+    for which loaders read each kind. ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
+    it is fast); GPTQModel loads and runs the model in it, lorakit's AWQ runs its forwards and search matmuls in it.
     """
     started = time.perf_counter()
     output = Path(output)
@@ -136,8 +139,9 @@ def quantize_model(
         raise InputError(f"--awq-grid must be positive (got {awq_grid})")
     if awq_scale_form not in AWQ_SCALE_FORMS:
         raise InputError(f"--awq-scale-form must be one of {', '.join(AWQ_SCALE_FORMS)} (got {awq_scale_form!r})")
-    if awq_compute_dtype not in ("auto", "float32", "bfloat16"):
-        raise InputError(f"--awq-compute-dtype must be auto, float32 or bfloat16 (got {awq_compute_dtype!r})")
+    if method == "awq" and compute_dtype not in AWQ_COMPUTE_DTYPES:
+        raise InputError(f"--compute-dtype {compute_dtype} is not available for AWQ, whose search needs bfloat16's or "
+                         f"float32's range; use one of {', '.join(AWQ_COMPUTE_DTYPES)}")
     sym = (method == "gptq") if sym is None else bool(sym)
     if desc_act and method != "gptq":
         raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
@@ -149,6 +153,7 @@ def quantize_model(
     module_bits = check_module_bits(config, method, bits, module_bits)
     used_group, note = resolve_group_size(config, group_size, strict_group_size)
     device = resolve_device(device)
+    dtype = resolve_compute_dtype(compute_dtype, "quantize", device)
     notes: list[str] = []
     if note:
         notes.append(note)
@@ -175,7 +180,7 @@ def quantize_model(
 
             details = gptq_quantize(src, tmp, calibration.blocks, bits=bits, group_size=used_group, sym=sym,
                                     desc_act=desc_act, device=device, progress=progress,
-                                    dynamic=gptq_dynamic(module_bits))
+                                    dynamic=gptq_dynamic(module_bits), dtype=dtype)
             quality = {"module_loss": details.pop("module_loss")}
             method_params = details
             backend = {"name": "gptqmodel", "versions": backend_versions()}
@@ -185,7 +190,7 @@ def quantize_model(
             from lorakit.quantize.gptqmodel_backend import backend_versions
 
             p = AwqParams(bits=bits, group_size=used_group, sym=sym, n_grid=awq_grid, clip=awq_clip,
-                          compute_dtype=awq_compute_dtype, scale_forms=AWQ_SCALE_FORMS[awq_scale_form],
+                          compute_dtype=dtype_name(dtype), scale_forms=AWQ_SCALE_FORMS[awq_scale_form],
                           min_zero=1 if layout == "gptq-v1" and not sym else 0)
             quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress,
                                keep=tuple(sorted(module_bits)))
@@ -198,7 +203,7 @@ def quantize_model(
             params=QuantParams(method=method, bits=bits, group_size=used_group, group_size_requested=group_size,
                                sym=sym, desc_act=desc_act, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                device=device, layout=layout, method_params=method_params,
-                               module_bits=module_bits),
+                               module_bits=module_bits, compute_dtype=dtype_name(dtype)),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,

@@ -145,8 +145,15 @@ def backend_versions() -> dict[str, str]:
 
 
 def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits: int, group_size: int, sym: bool,
-                  desc_act: bool, device: str, progress: bool, dynamic: dict | None = None) -> dict[str, Any]:
-    """Quantize ``model_dir`` with GPTQ into ``out_dir``; returns the backend's settings and per-module losses."""
+                  desc_act: bool, device: str, progress: bool, dynamic: dict | None = None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Quantize ``model_dir`` with GPTQ into ``out_dir``; returns the backend's settings and per-module losses.
+
+    ``dtype`` is the dtype GPTQModel loads and runs the model in (lorakit.compute's resolved dtype). Without it,
+    GPTQModel 7.6 picks bfloat16 on every CPU (``gptqmodel.utils.model.auto_dtype``: "CPU + Torch Fused"), which
+    is many times slower than float32 on CPUs without bfloat16 units. Hessians are accumulated in float32 either
+    way.
+    """
     from lorakit.progress import activity, emit
 
     if not (ops_cache_dir() / "pack_block_cpu").exists() and progress:
@@ -157,25 +164,53 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
 
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, dynamic=dynamic)
         started = time.perf_counter()
-        model = GPTQModel.load(str(model_dir), qcfg, device=device)
+        model = GPTQModel.load(str(model_dir), qcfg, device=device, dtype=dtype)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
         with _layer_progress(model, progress):
             model.quantize(calib, batch_size=1)
         quantize_s = time.perf_counter() - started
         from lorakit.runtime import is_verbose
 
+        ran_in = str(getattr(model.model, "dtype", "unknown")).replace("torch.", "")
+        _store_unquantized_in(model.model, STORAGE_DTYPE)
         # save() prints the folder listing and whole config files with print(); lorakit_quant.json says it all
         with contextlib.nullcontext() if is_verbose() else contextlib.redirect_stdout(io.StringIO()):
             model.save(str(out_dir))
-    dtype = str(getattr(model.model, "dtype", "unknown")).replace("torch.", "")
     losses = _read_quant_log(out_dir / "quant_log.csv")
     return {
         "quantize_s": round(quantize_s, 3),
-        "compute_dtype": dtype,
+        "compute_dtype": ran_in,
+        "unquantized_storage_dtype": str(STORAGE_DTYPE).replace("torch.", ""),
         "damp_percent": getattr(qcfg, "damp_percent", None),
         "true_sequential": getattr(qcfg, "true_sequential", None),
         "module_loss": losses,
     }
+
+
+# The dtype of the tensors GPTQ leaves unquantized (embeddings, norms, an untied head) in the checkpoint. GPTQModel
+# saves them in the dtype it ran in; before the compute dtype was chosen per machine that was always bfloat16, and
+# it stays so: a float32 run (CPUs without fast bf16) must not double the embedding's size on disk.
+STORAGE_DTYPE = torch.bfloat16
+
+
+def _store_unquantized_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters of every module GPTQ did not quantize to ``dtype`` (scales and packed
+    weights of quantized layers are buffers in the GPTQ layout's own dtypes and stay as they are)."""
+    # After quantize() GPTQModel holds unquantized weights on the meta device and streams them from the source
+    # files at save time, cast to each parameter's dtype; so the Parameter objects are replaced (set_data cannot
+    # change a meta tensor's dtype), one replacement per shared Parameter so that tied weights stay tied.
+    replaced: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if hasattr(module, "qweight"):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_floating_point() and param.dtype != dtype:
+                if id(param) not in replaced:
+                    replaced[id(param)] = torch.nn.Parameter(param.data.to(dtype), requires_grad=param.requires_grad)
+                module._parameters[name] = replaced[id(param)]
+    for cfg in (getattr(model, "config", None),):
+        if cfg is not None:
+            cfg.dtype = dtype  # transformers 5 reads `dtype` (and writes it to config.json)
 
 
 def _read_quant_log(path: Path) -> dict[str, float]:

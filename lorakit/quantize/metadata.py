@@ -31,6 +31,7 @@ class QuantParams:
     layout: str  # "awq-gemm" or "gptq-v1"
     method_params: dict[str, Any] = field(default_factory=dict)
     module_bits: dict[str, int] = field(default_factory=dict)  # per-module precision overrides (mixed.py)
+    compute_dtype: str = ""  # the dtype the model ran in (lorakit.compute); "" in records from before it was kept
 
 
 @dataclass

@@ -129,6 +129,7 @@ def search_quantization(
     eval_max_tokens: int | None = None,
     seed: int = 0,
     device: str = "auto",
+    compute_dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
 ):
@@ -199,7 +200,8 @@ def search_quantization(
         folder = root / f"trial-{trial.index:02d}"
         t0 = time.perf_counter()
         try:
-            result = quantize_model(src, folder, calib=calib, device=device, progress=False, **params)
+            result = quantize_model(src, folder, calib=calib, device=device, compute_dtype=compute_dtype,
+                                    progress=False, **params)
         except InputError as exc:
             trial.error = str(exc)
             say(f"search: trial {trial.index} {_label(params)}: error: {exc}")
@@ -388,6 +390,7 @@ def quantize_to_target(
         space=configured_space(params),
         bounds=SearchBounds(max_trials=max_trials, time_budget_s=time_budget_s),
         seq_len=int(params.get("seq_len", 512)), seed=int(params.get("seed", 0)),
-        device=params.get("device", "auto"), force=bool(params.get("force", False)),
+        device=params.get("device", "auto"), compute_dtype=params.get("compute_dtype", "auto"),
+        force=bool(params.get("force", False)),
         progress=bool(params.get("progress", True)),
     )

@@ -24,6 +24,7 @@ import torch
 
 import lorakit
 from lorakit.adapters import TRAIN_META
+from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.data.formats import IGNORE_INDEX
 from lorakit.data.prep import read_prep
 from lorakit.data.splits import PREP_META
@@ -66,6 +67,7 @@ class TrainConfig:
     checkpoint_every: int | None = 50
     device: str = "auto"
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU (where it only costs time)
+    compute_dtype: str = "auto"  # lorakit.compute: auto = bfloat16 only where it is fast on this machine
 
     def validate(self) -> None:
         positive = {"r": self.r, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -87,10 +89,12 @@ class TrainConfig:
         if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
             raise InputError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
 
-    def fingerprint(self, prep_digest: str, base_digest: str) -> str:
-        """What a checkpoint must match to be resumed: everything that changes the computation."""
+    def fingerprint(self, prep_digest: str, base_digest: str, compute_dtype: str) -> str:
+        """What a checkpoint must match to be resumed: everything that changes the computation, including the
+        dtype ``auto`` resolved to (a checkpoint moved to a machine that resolves differently is not resumed)."""
         fields = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "min_loss_drop")}
-        blob = json.dumps({"config": fields, "prep": prep_digest, "base": base_digest}, sort_keys=True)
+        blob = json.dumps({"config": fields, "prep": prep_digest, "base": base_digest, "compute_dtype": compute_dtype},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -167,13 +171,61 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# Labelled positions per output-head chunk: 1024 x 49152 (SmolLM2's vocabulary) float32 logits are 200 MB.
+LOSS_CHUNK = 1024
+
+
+def _causal_lm_parts(model):
+    """(decoder, output head) of a (PEFT-wrapped) causal LM whose logits are exactly ``head(decoder(x))``;
+    None for models that post-process logits (soft-capping, scaling), which keep the plain path."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    try:
+        decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if decoder is None or head is None or decoder is inner:
+        return None
+    return decoder, head
+
+
+def _head_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
 def _batch_loss_sum(model, rows: Rows, idx: torch.Tensor, device: str) -> torch.Tensor:
-    """Sum of token cross-entropies of one microbatch (labels shifted as in causal LM training)."""
-    out = model(**model_inputs(rows, idx, device), use_cache=False)
-    logits = out.logits[:, :-1].float()
+    """Sum of token cross-entropies of one microbatch (labels shifted as in causal LM training).
+
+    The output head runs only on the hidden states of labelled positions, in chunks of :data:`LOSS_CHUNK` whose
+    logits are recomputed in the backward pass (activation checkpointing of the head alone), so
+    full-vocabulary logits never exist for every position at once: for 8 packed rows of 256 tokens of
+    SmolLM2-135M they were 8 x 256 x 49152 float32 values (403 MB) per copy, with their log-softmax and gradient
+    beside them. The sum is the same as cross-entropy over full logits with ``ignore_index`` (a test compares
+    both to a float64 reference).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    inputs = model_inputs(rows, idx, device)
     labels = rows.labels[idx][:, 1:].to(device)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=IGNORE_INDEX, reduction="sum")
+    parts = _causal_lm_parts(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    decoder, head = parts
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    keep = labels != IGNORE_INDEX
+    hidden, targets = hidden[keep], labels[keep]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.shape[0], LOSS_CHUNK):
+        h, t = hidden[start:start + LOSS_CHUNK], targets[start:start + LOSS_CHUNK]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_head_loss_sum, head, h, t, use_reentrant=False)
+        else:
+            total = total + _head_loss_sum(head, h, t)
+    return total
 
 
 def _label_count(rows: Rows, micro: list[torch.Tensor]) -> int:
@@ -225,6 +277,7 @@ def train_adapter(
     max_grad_norm: float = 1.0,
     min_loss_drop: float | None = 0.01,
     gradient_checkpointing: bool | None = None,
+    compute_dtype: str = "auto",
     keep_checkpoints: bool = False,
     on_step: Callable[[dict], None] | None = None,
     force: bool = False,
@@ -249,7 +302,7 @@ def train_adapter(
                       grad_accum=int(grad_accum), seed=int(seed), warmup_ratio=float(warmup_ratio),
                       weight_decay=float(weight_decay), max_grad_norm=float(max_grad_norm),
                       min_loss_drop=min_loss_drop, checkpoint_every=checkpoint_every, device=device,
-                      gradient_checkpointing=gradient_checkpointing)
+                      gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype)
     cfg.validate()
     check_output_free(output, force)
     prep = _check_prep(prep_dir)
@@ -266,8 +319,9 @@ def train_adapter(
     schedule = Schedule(len(rows), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = int(cfg.max_steps) if cfg.max_steps is not None else schedule.steps_for_epochs(cfg.epochs or 1)
     dev = pick_device(cfg.device)
+    dtype = dtype_name(resolve_compute_dtype(cfg.compute_dtype, "train", dev))
     base_digest = weights_digest(base_dir)
-    fingerprint = cfg.fingerprint(prep.data_digest, base_digest)
+    fingerprint = cfg.fingerprint(prep.data_digest, base_digest, dtype)
     root = checkpoint_root(output)
     ckpt = latest_checkpoint(root) if root.exists() else None
     if ckpt is not None and not resume and not force:
@@ -279,7 +333,7 @@ def train_adapter(
 
     loaded = load_for_training(base_dir, quant=cfg.quant, device=dev, r=cfg.r, alpha=cfg.alpha,
                                dropout=cfg.dropout, targets=targets, rslora=cfg.rslora, seed=cfg.seed,
-                               gradient_checkpointing=cfg.gradient_checkpointing)
+                               gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=dtype)
     model = loaded.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,9 +1,16 @@
 """Load the base for training (NF4 4-bit via bitsandbytes, or full precision), attach LoRA, and guard the CPU trap.
 
+The compute dtype (``bnb_4bit_compute_dtype`` for NF4, the weights' dtype for plain LoRA) comes from
+:func:`lorakit.compute.resolve_compute_dtype` for the train stage: bfloat16 only where it is fast. On a CPU
+without bfloat16 units one NF4 micro-batch of SmolLM2-135M took 67 s in bfloat16 and 4.5 s in float32.
+
 The trap (shared NOTES): on CPUs with AVX512-BF16, bitsandbytes repacks every 4-bit weight the first time a
 ``Linear4bit`` runs in eval mode on an input without grad. After that, training goes through a kernel without a
-correct backward and LoRA gradients are silently wrong. Training never evaluates before it trains, and
-:func:`assert_not_repacked` checks the flag before optimizer steps, so the failure is loud instead of silent.
+correct backward and LoRA gradients are silently wrong. Whether it repacks depends only on bitsandbytes' own
+CPUID check (``bitsandbytes.functional.has_avx512bf16``), not on the compute dtype and not on
+``ATEN_CPU_CAPABILITY``: it was measured to repack with float32 compute too, and under torch's AVX2 kernels (see
+tests/test_train.py). Training never evaluates before it trains, and :func:`assert_not_repacked` checks the flag
+before optimizer steps, so the failure is loud instead of silent.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lorakit.adapters import TIED_TARGETS
+from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.errors import InputError, LorakitError
 from lorakit.runtime import resolve_device
 
@@ -63,30 +71,29 @@ class LoadedModel:
 
 def load_for_training(base_dir: Path, *, quant: str, device: str, r: int, alpha: float, dropout: float,
                       targets: str | list[str], rslora: bool, seed: int,
-                      gradient_checkpointing: bool | None) -> LoadedModel:
+                      gradient_checkpointing: bool | None, compute_dtype: str = "auto") -> LoadedModel:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     if quant not in QUANT_MODES:
         raise InputError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
     on_cuda = device.startswith("cuda")
+    dtype = resolve_compute_dtype(compute_dtype, "train", device)
     gc = on_cuda if gradient_checkpointing is None else bool(gradient_checkpointing)
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
 
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
+                                 bnb_4bit_compute_dtype=dtype)
         model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb, device_map={"": device},
                                                      dtype=torch.float32)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-        compute = "bfloat16"
     else:
-        dtype = torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
         if gc:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
-        compute = str(dtype).removeprefix("torch.")
+    compute = dtype_name(dtype)
     model.config.use_cache = False
     torch.manual_seed(seed)  # LoRA A init
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora,
