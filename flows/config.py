@@ -49,6 +49,7 @@ class DatasetConfig(_Section):
     max_length: int = Field(512, gt=0)
     pack: bool = True
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out test split for the final scorecard only.")
     seed: int = 0
 
     _safe_name = field_validator("name")(check_name)
