@@ -188,12 +188,16 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 @click.option("--check", "checks", multiple=True, metavar="NAME=DATA[:MAX]",
               help="Extra check, repeatable: a task's validation data (prep folder or text) with its own threshold "
                    "(default: --max-degradation).")
-@click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting).")
+@click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting): a "
+              "text/.jsonl file or prep folder, or \"default\" for the general-English text shipped with lorakit "
+              "(ten public-domain State of the Union addresses, ~60k words).")
 @click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
+@click.option("--max-kl", type=float, help="Largest accepted mean KL(p_baseline || p_candidate) per token, in nats, "
+              "on every check (default: none — KL and top-1 agreement are reported, not judged).")
 @click.option("-o", "--output", type=click.Path(), help="Write gate.json, gate.md and gate.png into this new folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, dtype,
-         quiet, max_degradation, checks, general_text, general_max_degradation, output, force):
+         quiet, max_degradation, checks, general_text, general_max_degradation, max_kl, output, force):
     """Accept or reject CANDIDATE: its perplexity may be at most --max-degradation worse than BASELINE's.
 
     \b
@@ -201,6 +205,12 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     `lorakit eval` on one token stream (tokenized with the baseline's tokenizer; a candidate with another
     tokenizer is refused). A check passes when degradation <= its threshold (the boundary passes); the gate
     passes when every check passes: --data, each --check, and --general-text.
+
+    \b
+    The same forward passes also compare the two models' next-token distributions on every scored token:
+    KL(p_baseline || p_candidate) in nats (mean and p99) and top-1 agreement (share of tokens where both
+    predict the same next token), reported for every check; with --max-kl a check whose mean KL is above it
+    fails too. Both models are held in memory together.
 
     \b
     Exit codes (for CI and schedulers):
@@ -212,7 +222,7 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     Examples:
       lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ -o gate-out
       lorakit gate --baseline default --candidate m/ --data prep/ --check math=prep-math:0.08 \\
-                   --general-text wiki.txt --general-max-degradation 0.1
+                   --general-text default --general-max-degradation 0.1 --max-kl 0.05
     """
     from lorakit.gate import CheckSpec, check
     from lorakit.gate.report import render_text
@@ -220,12 +230,17 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     _start(quiet)
     split = split or "val"
     extra = [CheckSpec(n, d, m, "task", split) for n, d, m in (_parse_check(c, max_degradation) for c in checks)]
+    if general_text == "default":
+        from lorakit.data.general import general_text_path
+
+        general_text = str(general_text_path())
     if general_text is not None:
         gmax = max_degradation if general_max_degradation is None else general_max_degradation
         extra.append(CheckSpec("general", general_text, gmax, "general", split))
     elif general_max_degradation is not None:
         raise InputError("--general-max-degradation needs --general-text")
-    verdict = check(baseline, candidate, data, max_degradation=max_degradation, extra_checks=extra, output=output,
+    verdict = check(baseline, candidate, data, max_degradation=max_degradation, max_kl=max_kl, extra_checks=extra,
+                    output=output,
                     base=base, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
                     split=split, quant_path=quant_path, device=device, dtype=dtype, force=force, progress=not quiet)
     if quiet:
