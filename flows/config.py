@@ -123,6 +123,8 @@ class GateConfig(_Section):
     seq_len: int = Field(512, gt=0)
     stride: int | None = Field(None, gt=0, description="Window stride; default = seq_len (non-overlapping).")
     max_tokens: int | None = Field(None, gt=0, description="Evaluate at most this many tokens per data set.")
+    max_kl: float | None = Field(None, ge=0, description="Largest accepted mean KL(p_merged || p_quantized) per "
+                                 "token (nats); null = KL and top-1 agreement are reported, not judged.")
 
 
 class RegistryConfig(_Section):
