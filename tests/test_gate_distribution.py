@@ -138,6 +138,7 @@ def test_general_corpus_builder_is_pinned_to_the_wheel():
 def test_smollm2_perplexity_on_the_general_corpus_is_sane(real_base):
     from lorakit.data.general import general_text_path
 
-    r = perplexity(None, general_text_path(), progress=False)
+    # The first 8192 tokens (the 1962 address) keep the test short; bench/scorecard.py measures the whole corpus.
+    r = perplexity(None, general_text_path(), max_tokens=8192, progress=False)
     print(f"\nSmolLM2-135M on the general corpus: ppl {r.ppl:.3f} over {r.tokens} tokens, {r.wall_s:.1f} s")
     assert 10.0 <= r.ppl <= 30.0  # NOTES: ordinary English paragraphs measure ~15-21 on this model

@@ -159,6 +159,8 @@ def test_model_with_another_tokenizer_is_one_clear_error_and_nothing_written(tin
     prepare_dataset(["bundled:number-words"], tmp_path / "p", base=tiny_base, progress=False)
     with pytest.raises(InputError, match="different tokenizer"):
         task_accuracies([tiny_base, other], tmp_path / "p", progress=False)
+    with pytest.raises(InputError, match="prepared with"):  # one model, but not the data's tokenizer
+        task_accuracy(other, tmp_path / "p", progress=False)
     out = tmp_path / "answers.json"
     start = time.perf_counter()
     proc = run_cli("eval", str(tiny_base), str(other), "--data", str(tmp_path / "p"), "--tasks", "--json", str(out))

@@ -51,6 +51,7 @@ class TaskExamples:
     records: list[dict]  # {"text", "prompt_end", "reference"} per example, in split order
     skipped: str | None = None  # why this data cannot be scored (text format: no answers)
     prep_tokenizer_dir: str | None = None
+    _prep_digest: str | None = field(default=None, repr=False)  # cached by check_prep_tokenizer
 
 
 @dataclass
@@ -132,15 +133,16 @@ def read_task_examples(data: str | os.PathLike[str], split: str | None = None,
 
 def check_prep_tokenizer(examples: TaskExamples, tokenizer, who: str) -> None:
     """Refuse a model whose tokenizer differs from the one the data was rendered with (when it can be loaded)."""
-    if not examples.prep_tokenizer_dir or not Path(examples.prep_tokenizer_dir).is_dir():
-        return  # prepared on another machine: the models are still checked against each other
-    from transformers import AutoTokenizer
+    if examples._prep_digest is None:
+        if not examples.prep_tokenizer_dir or not Path(examples.prep_tokenizer_dir).is_dir():
+            return  # prepared on another machine: the models are still checked against each other
+        from transformers import AutoTokenizer
 
-    try:
-        prep_tok = AutoTokenizer.from_pretrained(examples.prep_tokenizer_dir)
-    except Exception:  # an unloadable recorded tokenizer is not this model's fault; nothing to compare with
-        return
-    if tokenizer_digest(prep_tok) != tokenizer_digest(tokenizer):
+        try:
+            examples._prep_digest = tokenizer_digest(AutoTokenizer.from_pretrained(examples.prep_tokenizer_dir))
+        except Exception:  # an unloadable recorded tokenizer is not this model's fault; nothing to compare with
+            return
+    if examples._prep_digest != tokenizer_digest(tokenizer):
         raise InputError(f"{who} has a different tokenizer than the one {examples.data} was prepared with "
                          f"({examples.prep_tokenizer_dir}); its prompts would be other tokens — evaluate models "
                          "derived from that base, or re-run `lorakit prep --base` with this model")

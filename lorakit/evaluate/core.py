@@ -166,7 +166,7 @@ def score_windows_pair(baseline, candidate, ids: torch.Tensor, windows: list[Win
     forward pass.
     """
     cand_dev = device if candidate_device is None else candidate_device
-    sums, n_scored, seconds = [0.0, 0.0], 0, [0.0, 0.0]
+    sums, n_scored, seconds, kl_sum = [0.0, 0.0], 0, [0.0, 0.0], 0.0
     kls, agree = [], []
     bar = tqdm(total=sum(w.length for w in windows), unit="tok", desc=desc, disable=not progress, leave=False)
     try:
@@ -184,10 +184,11 @@ def score_windows_pair(baseline, candidate, ids: torch.Tensor, windows: list[Win
             kl, same = _kl_rows(*logits)
             kls.append(kl)
             agree.append(same.reshape(-1))
+            kl_sum += float(kl.sum())
             n_scored += targets.numel()
             bar.update(sum(w.length for w in group))
             bar.set_postfix_str(f"ppl {math.exp(sums[0] / n_scored):.3f} / {math.exp(sums[1] / n_scored):.3f}, "
-                                f"KL {float(torch.cat(kls).mean()):.4f}")
+                                f"KL {kl_sum / n_scored:.4f}")
     finally:
         bar.close()
     kl_all, agree_all = torch.cat(kls), torch.cat(agree)
