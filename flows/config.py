@@ -49,6 +49,7 @@ class DatasetConfig(_Section):
     max_length: int = Field(512, gt=0)
     pack: bool = True
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="Held-out test split for the final scorecard only.")
     seed: int = 0
 
     _safe_name = field_validator("name")(check_name)
@@ -125,6 +126,8 @@ class GateConfig(_Section):
     seq_len: int = Field(512, gt=0)
     stride: int | None = Field(None, gt=0, description="Window stride; default = seq_len (non-overlapping).")
     max_tokens: int | None = Field(None, gt=0, description="Evaluate at most this many tokens per data set.")
+    max_kl: float | None = Field(None, ge=0, description="Largest accepted mean KL(p_merged || p_quantized) per "
+                                 "token (nats); null = KL and top-1 agreement are reported, not judged.")
 
 
 class ExportConfig(_Section):

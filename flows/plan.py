@@ -101,6 +101,8 @@ class ReleasePlan:
         g = self.config.gate
         params = {"max_degradation": g.max_degradation, "seq_len": g.seq_len, "stride": g.stride or g.seq_len,
                   "max_tokens": g.max_tokens, "dtype": self.config.compute_dtype}
+        if g.max_kl is not None:  # only when set, so caches of gates run before the option existed stay valid
+            params["max_kl"] = g.max_kl
         first, *others = [ds.name for ds in self.config.datasets]
         extra = [{"name": n, "data": preps[n], "max_degradation": g.max_degradation, "kind": "task", "split": "val"}
                  for n in others]

@@ -57,7 +57,7 @@ def tok(tiny_base):
 
 def test_instruction_jsonl_masks_prompt(tiny_base, tmp_path, tok):
     src = write_jsonl(tmp_path / "inst.jsonl", INSTRUCTIONS)
-    res = prepare_dataset([src], tmp_path / "p", base=tiny_base, val_fraction=0.2, progress=False)
+    res = prepare_dataset([src], tmp_path / "p", base=tiny_base, val_fraction=0.2, test_fraction=0.0, progress=False)
     assert res.format == "instruction" and res.metadata["format_detected"]
     labelled = _labelled_texts(tmp_path / "p", tok)
     # Only the assistant turn (answer + end-of-turn) carries loss; no prompt word ever does.
@@ -78,7 +78,7 @@ def test_chat_csv_masks_every_assistant_turn(tiny_base, tmp_path, tok):
         w.writerow(["messages"])
         for c in CHATS:
             w.writerow([json.dumps(c["messages"])])
-    res = prepare_dataset([path], tmp_path / "p", base=tiny_base, val_fraction=0.0, progress=False)
+    res = prepare_dataset([path], tmp_path / "p", base=tiny_base, val_fraction=0.0, test_fraction=0.0, progress=False)
     assert res.format == "chat"
     labelled = _labelled_texts(tmp_path / "p", tok)
     assert len(labelled) == 2 * len(CHATS)
@@ -92,7 +92,7 @@ def test_text_formats_train_on_everything(tiny_base, tmp_path, tok):
     pq.write_table(pa.Table.from_pylist(TEXTS), tmp_path / "t.parquet")
     (tmp_path / "t.txt").write_text("First paragraph\nstill first.\n\nSecond paragraph.\n\n\nThird.\n")
     res = prepare_dataset([tmp_path / "t.parquet", tmp_path / "t.txt"], tmp_path / "p", base=tiny_base,
-                          val_fraction=0.0, pack=False, progress=False)
+                          val_fraction=0.0, test_fraction=0.0, pack=False, progress=False)
     assert res.format == "text" and res.counts["train"].examples == len(TEXTS) + 3
     rows = load_rows(tmp_path / "p")
     n = rows.attention_mask.sum(1)
@@ -114,21 +114,22 @@ def test_split_is_deterministic_and_seeded(tiny_base, tmp_path):
     c = prepare_dataset([src], tmp_path / "c", base=tiny_base, seed=4, progress=False).metadata
     assert a["files"] == b["files"] and a["data_digest"] == b["data_digest"]
     assert read_texts(tmp_path / "a", "val") != read_texts(tmp_path / "c", "val")
-    assert set(read_texts(tmp_path / "c", "val")) | set(read_texts(tmp_path / "c", "train")) == \
-        set(read_texts(tmp_path / "a", "val")) | set(read_texts(tmp_path / "a", "train"))
+    every = lambda p: [t for s in ("train", "val", "test") for t in read_texts(p, s)]  # noqa: E731
+    assert sorted(every(tmp_path / "c")) == sorted(every(tmp_path / "a"))
     assert c["data_digest"] != a["data_digest"]
 
 
 def test_long_examples_truncated_and_counted_or_dropped(tiny_base, tmp_path):
     records = INSTRUCTIONS[:10] + [{"instruction": "Long " * 60, "output": "x"}, {"instruction": "Hi", "output": "y" * 300}]
     src = write_jsonl(tmp_path / "long.jsonl", records)
-    res = prepare_dataset([src], tmp_path / "t", base=tiny_base, max_length=128, val_fraction=0.0, progress=False)
+    res = prepare_dataset([src], tmp_path / "t", base=tiny_base, max_length=128, val_fraction=0.0, test_fraction=0.0,
+                          progress=False)
     c = res.counts["train"]
     assert c.truncated == 2 and c.no_loss_tokens == 1 and c.examples == 12
     assert any("truncated" in w and "long.jsonl:1" in w for w in res.warnings)
     assert load_rows(tmp_path / "t").input_ids.shape[1] == 128
-    res = prepare_dataset([src], tmp_path / "d", base=tiny_base, max_length=128, val_fraction=0.0, drop_long=True,
-                          progress=False)
+    res = prepare_dataset([src], tmp_path / "d", base=tiny_base, max_length=128, val_fraction=0.0, test_fraction=0.0,
+                          drop_long=True, progress=False)
     assert res.counts["train"].dropped_long == 2 and res.counts["train"].examples == 10
 
 
@@ -232,3 +233,56 @@ def test_cli_prep(tiny_base, tmp_path):
     proc = run_cli("prep", str(bad), "-o", str(tmp_path / "x"), "--base", str(tiny_base))
     assert proc.returncode == 2 and "bad.jsonl:1: invalid JSON" in proc.stderr
     assert_nothing_written(tmp_path / "x")
+
+
+# --- test split (issue 12) -------------------------------------------------------------------------------------
+
+def test_test_split_is_seeded_disjoint_by_input_and_recorded(tiny_base, tmp_path):
+    from lorakit.data.splits import pick_report_split, read_records
+
+    # 20 distinct inputs, each asked twice with different answers: duplicates of one input must share a split.
+    records = INSTRUCTIONS + [{**r, "output": r["output"] + " again"} for r in INSTRUCTIONS]
+    src = write_jsonl(tmp_path / "dup.jsonl", records)
+    res = prepare_dataset([src], tmp_path / "p", base=tiny_base, val_fraction=0.2, test_fraction=0.1, seed=5,
+                          progress=False)
+    assert res.metadata["test_fraction"] == 0.1 and read_prep(tmp_path / "p").test_fraction == 0.1
+    assert (res.counts["train"].examples, res.counts["val"].examples, res.counts["test"].examples) == (28, 8, 4)
+    prompts = {s: {r["text"][: r["prompt_end"]] for r in read_records(tmp_path / "p", s)} for s in ("train", "val", "test")}
+    assert len(prompts["test"]) == 2 and len(prompts["val"]) == 4
+    assert not (prompts["train"] & prompts["val"] or prompts["train"] & prompts["test"] or prompts["val"] & prompts["test"])
+    for rec in read_records(tmp_path / "p", "test"):
+        assert rec["text"][rec["prompt_end"]:].startswith(rec["reference"]) and rec["reference"].startswith("colour ")
+    assert pick_report_split(tmp_path / "p") == ("test", None)
+    # The same inputs and seed: the same test split; test_fraction 0 keeps the pre-test-split val split.
+    again = prepare_dataset([src], tmp_path / "q", base=tiny_base, val_fraction=0.2, test_fraction=0.1, seed=5,
+                            progress=False)
+    assert again.metadata["data_digest"] == res.metadata["data_digest"]
+    old = prepare_dataset([src], tmp_path / "o", base=tiny_base, val_fraction=0.2, test_fraction=0.0, seed=5,
+                          progress=False)
+    assert read_texts(tmp_path / "o", "val") == read_texts(tmp_path / "p", "val")
+    split, note = pick_report_split(tmp_path / "o")
+    assert split == "val" and "no test split" in note and any("test split is empty" in w for w in old.warnings)
+
+
+def test_prep_folder_from_before_the_test_split_reads_and_reports_val(tiny_base, tmp_path):
+    """A folder written by an older lorakit (no test files, no test_fraction in prep.json) still works."""
+    from lorakit.data.splits import pick_report_split
+
+    src = write_jsonl(tmp_path / "i.jsonl", INSTRUCTIONS)
+    prepare_dataset([src], tmp_path / "p", base=tiny_base, progress=False)
+    meta = json.loads((tmp_path / "p" / "prep.json").read_text())
+    del meta["test_fraction"], meta["counts"]["test"]
+    (tmp_path / "p" / "prep.json").write_text(json.dumps(meta))
+    for name in ("test.parquet", "test.texts.jsonl"):
+        (tmp_path / "p" / name).unlink()
+    assert read_prep(tmp_path / "p").test_fraction == 0.0
+    split, note = pick_report_split(tmp_path / "p")
+    assert split == "val" and "reporting the val split" in note
+
+
+@pytest.mark.parametrize("val,test", [(0.5, 0.5), (0.2, 1.0), (0.1, -0.1)])
+def test_bad_split_fractions_refused(tiny_base, tmp_path, val, test):
+    src = write_jsonl(tmp_path / "i.jsonl", INSTRUCTIONS)
+    with pytest.raises(InputError, match="fraction"):
+        prepare_dataset([src], tmp_path / "out", base=tiny_base, val_fraction=val, test_fraction=test, progress=False)
+    assert_nothing_written(tmp_path / "out")

@@ -397,3 +397,15 @@ def test_gptq_dequantization_follows_g_idx_act_order():
                         checkpoint_format="gptq_v2")
     gi = g_idx.long()
     assert torch.equal(w, ((q - z[gi]).float() * s.float()[gi]).t())
+
+
+def test_task_accuracy_runs_on_a_gptq_folder_via_the_dequantized_path(tiny_gptq, tiny_base, tmp_path):
+    """GPTQ folders answer through the same exact dequantized model the perplexity uses on CPU."""
+    from lorakit.data.prep import prepare_dataset
+    from lorakit.evaluate import task_accuracies
+
+    prep = prepare_dataset(["bundled:number-words"], tmp_path / "p", base=tiny_base, progress=False).output
+    quant, dense = task_accuracies([tiny_gptq, tiny_base], prep, max_examples=6, progress=False)
+    assert quant.model["path_used"] == "gptq-dequantized" and quant.n_examples == 6 and quant.split == "test"
+    assert quant.model["kind"] == "gptq" and dense.model["path_used"] == "dense"
+    assert all(p.prompt_tokens == q.prompt_tokens for p, q in zip(quant.predictions, dense.predictions))

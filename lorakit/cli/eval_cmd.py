@@ -31,8 +31,9 @@ def _apply_method_options(f, stage: str):
         click.option("--data", required=True, type=click.Path(),
                      help="A prepared-data folder (its --split is used), a .jsonl of {\"text\": ...} lines, or a "
                           "plain text file (one document)."),
-        click.option("--split", default="val", show_default=True, type=click.Choice(["val", "train"]),
-                     help="Split of a prepared-data folder."),
+        click.option("--split", type=click.Choice(["val", "train", "test"]),
+                     help="Split of a prepared-data folder (default: val; eval --tasks: test, or val when the folder "
+                          "has none, which the output then says)."),
         click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per window."),
         click.option("--stride", type=int, help="Tokens between window starts (default: --seq-len, non-overlapping). "
                      "With stride < seq-len each window scores only its new tokens."),
@@ -59,8 +60,16 @@ def _apply_method_options(f, stage: str):
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @click.option("--kernel-check", type=int, metavar="N", help="For GPTQ/AWQ on the dequantized path: also score the "
               "first N tokens with the int4 kernels and report the relative difference (slow on CPU).")
+@click.option("--tasks", is_flag=True, help="Task accuracy instead of perplexity: greedy answers to the prompts of a "
+              "prepared-data folder (instruction/chat), scored by exact match and token F1; --json keeps every "
+              "prediction.")
+@click.option("--margin", type=int, default=8, show_default=True,
+              help="--tasks: new tokens allowed beyond the reference answer's length.")
+@click.option("--max-examples", type=int, help="--tasks: score only the first N examples of the split.")
+@click.option("--case-insensitive", is_flag=True, help="--tasks: exact match and F1 ignore case.")
+@click.option("--strip-punctuation", is_flag=True, help="--tasks: exact match and F1 ignore punctuation.")
 def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, compute_dtype, quiet,
-          json_out, force, kernel_check):
+          json_out, force, kernel_check, tasks, margin, max_examples, case_insensitive, strip_punctuation):
     """Perplexity of one or more models on the same text, with one fixed method.
 
     \b
@@ -75,9 +84,18 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
     seq-len, stride, token count, dtype and the load path used are recorded with every result.
 
     \b
+    With --tasks, each model instead answers the prompts of a prepared-data folder's test split (val when it
+    has none, said in the output) greedily; each prompt is the example as training rendered it, up to its
+    answer (the last assistant turn of a chat). Answers are scored against the reference: exact match after
+    whitespace normalisation (--case-insensitive, --strip-punctuation) and token-level F1. Text-format data has
+    no answers and is skipped with a message. Decoding: greedy, left-padded batches of --batch-size, KV cache,
+    at most reference length + --margin new tokens, stopping at EOS or end of turn.
+
+    \b
     Examples:
       lorakit eval default --data notes.txt
       lorakit eval base/ merged/ quantized-gptq/ --data prep/ --seq-len 256 --stride 128 --json ppl.json
+      lorakit eval default adapters/reverse/ merged-gptq/ --data prep/reverse --tasks --json answers.json
     """
     from pathlib import Path
 
@@ -89,9 +107,14 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
         if Path(json_out).is_dir():
             raise InputError(f"--json {json_out} is a folder; pass a file path")
         check_output_free(Path(json_out), force)
+    if tasks:
+        _eval_tasks(list(models), data, split=split, base=base, batch_size=batch_size, margin=margin,
+                    max_examples=max_examples, case_insensitive=case_insensitive, strip_punctuation=strip_punctuation,
+                    quant_path=quant_path, device=device, dtype=compute_dtype, quiet=quiet, json_out=json_out)
+        return
     results = evaluate_models(list(models), data, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                              batch_size=batch_size, base=base, split=split, quant_path=quant_path, device=device,
-                              dtype=compute_dtype, progress=not quiet, kernel_check_tokens=kernel_check)
+                              batch_size=batch_size, base=base, split=split or "val", quant_path=quant_path,
+                              device=device, dtype=compute_dtype, progress=not quiet, kernel_check_tokens=kernel_check)
     method = results[0].method
     if not quiet:
         click.echo(f"method: seq_len {method['seq_len']}, stride {method['stride']}, {method['dtype']}, "
@@ -108,6 +131,32 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
         import lorakit
 
         write_json(json_out, {"lorakit": lorakit.__version__, "method": method, "compute_dtype": method["dtype"],
+                              "results": [r.to_dict() for r in results]})
+
+
+def _eval_tasks(models, data, *, quiet, json_out, **kwargs) -> None:
+    """``eval --tasks``: task accuracy of every model on one split; the JSON holds every prediction."""
+    from lorakit.evaluate import task_accuracies
+    from lorakit.io.atomic import write_json
+
+    results = task_accuracies(models, data, progress=not quiet, **kwargs)
+    first = results[0]
+    if first.split_note:
+        click.secho(f"note: {first.split_note}", fg="yellow", err=True)
+    if first.skipped:
+        click.echo(f"skipped: {first.data}: {first.skipped}")
+    else:
+        if not quiet:
+            d = first.decoding
+            click.echo(f"tasks: {first.data} split {first.split}, {first.n_examples} examples ({first.format}); greedy, "
+                       f"max new tokens = reference + {d['margin']}, stop ids {d['stop_token_ids']}, {d['dtype']}")
+        for r in results:
+            click.echo(f"exact {r.exact_match:7.2%}  F1 {r.f1:.3f}  {r.model['folder']}  "
+                       f"[{r.model['path_used']}, {r.examples_per_s:.2f} ex/s]")
+    if json_out is not None:
+        import lorakit
+
+        write_json(json_out, {"lorakit": lorakit.__version__, "kind": "task_accuracy",
                               "results": [r.to_dict() for r in results]})
 
 
@@ -134,12 +183,16 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 @click.option("--check", "checks", multiple=True, metavar="NAME=DATA[:MAX]",
               help="Extra check, repeatable: a task's validation data (prep folder or text) with its own threshold "
                    "(default: --max-degradation).")
-@click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting).")
+@click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting): a "
+              "text/.jsonl file or prep folder, or \"default\" for the general-English text shipped with lorakit "
+              "(ten public-domain State of the Union addresses, ~50k words).")
 @click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
+@click.option("--max-kl", type=float, help="Largest accepted mean KL(p_baseline || p_candidate) per token, in nats, "
+              "on every check (default: none — KL and top-1 agreement are reported, not judged).")
 @click.option("-o", "--output", type=click.Path(), help="Write gate.json, gate.md and gate.png into this new folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
-def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, compute_dtype,
-         quiet, max_degradation, checks, general_text, general_max_degradation, output, force):
+def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device,
+         compute_dtype, quiet, max_degradation, checks, general_text, general_max_degradation, max_kl, output, force):
     """Accept or reject CANDIDATE: its perplexity may be at most --max-degradation worse than BASELINE's.
 
     \b
@@ -147,6 +200,12 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     `lorakit eval` on one token stream (tokenized with the baseline's tokenizer; a candidate with another
     tokenizer is refused). A check passes when degradation <= its threshold (the boundary passes); the gate
     passes when every check passes: --data, each --check, and --general-text.
+
+    \b
+    The same forward passes also compare the two models' next-token distributions on every scored token:
+    KL(p_baseline || p_candidate) in nats (mean and p99) and top-1 agreement (share of tokens where both
+    predict the same next token), reported for every check; with --max-kl a check whose mean KL is above it
+    fails too. Both models are held in memory together.
 
     \b
     Exit codes (for CI and schedulers):
@@ -158,19 +217,25 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     Examples:
       lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ -o gate-out
       lorakit gate --baseline default --candidate m/ --data prep/ --check math=prep-math:0.08 \\
-                   --general-text wiki.txt --general-max-degradation 0.1
+                   --general-text default --general-max-degradation 0.1 --max-kl 0.05
     """
     from lorakit.gate import CheckSpec, check
     from lorakit.gate.report import render_text
 
     _start(quiet)
+    split = split or "val"
     extra = [CheckSpec(n, d, m, "task", split) for n, d, m in (_parse_check(c, max_degradation) for c in checks)]
+    if general_text == "default":
+        from lorakit.data.general import general_text_path
+
+        general_text = str(general_text_path())
     if general_text is not None:
         gmax = max_degradation if general_max_degradation is None else general_max_degradation
         extra.append(CheckSpec("general", general_text, gmax, "general", split))
     elif general_max_degradation is not None:
         raise InputError("--general-max-degradation needs --general-text")
-    verdict = check(baseline, candidate, data, max_degradation=max_degradation, extra_checks=extra, output=output,
+    verdict = check(baseline, candidate, data, max_degradation=max_degradation, max_kl=max_kl, extra_checks=extra,
+                    output=output,
                     base=base, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
                     split=split, quant_path=quant_path, device=device, dtype=compute_dtype, force=force,
                     progress=not quiet)

@@ -17,12 +17,15 @@ import click
 @click.option("--pack/--no-pack", default=True, show_default=True,
               help="Pack several examples per row (no attention across them) or pad one example per row.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True,
-              help="Share of examples held out as the validation split (used by the gate and calibration).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/validation split.")
+              help="Share of example inputs held out as the validation split (read by the gate and any search).")
+@click.option("--test-fraction", type=float, default=0.1, show_default=True,
+              help="Share of example inputs held out as the test split, which only the final scorecard reads "
+                   "(0: none; reports then fall back to val and say so).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/validation/test split.")
 @click.option("--drop-long", is_flag=True, help="Leave out examples longer than --max-length instead of truncating.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
-def prep(data, output, fmt, base, max_length, pack, val_fraction, seed, drop_long, force, quiet):
+def prep(data, output, fmt, base, max_length, pack, val_fraction, test_fraction, seed, drop_long, force, quiet):
     """Prepare task data for training: render, tokenize, mask prompts, split, pack.
 
     \b
@@ -36,8 +39,12 @@ def prep(data, output, fmt, base, max_length, pack, val_fraction, seed, drop_lon
       chat         'messages' [{role, content}, ...] via the tokenizer's chat template; loss on assistant turns
 
     \b
-    Output folder: train/val .parquet (input_ids, labels with -100 on prompts, position_ids per document),
-    train/val .texts.jsonl (the rendered examples), prep.json (sources + sha256, tokenizer id + digest, counts:
+    Splits are disjoint by example input (duplicates of one prompt share a split). Training and calibration
+    read train, the gate and searches read val, the final scorecard reports test.
+
+    \b
+    Output folder: train/val/test .parquet (input_ids, labels with -100 on prompts, position_ids per document),
+    train/val/test .texts.jsonl (the rendered examples, with prompt end and reference answer), prep.json (sources + sha256, tokenizer id + digest, counts:
     examples, tokens, padding fraction, truncated/dropped examples).
 
     \b
@@ -56,7 +63,7 @@ def prep(data, output, fmt, base, max_length, pack, val_fraction, seed, drop_lon
 
         progress.configure(console=False)
     result = prepare_dataset(list(data), output, format=fmt, base=base, max_length=max_length, pack=pack,
-                             val_fraction=val_fraction, seed=seed, drop_long=drop_long, force=force,
+                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, drop_long=drop_long, force=force,
                              progress=not quiet)
     for warning in result.warnings:
         click.secho(f"warning: {warning}", fg="yellow", err=True)

@@ -33,6 +33,17 @@ class Rendered:
     text: str
     loss_spans: list[tuple[int, int]]
     origin: str
+    reference: str | None = None  # the last assistant turn's content: what task accuracy compares a generation with
+
+    @property
+    def prompt_end(self) -> int | None:
+        """Character offset where the reference answer starts (everything before it is the prompt); None for text."""
+        return self.loss_spans[-1][0] if self.reference is not None else None
+
+    @property
+    def input_key(self) -> str:
+        """What makes two examples "the same input" for splitting: the prompt (or the whole text for text data)."""
+        return self.text if self.prompt_end is None else self.text[: self.prompt_end]
 
 
 @dataclass
@@ -42,6 +53,7 @@ class Tokenized:
     text: str
     origin: str
     truncated: bool
+    rendered: Rendered | None = None
 
 
 def _first_key(fields: dict[str, Any], keys: tuple[str, ...]) -> str | None:
@@ -117,7 +129,8 @@ def render_chat(tokenizer, messages: Any, origin: str) -> Rendered:
                 "is not a prefix of the full text), so the response tokens cannot be located; use a standard template"
             )
         spans.append((len(prompt), len(upto)))
-    return Rendered(full, spans, origin)
+    last = next(m for m in reversed(messages) if m["role"] == "assistant")
+    return Rendered(full, spans, origin, reference=last["content"])
 
 
 def instruction_messages(record: RawRecord) -> list[dict]:
@@ -142,7 +155,7 @@ def render_record(record: RawRecord, fmt: str, tokenizer) -> Rendered:
     prompt = f"{ALPACA_PROMPT}### Instruction:\n{user}\n\n### Response:\n"
     eos = tokenizer.eos_token or ""
     text = prompt + answer + eos
-    return Rendered(text, [(len(prompt), len(text))], record.origin)
+    return Rendered(text, [(len(prompt), len(text))], record.origin, reference=answer)
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -165,4 +178,17 @@ def tokenize_rendered(rendered: Rendered, fmt: str, tokenizer, max_length: int) 
             inside = any(s <= start and end <= e and end > start for s, e in rendered.loss_spans)
             labels.append(tok if inside else IGNORE_INDEX)
     truncated = len(ids) > max_length
-    return Tokenized(ids[:max_length], labels[:max_length], rendered.text, rendered.origin, truncated)
+    return Tokenized(ids[:max_length], labels[:max_length], rendered.text, rendered.origin, truncated, rendered)
+
+
+def prompt_token_ids(text: str, prompt_end: int, tokenizer) -> list[int]:
+    """The prompt of a rendered example as training saw it: the ids of ``text`` before its first answer token.
+
+    ``text`` is tokenized whole, exactly as :func:`tokenize_rendered` does for training, and cut before the first
+    token that lies inside the answer span ``[prompt_end, len(text))`` — so a BPE merge across the boundary gives
+    the same prompt ids here as there.
+    """
+    tok = tokenize_rendered(Rendered(text, [(prompt_end, len(text))], "", reference=""), "chat", tokenizer,
+                            max_length=10**9)
+    first = next((i for i, label in enumerate(tok.labels) if label != IGNORE_INDEX), len(tok.labels))
+    return tok.input_ids[:first]

@@ -1,10 +1,13 @@
 """``prepare_dataset``: raw data files -> a prepared-data folder that training, calibration and the gate read.
 
-The folder holds, per split (``train``, ``val``): ``<split>.parquet`` (fixed-length rows of ``input_ids``,
+The folder holds, per split (``train``, ``val``, ``test``): ``<split>.parquet`` (fixed-length rows of ``input_ids``,
 ``labels``, ``position_ids`` and, for padded rows, ``attention_mask``) and ``<split>.texts.jsonl`` (the rendered
 text of every example, see :mod:`lorakit.data.splits`), plus ``prep.json`` saying how it was made. The split is
-made on examples, before packing, with a seeded permutation, so the same inputs and seed always give the same
-folder (byte for byte, except the timing fields of prep.json).
+made on examples, before packing, with a seeded permutation of the distinct example *inputs* (the rendered prompt;
+the whole text for text data), so two examples with the same input never land in different splits, and the same
+inputs and seed always give the same folder (byte for byte, except the timing fields of prep.json). ``val`` takes
+the first ``val_fraction`` of the permutation and ``test`` the next ``test_fraction`` (with ``test_fraction=0`` the
+split is the one lorakit made before it had a test split).
 """
 
 from __future__ import annotations
@@ -71,6 +74,7 @@ class PrepRecord:
     files: dict[str, str]
     wall_time_s: float
     versions: dict[str, str]
+    test_fraction: float = 0.0  # folders made before the test split existed read back as 0 (no test split)
     lorakit_version: str = lorakit.__version__
     stage: str = "prep"
 
@@ -114,22 +118,41 @@ def _choose_format(sources: list[Source], fmt: str) -> tuple[str, bool]:
     return next(iter(found.values())), True
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    order = list(range(n))
+def _held_out(n: int, fraction: float) -> int:
+    k = round(n * fraction)
+    return 1 if fraction > 0 and k == 0 else k
+
+
+def _split(keys: list[str], val_fraction: float, test_fraction: float, seed: int) -> tuple[list[int], ...]:
+    """(train, val, test) example indices; examples with the same ``keys`` (input) always share a split.
+
+    The seeded permutation is over distinct inputs in first-seen order, so data without duplicate inputs splits
+    exactly (same examples, same order) as the permutation of examples lorakit used before the test split.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    members = list(groups.values())
+    order = list(range(len(members)))
     random.Random(seed).shuffle(order)
-    n_val = round(n * val_fraction)
-    if val_fraction > 0 and n_val == 0:
-        n_val = 1
-    if n - n_val < 1:
-        raise InputError(f"only {n} example(s): --val-fraction {val_fraction} leaves none for training; add data")
-    return order[n_val:], order[:n_val]
+    n_val, n_test = _held_out(len(order), val_fraction), _held_out(len(order), test_fraction)
+    if len(order) - n_val - n_test < 1:
+        raise InputError(f"only {len(order)} distinct example input(s): --val-fraction {val_fraction} and "
+                         f"--test-fraction {test_fraction} leave none for training; add data or lower them")
+    pick = lambda part: [i for g in part for i in members[g]]  # noqa: E731 - in permutation order, as before
+    return pick(order[n_val + n_test:]), pick(order[:n_val]), pick(order[n_val:n_val + n_test])
 
 
-def _check_params(max_length: int, val_fraction: float) -> None:
+def _check_params(max_length: int, val_fraction: float, test_fraction: float = 0.0) -> None:
     if int(max_length) < 8:
         raise InputError(f"--max-length must be at least 8 tokens, got {max_length}")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise InputError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if float(val_fraction) + float(test_fraction) >= 1.0:
+        raise InputError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction} must stay below 1 so "
+                         "that examples remain for training")
 
 
 def _write_rows(path: Path, rows: list[Row], pack: bool) -> None:
@@ -148,10 +171,16 @@ def _write_rows(path: Path, rows: list[Row], pack: bool) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
-def _write_texts(path: Path, texts: list[str]) -> None:
+def _write_texts(path: Path, examples: list[Tokenized]) -> None:
+    """One JSON line per example: its rendered text and, for instruction/chat data, where the answer starts
+    (``prompt_end``, a character offset into ``text``) and the answer itself (``reference``) for task accuracy."""
     with open(path, "w", encoding="utf-8") as fh:
-        for text in texts:
-            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        for ex in examples:
+            line: dict[str, Any] = {"text": ex.text}
+            if ex.rendered is not None and ex.rendered.prompt_end is not None:
+                line["prompt_end"] = ex.rendered.prompt_end
+                line["reference"] = ex.rendered.reference
+            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def prepare_dataset(
@@ -163,6 +192,7 @@ def prepare_dataset(
     max_length: int = 512,
     pack: bool = True,
     val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
     seed: int = 0,
     drop_long: bool = False,
     force: bool = False,
@@ -177,7 +207,7 @@ def prepare_dataset(
     output = Path(output)
     if not sources:
         raise InputError("no data given; pass one or more data files (or bundled:reverse-words)")
-    _check_params(max_length, val_fraction)
+    _check_params(max_length, val_fraction, test_fraction)
     check_output_free(output, force)
     loaded = [load_source(s) for s in sources]
     fmt, detected = _choose_format(loaded, format)
@@ -197,11 +227,11 @@ def prepare_dataset(
     bar = progress_bar(records, desc="tokenizing", unit="ex", disable=not progress)
     examples: list[Tokenized] = [tokenize_rendered(render_record(r, fmt, tok), fmt, tok, max_length) for r in bar]
     warnings: list[str] = []
-    train_idx, val_idx = _split(len(examples), val_fraction, seed)
+    split_idx = _split([ex.rendered.input_key for ex in examples], val_fraction, test_fraction, seed)
 
     split_examples: dict[str, list[Tokenized]] = {}
     counts: dict[str, SplitCounts] = {}
-    for split, idx in zip(SPLITS, (train_idx, val_idx)):
+    for split, idx in zip(SPLITS, split_idx):
         c = SplitCounts()
         kept: list[Tokenized] = []
         for i in idx:
@@ -244,11 +274,14 @@ def prepare_dataset(
         raise InputError("no training example has any response token within --max-length; raise --max-length")
     if not split_examples["val"]:
         warnings.append("the validation split is empty (--val-fraction 0); the perplexity gate and calibration need one")
+    if not split_examples["test"]:
+        warnings.append("the test split is empty (--test-fraction 0); final reports fall back to the val split, "
+                        "which the gate also sees")
 
     with atomic_dir(output, force=force) as tmp:
         for split in SPLITS:
             _write_rows(rows_path(tmp, split), rows[split], pack)
-            _write_texts(split_texts_path(tmp, split), [ex.text for ex in split_examples[split]])
+            _write_texts(split_texts_path(tmp, split), split_examples[split])
         files = file_manifest(tmp)
         record = PrepRecord(
             sources=[{"name": s.name, "path": str(s.path.resolve()) if s.path else None, "kind": s.kind,
@@ -257,7 +290,7 @@ def prepare_dataset(
             tokenizer={"id": tok_info.id, "digest": tok_info.digest, "model_dir": str(tok_info.model_dir),
                        "pad_token_id": pad_id, "has_chat_template": has_chat_template(tok)},
             template=template, max_length=int(max_length), pack=bool(pack), row_length=int(row_length),
-            val_fraction=float(val_fraction), seed=int(seed), drop_long=bool(drop_long), counts=counts,
+            val_fraction=float(val_fraction), test_fraction=float(test_fraction), seed=int(seed), drop_long=bool(drop_long), counts=counts,
             warnings=warnings, data_digest=manifest_digest(files, "prep-data"), files=files,
             wall_time_s=round(time.perf_counter() - started, 3), versions=_versions(),
         )

@@ -74,6 +74,16 @@ def check_tokenizer_matches(tokens: EvalTokens, digest: str, who: str) -> None:
         )
 
 
+def _window_logits(model, inputs: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits at the scored positions of a batch of equal windows (``keep - 1`` of them; the last one is unused)."""
+    return model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1, :]
+
+
+def _window_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL, in float32 as perplexity has always computed it (so numbers stay comparable across versions)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+
+
 @torch.inference_mode()
 def score_windows(model, ids: torch.Tensor, windows: list[Window], *, batch_size: int, device: torch.device,
                   progress: bool = True, desc: str = "perplexity") -> tuple[float, int, float]:
@@ -91,17 +101,100 @@ def score_windows(model, ids: torch.Tensor, windows: list[Window], *, batch_size
         for group in groups:
             first = group[0]
             inputs = torch.stack([ids[w.begin:w.end] for w in group]).to(device)
-            keep = first.n_scored + 1  # the logits at positions score_from-1 .. end-1 (the last one is unused)
-            logits = model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1, :]
+            logits = _window_logits(model, inputs, first.n_scored + 1)
             targets = inputs[:, first.score_from - first.begin:]
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-            nll_sum += float(nll.to(torch.float64).sum())
+            nll_sum += float(_window_nll(logits, targets).to(torch.float64).sum())
             n_scored += targets.numel()
             bar.update(sum(w.length for w in group))
             bar.set_postfix_str(f"ppl {math.exp(nll_sum / n_scored):.3f}")  # the bar itself shows tok/s and ETA
     finally:
         bar.close()
     return nll_sum, n_scored, time.perf_counter() - start
+
+
+@dataclass
+class DistributionStats:
+    """How far a candidate's next-token distributions are from the baseline's, over the scored tokens.
+
+    ``kl_*``: KL(p_baseline ‖ p_candidate) per scored token, in nats (0 for identical models); ``p99`` is the
+    linear-interpolation 99th percentile (``torch.quantile``). ``top1_agreement``: share of tokens where both
+    models' most likely next token is the same. Computed from the same logits as the two perplexities.
+    """
+
+    tokens: int
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float
+    definition: str = "KL(p_baseline || p_candidate) in nats per scored token; top-1 = argmax agreement"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PairScores:
+    """What one pass of two models over the same windows yields: each model's NLL sum and time, and their KL."""
+
+    baseline_nll: float
+    candidate_nll: float
+    n_scored: int
+    baseline_s: float
+    candidate_s: float
+    distribution: DistributionStats
+
+
+def _kl_rows(base_logits: torch.Tensor, cand_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(p_b ‖ p_c) (float64) and top-1 agreement, one sequence at a time to bound memory."""
+    kls, agree = [], []
+    for b, c in zip(base_logits, cand_logits):
+        lb, lc = F.log_softmax(b.float(), dim=-1), F.log_softmax(c.float(), dim=-1)
+        kls.append((lb.exp() * (lb - lc)).sum(-1).to(torch.float64))
+        agree.append(b.argmax(-1) == c.argmax(-1))
+    return torch.cat(kls), torch.cat(agree)
+
+
+@torch.inference_mode()
+def score_windows_pair(baseline, candidate, ids: torch.Tensor, windows: list[Window], *, batch_size: int,
+                       device: torch.device, candidate_device: torch.device | None = None, progress: bool = True,
+                       desc: str = "perplexity") -> PairScores:
+    """Baseline and candidate over the same windows in one pass: both NLL sums and KL/top-1 from the same logits.
+
+    Each model sees exactly the batches :func:`score_windows` would feed it and its NLL is computed by the same
+    code, so both perplexities are the numbers separate runs give; the distribution check costs no extra
+    forward pass.
+    """
+    cand_dev = device if candidate_device is None else candidate_device
+    sums, n_scored, seconds, kl_sum = [0.0, 0.0], 0, [0.0, 0.0], 0.0
+    kls, agree = [], []
+    bar = tqdm(total=sum(w.length for w in windows), unit="tok", desc=desc, disable=not progress, leave=False)
+    try:
+        for group in batches(windows, batch_size):
+            first = group[0]
+            inputs = torch.stack([ids[w.begin:w.end] for w in group])
+            targets = inputs[:, first.score_from - first.begin:]
+            logits = []
+            for k, (model, dev) in enumerate(((baseline, device), (candidate, cand_dev))):
+                t0 = time.perf_counter()
+                out = _window_logits(model, inputs.to(dev), first.n_scored + 1)
+                sums[k] += float(_window_nll(out, targets.to(dev)).to(torch.float64).sum())
+                seconds[k] += time.perf_counter() - t0
+                logits.append(out.to("cpu") if dev.type != "cpu" else out)
+            kl, same = _kl_rows(*logits)
+            kls.append(kl)
+            agree.append(same.reshape(-1))
+            kl_sum += float(kl.sum())
+            n_scored += targets.numel()
+            bar.update(sum(w.length for w in group))
+            bar.set_postfix_str(f"ppl {math.exp(sums[0] / n_scored):.3f} / {math.exp(sums[1] / n_scored):.3f}, "
+                                f"KL {kl_sum / n_scored:.4f}")
+    finally:
+        bar.close()
+    kl_all, agree_all = torch.cat(kls), torch.cat(agree)
+    stats = DistributionStats(tokens=int(kl_all.numel()), kl_mean=float(kl_all.mean()),
+                              kl_p99=float(torch.quantile(kl_all, 0.99)), kl_max=float(kl_all.max()),
+                              top1_agreement=float(agree_all.double().mean()))
+    return PairScores(sums[0], sums[1], n_scored, seconds[0], seconds[1], stats)
 
 
 def prepare_tokens(data, tokenizer, *, max_tokens: int | None, split: str = "val") -> EvalTokens:
@@ -153,16 +246,23 @@ def perplexity(
     nll_sum, n_scored, seconds = score_windows(loaded.model, tokens.ids, windows, batch_size=batch_size,
                                                device=loaded.device, progress=progress,
                                                desc=f"ppl {Path(spec.folder).name}")
-    fed = sum(w.length for w in windows)
-    mean = nll_sum / n_scored
     extra = {}
     if kernel_check_tokens and loaded.path_used.endswith("-dequantized"):
         extra["kernel_check"] = kernel_check(loaded, tokens, int(kernel_check_tokens), seq_len, batch_size)
+    return perplexity_result(loaded, tokens, windows, nll_sum, n_scored, seconds, seq_len=seq_len, stride=stride,
+                             batch_size=batch_size, extra=extra)
+
+
+def perplexity_result(loaded: EvalModel, tokens: EvalTokens, windows: list[Window], nll_sum: float, n_scored: int,
+                      seconds: float, *, seq_len: int, stride: int, batch_size: int,
+                      extra: dict[str, Any] | None = None) -> PerplexityResult:
+    """The :class:`PerplexityResult` of an NLL sum measured on ``windows`` of ``tokens``."""
+    mean = nll_sum / n_scored
     return PerplexityResult(
         ppl=math.exp(mean), nll_sum=nll_sum, tokens=n_scored, mean_nll=mean,
         method=method_of(tokens, seq_len, stride, loaded.dtype, windows), path_used=loaded.path_used,
         model=loaded.describe(), batch_size=int(batch_size), n_windows=len(windows), wall_s=round(seconds, 4),
-        tokens_per_s=fed / max(seconds, 1e-9), extra=extra,
+        tokens_per_s=sum(w.length for w in windows) / max(seconds, 1e-9), extra=extra or {},
     )
 
 

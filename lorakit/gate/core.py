@@ -5,6 +5,11 @@ method on the same token stream (tokenized once with the baseline's tokenizer). 
 degradation ≤ its threshold; the verdict passes when every check passes. Extra checks (each task's own
 validation split, a general-text set) carry their own thresholds and are all reported.
 
+Both models are loaded together and every window goes through both in turn, so the same logits give both
+perplexities (identical to separate runs) *and* the distribution check: per-token KL(p_baseline ‖ p_candidate)
+(mean, p99, max) and top-1 agreement, without a second pass over the data. ``max_kl`` (None = report only) fails
+a check whose mean KL exceeds it. Holding both models costs the memory of two models.
+
 Order of work is chosen so that bad input fails in seconds and writes nothing: thresholds, output path,
 tokenizers, data length are all checked before any weights are loaded.
 """
@@ -19,13 +24,14 @@ from pathlib import Path
 
 import lorakit
 from lorakit.errors import InputError
-from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, PerplexityResult, perplexity
+from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, perplexity_result, score_windows_pair
 from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
 from lorakit.evaluate.windows import check_window_params, plan_windows
 from lorakit.gate.report import render_markdown, render_png
 from lorakit.gate.verdict import (  # noqa: F401  (read_verdict and the constants: re-exported by lorakit.gate)
-    CHECK_KINDS, DEFAULT_MAX_DEGRADATION, GATE_JSON, GATE_MD, GATE_PNG, CheckResult, CheckSpec, Verdict, read_verdict,
+    BOUNDARY_TOLERANCE, CHECK_KINDS, DEFAULT_MAX_DEGRADATION, GATE_JSON, GATE_MD, GATE_PNG, CheckResult, CheckSpec,
+    Verdict, read_verdict,
 )
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.io.digests import folder_digest
@@ -33,9 +39,6 @@ from lorakit.io.digests import folder_digest
 
 def degradation_of(baseline_ppl: float, candidate_ppl: float) -> float:
     return candidate_ppl / baseline_ppl - 1.0
-
-
-BOUNDARY_TOLERANCE = 1e-12
 
 
 def judge(baseline_ppl: float, candidate_ppl: float, max_degradation: float) -> tuple[float, bool]:
@@ -68,6 +71,7 @@ def check(
     data: str | os.PathLike[str] | list[str],
     *,
     max_degradation: float = DEFAULT_MAX_DEGRADATION,
+    max_kl: float | None = None,
     extra_checks: list[CheckSpec] | tuple[CheckSpec, ...] = (),
     output: str | os.PathLike[str] | None = None,
     base: str | os.PathLike[str] | None = None,
@@ -91,6 +95,8 @@ def check(
     start = time.perf_counter()
     stride = seq_len if stride is None else stride
     check_window_params(seq_len, stride)
+    if max_kl is not None:
+        max_kl = _check_threshold(max_kl, "max KL")
     specs = [CheckSpec("primary", data, _check_threshold(max_degradation, "primary"), "primary", split)]
     for spec in extra_checks:
         if spec.kind not in CHECK_KINDS[1:]:
@@ -126,26 +132,32 @@ def check(
             raise InputError(f"check {spec.name!r}: {exc}") from None
         streams[spec.name] = tokens
 
-    common = dict(seq_len=seq_len, stride=stride, batch_size=batch_size, progress=progress)
-    results: dict[str, dict[str, PerplexityResult]] = {"baseline": {}, "candidate": {}}
-    models: dict[str, dict] = {}
-    for role, spec_, tok in (("baseline", base_spec, base_tok), ("candidate", cand_spec, cand_tok)):
-        loaded = load_eval_model(spec_, quant_path=quant_path, device=device, dtype=compute_dtype, tokenizer=tok,
-                                 stage="gate")
-        models[role] = {**loaded.describe(), "digest": _model_digest(spec_)}
-        for spec in specs:
-            results[role][spec.name] = perplexity(loaded, streams[spec.name], **common)
-        del loaded
-        gc.collect()
-
+    loaded = {role: load_eval_model(spec_, quant_path=quant_path, device=device, dtype=compute_dtype, tokenizer=tok,
+                                    stage="gate")
+              for role, spec_, tok in (("baseline", base_spec, base_tok), ("candidate", cand_spec, cand_tok))}
+    models = {role: {**m.describe(), "digest": _model_digest(m.spec)} for role, m in loaded.items()}
     checks: list[CheckResult] = []
     for spec in specs:
-        b, c = results["baseline"][spec.name], results["candidate"][spec.name]
+        tokens = streams[spec.name]
+        windows = plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
+        pair = score_windows_pair(loaded["baseline"].model, loaded["candidate"].model, tokens.ids, windows,
+                                  batch_size=batch_size, device=loaded["baseline"].device,
+                                  candidate_device=loaded["candidate"].device, progress=progress,
+                                  desc=f"gate {spec.name}")
+        common = dict(seq_len=seq_len, stride=stride, batch_size=batch_size)
+        b = perplexity_result(loaded["baseline"], tokens, windows, pair.baseline_nll, pair.n_scored, pair.baseline_s,
+                              **common)
+        c = perplexity_result(loaded["candidate"], tokens, windows, pair.candidate_nll, pair.n_scored,
+                              pair.candidate_s, **common)
         if b.method != c.method:  # same stream and params by construction; a mismatch is a lorakit bug
             raise RuntimeError(f"check {spec.name}: baseline and candidate were measured with different methods")
         d, ok = judge(b.ppl, c.ppl, spec.max_degradation)
+        kl_ok = max_kl is None or pair.distribution.kl_mean <= max_kl + BOUNDARY_TOLERANCE
         checks.append(CheckResult(spec.name, spec.kind, _data_label(spec.data), spec.max_degradation, b.ppl, c.ppl,
-                                  d, ok, b.tokens, b.method, b.to_dict(), c.to_dict()))
+                                  d, ok and kl_ok, b.tokens, b.method, b.to_dict(), c.to_dict(),
+                                  distribution=pair.distribution.to_dict(), max_kl=max_kl))
+    del loaded
+    gc.collect()
 
     verdict = Verdict(
         passed=all(c.passed for c in checks), degradation=checks[0].degradation,
@@ -153,7 +165,7 @@ def check(
         candidate=models["candidate"],
         params={"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
                 "split": split, "quant_path": quant_path, "device": device, "dtype": dtype,
-                "compute_dtype": compute_dtype,
+                "compute_dtype": compute_dtype, "max_kl": max_kl,
                 "rule": "degradation = ppl(candidate)/ppl(baseline) - 1; a check passes when degradation <= threshold",
                 "boundary_tolerance": BOUNDARY_TOLERANCE},
         versions=_versions(), wall_s=round(time.perf_counter() - start, 3),

@@ -8,11 +8,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorakit.gate.verdict import Verdict
+from lorakit.gate.verdict import BOUNDARY_TOLERANCE, Verdict
 
 
 def _pct(x: float) -> str:
     return f"{x * 100:+.2f}%"
+
+
+def _kl(c) -> str:
+    """Mean / p99 KL and top-1 agreement of a check, or "-" for a verdict written before they were measured."""
+    d = c.distribution
+    return f"{d['kl_mean']:.4f} / {d['kl_p99']:.4f}  {d['top1_agreement']:6.1%}" if d else "-"
+
+
+def _why(c) -> str:
+    reasons = []
+    if c.degradation > c.max_degradation + BOUNDARY_TOLERANCE:
+        reasons.append("perplexity")
+    if c.max_kl is not None and c.distribution and c.distribution["kl_mean"] > c.max_kl + BOUNDARY_TOLERANCE:
+        reasons.append("KL")
+    return f"{c.name} ({', '.join(reasons) or 'failed'})"
 
 
 def render_text(verdict: Verdict) -> str:
@@ -23,12 +38,17 @@ def render_text(verdict: Verdict) -> str:
         f"candidate {verdict.candidate['folder']}  [{verdict.candidate['path_used']}]",
         f"method    seq_len {m['seq_len']}, stride {m['stride']}, {m['dtype']}, token-level mean NLL",
         "",
-        f"{'check':<16} {'tokens':>8} {'baseline':>10} {'candidate':>10} {'degr.':>9} {'max':>8}  result",
+        f"{'check':<16} {'tokens':>8} {'baseline':>10} {'candidate':>10} {'degr.':>9} {'max':>8}  result  "
+        f"{'KL mean / p99':>17} {'top-1':>6}",
     ]
     for c in verdict.checks:
         lines.append(f"{c.name:<16} {c.tokens:>8} {c.baseline_ppl:>10.4f} {c.candidate_ppl:>10.4f} "
-                     f"{_pct(c.degradation):>9} {_pct(c.max_degradation):>8}  {'pass' if c.passed else 'FAIL'}")
-    failed = [c.name for c in verdict.checks if not c.passed]
+                     f"{_pct(c.degradation):>9} {_pct(c.max_degradation):>8}  {'pass' if c.passed else 'FAIL':<6}  "
+                     f"{_kl(c):>24}")
+    failed = [_why(c) for c in verdict.checks if not c.passed]
+    max_kl = verdict.checks[0].max_kl
+    lines.append(f"KL = KL(p_baseline || p_candidate), nats per token; max mean KL: "
+                 f"{'none (reported only)' if max_kl is None else max_kl}")
     lines.append("")
     lines.append("PASSED: candidate accepted" if verdict.passed else f"REJECTED: {', '.join(failed)} over threshold")
     return "\n".join(lines)
@@ -46,12 +66,18 @@ def render_markdown(verdict: Verdict) -> str:
         f"- method: {m['name']}; seq_len {m['seq_len']}, stride {m['stride']}, dtype {m['dtype']}; "
         f"documents joined with EOS; tokenizer `{m['tokenizer_digest'][:12]}`",
         "",
-        "| check | kind | tokens | baseline ppl | candidate ppl | degradation | threshold | result |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        f"- distribution: KL(p_baseline ‖ p_candidate) per token in nats (mean / p99) and top-1 agreement, from "
+        f"the same forward passes; max mean KL: {'none (reported only)' if verdict.checks[0].max_kl is None else verdict.checks[0].max_kl}",
+        "",
+        "| check | kind | tokens | baseline ppl | candidate ppl | degradation | threshold | KL mean / p99 | top-1 | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in verdict.checks:
+        d = c.distribution
+        kl = f"{d['kl_mean']:.4f} / {d['kl_p99']:.4f} | {d['top1_agreement']:.1%}" if d else "- | -"
         lines.append(f"| {c.name} | {c.kind} | {c.tokens} | {c.baseline_ppl:.4f} | {c.candidate_ppl:.4f} | "
-                     f"{_pct(c.degradation)} | {_pct(c.max_degradation)} | {'pass' if c.passed else '**FAIL**'} |")
+                     f"{_pct(c.degradation)} | {_pct(c.max_degradation)} | {kl} | "
+                     f"{'pass' if c.passed else '**FAIL**'} |")
     lines += ["", "![baseline vs candidate perplexity per check](gate.png)", ""]
     return "\n".join(lines)
 

@@ -19,6 +19,9 @@ GATE_MD = "gate.md"
 GATE_PNG = "gate.png"
 DEFAULT_MAX_DEGRADATION = 0.05
 CHECK_KINDS = ("primary", "task", "general")
+# A candidate exactly at a threshold computes as e.g. 0.05000000000000004; differences below this count as the
+# boundary (far below any perplexity's precision), so the boundary passes.
+BOUNDARY_TOLERANCE = 1e-12
 
 
 @dataclass
@@ -46,6 +49,8 @@ class CheckResult:
     method: dict[str, Any]
     baseline: dict[str, Any]  # PerplexityResult.to_dict()
     candidate: dict[str, Any]
+    distribution: dict[str, Any] = field(default_factory=dict)  # DistributionStats.to_dict(); {} in old gate.json
+    max_kl: float | None = None  # threshold on distribution["kl_mean"]; None = reported, not judged
 
 
 @dataclass
