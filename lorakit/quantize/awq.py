@@ -1,7 +1,8 @@
 """AWQ (activation-aware weight quantization) in plain torch: per-channel scales found on calibration data.
 
-Why not the backend: GPTQModel's AWQ takes about 26 minutes on one CPU core for a 135M model; this takes 78 s
-at a better perplexity (bench/README.md). The method itself is cheap: for each group of linears that share an
+Why not the backend: GPTQModel's AWQ took 1541 s on one CPU core for SmolLM2-135M, this 78 s
+(bench/results/quantize.json ``runs``; ``awq_speed`` holds the like-for-like comparison: both scored by
+``lorakit eval`` in float32, lorakit timed on its float32 and bfloat16 paths with the CPU's flags). The method itself is cheap: for each group of linears that share an
 input, AWQ multiplies the input channels of their weights by a scale s (and divides the preceding op by s, which
 leaves the fp model unchanged), so the channels that carry large activations lose less to rounding. The groups
 of a Llama block:
