@@ -320,6 +320,31 @@ def reeval(names: str) -> None:
         finalize(results)
 
 
+def awq_summary(results: dict) -> str:
+    """The AWQ head to head for bench/README.md, in words, from ``awq_speed`` only."""
+    a = results.get("awq_speed", {})
+    lines = []
+    for path, e in a.get("paths", {}).items():
+        if "lorakit_s_median" not in e:
+            lines.append(f"lorakit AWQ, {path} path: {e['status']}.")
+            continue
+        cpu = e.get("cpu") or {}
+        runs = e.get("lorakit_s_runs") or [e["lorakit_s_median"]]
+        ppl = e.get("lorakit_ppl_fp32")
+        rel = f" ({e['lorakit_vs_fp32_model']:+.1%} over the fp32 model's {a['fp32_model_ppl']})" if "lorakit_vs_fp32_model" in e else ""
+        speed = f", {e['speedup_vs_gptqmodel']}x GPTQModel's AWQ of the same invocation" if "speedup_vs_gptqmodel" in e else ""
+        lines.append(f"lorakit AWQ, {path} path (`--awq-compute-dtype {path}`, ran as {e.get('awq_compute_dtype')}): "
+                     f"{e['lorakit_s_median']} s (median of {len(runs)}; load {e.get('loadavg_1m_at_start')}) on "
+                     f"{cpu.get('model', '?')} [{' '.join(cpu.get('flags', []))}], ppl {ppl}{rel}{speed}.")
+    g = a.get("gptqmodel", {})
+    if "quantize_s" in g:
+        quality = f"ppl {g['ppl_fp32']}" if g.get("ppl_fp32") is not None else g["status"]
+        lines.append(f"GPTQModel AWQ: {g['quantize_s']} s ({g.get('invocation')}); {quality}.")
+    else:
+        lines.append(f"GPTQModel AWQ: {g.get('status')}.")
+    return "\n".join(f"- {line}" for line in lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--one")
@@ -331,7 +356,8 @@ def main() -> None:
     parser.add_argument("--awq-repeats", type=int, default=AWQ_REPEATS, help="lorakit AWQ runs per compute path")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads(RESULTS.read_text())))
+        results = json.loads(RESULTS.read_text())
+        print(table(results) + "\n\n" + awq_summary(results))
         return
     if args.rerun:
         results = json.loads(RESULTS.read_text())
