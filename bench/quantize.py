@@ -354,6 +354,8 @@ def main() -> None:
     parser.add_argument("--reeval", metavar="NAME,...", help="re-score kept outputs ($BENCH_WORK/NAME; 'fp32' = the "
                         "fp32 model) with lorakit eval in float32, without quantizing again; 'all' = every kept one")
     parser.add_argument("--awq-repeats", type=int, default=AWQ_REPEATS, help="lorakit AWQ runs per compute path")
+    parser.add_argument("--gptqmodel-timeout", type=int, default=6000, help="seconds for GPTQModel's AWQ run (about "
+                        "1550 s on an idle 2-core machine; give a loaded one 2-3x)")
     args = parser.parse_args()
     if args.table:
         results = json.loads(RESULTS.read_text())
@@ -436,7 +438,7 @@ def main() -> None:
             record(f"lorakit-awq-4b-g64-asym-{path}", awq, repeats=args.awq_repeats)
     if "awq-gptqmodel" in parts:
         record("gptqmodel-awq-4b-g64-asym", {"kind": "gptqmodel-awq", "params": {"bits": 4, "group_size": 64, "sym": False}},
-               timeout=6000)
+               timeout=args.gptqmodel_timeout)
     finalize(results)
 
     # In priority order. Group size 128 is not swept: it does not divide SmolLM2's 576 (lorakit refuses it with
