@@ -22,8 +22,10 @@ not run keep their earlier entries, each of which records when and under what lo
 * Outputs stay under ``$BENCH_WORK`` (default /tmp/lorakit-bench-quantize): ``--reeval NAME,...`` re-scores
   kept outputs with ``lorakit eval`` without quantizing again.
 
-Re-measure the GPTQModel side (quantize + fp32 eval, ~30 min idle):
-    LORAKIT_THREADS=1 python bench/quantize.py --parts awq-gptqmodel
+Re-measure the head to head in one invocation (so ``awq_speed`` can state a speed ratio). From the recorded
+idle-machine times: GPTQModel's AWQ ~1550 s, lorakit's 3 x (~145 s float32 + ~80 s bfloat16), about a minute of
+scoring per model (7 models): ~45 minutes idle; on a loaded machine 2-3x, so raise ``--gptqmodel-timeout``:
+    LORAKIT_THREADS=1 python bench/quantize.py --parts awq,awq-gptqmodel
 """
 
 
@@ -269,6 +271,8 @@ def awq_speed(runs: dict) -> dict:
         out["gptqmodel"] = gq
     else:
         out["gptqmodel"] = {"status": "not measured; run: python bench/quantize.py --parts awq-gptqmodel"}
+    scored = [r["eval_fp32"].get("token_digest") for r in runs.values() if (r.get("eval_fp32") or {}).get("ppl")]
+    out["same_token_stream"] = len(set(scored)) <= 1  # every eval_fp32 scored the same tokens
     return out
 
 
