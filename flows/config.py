@@ -72,7 +72,8 @@ class LoraConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     epochs: int | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    # Effective batch 8 as 2 x 4: a batch of 8 packed rows made SmolLM2-135M training on CPU peak at ~19 GB RSS.
+    # Effective batch 8 as 2 x 4: a batch of 8 packed rows in one step made SmolLM2-135M training on CPU peak at
+    # many GB of RSS (not recorded in bench/results); micro-batches of 2 keep it low.
     batch_size: int = Field(2, gt=0)
     grad_accum: int = Field(4, gt=0)
     seed: int = 0

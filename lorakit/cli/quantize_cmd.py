@@ -37,7 +37,8 @@ from lorakit.cli.options import device_option
               "paper's), both = let the output error pick per group (twice the search time). See bench/README.md.")
 @click.option("--awq-compute-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto",
               show_default=True, help="awq: dtype of the calibration forwards and the search's matmuls. auto = "
-              "bfloat16 where the CPU/GPU has fast bfloat16 units (about 2x faster), else float32 (exact search).")
+              "bfloat16 where the CPU/GPU has fast bfloat16 units (1.8x faster on SmolLM2-135M on an AVX512-BF16 CPU), "
+              "else float32 (exact search).")
 @click.option("--module-bits", multiple=True, metavar="MODULE=BITS",
               help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=8 (gptq: 8, via GPTQModel "
                    "`dynamic`; NOT loadable by plain transformers) or =16 (awq: kept in fp16, still loadable). Repeatable.")

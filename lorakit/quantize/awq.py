@@ -171,7 +171,7 @@ def search_scale(weights: list[torch.Tensor], stats: InputStats, p: AwqParams, d
     lorakit's) and "activation" s = x̄^α (the AWQ paper's). Neither wins everywhere on SmolLM2-135M's held-out
     perplexity (4-bit g64: duo 9.151 vs activation 9.263; g32: activation 8.733 vs duo 8.901), and letting the
     output error pick the form per group did not beat the better one (g64: 9.216), so the form is the user's
-    choice (``--awq-scale-form``; bench/README.md has the measurements).
+    choice (``--awq-scale-form``; bench/results/quantize.json ``awq_development_runs``).
     """
     gram = stats.mean_gram().to(dtype)
     x_mean = stats.mean_abs()
@@ -260,8 +260,9 @@ _CLIPPED = ("v", "o", "gate", "up", "down")
 def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The dtype of the calibration forwards and of the search's large matmuls (Gram matrices, candidate errors).
 
-    Why bfloat16 by default: those matmuls are most of AWQ's time, and bfloat16 runs them about 2.4x faster than
-    float32 on CPUs with AVX512-BF16/AMX (measured on this project's CI machine) and on CUDA GPUs from Ampere on.
+    Why bfloat16 by default: those matmuls are most of AWQ's time, and on a CPU with AVX512-BF16 bfloat16 made
+    the whole SmolLM2-135M run 1.8x faster (145 s -> 80 s, bench/results/quantize.json ``awq_development_runs``);
+    CUDA GPUs from Ampere on have fast bfloat16 too.
     Statistics are accumulated, and scales, clipping and the quantized weights computed, in float32; GPTQModel and
     AutoAWQ run the whole model in 16-bit. Float32 where bfloat16 has no fast path (there it is slower, not faster),
     or when asked for: float32 makes the search's errors exact.
