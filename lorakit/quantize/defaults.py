@@ -2,9 +2,8 @@
 
 Why GPTQ 4-bit g64 sym: a ``lorakit run configs/default.yaml`` with GPTQ 4-bit passed the 5% gate
 (bench/results/pipeline.json, ``verdict``; that file predates the current training defaults and does not record
-the group size), and GPTQ 4-bit g64 on SmolLM2-135M is about 43% of the bf16 size in the standard GPTQ layout
-plain transformers loads (bench/results/quantize.json ``runs.lorakit-gptq-4b-g64-sym.size_mb``,
-bench/results/release_quality.json ``bf16_bytes``). AWQ is not the default: no result file measures it on the
+the group size), and GPTQ 4-bit g64 makes SmolLM2-135M 115 MB (bf16: 269 MB) in the standard GPTQ layout plain
+transformers loads (bench/results/quantize.json ``runs.lorakit-gptq-4b-g64-sym.size_mb``, ``runs.fp32.size_mb``). AWQ is not the default: no result file measures it on the
 current default release. Group 128 does not divide SmolLM2's hidden size 576. For other data or
 models, set ``target_degradation`` and let the search measure (``lorakit.quantize.search.quantize_to_target``).
 ``flows.config.QuantizeConfig``'s defaults equal these values (tested).
