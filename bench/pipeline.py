@@ -46,6 +46,34 @@ def stage_seconds(output_dir: Path) -> dict[str, float]:
     return times
 
 
+def release_facts(output_dir: Path, config: dict) -> dict[str, object]:
+    """What the cold run released, read from its outputs: quantization as used, sizes, every gate check.
+
+    So a figure about the default release (degradation per check, size) can cite this file, and a reader can
+    tell which settings and code produced it.
+    """
+    from lorakit.gate import read_verdict
+    from lorakit.quantize import read_quant_meta
+
+    facts: dict[str, object] = {"run_config": config}
+    quantized = sorted(output_dir.glob("quantized/*/lorakit_quant.json"))
+    if quantized:
+        meta = read_quant_meta(quantized[0].parent)
+        facts["quantize_used"] = meta.used_settings()
+        facts["quantized_bytes"] = meta.size_after_bytes
+        facts["merged_bytes"] = meta.size_before_bytes
+    facts["gates"] = {}  # one per gated candidate (the quantized model; the GGUF too with export.gguf)
+    for path in sorted(output_dir.glob("gate/*/gate.json")):
+        v = read_verdict(path.parent)
+        facts["gates"][path.parent.name] = {
+            "passed": v.passed, "worst_degradation": max(c.degradation for c in v.checks),
+            "checks": {c.name: {"degradation": c.degradation, "baseline_ppl": c.baseline_ppl,
+                                "candidate_ppl": c.candidate_ppl, "passed": c.passed} for c in v.checks}}
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    facts["lorakit_commit"] = commit.stdout.strip() or None
+    return facts
+
+
 def task_times(prefect_home: Path) -> dict[str, object]:
     """Run times of the first (cold) release flow run and of every task run under it, from its Prefect database."""
     os.environ["PREFECT_HOME"] = str(prefect_home)
@@ -117,6 +145,7 @@ def main() -> None:
     print("cold run:", flush=True)
     cold, verdict = run_once(config, env)
     stages = stage_seconds(args.work / "out")
+    facts = release_facts(args.work / "out", data)
     print(f"cached runs (x{args.cached_runs}):", flush=True)
     cached = [run_once(config, env)[0] for _ in range(args.cached_runs)]
     cached_med = statistics.median(cached)
@@ -138,6 +167,7 @@ def main() -> None:
         "overhead_orchestration_in_flow_s": round(times["flow_run_s"] - in_tasks, 2),
         "stage_recorded_seconds": {k: round(v, 2) for k, v in stages.items()},
         "verdict": verdict,
+        **facts,
     }
     if args.tiny:  # a smoke run: print, keep the recorded results of the real benchmark
         print(json.dumps(result, indent=2))

@@ -4,9 +4,11 @@ Runs ``lorakit.quantize.search_quantization`` (every trial = a real quantization
 against the fp32 baseline, same method, dequantized path) on the default release's data and records every
 configuration tried, GPTQ and AWQ: size, perplexity, degradation, quantize time, loaders.
 
-The default release: each bundled task is prepared with the embedded model's tokenizer and gets its own QLoRA
-adapter (NF4, r 16, ``--train-steps`` steps: short, to fit CI time on CPU); the two adapters are merged exactly
-(linear, weights 1, ``--output-kind model``). The merged model is quantized; calibration = the union of the
+The model: each bundled task is prepared with the embedded model's tokenizer and gets its own QLoRA adapter
+(``TRAINING``: NF4, r 16, lr 1e-3, batch 4, ``--train-steps`` steps: short, to fit CI time on CPU); the two adapters
+are merged exactly (linear, weights 1, ``--output-kind model``). This is NOT the training of the default release
+(configs/default.yaml; its measured gate is bench/results/pipeline.json): the result file records the training
+and lorakit commit it used, and the README section says so. The merged model is quantized; calibration = the union of the
 tasks' train splits, evaluation = the union of their val splits (never trained on). ``--base-only`` skips
 training and measures the base model on the same data.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from bench.common import update_readme_section, write_results
 
 WORK = Path(os.environ.get("LORAKIT_BENCH_DIR", "/tmp/lorakit-bench-release"))
+TRAINING = {"quant": "nf4", "r": 16, "alpha": 32, "lr": 1e-3, "batch_size": 4, "seed": 0}
 PUBLISHED = [
     ("Llama-2-7B, wikitext-2, AWQ 4-bit g128", "+2.4%"),
     ("Llama-2-7B, wikitext-2, GPTQ 4-bit g128", "+7.3%"),
@@ -101,6 +104,9 @@ def main() -> None:
         "model": ("embedded SmolLM2-135M-Instruct base (fp32), not the merged model" if args.base_only else
                   f"merged model of the two bundled-task adapters ({args.train_steps} QLoRA steps each) on SmolLM2-135M-Instruct"),
         "made": made,
+        "training": None if args.base_only else {**TRAINING, "max_steps_per_task": args.train_steps,
+                                                 "note": "this script's training, not configs/default.yaml's"},
+        "lorakit_commit": _git_commit(),
         "data": {"prep": str(prep), "sources": list(BUNDLED_NAMES), "calibration": "train split",
                  "evaluation": "val split", "tokens_scored": search["baseline"]["tokens"]},
         "baseline_ppl": search["baseline"]["ppl"],
@@ -116,6 +122,23 @@ def main() -> None:
     path = write_results("release_quality", data)
     update_readme_section("release_quality", readme(data))
     print(f"wrote {path}")
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    proc = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
+def _broad_text_deltas() -> str:
+    """GPTQ/AWQ 4b g64 on broad text, read from bench/results/quantize.json (nothing typed in by hand)."""
+    path = Path(__file__).parent / "results" / "quantize.json"
+    runs = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+    parts = [f"{label} {runs[name]['ppl_vs_fp32']:+.1%}" for name, label in
+             (("lorakit-gptq-4b-g64-sym", "GPTQ 4b g64 sym"), ("lorakit-awq-4b-g64-asym", "AWQ 4b g64 asym"))
+             if "ppl_vs_fp32" in runs.get(name, {})]
+    return f" (bench/results/quantize.json `runs.*.ppl_vs_fp32`, stdlib docstrings: {', '.join(parts)})" if parts else ""
 
 
 def release_input(base: Path, steps: int, base_only: bool) -> tuple[Path, Path, dict]:
@@ -151,8 +174,8 @@ def release_input(base: Path, steps: int, base_only: bool) -> tuple[Path, Path, 
         a = WORK / f"adapter-{name}-{steps}"
         if not (a / "adapter_config.json").exists():
             t0 = time.perf_counter()
-            train_adapter(p, a, base=base, quant="nf4", r=16, alpha=32, lr=1e-3, max_steps=steps, batch_size=4,
-                          seed=0, checkpoint_every=None, min_loss_drop=None, progress=False)
+            train_adapter(p, a, base=base, max_steps=steps, checkpoint_every=None, min_loss_drop=None, progress=False,
+                          **TRAINING)
             made[f"train_{name}_s"] = round(time.perf_counter() - t0, 1)
         adapters.append(a)
     merged = WORK / f"merged-{steps}"
@@ -164,8 +187,22 @@ def release_input(base: Path, steps: int, base_only: bool) -> tuple[Path, Path, 
     return combined, merged, made
 
 
+def provenance(d: dict) -> str:
+    """What the numbers were measured on: the training and lorakit commit, or that the result does not say."""
+    t = d.get("training")
+    train = (f"adapters trained by this script (NF4, r {t['r']}, lr {t['lr']:g}, batch {t['batch_size']}, "
+             f"{t['max_steps_per_task']} steps per task)" if t else
+             "training settings not recorded in this result file")
+    commit = f"lorakit {d['lorakit_commit'][:10]}" if d.get("lorakit_commit") else \
+        ("lorakit commit not recorded (written before this script recorded it; lorakit's AWQ was rewritten on "
+         "2026-11-27, so an AWQ row of that date or older may come from the earlier AWQ)")
+    return (f"Provenance: measured {d['date']}; {train}; {commit}. This is not the default release "
+            "(`configs/default.yaml` trains with its own settings; its measured gate is `## pipeline`), so read "
+            "it as a comparison of methods on this data, not as the current default's quality.")
+
+
 def readme(d: dict) -> str:
-    lines = ["## release_quality", "",
+    lines = ["## release_quality", "", provenance(d), "",
              f"`python -m bench.release_quality` on the {d['model']}; calibration: bundled tasks' train split, "
              f"perplexity: their val split ({d['data']['tokens_scored']} tokens, fp32 baseline "
              f"{d['baseline_ppl']:.3f}), dequantized path, same method for every row. Target +{d['target_degradation']:.0%}, "
@@ -187,12 +224,12 @@ def readme(d: dict) -> str:
               "Published 4-bit deltas for larger models: " + "; ".join(f"{a}: {b}" for a, b in d["published_4bit_deltas"])
               + ". On the release's own data (short, formulaic task text the merged model predicts well) the "
               "4-bit g64 cost is in the published range for 7B models. On broad text the same 135M model loses much "
-              "more (bench/results/quantize.json, stdlib docstrings: GPTQ 4b g64 sym +21%, AWQ 4b g64 asym +11.5%; "
-              "NOTES, English prose: GPTQ g32 asym +7.4%, +4.5% with every mlp.down_proj at 8 bits): small models "
+              f"more{_broad_text_deltas()}: small models "
               "have less redundancy per weight, and the cost depends on the text, which is why the gate and the "
-              "search measure on the run's own validation split. Because a uniform configuration passed first, this "
-              "run made no per-module-precision trial; that path is exercised by tests/test_quant_search.py on a "
-              "tiny trained model."]
+              "search measure on the run's own validation split."]
+    if not any(r["kept_modules"] for r in d["trials"]):
+        lines[-1] += (" This run made no per-module-precision trial; that path is exercised by "
+                      "tests/test_quant_search.py on a tiny trained model.")
     return "\n".join(lines)
 
 

@@ -97,9 +97,7 @@ class MergeConfig(_Section):
 class QuantizeConfig(_Section):
     """4-bit post-training quantization of the merged model (``lorakit.quantize.quantize_model``)."""
 
-    # Defaults = lorakit.quantize.defaults.RELEASE_QUANTIZE, measured on the default release itself (same adapters,
-    # its own validation data): GPTQ 4-bit g64 sym passes the 5% gate (+3.4% worst check, 115 MB = 43% of bf16);
-    # AWQ 4-bit g64 asym did not (+5.2% on reverse-words), though it passed on less-trained adapters.
+    # Defaults = lorakit.quantize.defaults.RELEASE_QUANTIZE (its docstring says why, citing bench/results/).
     method: Literal["gptq", "awq"] = "gptq"
     bits: Literal[4, 8] = 4
     group_size: int = Field(64, description="Quantization group size (a power of two).")

@@ -56,8 +56,8 @@ class ReleasePlan:
     def calibration(self) -> dict[str, Any] | None:
         """Prep arguments for one calibration set made of every dataset's files (None: one dataset calibrates).
 
-        Calibrating on one task alone was measured to leave the other task's perplexity 5.1-5.2% worse after
-        GPTQ 4-bit (SmolLM2-135M, bundled tasks), against 0.6-1.1% for the calibrated task.
+        Calibrated on the first task alone, a default run's gate rejected the other task after GPTQ 4-bit
+        (bench/results/pipeline.json, ``earlier_quieter_run``).
         """
         if self.config.calib_dataset() is not None:
             return None

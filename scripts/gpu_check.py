@@ -60,16 +60,14 @@ EVAL = dict(seq_len=128, max_tokens=2048, batch_size=4)
 def dtype_plan(device: str) -> dict[str, Any]:
     """The dtypes every check asks for: the one place that decides them.
 
-    Today lorakit takes dtypes through these existing parameters: NF4 training has none (lorakit.train uses bfloat16
-    compute), AWQ takes ``awq_compute_dtype`` ('auto' = bfloat16 where the device has fast bf16 units), evaluation
-    takes ``dtype`` (float32 is the gate's method). When the ``--compute-dtype`` resolver lands (branch hw-dtype),
-    derive these from it here. What each check actually used is read back from the stage's metadata and reported
-    under ``dtype_used``.
+    Training and quantization ask for ``auto``: lorakit.compute resolves it per machine (bfloat16 on CUDA with
+    bf16 support and on CPUs where a probe shows bf16 is fast, else float32). Evaluation asks for float32 (the
+    gate's method). What each check actually used is read back from the stage's metadata (``dtype_used``).
     """
     cuda = device.startswith("cuda")
     return {
-        "nf4_compute": None,  # no parameter yet: lorakit's own choice, read back from lorakit_train.json
-        "awq_compute_dtype": "auto",
+        "train": "auto",
+        "quantize": "auto",
         # the kernel-vs-dequantized comparison: float32 first (the gate's dtype); on CUDA, kernels that refuse
         # float32 are retried in float16 (the dtype GPTQ/AWQ kernels are written for), both paths alike
         "eval": ["float32", "float16"] if cuda else ["float32"],
@@ -183,10 +181,10 @@ def check_nf4_train(workdir: Path, device: str, plan: dict) -> dict[str, Any]:
 
     p = _paths(workdir)
     result = train_adapter(p["prep"], p["adapter"], base=p["tiny"], device=device, checkpoint_every=None,
-                           force=True, progress=False, **TRAIN)
+                           compute_dtype=plan["train"], force=True, progress=False, **TRAIN)
     rec = read_train_record(result.output)
     speeds = sorted(e["tokens_per_s"] for e in result.log if e.get("tokens_per_s"))
-    out = {"device_used": rec.device, "dtype_used": rec.compute_dtype, "dtype_requested": plan["nf4_compute"],
+    out = {"device_used": rec.device, "dtype_used": rec.compute_dtype, "dtype_requested": plan["train"],
            "quant": rec.config["quant"], "steps": rec.steps, "first_loss": rec.first_loss,
            "final_loss": rec.final_loss, "loss_drop": rec.loss_drop, "trainable_params": rec.trainable_params,
            "gradient_checkpointing": rec.gradient_checkpointing, "train_wall_s": rec.wall_time_s,
@@ -207,13 +205,12 @@ def _quantize(workdir: Path, device: str, plan: dict, method: str) -> dict[str, 
     from lorakit.quantize import quantize_model, read_quant_meta
 
     p = _paths(workdir)
-    extra = {"awq_compute_dtype": plan["awq_compute_dtype"]} if method == "awq" else {}
     result = quantize_model(p["tiny"], p[method], method=method, calib=p["prep"], device=device, force=True,
-                            progress=False, **QUANT, **extra)
+                            compute_dtype=plan["quantize"], progress=False, **QUANT)
     meta = read_quant_meta(result.output)
     quality = meta.quality
     out = {"device_used": meta.params.device, "dtype_used": _quant_dtype_used(meta.to_dict()),
-           "dtype_requested": extra.get("awq_compute_dtype", "gptqmodel's choice"), "layout": meta.params.layout,
+           "dtype_requested": plan["quantize"], "layout": meta.params.layout,
            "bits": meta.params.bits, "group_size": meta.params.group_size, "sym": meta.params.sym,
            "quantize_wall_s": meta.wall_time_s, "size_before_bytes": meta.size_before_bytes,
            "size_after_bytes": meta.size_after_bytes, "backend": meta.backend, **_cuda_numbers()}

@@ -15,7 +15,7 @@ from lorakit.cli.options import compute_dtype_option
 from lorakit.errors import EXIT_REJECTED, LorakitError
 
 # An ephemeral Prefect server (SQLite under PREFECT_HOME) starts inside the process when no PREFECT_API_URL is
-# set. Its cold start was measured at 25-45 s on a loaded 2-core machine, over Prefect's 20 s default timeout.
+# set. On a loaded 2-core machine its cold start can exceed Prefect's 20 s default startup timeout.
 _PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -167,7 +167,7 @@ def score_windows_pair(baseline, candidate, ids: torch.Tensor, windows: list[Win
     cand_dev = device if candidate_device is None else candidate_device
     sums, n_scored, seconds, kl_sum = [0.0, 0.0], 0, [0.0, 0.0], 0.0
     kls, agree = [], []
-    bar = tqdm(total=sum(w.length for w in windows), unit="tok", desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(total=sum(w.length for w in windows), unit="tok", desc=desc, disable=not progress, leave=False)
     try:
         for group in batches(windows, batch_size):
             first = group[0]

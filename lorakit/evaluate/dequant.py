@@ -1,7 +1,8 @@
 """Exact dequantization of GPTQ and AWQ packed weights into dense tensors.
 
-Why: on CPU the int4 kernels are several times slower than a dense matmul (≈200 s vs 28 s for 2k tokens of
-SmolLM2-135M with the torch GPTQ backend). A 4-bit weight is fully defined by its integer code, its group's
+Why: on CPU the int4 kernels are no faster than a dense matmul (bench/results/eval.json: GPTQ g32 on SmolLM2,
+the dequantized path at 1.1x the default kernel's speed), and for shapes the default kernel refuses (SmolLM2 at
+g128) only GPTQModel's slow torch backend is left. A 4-bit weight is fully defined by its integer code, its group's
 zero point and its group's scale, so ``w = (q - z) · s`` computed once gives a dense ``nn.Linear`` that holds
 *exactly* the values the kernel multiplies by. Evaluating that dense model is the same model; the remaining
 difference to the kernel path is only the arithmetic order/precision of the matmul, and is measured in tests.

@@ -1,7 +1,7 @@
 """Evaluation text: where it comes from, and the one way it becomes the token stream that is scored.
 
-The method is fixed because every choice here moves perplexity (see NOTES: chunking vs sliding windows alone
-moved GPT-2's number by 16%): each document is tokenized on its own *without* special tokens, documents are
+The method is fixed because every choice here moves perplexity (chunking vs a sliding window alone moves it by
+double-digit percents in the Hugging Face perplexity guide's GPT-2 example): each document is tokenized on its own *without* special tokens, documents are
 joined with a single EOS token between them (none before the first or after the last, no BOS), and the stream
 is cut to ``max_tokens`` if given. The text is tokenized once, with the baseline's tokenizer, and the same ids
 are fed to every model of a comparison; a model whose tokenizer differs is refused (its ids would mean

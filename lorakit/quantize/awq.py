@@ -1,7 +1,8 @@
 """AWQ (activation-aware weight quantization) in plain torch: per-channel scales found on calibration data.
 
-Why not the backend: GPTQModel's AWQ takes about 26 minutes on one CPU core for a 135M model; this takes 78 s
-at a better perplexity (bench/README.md). The method itself is cheap: for each group of linears that share an
+Why not the backend: GPTQModel's AWQ took 1541 s on one CPU core for SmolLM2-135M, this 78 s
+(bench/results/quantize.json ``runs``; ``awq_speed`` holds the like-for-like comparison: both scored by
+``lorakit eval`` in float32, lorakit timed on its float32 and bfloat16 paths with the CPU's flags). The method itself is cheap: for each group of linears that share an
 input, AWQ multiplies the input channels of their weights by a scale s (and divides the preceding op by s, which
 leaves the fp model unchanged), so the channels that carry large activations lose less to rounding. The groups
 of a Llama block:
@@ -170,7 +171,7 @@ def search_scale(weights: list[torch.Tensor], stats: InputStats, p: AwqParams, d
     lorakit's) and "activation" s = x̄^α (the AWQ paper's). Neither wins everywhere on SmolLM2-135M's held-out
     perplexity (4-bit g64: duo 9.151 vs activation 9.263; g32: activation 8.733 vs duo 8.901), and letting the
     output error pick the form per group did not beat the better one (g64: 9.216), so the form is the user's
-    choice (``--awq-scale-form``; bench/README.md has the measurements).
+    choice (``--awq-scale-form``; bench/results/quantize.json ``awq_development_runs``).
     """
     gram = stats.mean_gram().to(dtype)
     x_mean = stats.mean_abs()
@@ -264,9 +265,11 @@ def compute_dtype(requested: str, device: torch.device) -> torch.dtype:
     """The dtype of the calibration forwards and of the search's large matmuls (Gram matrices, candidate errors).
 
     Resolved by :func:`lorakit.compute.resolve_compute_dtype` for the quantize stage: ``auto`` is bfloat16 where
-    it is fast there (those matmuls are most of AWQ's time; bfloat16 ran them ~2.4x faster on a CPU with
-    AVX512-BF16), else float32. Statistics are accumulated, and scales, clipping and the quantized weights
-    computed, in float32; GPTQModel and AutoAWQ run the whole model in 16-bit. float32 makes the search exact.
+    it is fast there. Those matmuls are most of AWQ's time: on a CPU with AVX512-BF16 bfloat16 made the whole
+    SmolLM2-135M run 1.8x faster (145 s -> 80 s, bench/results/quantize.json ``awq_development_runs``).
+    Statistics are accumulated, and scales, clipping and the quantized weights computed, in float32; GPTQModel and
+    AutoAWQ run the whole model in 16-bit. Float32 where bfloat16 has no fast path (there it is slower, not
+    faster), or when asked for: float32 makes the search's errors exact.
     """
     from lorakit.compute import resolve_compute_dtype
 

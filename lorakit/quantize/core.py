@@ -3,7 +3,7 @@
 Validation (method, bits, group size, model, calibration data) happens before any work; the output is written
 to a temporary sibling and renamed into place; ``lorakit_quant.json`` records inputs, parameters and timings.
 GPTQ runs in GPTQModel (``gptqmodel_backend``); AWQ runs in lorakit's own torch implementation (``awq``), which
-is two orders of magnitude faster on CPU than GPTQModel's.
+was about 20x faster on CPU than GPTQModel's on SmolLM2-135M (bench/results/quantize.json ``runs``).
 """
 
 from __future__ import annotations

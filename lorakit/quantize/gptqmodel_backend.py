@@ -5,9 +5,9 @@ the user's shell:
 
 * its default worker count crashes on small machines ("Virtual pool 'model_loader:cpu' requests 2 workers but
   parent 'cpu' only has 1"); ``GPTQMODEL_CPU_WORKERS`` is set (if unset) before the first import;
-* its first ``quantize()`` JIT-builds a C++ packing op (~2 minutes, needs g++/ninja) cached under
+* its first ``quantize()`` JIT-builds a C++ packing op (minutes, needs g++/ninja) cached under
   ``~/.cache/gptqmodel/torch_extensions`` (``$GPTQMODEL_TORCH_EXTENSIONS_DIR``); lorakit says so when the cache
-  is empty, so a silent two-minute pause is not mistaken for a hang;
+  is empty, so a silent pause of minutes is not mistaken for a hang;
 * it rewrites ``generation_config.json`` (turning ``do_sample`` on); lorakit restores the source's file;
 * it writes per-run log files into ``./logs`` of whatever the current directory is; lorakit points them to
   ``$LORAKIT_HOME/logs/gptqmodel`` instead, so a run never litters the user's working tree;
@@ -66,7 +66,7 @@ def log_dir() -> Path:
 
 def _import_gptqmodel():
     _configure_environment()
-    import gptqmodel  # noqa: F401  (heavy: ~3 s, prints a banner)
+    import gptqmodel  # noqa: F401  (heavy: seconds, prints a banner)
 
     try:  # a private, relative Path("logs") in 7.6.0; nothing to redirect if a later version moved it
         from gptqmodel.looper import loop_processor

@@ -1,7 +1,7 @@
 """Per-module precision ("mixed precision"): which linears keep more bits, and who can load the result.
 
 A few linears dominate the quantization error (GPTQModel's loss log on SmolLM2-135M: ``mlp.down_proj`` with
-100–400× the error of the others), so keeping just those at higher precision buys most of the quality for a
+two orders of magnitude more error than the others; not recorded in bench/results), so keeping just those at higher precision buys most of the quality for a
 few MB. The two methods express that differently, and the difference decides which loaders read the file:
 
 * GPTQ: the module is quantized at **8 bits** through GPTQModel's ``dynamic`` per-module overrides, written into

@@ -1,7 +1,8 @@
 """``search_quantization``: the smallest GPTQ/AWQ configuration that meets a perplexity target, within bounds.
 
-Why: one fixed configuration does not fit every model. On SmolLM2-135M, GPTQ 4-bit g128 loses 23% perplexity
-and g32 asym 7.4%; a 5% release gate rejects both, and a release flow whose default always fails its own gate
+Why: one fixed configuration does not fit every model. On SmolLM2-135M and held-out stdlib docstrings, GPTQ
+4-bit g64 sym loses 21.4% perplexity and g32 asym 10.1% (bench/results/quantize.json ``runs.*.ppl_vs_fp32``); a
+5% release gate rejects both, and a release flow whose default always fails its own gate
 ships nothing. So lorakit measures instead of guessing. Every trial is a real quantization followed by
 ``lorakit.evaluate.perplexity`` of the candidate on the run's validation data, with the same method (token
 stream, windows, dtype, dequantized path) as the baseline measured once at the start, exactly as the gate
