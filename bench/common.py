@@ -42,10 +42,31 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+# The CPU features that decide whether bfloat16 compute is fast (lorakit.compute) and which kernels torch runs.
+CPU_FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+# Environment that holds torch/oneDNN to narrower kernels (how a CPU without AVX512-BF16 is reproduced here).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "LORAKIT_THREADS")
+
+
+def cpu() -> dict[str, object]:
+    """CPU model, the flags that matter for lorakit's speed, and any kernel-limiting environment."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:  # not Linux: the model from platform is all there is
+        pass
+    return {"model": model, "flags": [f for f in CPU_FLAGS_OF_INTEREST if f in flags],
+            "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
+
+
 def machine() -> dict[str, object]:
     load = os.getloadavg()
     return {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "loadavg_1m_at_end": round(load[0], 2),
+            "cpu": cpu(), "loadavg_1m_at_end": round(load[0], 2),
             "note": "2-core shared machine; other work may have been running (see loadavg)"}
 
 
