@@ -219,7 +219,7 @@ def describe_error(error: dict[str, Any]) -> str:
 def config_error(source: str, exc: ValidationError) -> InputError:
     """One actionable line per problem, naming the key (``datasets.0.fromat``) and the file."""
     problems = "; ".join(describe_error(e) for e in exc.errors())
-    return InputError(f"{source}: {problems}. Fix the file (keys and defaults: README, 'The run config').")
+    return InputError(f"{source}: {problems}. Fix the file (keys and defaults: docs/pipeline.md, 'The run config').")
 
 
 def parse_config(data: Any, source: str = "config") -> ReleaseConfig:

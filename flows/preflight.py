@@ -54,10 +54,10 @@ class Preflight:
     def error(self, source: str) -> InputError:
         if len(self.problems) == 1:  # one problem stays one line, worded as the schema's own errors are
             return InputError(f"{source}: {self.problems[0]}. "
-                              "Fix the file (keys and defaults: README, 'The run config').")
+                              "Fix the file (keys and defaults: docs/pipeline.md, 'The run config').")
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return InputError(f"{source}: {len(self.problems)} problem(s), nothing was run or written:\n{lines}\n"
-                          "Fix the config (keys and defaults: README, 'The run config'), then re-run.")
+                          "Fix the config (keys and defaults: docs/pipeline.md, 'The run config'), then re-run.")
 
 
 def _as_keys(message: str, section: str) -> str:

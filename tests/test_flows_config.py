@@ -105,7 +105,7 @@ def test_cli_run_bad_config_exit_2(tmp_path):
     proc = run_cli("run", str(path))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {path}: unknown key 'lora.rank'. "
-                                                "Fix the file (keys and defaults: README, 'The run config')."]
+                                                "Fix the file (keys and defaults: docs/pipeline.md, 'The run config')."]
 
 
 def test_cli_show_config(tmp_path):

@@ -58,8 +58,8 @@ def run(config, route_gpu, output_dir, compute_dtype, show_config, check, quiet)
     \b
     Runs in this process with an ephemeral Prefect server (no server needed); with PREFECT_API_URL set,
     runs are recorded on that server. Steps whose code, arguments and input files are unchanged are
-    taken from Prefect's cache, so a re-run only does what changed. Output folders are described in the
-    README (`lorakit-out/` by default). Exit codes: 0 released, 3 rejected by the gate (artifacts still
+    taken from Prefect's cache, so a re-run only does what changed. Output folders are described in
+    docs/pipeline.md (`lorakit-out/` by default). Exit codes: 0 released, 3 rejected by the gate (artifacts still
     registered, marked gate:failed), 2 bad input, 1 unexpected error.
 
     \b
