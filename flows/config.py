@@ -73,8 +73,8 @@ class LoraConfig(_Section):
     lr: float = Field(2e-4, gt=0)
     epochs: int | None = Field(None, gt=0)
     max_steps: int | None = Field(None, gt=0)
-    # Effective batch 8 as 2 x 4: one step of 8 packed rows of 256 tokens on SmolLM2-135M peaked at 8.5 GB RSS on
-    # CPU without gradient checkpointing, 2.9 GB with it (bench/results/train.json, "memory"); activations, not
+    # Effective batch 8 as 2 x 4: one step of 8 packed rows of 256 tokens on SmolLM2-135M peaked at 8.3 GiB RSS on
+    # CPU without gradient checkpointing, 2.8 GiB with it (bench/results/train.json, "memory"); activations, not
     # logits, dominate (the loss already skips unlabelled positions).
     batch_size: int = Field(2, gt=0)
     grad_accum: int = Field(4, gt=0)
