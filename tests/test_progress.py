@@ -84,7 +84,7 @@ def test_training_and_quantization_report_progress_lines(quiet_run):
     done = [step for step, _, _ in steps]
     assert 1 in done and 30 in done  # the first step at once, the last one at the end
     assert re.search(r"GPTQ: quantizing layers: layer 2/2, [\d.e+-]+ s/layer", text), text[-3000:]
-    assert re.search(r"ppl \S+: tok 1024/1024, ppl \d+\.\d+", text)
+    assert re.search(r"(ppl|gate) \S+: tok 1024/1024, ppl \d+\.\d+", text)
 
 
 def test_no_third_party_noise_without_verbose(quiet_run):

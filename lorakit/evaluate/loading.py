@@ -187,7 +187,7 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
         model.to(dev).eval()
         path_used, torch_dtype = f"{base.path_used}+adapter", base.dtype
     elif spec.kind == "gguf":
-        tdt = _torch_dtype(dtype, "float32")
+        tdt = _torch_dtype(dtype, stage, dev)
         model, path_used = _from_gguf(spec.folder, tdt), "gguf-dequantized"
         model.to(dev).eval()
         torch_dtype = str(tdt).replace("torch.", "")

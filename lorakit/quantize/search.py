@@ -344,7 +344,7 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
 
 # quantize_model arguments the search honours when it replaces a fixed configuration (quantize_to_target).
 SEARCH_HONOURS = frozenset({"calib", "method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len", "seed",
-                            "device", "force", "progress"})
+                            "device", "compute_dtype", "force", "progress"})
 
 
 def configured_space(params: dict[str, Any]) -> SearchSpace:
