@@ -78,6 +78,19 @@ class LoraConfig(_Section):
     seed: int = 0
     device: str = "auto"
     gradient_checkpointing: bool | None = Field(None, description="Default: on for CUDA, off on CPU.")
+    variant: Literal["lora", "dora"] = Field("lora", description="dora: DoRA (magnitude x direction).")
+    init: Literal["default", "loftq", "pissa", "olora"] = Field(
+        "default", description="LoRA init; loftq needs quant nf4, pissa/olora need quant none.")
+    lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B's lr = ratio x A's; null = off.")
+
+    @model_validator(mode="after")
+    def _init_fits_quant(self) -> LoraConfig:
+        # The same rule as lorakit.train.variants.check_variant, in config keys, so preflight refuses it up front.
+        if self.init == "loftq" and self.quant != "nf4":
+            raise ValueError("init 'loftq' cancels the NF4 quantization error and needs quant 'nf4'")
+        if self.init in ("pissa", "olora") and self.quant != "none":
+            raise ValueError(f"init '{self.init}' rewrites the base into a residual and needs quant 'none'")
+        return self
 
 
 class MergeConfig(_Section):
