@@ -102,6 +102,8 @@ class MergeConfig(_Section):
     density: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     normalize: bool | None = None
+    loftq_base: Literal["dequantized", "original"] | None = Field(
+        None, description="With lora.init loftq: merge into the dequantized NF4 base (exact) or the original one.")
 
 
 class QuantizeConfig(_Section):
@@ -190,6 +192,9 @@ class ReleaseConfig(_Section):
             raise ValueError(weights_count_problem(len(self.merge.weights), len(self.datasets)))
         if self.quantize.calib_dataset is not None and self.quantize.calib_dataset not in names:
             raise ValueError(f"quantize.calib_dataset {self.quantize.calib_dataset!r} is not one of the datasets ({', '.join(names)})")
+        if (self.lora.init == "loftq") != (self.merge.loftq_base is not None):
+            raise ValueError("lora.init 'loftq' and merge.loftq_base go together: LoftQ adapters belong to the NF4 base, "
+                             "so set merge.loftq_base (dequantized = exactly what was trained), and only with loftq")
         return self
 
     def merge_weights(self) -> list[float]:

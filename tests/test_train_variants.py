@@ -164,3 +164,23 @@ def test_cli_train_variant_flags(prep, tmp_path):
     assert proc.returncode == 2 and "--init loftq" in proc.stderr
     help_text = run_cli("train", "--help").stdout
     assert "--variant" in help_text and "--lora-plus-ratio" in help_text
+
+
+def test_run_config_keys_reach_train_and_pairs_are_checked():
+    import inspect
+
+    from pydantic import ValidationError
+
+    from flows.config import LoraConfig, MergeConfig, ReleaseConfig
+
+    assert set(LoraConfig.model_fields) <= set(inspect.signature(train_adapter).parameters)
+    for bad in (dict(init="pissa", quant="nf4"), dict(init="loftq", quant="none"), dict(lora_plus_ratio=0)):
+        with pytest.raises(ValidationError):
+            LoraConfig(**bad)
+    with pytest.raises(ValidationError, match="merge.loftq_base"):
+        ReleaseConfig(lora=LoraConfig(init="loftq"))
+    with pytest.raises(ValidationError, match="merge.loftq_base"):
+        ReleaseConfig(merge=MergeConfig(loftq_base="original"))
+    ok = ReleaseConfig(lora=LoraConfig(init="loftq", variant="dora", lora_plus_ratio=16),
+                       merge=MergeConfig(loftq_base="dequantized"))
+    assert ok.lora.variant == "dora"
