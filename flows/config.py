@@ -90,6 +90,8 @@ class LoraConfig(_Section):
             raise ValueError("init 'loftq' cancels the NF4 quantization error and needs quant 'nf4'")
         if self.init in ("pissa", "olora") and self.quant != "none":
             raise ValueError(f"init '{self.init}' rewrites the base into a residual and needs quant 'none'")
+        if self.init in ("pissa", "olora") and self.variant == "dora":
+            raise ValueError(f"init '{self.init}' cannot be saved converted for variant 'dora'; use init 'default'")
         return self
 
 

@@ -132,6 +132,7 @@ def test_pissa_converted_adapter_on_original_base_equals_trained_model(tiny_base
     (dict(quant="none", init="loftq"), "--init loftq"),
     (dict(quant="nf4", init="pissa"), "--init pissa"),
     (dict(quant="nf4", init="olora"), "--init olora"),
+    (dict(quant="none", init="pissa", variant="dora"), "--variant dora with --init pissa"),
     (dict(quant="none", variant="vera"), "--variant"),
     (dict(quant="none", init="gaussian"), "--init"),
     (dict(quant="none", lora_plus_ratio=0.0), "--lora-plus-ratio"),
@@ -174,7 +175,8 @@ def test_run_config_keys_reach_train_and_pairs_are_checked():
     from flows.config import LoraConfig, MergeConfig, ReleaseConfig
 
     assert set(LoraConfig.model_fields) <= set(inspect.signature(train_adapter).parameters)
-    for bad in (dict(init="pissa", quant="nf4"), dict(init="loftq", quant="none"), dict(lora_plus_ratio=0)):
+    for bad in (dict(init="pissa", quant="nf4"), dict(init="loftq", quant="none"), dict(lora_plus_ratio=0),
+                dict(init="olora", quant="none", variant="dora")):
         with pytest.raises(ValidationError):
             LoraConfig(**bad)
     with pytest.raises(ValidationError, match="merge.loftq_base"):

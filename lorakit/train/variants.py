@@ -54,6 +54,14 @@ def check_variant(variant: str, init: str, quant: str, lora_plus_ratio: float | 
             f"--init {init} rewrites the base weights into a residual, which a 4-bit base cannot hold exactly (PEFT "
             f"requires a float base for it); use --quant none with --init {init}, or --init loftq for a 4-bit base"
         )
+    if init in _BASE_CHANGING and variant == "dora":
+        # Tried with peft 0.21.2 on a tiny Llama: the converted DoRA adapter on the original base did not give the
+        # trained model's logits (far outside float32 rounding), so the saved adapter would not be what was trained.
+        raise InputError(
+            f"--variant dora with --init {init}: PEFT's conversion of {init} factors to plain LoRA on the original base "
+            "does not reproduce a trained DoRA model; use --init default with DoRA, or --variant lora with --init "
+            f"{init}"
+        )
 
 
 def check_base(base_dir: Path, variant: str, quant: str, targets: str | list[str]) -> None:
