@@ -29,6 +29,7 @@ VARIANTS = {
     "pissa": dict(quant="none", init="pissa"),
     "olora": dict(quant="none", init="olora"),
     "loftq": dict(quant="nf4", init="loftq"),
+    "loftq_dora": dict(quant="nf4", init="loftq", variant="dora"),
 }
 
 
@@ -93,11 +94,11 @@ def _peft_logits(base_model, adapter: Path, probe) -> torch.Tensor:
 def test_merged_model_equals_peft_model_with_the_adapter(trained, tiny_base, probe, tmp_path, name):
     from transformers import AutoModelForCausalLM
 
-    kw = {"loftq_base": "dequantized"} if name == "loftq" else {}
+    kw = {"loftq_base": "dequantized"} if name.startswith("loftq") else {}
     res = merge_adapters([trained[name]], [1.0], tmp_path / "m", output_kind="model", progress=False, **kw)
     assert res.exact
     merged = _logits(AutoModelForCausalLM.from_pretrained(res.output, dtype=torch.float32), probe)
-    base = _dequantized_base(tiny_base) if name == "loftq" else _fp_base(tiny_base)
+    base = _dequantized_base(tiny_base) if name.startswith("loftq") else _fp_base(tiny_base)
     ref = _peft_logits(base, trained[name], probe)
     assert (merged - ref).abs().max() <= 1e-4, name
     assert (ref - _logits(_fp_base(tiny_base), probe)).abs().max() > 1e-3  # the adapter does change the model

@@ -71,6 +71,31 @@ def test_lora_plus_run_steps_b_faster(prep, tmp_path):
     assert rec.config["lora_plus_ratio"] == 16.0 and rec.config["variant"] == "lora" and rec.config["init"] == "default"
 
 
+def test_variant_run_resumes_exactly(prep, tmp_path):
+    """PiSSA (initial factors re-derived on reload) with LoRA+ (two param groups): resumed == uninterrupted."""
+    from lorakit.adapters import load_adapter
+    from lorakit.train.checkpoint import checkpoint_root
+
+    kw = dict(FAST, quant="none", init="pissa", lora_plus_ratio=4, max_steps=4, r=4, alpha=8)
+    kw.pop("checkpoint_every")
+    full = train_adapter(prep, tmp_path / "full", checkpoint_every=None, **kw)
+
+    def interrupt(entry: dict) -> None:
+        if entry["step"] == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(prep, out, checkpoint_every=2, on_step=interrupt, **kw)
+    assert (checkpoint_root(out) / "step-0000002").is_dir()
+    with pytest.raises(InputError, match="other data or settings"):
+        train_adapter(prep, out, checkpoint_every=2, resume=True, **dict(kw, lora_plus_ratio=8))
+    resumed = train_adapter(prep, out, checkpoint_every=2, resume=True, **kw)
+    assert resumed.metadata["resumed_from_step"] == 2
+    a, b = load_adapter(full.output), load_adapter(out)
+    assert max((a.modules[n].delta() - b.modules[n].delta()).abs().max().item() for n in a.modules) < 1e-5
+
+
 def test_choice_is_in_the_resume_fingerprint():
     base = TrainConfig().fingerprint("p", "b")
     for change in (dict(variant="dora"), dict(init="loftq"), dict(lora_plus_ratio=16.0)):
@@ -102,6 +127,22 @@ def test_loftq_init_cancels_the_nf4_error_optimally(tiny_base):
         assert abs(float(err - tail)) <= 1e-5 * float((w - dq).norm()), path
         checked += 1
     assert checked == 14
+
+
+def test_loftq_with_dora_starts_at_the_loftq_model(tiny_base):
+    """DoRA's magnitude is re-initialised after the LoftQ factors: m = ‖dequant(Q) + s·B·A‖ per row, so the
+    starting weight m·V/‖V‖ is V = dequant(Q) + s·B·A, the plain LoftQ start."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import Linear4bit
+
+    model = load_for_training(tiny_base, quant="nf4", device="cpu", init="loftq", variant="dora", **LOAD).model
+    with torch.no_grad():
+        for module in (m for m in model.modules() if isinstance(m, Linear4bit)):
+            q = module.get_base_layer().weight
+            v = (bnb.functional.dequantize_4bit(q.data, q.quant_state).double() + module.scaling["default"]
+                 * module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double())
+            m = module.lora_magnitude_vector["default"].weight.double()
+            assert torch.allclose(m, v.norm(dim=1), rtol=1e-6)
 
 
 def test_pissa_converted_adapter_on_original_base_equals_trained_model(tiny_base, prep, tmp_path):

@@ -122,6 +122,11 @@ def after_init(model: torch.nn.Module, init: str, base_dir: Path) -> None:
             A, B = _rank_r(original - dq, module.r[name])
             module.lora_A[name].weight.data = A.to(module.lora_A[name].weight.dtype)
             module.lora_B[name].weight.data = (B / module.scaling[name]).to(module.lora_B[name].weight.dtype)
+            if name in getattr(module, "lora_magnitude_vector", {}):
+                # DoRA initialised its magnitude from B = 0; with the LoftQ factors m = ‖dequant(Q) + s·B·A‖ (rows)
+                # keeps the starting model at dequant(Q) + s·B·A, as for plain LoRA.
+                magnitude = module.lora_magnitude_vector[name].weight
+                magnitude.data = torch.linalg.norm(dq + B.double() @ A.double(), dim=1).to(magnitude.dtype)
             done += 1
     if not done:
         raise InputError("--init loftq found no 4-bit LoRA layer to initialise; train with --quant nf4")
