@@ -274,7 +274,9 @@ def merge_adapters(
             f"adapter {dora[0].label} is a DoRA adapter: its update m·(W + sBA)/‖W + sBA‖ − W is full rank, so an "
             "adapter output needs --rank K (truncated SVD, the error is reported); or pass --output-kind model (exact)"
         )
-    base_dir = _base_dir(loaded, base, required=output_kind == "model" or bool(dora))
+    # DoRA updates and the dequantized LoftQ base are computed from the base weights, whatever the output kind.
+    needs_base = output_kind == "model" or bool(dora) or loftq_base == "dequantized"
+    base_dir = _base_dir(loaded, base, required=needs_base)
     index = None
     if base_dir is not None:
         check_tied_targets(loaded, ties_embeddings(read_model_config(base_dir)), str(base_dir))
