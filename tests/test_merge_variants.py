@@ -158,6 +158,14 @@ def test_loftq_into_original_base_refused_unless_asked(trained, tiny_base, probe
     assert proc.returncode == 2 and "--loftq-base" in proc.stderr
 
 
+def test_dora_portable_export_refused(trained, tmp_path):
+    from lorakit.export.portable import export_portable_adapter
+
+    with pytest.raises(InputError, match="DoRA adapter.*no portable LoRA form"):
+        export_portable_adapter(trained["dora"], tmp_path / "p")
+    assert_nothing_written(tmp_path / "p")
+
+
 def test_unconverted_pissa_adapter_refused(trained, tmp_path):
     raw = tmp_path / "raw"
     shutil.copytree(trained["pissa"], raw)
