@@ -34,8 +34,9 @@ sys.path.insert(0, str(REPO))
 CONFIGS = [("packed", "nf4"), ("packed", "none"), ("padded", "nf4"), ("padded", "none")]
 
 
-def val_perplexity(base: Path, prep: Path, adapter: Path | None) -> float:
-    """exp(mean NLL) over the validation split's labelled (response) tokens, fp32 base (+ adapter)."""
+def val_perplexity(base: Path, prep: Path, adapter: Path | None, max_rows: int | None = None) -> float:
+    """exp(mean NLL) over the validation split's labelled (response) tokens, fp32 base (+ adapter); the first
+    ``max_rows`` rows only when given."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -48,10 +49,11 @@ def val_perplexity(base: Path, prep: Path, adapter: Path | None) -> float:
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
     rows = load_rows(prep, "val")
+    count = len(rows) if max_rows is None else min(max_rows, len(rows))
     nll, n = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(rows), 8):
-            idx = torch.arange(start, min(start + 8, len(rows)))
+        for start in range(0, count, 8):
+            idx = torch.arange(start, min(start + 8, count))
             logits = model(**model_inputs(rows, idx, "cpu"), use_cache=False).logits[:, :-1].float()
             labels = rows.labels[idx][:, 1:]
             nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -81,6 +81,21 @@ class LoraConfig(_Section):
     seed: int = 0
     device: str = "auto"
     gradient_checkpointing: bool | None = Field(None, description="Default: on for CUDA, off on CPU.")
+    variant: Literal["lora", "dora"] = Field("lora", description="dora: DoRA (magnitude x direction).")
+    init: Literal["default", "loftq", "pissa", "olora"] = Field(
+        "default", description="LoRA init; loftq needs quant nf4, pissa/olora need quant none.")
+    lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B's lr = ratio x A's; null = off.")
+
+    @model_validator(mode="after")
+    def _init_fits_quant(self) -> LoraConfig:
+        # The same rule as lorakit.train.variants.check_variant, in config keys, so preflight refuses it up front.
+        if self.init == "loftq" and self.quant != "nf4":
+            raise ValueError("init 'loftq' cancels the NF4 quantization error and needs quant 'nf4'")
+        if self.init in ("pissa", "olora") and self.quant != "none":
+            raise ValueError(f"init '{self.init}' rewrites the base into a residual and needs quant 'none'")
+        if self.init in ("pissa", "olora") and self.variant == "dora":
+            raise ValueError(f"init '{self.init}' cannot be saved converted for variant 'dora'; use init 'default'")
+        return self
 
 
 class MergeConfig(_Section):
@@ -92,6 +107,8 @@ class MergeConfig(_Section):
     density: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     normalize: bool | None = None
+    loftq_base: Literal["dequantized", "original"] | None = Field(
+        None, description="With lora.init loftq: merge into the dequantized NF4 base (exact) or the original one.")
 
 
 class QuantizeConfig(_Section):
@@ -183,6 +200,9 @@ class ReleaseConfig(_Section):
             raise ValueError(weights_count_problem(len(self.merge.weights), len(self.datasets)))
         if self.quantize.calib_dataset is not None and self.quantize.calib_dataset not in names:
             raise ValueError(f"quantize.calib_dataset {self.quantize.calib_dataset!r} is not one of the datasets ({', '.join(names)})")
+        if (self.lora.init == "loftq") != (self.merge.loftq_base is not None):
+            raise ValueError("lora.init 'loftq' and merge.loftq_base go together: LoftQ adapters belong to the NF4 base, "
+                             "so set merge.loftq_base (dequantized = exactly what was trained), and only with loftq")
         return self
 
     def merge_weights(self) -> list[float]:

@@ -79,6 +79,8 @@ class ReleasePlan:
         m = self.config.merge
         params = {"method": m.method, "density": m.density, "seed": m.seed, "normalize": m.normalize,
                   "output_kind": "model", "base": self.config.base}
+        if m.loftq_base is not None:  # only then, so the merged stage's folder name is unchanged for other runs
+            params["loftq_base"] = m.loftq_base
         weights = self.config.merge_weights()
         return {"adapters": adapters, "weights": weights, "params": params,
                 "output": stage_dir(self.out, "merged", "model", {"adapters": adapters, "weights": weights, **params})}

@@ -1,8 +1,9 @@
 """PEFT LoRA adapter folders: read, validate, and express each module's update ΔW = scaling·B·A.
 
-Reading is strict on purpose. PEFT silently accepts adapters whose merge would be wrong (DoRA magnitudes, LoRA
-biases, tied embeddings); lorakit refuses them with a message that names the adapter and the fix, before any
-output is created.
+Reading is strict on purpose. PEFT silently accepts adapters whose merge would be wrong (LoRA biases, tied
+embeddings, PiSSA/OLoRA factors saved relative to a residual base); lorakit refuses them with a message that names
+the adapter and the fix, before any output is created. DoRA adapters are read with their magnitudes: their update
+depends on the base weight, W' − W with W' = m·(W + s·B·A)/‖W + s·B·A‖ (row norms), and is materialised as such.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TRAIN_META = "lorakit_train.json"
 _PREFIX = "base_model.model."
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda")
+_MAGNITUDE = ".lora_magnitude_vector"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 TIED_TARGETS = ("lm_head", "embed_tokens", "wte", "word_embeddings", "embed_in", "embed_out")
 
@@ -51,6 +54,7 @@ class LoraModule:
     B: torch.Tensor  # [out_features, r]
     scaling: float
     fan_in_fan_out: bool = False
+    magnitude: torch.Tensor | None = None  # DoRA: the learned norm of each output row of the merged weight
 
     @property
     def rank(self) -> int:
@@ -62,9 +66,24 @@ class LoraModule:
         out_f, in_f = self.B.shape[0], self.A.shape[1]
         return (in_f, out_f) if self.fan_in_fan_out else (out_f, in_f)
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """scaling·B·A in [out, in] layout; :func:`to_weight_layout` maps it onto the stored weight."""
-        return (self.B.to(dtype) @ self.A.to(dtype)) * self.scaling
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
+    def delta(self, dtype: torch.dtype = torch.float32, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The update in [out, in] layout; :func:`to_weight_layout` maps it onto the stored weight.
+
+        LoRA: scaling·B·A. DoRA: m/‖W + scaling·B·A‖ · (W + scaling·B·A) − W with row norms, as PEFT merges it
+        (``peft/tuners/lora/dora.py``), which needs ``base`` = W in [out, in] layout; computed in float64.
+        """
+        if self.magnitude is None:
+            return (self.B.to(dtype) @ self.A.to(dtype)) * self.scaling
+        if base is None:
+            raise ValueError(f"{self.name} is a DoRA module: its update depends on the base weight; pass base=")
+        w = base.double()
+        merged = w + (self.B.double() @ self.A.double()) * self.scaling
+        norm = torch.linalg.norm(merged, dim=1)
+        return ((self.magnitude.double() / norm)[:, None] * merged - w).to(dtype)
 
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.T if self.fan_in_fan_out else delta
@@ -81,6 +100,15 @@ class Adapter:
     base_name: str | None
     base_digest: str | None = None
     extra: dict = field(default_factory=dict)
+    init: str = "default"  # lorakit_train.json's init; "loftq": the update belongs to the NF4-quantized base
+
+    @property
+    def dora(self) -> bool:
+        return any(m.dora for m in self.modules.values())
+
+    @property
+    def loftq(self) -> bool:
+        return self.init == "loftq"
 
     @property
     def label(self) -> str:
@@ -98,6 +126,8 @@ class Adapter:
             "modules": len(self.modules),
             "base_model": self.base_name,
             "base_digest": self.base_digest,
+            "variant": "dora" if self.dora else "lora",
+            "init": self.init,
         }
 
 
@@ -105,10 +135,12 @@ def _refuse_variants(path: Path, cfg: dict) -> None:
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(f"adapter {path} is a {peft_type} adapter; lorakit merges LoRA adapters only")
-    if cfg.get("use_dora"):
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
         raise InputError(
-            f"adapter {path} is a DoRA adapter (use_dora=true); its update is not B·A, so a weighted merge would be "
-            "wrong; retrain it as plain LoRA"
+            f"adapter {path} was initialised with {init} and saved unconverted: its factors are relative to a residual "
+            "base that no longer exists; re-save it with PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=<adapter saved right after init>), as lorakit train does"
         )
     if cfg.get("lora_bias"):
         raise InputError(f"adapter {path} trains LoRA biases (lora_bias=true), which lorakit does not merge; retrain without")
@@ -159,8 +191,11 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
                 f"adapter {path} adapts an embedding layer ({name}); lorakit merges linear-layer LoRA only; "
                 "retrain without embedding targets"
             )
-        if ".lora_magnitude_vector" in name:
-            raise InputError(f"adapter {path} holds DoRA magnitudes ({name}); retrain it as plain LoRA")
+        if name.endswith((_MAGNITUDE, _MAGNITUDE + ".weight")):
+            if t.dim() != 1 or not torch.isfinite(t).all():
+                raise InputError(f"adapter {path}: DoRA magnitude {key} is not a finite vector; the adapter is broken")
+            parts.setdefault(name[: name.index(_MAGNITUDE)], {})["M"] = t
+            continue
         if name.endswith(".base_layer.weight"):
             # PEFT saves frozen copies of embedding/lm_head base weights when those are targeted
             # (save_embedding_layers); they are not part of the update and are checked against the base instead.
@@ -178,9 +213,19 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
         raise InputError(f"adapter {path} contains no LoRA weights")
     modules: dict[str, LoraModule] = {}
     for name, ab in sorted(parts.items()):
+        magnitude = ab.pop("M", None)
         if set(ab) != {"A", "B"}:
             raise InputError(f"adapter {path}: module {name} has lora_{''.join(ab)} but not both factors; it is corrupt")
         A, B = ab["A"], ab["B"]
+        if bool(cfg.get("use_dora")) != (magnitude is not None):
+            raise InputError(
+                f"adapter {path} is {'a DoRA adapter (use_dora=true)' if cfg.get('use_dora') else 'not a DoRA adapter'} "
+                f"but module {name} {'lacks' if magnitude is None else 'has'} a magnitude vector; config and weights "
+                "do not belong together"
+            )
+        if magnitude is not None and magnitude.shape[0] != B.shape[0]:
+            raise InputError(f"adapter {path}: DoRA magnitude of {name} has {magnitude.shape[0]} entries for "
+                             f"{B.shape[0]} output features; the adapter is corrupt")
         r = int(pattern_value(rank_pattern, name, r_default))
         alpha = float(pattern_value(alpha_pattern, name, alpha_default))
         if A.shape[0] != r or B.shape[1] != r:
@@ -188,12 +233,15 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
                 f"adapter {path}: module {name} has rank {A.shape[0]}/{B.shape[1]} in its weights but r={r} in "
                 f"{CONFIG_FILE}; config and weights do not belong together"
             )
-        modules[name] = LoraModule(name, A, B, lora_scaling(alpha, r, rslora), fifo)
+        modules[name] = LoraModule(name, A, B, lora_scaling(alpha, r, rslora), fifo, magnitude)
 
     train_meta = path / TRAIN_META
-    base_digest = read_json(train_meta, "training metadata").get("base_digest") if train_meta.exists() else None
+    meta = read_json(train_meta, "training metadata") if train_meta.exists() else {}
+    peft_loftq = str(cfg.get("init_lora_weights")).lower() == "loftq"  # PEFT's own LoftQ flow
+    trained_init = (meta.get("config") or {}).get("init") or ("loftq" if peft_loftq else "default")
     digest = folder_digest(path, exclude=())
-    return Adapter(path, cfg, modules, digest, cfg.get("base_model_name_or_path"), base_digest)
+    return Adapter(path, cfg, modules, digest, cfg.get("base_model_name_or_path"), meta.get("base_digest"),
+                   init=trained_init)
 
 
 def _norm_base(name: str | None) -> str | None:

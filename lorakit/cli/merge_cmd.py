@@ -37,18 +37,24 @@ _METHODS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
               "the approximation error is printed and recorded.")
 @click.option("--base", help="Base model folder or hub id (default: the adapters' recorded base, else the embedded "
               "SmolLM2-135M-Instruct). Needed for --output-kind model; checks shapes and tied embeddings.")
+@click.option("--loftq-base", type=click.Choice(["dequantized", "original"]),
+              help="LoftQ adapters (lorakit train --init loftq) belong to the NF4-quantized base: dequantized merges into "
+              "dequant(NF4(W)), exactly the model that was trained; original adds them to W anyway. Required for "
+              "--output-kind model with a LoftQ adapter.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--ignore-base-name", is_flag=True, help="Accept adapters whose recorded base names differ "
               "(use only when they name the same weights).")
 @compute_dtype_option("merge")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
-def merge(adapters, weights, output, method, density, seed, normalize, output_kind, rank, base, force,
+def merge(adapters, weights, output, method, density, seed, normalize, output_kind, rank, base, loftq_base, force,
           ignore_base_name, compute_dtype, quiet):
     """Merge LoRA adapters: ΔW = Σ wᵢ·scalingᵢ·BᵢAᵢ (linear), or TIES/DARE/pruning on the updates.
 
     \b
     ADAPTERS are PEFT LoRA adapter folders trained on the same base model with the same target modules;
-    ranks, alphas and rsLoRA may differ (each adapter's own scaling is honoured).
+    ranks, alphas and rsLoRA may differ (each adapter's own scaling is honoured). DoRA adapters are merged as
+    their materialised updates W'ᵢ − W (model output exact; adapter output needs --rank). PiSSA/OLoRA adapters
+    from lorakit train are already plain LoRA on the original base.
 
     \b
     Examples:
@@ -71,7 +77,8 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
     w = parse_weights(weights, len(adapters))
     result = merge_adapters(
         adapters, w, output, method=method, output_kind=output_kind, rank=rank, base=base, density=density,
-        seed=seed, normalize=normalize, force=force, ignore_base_name=ignore_base_name, compute_dtype=compute_dtype,
+        seed=seed, normalize=normalize, force=force, ignore_base_name=ignore_base_name, loftq_base=loftq_base,
+        compute_dtype=compute_dtype,
         progress=not quiet,
     )
     if quiet:

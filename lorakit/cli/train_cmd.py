@@ -22,6 +22,12 @@ from lorakit.cli.options import compute_dtype_option, device_option
 @click.option("--target", default="all-linear", show_default=True,
               help="Modules to adapt: all-linear (never the output head) or a list such as q,v or q_proj,v_proj.")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/sqrt(r).")
+@click.option("--variant", type=click.Choice(["lora", "dora"]), default="lora", show_default=True,
+              help="dora: DoRA (learned magnitude x normalised direction, PEFT use_dora); merges materialise it.")
+@click.option("--init", "init", type=click.Choice(["default", "loftq", "pissa", "olora"]), default="default",
+              show_default=True, help="LoRA initialisation: loftq cancels the NF4 error (--quant nf4 only); pissa/olora "
+              "start from the base's principal directions (--quant none only; saved converted to plain LoRA, rank 2r).")
+@click.option("--lora-plus-ratio", type=float, help="LoRA+: B learns this many times faster than A (16 is usual).")
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (linear warm-up and decay).")
 @click.option("--epochs", type=float, help="Passes over the training rows (default 1).")
 @click.option("--max-steps", type=int, help="Optimizer steps instead of --epochs.")
@@ -38,8 +44,9 @@ from lorakit.cli.options import compute_dtype_option, device_option
 @click.option("--no-loss-check", is_flag=True, help="Skip the loss-fell check (finite loss/gradient checks stay on).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder and any stale checkpoints.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
-def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, epochs, max_steps, batch_size,
-          grad_accum, seed, device, compute_dtype, checkpoint_every, resume, min_loss_drop, no_loss_check, force, quiet):
+def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, variant, init, lora_plus_ratio, lr, epochs,
+          max_steps, batch_size, grad_accum, seed, device, compute_dtype, checkpoint_every, resume, min_loss_drop,
+          no_loss_check, force, quiet):
     """Train one LoRA adapter (QLoRA by default) on PREP_DIR's training split.
 
     \b
@@ -58,6 +65,7 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, 
     Examples:
       lorakit train prep/reverse -o adapters/reverse
       lorakit train prep/reverse -o adapters/reverse --quant none --r 8 --target q,v --max-steps 200
+      lorakit train prep/reverse -o adapters/reverse --variant dora --lora-plus-ratio 16
       lorakit train prep/reverse -o adapters/reverse --resume          after an interruption
     """
     from lorakit.runtime import configure_threads, quiet_third_party_logs
@@ -75,7 +83,8 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, lr, 
         result = _train(
             prep_dir, output, base=base, quant=quant, r=r, alpha=alpha, dropout=dropout, target=target, rslora=rslora,
             lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-            resume=resume, device=device, compute_dtype=compute_dtype, checkpoint_every=checkpoint_every,
+            variant=variant, init=init, lora_plus_ratio=lora_plus_ratio, resume=resume, device=device,
+            compute_dtype=compute_dtype, checkpoint_every=checkpoint_every,
             min_loss_drop=None if no_loss_check else min_loss_drop, force=force, progress=not quiet,
         )
     if quiet:

@@ -59,6 +59,11 @@ def export_portable_adapter(
     source = load_adapter(adapter)
     if output.resolve() == source.path.resolve():
         raise InputError(f"output {output} is the input adapter; write the portable adapter to another folder")
+    if source.dora:
+        raise InputError(
+            f"adapter {source.label} is a DoRA adapter: its magnitude vectors are not a scale a runtime applies, so it "
+            "has no portable LoRA form; merge it into the model (lorakit merge --output-kind model) and export that"
+        )
     rank = max(m.rank for m in source.modules.values())
     tensors: dict[str, torch.Tensor] = {}
     scalings: dict[str, float] = {}

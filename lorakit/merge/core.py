@@ -26,6 +26,7 @@ from lorakit.errors import IncompatibleAdaptersError, InputError
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.io.digests import manifest_digest
 from lorakit.io.safetensors_stream import copy_with_digest, overwrite_tensor, read_tensor, save_file
+from lorakit.merge.base_weights import Nf4Dequantized, check_loftq_base
 from lorakit.merge.linear import concat_factors
 from lorakit.merge.method import MergeMethod, ModuleContext
 from lorakit.merge.registry import get_method, resolve_params
@@ -114,8 +115,12 @@ def _check_base_fits(adapters: list[Adapter], base_dir: Path, index: dict[str, t
 
 
 def _merged_delta(method: MergeMethod, adapters: list[Adapter], name: str, weights: list[float],
-                  params: dict[str, Any]) -> torch.Tensor:
-    deltas = [a.modules[name].delta() for a in adapters]
+                  params: dict[str, Any], base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The method applied to the updates, in [out, in] layout; DoRA updates are materialised on ``base_weight``
+    (stored layout), so methods combine W'ᵢ − W like any other update."""
+    modules = [a.modules[name] for a in adapters]
+    base = modules[0].to_weight_layout(base_weight) if base_weight is not None else None
+    deltas = [m.delta(base=base) for m in modules]
     ctx = ModuleContext(name, int(params.get("seed") or 0), tuple(a.digest for a in adapters))
     return method.combine(deltas, weights, ctx, params)
 
@@ -132,19 +137,35 @@ def _adapter_config(first: Adapter, ranks: dict[str, int], base_name: str | None
     return cfg
 
 
+def _read_base(base_dir: Path | None, index: dict[str, tuple[str, Any]] | None,
+               dequantized: Nf4Dequantized | None):
+    """name -> the float32 base weight (stored layout) that updates are added to."""
+    def read(name: str) -> torch.Tensor:
+        if dequantized is not None and name in dequantized.names:
+            return dequantized.weight(name)
+        shard, info = index[f"{name}.weight"]
+        with open(base_dir / shard, "rb") as fh:
+            return read_tensor(fh, info).float()
+    return read
+
+
 def _write_adapter(tmp: Path, method: MergeMethod, adapters: list[Adapter], weights: list[float],
                    params: dict[str, Any], rank: int | None, base_name: str | None,
-                   progress: bool) -> dict[str, Any]:
+                   progress: bool, read_base=None) -> dict[str, Any]:
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     err_sq = norm_sq = 0.0
     for name in progress_bar(sorted(adapters[0].modules), desc="merging modules", unit="module", disable=not progress):
         modules = [a.modules[name] for a in adapters]
-        if method.factorable and rank is None:
+        dora = any(m.dora for m in modules)
+        if method.factorable and rank is None and not dora:
             A, B = concat_factors(modules, weights)
         else:
-            if method.factorable:
+            if dora:
+                delta = _merged_delta(method, adapters, name, weights, params, read_base(name))
+                cut = truncate_dense(delta, rank)
+            elif method.factorable:
                 A_cat, B_cat = concat_factors(modules, weights)
                 cut: Truncation = truncate_factors(B_cat, A_cat, rank)
             else:
@@ -166,25 +187,34 @@ def _write_adapter(tmp: Path, method: MergeMethod, adapters: list[Adapter], weig
 
 def _write_model(tmp: Path, method: MergeMethod, adapters: list[Adapter], weights: list[float],
                  params: dict[str, Any], base_dir: Path, index: dict[str, tuple[str, Any]],
-                 progress: bool) -> dict[str, Any]:
-    """Copy the base folder shard by shard and patch only the adapted weights in place."""
+                 progress: bool, dequantized: Nf4Dequantized | None = None) -> dict[str, Any]:
+    """Copy the base folder shard by shard and patch only the adapted weights in place (and, merging into the
+    dequantized NF4 base, every 4-bit layer's weight)."""
     for item in sorted(base_dir.iterdir()):
         if item.is_file() and not item.name.endswith(".safetensors") and not item.name.startswith("lorakit_"):
             shutil.copy2(item, tmp / item.name)
     by_shard: dict[str, list[str]] = {}
-    for name in adapters[0].modules:
+    patched = set(adapters[0].modules) | (dequantized.names if dequantized is not None else set())
+    for name in patched:
         by_shard.setdefault(index[f"{name}.weight"][0], []).append(name)
     shard_digests: dict[str, str] = {}
-    bar = progress_bar(total=len(adapters[0].modules), desc="merging into base", unit="module", disable=not progress)
+    bar = progress_bar(total=len(patched), desc="merging into base", unit="module", disable=not progress)
     for shard in shard_names(base_dir):
         shard_digests[shard] = copy_with_digest(base_dir / shard, tmp / shard)
         with open(tmp / shard, "r+b") as fh:
             for name in sorted(by_shard.get(shard, [])):
                 info = index[f"{name}.weight"][1]
                 weight = read_tensor(fh, info)
-                module = adapters[0].modules[name]
                 merged = weight.float()  # no copy for fp32 weights: the buffer was just read and is ours
-                if method.factorable:
+                if dequantized is not None and name in dequantized.names:
+                    dq = dequantized.weight(name)
+                    merged = dq if dq.shape == merged.shape else dq.T.contiguous()  # Conv1D stores [in, out]
+                module = adapters[0].modules.get(name)
+                if module is None:
+                    pass
+                elif any(a.modules[name].dora for a in adapters):
+                    merged += module.to_weight_layout(_merged_delta(method, adapters, name, weights, params, merged))
+                elif method.factorable:
                     # One GEMM with the concatenated factors, accumulated straight into the weight:
                     # several times faster than forming each ΔWᵢ and summing them.
                     A, B = concat_factors([a.modules[name] for a in adapters], weights)
@@ -216,6 +246,7 @@ def merge_adapters(
     force: bool = False,
     ignore_base_name: bool = False,
     compute_dtype: str = "auto",
+    loftq_base: str | None = None,
     progress: bool = True,
 ) -> MergeResult:
     """Merge PEFT LoRA adapters: ΔW = method(w₁·ΔW₁, …) with ΔWᵢ = scalingᵢ·BᵢAᵢ per target module.
@@ -223,6 +254,8 @@ def merge_adapters(
     Returns what was written and how exact it is; raises :class:`lorakit.errors.InputError` (nothing written)
     for every input it cannot merge correctly. ``compute_dtype`` is accepted for symmetry with the other stages
     and must resolve to float32 (lorakit.compute.POLICY: the merge is exact; SVD rank reduction runs in float64).
+    DoRA updates are materialised on the base (W'ᵢ − W); LoftQ adapters need ``loftq_base`` for model output (see
+    :mod:`lorakit.merge.base_weights`).
     """
     from lorakit.compute import dtype_name, resolve_compute_dtype
 
@@ -240,19 +273,30 @@ def merge_adapters(
 
     loaded = [load_adapter(a) for a in adapters]
     check_compatible(loaded, ignore_base_name=ignore_base_name)
-    base_dir = _base_dir(loaded, base, required=output_kind == "model")
+    loftq_base = check_loftq_base(loaded, output_kind, loftq_base)
+    dora = [a for a in loaded if a.dora]
+    if dora and output_kind == "adapter" and rank is None:
+        raise InputError(
+            f"adapter {dora[0].label} is a DoRA adapter: its update m·(W + sBA)/‖W + sBA‖ − W is full rank, so an "
+            "adapter output needs --rank K (truncated SVD, the error is reported); or pass --output-kind model (exact)"
+        )
+    # DoRA updates and the dequantized LoftQ base are computed from the base weights, whatever the output kind.
+    needs_base = output_kind == "model" or bool(dora) or loftq_base == "dequantized"
+    base_dir = _base_dir(loaded, base, required=needs_base)
     index = None
     if base_dir is not None:
         check_tied_targets(loaded, ties_embeddings(read_model_config(base_dir)), str(base_dir))
         index = tensor_index(base_dir)
         _check_base_fits(loaded, base_dir, index)
     base_name = str(base) if base is not None else loaded[0].base_name
+    dequantized = Nf4Dequantized(base_dir) if loftq_base == "dequantized" else None
 
     with atomic_dir(output, force=force) as tmp:
         if output_kind == "adapter":
-            result = _write_adapter(tmp, merge_method, loaded, weights, params, rank, base_name, progress)
+            result = _write_adapter(tmp, merge_method, loaded, weights, params, rank, base_name, progress,
+                                    _read_base(base_dir, index, dequantized))
         else:
-            result = _write_model(tmp, merge_method, loaded, weights, params, base_dir, index, progress)
+            result = _write_model(tmp, merge_method, loaded, weights, params, base_dir, index, progress, dequantized)
             digests = [a.base_digest for a in loaded if a.base_digest]
             if digests and any(d != result["base_weights_digest"] for d in digests):
                 raise IncompatibleAdaptersError(
@@ -267,6 +311,7 @@ def merge_adapters(
             "negative_weights": [str(a.path) for a, w in zip(loaded, weights) if w < 0],
             "output_kind": output_kind,
             "compute_dtype": compute,
+            "loftq_base": loftq_base,
             "inputs": [a.summary() for a in loaded],
             "base": {"path": str(base_dir) if base_dir else None, "name": base_name,
                      "weights_digest": result.pop("base_weights_digest", None),

@@ -39,6 +39,7 @@ from lorakit.train.checkpoint import checkpoint_root, latest_checkpoint, load_ch
 from lorakit.train.model import (assert_not_repacked, check_tied_targets, dropout_off, load_for_training,
                                  parse_targets, pick_device)
 from lorakit.train.sanity import TrainingSanityError, check_loss_fell, check_step
+from lorakit.train import variants
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -68,6 +69,9 @@ class TrainConfig:
     device: str = "auto"
     gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU (where it only costs time)
     compute_dtype: str = "auto"  # lorakit.compute: auto = bfloat16 only where it is fast on this machine
+    variant: str = "lora"  # lora | dora (lorakit.train.variants)
+    init: str = "default"  # default | loftq | pissa | olora
+    lora_plus_ratio: float | None = None  # LoRA+: B's lr = ratio x A's; None = one lr
 
     def validate(self) -> None:
         positive = {"r": self.r, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -88,6 +92,7 @@ class TrainConfig:
             raise InputError(f"--alpha must be positive, got {self.alpha}")
         if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
             raise InputError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
+        variants.check_variant(self.variant, self.init, self.quant, self.lora_plus_ratio)
 
     def fingerprint(self, prep_digest: str, base_digest: str, compute_dtype: str) -> str:
         """What a checkpoint must match to be resumed: everything that changes the computation, including the
@@ -278,6 +283,9 @@ def train_adapter(
     min_loss_drop: float | None = 0.01,
     gradient_checkpointing: bool | None = None,
     compute_dtype: str = "auto",
+    variant: str = "lora",
+    init: str = "default",
+    lora_plus_ratio: float | None = None,
     keep_checkpoints: bool = False,
     on_step: Callable[[dict], None] | None = None,
     force: bool = False,
@@ -302,7 +310,8 @@ def train_adapter(
                       grad_accum=int(grad_accum), seed=int(seed), warmup_ratio=float(warmup_ratio),
                       weight_decay=float(weight_decay), max_grad_norm=float(max_grad_norm),
                       min_loss_drop=min_loss_drop, checkpoint_every=checkpoint_every, device=device,
-                      gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype)
+                      gradient_checkpointing=gradient_checkpointing, compute_dtype=compute_dtype, variant=variant,
+                      init=init, lora_plus_ratio=None if lora_plus_ratio is None else float(lora_plus_ratio))
     cfg.validate()
     check_output_free(output, force)
     prep = _check_prep(prep_dir)
@@ -315,6 +324,7 @@ def train_adapter(
     tied = ties_embeddings(read_model_config(base_dir))
     targets = parse_targets(cfg.target)
     check_tied_targets(targets, tied, base_name)
+    variants.check_base(base_dir, cfg.variant, cfg.quant, targets)
     rows = load_rows(prep_dir, "train")
     schedule = Schedule(len(rows), cfg.batch_size, cfg.grad_accum, cfg.seed)
     total = int(cfg.max_steps) if cfg.max_steps is not None else schedule.steps_for_epochs(cfg.epochs or 1)
@@ -333,11 +343,13 @@ def train_adapter(
 
     loaded = load_for_training(base_dir, quant=cfg.quant, device=dev, r=cfg.r, alpha=cfg.alpha,
                                dropout=cfg.dropout, targets=targets, rslora=cfg.rslora, seed=cfg.seed,
-                               gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=dtype)
+                               gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=dtype,
+                               variant=cfg.variant, init=cfg.init)
     model = loaded.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    initial = variants.initial_state(model, cfg.init)
+    optimizer = variants.build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.lora_plus_ratio)
     torch.manual_seed(cfg.seed)  # dropout stream
 
     start_step, log, first_batch_loss, elapsed_before, resumed_from = 0, [], None, 0.0, None
@@ -353,7 +365,7 @@ def train_adapter(
             t0 = time.perf_counter()
             step_lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = step_lr
+                group["lr"] = step_lr * group.get(variants.LR_SCALE, 1.0)
             micro = schedule.step_microbatches(step)
             n_labels = max(1, _label_count(rows, micro))
             loss_sum = 0.0
@@ -416,7 +428,7 @@ def train_adapter(
     )
     model.peft_config["default"].base_model_name_or_path = base_name
     with atomic_dir(output, force=force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        variants.save_adapter(model, tmp, cfg.init, initial)
         (tmp / TRAIN_LOG).write_text("".join(json.dumps(e) + "\n" for e in log))
         write_json(tmp / TRAIN_META, record.to_json())
     if not keep_checkpoints:

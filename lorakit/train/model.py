@@ -71,9 +71,12 @@ class LoadedModel:
 
 def load_for_training(base_dir: Path, *, quant: str, device: str, r: int, alpha: float, dropout: float,
                       targets: str | list[str], rslora: bool, seed: int,
-                      gradient_checkpointing: bool | None, compute_dtype: str = "auto") -> LoadedModel:
+                      gradient_checkpointing: bool | None, compute_dtype: str = "auto", variant: str = "lora",
+                      init: str = "default") -> LoadedModel:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
+
+    from lorakit.train.variants import after_init, lora_config_kwargs
 
     if quant not in QUANT_MODES:
         raise InputError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
@@ -97,12 +100,13 @@ def load_for_training(base_dir: Path, *, quant: str, device: str, r: int, alpha:
     model.config.use_cache = False
     torch.manual_seed(seed)  # LoRA A init
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora,
-                        bias="none", task_type="CAUSAL_LM")
+                        bias="none", task_type="CAUSAL_LM", **lora_config_kwargs(variant, init))
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:
         names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise InputError(f"--target {targets}: {str(exc).splitlines()[0]}; linear layers of this model: {', '.join(names)}") from None
+    after_init(model, init, base_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     resolved = sorted(model.peft_config["default"].target_modules)
     return LoadedModel(model, device, quant, compute, gc, trainable, resolved)
