@@ -18,7 +18,9 @@ from lorakit.train.model import load_for_training
 from tests.conftest import assert_nothing_written, run_cli
 
 FAST = dict(lr=5e-3, batch_size=4, progress=False, checkpoint_every=None, min_loss_drop=None)
-LOAD = dict(r=4, alpha=8, dropout=0.0, targets="all-linear", rslora=False, seed=0, gradient_checkpointing=False)
+# float32 compute: the equalities below are checked at fp32 precision, whatever this CPU's bf16 speed
+LOAD = dict(compute_dtype="float32", r=4, alpha=8, dropout=0.0, targets="all-linear", rslora=False, seed=0,
+            gradient_checkpointing=False)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +99,9 @@ def test_variant_run_resumes_exactly(prep, tmp_path):
 
 
 def test_choice_is_in_the_resume_fingerprint():
-    base = TrainConfig().fingerprint("p", "b")
+    base = TrainConfig().fingerprint("p", "b", "float32")
     for change in (dict(variant="dora"), dict(init="loftq"), dict(lora_plus_ratio=16.0)):
-        assert TrainConfig(**change).fingerprint("p", "b") != base, change
+        assert TrainConfig(**change).fingerprint("p", "b", "float32") != base, change
 
 
 def test_loftq_init_cancels_the_nf4_error_optimally(tiny_base):
