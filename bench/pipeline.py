@@ -79,9 +79,22 @@ def release_facts(output_dir: Path, config: dict) -> dict[str, object]:
             "passed": v.passed, "worst_degradation": max(c.degradation for c in v.checks),
             "checks": {c.name: {"degradation": c.degradation, "baseline_ppl": c.baseline_ppl,
                                 "candidate_ppl": c.candidate_ppl, "passed": c.passed} for c in v.checks}}
+    facts["compute_dtypes"] = compute_dtypes(output_dir)
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     facts["lorakit_commit"] = commit.stdout.strip() or None
     return facts
+
+
+def compute_dtypes(output_dir: Path) -> dict[str, str | None]:
+    """The compute dtype each stage resolved to (``auto`` -> bfloat16 or float32 on this CPU), from its record."""
+    out: dict[str, str | None] = {}
+    for meta in sorted(output_dir.glob("*/*/lorakit_train.json")):
+        out[f"adapters/{meta.parent.name}"] = json.loads(meta.read_text()).get("compute_dtype")
+    for meta in sorted(output_dir.glob("*/*/lorakit_quant.json")):
+        out[f"quantized/{meta.parent.name}"] = json.loads(meta.read_text())["params"].get("compute_dtype")
+    for meta in sorted(output_dir.glob("gate/*/gate.json")):
+        out[f"gate/{meta.parent.name}"] = json.loads(meta.read_text())["params"].get("compute_dtype")
+    return out
 
 
 def task_times(prefect_home: Path) -> dict[str, object]:
@@ -136,7 +149,13 @@ def main() -> None:
     ap.add_argument("--cpu-profile", choices=sorted(CPU_PROFILES), default="native",
                     help="native: this CPU as it is; avx2: torch and oneDNN held to AVX2 kernels, i.e. a CPU without "
                          "AVX512/AVX512-BF16 (most laptops and many VMs). Recorded under its own key.")
+    ap.add_argument("--refresh-facts", action="store_true",
+                    help="re-read what the last run (kept in --work) released into the recorded results, without "
+                         "running anything")
     args = ap.parse_args()
+    if args.refresh_facts:
+        refresh_facts(args)
+        return
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -209,6 +228,18 @@ def main() -> None:
     print(f"wrote {path} and the pipeline section of bench/README.md")
 
 
+def refresh_facts(args) -> None:
+    data = yaml.safe_load((args.work / "run.yaml").read_text())
+    results = _previous_results()
+    key = f"cpu_profile_{args.cpu_profile}" if args.cpu_profile != "native" else None
+    target = results[key] if key else results
+    target.update(release_facts(args.work / "out", data))
+    (REPO / "bench" / "results" / "pipeline.json").write_text(json.dumps(results, indent=2) + "\n")
+    if key:
+        update_readme_section(f"pipeline-{args.cpu_profile}", readme_profile(target))
+    print(f"refreshed the release facts of {key or 'the native run'} from {args.work}")
+
+
 def _previous_results() -> dict:
     path = REPO / "bench" / "results" / "pipeline.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -223,7 +254,7 @@ def readme_profile(r: dict) -> str:
 `python bench/pipeline.py --cpu-profile {r["cpu_profile"]}` (-> `bench/results/pipeline.json`, key
 `cpu_profile_{r["cpu_profile"]}`): the default release (`make demo`'s config) cold, on {c["model"]} with torch and oneDNN
 held to AVX2 kernels ({", ".join(f"{k}={v}" for k, v in c["kernel_env"].items())}), as on a CPU without AVX512-BF16;
-lorakit's compute-dtype probe then picks float32. Load average at the end: {r["machine"]["loadavg_1m_at_end"]}.
+compute dtypes the stages resolved (`compute_dtypes`): {", ".join(sorted(set(map(str, r.get("compute_dtypes", {}).values()))))}. Load average at the end: {r["machine"]["loadavg_1m_at_end"]}.
 
 | run | wall (s) |
 |---|---:|
