@@ -3,6 +3,8 @@ medians, write ``bench/results/<name>.json`` and this benchmark's section of ``b
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import os
 import platform
@@ -36,6 +38,23 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: str | N
             raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr.decode()[-3000:]}")
         peak_kib = int(report.read().strip().splitlines()[-1])
     return {"wall_s": wall, "peak_rss_mib": peak_kib / 1024}
+
+
+def stdlib_docstrings(modules: list[str]) -> list[str]:
+    """Docstrings (> 200 characters) of the public functions and classes of standard-library ``modules``, in a
+    fixed order: held-out English text present wherever Python is, for perplexity benchmarks."""
+    out = []
+    for name in modules:
+        mod = importlib.import_module(name)
+        for attr, obj in sorted(vars(mod).items()):
+            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            if getattr(obj, "__module__", "") != mod.__name__:
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 200:
+                out.append(doc)
+    return out
 
 
 def median(values: list[float]) -> float:

@@ -32,8 +32,6 @@ scoring per model (7 models): ~45 minutes idle; on a loaded machine 2-3x, so rai
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
 import os
@@ -47,6 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import stdlib_docstrings  # noqa: E402
 from bench.export import cpu_info  # noqa: E402  (CPU model, kernel-relevant flags, load)
 RESULTS = REPO / "bench" / "results" / "quantize.json"
 WORK = Path(os.environ.get("BENCH_WORK", "/tmp/lorakit-bench-quantize"))
@@ -64,28 +63,13 @@ VAL_MODULES = ["decimal", "fractions", "statistics", "random", "heapq", "bisect"
                "calendar"]
 
 
-def _docs(modules: list[str]) -> list[str]:
-    out = []
-    for name in modules:
-        mod = importlib.import_module(name)
-        for attr, obj in sorted(vars(mod).items()):
-            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
-                continue
-            if getattr(obj, "__module__", "") != mod.__name__:
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 200:
-                out.append(doc)
-    return out
-
-
 def make_prep(folder: Path) -> Path:
     if (folder / "prep.json").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for split, mods in (("train", TRAIN_MODULES), ("val", VAL_MODULES)):
         with open(folder / f"{split}.texts.jsonl", "w") as fh:
-            for doc in _docs(mods):
+            for doc in stdlib_docstrings(mods):
                 fh.write(json.dumps({"text": doc}) + "\n")
     (folder / "prep.json").write_text(json.dumps({"source": "python stdlib docstrings", "python": platform.python_version()}))
     return folder

@@ -158,6 +158,20 @@ def atomic_file(dest: str | os.PathLike[str], *, force: bool = False) -> Iterato
     check_output_free(dest, force)
     if dest.is_dir():
         raise InputError(f"output {dest} is a folder; pass a file path")
+    with _replaced_via_temp(dest) as tmp:
+        yield tmp
+
+
+def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
+    """Write a small file atomically (temp file in the same folder, fsync, rename), replacing any old one."""
+    with _replaced_via_temp(Path(dest)) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def _replaced_via_temp(dest: Path) -> Iterator[Path]:
+    """A temporary sibling of ``dest`` that is fsynced and renamed over it when the block succeeds, removed when
+    it fails (a full disk becomes the one-line disk-full error)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
     os.close(fd)
@@ -166,31 +180,6 @@ def atomic_file(dest: str | os.PathLike[str], *, force: bool = False) -> Iterato
     try:
         yield tmp
         with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if exc.errno == errno.ENOSPC:
-            raise InputError(_disk_full_message(dest)) from exc
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
-    """Write a small file atomically (temp file in the same folder, fsync, rename)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
