@@ -10,14 +10,19 @@ docstrings of a fixed list of Python standard-library modules (present wherever 
 GPTQ/AWQ are not re-measured here; their sizes and perplexities on SmolLM2 are in ``bench/results/quantize.json``
 (a different perplexity text and method, so not comparable digit for digit).
 
-Usage: python bench/export.py [--types f16,q8_0,q4_0,q5_0,q5_1] [--work bench/work/export]
+With ``--release DIR`` (the output folder of a ``lorakit run`` of the default release, e.g. what
+``bench/pipeline.py`` keeps in ``bench/work/pipeline/out``) the source is that release's merged model instead, and
+GPTQ and AWQ are measured beside the GGUF types on the same token stream: the release's own GPTQ checkpoint (the
+release default) and a lorakit AWQ 4-bit g64 checkpoint calibrated on the release's calibration data. Those rows
+are recorded under the ``release`` key, leaving the embedded model's rows (which the slow test checks) as they are.
+
+Usage: python bench/export.py [--types f16,q8_0,q4_0,q5_0,q5_1] [--work bench/work/export] [--release DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
+import json
 import os
 import sys
 import time
@@ -36,18 +41,9 @@ TYPES = ("f16", "q8_0", "q4_0", "q5_0", "q5_1")
 
 def eval_texts() -> list[str]:
     """Docstrings (> 200 characters) of the public functions and classes of ``EVAL_MODULES``, in a fixed order."""
-    out = []
-    for name in EVAL_MODULES:
-        mod = importlib.import_module(name)
-        for attr, obj in sorted(vars(mod).items()):
-            if attr.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
-                continue
-            if getattr(obj, "__module__", "") != mod.__name__:
-                continue
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) > 200:
-                out.append(doc)
-    return out
+    from bench.common import stdlib_docstrings
+
+    return stdlib_docstrings(EVAL_MODULES)
 
 
 def cpu_info() -> dict:
@@ -64,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument("--work", default=str(BENCH / "work" / "export"))
+    parser.add_argument("--release", type=Path, help="a `lorakit run` output folder: measure its merged model, its "
+                        "GPTQ checkpoint and a lorakit AWQ checkpoint beside the GGUF types (key `release`)")
     args = parser.parse_args()
 
     from bench.common import update_readme_section, write_results
@@ -79,7 +77,8 @@ def main() -> None:
     cpu = cpu_info()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    base = ensure_default_model()
+    release = _release_parts(args.release) if args.release else None
+    base = release["merged"] if release else ensure_default_model()
     spec = describe_model(str(base))
     tokens = tokenize_eval_texts(EvalTexts(eval_texts(), "python stdlib docstrings", "list", None),
                                  load_tokenizer(spec), max_tokens=EVAL_TOKENS)
@@ -95,19 +94,41 @@ def main() -> None:
         print(row, flush=True)
         return row
 
-    fp32_bytes = (base / "model.safetensors").stat().st_size
+    fp32_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     rows.append(measure(str(base), "fp32", {"size_bytes": fp32_bytes, "export_s": 0.0, "file": "model.safetensors"}))
     for qtype in args.types.split(","):
-        out = work / f"smollm2-135m-instruct.{qtype}.gguf"
+        out = work / f"{base.name}.{qtype}.gguf"
         result = export_gguf(base, out, qtype=qtype, force=True, progress=False)
         rows.append(measure(str(out), qtype, {"size_bytes": out.stat().st_size,
                                               "export_s": result.metadata["wall_time_s"],
                                               "tensor_types": result.metadata["tensor_types"],
                                               "sha256": sha256_file(out)}))
+    if release:
+        rows.append(measure(str(release["gptq"]), "gptq (release)", _quant_extra(release["gptq"])))
+        from lorakit.quantize import quantize_model
+
+        awq_dir = work / "awq-4b-g64"
+        quantize_model(base, awq_dir, method="awq", bits=4, group_size=64, calib=release["calib"], n_samples=64,
+                       seq_len=256, force=True, progress=False)
+        rows.append(measure(str(awq_dir), "awq 4b g64 (lorakit)", _quant_extra(awq_dir)))
     ref_ppl = rows[0]["ppl"]
     for row in rows:
         row["degradation"] = row["ppl"] / ref_ppl - 1
     cpu["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
+    if release:
+        from bench.common import machine
+
+        path = BENCH / "results" / "export.json"
+        data = json.loads(path.read_text())
+        data["release"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cpu": cpu,
+                           "source": str(args.release), "merged": str(base),
+                           "perplexity_method": {**{k: v for k, v in tokens.describe().items() if k != "join"},
+                                                 "seq_len": SEQ_LEN, "stride": SEQ_LEN, "modules": EVAL_MODULES},
+                           "rows": rows}
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        update_readme_section("export-release", _release_table(rows, fp32_bytes, cpu))
+        print(f"wrote {path} (key release)", flush=True)
+        return
     data = {
         "model": "SmolLM2-135M-Instruct (embedded default, fp32 HF folder)",
         "cpu": cpu, "torch_threads": int(os.environ.get("LORAKIT_THREADS", "0") or 0) or "lorakit default",
@@ -135,6 +156,42 @@ text and method, so compare the "vs fp32" columns only loosely).
 {chr(10).join(table)}
 """)
     print(f"wrote {path}", flush=True)
+
+
+def _release_parts(out_dir: Path) -> dict[str, Path]:
+    """The merged model, the GPTQ checkpoint and the calibration data of one `lorakit run` output folder."""
+    def one(pattern: str) -> Path:
+        found = sorted(out_dir.glob(pattern))
+        if len(found) != 1:
+            raise SystemExit(f"--release {out_dir}: expected one {pattern}, found {len(found)}")
+        return found[0]
+
+    return {"merged": one("merged/model-*"), "gptq": one("quantized/gptq-*"), "calib": one("prep/calibration-*")}
+
+
+def _quant_extra(folder: Path) -> dict:
+    from lorakit.quantize import read_quant_meta
+
+    meta = read_quant_meta(folder)
+    return {"size_bytes": meta.size_after_bytes, "export_s": meta.wall_time_s, "settings": meta.used_settings()}
+
+
+def _release_table(rows: list[dict], fp32_bytes: int, cpu: dict) -> str:
+    table = ["| format | size MB | vs fp32 size | made in s | ppl | vs fp32 |", "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        table.append(f"| {row['type']} | {row['size_bytes'] / 1e6:.1f} | {row['size_bytes'] / fp32_bytes:.0%} | "
+                     f"{row['export_s']:.1f} | {row['ppl']:.4f} | {row['degradation']:+.2%} |")
+    return f"""## export of the default release: GGUF beside GPTQ and AWQ
+
+`python bench/export.py --release bench/work/pipeline/out` (→ `bench/results/export.json`, key `release`): the
+default release's merged model (fp32), each GGUF type, the release's own GPTQ checkpoint and a lorakit AWQ 4-bit g64
+checkpoint calibrated on the release's calibration data, all scored on one token stream ({EVAL_TOKENS} tokens of
+Python stdlib docstrings, the gate's method; GPTQ/AWQ on lorakit's dequantized path). CPU: {cpu['model']}
+({', '.join(cpu['flags'])}), load {cpu['loadavg_1m_start']} → {cpu['loadavg_1m_end']}. "made in s" is the export or
+quantization wall time (GPTQ's from the release run itself, `bench/pipeline.py --cpu-profile avx2`).
+
+{chr(10).join(table)}
+"""
 
 
 if __name__ == "__main__":
