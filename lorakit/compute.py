@@ -1,9 +1,9 @@
 """The compute dtype of every stage: one resolver, one policy table, one probe of whether bfloat16 is fast here.
 
 Why a probe and not a feature list: bfloat16 is a speed-up only where the hardware and the kernels torch picks
-both have it. On a CPU with AVX512-BF16/AMX, bfloat16 matmuls ran ~2.4x faster than float32 (AWQ's search, see
-bench/results/quantize.json); on an AMD EPYC with AVX2 only, a 512x576 @ 576x1536 bfloat16 matmul was 41x slower
-than float32 and one QLoRA micro-batch 15x slower (shared NOTES, "CPUs without bf16 units"). The cpuinfo flags are
+both have it. On a CPU with AVX512-BF16, bfloat16 made lorakit's AWQ of SmolLM2 1.8x faster (145 s -> 80 s,
+bench/results/quantize.json ``awq_development_runs``); with torch held to AVX2 kernels, GPTQModel's GPTQ of SmolLM2
+took 1018 s in bfloat16 against 254 s in float32 (bench/results/gptq_dtype.json). The cpuinfo flags are
 not enough: ``ATEN_CPU_CAPABILITY=avx2`` / ``ONEDNN_MAX_CPU_ISA=AVX2`` switch the fast kernels off on a CPU that
 has the units. So a CPU counts as fast only when the flags are there *and* a short timing of a bfloat16 against a
 float32 matmul says so. The answer is cached per machine under ``$LORAKIT_HOME/compute/`` (keyed by CPU model,
@@ -54,7 +54,7 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # Flags reported with every probe (and printed by CI) because they decide which kernels torch can use.
 REPORTED_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
 # bfloat16 counts as fast when its matmul takes at most this fraction of float32's. Below 1 on purpose: a tie
-# buys nothing and costs precision. Measured ratios: ~0.4 with AVX512-BF16, 20-40 without (the gap is wide).
+# buys nothing and costs precision. The gap between CPUs with and without bf16 units is wide (see the docstring).
 FAST_RATIO = 0.8
 PROBE_VERSION = 1
 
