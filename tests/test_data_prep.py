@@ -286,3 +286,25 @@ def test_bad_split_fractions_refused(tiny_base, tmp_path, val, test):
     with pytest.raises(InputError, match="fraction"):
         prepare_dataset([src], tmp_path / "out", base=tiny_base, val_fraction=val, test_fraction=test, progress=False)
     assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("task", ["reverse-words", "number-words"])
+def test_fresh_questions_are_outside_the_shipped_file(task):
+    """Fresh questions measure the skill: none of their inputs (nor, for reverse-words, any of their words) is in
+    the bundled file, they follow the same answer rule, and they are reproducible from the seed."""
+    import json
+
+    from lorakit.data.bundled import bundled_dataset_path
+    from lorakit.data.bundled.generate import fresh_records
+
+    shipped = [json.loads(line) for line in bundled_dataset_path(task).read_text().splitlines()]
+    fresh = fresh_records(task, 40)
+    assert len({r["input"] for r in fresh}) == 40
+    assert not {r["input"] for r in fresh} & {r["input"] for r in shipped}
+    if task == "reverse-words":
+        shipped_words = {w for r in shipped for w in r["input"].split()}
+        assert not {w for r in fresh for w in r["input"].split()} & shipped_words
+        assert all(r["output"].split() == r["input"].split()[::-1] for r in fresh)
+    else:
+        assert {r["instruction"] for r in fresh} == {shipped[0]["instruction"]}
+    assert fresh == fresh_records(task, 40)

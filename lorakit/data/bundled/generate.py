@@ -73,6 +73,40 @@ def number_words_records(n: int = N_EXAMPLES, seed: int = SEED) -> list[dict]:
 
 GENERATORS = {"reverse-words": reverse_words_records, "number-words": number_words_records}
 
+# Words the bundled data never uses: fresh reverse-words questions test the skill (reverse any words), not recall
+# of the training vocabulary.
+_FRESH_WORDS = (
+    "bottle doctor pepper summer chair dog fish bird tree road city house money water fire snow moon star ship "
+    "train king queen book door hat lamp cup milk salt gold iron glass smoke storm flower wood sand rock hill lake "
+    "field coat shoe ring bell drum box egg"
+).split()
+assert not set(_FRESH_WORDS) & set(_WORDS)
+
+
+def fresh_records(name: str, n: int = 40, seed: int = 99) -> list[dict]:
+    """``n`` questions of the bundled task ``name`` that the shipped file cannot contain: reverse-words over words
+    outside its vocabulary, number-words over numbers it does not use. Same instruction, same answer rule."""
+    if name == "reverse-words":
+        rng, out, seen = random.Random(seed), [], set()
+        while len(out) < n:
+            words = rng.sample(_FRESH_WORDS, rng.randint(3, 6))
+            if (text := " ".join(words)) not in seen:
+                seen.add(text)
+                out.append({"instruction": "Reverse the order of the words.", "input": text,
+                            "output": " ".join(reversed(words))})
+        return out
+    if name == "number-words":
+        used = {int(r["input"]) for r in number_words_records()}
+        rng, out = random.Random(seed), []
+        while len(out) < n:
+            value = rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 99_999)])
+            if value not in used:
+                used.add(value)
+                out.append({"instruction": "Write the number in English words.", "input": str(value),
+                            "output": number_to_words(value)})
+        return out
+    raise ValueError(f"no bundled task named {name!r}; choose one of {', '.join(GENERATORS)}")
+
 
 def render_jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records).encode()

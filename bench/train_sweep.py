@@ -1,0 +1,166 @@
+"""Training-defaults sweep: which steps / learning rate / batch make the bundled tasks' adapters actually learn.
+
+For each task and each grid point, train one QLoRA adapter on the embedded SmolLM2-135M-Instruct (the release's
+prep settings, the resolved compute dtype) and score it by greedy exact match on
+  * the task's test split (40 held-out questions of the bundled file), and
+  * 40 fresh questions the bundled file cannot contain (``lorakit.data.bundled.generate.fresh_records``: unseen
+    words for reverse-words, unused numbers for number-words),
+recording train wall time, seconds per step and tokens per step. Runs are merged into
+``bench/results/train_sweep.json`` by key, so a sweep can be extended run by run.
+
+Usage: python bench/train_sweep.py --tasks reverse-words --grid "lr=1e-3,steps=40,batch=2,accum=4" [--grid ...]
+       [--work bench/work/train_sweep] [--cpu-profile avx2]
+A grid point's keys: lr, steps, batch, accum, r, alpha, max_length, warmup (ratio). Missing keys take the release
+defaults (flows.config.LoraConfig / DatasetConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from bench.common import machine, update_readme_section, write_results  # noqa: E402
+
+RESULTS = BENCH / "results" / "train_sweep.json"
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+GRID_KEYS = {"lr": float, "steps": int, "batch": int, "accum": int, "r": int, "alpha": float, "max_length": int,
+             "warmup": float}
+
+
+def parse_point(text: str) -> dict[str, float | int]:
+    point: dict[str, float | int] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in GRID_KEYS:
+            raise SystemExit(f"unknown grid key {key!r}; use {', '.join(GRID_KEYS)}")
+        point[key.strip()] = GRID_KEYS[key.strip()](value)
+    return point
+
+
+def point_key(task: str, p: dict) -> str:
+    return task + ":" + ",".join(f"{k}={p[k]}" for k in sorted(p))
+
+
+def fresh_prep(task: str, work: Path, max_length: int):
+    """A prep folder of fresh questions (every split of it is scored), built once per task and length."""
+    from lorakit.data.bundled.generate import fresh_records, render_jsonl
+    from lorakit.data.prep import prepare_dataset
+
+    folder = work / f"fresh-{task}-{max_length}"
+    if not folder.exists():
+        src = work / f"fresh-{task}.jsonl"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(render_jsonl(fresh_records(task, 40)))
+        prepare_dataset([str(src)], folder, max_length=max_length, val_fraction=0.1, test_fraction=0.1, seed=0,
+                        progress=False)
+    return folder
+
+
+def all_examples(prep: Path):
+    """Every split of a fresh-question prep folder as one TaskExamples (they are all unseen by training)."""
+    from lorakit.data.splits import read_records
+    from lorakit.evaluate.accuracy import read_task_examples
+
+    examples = read_task_examples(prep, "test")
+    examples.records = [r for split in ("train", "val", "test") for r in read_records(prep, split)]
+    return examples
+
+
+def run_point(task: str, point: dict, work: Path) -> dict:
+    from flows.config import DatasetConfig, LoraConfig
+    from lorakit.data.bundled import bundled_dataset_path
+    from lorakit.data.prep import prepare_dataset
+    from lorakit.evaluate import task_accuracy
+    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
+    from lorakit.train.loop import train_adapter
+
+    ds, lora = DatasetConfig(name=task, bundled=task), LoraConfig()
+    max_length = int(point.get("max_length", ds.max_length))
+    prep = work / f"prep-{task}-{max_length}"
+    if not prep.exists():
+        prepare_dataset([str(bundled_dataset_path(task))], prep, max_length=max_length, pack=ds.pack,
+                        val_fraction=ds.val_fraction, test_fraction=ds.test_fraction, seed=ds.seed, progress=False)
+    prep_meta = json.loads((prep / "prep.json").read_text())
+    key = point_key(task, point)
+    out = work / "adapters" / key.replace(":", "_").replace(",", "_").replace("=", "")
+    started = time.perf_counter()
+    result = train_adapter(prep, out, quant=lora.quant, r=int(point.get("r", lora.r)),
+                           alpha=float(point.get("alpha", lora.alpha)), dropout=lora.dropout, target=lora.target,
+                           lr=float(point.get("lr", lora.lr)), max_steps=int(point["steps"]) if "steps" in point else None,
+                           batch_size=int(point.get("batch", lora.batch_size)),
+                           grad_accum=int(point.get("accum", lora.grad_accum)), seed=lora.seed,
+                           warmup_ratio=float(point.get("warmup", 0.05)), checkpoint_every=None, force=True,
+                           progress=True)
+    train_s = time.perf_counter() - started
+    record = json.loads((out / "lorakit_train.json").read_text())
+    spec = describe_model(str(out))
+    loaded = load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec))
+    scores = {}
+    for name, examples in (("test", str(prep)), ("fresh", all_examples(fresh_prep(task, work, max_length)))):
+        acc = task_accuracy(loaded, examples, split="test" if name == "test" else None, progress=False)
+        scores[name] = {"n": acc.n_examples, "exact_match": acc.exact_match, "f1": round(acc.f1, 4),
+                        "wall_s": round(acc.wall_s, 1),
+                        "wrong_examples": [(p.reference, p.prediction) for p in acc.predictions if not p.exact][:3]}
+    steps = int(record["steps"])
+    rows_per_step = int(point.get("batch", lora.batch_size)) * int(point.get("accum", lora.grad_accum))
+    return {"task": task, "point": point, "steps": steps, "train_wall_s": round(train_s, 1),
+            "s_per_step": round(train_s / max(1, steps), 2), "tokens_per_step": rows_per_step * max_length,
+            "train_rows": prep_meta["counts"]["train"]["rows"], "epochs": record["epochs_done"],
+            "final_loss": record["final_loss"], "compute_dtype": record["compute_dtype"],
+            "exact_match_test": scores["test"]["exact_match"], "exact_match_fresh": scores["fresh"]["exact_match"],
+            "scores": scores, "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def readme(runs: dict) -> str:
+    lines = ["## train_sweep", "", "QLoRA adapters on SmolLM2-135M-Instruct, one per bundled task; greedy exact match "
+             "on the test split and on 40 fresh questions (`python bench/train_sweep.py`).", "",
+             "| task | lr | steps | batch x accum | EM test | EM fresh | s/step | train s | dtype |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs.values(), key=lambda r: (r["task"], r["point"].get("lr", 0), r["steps"])):
+        p = r["point"]
+        lines.append(f"| {r['task']} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
+                     f"{p.get('accum', '-')} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
+                     f"{r['s_per_step']} | {r['train_wall_s']:.0f} | {r['compute_dtype']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", default="reverse-words,number-words")
+    ap.add_argument("--grid", action="append", required=True, help="one grid point, e.g. lr=1e-3,steps=40")
+    ap.add_argument("--work", default=str(BENCH / "work" / "train_sweep"))
+    ap.add_argument("--cpu-profile", choices=("native", "avx2"), default="native")
+    args = ap.parse_args()
+    if args.cpu_profile == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        env = {**os.environ, **AVX2_ENV, "TORCHINDUCTOR_CACHE_DIR": str(Path(args.work) / "inductor-avx2")}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    from lorakit.runtime import configure_threads
+
+    configure_threads()
+    work = Path(args.work)
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs = data.get("runs", {})
+    for task in args.tasks.split(","):
+        for text in args.grid:
+            point = parse_point(text)
+            key = point_key(task, point) + ("" if args.cpu_profile == "native" else ":avx2")
+            print(f"== {key}", flush=True)
+            runs[key] = {**run_point(task, point, work), "cpu_profile": args.cpu_profile}
+            print(json.dumps({k: runs[key][k] for k in ("exact_match_test", "exact_match_fresh", "s_per_step",
+                                                         "train_wall_s")}), flush=True)
+            write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",
+                                          "data": "bundled tasks, release prep settings", "runs": runs,
+                                          "last_run_machine": machine()})
+    update_readme_section("train_sweep", readme(runs))
+
+
+if __name__ == "__main__":
+    main()
