@@ -201,6 +201,7 @@ def build_scorecard(
                    "quantized": specs["quantized"].describe() if quantized is not None else None,
                    "adapters": {t.name: specs[f"adapter:{t.name}"].describe() for t in tasks}},
         "tasks": {t.name: _task_entry(t, plans[t.name], scores, quantized is not None) for t in tasks},
+        "task_order": names,  # JSON files are written with sorted keys; this keeps the caller's order
         "perplexity_method": {"name": METHOD_NAME, "seq_len": int(seq_len), "stride": int(stride),
                               "max_tokens": max_tokens, "batch_size": int(ppl_batch_size), "dtype": compute_dtype,
                               "tokenizer_digest": want},

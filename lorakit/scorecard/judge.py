@@ -63,8 +63,8 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
     min_retention = check_threshold(min_retention, "min_retention")
     max_accuracy_drop = check_threshold(max_accuracy_drop, "max_accuracy_drop")
     out: list[ScorecardCheck] = []
-    for task, entry in scorecard["tasks"].items():
-        split = entry["splits"].get(JUDGED_SPLIT)
+    for task in task_names(scorecard):
+        split = scorecard["tasks"][task]["splits"].get(JUDGED_SPLIT)
         if split is None:
             raise InputError(f"the scorecard has no {JUDGED_SPLIT} split for {task}; rebuild it with "
                              "`lorakit scorecard` (the gate judges val)")
@@ -81,6 +81,16 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
                 f"quantized {split['models']['quantized']['exact_match']:.1%}: drop {drop * 100:+.1f} points "
                 f"({'<=' if ok else '>'} {max_accuracy_drop * 100:.1f})"))
     return out
+
+
+def task_names(scorecard: dict[str, Any]) -> list[str]:
+    """The tasks in the order they were given (scorecard.json's keys are sorted on disk)."""
+    return list(scorecard.get("task_order") or scorecard["tasks"])
+
+
+def split_names(entry: dict[str, Any]) -> list[str]:
+    """A task's scored splits, val first."""
+    return sorted(entry["splits"], key=lambda s: (s != JUDGED_SPLIT, s))
 
 
 def _retention_check(task: str, r: dict[str, Any], metric: str, threshold: float) -> ScorecardCheck:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorakit.scorecard.judge import split_names, task_names
+
 MODELS = ("base", "adapter", "merged", "quantized")
 
 
@@ -23,8 +25,10 @@ def _ret(r: dict | None) -> str:
 def rows(card: dict[str, Any]) -> list[dict[str, str]]:
     """One row per task and split: exact match and perplexity of each model, retention, quantized drop."""
     out = []
-    for task, entry in card["tasks"].items():
-        for split, s in entry["splits"].items():
+    for task in task_names(card):
+        entry = card["tasks"][task]
+        for split in split_names(entry):
+            s = entry["splits"][split]
             models = s["models"]
             row = {"task": task, "split": split + (" (no test)" if s.get("note") else "")}
             skipped = s["accuracy_skipped"] is not None
@@ -84,7 +88,7 @@ def render_png(card: dict[str, Any], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = list(card["tasks"])
+    tasks = task_names(card)
     colors = {"base": "#8C8C8C", "adapter": "#4C72B0", "merged": "#55A868", "quantized": "#DD8452"}
     fig, axes = plt.subplots(2, len(tasks), figsize=(max(4.0, 3.2 * len(tasks)), 5.6), dpi=100, squeeze=False)
     try:
