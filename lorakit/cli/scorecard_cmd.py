@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from lorakit.cli.options import compute_dtype_option, device_option
+from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN
+from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
 
 @click.command()
@@ -18,15 +20,18 @@ from lorakit.cli.options import compute_dtype_option, device_option
 @click.option("-o", "--output", required=True, type=click.Path(), help="New folder for scorecard.json, "
               "predictions.json, scorecard.md and scorecard.png.")
 @click.option("--max-examples", type=int, help="Score at most the first N examples of each split (default: all).")
-@click.option("--margin", type=int, default=8, show_default=True,
+@click.option("--margin", type=int, default=DEFAULT_MARGIN, show_default=True,
               help="New tokens allowed beyond each reference answer's length.")
-@click.option("--gen-batch-size", type=int, default=8, show_default=True, help="Prompts per generation batch.")
+@click.option("--gen-batch-size", type=int, default=DEFAULT_GEN_BATCH_SIZE, show_default=True,
+              help="Prompts per generation batch.")
 @click.option("--case-insensitive", is_flag=True, help="Exact match and F1 ignore case.")
 @click.option("--strip-punctuation", is_flag=True, help="Exact match and F1 ignore punctuation.")
-@click.option("--seq-len", default=512, show_default=True, type=int, help="Perplexity: tokens per window.")
+@click.option("--seq-len", default=DEFAULT_SEQ_LEN, show_default=True, type=int,
+              help="Perplexity: tokens per window.")
 @click.option("--stride", type=int, help="Perplexity: tokens between window starts (default: --seq-len).")
 @click.option("--max-tokens", type=int, help="Perplexity: cut each split's token stream to its first N tokens.")
-@click.option("--batch-size", default=4, show_default=True, type=int, help="Perplexity: windows per forward pass.")
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=int,
+              help="Perplexity: windows per forward pass.")
 @click.option("--quant-path", type=click.Choice(["auto", "dequantized", "kernel"]), default="auto", show_default=True,
               help="GPTQ/AWQ: dequantized = exact dense weights (fast on CPU); kernel = installed int4 kernels.")
 @device_option
