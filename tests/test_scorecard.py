@@ -204,3 +204,24 @@ def test_cli_writes_the_folder_and_registry_show_prints_the_scorecard(release, d
     assert shown.returncode == 0, shown.stderr
     assert "scorecard (the gate judges val" in shown.stdout and "not learned" not in shown.stdout
     assert any(line.split()[:2] == ["no", "val"] and "0%" in line for line in shown.stdout.splitlines())
+
+
+def test_judge_boundaries_on_hand_made_numbers():
+    """Thresholds inclusive; judged on val only (a failing test split changes nothing); None reports only."""
+    def split(base, adapter, merged, quantized):
+        models = {"base": {"exact_match": base}, "adapter": {"exact_match": adapter},
+                  "merged": {"exact_match": merged}, "quantized": {"exact_match": quantized}}
+        gain = adapter - base
+        value = (merged - base) / gain if gain > 0 else None
+        r = {"base": base, "adapter": adapter, "merged": merged, "value": value}
+        return {"accuracy_skipped": None, "models": models, "retention": {"exact_match": r},
+                "accuracy_drop": merged - quantized}
+
+    card = {"task_order": ["t"], "tasks": {"t": {"splits": {"val": split(0.0, 0.5, 0.45, 0.43),
+                                                           "test": split(0.0, 0.5, 0.0, 0.0)}}}}
+    checks = judge_scorecard(card, min_retention=0.9, max_accuracy_drop=0.02)
+    assert [(c.check, c.passed) for c in checks] == [("min_retention", True), ("max_accuracy_drop", True)]
+    checks = judge_scorecard(card, min_retention=0.91, max_accuracy_drop=0.019)
+    assert [(c.check, c.passed) for c in checks] == [("min_retention", False), ("max_accuracy_drop", False)]
+    with pytest.raises(InputError, match="min_retention"):
+        judge_scorecard(card, min_retention=float("nan"))
