@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import ReleaseConfig
+from lorakit.scorecard.report import summary_line
 
 ARTIFACT_KEY = "release-report"
 
@@ -53,7 +54,7 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
                  "ref": refs.get("quantized", "")})
     if scorecard is not None:
         rows.append({"stage": "scorecard", "item": f"{len(cfg.datasets)} task(s) x 4 models",
-                     "seconds": _seconds(scorecard["metadata"]), "result": scorecard_summary(scorecard["metadata"]),
+                     "seconds": _seconds(scorecard["metadata"]), "result": summary_line(scorecard["metadata"]),
                      "path": scorecard["path"], "ref": ""})
     v = verdict["metadata"]
     rows.append({"stage": "gate", "item": f"max {cfg.gate.max_degradation:.1%}", "seconds": _seconds(v),
@@ -90,19 +91,6 @@ def quantize_label(used: dict[str, Any]) -> str:
     if used.get("search"):
         label += f", search pick (trial {used['search']['chosen_trial']})"
     return label
-
-
-def scorecard_summary(card: dict[str, Any]) -> str:
-    """``merged EM reverse-words 85%, number-words 90% (test)``: the merged model's exact match per task."""
-    from lorakit.scorecard.judge import task_names
-
-    parts = []
-    for task in task_names(card):
-        entry = card["tasks"][task]
-        s = entry["splits"][entry["report_split"]]
-        em = s["models"]["merged"]["exact_match"]
-        parts.append(f"{task} {'skip' if em is None else f'{em:.0%}'} ({entry['report_split']})")
-    return "merged EM " + ", ".join(parts)
 
 
 def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:

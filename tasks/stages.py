@@ -55,6 +55,10 @@ def _detail(result: dict[str, Any]) -> str:
         return f"loss {meta['first_loss']:.2f} -> {meta['final_loss']:.2f}"
     if isinstance(meta.get("passed"), bool) and isinstance(meta.get("degradation"), (int, float)):
         return f"{'pass' if meta['passed'] else 'REJECT'}, degradation {meta['degradation']:+.2%}"
+    if isinstance(meta.get("tasks"), dict) and "task_order" in meta:  # a scorecard
+        from lorakit.scorecard.report import summary_line
+
+        return summary_line(meta)
     return ""
 
 

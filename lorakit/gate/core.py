@@ -34,8 +34,8 @@ from lorakit.gate.verdict import (  # noqa: F401  (read_verdict and the constant
     Verdict, read_verdict,
 )
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
-from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 from lorakit.io.digests import folder_digest
+from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 
 def degradation_of(baseline_ppl: float, candidate_ppl: float) -> float:

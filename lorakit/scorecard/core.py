@@ -164,7 +164,7 @@ def build_scorecard(
     scores: dict[tuple[str, str, str], dict[str, Any]] = {}  # (task, split, role) -> numbers
     predictions: dict[str, Any] = {t.name: {s: {} for s in plans[t.name]["splits"]} for t in tasks}
     decoding: dict[str, Any] = {}
-    timings: dict[str, dict[str, float]] = {}
+    timings: dict[str, dict[str, Any]] = {}  # per model: load_s, score_s, path_used
     n_models = len(specs)
     for k, (key, spec) in enumerate(specs.items(), 1):
         role, _, only = key.partition(":")
@@ -192,7 +192,7 @@ def build_scorecard(
                     f"exact {acc.exact_match:.1%}, F1 {acc.f1:.3f}, " if acc.skipped is None else "accuracy skipped, ")
                     + f"ppl {ppl.ppl:.4g} ({acc.wall_s + ppl.wall_s:.1f} s)")
         timings[key]["score_s"] = round(time.perf_counter() - t1, 3)
-        timings[key]["path_used"] = loaded.path_used  # type: ignore[assignment]
+        timings[key]["path_used"] = loaded.path_used
         del loaded
 
     data = {

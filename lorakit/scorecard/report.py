@@ -44,6 +44,16 @@ def rows(card: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def summary_line(card: dict[str, Any]) -> str:
+    """``merged EM reverse-words 85% (test), number-words 90% (test)``: the merged model's exact match per task."""
+    parts = []
+    for task in task_names(card):
+        entry = card["tasks"][task]
+        em = entry["splits"][entry["report_split"]]["models"]["merged"]["exact_match"]
+        parts.append(f"{task} {'skip' if em is None else f'{em:.0%}'} ({entry['report_split']})")
+    return "merged EM " + ", ".join(parts)
+
+
 def render_text(card: dict[str, Any]) -> str:
     """The scorecard as an aligned plain-text table."""
     table = rows(card)
