@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
 from lorakit.errors import InputError
+from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 # The two instruction tasks bundled with lorakit (made by its own deterministic generators), so the embedded
 # default release runs with no network.
@@ -143,6 +144,19 @@ class GateConfig(_Section):
     max_tokens: int | None = Field(None, gt=0, description="Evaluate at most this many tokens per data set.")
     max_kl: float | None = Field(None, ge=0, description="Largest accepted mean KL(p_merged || p_quantized) per "
                                  "token (nats); null = KL and top-1 agreement are reported, not judged.")
+    min_retention: float | None = Field(
+        DEFAULT_MIN_RETENTION, ge=0, description="Scorecard (val): the merged model keeps at least this share of "
+        "each adapter's exact-match gain over the base; an adapter with no gain fails as not learned; null = report.")
+    max_accuracy_drop: float | None = Field(
+        DEFAULT_MAX_ACCURACY_DROP, ge=0, description="Scorecard (val): largest exact-match drop, quantized vs merged, "
+        "per task (absolute); null = report.")
+
+
+class ScorecardConfig(_Section):
+    """The release scorecard (``lorakit.scorecard.build_scorecard``): every task, every model, val and test."""
+
+    max_examples: int | None = Field(None, gt=0, description="Score at most this many examples per task and split "
+                                     "(null = all).")
 
 
 class ExportConfig(_Section):
@@ -180,6 +194,7 @@ class ReleaseConfig(_Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    scorecard: ScorecardConfig = Field(default_factory=ScorecardConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     pools: PoolsConfig = Field(default_factory=PoolsConfig)

@@ -26,8 +26,12 @@ def gate_metrics(verdict_meta: dict[str, Any]) -> dict[str, float]:
 
 def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[str, dict], merged: dict,
                      quantized: dict, verdict: dict, gguf: dict | None = None,
-                     gguf_verdict: dict | None = None) -> dict[str, str]:
-    """Register every artifact of one run, parents first; returns ``{role: "name@version"}``."""
+                     gguf_verdict: dict | None = None, scorecard: dict | None = None) -> dict[str, str]:
+    """Register every artifact of one run, parents first; returns ``{role: "name@version"}``.
+
+    The quantized model (the release) carries its scorecard in its registry metadata (``scorecard.json``), so
+    ``lorakit registry show`` prints it; the verdict carries the copy the gate judged (in its folder).
+    """
     from lorakit.models.folder import resolve_model_dir
 
     base_dir = str(resolve_model_dir(cfg.base).absolute())
@@ -38,9 +42,9 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
     refs: dict[str, str] = {}
 
     def reg(role: str, out: dict, kind: str, parents: list, metrics: dict | None = None,
-            params: dict | None = None, tags: tuple[str, ...] = ()) -> str:
+            params: dict | None = None, tags: tuple[str, ...] = (), metadata: dict | None = None) -> str:
         refs[role] = register(out["path"], root, names[role], kind, metrics or {}, params or {}, parents,
-                              [release_tag(cfg), *tags])["ref"]
+                              [release_tag(cfg), *tags], metadata)["ref"]
         return refs[role]
 
     base_ref = reg("base", {"path": base_dir}, "base", [], params={"base": cfg.base})
@@ -54,7 +58,7 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
 
     quant_params = {**read_quant_meta(quantized["path"]).used_settings(), "requested": cfg.quantize.model_dump()}
     quant_ref = reg("quantized", quantized, "quantized", [merged_ref], metrics=metrics, params=quant_params,
-                    tags=(status,))
+                    tags=(status,), metadata={"scorecard.json": scorecard["metadata"]} if scorecard else None)
     reg("verdict", verdict, "verdict", [[quant_ref, {"role": "candidate"}], [merged_ref, {"role": "baseline"}]],
         metrics=metrics, params=cfg.gate.model_dump(), tags=(status,))
     if gguf is not None and gguf_verdict is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from flows.config import DatasetConfig, ReleaseConfig
 
-STAGES = ("prep", "adapters", "merged", "quantized", "gguf", "gate")
+STAGES = ("prep", "adapters", "merged", "quantized", "gguf", "scorecard", "gate")
 
 
 def _key(args: dict[str, Any]) -> str:
@@ -97,9 +97,22 @@ class ReleasePlan:
         return {"model_dir": model_dir, "params": params,
                 "output": stage_dir(self.out, "gguf", params["qtype"], {"model": model_dir, **params})}
 
-    def gate(self, baseline: str, candidate: str, preps: dict[str, str]) -> dict[str, Any]:
+    def scorecard(self, adapters: dict[str, str], merged: str, quantized: str, preps: dict[str, str]
+                  ) -> dict[str, Any]:
+        """Base, each dataset's adapter, merged and quantized on every dataset's val and test splits; perplexity
+        with the gate's method settings."""
+        g = self.config.gate
+        tasks = [[ds.name, preps[ds.name], adapters[ds.name]] for ds in self.config.datasets]
+        params = {"seq_len": g.seq_len, "stride": g.stride or g.seq_len, "max_tokens": g.max_tokens,
+                  "max_examples": self.config.scorecard.max_examples, "dtype": self.config.compute_dtype}
+        args = {"base": self.config.base, "tasks": tasks, "merged": merged, "quantized": quantized}
+        return {**args, "params": params, "output": stage_dir(self.out, "scorecard", "card", {**args, **params})}
+
+    def gate(self, baseline: str, candidate: str, preps: dict[str, str], scorecard: str | None = None
+             ) -> dict[str, Any]:
         """The first dataset's validation split is the primary check; every other task is a check of its own,
-        with the same threshold (the release passes only when all pass)."""
+        with the same threshold (the release passes only when all pass). With ``scorecard`` (the quantized
+        model's), its retention and accuracy-drop checks too."""
         g = self.config.gate
         params = {"max_degradation": g.max_degradation, "seq_len": g.seq_len, "stride": g.stride or g.seq_len,
                   "max_tokens": g.max_tokens, "dtype": self.config.compute_dtype}
@@ -109,4 +122,6 @@ class ReleasePlan:
         extra = [{"name": n, "data": preps[n], "max_degradation": g.max_degradation, "kind": "task", "split": "val"}
                  for n in others]
         args = {"baseline": baseline, "candidate": candidate, "data": preps[first], "extra_checks": extra}
+        if scorecard is not None:
+            params.update(scorecard=scorecard, min_retention=g.min_retention, max_accuracy_drop=g.max_accuracy_drop)
         return {**args, "params": params, "output": stage_dir(self.out, "gate", "verdict", {**args, **params})}

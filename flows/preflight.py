@@ -363,7 +363,9 @@ def plan_lines(cfg: ReleaseConfig, base_dir: Path | None = None) -> list[str]:
         rows.append(("prep calibration", calib))
     quantized = plan.quantize(merged, calib)["output"]
     rows.append(("quantize", quantized))
-    rows.append(("gate", plan.gate(merged, quantized, preps)["output"]))
+    card = plan.scorecard(dict(zip([ds.name for ds in cfg.datasets], adapters)), merged, quantized, preps)["output"]
+    rows.append(("scorecard", card))
+    rows.append(("gate", plan.gate(merged, quantized, preps, card)["output"]))
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {_state(path):<6}  {path}" for label, path in rows]
     done = sum(Path(path).is_dir() for _, path in rows)

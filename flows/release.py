@@ -1,4 +1,7 @@
-"""The release pipeline: task data -> adapters -> merged model -> quantized model -> gate -> registry.
+"""The release pipeline: task data -> adapters -> merged model -> quantized model -> scorecard -> gate -> registry.
+
+The scorecard scores the base, each task's adapter, the merged and the quantized model on every task (accuracy
+and perplexity, val and test); the gate judges perplexity and the scorecard's retention and accuracy drop (val).
 
 With ``export.gguf`` set, the merged model is also written as a llama.cpp GGUF file, gated against the merged
 model like the quantized one, and registered; the release then passes only when both gates pass.
@@ -18,7 +21,7 @@ from prefect.states import Failed
 
 from flows import report
 from flows.config import (DatasetConfig, ExportConfig, GateConfig, LoraConfig, MergeConfig, PoolsConfig,
-                          QuantizeConfig, RegistryConfig, ReleaseConfig)
+                          QuantizeConfig, RegistryConfig, ReleaseConfig, ScorecardConfig)
 from flows.gpu import quantize_flow, run_gpu, train_flow
 from flows.lineage import move_aliases, register_release
 from flows.plan import ReleasePlan
@@ -31,13 +34,13 @@ _D = ReleaseConfig()  # the defaults, shared with the config file reader
 @flow(name="release", persist_result=True)
 def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lora: LoraConfig = _D.lora,
             merge: MergeConfig = _D.merge, quantize: QuantizeConfig = _D.quantize, gate: GateConfig = _D.gate,
-            export: ExportConfig = _D.export, registry: RegistryConfig = _D.registry, pools: PoolsConfig = _D.pools,
+            scorecard: ScorecardConfig = _D.scorecard, export: ExportConfig = _D.export, registry: RegistryConfig = _D.registry, pools: PoolsConfig = _D.pools,
             route_gpu: bool = _D.route_gpu, auto_promote: bool = _D.auto_promote, output_dir: str = _D.output_dir,
             compute_dtype: str = _D.compute_dtype):
     """Build, gate and register one release model from a base model and task data sets."""
     started = time.perf_counter()
     cfg = ReleaseConfig(base=base, datasets=datasets, lora=lora, merge=merge, quantize=quantize, gate=gate,
-                        export=export, registry=registry, pools=pools, route_gpu=route_gpu,
+                        scorecard=scorecard, export=export, registry=registry, pools=pools, route_gpu=route_gpu,
                         auto_promote=auto_promote, output_dir=output_dir, compute_dtype=compute_dtype)
     plan, on_gpu = ReleasePlan(cfg), {"route": cfg.route_gpu, "pool": cfg.pools.cuda}
 
@@ -50,20 +53,22 @@ def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lo
     calib = preps[cfg.calib_dataset()] if cfg.calib_dataset() else stages.run_fresh(stages.prep_data, **plan.calibration())
     quantized = run_gpu(quantize_flow, **on_gpu, **plan.quantize(merged["path"], calib["path"]))
     checks = {n: p["path"] for n, p in preps.items()}
-    verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], quantized["path"], checks))
+    card = stages.run_fresh(stages.scorecard, **plan.scorecard({n: a["path"] for n, a in adapters.items()},
+                                                               merged["path"], quantized["path"], checks))
+    verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], quantized["path"], checks, card["path"]))
     gguf = gguf_verdict = None
     if cfg.export.gguf:
         gguf = stages.run_fresh(stages.export_gguf, **plan.export_gguf(merged["path"]))
         gguf_verdict = stages.run_fresh(stages.gate, **plan.gate(merged["path"], gguf["path"], checks))
 
     with stage_lines("register") as info:
-        refs = register_release(cfg, preps, adapters, merged, quantized, verdict, gguf, gguf_verdict)
+        refs = register_release(cfg, preps, adapters, merged, quantized, verdict, gguf, gguf_verdict, card)
         passed = all(v["metadata"]["passed"] for v in (verdict, gguf_verdict) if v is not None)
         released = [refs[role] for role in ("quantized", "gguf") if role in refs]
         aliases = [alias for ref in released for alias in move_aliases(cfg, ref)] if passed else []
         info["detail"] = f"{len(refs)} artifacts" + (f", alias {', '.join(aliases)}" if aliases else "")
-    rows = report.stage_rows(cfg, preps, adapters, merged, quantized, verdict, refs, gguf, gguf_verdict)
-    report.publish(cfg, rows, verdict, aliases, time.perf_counter() - started)
+    rows = report.stage_rows(cfg, preps, adapters, merged, quantized, verdict, refs, gguf, gguf_verdict, card)
+    report.publish(cfg, rows, verdict, aliases, time.perf_counter() - started, card)
 
     summary = report.verdict_line(verdict["metadata"], cfg.gate.max_degradation)
     if gguf_verdict is not None:

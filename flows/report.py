@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import ReleaseConfig
+from lorakit.scorecard.report import summary_line
 
 ARTIFACT_KEY = "release-report"
 
@@ -33,7 +34,8 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 
 def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, quantized: dict, verdict: dict,
-               refs: dict[str, str], gguf: dict | None = None, gguf_verdict: dict | None = None) -> list[dict[str, Any]]:
+               refs: dict[str, str], gguf: dict | None = None, gguf_verdict: dict | None = None,
+               scorecard: dict | None = None) -> list[dict[str, Any]]:
     """One row per stage output: stage, item, seconds, key number, output folder, registry ref."""
     rows = []
     for ds in cfg.datasets:
@@ -50,6 +52,10 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
     rows.append({"stage": "quantize", "item": quantize_label(used_quantize_settings(quantized["path"])),
                  "seconds": _seconds(quantized["metadata"]), "result": "", "path": quantized["path"],
                  "ref": refs.get("quantized", "")})
+    if scorecard is not None:
+        rows.append({"stage": "scorecard", "item": f"{len(cfg.datasets)} task(s) x 4 models",
+                     "seconds": _seconds(scorecard["metadata"]), "result": summary_line(scorecard["metadata"]),
+                     "path": scorecard["path"], "ref": ""})
     v = verdict["metadata"]
     rows.append({"stage": "gate", "item": f"max {cfg.gate.max_degradation:.1%}", "seconds": _seconds(v),
                  "result": f"{'PASS' if v['passed'] else 'REJECT'} degradation {v['degradation']:+.2%}",
@@ -88,28 +94,38 @@ def quantize_label(used: dict[str, Any]) -> str:
 
 
 def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:
-    """One line: the deciding check (the worst failed one, else the worst passing one) and its numbers."""
+    """One line: the deciding check (the worst failed one, else the worst passing one) and its numbers; a failed
+    scorecard check (retention, accuracy drop) is named with its task."""
+    from lorakit.scorecard.judge import ScorecardCheck, failure_line
+
     checks = verdict_meta["checks"]
     failed = [c for c in checks if not c["passed"]]
+    card_failure = failure_line([ScorecardCheck(**c) for c in verdict_meta.get("scorecard_checks") or []])
     worst = max(failed or checks, key=lambda c: c["degradation"])
     word, cmp = ("passed", "<=") if verdict_meta["passed"] else ("rejected", ">")
+    if card_failure and not failed:
+        cmp = "<="  # perplexity passed; the scorecard rejected
     line = (f"gate {word}: degradation {worst['degradation']:+.2%} {cmp} {worst['max_degradation']:.2%} on "
             f"{worst['name']} (perplexity {worst['baseline_ppl']:.4g} -> {worst['candidate_ppl']:.4g})")
     if len(checks) > 1:
         line += f"; {len(checks) - len(failed)}/{len(checks)} checks passed"
+    if card_failure:
+        line = f"gate rejected: {card_failure}; " + line.split(": ", 1)[1]
+    elif verdict_meta.get("scorecard_checks"):
+        line += f"; scorecard: {len(verdict_meta['scorecard_checks'])} checks passed"
     return line
 
 
-def _png(gate_dir: str) -> str:
-    png = Path(gate_dir) / "gate.png"
+def _png(folder: str, name: str = "gate.png", title: str = "gate chart") -> str:
+    png = Path(folder) / name
     if not png.exists():
         return ""
     data = base64.b64encode(png.read_bytes()).decode()
-    return f"\n![gate chart](data:image/png;base64,{data})\n\nChart file: `{png}`\n"
+    return f"\n![{title}](data:image/png;base64,{data})\n\nChart file: `{png}`\n"
 
 
 def markdown(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, aliases: list[str],
-             wall_s: float) -> str:
+             wall_s: float, scorecard: dict | None = None) -> str:
     v = verdict["metadata"]
     lines = [
         f"# Release `{cfg.registry.name}`: {'PASSED' if v['passed'] else 'REJECTED'}",
@@ -128,15 +144,26 @@ def markdown(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, alia
                      f"`{r['ref']}` | `{r['path']}` |")
     lines += ["", f"Aliases moved: {', '.join(aliases) if aliases else 'none (rejected release)'}.",
               "Production stays a human decision unless `auto_promote: true`.", _png(verdict["path"])]
+    if scorecard is not None:
+        from lorakit.scorecard.report import render_markdown
+
+        lines += [render_markdown(scorecard["metadata"], heading="## Scorecard"),
+                  _png(scorecard["path"], "scorecard.png", "scorecard chart")]
     return "\n".join(lines)
 
 
-def publish(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, aliases: list[str], wall_s: float) -> str:
+def publish(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, aliases: list[str], wall_s: float,
+            scorecard: dict | None = None) -> str:
     """Create the Markdown and table artifacts on the current flow run; returns the Markdown."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    text = markdown(cfg, rows, verdict, aliases, wall_s)
+    text = markdown(cfg, rows, verdict, aliases, wall_s, scorecard)
     create_markdown_artifact(text, key=ARTIFACT_KEY, description=verdict_line(verdict["metadata"], cfg.gate.max_degradation))
     create_table_artifact([{k: ("" if val is None else val) for k, val in r.items()} for r in rows],
                           key=f"{ARTIFACT_KEY}-stages", description="Release stages")
+    if scorecard is not None:
+        from lorakit.scorecard.report import rows as scorecard_rows
+
+        create_table_artifact(scorecard_rows(scorecard["metadata"]), key=f"{ARTIFACT_KEY}-scorecard",
+                              description="Release scorecard: every task, every model (the gate judges val)")
     return text

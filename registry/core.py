@@ -302,6 +302,7 @@ class Registry:
         verdict: str | os.PathLike[str] | Mapping[str, Any] | bool | None = None,
         progress: bool = False,
         checkout: bool = True,
+        metadata: Mapping[str, Any] | None = None,
     ) -> ArtifactVersion:
         """Store the folder at ``path`` as the next version of ``name`` (or return the identical existing one).
 
@@ -311,6 +312,8 @@ class Registry:
         one parent (or parents whose edge params say ``{"role": "candidate"}``) becomes that parent's verdict.
         Re-registering identical content (same files, same kind) returns the existing version unchanged.
         ``checkout`` builds the loadable folder right away (hard links, no copy), so ``resolve`` costs a stat.
+        ``metadata``: extra documents by file name (e.g. ``{"scorecard.json": {...}}``) kept beside the stage JSONs
+        read from the folder; they describe the version, they are not part of its content digest.
         """
         folder = Path(path).expanduser()
         validate_name(name)
@@ -326,7 +329,7 @@ class Registry:
         files = _scan(folder)
         if not files:
             raise InputError(f"{folder} is empty; there is nothing to register")
-        metadata_json = to_json(read_stage_metadata(folder), f"metadata JSONs in {folder}")
+        metadata_json = to_json({**read_stage_metadata(folder), **dict(metadata or {})}, f"metadata JSONs in {folder}")
 
         stats = {rel: p.stat() for rel, p in files}
         total = sum(st.st_size for st in stats.values())

@@ -16,7 +16,7 @@ from typing import Any
 from lorakit.errors import InputError
 
 STAGE_FILES = ("prep.json", "lorakit_train.json", "lorakit_merge.json", "lorakit_quant.json", "gate.json",
-               "lorakit_model.json", "lorakit_export.json")
+               "lorakit_model.json", "lorakit_export.json", "scorecard.json")
 GATE_FILE = "gate.json"
 KINDS = ("base", "dataset", "adapter", "merged", "quantized", "verdict", "gguf")
 

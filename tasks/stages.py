@@ -30,8 +30,8 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 # Stage task name -> the word its progress lines start with; the item comes from the output folder's label.
 _STAGE_WORDS = {"prep-data": "prep", "train-adapter": "train", "merge-adapters": "merge",
-                "quantize-model": "quantize", "gate": "gate"}
-_UNNAMED_ITEMS = {"model", "verdict"}  # the one merged model, the one verdict: the stage word says it all
+                "quantize-model": "quantize", "scorecard": "scorecard", "gate": "gate"}
+_UNNAMED_ITEMS = {"model", "verdict", "card"}  # the one merged model, the one verdict: the stage word says it all
 
 
 def stage_label(stage, args: tuple, kwargs: dict[str, Any]) -> str:
@@ -55,6 +55,10 @@ def _detail(result: dict[str, Any]) -> str:
         return f"loss {meta['first_loss']:.2f} -> {meta['final_loss']:.2f}"
     if isinstance(meta.get("passed"), bool) and isinstance(meta.get("degradation"), (int, float)):
         return f"{'pass' if meta['passed'] else 'REJECT'}, degradation {meta['degradation']:+.2%}"
+    if isinstance(meta.get("tasks"), dict) and "task_order" in meta:  # a scorecard
+        from lorakit.scorecard.report import summary_line
+
+        return summary_line(meta)
     return ""
 
 
@@ -147,6 +151,18 @@ def evaluate(model: str, data: str, params: dict[str, Any]) -> dict[str, Any]:
             "path_used": result.path_used}
 
 
+@_stage(name="scorecard")
+@reported
+def scorecard(base: str, tasks: list[list[str]], merged: str, quantized: str, output: str,
+              params: dict[str, Any]) -> dict[str, Any]:
+    """Task accuracy and perplexity of base, each task's adapter, merged and quantized on every task
+    (``lorakit.scorecard.build_scorecard``); ``tasks`` are ``[name, prep folder, adapter]`` lists."""
+    from lorakit.scorecard import ScorecardTask, build_scorecard
+
+    specs = [ScorecardTask(*t) for t in tasks]
+    return _out(build_scorecard(base, specs, merged, quantized, output=output, force=True, progress=True, **params))
+
+
 @_stage(name="gate")
 @reported
 def gate(baseline: str, candidate: str, data: str, extra_checks: list[dict[str, Any]], output: str,
@@ -164,16 +180,19 @@ def gate(baseline: str, candidate: str, data: str, extra_checks: list[dict[str, 
 
 @_stage(name="register", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_bad_input)
 def register(path: str, root: str | None, name: str, kind: str, metrics: dict[str, float],
-             params: dict[str, Any], parents: list[str | list], tags: list[str]) -> dict[str, Any]:
+             params: dict[str, Any], parents: list[str | list], tags: list[str],
+             metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Register one artifact with its lineage (``registry.Registry.register``); idempotent for equal content.
 
-    A parent is a reference, or ``[reference, edge_params]`` (a list, because task results round-trip as JSON-like
+    ``metadata``: documents kept with the version beside the stage JSONs found in its folder (the release's
+    scorecard). A parent is a reference, or ``[reference, edge_params]`` (a list, because task results round-trip as JSON-like
     data; the registry takes a tuple).
     """
     from registry import Registry
 
     edges = [p if isinstance(p, str) else (p[0], p[1]) for p in parents]
-    v = Registry(root).register(path, name=name, kind=kind, metrics=metrics, params=params, parents=edges, tags=tags)
+    v = Registry(root).register(path, name=name, kind=kind, metrics=metrics, params=params, parents=edges, tags=tags,
+                                metadata=metadata)
     return {"ref": v.ref, "name": v.name, "version": v.version, "digest": v.digest,
             "verdict": v.verdict["passed"] if v.verdict else None}
 

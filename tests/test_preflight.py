@@ -15,7 +15,7 @@ from tests.release_helpers import missing_stages, tiny_config_data
 
 pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on this branch yet: {missing_stages()}")
 
-STAGE_FOLDERS = ("prep", "adapters", "merged", "quantized", "gate")
+STAGE_FOLDERS = ("prep", "adapters", "merged", "quantized", "scorecard", "gate")
 
 
 @pytest.fixture()
@@ -129,11 +129,11 @@ def test_check_prints_the_plan_then_a_real_run_makes_it_cached(tiny_base, tmp_pa
     proc = run_cli("run", str(config), "--check", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     before = _plan_rows(proc.stdout)
-    # two datasets x (prep, train), the joint calibration prep, merge, quantize, gate
+    # two datasets x (prep, train), the joint calibration prep, merge, quantize, scorecard, gate
     assert set(before) == {"prep reverse-words", "train reverse-words", "prep number-words", "train number-words",
-                           "prep calibration", "merge", "quantize", "gate"}, proc.stdout
+                           "prep calibration", "merge", "quantize", "scorecard", "gate"}, proc.stdout
     assert {state for state, _ in before.values()} == {"to run"}
-    assert "0 of 8 stage outputs exist" in proc.stdout and "tiny-release-adapter-reverse-words" in proc.stdout
+    assert "0 of 9 stage outputs exist" in proc.stdout and "tiny-release-adapter-reverse-words" in proc.stdout
     for path in (out, tmp_path / "registry", quiet_prefect):
         assert not path.exists(), f"--check wrote {path}"
 
@@ -147,4 +147,4 @@ def test_check_prints_the_plan_then_a_real_run_makes_it_cached(tiny_base, tmp_pa
     # The plan names exactly the folders the run made (read from the disk, not from the planner).
     made = {str(p) for stage in STAGE_FOLDERS for p in (out / stage).iterdir() if p.is_dir()}
     assert {folder for _, folder in after.values()} == made
-    assert "8 of 8 stage outputs exist" in proc.stdout
+    assert "9 of 9 stage outputs exist" in proc.stdout

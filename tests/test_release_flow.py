@@ -11,7 +11,7 @@ from tests.release_helpers import (artifacts_of, flow_runs_under, log_messages_o
 
 pytestmark = pytest.mark.skipif(bool(missing_stages()), reason=f"stages not on this branch yet: {missing_stages()}")
 
-STAGE_TASKS = {"prep-data", "train-adapter", "merge-adapters", "quantize-model", "gate", "register"}
+STAGE_TASKS = {"prep-data", "train-adapter", "merge-adapters", "quantize-model", "scorecard", "gate", "register"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,15 @@ def test_release_completes_registers_lineage_and_caches(prefect_harness, tiny_ba
     assert summary.startswith("# Release `tiny-release`: PASSED") and refs["quantized"] in summary
     assert "data:image/png;base64," in summary  # the gate chart, embedded
     assert report["release-report-stages"].type == "table"
+    # the scorecard stage ran between quantize and the gate: in the report, the verdict and the release's metadata
+    assert "## Scorecard" in summary and summary.count("data:image/png;base64,") == 2
+    assert report["release-report-scorecard"].type == "table"
+    card = release_version.metadata["scorecard.json"]
+    assert set(card["tasks"]) == {"reverse-words", "number-words"}
+    assert card["models"]["quantized"]["folder"] == result["release"]
+    assert {"val", "test"} == set(card["tasks"]["reverse-words"]["splits"])
+    verdict_meta = reg.get(refs["verdict"]).metadata
+    assert verdict_meta["scorecard.json"]["tasks"] == card["tasks"] and verdict_meta["gate.json"]["scorecard_checks"] == []
     # lorakit's progress lines are in the Prefect logs of the run (stage lines) and of its task runs (steps)
     run_ids = [first.state_details.flow_run_id, *(r.id for r in flow_runs_under(first.state_details.flow_run_id))]
     logs = "\n".join(log_messages_of(run_ids, must_contain="register: done in"))
@@ -109,6 +118,21 @@ def test_rejected_release_fails_and_stays_registered(prefect_harness, tiny_base,
     assert rejected.verdict["passed"] is False and "gate:failed" in rejected.tags
     assert "candidate" not in rejected.aliases  # ... but gets no alias
     assert reg.list("tiny-rejected-gate") and reg.list("tiny-rejected-merged")
+
+
+def test_release_rejected_by_the_scorecard_names_the_task(prefect_harness, tiny_base, workdir):
+    from registry import Registry
+
+    # The tiny adapters train 3 steps on a random model: they learn neither task, which the default retention
+    # check must catch (the perplexity threshold of tiny.yaml passes them).
+    data = tiny_config_data(tiny_base, workdir, gate={"min_retention": 0.9}, registry={"name": "tiny-unlearned"})
+    state = run_release(data)
+    assert state.is_failed()
+    assert state.message.startswith("gate rejected: min_retention failed on reverse-words: the adapter for "
+                                    "reverse-words did not learn it"), state.message
+    assert "gate:failed" in state.message
+    [rejected] = Registry(data["registry"]["root"]).list("tiny-unlearned")
+    assert rejected.verdict["passed"] is False and "gate:failed" in rejected.tags and "candidate" not in rejected.aliases
 
 
 @pytest.mark.parametrize("label,quantize,want", [

@@ -8,6 +8,7 @@ import click
 
 from lorakit.cli.options import compute_dtype_option, device_option
 from lorakit.errors import EXIT_REJECTED, InputError
+from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 
 def _start(quiet: bool) -> None:
@@ -189,10 +190,19 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 @click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
 @click.option("--max-kl", type=float, help="Largest accepted mean KL(p_baseline || p_candidate) per token, in nats, "
               "on every check (default: none — KL and top-1 agreement are reported, not judged).")
+@click.option("--scorecard", "scorecard", type=click.Path(), help="A release scorecard (`lorakit scorecard`: its "
+              "folder or scorecard.json) built for BASELINE as merged and CANDIDATE as quantized model: adds the "
+              "checks --min-retention and --max-accuracy-drop, judged on its val split.")
+@click.option("--min-retention", type=float, help="With --scorecard: smallest share of each adapter's gain over the "
+              f"base (exact match) the merged model must keep (default {DEFAULT_MIN_RETENTION}; an adapter with no "
+              "gain fails as not learned).")
+@click.option("--max-accuracy-drop", type=float, help="With --scorecard: largest accepted exact-match drop, "
+              f"quantized vs merged, per task, absolute (default {DEFAULT_MAX_ACCURACY_DROP} = 2 points).")
 @click.option("-o", "--output", type=click.Path(), help="Write gate.json, gate.md and gate.png into this new folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device,
-         compute_dtype, quiet, max_degradation, checks, general_text, general_max_degradation, max_kl, output, force):
+         compute_dtype, quiet, max_degradation, checks, general_text, general_max_degradation, max_kl, scorecard,
+         min_retention, max_accuracy_drop, output, force):
     """Accept or reject CANDIDATE: its perplexity may be at most --max-degradation worse than BASELINE's.
 
     \b
@@ -208,6 +218,13 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     fails too. Both models are held in memory together.
 
     \b
+    With --scorecard (from `lorakit scorecard`), two release checks are added per task, judged on the
+    scorecard's val split (its test split is reported only): --min-retention (the merged model keeps that
+    share of each adapter's exact-match gain over the base; an adapter with no gain fails with "the adapter
+    for TASK did not learn it") and --max-accuracy-drop (quantized vs merged exact match). A rejection
+    names the failing check and task in one line.
+
+    \b
     Exit codes (for CI and schedulers):
       0  passed        3  rejected (a check over its threshold)
       2  bad input     1  unexpected error
@@ -218,6 +235,8 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
       lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ -o gate-out
       lorakit gate --baseline default --candidate m/ --data prep/ --check math=prep-math:0.08 \\
                    --general-text default --general-max-degradation 0.1 --max-kl 0.05
+      lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ --scorecard card/ \\
+                   --min-retention 0.9 --max-accuracy-drop 0.02 -o gate-out
     """
     from lorakit.gate import CheckSpec, check
     from lorakit.gate.report import render_text
@@ -234,8 +253,15 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
         extra.append(CheckSpec("general", general_text, gmax, "general", split))
     elif general_max_degradation is not None:
         raise InputError("--general-max-degradation needs --general-text")
+    if scorecard is None and (min_retention is not None or max_accuracy_drop is not None):
+        raise InputError("--min-retention and --max-accuracy-drop judge a release scorecard; pass --scorecard "
+                         "(build one with `lorakit scorecard`)")
+    card_kw = {} if scorecard is None else {
+        "scorecard": scorecard,
+        "min_retention": DEFAULT_MIN_RETENTION if min_retention is None else min_retention,
+        "max_accuracy_drop": DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop}
     verdict = check(baseline, candidate, data, max_degradation=max_degradation, max_kl=max_kl, extra_checks=extra,
-                    output=output,
+                    output=output, **card_kw,
                     base=base, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
                     split=split, quant_path=quant_path, device=device, dtype=compute_dtype, force=force,
                     progress=not quiet)

@@ -39,7 +39,8 @@ def main(verbose: bool) -> None:
     """lorakit turns a base LLM plus task data into a quantized release model you can trust.
 
     \b
-    The release chain:  prep -> train (QLoRA, one adapter per task) -> merge -> quantize -> gate -> registry
+    The release chain:  prep -> train (QLoRA, one adapter per task) -> merge -> quantize -> scorecard -> gate
+                        -> registry
     Every command writes a folder in a standard format (PEFT adapters, HF safetensors models) with a
     lorakit_*.json beside the files that says how it was made, from which inputs (by digest).
 

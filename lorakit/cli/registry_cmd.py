@@ -116,7 +116,11 @@ def ls_cmd(ctx, name, kind, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (including the stage metadata).")
 @click.pass_context
 def show_cmd(ctx, ref, as_json):
-    """Show one version: digest, size, aliases, verdict, metrics, params and how it was made."""
+    """Show one version: digest, size, aliases, verdict, metrics, params and how it was made.
+
+    A release model (or its verdict) that carries a scorecard prints it as a table: exact match and perplexity
+    of base, adapter, merged and quantized per task and split, retention and the quantized accuracy drop.
+    """
     with _open(ctx) as reg:
         v = reg.get(ref)
     if as_json:
@@ -130,6 +134,11 @@ def show_cmd(ctx, ref, as_json):
         f"  tags      {', '.join(v.tags) or '-'}", f"  source    {v.source}", f"  created   {_when(v.created_at)}",
         f"  metadata  {', '.join(sorted(v.metadata)) or '-'}",
     ]
+    card = v.metadata.get("scorecard.json")
+    if isinstance(card, dict) and isinstance(card.get("tasks"), dict):
+        from lorakit.scorecard.report import render_text
+
+        lines += ["", "scorecard (the gate judges val; test is reported only)", render_text(card)]
     click.echo("\n".join(lines))
 
 

@@ -38,8 +38,10 @@ def run(config, route_gpu, output_dir, compute_dtype, show_config, check, quiet)
 
     \b
     For each dataset: prep -> train a LoRA adapter; then merge the adapters into the base with the
-    configured weights -> quantize (GPTQ/AWQ) -> gate the quantized model against the merged
-    full-precision model -> register every artifact with lineage in the registry. On a passed gate the
+    configured weights -> quantize (GPTQ/AWQ) -> scorecard (base, each adapter, merged and quantized on
+    every task: exact match, perplexity, retention, accuracy drop) -> gate the quantized model against the
+    merged full-precision model (perplexity per task, and the scorecard's min_retention and
+    max_accuracy_drop on val) -> register every artifact with lineage in the registry. On a passed gate the
     release gets the `candidate` alias (and `production` with auto_promote: true).
 
     \b

@@ -35,6 +35,7 @@ from lorakit.gate.verdict import (  # noqa: F401  (read_verdict and the constant
 )
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.io.digests import folder_digest
+from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 
 def degradation_of(baseline_ppl: float, candidate_ppl: float) -> float:
@@ -85,12 +86,19 @@ def check(
     dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
+    scorecard: str | os.PathLike[str] | dict | None = None,
+    min_retention: float | None = DEFAULT_MIN_RETENTION,
+    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
 ) -> Verdict:
     """Measure baseline and candidate on every check and decide; write gate.json/.md/.png to ``output``.
 
     ``base`` is the base model for adapter folders among baseline/candidate whose recorded base should be
     overridden. Raises :class:`InputError` on bad input (nothing written); a rejection is *not* an exception:
     inspect ``Verdict.passed`` (the CLI turns it into exit code 3).
+
+    ``scorecard`` (a scorecard.json, its folder, or its content; ``lorakit.scorecard``) adds the release checks
+    ``min_retention`` and ``max_accuracy_drop`` (None = not judged), judged on its val split; it must have been
+    built for this baseline (its merged model) and candidate (its quantized model).
     """
     start = time.perf_counter()
     stride = seq_len if stride is None else stride
@@ -109,6 +117,7 @@ def check(
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
         check_output_free(out_dir, force)
+    card, card_checks = _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_accuracy_drop)
 
     from lorakit.compute import dtype_name, resolve_compute_dtype
     from lorakit.runtime import resolve_device
@@ -160,7 +169,8 @@ def check(
     gc.collect()
 
     verdict = Verdict(
-        passed=all(c.passed for c in checks), degradation=checks[0].degradation,
+        passed=all(c.passed for c in checks) and all(c.passed for c in card_checks),
+        degradation=checks[0].degradation,
         max_degradation=checks[0].max_degradation, checks=checks, baseline=models["baseline"],
         candidate=models["candidate"],
         params={"seq_len": seq_len, "stride": stride, "max_tokens": max_tokens, "batch_size": batch_size,
@@ -169,15 +179,42 @@ def check(
                 "rule": "degradation = ppl(candidate)/ppl(baseline) - 1; a check passes when degradation <= threshold",
                 "boundary_tolerance": BOUNDARY_TOLERANCE},
         versions=_versions(), wall_s=round(time.perf_counter() - start, 3),
+        scorecard_checks=[c.to_dict() for c in card_checks], scorecard=card,
     )
+    if card is not None:
+        verdict.params.update(min_retention=min_retention, max_accuracy_drop=max_accuracy_drop)
     verdict.metadata = verdict.to_dict()
     if out_dir is not None:
         with atomic_dir(out_dir, force=force) as tmp:
             write_json(tmp / GATE_JSON, verdict.metadata)
             (tmp / GATE_MD).write_text(render_markdown(verdict), encoding="utf-8")
             render_png(verdict, tmp / GATE_PNG)
+            if card is not None:  # the judged scorecard travels with the verdict (registry metadata, report)
+                from lorakit.scorecard import SCORECARD_JSON, SCORECARD_PNG
+                from lorakit.scorecard.report import render_png as render_scorecard_png
+
+                write_json(tmp / SCORECARD_JSON, card)
+                render_scorecard_png(card, tmp / SCORECARD_PNG)
         verdict.output = out_dir
     return verdict
+
+
+def _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_accuracy_drop):
+    """(scorecard content, its judged checks), or (None, []) without one; refuses a scorecard of other models."""
+    from lorakit.scorecard import judge_scorecard, read_scorecard
+
+    if scorecard is None:
+        return None, []
+    card = dict(scorecard) if isinstance(scorecard, dict) else read_scorecard(scorecard)
+    for role, ref, key in (("baseline", baseline, "merged"), ("candidate", candidate, "quantized")):
+        recorded = (card.get("models") or {}).get(key)
+        if recorded is None:
+            continue  # a scorecard without a quantized model judges retention only
+        folder = describe_model(ref, base=base).folder
+        if Path(recorded["folder"]).resolve() != Path(folder).resolve():
+            raise InputError(f"the scorecard was built for {key} model {recorded['folder']}, but the gate's {role} is "
+                             f"{folder}; build the scorecard for these models (lorakit scorecard)")
+    return card, judge_scorecard(card, min_retention=min_retention, max_accuracy_drop=max_accuracy_drop)
 
 
 def _model_digest(spec) -> dict[str, str]:

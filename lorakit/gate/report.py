@@ -45,13 +45,32 @@ def render_text(verdict: Verdict) -> str:
         lines.append(f"{c.name:<16} {c.tokens:>8} {c.baseline_ppl:>10.4f} {c.candidate_ppl:>10.4f} "
                      f"{_pct(c.degradation):>9} {_pct(c.max_degradation):>8}  {'pass' if c.passed else 'FAIL':<6}  "
                      f"{_kl(c):>24}")
-    failed = [_why(c) for c in verdict.checks if not c.passed]
     max_kl = verdict.checks[0].max_kl
     lines.append(f"KL = KL(p_baseline || p_candidate), nats per token; max mean KL: "
                  f"{'none (reported only)' if max_kl is None else max_kl}")
+    if verdict.scorecard is not None:
+        from lorakit.scorecard.report import render_text as scorecard_table
+
+        lines += ["", "scorecard (the gate judges val; test is reported only)", scorecard_table(verdict.scorecard)]
+        lines += [f"{c['check']:<18} {c['task']:<16} {'pass' if c['passed'] else 'FAIL':<5} {c['message']}"
+                  for c in verdict.scorecard_checks]
     lines.append("")
-    lines.append("PASSED: candidate accepted" if verdict.passed else f"REJECTED: {', '.join(failed)} over threshold")
+    lines.append("PASSED: candidate accepted" if verdict.passed else f"REJECTED: {rejection(verdict)}")
     return "\n".join(lines)
+
+
+def rejection(verdict: Verdict) -> str:
+    """Why a verdict failed, in one line naming each failing check (and task, for scorecard checks)."""
+    from lorakit.scorecard.judge import ScorecardCheck, failure_line
+
+    parts = []
+    failed = [_why(c) for c in verdict.checks if not c.passed]
+    if failed:
+        parts.append(f"{', '.join(failed)} over threshold")
+    card_line = failure_line([ScorecardCheck(**c) for c in verdict.scorecard_checks])
+    if card_line:
+        parts.append(card_line)
+    return "; ".join(parts) or "failed"
 
 
 def render_markdown(verdict: Verdict) -> str:
@@ -79,6 +98,18 @@ def render_markdown(verdict: Verdict) -> str:
                      f"{_pct(c.degradation)} | {_pct(c.max_degradation)} | {kl} | "
                      f"{'pass' if c.passed else '**FAIL**'} |")
     lines += ["", "![baseline vs candidate perplexity per check](gate.png)", ""]
+    if verdict.scorecard is not None:
+        from lorakit.scorecard.report import render_markdown as scorecard_markdown
+
+        lines += [scorecard_markdown(verdict.scorecard, heading="## Scorecard"),
+                  "| check | task | metric | value | threshold | result | why |", "|---|---|---|---:|---:|---|---|"]
+        for c in verdict.scorecard_checks:
+            value = "-" if c["value"] is None else f"{c['value']:.4g}"
+            lines.append(f"| {c['check']} | {c['task']} | {c['metric']} | {value} | {c['threshold']:g} | "
+                         f"{'pass' if c['passed'] else '**FAIL**'} | {c['message']} |")
+        lines += ["", "![per task: exact match and perplexity / base](scorecard.png)", ""]
+    if not verdict.passed:
+        lines += [f"**Rejected:** {rejection(verdict)}", ""]
     return "\n".join(lines)
 
 

@@ -68,12 +68,17 @@ class Verdict:
     wall_s: float
     output: Path | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The release scorecard's checks (lorakit.scorecard.judge: ScorecardCheck dicts) and the scorecard they judged;
+    # empty / None when the gate ran without --scorecard (and in gate.json written before they existed).
+    scorecard_checks: list[dict[str, Any]] = field(default_factory=list)
+    scorecard: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("output")
         out.pop("metadata")
-        out["failed_checks"] = [c.name for c in self.checks if not c.passed]
+        out["failed_checks"] = [c.name for c in self.checks if not c.passed] + [
+            f"{c['check']}:{c['task']}" for c in self.scorecard_checks if not c["passed"]]
         return out
 
     @classmethod

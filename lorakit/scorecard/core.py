@@ -1,0 +1,278 @@
+"""``build_scorecard``: does the release still do every task? Base, adapter, merged and quantized, task by task.
+
+For every task (a prepared-data folder and the adapter trained on it) and every split scored (``val``, the gate's
+selection split, and ``test``, the held-out report; a folder without a test split reports ``val`` and says so,
+``lorakit.data.splits.pick_report_split``), each model is measured twice:
+
+- **task accuracy**: exact match and token F1 of greedy answers (``lorakit.evaluate.task_accuracy``, the same
+  prompts, decoding and scoring as ``lorakit eval --tasks``); ``text`` data has no answers and is a labelled skip;
+- **perplexity / mean NLL** of the split's rendered examples (``lorakit.evaluate.perplexity``, the gate's fixed
+  method, on one token stream tokenized once with the base's tokenizer).
+
+The models: the base, *that task's* adapter alone (PEFT on the base), the merged model and the quantized model.
+From those, per task and split: retention of the adapter's gain by the merged model, on exact match, F1 and NLL
+(``lorakit.evaluate.retention``, the one definition), and the quantized model's accuracy drop vs the merged one.
+
+Each model is loaded once and scores every task it applies to before the next one loads (one model in memory at
+a time). Bad input (a missing split, a model whose tokenizer differs from the base's or from the one the data was
+prepared with, an output that exists) fails before any weights load, and the output folder is written atomically:
+``scorecard.json`` (every number, the decoding and perplexity settings, splits used, timings), ``predictions.json``
+(every answer, for diffing models), ``scorecard.md`` and ``scorecard.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import InputError
+from lorakit.evaluate.accuracy import (DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN, TaskExamples, check_prep_tokenizer,
+                                       read_task_examples, task_accuracy)
+from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, METHOD_NAME, perplexity
+from lorakit.evaluate.loading import ModelSpec, describe_model, load_eval_model, load_tokenizer
+from lorakit.evaluate.retention import retention
+from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
+from lorakit.evaluate.windows import check_window_params, plan_windows
+from lorakit.progress import emit
+
+FORMAT = "lorakit-scorecard v1"
+SCORECARD_JSON = "scorecard.json"
+PREDICTIONS_JSON = "predictions.json"
+SCORECARD_MD = "scorecard.md"
+SCORECARD_PNG = "scorecard.png"
+ROLES = ("base", "adapter", "merged", "quantized")
+
+
+@dataclass(frozen=True)
+class ScorecardTask:
+    """One task of a release: its name, its prepared-data folder and the adapter trained on it."""
+
+    name: str
+    data: str | os.PathLike[str]
+    adapter: str | os.PathLike[str]
+
+
+@dataclass
+class Scorecard:
+    """The result: ``data`` is the content of scorecard.json; ``output`` the folder written (or None)."""
+
+    data: dict[str, Any]
+    predictions: dict[str, Any]
+    output: Path | None = None
+
+    @property
+    def metadata(self) -> dict[str, Any]:  # the stages' common return shape (tasks.stages._out)
+        return self.data
+
+
+def _splits_of(task: ScorecardTask) -> tuple[list[str], str, str | None]:
+    """(splits to score, the report split, its note): val always; test when the folder has one."""
+    from lorakit.data.splits import pick_report_split
+
+    report, note = pick_report_split(task.data)
+    return (["val"] if report == "val" else ["val", report]), report, note
+
+
+def build_scorecard(
+    base: str | os.PathLike[str] | None,
+    tasks: list[ScorecardTask],
+    merged: str | os.PathLike[str],
+    quantized: str | os.PathLike[str] | None = None,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    ppl_batch_size: int = DEFAULT_BATCH_SIZE,
+    gen_batch_size: int = DEFAULT_GEN_BATCH_SIZE,
+    margin: int = DEFAULT_MARGIN,
+    max_examples: int | None = None,
+    case_insensitive: bool = False,
+    strip_punctuation: bool = False,
+    quant_path: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    force: bool = False,
+    progress: bool = True,
+) -> Scorecard:
+    """Score base, each task's adapter, merged and quantized on every task (see module docstring)."""
+    from lorakit.compute import dtype_name, resolve_compute_dtype
+    from lorakit.io.atomic import check_output_free
+    from lorakit.runtime import resolve_device
+
+    start = time.perf_counter()
+    stride = seq_len if stride is None else stride
+    check_window_params(seq_len, stride)
+    if not tasks:
+        raise InputError("the scorecard needs at least one task (a prepared-data folder and its adapter)")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise InputError(f"task names must be unique, got {names}")
+    out_dir = Path(output) if output is not None else None
+    if out_dir is not None:
+        check_output_free(out_dir, force)
+
+    # 1. Data: which splits, their examples (text data: a labelled skip), before any model is touched.
+    plans: dict[str, dict[str, Any]] = {}
+    for t in tasks:
+        splits, report, note = _splits_of(t)
+        plans[t.name] = {"splits": splits, "report": report, "note": note,
+                         "examples": {s: read_task_examples(t.data, s, max_examples) for s in splits}}
+
+    # 2. Models and tokenizers: every one must share the base's tokenizer and the data's (checked without weights).
+    specs: dict[str, ModelSpec] = {"base": describe_model(base)}
+    for t in tasks:
+        specs[f"adapter:{t.name}"] = describe_model(t.adapter, base=base)
+        if specs[f"adapter:{t.name}"].kind != "adapter":
+            raise InputError(f"the adapter of task {t.name} ({t.adapter}) is not a PEFT adapter folder "
+                             "(no adapter_config.json); pass the adapter `lorakit train` wrote")
+    specs["merged"] = describe_model(merged)
+    if quantized is not None:
+        specs["quantized"] = describe_model(quantized)
+    tokenizers = {role: load_tokenizer(spec) for role, spec in specs.items()}
+    want = tokenizer_digest(tokenizers["base"])
+    for role, tok in tokenizers.items():
+        if tokenizer_digest(tok) != want:
+            raise InputError(f"{role} model {specs[role].tokenizer_folder} has a different tokenizer than the base "
+                             f"{specs['base'].tokenizer_folder}; the scorecard scores every model on the same prompts "
+                             "and tokens — pass models derived from this base")
+    for t in tasks:
+        for ex in plans[t.name]["examples"].values():
+            check_prep_tokenizer(ex, tokenizers["base"], f"the base {specs['base'].folder}")
+
+    # 3. Token streams for perplexity, one per task and split, tokenized once with the base's tokenizer.
+    streams: dict[tuple[str, str], EvalTokens] = {}
+    for t in tasks:
+        for s in plans[t.name]["splits"]:
+            try:
+                tokens = tokenize_eval_texts(read_eval_texts(t.data, s), tokenizers["base"], max_tokens=max_tokens)
+                plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"the {s} split of {t.data}")
+            except InputError as exc:
+                raise InputError(f"task {t.name}: {exc}") from None
+            streams[(t.name, s)] = tokens
+
+    dev = resolve_device(device)
+    compute_dtype = dtype_name(resolve_compute_dtype(dtype, "eval", dev))
+    acc_kw = dict(batch_size=gen_batch_size, margin=margin, case_insensitive=case_insensitive,
+                  strip_punctuation=strip_punctuation, progress=progress)
+    ppl_kw = dict(seq_len=seq_len, stride=stride, batch_size=ppl_batch_size, progress=progress)
+
+    # 4. Each model once: load, score every (task, split) it applies to, free.
+    scores: dict[tuple[str, str, str], dict[str, Any]] = {}  # (task, split, role) -> numbers
+    predictions: dict[str, Any] = {t.name: {s: {} for s in plans[t.name]["splits"]} for t in tasks}
+    decoding: dict[str, Any] = {}
+    timings: dict[str, dict[str, Any]] = {}  # per model: load_s, score_s, path_used
+    n_models = len(specs)
+    for k, (key, spec) in enumerate(specs.items(), 1):
+        role, _, only = key.partition(":")
+        emit(f"scorecard: [{k}/{n_models}] loading {key} ({spec.folder})")
+        t0 = time.perf_counter()
+        loaded = load_eval_model(spec, quant_path=quant_path, device=device, dtype=compute_dtype,
+                                 tokenizer=tokenizers[key], stage="eval")
+        timings[key] = {"load_s": round(time.perf_counter() - t0, 3)}
+        t1 = time.perf_counter()
+        for t in tasks:
+            if only and t.name != only:
+                continue
+            for s in plans[t.name]["splits"]:
+                ppl = perplexity(loaded, streams[(t.name, s)], **ppl_kw)
+                acc = task_accuracy(loaded, plans[t.name]["examples"][s], **acc_kw)
+                scores[(t.name, s, role)] = {"exact_match": acc.exact_match, "f1": acc.f1, "ppl": ppl.ppl,
+                                             "mean_nll": ppl.mean_nll, "tokens": ppl.tokens,
+                                             "n_examples": acc.n_examples, "path_used": loaded.path_used}
+                if acc.skipped is None:
+                    decoding = decoding or {k2: v for k2, v in acc.decoding.items() if k2 != "stop_token_ids"}
+                    predictions[t.name][s][role] = [{"index": p.index, "prediction": p.prediction, "exact": p.exact}
+                                                    for p in acc.predictions]
+                    predictions[t.name][s]["reference"] = [p.reference for p in acc.predictions]
+                emit(f"scorecard: {key} on {t.name} {s}: " + (
+                    f"exact {acc.exact_match:.1%}, F1 {acc.f1:.3f}, " if acc.skipped is None else "accuracy skipped, ")
+                    + f"ppl {ppl.ppl:.4g} ({acc.wall_s + ppl.wall_s:.1f} s)")
+        timings[key]["score_s"] = round(time.perf_counter() - t1, 3)
+        timings[key]["path_used"] = loaded.path_used
+        del loaded
+
+    data = {
+        "format": FORMAT,
+        "models": {"base": specs["base"].describe(), "merged": specs["merged"].describe(),
+                   "quantized": specs["quantized"].describe() if quantized is not None else None,
+                   "adapters": {t.name: specs[f"adapter:{t.name}"].describe() for t in tasks}},
+        "tasks": {t.name: _task_entry(t, plans[t.name], scores, quantized is not None) for t in tasks},
+        "task_order": names,  # JSON files are written with sorted keys; this keeps the caller's order
+        "perplexity_method": {"name": METHOD_NAME, "seq_len": int(seq_len), "stride": int(stride),
+                              "max_tokens": max_tokens, "batch_size": int(ppl_batch_size), "dtype": compute_dtype,
+                              "tokenizer_digest": want},
+        "decoding": decoding,
+        "normalization": {"case_insensitive": bool(case_insensitive), "strip_punctuation": bool(strip_punctuation)},
+        "params": {"max_examples": max_examples, "gen_batch_size": int(gen_batch_size), "margin": int(margin),
+                   "quant_path": quant_path, "device": str(dev), "dtype": dtype, "compute_dtype": compute_dtype},
+        "retention_definition": "(score_merged - score_base) / (score_adapter - score_base); for NLL on -NLL; "
+                                "null when the adapter did not gain over the base (lorakit.evaluate.retention)",
+        "timings": timings,
+        "wall_s": round(time.perf_counter() - start, 3),
+    }
+    card = Scorecard(data, predictions)
+    if out_dir is not None:
+        write_scorecard(card, out_dir, force=force)
+    emit(f"scorecard: done in {data['wall_s']:.1f} s")
+    return card
+
+
+def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, has_quantized: bool) -> dict[str, Any]:
+    examples: dict[str, TaskExamples] = plan["examples"]
+    entry = {"data": str(task.data), "adapter": str(task.adapter), "format": next(iter(examples.values())).format,
+             "report_split": plan["report"], "report_note": plan["note"], "splits": {}}
+    roles = [r for r in ROLES if r != "quantized" or has_quantized]
+    for s in plan["splits"]:
+        models = {r: scores[(task.name, s, r)] for r in roles}
+        skipped = examples[s].skipped
+        ret: dict[str, Any] = {}
+        for metric, higher in (("exact_match", True), ("f1", True), ("nll", False)):
+            field_ = "mean_nll" if metric == "nll" else metric
+            if skipped is not None and metric != "nll":
+                ret[metric] = None
+                continue
+            ret[metric] = retention(models["base"][field_], models["adapter"][field_], models["merged"][field_],
+                                    higher_is_better=higher).to_dict()
+        drop = None
+        if has_quantized and skipped is None:
+            drop = models["merged"]["exact_match"] - models["quantized"]["exact_match"]
+        entry["splits"][s] = {"split": s, "note": plan["note"] if s == plan["report"] else None,
+                              "n_examples": len(examples[s].records),
+                              "accuracy_skipped": skipped, "models": models, "retention": ret,
+                              "accuracy_drop": drop}
+    return entry
+
+
+def write_scorecard(card: Scorecard, output: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """scorecard.json, predictions.json, scorecard.md and scorecard.png, all or nothing (``atomic_dir``)."""
+    from lorakit.io.atomic import atomic_dir, write_json
+    from lorakit.scorecard.report import render_markdown, render_png
+
+    out = Path(output)
+    with atomic_dir(out, force=force) as tmp:
+        write_json(tmp / SCORECARD_JSON, card.data)
+        write_json(tmp / PREDICTIONS_JSON, card.predictions)
+        (tmp / SCORECARD_MD).write_text(render_markdown(card.data), encoding="utf-8")
+        render_png(card.data, tmp / SCORECARD_PNG)
+    card.output = out
+    return out
+
+
+def read_scorecard(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The content of a scorecard.json (a file, or the folder holding one); bad input names the fix."""
+    from lorakit.io.atomic import read_json
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / SCORECARD_JSON
+    if not p.is_file():
+        raise InputError(f"scorecard {path} does not exist; build one with `lorakit scorecard ... -o DIR` and pass "
+                         f"DIR or DIR/{SCORECARD_JSON}")
+    data = read_json(p, "scorecard")
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("tasks"), dict):
+        raise InputError(f"{p} is not a lorakit scorecard ({FORMAT}); build one with `lorakit scorecard`")
+    return data

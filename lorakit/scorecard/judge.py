@@ -1,0 +1,117 @@
+"""The gate's two scorecard checks: ``min_retention`` and ``max_accuracy_drop``, judged on the val split.
+
+- ``min_retention``: for every task, the merged model keeps at least this share of its adapter's gain over the
+  base (``lorakit.evaluate.retention``, on exact match; on NLL for ``text`` data, which has no answers). An
+  adapter with no gain fails with "the adapter for TASK did not learn it": retention is undefined there, and
+  the fix is training, not merging.
+- ``max_accuracy_drop``: for every task, exact match of the quantized model is at most this much (absolute)
+  below the merged model's.
+
+The gate judges the **val** split only: it is the selection split (searches and the perplexity gate read it too),
+so the test split stays an honest, held-out report. Each threshold may be None (reported, not judged).
+Defaults are declared here once; the run config (``flows.config.GateConfig``) and ``lorakit gate`` read them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lorakit.errors import InputError
+
+DEFAULT_MIN_RETENTION = 0.9
+DEFAULT_MAX_ACCURACY_DROP = 0.02
+JUDGED_SPLIT = "val"
+# A score exactly at a threshold passes; float noise below this counts as the boundary (as the gate's BOUNDARY).
+TOLERANCE = 1e-12
+
+
+@dataclass
+class ScorecardCheck:
+    """One judged number of one task: which check, its value, threshold, result, and a one-line reason."""
+
+    check: str  # "min_retention" | "max_accuracy_drop"
+    task: str
+    metric: str  # "exact_match" | "nll"
+    value: float | None  # None: the adapter did not learn (retention undefined)
+    threshold: float
+    passed: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_threshold(value: float | None, name: str) -> float | None:
+    """A threshold is None (report only) or a finite number ≥ 0; anything else is bad input."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} ({value!r}) is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"{name} is {value}; pass a finite number ≥ 0 (e.g. 0.9 for min retention, 0.02 for a "
+                         "2-point accuracy drop)")
+    return value
+
+
+def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = DEFAULT_MIN_RETENTION,
+                    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP) -> list[ScorecardCheck]:
+    """Every scorecard check of every task on the val split, in task order (see module docstring)."""
+    min_retention = check_threshold(min_retention, "min_retention")
+    max_accuracy_drop = check_threshold(max_accuracy_drop, "max_accuracy_drop")
+    out: list[ScorecardCheck] = []
+    for task in task_names(scorecard):
+        split = scorecard["tasks"][task]["splits"].get(JUDGED_SPLIT)
+        if split is None:
+            raise InputError(f"the scorecard has no {JUDGED_SPLIT} split for {task}; rebuild it with "
+                             "`lorakit scorecard` (the gate judges val)")
+        accuracy = split["accuracy_skipped"] is None
+        metric = "exact_match" if accuracy else "nll"
+        if min_retention is not None:
+            out.append(_retention_check(task, split["retention"][metric], metric, min_retention))
+        if max_accuracy_drop is not None and accuracy and split.get("accuracy_drop") is not None:
+            drop = float(split["accuracy_drop"])
+            ok = drop <= max_accuracy_drop + TOLERANCE
+            out.append(ScorecardCheck(
+                "max_accuracy_drop", task, metric, drop, max_accuracy_drop, ok,
+                f"exact match on {task} ({JUDGED_SPLIT}): merged {split['models']['merged']['exact_match']:.1%}, "
+                f"quantized {split['models']['quantized']['exact_match']:.1%}: drop {drop * 100:+.1f} points "
+                f"({'<=' if ok else '>'} {max_accuracy_drop * 100:.1f})"))
+    return out
+
+
+def task_names(scorecard: dict[str, Any]) -> list[str]:
+    """The tasks in the order they were given (scorecard.json's keys are sorted on disk)."""
+    return list(scorecard.get("task_order") or scorecard["tasks"])
+
+
+def split_names(entry: dict[str, Any]) -> list[str]:
+    """A task's scored splits, val first."""
+    return sorted(entry["splits"], key=lambda s: (s != JUDGED_SPLIT, s))
+
+
+def _retention_check(task: str, r: dict[str, Any], metric: str, threshold: float) -> ScorecardCheck:
+    what = "exact match" if metric == "exact_match" else "NLL"
+    fmt = (lambda x: f"{x:.1%}") if metric == "exact_match" else (lambda x: f"{x:.4f}")
+    scores = f"{what} on {JUDGED_SPLIT}: base {fmt(r['base'])}, adapter {fmt(r['adapter'])}, merged {fmt(r['merged'])}"
+    if r["value"] is None:
+        return ScorecardCheck("min_retention", task, metric, None, threshold, False,
+                              f"the adapter for {task} did not learn it ({scores}); train it longer or on "
+                              "better data before merging")
+    ok = r["value"] >= threshold - TOLERANCE
+    return ScorecardCheck("min_retention", task, metric, float(r["value"]), threshold, ok,
+                          f"the merged model keeps {r['value']:.1%} of the {task} adapter's gain "
+                          f"({'>=' if ok else '<'} {threshold:.0%}; {scores})")
+
+
+def failure_line(checks: list[ScorecardCheck]) -> str | None:
+    """The first failed check as one line naming check and task, or None when all passed."""
+    failed = [c for c in checks if not c.passed]
+    if not failed:
+        return None
+    c = failed[0]
+    more = f" (+{len(failed) - 1} more failed)" if len(failed) > 1 else ""
+    return f"{c.check} failed on {c.task}: {c.message}{more}"

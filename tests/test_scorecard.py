@@ -1,0 +1,227 @@
+"""The release scorecard and the gate's scorecard checks, on a tiny model that really learns two tasks.
+
+Two trivial instruction tasks ("Answer yes." -> "yes", "Answer no." -> "no") are learned by LoRA adapters trained
+with lorakit's own trainer on a tiny random Llama (100% exact match after 30 steps; the random base answers
+garbage, 0%). References come from the models' own greedy answers and from first principles (a weight-0 merge
+keeps nothing of that adapter), never from the scorecard code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lorakit.data.prep import prepare_dataset
+from lorakit.errors import InputError
+from lorakit.scorecard import ScorecardTask, build_scorecard, judge_scorecard, read_scorecard
+from tests.conftest import assert_nothing_written, run_cli
+
+SEQ = dict(seq_len=64, progress=False)
+TRAIN = dict(quant="none", r=8, alpha=16, lr=0.01, max_steps=30, batch_size=8, progress=False,
+             checkpoint_every=None, min_loss_drop=None)
+
+
+def _task_data(path: Path, instruction: str, answer: str, n: int = 60) -> Path:
+    path.write_text("".join(json.dumps({"instruction": instruction, "input": f"item {i}", "output": answer}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """base, {task: (prep, adapter)}, the merge that drops "no" (weights 1, 0), and "yes" alone merged."""
+    from lorakit.merge import merge_adapters
+    from lorakit.models.tiny import make_tiny_llama
+    from lorakit.train import train_adapter
+
+    root = tmp_path_factory.mktemp("scorecard")
+    base = make_tiny_llama(root / "base", seed=0)
+    tasks = {}
+    for name, instruction in (("yes", "Answer yes."), ("no", "Answer no.")):
+        src = _task_data(root / f"{name}.jsonl", instruction, name)
+        prep = prepare_dataset([src], root / f"prep-{name}", base=base, max_length=64, progress=False).output
+        tasks[name] = (prep, train_adapter(prep, root / f"adapter-{name}", **TRAIN).output)
+    adapters = [tasks["yes"][1], tasks["no"][1]]
+    drop_no = merge_adapters(adapters, [1.0, 0.0], root / "merged-drop-no", output_kind="model", base=base,
+                             progress=False).output
+    yes_only = merge_adapters([tasks["yes"][1]], [1.0], root / "merged-yes", output_kind="model", base=base,
+                              progress=False).output
+    return {"root": root, "base": base, "tasks": tasks, "drop_no": drop_no, "yes_only": yes_only}
+
+
+def _tasks(release, names=("yes", "no")) -> list[ScorecardTask]:
+    return [ScorecardTask(n, *release["tasks"][n]) for n in names]
+
+
+@pytest.fixture(scope="module")
+def drop_card(release):
+    """The scorecard of the merge that dropped "no", with the merged model standing in as its own quantization."""
+    out = release["root"] / "card-drop"
+    build_scorecard(release["base"], _tasks(release), release["drop_no"], release["drop_no"], output=out, **SEQ)
+    return out
+
+
+def test_merge_that_drops_a_task_is_rejected_by_retention_naming_the_task(release, drop_card):
+    card = read_scorecard(drop_card)
+    val = {t: card["tasks"][t]["splits"]["val"] for t in ("yes", "no")}
+    # the tasks were learned (the premise of a retention test) and the base cannot do them
+    for t in ("yes", "no"):
+        assert val[t]["models"]["base"]["exact_match"] == 0.0 and val[t]["models"]["adapter"]["exact_match"] == 1.0
+    assert val["yes"]["models"]["merged"]["exact_match"] == 1.0 and val["no"]["models"]["merged"]["exact_match"] == 0.0
+    assert val["no"]["retention"]["exact_match"]["value"] == 0.0 and val["yes"]["retention"]["exact_match"]["value"] == 1.0
+    # test is scored and reported too, but only val is judged
+    assert set(card["tasks"]["no"]["splits"]) == {"val", "test"} and card["tasks"]["no"]["report_note"] is None
+    checks = judge_scorecard(card)
+    failed = [(c.check, c.task) for c in checks if not c.passed]
+    assert failed == [("min_retention", "no")]
+
+    # the gate, end to end through the CLI: exit 3, one line naming the check and the task
+    out = release["root"] / "gate-drop"
+    proc = run_cli("gate", "--baseline", str(release["drop_no"]), "--candidate", str(release["drop_no"]), "--data",
+                   str(release["tasks"]["yes"][0]), "--seq-len", "64", "--scorecard", str(drop_card), "-o", str(out))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-2]  # then "verdict written to ..."
+    assert last.startswith("REJECTED: min_retention failed on no:"), proc.stdout
+    gate = json.loads((out / "gate.json").read_text())
+    assert gate["passed"] is False and gate["failed_checks"] == ["min_retention:no"]
+    assert all(c["passed"] for c in gate["checks"])  # perplexity alone (merged == candidate) would have passed
+    md = (out / "gate.md").read_text()
+    assert "## Scorecard" in md and "| no | val |" in md and "min_retention failed on no" in md
+    assert (out / "scorecard.json").is_file() and (out / "scorecard.png").stat().st_size > 1000
+    # with retention off, the same release passes: the rejection came from that check alone
+    ok = run_cli("gate", "--baseline", str(release["drop_no"]), "--candidate", str(release["drop_no"]), "--data",
+                 str(release["tasks"]["yes"][0]), "--seq-len", "64", "--scorecard", str(drop_card),
+                 "--min-retention", "0", "-q")
+    assert ok.returncode == 0 and ok.stdout.strip() == "PASSED", ok.stdout + ok.stderr[-2000:]
+
+
+def test_accuracy_drop_and_an_adapter_that_did_not_learn(release, tmp_path):
+    # "quantized" = the untouched base: every answer the merge learned is lost
+    yes_prep, yes_adapter = release["tasks"]["yes"]
+    no_prep, _ = release["tasks"]["no"]
+    wrong = [ScorecardTask("yes", yes_prep, yes_adapter), ScorecardTask("no", no_prep, yes_adapter)]
+    card = build_scorecard(release["base"], wrong, release["yes_only"], release["base"], **SEQ).data
+    checks = {(c.check, c.task): c for c in judge_scorecard(card)}
+    assert not checks[("max_accuracy_drop", "yes")].passed and checks[("max_accuracy_drop", "yes")].value == 1.0
+    assert checks[("max_accuracy_drop", "no")].passed  # 0% merged, 0% quantized
+    learned = checks[("min_retention", "no")]
+    assert not learned.passed and learned.value is None
+    assert learned.message.startswith("the adapter for no did not learn it")
+    assert checks[("min_retention", "yes")].passed
+    assert [c.check for c in judge_scorecard(card, min_retention=None, max_accuracy_drop=None)] == []
+
+
+def test_adapter_via_peft_predicts_exactly_what_the_merged_single_adapter_predicts(release):
+    card = build_scorecard(release["base"], _tasks(release, ["yes"]), release["yes_only"], output=None, **SEQ)
+    for split in ("val", "test"):
+        preds = card.predictions["yes"][split]
+        adapter = [p["prediction"] for p in preds["adapter"]]
+        assert adapter == [p["prediction"] for p in preds["merged"]]
+        assert adapter != [p["prediction"] for p in preds["base"]]  # not vacuous: the adapter changed the answers
+        models = card.data["tasks"]["yes"]["splits"][split]["models"]
+        assert models["adapter"]["path_used"] == "dense+adapter" and models["merged"]["path_used"] == "dense"
+        assert models["merged"]["mean_nll"] == pytest.approx(models["adapter"]["mean_nll"], rel=1e-4)
+    assert card.data["models"]["quantized"] is None and "quantized" not in card.data["tasks"]["yes"]["splits"]["val"]["models"]
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+def test_text_prep_is_a_labelled_skip_judged_on_nll(release, tmp_path):
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps({"text": f"yes no yes item {i} and more words"}) + "\n" for i in range(60)))
+    prep = prepare_dataset([src], tmp_path / "p", base=release["base"], progress=False).output
+    card = build_scorecard(release["base"], [ScorecardTask("plain", prep, release["tasks"]["yes"][1])],
+                           release["yes_only"], output=tmp_path / "card", **SEQ)
+    val = card.data["tasks"]["plain"]["splits"]["val"]
+    assert "no reference answers" in val["accuracy_skipped"] and val["models"]["merged"]["exact_match"] is None
+    assert val["retention"]["exact_match"] is None and val["retention"]["nll"] is not None
+    assert [c.metric for c in judge_scorecard(card.data)] == ["nll"]
+    from lorakit.scorecard.report import render_text
+
+    assert "skip" in render_text(card.data) and "no reference answers" in render_text(card.data)
+
+
+def test_prep_without_test_split_reports_val_and_says_so(release, tmp_path):
+    src = _task_data(tmp_path / "y.jsonl", "Answer yes.", "yes")
+    prep = prepare_dataset([src], tmp_path / "p", base=release["base"], max_length=64, test_fraction=0,
+                           progress=False).output
+    card = build_scorecard(release["base"], [ScorecardTask("yes", prep, release["tasks"]["yes"][1])],
+                           release["yes_only"], **SEQ).data
+    entry = card["tasks"]["yes"]
+    assert list(entry["splits"]) == ["val"] and entry["report_split"] == "val"
+    assert "no test split" in entry["report_note"] and "no test split" in entry["splits"]["val"]["note"]
+
+
+def test_model_with_another_tokenizer_is_refused_before_any_work(release, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(release["yes_only"], other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    out = tmp_path / "card"
+    with pytest.raises(InputError, match="different tokenizer than the base"):
+        build_scorecard(release["base"], _tasks(release), release["yes_only"], other, output=out, **SEQ)
+    assert_nothing_written(out)
+    proc = run_cli("scorecard", "--base", str(release["base"]), "--task", "yes", *map(str, release["tasks"]["yes"]),
+                   "--merged", str(other), "-o", str(out), "--seq-len", "64")
+    assert proc.returncode == 2 and "different tokenizer" in proc.stderr
+    assert_nothing_written(out)
+
+
+def test_gate_refuses_a_scorecard_of_other_models_and_thresholds_without_one(release, drop_card, tmp_path):
+    out = tmp_path / "gate"
+    proc = run_cli("gate", "--baseline", str(release["yes_only"]), "--candidate", str(release["yes_only"]), "--data",
+                   str(release["tasks"]["yes"][0]), "--seq-len", "64", "--scorecard", str(drop_card), "-o", str(out))
+    assert proc.returncode == 2 and "the scorecard was built for merged model" in proc.stderr
+    proc = run_cli("gate", "--baseline", str(release["yes_only"]), "--candidate", str(release["yes_only"]), "--data",
+                   str(release["tasks"]["yes"][0]), "--min-retention", "0.9", "-o", str(out))
+    assert proc.returncode == 2 and "pass --scorecard" in proc.stderr
+    assert_nothing_written(out)
+
+
+def test_cli_writes_the_folder_and_registry_show_prints_the_scorecard(release, drop_card, tmp_path):
+    from registry import Registry
+
+    out = tmp_path / "card"
+    proc = run_cli("scorecard", "--base", str(release["base"]), "--task", "yes", *map(str, release["tasks"]["yes"]),
+                   "--task", "no", *map(str, release["tasks"]["no"]), "--merged", str(release["drop_no"]),
+                   "--quantized", str(release["drop_no"]), "-o", str(out), "--seq-len", "64", "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.json", "scorecard.json", "scorecard.md",
+                                                     "scorecard.png"]
+    assert read_scorecard(out)["tasks"] == read_scorecard(drop_card)["tasks"]  # deterministic: same numbers
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:2] == ["task", "split"] and lines[1].split()[:2] == ["yes", "val"]
+    root = tmp_path / "registry"
+    v = Registry(root).register(release["drop_no"], name="rel", kind="quantized",
+                                metadata={"scorecard.json": read_scorecard(out)})
+    shown = run_cli("registry", "--root", str(root), "show", v.ref)
+    assert shown.returncode == 0, shown.stderr
+    assert "scorecard (the gate judges val" in shown.stdout and "not learned" not in shown.stdout
+    assert any(line.split()[:2] == ["no", "val"] and "0%" in line for line in shown.stdout.splitlines())
+
+
+def test_judge_boundaries_on_hand_made_numbers():
+    """Thresholds inclusive; judged on val only (a failing test split changes nothing); None reports only."""
+    def split(base, adapter, merged, quantized):
+        models = {"base": {"exact_match": base}, "adapter": {"exact_match": adapter},
+                  "merged": {"exact_match": merged}, "quantized": {"exact_match": quantized}}
+        gain = adapter - base
+        value = (merged - base) / gain if gain > 0 else None
+        r = {"base": base, "adapter": adapter, "merged": merged, "value": value}
+        return {"accuracy_skipped": None, "models": models, "retention": {"exact_match": r},
+                "accuracy_drop": merged - quantized}
+
+    card = {"task_order": ["t"], "tasks": {"t": {"splits": {"val": split(0.0, 0.5, 0.45, 0.43),
+                                                           "test": split(0.0, 0.5, 0.0, 0.0)}}}}
+    checks = judge_scorecard(card, min_retention=0.9, max_accuracy_drop=0.02)
+    assert [(c.check, c.passed) for c in checks] == [("min_retention", True), ("max_accuracy_drop", True)]
+    checks = judge_scorecard(card, min_retention=0.91, max_accuracy_drop=0.019)
+    assert [(c.check, c.passed) for c in checks] == [("min_retention", False), ("max_accuracy_drop", False)]
+    with pytest.raises(InputError, match="min_retention"):
+        judge_scorecard(card, min_retention=float("nan"))
