@@ -262,3 +262,34 @@ def test_simplex_finds_a_box_constrained_minimum_and_stops_when_told():
     with pytest.raises(Exhausted):
         minimize(bounded, [0.5, 0.5], [0.5, 0.5], [0.0, 0.0], [2.0, 2.0])
     assert len(calls) == 5 and all(0 <= v <= 2 for x in calls for v in x)
+
+
+def test_release_config_plan_and_lineage_carry_the_search(setup, tmp_path):
+    """`merge: {search: {...}}` reaches the merge stage with every task's data; the merge edge's params carry the
+    chosen weights and the search summary."""
+    from flows.config import parse_config
+    from flows.lineage import merge_params
+    from flows.plan import ReleasePlan
+    from tasks import stages
+
+    datasets = [{"name": n, "files": ["x.jsonl"]} for n in TASKS]
+    cfg = parse_config({"base": str(setup["base"]), "datasets": datasets, "output_dir": str(tmp_path),
+                        "merge": {"search": {"max_trials": 3}}, "gate": {"seq_len": SEQ_LEN}})
+    with pytest.raises(InputError, match="'weights' or 'search'"):
+        parse_config({"datasets": datasets, "merge": {"weights": [1, 1], "search": {}}})
+    plain = ReleasePlan(parse_config({"base": str(setup["base"]), "datasets": datasets, "output_dir": str(tmp_path)}))
+    preps = {n: str(p) for n, p in setup["preps"].items()}
+    args = ReleasePlan(cfg).merge(list(map(str, setup["adapters"])), preps)
+    assert args["weights"] is None and args["params"]["search"]["data"] == preps
+    assert args["output"] != plain.merge(list(map(str, setup["adapters"])), preps)["output"]
+    args["params"]["search"]["max_tokens"] = 200  # keep the stage quick; also proves the key is passed through
+    out = stages.merge_adapters.fn(args["adapters"], args["weights"], args["output"], args["params"])
+    meta = out["metadata"]
+    assert meta["search"]["n_trials"] == 3 and meta["output_kind"] == "model"
+    assert all(t["method"] == "linear" for t in meta["search"]["trials"])
+    edge = merge_params(cfg, meta)
+    chosen = meta["search"]["trials"][meta["search"]["chosen"]]
+    assert edge["weights"] == chosen["params"]["weights"] == meta["weights"]
+    assert edge["search"]["chosen"]["weights"] == chosen["params"]["weights"]
+    assert edge["search"]["worst_retention"]["val"]["chosen"] == chosen["worst_retention"]
+    assert merge_params(plain.config, {"weights": [0.5, 0.5]})["weights"] == [0.5, 0.5]
