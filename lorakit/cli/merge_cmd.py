@@ -50,9 +50,9 @@ _METHODS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
               "adapter order: a name and its prepared-data folder (val is searched, test only reported).")
 @click.option("--methods", default="linear", show_default=True,
               help="--search: comma-separated methods to search (the trial budget is split between them).")
-@click.option("--max-trials", type=int, help="--search: merges evaluated at most (default 24; the uniform "
+@click.option("--max-trials", type=int, help="--search: merges evaluated at most (default in docs/merge.md; the uniform "
               "1/n baseline is the first).")
-@click.option("--time-budget", type=float, help="--search: seconds; no trial starts after it (default 3600).")
+@click.option("--time-budget", type=float, help="--search: seconds; no trial starts after it (default in docs/merge.md).")
 @click.option("--target-retention", type=float, help="--search: say whether the best worst-task retention reaches "
               "this (the best trial is written either way).")
 @click.option("--max-tokens", type=int, help="--search: score at most this many tokens of each split.")
