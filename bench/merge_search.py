@@ -65,7 +65,14 @@ def main() -> None:
     ap.add_argument("--max-trials", type=int, default=16)
     ap.add_argument("--time-budget", type=float, default=3600.0)
     ap.add_argument("--methods", default="linear")
+    ap.add_argument("--readme-only", action="store_true", help="rewrite the README section from the result file")
     args = ap.parse_args()
+    if args.readme_only:
+        import json
+
+        data = json.loads((Path(__file__).parent / "results" / "merge_search.json").read_text())
+        update_readme_section("merge_search", readme(data))
+        return
     from lorakit.runtime import configure_threads
 
     configure_threads()
@@ -159,8 +166,9 @@ def readme(d: dict) -> str:
         x = v[key]
         w = ",".join(f"{a:g}" for a in x["params"]["weights"])
         test = x["test"]["worst_retention"] if x.get("test") else "n/a"
-        rows.append(f"| {label} | {w} | {x['val']['worst_retention']} | {test} | "
-                    f"{', '.join(f'{k} {r}' for k, r in x['test']['retention'].items())} |")
+        rows.append(f"| {label} | {w} | {x['val']['worst_retention']:.3f} | {test:.3f} | "
+                    f"{', '.join(f'{k} {r:.3f}' for k, r in x['test']['retention'].items())} |")
+    gains = "; ".join(f"{k} {t['base_nll']:.4f} -> {t['adapter_nll']:.4f}" for k, t in s["tasks"].items())
     return "\n".join([
         "## merge_search",
         "",
@@ -174,10 +182,14 @@ def readme(d: dict) -> str:
         "|---|---|---|---|---|",
         *rows,
         "",
-        f"Time per trial (merge applied in memory + both val splits scored): median {t['trial_s_median']} s, of which "
-        f"applying the merge {t['apply_s_median']} s; one evaluation pass of the written merged model over the same "
-        f"{t['val_tokens']} val tokens (`lorakit.evaluate.perplexity`, load excluded): {t['eval_pass_s']} s; "
-        f"ratio {t['trial_vs_eval_pass']} (goal <= {t['goal']}).",
+        f"Val NLL, base -> its own adapter alone: {gains}. Retention divides by that gain: an adapter whose own gain "
+        "is small gets a large, noisy retention from any merge that lowers its task's NLL by other means (here the "
+        "other adapter), and the worst-task objective then stops protecting it.",
+        "",
+        f"Time per trial (merge applied in memory + both val splits scored): median {t['trial_s_median']:.1f} s, of "
+        f"which applying the merge {t['apply_s_median']:.2f} s; one evaluation pass of the written merged model over "
+        f"the same {t['val_tokens']} val tokens (`lorakit.evaluate.perplexity`, load excluded): "
+        f"{t['eval_pass_s']:.1f} s; ratio {t['trial_vs_eval_pass']:.2f} (goal <= {t['goal']}).",
     ])
 
 
