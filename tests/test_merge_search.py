@@ -293,3 +293,25 @@ def test_release_config_plan_and_lineage_carry_the_search(setup, tmp_path):
     assert edge["search"]["chosen"]["weights"] == chosen["params"]["weights"]
     assert edge["search"]["worst_retention"]["val"]["chosen"] == chosen["worst_retention"]
     assert merge_params(plain.config, {"weights": [0.5, 0.5]})["weights"] == [0.5, 0.5]
+    from flows.report import _merge_result
+
+    assert _merge_result(meta) == (f"exact; searched weights {','.join(f'{w:g}' for w in chosen['params']['weights'])} "
+                                   f"(worst-task retention val {chosen['worst_retention']:.3f})")
+
+
+def test_ties_density_is_searched_when_not_given(setup, tmp_path):
+    from lorakit.adapters import load_adapter
+    from lorakit.merge.in_memory import InMemoryMerge
+    from lorakit.merge.registry import get_method
+    from lorakit.merge.search import Evaluator, _task_streams, parse_data, search_merge
+
+    s = search_merge(setup["adapters"], setup["data"], tmp_path / "out", base=str(setup["base"]), seq_len=SEQ_LEN,
+                     methods=["linear", "ties"], max_trials=9, output_kind="model", progress=False).metadata["search"]
+    ties = [t for t in s["trials"] if t["method"] == "ties"]
+    assert s["n_trials"] == 9 and len(ties) >= 4 and s["bounds"]["density"] == [0.1, 1.0]
+    assert len({t["params"]["density"] for t in ties}) > 1
+    assert all(0.1 <= t["params"]["density"] <= 1.0 and t["params"]["normalize"] is False for t in ties)
+    loaded = [load_adapter(a) for a in setup["adapters"]]
+    tasks = _task_streams(parse_data(setup["data"]), loaded, Path(setup["base"]), SEQ_LEN, None)
+    ev = Evaluator(InMemoryMerge(Path(setup["base"]), loaded, torch.device("cpu")), tasks, batch_size=4)
+    assert ev.merged_nll(get_method("ties"), ties[-1]["params"], "val")[0] == ties[-1]["nll"]
