@@ -17,7 +17,6 @@ load excluded): what a trial would cost at least if every candidate were a model
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -82,7 +81,7 @@ def main() -> None:
     from lorakit.evaluate import perplexity
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.merge.linear import LINEAR
-    from lorakit.merge.search import Evaluator, _task_streams, retentions, search_merge
+    from lorakit.merge.search import Evaluator, task_streams, retentions, search_merge
     from lorakit.models import ensure_default_model
 
     preps, adapters, setup = build_release_adapters(WORK)
@@ -99,7 +98,7 @@ def main() -> None:
 
     # 1.0 each, with the same evaluator and the search's own denominators
     loaded = [load_adapter(a) for a in adapters]
-    tasks = _task_streams(list(preps.items()), loaded, Path(base), seq_len, None)
+    tasks = task_streams(list(preps.items()), loaded, Path(base), seq_len, None)
     ev = Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")), tasks, batch_size=s["method"]["batch_size"])
     ones = {}
     for split, (b, a) in {"val": ({k: v["base_nll"] for k, v in s["tasks"].items()},

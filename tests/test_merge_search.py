@@ -141,10 +141,10 @@ def test_reproduced_trial_gives_identical_metrics(setup, searched):
     from lorakit.adapters import load_adapter
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.merge.registry import get_method
-    from lorakit.merge.search import Evaluator, parse_data, _task_streams
+    from lorakit.merge.search import Evaluator, parse_data, task_streams
 
     loaded = [load_adapter(a) for a in setup["adapters"]]
-    tasks = _task_streams(parse_data(setup["data"]), loaded, Path(setup["base"]), SEQ_LEN, None)
+    tasks = task_streams(parse_data(setup["data"]), loaded, Path(setup["base"]), SEQ_LEN, None)
     ev = Evaluator(InMemoryMerge(Path(setup["base"]), loaded, torch.device("cpu")), tasks, batch_size=4)
     s = searched["search"]
     for trial in (s["trials"][s["chosen"]], s["trials"][-1]):
@@ -303,7 +303,7 @@ def test_ties_density_is_searched_when_not_given(setup, tmp_path):
     from lorakit.adapters import load_adapter
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.merge.registry import get_method
-    from lorakit.merge.search import Evaluator, _task_streams, parse_data, search_merge
+    from lorakit.merge.search import Evaluator, task_streams, parse_data, search_merge
 
     s = search_merge(setup["adapters"], setup["data"], tmp_path / "out", base=str(setup["base"]), seq_len=SEQ_LEN,
                      methods=["linear", "ties"], max_trials=9, output_kind="model", progress=False).metadata["search"]
@@ -312,6 +312,6 @@ def test_ties_density_is_searched_when_not_given(setup, tmp_path):
     assert len({t["params"]["density"] for t in ties}) > 1
     assert all(0.1 <= t["params"]["density"] <= 1.0 and t["params"]["normalize"] is False for t in ties)
     loaded = [load_adapter(a) for a in setup["adapters"]]
-    tasks = _task_streams(parse_data(setup["data"]), loaded, Path(setup["base"]), SEQ_LEN, None)
+    tasks = task_streams(parse_data(setup["data"]), loaded, Path(setup["base"]), SEQ_LEN, None)
     ev = Evaluator(InMemoryMerge(Path(setup["base"]), loaded, torch.device("cpu")), tasks, batch_size=4)
     assert ev.merged_nll(get_method("ties"), ties[-1]["params"], "val")[0] == ties[-1]["nll"]

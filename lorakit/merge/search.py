@@ -200,8 +200,7 @@ class _Runner:
         return trial
 
 
-def _point_to_params(method: MergeMethod, x: Sequence[float], n: int, fixed: dict[str, Any],
-                     search_density: bool) -> dict[str, Any]:
+def _point_to_params(x: Sequence[float], n: int, fixed: dict[str, Any], search_density: bool) -> dict[str, Any]:
     params: dict[str, Any] = {"weights": [float(v) for v in x[:n]]}
     params.update(fixed)
     if search_density:
@@ -251,7 +250,7 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
             steps.append(0.25)
 
         def objective(x: tuple[float, ...]) -> float:
-            params = _point_to_params(method, x, n, fixed, search_density)
+            params = _point_to_params(x, n, fixed, search_density)
             return -runner.run(method, params, max_trials=share, deadline=method_deadline).worst_retention
 
         runner.stopped = "converged"
@@ -262,7 +261,7 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
         stopped[method.name] = runner.stopped
     chosen = max(runner.trials, key=lambda t: (t.worst_retention, -t.index))
     per_trial = [t.seconds["total"] for t in runner.trials]
-    info = {"base_nll": base_val, "adapter_nll": adapter_val, "eval_pass_s": round(eval_pass_s, 4),
+    info = {"base_nll": base_val, "adapter_nll": adapter_val, "base_pass_s": round(eval_pass_s, 4),
             "stopped": stopped,
             "trial_s_median": round(sorted(per_trial)[len(per_trial) // 2], 4),
             "apply_s_median": round(sorted(t.seconds["apply"] for t in runner.trials)[len(per_trial) // 2], 4)}
@@ -365,7 +364,7 @@ def search_merge(
     base_dir = core._base_dir(loaded, base, required=True)
     check_tied_targets(loaded, ties_embeddings(read_model_config(base_dir)), str(base_dir))
     core._check_base_fits(loaded, base_dir, tensor_index(base_dir))
-    tasks = _task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens)
+    tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens)
     with_test = all("test" in t.streams for t in tasks)
 
     from lorakit.evaluate.loading import pick_device
@@ -398,7 +397,7 @@ def search_merge(
         "n_trials": len(trials),
         "chosen": chosen.index,
         "uniform": uniform.index,
-        "eval_pass_s": info["eval_pass_s"],
+        "base_pass_s": info["base_pass_s"],  # the base's val pass: the first, so it includes warm-up
         "trial_s_median": info["trial_s_median"],
         "apply_s_median": info["apply_s_median"],
         "trial_vs_eval_pass": info["trial_vs_eval_pass"],
@@ -421,7 +420,7 @@ def search_merge(
         ignore_base_name=ignore_base_name, compute_dtype=compute, progress=progress, record={"search": record})
 
 
-def _task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_len: int,
+def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_len: int,
                   max_tokens: int | None) -> list[TaskStream]:
     """Tokenize each task's val (and test, when present) split once with the base's tokenizer; plan windows."""
     from lorakit.data.splits import has_split
