@@ -224,6 +224,8 @@ def test_impossible_target_writes_best_trial_and_says_so(setup, tmp_path):
     assert "no trial reached worst-task retention 50" in proc.stderr
     assert "NOT reached" in proc.stdout and "uniform (linear, weights 0.5,0.5)" in proc.stdout
     assert "test" in proc.stdout and "chosen" in proc.stdout
+    gain = s["tasks"]["digits"]
+    assert f"digits {gain['base_nll']:.4f} -> {gain['adapter_nll']:.4f}" in proc.stdout
 
 
 def test_refusals_write_nothing(setup, tmp_path):

@@ -168,6 +168,9 @@ def search_summary(meta: dict) -> str:
              f"test {worst('test', 'chosen')}",
              f"  uniform ({params(uniform)}): worst-task retention val {worst('val', 'uniform')}, "
              f"test {worst('test', 'uniform')}"]
+    # retention divides by these: a tiny gain makes a task's retention large and noisy (docs/merge.md)
+    lines.append("  each adapter's own val gain (base -> adapter NLL): " + "; ".join(
+        f"{name} {t['base_nll']:.4f} -> {t['adapter_nll']:.4f}" for name, t in s["tasks"].items()))
     if s["met_target"] is False:
         lines.append(f"  target retention {s['target_retention']:g} NOT reached within the bounds; the best trial "
                      "was written")
