@@ -99,6 +99,18 @@ class LoraConfig(_Section):
         return self
 
 
+class MergeSearchConfig(_Section):
+    """Merge weights chosen by measurement (``lorakit merge --search``; ``lorakit.merge.search``): the search
+    maximises the worst task's retention of val NLL; bounds left null take the library's defaults."""
+
+    methods: list[Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]] = Field(
+        default_factory=lambda: ["linear"], min_length=1, description="Methods searched (trial budget split).")
+    max_trials: int | None = Field(None, gt=0, description="Merges evaluated at most; null = lorakit's default.")
+    time_budget_s: float | None = Field(None, gt=0, description="Seconds; null = lorakit's default.")
+    target_retention: float | None = Field(None, description="Report whether the best trial reaches it.")
+    max_tokens: int | None = Field(None, gt=0, description="Score at most this many val tokens per task.")
+
+
 class MergeConfig(_Section):
     """How the task adapters are combined into the base weights (``lorakit.merge.merge_adapters``)."""
 
@@ -110,6 +122,16 @@ class MergeConfig(_Section):
     normalize: bool | None = None
     loftq_base: Literal["dequantized", "original"] | None = Field(
         None, description="With lora.init loftq: merge into the dequantized NF4 base (exact) or the original one.")
+    search: MergeSearchConfig | None = Field(
+        None, description="Set to choose the weights (and density) on the tasks' val splits instead of 'weights'.")
+
+    @model_validator(mode="after")
+    def _search_or_weights(self) -> MergeConfig:
+        if self.search is not None and self.weights is not None:
+            raise ValueError("give 'weights' or 'search', not both: the search chooses the weights")
+        if self.search is not None and self.loftq_base is not None:
+            raise ValueError("'search' merges plain LoRA adapters; it does not apply with loftq_base")
+        return self
 
 
 class QuantizeConfig(_Section):

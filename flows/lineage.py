@@ -24,6 +24,19 @@ def gate_metrics(verdict_meta: dict[str, Any]) -> dict[str, float]:
             "baseline_ppl": primary["baseline_ppl"], "ppl": primary["candidate_ppl"]}
 
 
+def merge_params(cfg: ReleaseConfig, merge_meta: dict[str, Any]) -> dict[str, Any]:
+    """The merge edge: the configuration, the weights the merge used, and with ``merge.search`` what it chose."""
+    out = {**cfg.merge.model_dump(), "weights": merge_meta.get("weights", cfg.merge_weights())}
+    search = merge_meta.get("search")
+    if search is not None:
+        chosen = search["trials"][search["chosen"]]
+        out["search"] = {"chosen": {"method": chosen["method"], **chosen["params"]},
+                         "worst_retention": search["report"], "n_trials": search["n_trials"],
+                         "stopped": search["stopped"], "met_target": search["met_target"],
+                         "objective": search["objective"]}
+    return out
+
+
 def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[str, dict], merged: dict,
                      quantized: dict, verdict: dict, gguf: dict | None = None,
                      gguf_verdict: dict | None = None, scorecard: dict | None = None) -> dict[str, str]:
@@ -52,7 +65,7 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
         data_ref = reg(f"prep:{ds.name}", preps[ds.name], "dataset", [base_ref], params=ds.model_dump())
         reg(f"adapter:{ds.name}", adapters[ds.name], "adapter", [data_ref, base_ref], params=cfg.lora.model_dump())
     merged_ref = reg("merged", merged, "merged", [refs[f"adapter:{ds.name}"] for ds in cfg.datasets],
-                     params={**cfg.merge.model_dump(), "weights": cfg.merge_weights()})
+                     params=merge_params(cfg, merged["metadata"]))
     # The settings the stage used (its lorakit_quant.json), with the configuration it was given beside them.
     from lorakit.quantize.metadata import read_quant_meta
 

@@ -75,13 +75,21 @@ class ReleasePlan:
         return {"prep_dir": prep_dir, "params": params,
                 "output": stage_dir(self.out, "adapters", ds.name, {"prep": prep_dir, **params})}
 
-    def merge(self, adapters: list[str]) -> dict[str, Any]:
+    def merge(self, adapters: list[str], preps: dict[str, str] | None = None) -> dict[str, Any]:
+        """``preps`` (dataset name -> prepared folder) is needed only with ``merge.search``: the tasks it scores."""
         m = self.config.merge
         params = {"method": m.method, "density": m.density, "seed": m.seed, "normalize": m.normalize,
                   "output_kind": "model", "base": self.config.base}
         if m.loftq_base is not None:  # only then, so the merged stage's folder name is unchanged for other runs
             params["loftq_base"] = m.loftq_base
-        weights = self.config.merge_weights()
+        weights: list[float] | None = self.config.merge_weights()
+        if m.search is not None:  # only then, like loftq_base; the weights are the search's to choose
+            if preps is None:
+                raise ValueError("merge.search needs the prepared data of every dataset (preps)")
+            # scored with the gate's window length, so the search measures the tasks as the gate will
+            params["search"] = {**m.search.model_dump(), "seq_len": self.config.gate.seq_len,
+                                "data": {ds.name: preps[ds.name] for ds in self.config.datasets}}
+            weights = None
         return {"adapters": adapters, "weights": weights, "params": params,
                 "output": stage_dir(self.out, "merged", "model", {"adapters": adapters, "weights": weights, **params})}
 

@@ -355,7 +355,7 @@ def plan_lines(cfg: ReleaseConfig, base_dir: Path | None = None) -> list[str]:
         rows.append((f"prep {ds.name}", preps[ds.name]))
         adapters.append(plan.train(ds, preps[ds.name])["output"])
         rows.append((f"train {ds.name}", adapters[-1]))
-    merged = plan.merge(adapters)["output"]
+    merged = plan.merge(adapters, preps)["output"]
     rows.append(("merge", merged))
     name = cfg.calib_dataset()
     calib = preps[name] if name else plan.calibration()["output"]

@@ -49,7 +49,8 @@ def release(base: str = _D.base, datasets: list[DatasetConfig] = _D.datasets, lo
         preps[ds.name] = stages.run_fresh(stages.prep_data, **plan.prep(ds))
         adapters[ds.name] = run_gpu(train_flow, **on_gpu, **plan.train(ds, preps[ds.name]["path"]))
     merged = stages.run_fresh(stages.merge_adapters,
-                               **plan.merge([adapters[ds.name]["path"] for ds in cfg.datasets]))
+                               **plan.merge([adapters[ds.name]["path"] for ds in cfg.datasets],
+                                            {n: p["path"] for n, p in preps.items()}))
     calib = preps[cfg.calib_dataset()] if cfg.calib_dataset() else stages.run_fresh(stages.prep_data, **plan.calibration())
     quantized = run_gpu(quantize_flow, **on_gpu, **plan.quantize(merged["path"], calib["path"]))
     checks = {n: p["path"] for n, p in preps.items()}

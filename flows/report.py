@@ -33,6 +33,16 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and not isinstance(x, bool) else ("-" if x is None else str(x))
 
 
+def _merge_result(meta: dict[str, Any]) -> str:
+    """Exactness, and with a weight search what it chose and the worst task's retention it measured."""
+    out = "exact" if meta.get("exact") else "approximate"
+    search = meta.get("search")
+    if search:
+        worst = search["report"]["val"]["chosen"]
+        out += f"; searched weights {','.join(f'{w:g}' for w in meta['weights'])} (worst-task retention val {worst:.3f})"
+    return out
+
+
 def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, quantized: dict, verdict: dict,
                refs: dict[str, str], gguf: dict | None = None, gguf_verdict: dict | None = None,
                scorecard: dict | None = None) -> list[dict[str, Any]]:
@@ -46,8 +56,8 @@ def stage_rows(cfg: ReleaseConfig, preps: dict, adapters: dict, merged: dict, qu
         rows.append({"stage": "train", "item": ds.name, "seconds": _seconds(meta),
                      "result": f"final loss {_fmt(loss)}", "path": adapters[ds.name]["path"],
                      "ref": refs.get(f"adapter:{ds.name}", "")})
-    rows.append({"stage": "merge", "item": cfg.merge.method, "seconds": _seconds(merged["metadata"]),
-                 "result": "exact" if merged["metadata"].get("exact") else "approximate",
+    rows.append({"stage": "merge", "item": merged["metadata"].get("method", cfg.merge.method),
+                 "seconds": _seconds(merged["metadata"]), "result": _merge_result(merged["metadata"]),
                  "path": merged["path"], "ref": refs.get("merged", "")})
     rows.append({"stage": "quantize", "item": quantize_label(used_quantize_settings(quantized["path"])),
                  "seconds": _seconds(quantized["metadata"]), "result": "", "path": quantized["path"],
@@ -132,8 +142,8 @@ def markdown(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, alia
         "",
         f"**{verdict_line(v, cfg.gate.max_degradation)}**",
         "",
-        f"Base `{cfg.base}`; {len(cfg.datasets)} task(s); merge {cfg.merge.method} weights "
-        f"{', '.join(f'{w:g}' for w in cfg.merge_weights())}; GPU stages "
+        f"Base `{cfg.base}`; {len(cfg.datasets)} task(s); merge "
+        f"{'weights searched on val' if cfg.merge.search else cfg.merge.method + ' weights ' + ', '.join(f'{w:g}' for w in cfg.merge_weights())}; GPU stages "
         f"{'on pool `' + cfg.pools.cuda + '`' if cfg.route_gpu else 'in-process'}; run wall time {wall_s:.1f} s.",
         "",
         "| stage | item | seconds | result | registry | output |",

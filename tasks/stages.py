@@ -114,8 +114,16 @@ def train_adapter(prep_dir: str, output: str, params: dict[str, Any]) -> dict[st
 
 @_stage(name="merge-adapters")
 @reported
-def merge_adapters(adapters: list[str], weights: list[float], output: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Fold the weighted adapters into the base weights (``lorakit.merge.merge_adapters``)."""
+def merge_adapters(adapters: list[str], weights: list[float] | None, output: str,
+                   params: dict[str, Any]) -> dict[str, Any]:
+    """Fold the weighted adapters into the base weights (``lorakit.merge.merge_adapters``); with ``search`` in
+    ``params``, the weights are chosen on the tasks' val splits first (``lorakit.merge.search.search_merge``)."""
+    if params.get("search") is not None:
+        from lorakit.merge.search import search_merge
+
+        rest = {k: v for k, v in params.items() if k not in ("search", "method")}
+        s = dict(params["search"])
+        return _out(search_merge(adapters, s.pop("data"), output, force=True, progress=True, **s, **rest))
     from lorakit.merge import merge_adapters as merge
 
     return _out(merge(adapters, weights, output, force=True, progress=True, **params))

@@ -44,10 +44,24 @@ _METHODS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--ignore-base-name", is_flag=True, help="Accept adapters whose recorded base names differ "
               "(use only when they name the same weights).")
+@click.option("--search", is_flag=True, help="Choose the weights (and density for ties/dare without --density) by "
+              "measurement: maximise the worst task's retention of val NLL (needs --data per adapter; docs/merge.md).")
+@click.option("--data", "data", multiple=True, metavar="NAME=PREP", help="--search: the task of each adapter, in "
+              "adapter order: a name and its prepared-data folder (val is searched, test only reported).")
+@click.option("--methods", default="linear", show_default=True,
+              help="--search: comma-separated methods to search (the trial budget is split between them).")
+@click.option("--max-trials", type=int, help="--search: merges evaluated at most (default in docs/merge.md; the uniform "
+              "1/n baseline is the first).")
+@click.option("--time-budget", type=float, help="--search: seconds; no trial starts after it (default in docs/merge.md).")
+@click.option("--target-retention", type=float, help="--search: say whether the best worst-task retention reaches "
+              "this (the best trial is written either way).")
+@click.option("--max-tokens", type=int, help="--search: score at most this many tokens of each split.")
+@click.option("--seq-len", type=int, help="--search: evaluation window in tokens (default: lorakit eval's).")
 @compute_dtype_option("merge")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def merge(adapters, weights, output, method, density, seed, normalize, output_kind, rank, base, loftq_base, force,
-          ignore_base_name, compute_dtype, quiet):
+          ignore_base_name, search, data, methods, max_trials, time_budget, target_retention, max_tokens, seq_len,
+          compute_dtype, quiet):
     """Merge LoRA adapters: ΔW = Σ wᵢ·scalingᵢ·BᵢAᵢ (linear), or TIES/DARE/pruning on the updates.
 
     \b
@@ -62,6 +76,7 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
       lorakit merge a b -w 0.7,0.3 --rank 16 -o merged16       rank 16, error reported
       lorakit merge a b -w 1,-0.5 --output-kind model -o m     task negation, full HF model
       lorakit merge a b c --method ties --density 0.3 --output-kind model -o m
+      lorakit merge a b --search --data rev=prep/rev --data num=prep/num -o m   weights chosen on val
 
     Nothing is written when an input is unusable; output appears only when complete (lorakit_merge.json
     inside records inputs, digests, parameters and any approximation error).
@@ -74,6 +89,15 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
         from lorakit import progress
 
         progress.configure(console=False)
+    search_options = {"--data": data, "--max-trials": max_trials, "--time-budget": time_budget,
+                      "--target-retention": target_retention, "--max-tokens": max_tokens, "--seq-len": seq_len}
+    if search:
+        return _search(adapters, output, method, weights, data, methods, max_trials, time_budget, target_retention,
+                       max_tokens, seq_len, density, seed, normalize, output_kind, rank, base, loftq_base, force,
+                       ignore_base_name, compute_dtype, quiet)
+    given = [name for name, v in search_options.items() if v not in (None, ())]
+    if given:
+        raise InputError(f"{given[0]} applies to --search; add --search, or leave {given[0]} out")
     w = parse_weights(weights, len(adapters))
     result = merge_adapters(
         adapters, w, output, method=method, output_kind=output_kind, rank=rank, base=base, density=density,
@@ -93,6 +117,64 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
     exactness = "exact" if result.exact else "approximate"
     click.echo(f"merged {len(adapters)} adapters ({result.method}, weights {','.join(f'{x:g}' for x in w)}) -> "
                f"{result.output} [{result.output_kind}, {exactness}, {meta['wall_time_s']:.1f}s]")
+
+
+def _search(adapters, output, method, weights, data, methods, max_trials, time_budget, target_retention, max_tokens,
+            seq_len, density, seed, normalize, output_kind, rank, base, loftq_base, force, ignore_base_name,
+            compute_dtype, quiet) -> None:
+    """``--search``: the weights chosen on val; prints the choice beside the uniform 1/n baseline."""
+    from lorakit.merge.search import search_merge
+
+    if weights is not None:
+        raise InputError("--weights and --search exclude each other: --search chooses the weights; leave one out")
+    if method != "linear":
+        raise InputError("--search takes the methods to try as --methods (e.g. --methods linear,ties), not --method")
+    if loftq_base is not None:
+        raise InputError("--search merges plain LoRA adapters; --loftq-base does not apply")
+    if not data:
+        raise InputError("--search needs the task of each adapter: --data NAME=PREP once per adapter, in order")
+    extra = {} if seq_len is None else {"seq_len": seq_len}
+    result = search_merge(
+        adapters, list(data), output, methods=[m.strip() for m in methods.split(",") if m.strip()],
+        max_trials=max_trials, time_budget_s=time_budget, target_retention=target_retention, density=density,
+        seed=seed, normalize=normalize, output_kind=output_kind, rank=rank, base=base, max_tokens=max_tokens,
+        force=force, ignore_base_name=ignore_base_name, compute_dtype=compute_dtype, progress=not quiet, **extra)
+    if quiet:
+        click.echo(str(result.output))
+        return
+    click.echo(search_summary(result.metadata))
+    click.echo(f"merged {len(adapters)} adapters ({result.method}) -> {result.output} [{result.output_kind}, exact, "
+               f"{result.metadata['search']['search_s']:.1f}s searching]")
+
+
+def search_summary(meta: dict) -> str:
+    """The chosen merge beside the uniform 1/n one: worst-task retention on val (searched) and test (held out)."""
+    s = meta["search"]
+    chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]
+
+    def params(t: dict) -> str:
+        rest = "".join(f", {k} {v:g}" for k, v in t["params"].items() if k == "density")
+        return f"{t['method']}, weights {','.join(f'{x:g}' for x in t['params']['weights'])}{rest}"
+
+    def worst(split: str, label: str) -> str:
+        if s["report"].get(split) is None:
+            return "n/a (no test split)"
+        value = s["report"][split][label]
+        return "undefined (an adapter does not lower its test NLL)" if value is None else f"{value:.3f}"
+
+    lines = [f"searched {s['n_trials']} trials ({', '.join(f'{m}: {why}' for m, why in s['stopped'].items())}; "
+             f"median trial {s['trial_s_median']:.1f}s, {s['trial_vs_eval_pass']:.2f}x its evaluation pass)",
+             f"  chosen  ({params(chosen)}): worst-task retention val {worst('val', 'chosen')}, "
+             f"test {worst('test', 'chosen')}",
+             f"  uniform ({params(uniform)}): worst-task retention val {worst('val', 'uniform')}, "
+             f"test {worst('test', 'uniform')}"]
+    # retention divides by these: a tiny gain makes a task's retention large and noisy (docs/merge.md)
+    lines.append("  each adapter's own val gain (base -> adapter NLL): " + "; ".join(
+        f"{name} {t['base_nll']:.4f} -> {t['adapter_nll']:.4f}" for name, t in s["tasks"].items()))
+    if s["met_target"] is False:
+        lines.append(f"  target retention {s['target_retention']:g} NOT reached within the bounds; the best trial "
+                     "was written")
+    return "\n".join(lines)
 
 
 COMMANDS = [merge]

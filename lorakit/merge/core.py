@@ -248,6 +248,7 @@ def merge_adapters(
     compute_dtype: str = "auto",
     loftq_base: str | None = None,
     progress: bool = True,
+    record: dict[str, Any] | None = None,
 ) -> MergeResult:
     """Merge PEFT LoRA adapters: ΔW = method(w₁·ΔW₁, …) with ΔWᵢ = scalingᵢ·BᵢAᵢ per target module.
 
@@ -255,7 +256,8 @@ def merge_adapters(
     for every input it cannot merge correctly. ``compute_dtype`` is accepted for symmetry with the other stages
     and must resolve to float32 (lorakit.compute.POLICY: the merge is exact; SVD rank reduction runs in float64).
     DoRA updates are materialised on the base (W'ᵢ − W); LoftQ adapters need ``loftq_base`` for model output (see
-    :mod:`lorakit.merge.base_weights`).
+    :mod:`lorakit.merge.base_weights`). ``record``: extra top-level entries for ``lorakit_merge.json`` (the merge
+    search's ``search``), written inside the same atomic output.
     """
     from lorakit.compute import dtype_name, resolve_compute_dtype
 
@@ -318,6 +320,7 @@ def merge_adapters(
                      "shards": result.pop("base_shards", None)},
             **result,
             "wall_time_s": round(time.perf_counter() - started, 3),
+            **(record or {}),
         }
         write_json(tmp / MERGE_META, metadata)
     return MergeResult(output, output_kind, merge_method.name, metadata["exact"], metadata["relative_error"], metadata)

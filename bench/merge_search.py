@@ -1,0 +1,196 @@
+"""Merge-weight search on the default release: searched vs uniform 1/n vs 1.0 each, worst-task retention.
+
+The default release's two adapters are built exactly as ``lorakit run configs/default.yaml`` builds them (the
+stage arguments come from ``flows.plan.ReleasePlan`` of the default config: prep, then QLoRA training with the
+default ``lora`` section), under ``bench/work/merge_search`` (kept between runs; delete it to retrain). Then
+``lorakit.merge.search.search_merge`` searches the linear merge weights on the tasks' val splits with the gate's
+window length, writes the chosen merge as a model folder and reports val and test. The 1.0-each merge is scored
+here with the same in-memory evaluator (its denominators are the search's own base and adapter NLLs).
+
+Time per trial vs one evaluation pass: the search's median trial (merge applied in memory + scoring both val
+splits) against ``lorakit.evaluate.perplexity`` of the written merged model on the same val splits (scoring time,
+load excluded): what a trial would cost at least if every candidate were a model on disk. Goal: <= 1.5x.
+
+    LORAKIT_THREADS=1 python -m bench.merge_search [--max-trials 16] [--methods linear]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from pathlib import Path
+
+from bench.common import update_readme_section, write_results
+
+WORK = Path(__file__).resolve().parent / "work" / "merge_search"
+GOAL = 1.5
+
+
+def build_release_adapters(work: Path) -> tuple[dict[str, str], list[str], dict]:
+    """The default release's preps and adapters, made by the stage calls the release flow makes."""
+    from flows.config import ReleaseConfig
+    from flows.plan import ReleasePlan
+    from lorakit.data.prep import prepare_dataset
+    from lorakit.train import train_adapter
+
+    cfg = ReleaseConfig(output_dir=str(work / "out"))
+    plan = ReleasePlan(cfg)
+    preps, adapters, made = {}, [], {}
+    for ds in cfg.datasets:
+        p = plan.prep(ds)
+        if not Path(p["output"], "prep.json").exists():
+            prepare_dataset(p["sources"], p["output"], force=True, progress=False, **p["params"])
+        t = plan.train(ds, p["output"])
+        if not Path(t["output"], "adapter_config.json").exists():
+            t0 = time.perf_counter()
+            train_adapter(t["prep_dir"], t["output"], force=True, progress=True, **t["params"])
+            made[f"train_{ds.name}_s"] = round(time.perf_counter() - t0, 1)
+        preps[ds.name] = p["output"]
+        adapters.append(t["output"])
+    return preps, adapters, {"config": "configs/default.yaml defaults (flows.config.ReleaseConfig())",
+                             "lora": cfg.lora.model_dump(), "seq_len": cfg.gate.seq_len, **made}
+
+
+def train_meta(adapter: str) -> dict:
+    from lorakit.io.atomic import read_json
+
+    meta = read_json(Path(adapter) / "lorakit_train.json", "train metadata")
+    return {k: meta.get(k) for k in ("steps", "first_loss", "final_loss", "compute_dtype") if k in meta}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-trials", type=int, default=16)
+    ap.add_argument("--time-budget", type=float, default=3600.0)
+    ap.add_argument("--methods", default="linear")
+    ap.add_argument("--readme-only", action="store_true", help="rewrite the README section from the result file")
+    args = ap.parse_args()
+    if args.readme_only:
+        import json
+
+        data = json.loads((Path(__file__).parent / "results" / "merge_search.json").read_text())
+        update_readme_section("merge_search", readme(data))
+        return
+    from lorakit.runtime import configure_threads
+
+    configure_threads()
+    import torch
+
+    from lorakit.adapters import load_adapter
+    from lorakit.evaluate import perplexity
+    from lorakit.merge.in_memory import InMemoryMerge
+    from lorakit.merge.linear import LINEAR
+    from lorakit.merge.search import Evaluator, task_streams, retentions, search_merge
+    from lorakit.models import ensure_default_model
+
+    preps, adapters, setup = build_release_adapters(WORK)
+    base = ensure_default_model()
+    seq_len = setup["seq_len"]
+    out = WORK / "searched"
+    t0 = time.perf_counter()
+    result = search_merge(adapters, preps, out, methods=args.methods.split(","), max_trials=args.max_trials,
+                          time_budget_s=args.time_budget, output_kind="model", base=str(base), seq_len=seq_len,
+                          device="cpu", force=True, progress=True)
+    wall = time.perf_counter() - t0
+    s = result.metadata["search"]
+    chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]
+
+    # 1.0 each, with the same evaluator and the search's own denominators
+    loaded = [load_adapter(a) for a in adapters]
+    tasks = task_streams(list(preps.items()), loaded, Path(base), seq_len, None)
+    ev = Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")), tasks, batch_size=s["method"]["batch_size"])
+    ones = {}
+    for split, (b, a) in {"val": ({k: v["base_nll"] for k, v in s["tasks"].items()},
+                                  {k: v["adapter_nll"] for k, v in s["tasks"].items()}),
+                          "test": (s["test"]["base_nll"], s["test"]["adapter_nll"])}.items():
+        nll, _ = ev.merged_nll(LINEAR, {"weights": [1.0] * len(adapters)}, split)
+        ret = retentions(b, a, nll)
+        ones[split] = {"nll": nll, "retention": ret, "worst_retention": min(ret.values())}
+    del ev
+
+    # one ordinary evaluation pass of the written merged model over the same val splits (scoring time)
+    passes = [perplexity(str(out), p, seq_len=seq_len, device="cpu", progress=False) for p in preps.values()]
+    eval_pass_s = sum(r.wall_s for r in passes)
+    assert all(abs(r.mean_nll - chosen["nll"][n]) <= 1e-5 * abs(r.mean_nll) for r, n in zip(passes, preps)), \
+        "the written model does not reproduce the chosen trial"
+
+    def row(trial: dict, test: dict | None) -> dict:
+        return {"method": trial["method"], "params": trial["params"],
+                "val": {"worst_retention": round(trial["worst_retention"], 4),
+                        "retention": {k: round(v, 4) for k, v in trial["retention"].items()}, "nll": trial["nll"]},
+                "test": None if test is None else {"worst_retention": round(test["worst_retention"], 4),
+                                                   "retention": {k: round(v, 4) for k, v in test["retention"].items()},
+                                                   "nll": test["nll"]}}
+
+    trial_s = s["trial_s_median"]
+    data = {
+        "setup": {**setup, "base": str(base), "adapters": adapters, "data": preps,
+                  "training": {n: train_meta(a) for n, a in zip(preps, adapters)},
+                  "lorakit_commit": _git_commit(), "threads": torch.get_num_threads()},
+        "search": {"methods": s["methods"], "max_trials": args.max_trials, "n_trials": s["n_trials"],
+                   "stopped": s["stopped"], "wall_s": round(wall, 1), "search_s": s["search_s"],
+                   "tasks": s["tasks"], "test_denominators": {"base_nll": s["test"]["base_nll"],
+                                                              "adapter_nll": s["test"]["adapter_nll"]},
+                   "trials": [{"params": t["params"], "worst_retention": round(t["worst_retention"], 4),
+                               "seconds": t["seconds"]} for t in s["trials"]]},
+        "variants": {"searched": row(chosen, s["test"]["chosen"]), "uniform": row(uniform, s["test"]["uniform"]),
+                     "ones": {"method": "linear", "params": {"weights": [1.0] * len(adapters)},
+                              **{k: {"worst_retention": round(v["worst_retention"], 4),
+                                     "retention": {t: round(x, 4) for t, x in v["retention"].items()},
+                                     "nll": v["nll"]} for k, v in ones.items()}}},
+        "timing": {"trial_s_median": trial_s, "apply_s_median": s["apply_s_median"],
+                   "eval_pass_s": round(eval_pass_s, 3), "val_tokens": sum(r.tokens for r in passes),
+                   "trial_vs_eval_pass": round(trial_s / eval_pass_s, 3), "goal": GOAL,
+                   "meets_goal": trial_s / eval_pass_s <= GOAL,
+                   "trial_vs_own_eval_median": s["trial_vs_eval_pass"]},
+    }
+    path = write_results("merge_search", data)
+    print(f"wrote {path}")
+    update_readme_section("merge_search", readme(data))
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def readme(d: dict) -> str:
+    v, t, s = d["variants"], d["timing"], d["search"]
+    rows = []
+    for label, key in (("searched", "searched"), ("uniform 1/n", "uniform"), ("1.0 each", "ones")):
+        x = v[key]
+        w = ",".join(f"{a:g}" for a in x["params"]["weights"])
+        test = x["test"]["worst_retention"] if x.get("test") else "n/a"
+        rows.append(f"| {label} | {w} | {x['val']['worst_retention']:.3f} | {test:.3f} | "
+                    f"{', '.join(f'{k} {r:.3f}' for k, r in x['test']['retention'].items())} |")
+    gains = "; ".join(f"{k} {t['base_nll']:.4f} -> {t['adapter_nll']:.4f}" for k, t in s["tasks"].items())
+    return "\n".join([
+        "## merge_search",
+        "",
+        "`LORAKIT_THREADS=1 python -m bench.merge_search` — the default release's two adapters (trained by the stage "
+        "calls of `configs/default.yaml`), linear merge weights searched on the val splits (worst task's retention of "
+        f"NLL, `lorakit.evaluate.retention`), windows of {d['setup']['seq_len']} tokens; test is reported only. "
+        f"{s['n_trials']} trials (stopped: {', '.join(f'{m} {w}' for m, w in s['stopped'].items())}), "
+        f"search {s['search_s']:.0f} s. Shared, loaded 2-core CPU; single run.",
+        "",
+        "| merge | weights | worst-task retention, val | worst-task retention, test | test retention per task |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"Val NLL, base -> its own adapter alone: {gains}. Retention divides by that gain: an adapter whose own gain "
+        "is small gets a large, noisy retention from any merge that lowers its task's NLL by other means (here the "
+        "other adapter), and the worst-task objective then stops protecting it.",
+        "",
+        f"Time per trial (merge applied in memory + both val splits scored): median {t['trial_s_median']:.1f} s, of "
+        f"which applying the merge {t['apply_s_median']:.2f} s; one evaluation pass of the written merged model over "
+        f"the same {t['val_tokens']} val tokens (`lorakit.evaluate.perplexity`, load excluded): "
+        f"{t['eval_pass_s']:.1f} s; ratio {t['trial_vs_eval_pass']:.2f} (goal <= {t['goal']}).",
+    ])
+
+
+if __name__ == "__main__":
+    main()
