@@ -146,14 +146,16 @@ def main() -> None:
 
     configure_threads()
     work = Path(args.work)
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    runs = data.get("runs", {})
+    runs: dict = {}
     for task in args.tasks.split(","):
         for text in args.grid:
             point = parse_point(text)
             key = point_key(task, point) + ("" if args.cpu_profile == "native" else ":avx2")
             print(f"== {key}", flush=True)
-            runs[key] = {**run_point(task, point, work), "cpu_profile": args.cpu_profile}
+            result = {**run_point(task, point, work), "cpu_profile": args.cpu_profile}
+            # Re-read before writing: another sweep process may have added runs meanwhile.
+            runs = (json.loads(RESULTS.read_text()) if RESULTS.exists() else {}).get("runs", {})
+            runs[key] = result
             print(json.dumps({k: runs[key][k] for k in ("exact_match_test", "exact_match_fresh", "s_per_step",
                                                          "train_wall_s")}), flush=True)
             write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",

@@ -1,0 +1,164 @@
+"""The default release's scorecard, and which merge default keeps the tasks (issue 12, items 7-8).
+
+Given the output folder of a ``lorakit run`` of the default release (``bench/pipeline.py`` keeps it in
+``bench/work/pipeline/out``):
+
+1. ``release``: the scorecard the release's own scorecard stage wrote (every task x base / adapter / merged /
+   quantized, val and test, exact match, F1, NLL, retention, accuracy drop), the stage's wall time, and the gate's
+   verdict, copied from the run's outputs (predictions left out).
+2. ``merge_defaults``: the same adapters merged exactly by each candidate default (linear 1/n each, linear 1.0
+   each = task arithmetic, TIES at density 0.5 with weights 1.0) and scored by ``build_scorecard`` without a
+   quantized model: retention of each task on val and test, on exact match and on NLL.
+
+Usage: python bench/release_scorecard.py --release bench/work/pipeline/out [--work bench/work/release_scorecard]
+       [--skip-merges]
+Writes bench/results/release_scorecard.json and the ``release_scorecard`` section of bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from bench.common import update_readme_section, write_results  # noqa: E402
+
+CANDIDATES = {  # name -> merge_adapters keyword arguments (weights filled per adapter count)
+    "linear_uniform": {"method": "linear", "weight": "1/n"},
+    "linear_1.0_each": {"method": "linear", "weight": 1.0},
+    "ties_d0.5_1.0_each": {"method": "ties", "weight": 1.0, "density": 0.5},
+}
+
+
+def one(out_dir: Path, pattern: str) -> Path:
+    found = sorted(out_dir.glob(pattern))
+    if len(found) != 1:
+        raise SystemExit(f"--release {out_dir}: expected one {pattern}, found {len(found)}")
+    return found[0]
+
+
+def release_parts(out_dir: Path) -> dict:
+    """Adapters, prep folders (by task, in the run config's order), merged model and scorecard of one run."""
+    from lorakit.train.loop import read_train_record
+
+    card = one(out_dir, "scorecard/*/scorecard.json")
+    data = json.loads(card.read_text())
+    tasks = list(data.get("task_order") or data["tasks"])
+    adapters, preps = {}, {}
+    for folder in sorted(out_dir.glob("adapters/*")):
+        if not (folder / "lorakit_train.json").exists():
+            continue
+        record = read_train_record(folder)
+        prep = Path(record.prep["path"]) if "path" in record.prep else None
+        for task in tasks:
+            if folder.name.startswith(task) or (prep is not None and prep.name.startswith(task)):
+                adapters[task], preps[task] = folder, prep
+    missing = [t for t in tasks if t not in adapters]
+    if missing:
+        raise SystemExit(f"--release {out_dir}: no adapter folder found for {missing}")
+    for task in tasks:
+        if preps[task] is None or not preps[task].exists():
+            preps[task] = one(out_dir, f"prep/{task}*")
+    return {"scorecard": card, "data": data, "tasks": tasks, "adapters": adapters, "preps": preps,
+            "merged": one(out_dir, "merged/model-*")}
+
+
+def summary(card: dict) -> dict:
+    """Per task and split: exact match of every role, retention (EM, NLL), quantized accuracy drop."""
+    out = {}
+    for task, entry in card["tasks"].items():
+        out[task] = {}
+        for split, s in entry["splits"].items():
+            out[task][split] = {
+                "exact_match": {role: m.get("exact_match") for role, m in s["models"].items()},
+                "nll": {role: m.get("mean_nll") for role, m in s["models"].items()},
+                "retention_exact_match": (s["retention"].get("exact_match") or {}).get("value"),
+                "retention_nll": (s["retention"].get("nll") or {}).get("value"),
+                "accuracy_drop": s.get("accuracy_drop")}
+    return out
+
+
+def merge_defaults(parts: dict, work: Path) -> dict:
+    from lorakit.merge.core import merge_adapters
+    from lorakit.scorecard.core import ScorecardTask, build_scorecard
+
+    tasks = parts["tasks"]
+    score_tasks = [ScorecardTask(t, parts["preps"][t], parts["adapters"][t]) for t in tasks]
+    results = {}
+    for name, spec in CANDIDATES.items():
+        weight = 1.0 / len(tasks) if spec["weight"] == "1/n" else float(spec["weight"])
+        merged = work / f"merged-{name}"
+        if not merged.exists():
+            merge_adapters([str(parts["adapters"][t]) for t in tasks], [weight] * len(tasks), merged,
+                           method=spec["method"], output_kind="model", density=spec.get("density"), progress=False)
+        started = time.perf_counter()
+        card = build_scorecard(None, score_tasks, merged, None, output=work / f"card-{name}", force=True,
+                               progress=True)
+        results[name] = {"method": spec["method"], "weights": [weight] * len(tasks),
+                         "density": spec.get("density"), "wall_s": round(time.perf_counter() - started, 1),
+                         "tasks": summary(card.data)}
+        print(name, json.dumps(results[name]["tasks"]), flush=True)
+    return results
+
+
+def readme(release: dict, merges: dict | None) -> str:
+    lines = ["## release_scorecard", "",
+             f"`python bench/release_scorecard.py --release {release['source']}`: the default release's own scorecard "
+             f"(stage wall time {release['scorecard_wall_s']:.0f} s), exact match per model.", "",
+             "| task | split | base | adapter | merged | quantized | retention (EM) | retention (NLL) | quantized drop |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(x):
+        return "-" if x is None else f"{x:.0%}"
+
+    def num(x):
+        return "-" if x is None else f"{x:.2f}"
+
+    for task, splits in release["summary"].items():
+        for split, s in splits.items():
+            em = s["exact_match"]
+            lines.append(f"| {task} | {split} | {pct(em.get('base'))} | {pct(em.get('adapter'))} | "
+                         f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
+                         f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
+    if merges:
+        lines += ["", "Merge defaults on the same adapters (exact merges, scored without quantization):", "",
+                  "| merge | task | split | merged EM | retention (EM) | retention (NLL) |", "|---|---|---|---|---|---|"]
+        for name, m in merges.items():
+            for task, splits in m["tasks"].items():
+                for split, s in splits.items():
+                    lines.append(f"| {name} | {task} | {split} | {pct(s['exact_match'].get('merged'))} | "
+                                 f"{num(s['retention_exact_match'])} | {num(s['retention_nll'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--release", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=BENCH / "work" / "release_scorecard")
+    ap.add_argument("--skip-merges", action="store_true", help="only copy the release's own scorecard")
+    args = ap.parse_args()
+    from lorakit.runtime import configure_threads
+
+    configure_threads()
+    parts = release_parts(args.release)
+    card = parts["data"]
+    gate = sorted(args.release.glob("gate/*/gate.json"))
+    release = {"source": str(args.release), "tasks": parts["tasks"], "summary": summary(card),
+               "scorecard_wall_s": card.get("wall_s"),
+               "timings": card.get("timings"), "params": card.get("params"),
+               "gate": json.loads(gate[0].read_text()) if gate else None}
+    merges = None if args.skip_merges else merge_defaults(parts, args.work)
+    path = write_results("release_scorecard", {"release": release, "merge_defaults": merges})
+    update_readme_section("release_scorecard", readme(release, merges))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
