@@ -48,7 +48,7 @@ def stage_seconds(output_dir: Path) -> dict[str, float]:
 
     times = {}
     for meta in sorted(output_dir.glob("*/*/*.json")):
-        if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json"):
+        if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json", "scorecard.json"):
             data = json.loads(meta.read_text())
             sec = _seconds(data) if isinstance(data, dict) else None
             if sec is not None:

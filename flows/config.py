@@ -19,6 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator, model_validator
 
 from lorakit.errors import InputError
+from lorakit.quantize.defaults import RELEASE_QUANTIZE
+from lorakit.gate.general import DEFAULT_GENERAL_MAX_DEGRADATION, DEFAULT_GENERAL_MAX_TOKENS, GENERAL_DEFAULT
 from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 # The two instruction tasks bundled with lorakit (made by its own deterministic generators), so the embedded
@@ -71,14 +73,16 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     target: str = "all-linear"
     rslora: bool = False
-    lr: float = Field(2e-4, gt=0)
+    # lr 1e-3 for 40 steps of 2 x 2 packed rows of 512 tokens (~4.5 epochs of a bundled task): 75% / 55% exact
+    # match on the reverse-words / number-words test splits, where the earlier default (2e-4, one epoch) gave 0-7%
+    # (bench/results/train_sweep.json, runs.*.exact_match_test). 2e-3 spiked the loss in a trial run (unrecorded).
+    lr: float = Field(1e-3, gt=0)
     epochs: int | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    # Effective batch 8 as 2 x 4: one step of 8 packed rows of 256 tokens on SmolLM2-135M peaked at 8.3 GiB RSS on
-    # CPU without gradient checkpointing, 2.8 GiB with it (bench/results/train.json, "memory"); activations, not
-    # logits, dominate (the loss already skips unlabelled positions).
+    max_steps: int | None = Field(40, gt=0, description="Optimizer steps; null = 'epochs' (or one epoch).")
+    # Two rows per micro-batch keeps CPU memory low: one step of 8 packed rows of 256 tokens peaked at 8.3 GiB RSS
+    # without gradient checkpointing (bench/results/train.json, "memory"); activations, not logits, dominate.
     batch_size: int = Field(2, gt=0)
-    grad_accum: int = Field(4, gt=0)
+    grad_accum: int = Field(2, gt=0)
     seed: int = 0
     device: str = "auto"
     gradient_checkpointing: bool | None = Field(None, description="Default: on for CUDA, off on CPU.")
@@ -116,7 +120,8 @@ class MergeConfig(_Section):
 
     method: Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = "linear"
     # Finite: a `.nan` weight in YAML would otherwise pass and fail only in the merge, after every adapter trained.
-    weights: list[FiniteFloat] | None = Field(None, description="One weight per dataset, in order; default 1/n each.")
+    weights: list[FiniteFloat] | None = Field(None, description="One weight per dataset, in order; default 1.0 each "
+                                              "(task arithmetic: every adapter's full update).")
     density: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     normalize: bool | None = None
@@ -155,12 +160,26 @@ class QuantizeConfig(_Section):
     device: str = "auto"
     calib_dataset: str | None = Field(
         None, description="Dataset whose train split calibrates; default: every dataset's data prepared together.")
+    calib_general: str | None = Field(
+        RELEASE_QUANTIZE["calib_general"], description="General text mixed into calibration ('default' = the corpus "
+        "shipped with lorakit, its last documents; a .txt/.jsonl file; null = the tasks only).")
+    calib_general_fraction: float = Field(
+        RELEASE_QUANTIZE["calib_general_fraction"], ge=0, lt=1, description="Share of the calibration blocks taken "
+        "from calib_general.")
 
 
 class GateConfig(_Section):
-    """The perplexity gate: the quantized model against the merged full-precision model."""
+    """The release gate: the quantized model against the merged full-precision model, on every task's val split,
+    on general text, and on the scorecard."""
 
     max_degradation: float = Field(0.05, ge=0, description="Largest accepted ppl(candidate)/ppl(baseline) - 1.")
+    general_text: str | None = Field(
+        GENERAL_DEFAULT, description="General text the release must keep (lorakit.gate.general): 'default' = the "
+        "general-English corpus shipped with lorakit, or a .txt/.jsonl file or prep folder; null = no check.")
+    general_max_degradation: float = Field(DEFAULT_GENERAL_MAX_DEGRADATION, ge=0, description="Largest accepted "
+                                           "perplexity loss on general_text, quantized vs merged.")
+    general_max_tokens: int | None = Field(DEFAULT_GENERAL_MAX_TOKENS, gt=0, description="Score the first this many "
+                                           "tokens of general_text (null = all of it).")
     seq_len: int = Field(512, gt=0)
     stride: int | None = Field(None, gt=0, description="Window stride; default = seq_len (non-overlapping).")
     max_tokens: int | None = Field(None, gt=0, description="Evaluate at most this many tokens per data set.")
@@ -210,7 +229,7 @@ class ReleaseConfig(_Section):
 
     base: str = Field("default", description="Base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or hub id.")
     datasets: list[DatasetConfig] = Field(
-        default_factory=lambda: [DatasetConfig(name=n, bundled=n, max_length=256) for n in DEFAULT_DATASETS], min_length=1
+        default_factory=lambda: [DatasetConfig(name=n, bundled=n) for n in DEFAULT_DATASETS], min_length=1
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
@@ -243,7 +262,10 @@ class ReleaseConfig(_Section):
         return self
 
     def merge_weights(self) -> list[float]:
-        return list(self.merge.weights) if self.merge.weights is not None else [1.0 / len(self.datasets)] * len(self.datasets)
+        """The weights given, else 1.0 per dataset: a 1/n merge scales each task's update by 1/n and kept about half
+        of each adapter's val gain on the bundled tasks, 1.0 each over 80% (bench/results/merge_search.json,
+        variants.*.val.worst_retention); disjoint skills add (task arithmetic)."""
+        return list(self.merge.weights) if self.merge.weights is not None else [1.0] * len(self.datasets)
 
     def calib_dataset(self) -> str | None:
         """The one dataset that calibrates quantization; None = all of them, prepared together."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from flows.config import DatasetConfig, ReleaseConfig
+from lorakit.gate.general import general_check
 
 STAGES = ("prep", "adapters", "merged", "quantized", "gguf", "scorecard", "gate")
 
@@ -96,6 +97,10 @@ class ReleasePlan:
     def quantize(self, model_dir: str, calib: str) -> dict[str, Any]:
         params = self.config.quantize.model_dump(exclude={"calib_dataset"})
         params["calib"] = calib
+        g = self.config.gate
+        if params["target_degradation"] is not None and g.general_text is not None:
+            # the search must meet the target on the gate's general text as well as on the tasks
+            params.update(eval_general=g.general_text, eval_general_max_tokens=g.general_max_tokens)
         params["compute_dtype"] = self.config.compute_dtype
         return {"model_dir": model_dir, "params": params,
                 "output": stage_dir(self.out, "quantized", params["method"], {"model": model_dir, **params})}
@@ -129,6 +134,9 @@ class ReleasePlan:
         first, *others = [ds.name for ds in self.config.datasets]
         extra = [{"name": n, "data": preps[n], "max_degradation": g.max_degradation, "kind": "task", "split": "val"}
                  for n in others]
+        general = general_check(g.general_text, g.general_max_degradation, g.general_max_tokens)
+        if general is not None:
+            extra.append(asdict(general))
         args = {"baseline": baseline, "candidate": candidate, "data": preps[first], "extra_checks": extra}
         if scorecard is not None:
             params.update(scorecard=scorecard, min_retention=g.min_retention, max_accuracy_drop=g.max_accuracy_drop)

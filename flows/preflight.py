@@ -13,6 +13,7 @@ problem (the key at fault and the fix) instead of stopping at the first:
 - the base: a supported, unquantized model folder, and ``quantize.group_size`` against every quantized layer
   (:mod:`lorakit.quantize.checks`, the rules the quantize stage applies);
 - every registry name and tag the run will create (:func:`registry.validate_name`);
+- the general text the gate scores and calibration mixes in (``gate.general_text``, ``quantize.calib_general``);
 - calibration volume, only when ``quantize.n_samples`` or ``seq_len`` is set explicitly (an explicit request that
   cannot be filled is an error; the default size is the quantize stage's to fit to the data): counted with the
   base's tokenizer on the prepared calibration split when it exists, else on every raw example rendered as prep
@@ -214,6 +215,18 @@ def _check_names(cfg: ReleaseConfig, base_dir: Path | None, report: Preflight) -
                f"'{longest}'; {why}); {fix}")
 
 
+def _check_general_text(cfg: ReleaseConfig, report: Preflight) -> None:
+    """General text the gate scores and calibration mixes in: a missing file fails now, not after training."""
+    from lorakit.gate.general import resolve_general_text
+
+    for key, value in (("gate.general_text", cfg.gate.general_text),
+                       ("quantize.calib_general", getattr(cfg.quantize, "calib_general", None))):
+        try:
+            resolve_general_text(value)
+        except InputError as exc:
+            report.add(f"'{key}': {exc}")
+
+
 def _check_folders(cfg: ReleaseConfig, report: Preflight) -> None:
     for key, value in (("output_dir", cfg.output_dir), ("registry.root", cfg.registry.root)):
         if value and Path(value).exists() and not Path(value).is_dir():
@@ -316,6 +329,8 @@ def preflight(data: Any) -> Preflight:
     cfg, bad = _validate(data, report)
     report.config = None if report.problems else cfg
     _check_folders(cfg, report)
+    if not {"gate", "quantize"} & bad:
+        _check_general_text(cfg, report)
     loaded = _check_datasets(cfg, report) if "datasets" not in bad else None
     base_dir = report.base_dir = _resolve_base(cfg, report) if "base" not in bad else None
     if base_dir is not None and "quantize" not in bad:

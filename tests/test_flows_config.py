@@ -128,3 +128,24 @@ def test_calibration_covers_every_dataset(tmp_path):
     assert chosen.calibration() is None and chosen.config.calib_dataset() == "b"
     one = ReleasePlan(parse_config({"datasets": [{"name": "a", "files": [str(files[0])]}]}))
     assert one.calibration() is None and one.config.calib_dataset() == "a"
+
+
+def test_release_gate_checks_general_text_by_default_and_the_search_must_meet_it(tmp_path):
+    from lorakit.data.general import general_text_path
+    from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS, GENERAL_CHECK_NAME
+
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "x"}\n')
+    base = {"base": "m", "datasets": [{"name": "t", "files": [str(data)]}, {"name": "u", "files": [str(data)]}]}
+    plan = ReleasePlan(parse_config(base))
+    extra = plan.gate("b", "c", {"t": "pt", "u": "pu"})["extra_checks"]
+    assert [c["name"] for c in extra] == ["u", GENERAL_CHECK_NAME]
+    assert extra[1] == {"name": GENERAL_CHECK_NAME, "data": str(general_text_path()), "max_degradation": 0.05,
+                        "kind": "general", "split": "val", "max_tokens": DEFAULT_GENERAL_MAX_TOKENS}
+    assert "eval_general" not in plan.quantize("m", "cal")["params"]  # a fixed quantization scores nothing
+    off = ReleasePlan(parse_config({**base, "gate": {"general_text": None}}))
+    assert [c["name"] for c in off.gate("b", "c", {"t": "pt", "u": "pu"})["extra_checks"]] == ["u"]
+    searched = ReleasePlan(parse_config({**base, "quantize": {"target_degradation": 0.05}}))
+    params = searched.quantize("m", "cal")["params"]
+    assert params["eval_general"] == "default" and params["eval_general_max_tokens"] == DEFAULT_GENERAL_MAX_TOKENS
+    assert params["calib_general"] == "default" and params["calib_general_fraction"] == 0.5

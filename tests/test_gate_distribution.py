@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorakit.evaluate import perplexity
-from lorakit.gate import check, read_verdict
+from lorakit.gate import GENERAL_CHECK_NAME, check, read_verdict
 from tests.conftest import make_eval_text, make_prep_dir, run_cli
 from tests.test_gate import _perturbed
 
@@ -117,10 +117,20 @@ def test_general_text_default_is_the_shipped_corpus(tiny_base, data, tmp_path):
     shutil.copytree(tiny_base, copy)
     out = tmp_path / "verdict"
     proc = run_cli("gate", "--baseline", str(tiny_base), "--candidate", str(copy), "--data", str(data),
-                   "--seq-len", str(SEQ_LEN), "--max-tokens", "2000", "--general-text", "default", "-o", str(out))
+                   "--seq-len", str(SEQ_LEN), "--max-tokens", "2000", "--general-text", "default",
+                   "--general-max-tokens", "640", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    general = [c for c in read_verdict(out).checks if c.name == "general"][0]
+    general = [c for c in read_verdict(out).checks if c.name == GENERAL_CHECK_NAME][0]
     assert general.data == str(general_text_path()) and general.method["n_documents"] == 10
+    # the general check's own cap applies to it alone; the other checks keep --max-tokens
+    assert general.tokens <= 640 < read_verdict(out).checks[0].tokens
+
+
+def test_general_text_bad_path_fails_before_any_model_loads(tiny_base, data, tmp_path):
+    out = tmp_path / "verdict"
+    proc = run_cli("gate", "--baseline", str(tiny_base), "--candidate", str(tiny_base), "--data", str(data),
+                   "--general-text", str(tmp_path / "missing.txt"), "-o", str(out))
+    assert proc.returncode == 2 and "missing.txt does not exist" in proc.stderr and not out.exists()
 
 
 def test_general_corpus_builder_is_pinned_to_the_wheel():

@@ -304,3 +304,25 @@ def test_release_flow_defaults_are_the_measured_release_defaults():
 
     defaults = QuantizeConfig().model_dump()
     assert {k: defaults[k] for k in RELEASE_QUANTIZE} == RELEASE_QUANTIZE
+
+
+def test_search_judges_every_scored_text_and_calibrates_on_the_mix(tmp_path, trained, prep):
+    """With the gate's general text, a trial's degradation is the worst of val and general text; the calibration
+    mix is the same in every trial and recorded."""
+    from lorakit.gate.general import GENERAL_CHECK_NAME
+
+    space = SearchSpace(methods=("gptq",), n_samples=(8,), group_sizes=(128,), sym=(True,), desc_act=(False,))
+    result = search_quantization(trained, tmp_path / "q", calib=prep, target_degradation=5.0, space=space,
+                                 eval_general="default", eval_general_max_tokens=640, calib_general="default",
+                                 calib_general_fraction=0.5, progress=False, **SMALL)
+    search = result.metadata["search"]
+    trial = search["trials"][0]
+    assert set(trial["checks"]) == {"val", GENERAL_CHECK_NAME} and set(search["baselines"]) == set(trial["checks"])
+    assert trial["degradation"] == max(c["degradation"] for c in trial["checks"].values())
+    assert search["baselines"][GENERAL_CHECK_NAME]["tokens"] <= 640
+    general = result.metadata["calibration"]["general"]
+    assert general["n_samples"] == 4 and general["fraction"] == 0.5
+    # a trial reproduces from its params and the recorded calibration mix
+    again = reproduce_trial(trained, tmp_path / "again", {"params": {**trial["params"], **search["calibration_general"]}},
+                            calib=prep)
+    assert again.metadata["calibration"]["tokens_sha256"] == result.metadata["calibration"]["tokens_sha256"]

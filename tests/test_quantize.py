@@ -496,3 +496,42 @@ def test_gptq_runs_in_the_resolved_compute_dtype(quantized):
         with safe_open(str(quantized[name] / "model.safetensors"), "pt") as f:
             assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
         assert meta.params.method_params["unquantized_storage_dtype"] == "bfloat16"
+
+
+def test_calibration_mix_takes_general_blocks_from_the_corpus_end_the_gate_never_scores(tiny_base, prep):
+    """Half the blocks are general text, cut from the shipped corpus's last document onward; the gate's general
+    check reads the corpus from its first document (its default cap is far inside it), so they never overlap."""
+    from transformers import AutoTokenizer
+
+    from lorakit.data.general import general_text_path
+    from lorakit.evaluate.text import read_eval_texts
+    from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
+    from lorakit.quantize.calibration import build_calibration
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    plain = build_calibration(prep, tok, n_samples=8, seq_len=32, seed=0)
+    mixed = build_calibration(prep, tok, n_samples=8, seq_len=32, seed=0, general="default", general_fraction=0.5)
+    assert mixed.blocks.shape == plain.blocks.shape == (8, 32)
+    assert torch.equal(mixed.blocks[:4], plain.blocks[:4])  # the tasks' share: the same first blocks
+    docs = read_eval_texts(general_text_path()).texts
+    last = tok(docs[-1], add_special_tokens=False)["input_ids"]
+    assert mixed.blocks[4:].flatten().tolist() == last[: 4 * 32]
+    first = tok(docs[0], add_special_tokens=False)["input_ids"]
+    assert len(first) > DEFAULT_GENERAL_MAX_TOKENS  # the gate's default general text lies inside document 0
+    summary = mixed.summary()["general"]
+    assert summary["n_samples"] == 4 and summary["fraction"] == 0.5 and summary["documents"] == "last first"
+    assert plain.summary()["general"] is None and mixed.tokens_digest != plain.tokens_digest
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"general": "default", "general_fraction": 1.0}, "must be in \\[0, 1\\)"),
+    ({"general": "/nonexistent/general.txt", "general_fraction": 0.5}, "does not exist"),
+])
+def test_calibration_mix_bad_input_is_one_clear_error(tiny_base, prep, kw, match):
+    from transformers import AutoTokenizer
+
+    from lorakit.quantize.calibration import build_calibration
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    with pytest.raises(InputError, match=match):
+        build_calibration(prep, tok, n_samples=8, seq_len=32, seed=0, **kw)

@@ -8,6 +8,7 @@ import click
 
 from lorakit.cli.options import compute_dtype_option, device_option
 from lorakit.errors import EXIT_REJECTED, InputError
+from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
 from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 
@@ -186,8 +187,11 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
                    "(default: --max-degradation).")
 @click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting): a "
               "text/.jsonl file or prep folder, or \"default\" for the general-English text shipped with lorakit "
-              "(ten public-domain State of the Union addresses, ~50k words).")
+              "(ten public-domain State of the Union addresses, ~50k words). The release flow's gate has it on "
+              "by default (gate.general_text).")
 @click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
+@click.option("--general-max-tokens", type=int, default=DEFAULT_GENERAL_MAX_TOKENS, show_default=True,
+              help="Score the first this many tokens of --general-text (0 = all of it).")
 @click.option("--max-kl", type=float, help="Largest accepted mean KL(p_baseline || p_candidate) per token, in nats, "
               "on every check (default: none — KL and top-1 agreement are reported, not judged).")
 @click.option("--scorecard", "scorecard", type=click.Path(), help="A release scorecard (`lorakit scorecard`: its "
@@ -201,7 +205,8 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 @click.option("-o", "--output", type=click.Path(), help="Write gate.json, gate.md and gate.png into this new folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device,
-         compute_dtype, quiet, max_degradation, checks, general_text, general_max_degradation, max_kl, scorecard,
+         compute_dtype, quiet, max_degradation, checks, general_text, general_max_degradation, general_max_tokens,
+         max_kl, scorecard,
          min_retention, max_accuracy_drop, output, force):
     """Accept or reject CANDIDATE: its perplexity may be at most --max-degradation worse than BASELINE's.
 
@@ -238,19 +243,16 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
       lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ --scorecard card/ \\
                    --min-retention 0.9 --max-accuracy-drop 0.02 -o gate-out
     """
-    from lorakit.gate import CheckSpec, check
+    from lorakit.gate import CheckSpec, check, general_check
     from lorakit.gate.report import render_text
 
     _start(quiet)
     split = split or "val"
     extra = [CheckSpec(n, d, m, "task", split) for n, d, m in (_parse_check(c, max_degradation) for c in checks)]
-    if general_text == "default":
-        from lorakit.data.general import general_text_path
-
-        general_text = str(general_text_path())
-    if general_text is not None:
-        gmax = max_degradation if general_max_degradation is None else general_max_degradation
-        extra.append(CheckSpec("general", general_text, gmax, "general", split))
+    general = general_check(general_text, max_degradation if general_max_degradation is None
+                            else general_max_degradation, general_max_tokens or None, split)
+    if general is not None:
+        extra.append(general)
     elif general_max_degradation is not None:
         raise InputError("--general-max-degradation needs --general-text")
     if scorecard is None and (min_retention is not None or max_accuracy_drop is not None):

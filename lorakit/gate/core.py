@@ -110,7 +110,7 @@ def check(
         if spec.kind not in CHECK_KINDS[1:]:
             raise InputError(f"check {spec.name!r} has kind {spec.kind!r}; use task or general")
         specs.append(CheckSpec(spec.name, spec.data, _check_threshold(spec.max_degradation, spec.name), spec.kind,
-                               spec.split))
+                               spec.split, spec.max_tokens))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise InputError(f"check names must be unique, got {names}")
@@ -135,7 +135,8 @@ def check(
     streams: dict[str, EvalTokens] = {}
     for spec in specs:
         try:
-            tokens = tokenize_eval_texts(read_eval_texts(spec.data, spec.split), base_tok, max_tokens=max_tokens)
+            cap = max_tokens if spec.max_tokens is None else spec.max_tokens
+            tokens = tokenize_eval_texts(read_eval_texts(spec.data, spec.split), base_tok, max_tokens=cap)
             plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
         except InputError as exc:
             raise InputError(f"check {spec.name!r}: {exc}") from None

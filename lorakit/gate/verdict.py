@@ -33,6 +33,7 @@ class CheckSpec:
     max_degradation: float = DEFAULT_MAX_DEGRADATION
     kind: str = "task"  # "primary" | "task" | "general"
     split: str = "val"
+    max_tokens: int | None = None  # this check's own token cap; None = the gate's max_tokens
 
 
 @dataclass

@@ -1,10 +1,25 @@
 """Post-training quantization (GPTQ via GPTQModel, AWQ in plain torch) into standard checkpoint layouts.
 
 This package is the only place in lorakit that imports ``gptqmodel`` (lazily, in ``gptqmodel_backend``), so the
-backend can be swapped without touching the rest of lorakit.
+backend can be swapped without touching the rest of lorakit. Importing the package is light (the run config
+reads :mod:`lorakit.quantize.defaults`); the quantizing code, which needs torch, loads on first use.
 """
 
-from lorakit.quantize.core import QuantResult, quantize_model
-from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, read_quant_meta
+from typing import Any
 
-__all__ = ["QUANT_META", "QuantMeta", "QuantParams", "QuantResult", "quantize_model", "read_quant_meta"]
+_CORE = ("QuantResult", "quantize_model")
+_META = ("QUANT_META", "QuantMeta", "QuantParams", "read_quant_meta")
+
+__all__ = [*_META, *_CORE]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CORE:
+        from lorakit.quantize import core
+
+        return getattr(core, name)
+    if name in _META:
+        from lorakit.quantize import metadata
+
+        return getattr(metadata, name)
+    raise AttributeError(f"module 'lorakit.quantize' has no attribute {name!r}")

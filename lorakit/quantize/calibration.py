@@ -8,6 +8,12 @@ Sampling is deterministic: the texts are shuffled with ``random.Random(seed)``, 
 tokenizer, joined with the EOS token into one stream and cut into consecutive blocks of ``seq_len`` tokens; the
 first ``n_samples`` blocks are the calibration set.
 
+General text in the mix (``general``, ``general_fraction``): a share of the blocks comes from text outside every
+task (by default lorakit's general-English corpus), so that the quantization keeps the directions ordinary
+language uses, not only those of short task answers; the release gate checks exactly that. Those blocks are cut
+from the general text's documents **in reverse order** (last document first), while the gate scores the first
+tokens of the same corpus in order (:mod:`lorakit.gate.general`): the gate's general text never shapes the weights.
+
 How many blocks: an explicit ``n_samples`` (``--n-samples``) the data cannot fill is an error, never a silently
 smaller set. Without one (``n_samples=None``) the target is :data:`DEFAULT_N_SAMPLES`; when the data gives fewer
 blocks, all of them are used, with a warning and a note in ``lorakit_quant.json``, as long as there are at least
@@ -45,9 +51,10 @@ class Calibration:
     tokens_read: int
     n_samples_requested: int | None = None  # None: not asked for; the default or what the data gives
     note: str | None = None  # set when fewer than the default blocks were used
+    general: dict | None = None  # the general-text share of the blocks (source, digest, blocks, fraction)
 
     def summary(self) -> dict:
-        return {"source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
+        return {"general": self.general, "source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
                 else None, "source_sha256": self.source_digest, "tokens_sha256": self.tokens_digest,
                 "n_samples": int(self.blocks.shape[0]), "seq_len": int(self.blocks.shape[1]),
                 "n_samples_requested": self.n_samples_requested,
@@ -92,29 +99,68 @@ def load_texts(calib: str | Path | None) -> tuple[list[str], str, str, str]:
     return _file_texts(path), str(path), "file", sha256_file(path)
 
 
-def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int | None, seq_len: int,
-                      seed: int) -> Calibration:
-    """The calibration blocks; ``n_samples=None`` takes the default or, when the data is shorter, what it gives."""
-    if (n_samples is not None and n_samples < 1) or seq_len < 8:
-        raise InputError(f"--n-samples must be >= 1 and --seq-len >= 8 (got {n_samples}, {seq_len})")
-    want = DEFAULT_N_SAMPLES if n_samples is None else int(n_samples)
-    texts, source, kind, digest = load_texts(calib)
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
+def _token_stream(texts: list[str], order: list[int], tokenizer, need: int) -> list[int]:
+    """The texts in ``order``, tokenized and joined with EOS, until ``need`` tokens are there (or the texts end)."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for i in order:
         stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(eos)
-        if len(stream) >= want * seq_len:
+        if len(stream) >= need:
             break
+    return stream
+
+
+def general_blocks(general: str | Path, tokenizer, n_blocks: int, seq_len: int) -> tuple[torch.Tensor, dict]:
+    """``n_blocks`` blocks of general text, cut from its documents last first (the gate reads them first first)."""
+    from lorakit.gate.general import resolve_general_text
+
+    path = resolve_general_text(general)
+    if path is None:
+        raise InputError("calibration general text is 'none'; pass a fraction of 0 to calibrate on the tasks only")
+    texts, source, _, digest = load_texts(path)
+    stream = _token_stream(texts, list(reversed(range(len(texts)))), tokenizer, n_blocks * seq_len)
+    if len(stream) < n_blocks * seq_len:
+        raise InputError(f"general calibration text {source} gives {len(stream)} tokens, fewer than the "
+                         f"{n_blocks} x {seq_len} its share of the calibration needs; lower the general fraction or "
+                         "pass a longer text")
+    blocks = torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
+    return blocks, {"source": source, "sha256": digest, "n_samples": n_blocks, "documents": "last first",
+                    "n_documents": len(texts)}
+
+
+def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int | None, seq_len: int,
+                      seed: int, general: str | Path | None = None, general_fraction: float = 0.0) -> Calibration:
+    """The calibration blocks; ``n_samples=None`` takes the default or, when the data is shorter, what it gives.
+
+    With ``general`` and ``general_fraction`` > 0, round(fraction x blocks) of them are general text (see the
+    module docstring) and the rest come from ``calib``; the general blocks follow the task blocks.
+    """
+    if (n_samples is not None and n_samples < 1) or seq_len < 8:
+        raise InputError(f"--n-samples must be >= 1 and --seq-len >= 8 (got {n_samples}, {seq_len})")
+    if not 0 <= general_fraction < 1:
+        raise InputError(f"the general-text fraction of calibration must be in [0, 1) (got {general_fraction}); "
+                         "0 = the tasks only")
+    total = DEFAULT_N_SAMPLES if n_samples is None else int(n_samples)
+    n_general = round(total * general_fraction) if general is not None else 0
+    if n_general and n_general >= total:
+        n_general = total - 1  # at least one block of the tasks' own data
+    gen_blocks, gen_info = (general_blocks(general, tokenizer, n_general, seq_len) if n_general
+                            else (None, None))
+    want = total - n_general
+    texts, source, kind, digest = load_texts(calib)
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    stream = _token_stream(texts, order, tokenizer, want * seq_len)
     available = len(stream) // seq_len
     note = None
+    share = f" (its share; {n_general} more are general text)" if n_general else ""
     if available < want:
         if n_samples is None and available >= MIN_AUTO_SAMPLES:
             note = (f"calibration data {source} gives {len(stream)} tokens = {available} blocks of {seq_len}, fewer "
-                    f"than the default {DEFAULT_N_SAMPLES}; calibrating on all {available} (pass --n-samples to "
+                    f"than the {f'{want} wanted{share}' if n_general else f'default {DEFAULT_N_SAMPLES}'}; calibrating on all "
+                    f"{available} (pass --n-samples to "
                     "choose, or add text)")
             want = available
         elif n_samples is None:
@@ -127,12 +173,15 @@ def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int | N
         else:
             raise InputError(
                 f"calibration data {source} gives {len(stream)} tokens = {available} blocks of {seq_len}, but "
-                f"--n-samples {n_samples} needs {n_samples * seq_len}; add text, or lower --n-samples/--seq-len "
+                f"--n-samples {n_samples} needs {want * seq_len} of it{share}; add text, or lower --n-samples/--seq-len "
                 f"(e.g. --n-samples {max(available, 1)} --seq-len {seq_len})" if available else
                 f"calibration data {source} gives only {len(stream)} tokens, less than one block of --seq-len "
                 f"{seq_len}; add text or lower --seq-len"
             )
     blocks = torch.tensor(stream[: want * seq_len], dtype=torch.int64).view(want, seq_len)
+    if gen_blocks is not None:
+        blocks = torch.cat([blocks, gen_blocks])
+        gen_info["fraction"] = round(n_general / int(blocks.shape[0]), 4)
     tokens_digest = hashlib.sha256(blocks.to(torch.int32).numpy().tobytes()).hexdigest()
     return Calibration(blocks, source, kind, digest, tokens_digest, len(texts), len(stream),
-                       n_samples_requested=n_samples, note=note)
+                       n_samples_requested=n_samples, note=note, general=gen_info)

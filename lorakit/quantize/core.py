@@ -107,6 +107,8 @@ def quantize_model(
     sym: bool | None = None,
     desc_act: bool = False,
     calib: str | os.PathLike[str] | None = None,
+    calib_general: str | os.PathLike[str] | None = None,
+    calib_general_fraction: float = 0.0,
     n_samples: int | None = None,
     seq_len: int = 512,
     device: str = "auto",
@@ -126,7 +128,9 @@ def quantize_model(
     every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
     that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
     the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder;
-    ``n_samples=None``: 128 blocks, or every block the data gives when fewer, with a warning).
+    ``n_samples=None``: 128 blocks, or every block the data gives when fewer, with a warning);
+    ``calib_general`` ("default" = lorakit's general-English corpus, or a file) supplies ``calib_general_fraction``
+    of the blocks, so that general language shapes the quantization too.
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
     for GPTQ (GPTQModel ``dynamic``), fp16 for AWQ (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
     for which loaders read each kind. ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
@@ -166,7 +170,8 @@ def quantize_model(
         if progress:
             print(f"note: {notes[-1]}", file=sys.stderr)
     tokenizer = _load_tokenizer(src)
-    calibration = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    calibration = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                    general=calib_general, general_fraction=calib_general_fraction)
     if calibration.note:
         notes.append(calibration.note)
         print(f"warning: {calibration.note}", file=sys.stderr)

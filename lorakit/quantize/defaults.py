@@ -10,5 +10,6 @@ models, set ``target_degradation`` and let the search measure (``lorakit.quantiz
 """
 
 RELEASE_QUANTIZE = {"method": "gptq", "bits": 4, "group_size": 64, "sym": True, "desc_act": False,
-                    "n_samples": 64, "seq_len": 256, "seed": 0}
+                    "n_samples": 64, "seq_len": 256, "seed": 0,
+                    "calib_general": "default", "calib_general_fraction": 0.5}
 RELEASE_TARGET_DEGRADATION = 0.05  # the gate's default; a run config's `target_degradation` turns the search on

@@ -6,7 +6,8 @@ Why: one fixed configuration does not fit every model. On SmolLM2-135M and held-
 ships nothing. So lorakit measures instead of guessing. Every trial is a real quantization followed by
 ``lorakit.evaluate.perplexity`` of the candidate on the run's validation data, with the same method (token
 stream, windows, dtype, dequantized path) as the baseline measured once at the start, exactly as the gate
-will measure it.
+will measure it; with ``eval_general`` the gate's general text is scored the same way, and a trial passes only
+when every scored text is within the target (the gate judges each).
 
 Order of trials (two phases, bounded by ``max_trials``, ``time_budget_s`` and ``max_size_bytes``):
 
@@ -79,6 +80,7 @@ class Trial:
     passed: bool = False
     quantize_s: float | None = None
     eval_s: float | None = None
+    checks: dict[str, dict[str, float]] = field(default_factory=dict)  # per scored text: ppl, degradation
     plain_transformers: bool = True
     loaders: list[str] = field(default_factory=list)
     error: str | None = None
@@ -128,6 +130,10 @@ def search_quantization(
     seq_len: int = 512,
     eval_seq_len: int = 512,
     eval_max_tokens: int | None = None,
+    eval_general: str | os.PathLike[str] | None = None,
+    eval_general_max_tokens: int | None = None,
+    calib_general: str | os.PathLike[str] | None = None,
+    calib_general_fraction: float = 0.0,
     seed: int = 0,
     device: str = "auto",
     compute_dtype: str = "auto",
@@ -137,7 +143,10 @@ def search_quantization(
     """Search the smallest configuration meeting ``target_degradation`` (see module docstring); write it to ``output``.
 
     ``eval_data`` defaults to ``calib`` when that is a prepared-data folder (its *val* split is scored, its
-    train split calibrates). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
+    train split calibrates). ``eval_general`` (the release gate's general text, capped at
+    ``eval_general_max_tokens``) is scored too: a trial passes only when *every* scored text is within the target,
+    and its degradation is the worst of them. ``calib_general``/``calib_general_fraction``: the calibration mix of
+    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial. Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
     ``lorakit_quant.json`` carries ``search`` (every trial, the pick, whether the target was met).
     """
     from lorakit.evaluate.core import perplexity, prepare_tokens
@@ -165,14 +174,24 @@ def search_quantization(
             raise InputError("--target-degradation needs validation data: pass --eval-data, or a prepared-data "
                              "folder as --calib (its val split is scored)")
         eval_data = calib
+    from lorakit.gate.general import GENERAL_CHECK_NAME, resolve_general_text
+
     spec = describe_model(str(src))
-    tokens = prepare_tokens(eval_data, load_tokenizer(spec), max_tokens=eval_max_tokens)
+    tokenizer = load_tokenizer(spec)
+    streams = {"val": prepare_tokens(eval_data, tokenizer, max_tokens=eval_max_tokens)}
+    general_path = resolve_general_text(eval_general)
+    if general_path is not None:
+        streams[GENERAL_CHECK_NAME] = prepare_tokens(general_path, tokenizer, max_tokens=eval_general_max_tokens)
     eval_kw = dict(seq_len=eval_seq_len, quant_path="dequantized", device=device, progress=False)
-    base = perplexity(str(src), tokens, **eval_kw)
+    baselines = {name: perplexity(str(src), toks, **eval_kw) for name, toks in streams.items()}
+    base = baselines["val"]
+    calib_kw = {"calib_general": calib_general, "calib_general_fraction": calib_general_fraction}
     from lorakit.progress import emit
 
     say = emit if progress else (lambda msg: None)  # timestamped, and into the Prefect logs under `lorakit run`
-    say(f"search: baseline perplexity {base.ppl:.4f} on {base.tokens} tokens; target +{target_degradation:.1%}")
+    say("search: baseline perplexity " + ", ".join(f"{b.ppl:.4f} on {b.tokens} tokens of {name}"
+                                                    for name, b in baselines.items())
+        + f"; target +{target_degradation:.1%} on each")
 
     trials: list[Trial] = []
     skipped: list[dict] = []
@@ -202,7 +221,7 @@ def search_quantization(
         t0 = time.perf_counter()
         try:
             result = quantize_model(src, folder, calib=calib, device=device, compute_dtype=compute_dtype,
-                                    progress=False, **params)
+                                    progress=False, **calib_kw, **params)
         except InputError as exc:
             trial.error = str(exc)
             say(f"search: trial {trial.index} {_label(params)}: error: {exc}")
@@ -211,13 +230,16 @@ def search_quantization(
         trial.size_bytes = result.metadata["size_after_bytes"]
         trial.loaders = result.metadata["loaders"]
         t1 = time.perf_counter()
-        res = perplexity(str(folder), tokens, **eval_kw)
+        for name, toks in streams.items():
+            ppl = perplexity(str(folder), toks, **eval_kw).ppl
+            trial.checks[name] = {"ppl": ppl, "degradation": ppl / baselines[name].ppl - 1}
         trial.eval_s = round(time.perf_counter() - t1, 2)
-        trial.ppl = res.ppl
-        trial.degradation = res.ppl / base.ppl - 1
+        trial.ppl = trial.checks["val"]["ppl"]
+        trial.degradation = max(c["degradation"] for c in trial.checks.values())  # the worst scored text
         trial.passed = trial.degradation <= target_degradation
-        say(f"search: trial {trial.index} {_label(params)}: {trial.size_bytes / 1e6:.1f} MB, ppl {res.ppl:.4f} "
-            f"({trial.degradation:+.2%}) {'PASS' if trial.passed else 'fail'} [{trial.quantize_s:.0f}+{trial.eval_s:.0f} s]")
+        per = ", ".join(f"{name} {c['degradation']:+.2%}" for name, c in trial.checks.items())
+        say(f"search: trial {trial.index} {_label(params)}: {trial.size_bytes / 1e6:.1f} MB, ppl {trial.ppl:.4f} "
+            f"({per}) {'PASS' if trial.passed else 'fail'} [{trial.quantize_s:.0f}+{trial.eval_s:.0f} s]")
         return trial
 
     sensitivity: dict[str, Any] = {}
@@ -258,7 +280,8 @@ def search_quantization(
                 from lorakit.quantize.core import _load_tokenizer
 
                 calibration = build_calibration(calib, _load_tokenizer(src), n_samples=best.params["n_samples"],
-                                                seq_len=seq_len, seed=seed)
+                                                seq_len=seq_len, seed=seed, general=calib_general,
+                                                general_fraction=calib_general_fraction)
                 sens = module_sensitivity(src, calibration.blocks, bits=best.params["bits"],
                                           group_size=best.params["group_size"], sym=best.params["sym"],
                                           device="cpu" if device == "auto" else device)
@@ -307,6 +330,8 @@ def search_quantization(
             "chosen_trial": chosen.index,
             "stop_reason": stop_reason,
             "baseline": {"model": str(src), "ppl": base.ppl, "tokens": base.tokens, "method": base.method},
+            "baselines": {name: {"ppl": b.ppl, "tokens": b.tokens} for name, b in baselines.items()},
+            "calibration_general": calib_kw,
             "space": asdict(space),
             "bounds": asdict(bounds),
             "calibration": str(calib),
@@ -344,7 +369,8 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
 
 # quantize_model arguments the search honours when it replaces a fixed configuration (quantize_to_target).
 SEARCH_HONOURS = frozenset({"calib", "method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len", "seed",
-                            "device", "compute_dtype", "force", "progress"})
+                            "device", "compute_dtype", "force", "progress", "calib_general",
+                            "calib_general_fraction", "eval_general", "eval_general_max_tokens"})
 
 
 def configured_space(params: dict[str, Any]) -> SearchSpace:
@@ -378,7 +404,8 @@ def quantize_to_target(
     dropped."""
     from lorakit.quantize.core import quantize_model
 
-    if target_degradation is None:
+    if target_degradation is None:  # the fixed configuration: nothing to score
+        params = {k: v for k, v in params.items() if k not in ("eval_general", "eval_general_max_tokens")}
         return quantize_model(model_dir, output, **params)
     ignored = sorted(set(params) - SEARCH_HONOURS)
     if ignored:
@@ -391,6 +418,9 @@ def quantize_to_target(
         space=configured_space(params),
         bounds=SearchBounds(max_trials=max_trials, time_budget_s=time_budget_s),
         seq_len=int(params.get("seq_len", 512)), seed=int(params.get("seed", 0)),
+        eval_general=params.get("eval_general"), eval_general_max_tokens=params.get("eval_general_max_tokens"),
+        calib_general=params.get("calib_general"),
+        calib_general_fraction=float(params.get("calib_general_fraction", 0.0)),
         device=params.get("device", "auto"), compute_dtype=params.get("compute_dtype", "auto"),
         force=bool(params.get("force", False)),
         progress=bool(params.get("progress", True)),

@@ -1,0 +1,110 @@
+"""Calibration on the tasks alone vs a mix with general text, GPTQ vs AWQ, on the default release (issue 12, item 5).
+
+Given the output folder of a ``lorakit run`` of the default release, each variant quantizes the release's merged
+model (4-bit, group 64, the release's calibration size) and is then judged by the release gate itself
+(``lorakit.gate.check``): perplexity degradation and mean KL(merged || quantized) on every task's val split and on
+the first 8192 tokens of the shipped general-English corpus. Calibration's general blocks come from the corpus's
+last documents, so the gate's general text never shaped the weights.
+
+Usage: python bench/calibration_mix.py --release OUT [--work bench/work/calibration_mix] [--variants gptq:0,awq:0.5]
+Writes bench/results/calibration_mix.json and the ``calibration_mix`` section of bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))
+
+from bench.common import update_readme_section, write_results  # noqa: E402
+
+DEFAULT_VARIANTS = "gptq:0,gptq:0.5,awq:0,awq:0.5"
+RESULTS = BENCH / "results" / "calibration_mix.json"
+
+
+def one(out_dir: Path, pattern: str) -> Path:
+    found = sorted(p for p in out_dir.glob(pattern) if p.is_dir())
+    if len(found) != 1:
+        raise SystemExit(f"--release {out_dir}: expected one {pattern}, found {[str(f) for f in found]}")
+    return found[0]
+
+
+def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction: float, work: Path) -> dict:
+    from lorakit.gate import CheckSpec, check, general_check
+    from lorakit.quantize import quantize_model
+    from lorakit.quantize.defaults import RELEASE_QUANTIZE
+
+    q = {k: v for k, v in RELEASE_QUANTIZE.items() if k not in ("calib_general", "calib_general_fraction")}
+    q.update(method=method, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
+    folder = work / f"{method}-general{fraction:g}"
+    started = time.perf_counter()
+    result = quantize_model(merged, folder, calib=calib, calib_general="default" if fraction else None,
+                            calib_general_fraction=fraction, force=True, progress=True, **q)
+    quantize_s = time.perf_counter() - started
+    first, *others = [p.name.rsplit("-", 1)[0] for p in preps]  # prep/<task>-<hash>
+    extra = [CheckSpec(name, str(p), 0.05, "task") for name, p in zip(others, preps[1:])]
+    extra.append(general_check("default"))
+    verdict = check(merged, folder, str(preps[0]), extra_checks=extra, seq_len=512, progress=True)
+    meta = result.metadata
+    return {"method": method, "general_fraction": fraction, "quantize_used": meta["params"],
+            "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
+            "size_vs_merged": round(meta["size_after_bytes"] / meta["size_before_bytes"], 3),
+            "quantize_s": round(quantize_s, 1), "gate_s": verdict.wall_s,
+            "checks": {(first if c.kind == "primary" else c.name): {
+                "kind": c.kind, "data": c.data, "tokens": c.tokens, "baseline_ppl": c.baseline_ppl,
+                "candidate_ppl": c.candidate_ppl, "degradation": c.degradation,
+                "kl_mean": c.distribution.get("kl_mean"), "kl_p99": c.distribution.get("kl_p99"),
+                "top1_agreement": c.distribution.get("top1_agreement")} for c in verdict.checks}}
+
+
+def readme(data: dict) -> str:
+    lines = ["## calibration_mix", "",
+             f"`python bench/calibration_mix.py --release {data['release']}`: the default release's merged model, "
+             "4-bit g64, calibrated on the tasks alone or on a mix with general text, judged by the release gate "
+             "(perplexity degradation vs the merged model; mean KL in nats).", "",
+             "| method | general share | size MB (x merged) | " + " | ".join(
+                 f"{name} ppl / KL" for name in next(iter(data["variants"].values()))["checks"]) + " |",
+             "|---|---|---|" + "---|" * len(next(iter(data["variants"].values()))["checks"])]
+    for v in data["variants"].values():
+        cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in v["checks"].values()]
+        lines.append(f"| {v['method']} | {v['general_fraction']:.0%} | {v['size_mb']} ({v['size_vs_merged']:.2f}) | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
+    ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction, comma-separated")
+    args = ap.parse_args()
+    from lorakit.runtime import configure_threads
+
+    configure_threads()
+    merged = one(args.release, "merged/model-*")
+    calib = one(args.release, "prep/calibration-*")
+    from flows.config import ReleaseConfig
+
+    preps = [one(args.release, f"prep/{ds.name}-*") for ds in ReleaseConfig().datasets]
+    previous = json.loads(RESULTS.read_text()).get("variants", {}) if RESULTS.exists() else {}
+    variants = dict(previous)
+    for item in args.variants.split(","):
+        method, fraction = item.split(":")
+        key = f"{method}:{float(fraction):g}"
+        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work)
+        print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}), flush=True)
+        data = {"release": str(args.release), "merged": str(merged), "variants": variants}
+        write_results("calibration_mix", data)  # after every variant: a long run keeps what it measured
+    update_readme_section("calibration_mix", readme(data))
+    print(RESULTS)
+
+
+if __name__ == "__main__":
+    main()
