@@ -132,6 +132,7 @@ class ReleasePlan:
         if g.max_kl is not None:  # only when set, so caches of gates run before the option existed stay valid
             params["max_kl"] = g.max_kl
         first, *others = [ds.name for ds in self.config.datasets]
+        params["primary_name"] = first  # the verdict names every task's check after its task
         extra = [{"name": n, "data": preps[n], "max_degradation": g.max_degradation, "kind": "task", "split": "val"}
                  for n in others]
         general = general_check(g.general_text, g.general_max_degradation, g.general_max_tokens)

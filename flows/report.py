@@ -106,6 +106,7 @@ def quantize_label(used: dict[str, Any]) -> str:
 def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:
     """One line: the deciding check (the worst failed one, else the worst passing one) and its numbers; a failed
     scorecard check (retention, accuracy drop) is named with its task."""
+    from lorakit.gate.verdict import BOUNDARY_TOLERANCE
     from lorakit.scorecard.judge import ScorecardCheck, failure_line
 
     checks = verdict_meta["checks"]
@@ -115,8 +116,15 @@ def verdict_line(verdict_meta: dict[str, Any], max_degradation: float) -> str:
     word, cmp = ("passed", "<=") if verdict_meta["passed"] else ("rejected", ">")
     if card_failure and not failed:
         cmp = "<="  # perplexity passed; the scorecard rejected
-    line = (f"gate {word}: degradation {worst['degradation']:+.2%} {cmp} {worst['max_degradation']:.2%} on "
-            f"{worst['name']} (perplexity {worst['baseline_ppl']:.4g} -> {worst['candidate_ppl']:.4g})")
+    kl, max_kl = (worst.get("distribution") or {}).get("kl_mean"), worst.get("max_kl")
+    kl_failed = (not worst["passed"] and worst["degradation"] <= worst["max_degradation"] + BOUNDARY_TOLERANCE
+                 and kl is not None and max_kl is not None)
+    if kl_failed:  # perplexity within its threshold: the distribution check decided
+        line = (f"gate {word}: mean KL {kl:.4f} > {max_kl:.4f} on {worst['name']} (perplexity "
+                f"{worst['degradation']:+.2%}, within {worst['max_degradation']:.2%})")
+    else:
+        line = (f"gate {word}: degradation {worst['degradation']:+.2%} {cmp} {worst['max_degradation']:.2%} on "
+                f"{worst['name']} (perplexity {worst['baseline_ppl']:.4g} -> {worst['candidate_ppl']:.4g})")
     if len(checks) > 1:
         line += f"; {len(checks) - len(failed)}/{len(checks)} checks passed"
     if card_failure:

@@ -138,7 +138,9 @@ def test_release_gate_checks_general_text_by_default_and_the_search_must_meet_it
     data.write_text('{"text": "x"}\n')
     base = {"base": "m", "datasets": [{"name": "t", "files": [str(data)]}, {"name": "u", "files": [str(data)]}]}
     plan = ReleasePlan(parse_config(base))
-    extra = plan.gate("b", "c", {"t": "pt", "u": "pu"})["extra_checks"]
+    gate = plan.gate("b", "c", {"t": "pt", "u": "pu"})
+    extra = gate["extra_checks"]
+    assert gate["params"]["primary_name"] == "t"  # the verdict names the first task's check after it
     assert [c["name"] for c in extra] == ["u", GENERAL_CHECK_NAME]
     assert extra[1] == {"name": GENERAL_CHECK_NAME, "data": str(general_text_path()), "max_degradation": 0.05,
                         "kind": "general", "split": "val", "max_tokens": DEFAULT_GENERAL_MAX_TOKENS}
@@ -149,3 +151,24 @@ def test_release_gate_checks_general_text_by_default_and_the_search_must_meet_it
     params = searched.quantize("m", "cal")["params"]
     assert params["eval_general"] == "default" and params["eval_general_max_tokens"] == DEFAULT_GENERAL_MAX_TOKENS
     assert params["calib_general"] == "default" and params["calib_general_fraction"] == 0.5
+
+
+def _check(name, degradation, passed, kl=0.01, max_kl=None):
+    return {"name": name, "degradation": degradation, "max_degradation": 0.05, "passed": passed,
+            "baseline_ppl": 10.0, "candidate_ppl": 10.0 * (1 + degradation), "distribution": {"kl_mean": kl},
+            "max_kl": max_kl}
+
+
+@pytest.mark.parametrize("checks, expected", [
+    ([_check("reverse-words", 0.01, True), _check("general text", 0.12, False)],
+     "gate rejected: degradation +12.00% > 5.00% on general text (perplexity 10 -> 11.2); 1/2 checks passed"),
+    ([_check("reverse-words", 0.01, True), _check("general text", 0.03, False, kl=0.09, max_kl=0.05)],
+     "gate rejected: mean KL 0.0900 > 0.0500 on general text (perplexity +3.00%, within 5.00%); 1/2 checks passed"),
+    ([_check("reverse-words", 0.01, True), _check("general text", 0.03, True)],
+     "gate passed: degradation +3.00% <= 5.00% on general text (perplexity 10 -> 10.3); 2/2 checks passed"),
+])
+def test_verdict_line_names_the_deciding_check_and_why(checks, expected):
+    from flows.report import verdict_line
+
+    meta = {"passed": all(c["passed"] for c in checks), "checks": checks}
+    assert verdict_line(meta, 0.05) == expected

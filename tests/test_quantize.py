@@ -330,11 +330,16 @@ def test_cli_quantizes_from_a_text_file_and_generates(tmp_path, tiny_base, prep)
     text.write_text("\n\n".join(json.loads(line)["text"] for line in (prep / "train.texts.jsonl").read_text().splitlines()))
     out = tmp_path / "gptq"
     proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--method", "gptq", "--group-size", "64",
-                   "--calib", str(text), "--n-samples", "4", "--seq-len", "64", "--quiet", cwd=tmp_path)
+                   "--calib", str(text), "--n-samples", "4", "--seq-len", "64", "--calib-general", "default",
+                   "--calib-general-fraction", "0.5", "--quiet", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{out}\n"  # GPTQModel's banners and tables went to stderr
     assert not (tmp_path / "logs").exists()  # nor did its log files land in the working directory
-    assert read_quant_meta(out).calibration["kind"] == "file"
+    calibration = read_quant_meta(out).calibration
+    assert calibration["kind"] == "file" and calibration["general"]["n_samples"] == 2
+    bad = run_cli("quantize", str(tiny_base), "-o", str(tmp_path / "bad"), "--calib", str(text),
+                  "--calib-general-fraction", "0.5", cwd=tmp_path)
+    assert bad.returncode == 2 and "needs --calib-general" in bad.stderr and not (tmp_path / "bad").exists()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(out))

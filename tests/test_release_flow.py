@@ -195,7 +195,9 @@ def test_cli_run_exit_codes(prefect_harness, tiny_base, workdir, tmp_path):
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert ok.stdout.startswith("gate passed: degradation +")
     assert rejected.returncode == 3, rejected.stderr[-3000:]
-    assert rejected.stderr.strip().splitlines()[-1].startswith("error: gate rejected: degradation +")
+    # the verdict line; under load the ephemeral Prefect server's shutdown may log a CancelledError after it
+    assert any(line.startswith("error: gate rejected: degradation +") for line in rejected.stderr.splitlines()), \
+        rejected.stderr[-3000:]
 
 
 def test_release_with_gguf_export_gates_and_registers_it(prefect_harness, tiny_base, workdir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lorakit.cli.options import compute_dtype_option, device_option
+from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
 
 
 @click.command()
@@ -27,6 +28,11 @@ from lorakit.cli.options import compute_dtype_option, device_option
                    "warning says so and lorakit_quant.json records it). A number given here the data cannot fill "
                    "is an error.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--calib-general", type=click.Path(), help="General text mixed into calibration: \"default\" = the "
+              "general-English corpus shipped with lorakit (cut from its last documents), or a .txt/.jsonl file. "
+              "The release flow mixes it in by default (quantize.calib_general).")
+@click.option("--calib-general-fraction", type=float, default=0.0, show_default=True,
+              help="Share of the calibration blocks taken from --calib-general (the release uses 0.5).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration text shuffle.")
 @device_option
 @compute_dtype_option("quantize")
@@ -44,6 +50,11 @@ from lorakit.cli.options import compute_dtype_option, device_option
                    "act-order, per-module precision; GPTQ and AWQ) whose perplexity on the validation data is at most "
                    "this fraction worse than the model's (e.g. 0.05). Every trial is recorded in lorakit_quant.json.")
 @click.option("--eval-data", type=click.Path(), help="search: validation data (default: the val split of --calib).")
+@click.option("--eval-general", type=click.Path(), help="search: also meet the target on this general text "
+              "(\"default\" = the shipped corpus, its first --eval-general-max-tokens tokens, as the release gate "
+              "scores it); a trial's degradation is the worst of the texts.")
+@click.option("--eval-general-max-tokens", type=int, default=DEFAULT_GENERAL_MAX_TOKENS, show_default=True,
+              help="search: tokens of --eval-general scored (0 = all).")
 @click.option("--search-methods", default="awq,gptq", show_default=True,
               help="search: methods, in order of preference at equal size.")
 @click.option("--max-trials", type=int, default=12, show_default=True, help="search: at most this many quantizations.")
@@ -53,7 +64,8 @@ from lorakit.cli.options import compute_dtype_option, device_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym, desc_act, calib, n_samples,
-             seq_len, seed, device, compute_dtype, awq_grid, no_awq_clip, awq_scale_form, module_bits, target_degradation, eval_data,
+             seq_len, calib_general, calib_general_fraction, seed, device, compute_dtype, awq_grid, no_awq_clip,
+             awq_scale_form, module_bits, target_degradation, eval_data, eval_general, eval_general_max_tokens,
              search_methods, max_trials, time_budget, max_size_mb, force, quiet):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
 
@@ -66,6 +78,8 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
       lorakit quantize merged -o merged-gptq --calib prep/ --group-size 32 --asym
       lorakit quantize merged -o merged-awq --method awq --calib prep/ --group-size 64
       lorakit quantize default -o smol-w8 --bits 8 --calib corpus.txt --n-samples 32
+      lorakit quantize merged -o merged-awq --method awq --calib prep/ --calib-general default \\
+                       --calib-general-fraction 0.5          (as the release flow calibrates)
 
     \b
     Output: the standard GPTQ (v1) or AWQ (GEMM) layout; AWQ at 8 bits uses the GPTQ layout (AWQ GEMM is
@@ -82,16 +96,22 @@ def quantize(model_dir, output, method, bits, group_size, strict_group_size, sym
         from lorakit import progress
 
         progress.configure(console=False)
+    from lorakit.errors import InputError
+
+    if calib_general_fraction and calib_general is None:
+        raise InputError("--calib-general-fraction needs --calib-general (e.g. --calib-general default)")
+    mix = {"calib_general": calib_general, "calib_general_fraction": calib_general_fraction if calib_general else 0.0}
     if target_degradation is not None:
+        general = {"eval_general": eval_general, "eval_general_max_tokens": eval_general_max_tokens or None}
         _search(model_dir, output, calib, eval_data, target_degradation, search_methods, n_samples, seq_len, seed,
-                device, compute_dtype, max_trials, time_budget, max_size_mb, force, quiet)
+                device, compute_dtype, max_trials, time_budget, max_size_mb, force, quiet, {**mix, **general})
         return
     result = quantize_model(
         model_dir, output, method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, calib=calib,
         n_samples=n_samples, seq_len=seq_len, device=device, seed=seed, strict_group_size=strict_group_size,
         awq_grid=awq_grid, awq_clip=not no_awq_clip, compute_dtype=compute_dtype,
         awq_scale_form=awq_scale_form, force=force, progress=not quiet,
-        module_bits=_parse_module_bits(module_bits),
+        module_bits=_parse_module_bits(module_bits), **mix,
     )
     if quiet:
         click.echo(str(result.output))
@@ -118,7 +138,7 @@ def _parse_module_bits(items: tuple[str, ...]) -> dict[str, int]:
 
 
 def _search(model_dir, output, calib, eval_data, target, methods, n_samples, seq_len, seed, device, compute_dtype, max_trials,
-            time_budget, max_size_mb, force, quiet) -> None:
+            time_budget, max_size_mb, force, quiet, general: dict) -> None:
     from lorakit.quantize.search import SearchBounds, SearchSpace, search_quantization
 
     space = SearchSpace(methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_samples=(n_samples,))
@@ -127,7 +147,7 @@ def _search(model_dir, output, calib, eval_data, target, methods, n_samples, seq
     result = search_quantization(model_dir, output, calib=calib, eval_data=eval_data, target_degradation=target,
                                  space=space, bounds=bounds, seq_len=seq_len, seed=seed, device=device,
                                  compute_dtype=compute_dtype, force=force,
-                                 progress=not quiet)
+                                 progress=not quiet, **general)
     search = result.metadata["search"]
     if quiet:
         click.echo(str(result.output))

@@ -89,6 +89,7 @@ def check(
     scorecard: str | os.PathLike[str] | dict | None = None,
     min_retention: float | None = DEFAULT_MIN_RETENTION,
     max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+    primary_name: str = "primary",
 ) -> Verdict:
     """Measure baseline and candidate on every check and decide; write gate.json/.md/.png to ``output``.
 
@@ -98,14 +99,15 @@ def check(
 
     ``scorecard`` (a scorecard.json, its folder, or its content; ``lorakit.scorecard``) adds the release checks
     ``min_retention`` and ``max_accuracy_drop`` (None = not judged), judged on its val split; it must have been
-    built for this baseline (its merged model) and candidate (its quantized model).
+    built for this baseline (its merged model) and candidate (its quantized model). ``primary_name`` names the
+    check on ``data`` in the verdict (the release names it after its task).
     """
     start = time.perf_counter()
     stride = seq_len if stride is None else stride
     check_window_params(seq_len, stride)
     if max_kl is not None:
         max_kl = _check_threshold(max_kl, "max KL")
-    specs = [CheckSpec("primary", data, _check_threshold(max_degradation, "primary"), "primary", split)]
+    specs = [CheckSpec(primary_name, data, _check_threshold(max_degradation, primary_name), "primary", split)]
     for spec in extra_checks:
         if spec.kind not in CHECK_KINDS[1:]:
             raise InputError(f"check {spec.name!r} has kind {spec.kind!r}; use task or general")
