@@ -6,7 +6,11 @@ model (4-bit, group 64, the release's calibration size) and is then judged by th
 the first 8192 tokens of the shipped general-English corpus. Calibration's general blocks come from the corpus's
 last documents, so the gate's general text never shaped the weights.
 
-Usage: python bench/calibration_mix.py --release OUT [--work bench/work/calibration_mix] [--variants gptq:0,awq:0.5]
+A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
+on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
+what per-module precision buys on general text, and what it costs in size.
+
+Usage: python bench/calibration_mix.py --release OUT [--work bench/work/calibration_mix] [--variants gptq:0,awq:0.5:k16]
 Writes bench/results/calibration_mix.json and the ``calibration_mix`` section of bench/README.md.
 """
 
@@ -36,26 +40,58 @@ def one(out_dir: Path, pattern: str) -> Path:
     return found[0]
 
 
-def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction: float, work: Path) -> dict:
+def bf16_bytes(model: Path) -> int:
+    """What the model's tensors take in bf16 (the size the release's <= 50% goal is measured against)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(model.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                n = 1
+                for d in f.get_slice(name).get_shape():
+                    n *= d
+                total += 2 * n
+    return total
+
+
+def sensitive_modules(merged: Path, calib: Path, q: dict, fraction: float, keep: int) -> dict[str, int]:
+    """The ``keep`` linears with the largest RTN output error on the calibration blocks, at the method's higher bits."""
+    from lorakit.quantize.calibration import build_calibration
+    from lorakit.quantize.core import _load_tokenizer
+    from lorakit.quantize.mixed import KEEP_BITS
+    from lorakit.quantize.sensitivity import module_sensitivity
+
+    blocks = build_calibration(calib, _load_tokenizer(merged), n_samples=q["n_samples"], seq_len=q["seq_len"],
+                               seed=q["seed"], general="default" if fraction else None,
+                               general_fraction=fraction).blocks
+    sym = q["sym"] if q["sym"] is not None else q["method"] == "gptq"
+    sens = module_sensitivity(merged, blocks, bits=q["bits"], group_size=q["group_size"], sym=sym)
+    return {m: KEEP_BITS[q["method"]] for m in sens.ranking[:keep]}
+
+
+def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction: float, work: Path,
+            keep: int = 0) -> dict:
     from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
     from lorakit.quantize.defaults import RELEASE_QUANTIZE
 
     q = {k: v for k, v in RELEASE_QUANTIZE.items() if k not in ("calib_general", "calib_general_fraction")}
     q.update(method=method, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
-    folder = work / f"{method}-general{fraction:g}"
+    folder = work / f"{method}-general{fraction:g}" + (f"-k{keep}" if keep else "")
     started = time.perf_counter()
+    module_bits = sensitive_modules(merged, calib, q, fraction, keep) if keep else None
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if fraction else None,
-                            calib_general_fraction=fraction, force=True, progress=True, **q)
+                            calib_general_fraction=fraction, module_bits=module_bits, force=True, progress=True, **q)
     quantize_s = time.perf_counter() - started
     first, *others = [p.name.rsplit("-", 1)[0] for p in preps]  # prep/<task>-<hash>
     extra = [CheckSpec(name, str(p), 0.05, "task") for name, p in zip(others, preps[1:])]
     extra.append(general_check("default"))
     verdict = check(merged, folder, str(preps[0]), extra_checks=extra, seq_len=512, progress=True)
     meta = result.metadata
-    return {"method": method, "general_fraction": fraction, "quantize_used": meta["params"],
+    return {"method": method, "general_fraction": fraction, "kept_modules": keep, "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
-            "size_vs_merged": round(meta["size_after_bytes"] / meta["size_before_bytes"], 3),
+            "size_vs_bf16": round(meta["size_after_bytes"] / bf16_bytes(merged), 3),
             "quantize_s": round(quantize_s, 1), "gate_s": verdict.wall_s,
             "checks": {(first if c.kind == "primary" else c.name): {
                 "kind": c.kind, "data": c.data, "tokens": c.tokens, "baseline_ppl": c.baseline_ppl,
@@ -69,12 +105,13 @@ def readme(data: dict) -> str:
              f"`python bench/calibration_mix.py --release {data['release']}`: the default release's merged model, "
              "4-bit g64, calibrated on the tasks alone or on a mix with general text, judged by the release gate "
              "(perplexity degradation vs the merged model; mean KL in nats).", "",
-             "| method | general share | size MB (x merged) | " + " | ".join(
+             "| method | general share | kept fp16 | size MB (x bf16) | " + " | ".join(
                  f"{name} ppl / KL" for name in next(iter(data["variants"].values()))["checks"]) + " |",
-             "|---|---|---|" + "---|" * len(next(iter(data["variants"].values()))["checks"])]
+             "|---|---|---|---|" + "---|" * len(next(iter(data["variants"].values()))["checks"])]
     for v in data["variants"].values():
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in v["checks"].values()]
-        lines.append(f"| {v['method']} | {v['general_fraction']:.0%} | {v['size_mb']} ({v['size_vs_merged']:.2f}) | "
+        lines.append(f"| {v['method']} | {v['general_fraction']:.0%} | {v.get('kept_modules', 0)} | "
+                     f"{v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -95,10 +132,14 @@ def main() -> None:
     preps = [one(args.release, f"prep/{ds.name}-*") for ds in ReleaseConfig().datasets]
     previous = json.loads(RESULTS.read_text()).get("variants", {}) if RESULTS.exists() else {}
     variants = dict(previous)
+    for v in variants.values():  # a record written before size_vs_bf16 existed
+        v.pop("size_vs_merged", None)
+        v.setdefault("size_vs_bf16", round(v["size_mb"] * 1e6 / bf16_bytes(merged), 3))
     for item in args.variants.split(","):
-        method, fraction = item.split(":")
-        key = f"{method}:{float(fraction):g}"
-        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work)
+        method, fraction, *kept = item.split(":")
+        keep = int(kept[0].lstrip("k")) if kept else 0
+        key = f"{method}:{float(fraction):g}" + (f":k{keep}" if keep else "")
+        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep)
         print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}), flush=True)
         data = {"release": str(args.release), "merged": str(merged), "variants": variants}
         write_results("calibration_mix", data)  # after every variant: a long run keeps what it measured

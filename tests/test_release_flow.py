@@ -221,3 +221,25 @@ def test_release_with_gguf_export_gates_and_registers_it(prefect_harness, tiny_b
     assert refs["merged"] in parents
     verdict = reg.get(refs["gguf-verdict"])
     assert verdict.kind == "verdict"
+
+
+def test_release_with_merge_search_records_the_chosen_weights_in_the_lineage(prefect_harness, tiny_base, workdir):
+    """`merge: {search: ...}` in a run: the merge stage searches (adapters come from the cache of the runs above),
+    the merged model's folder records every trial, and its registry entry carries the pick."""
+    import json
+    from pathlib import Path
+
+    from registry import Registry
+
+    data = tiny_config_data(tiny_base, workdir, registry={"name": "tiny-searched"})
+    data["merge"] = {"method": "linear", "search": {"max_trials": 4, "max_tokens": 512}}
+    state = run_release(data)
+    assert state.is_completed(), state.message
+    merged = Registry(data["registry"]["root"]).get(state.result()["refs"]["merged"])
+    assert merged.source is not None
+    search = json.loads((Path(merged.source) / "lorakit_merge.json").read_text())["search"]
+    assert 1 <= search["n_trials"] <= 4
+    chosen = search["trials"][search["chosen"]]
+    assert merged.params["weights"] == chosen["params"]["weights"]
+    assert merged.params["search"]["n_trials"] == search["n_trials"]
+    assert merged.params["search"]["chosen"]["method"] == "linear"
