@@ -6,7 +6,7 @@ model (4-bit, group 64, the release's calibration size) and is then judged by th
 the first 8192 tokens of the shipped general-English corpus. Calibration's general blocks come from the corpus's
 last documents, so the gate's general text never shaped the weights.
 
-A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
+A variant ``method:fraction:b8`` quantizes to 8 bits instead of 4. A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
 on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
 what per-module precision buys on general text, and what it costs in size.
 
@@ -71,14 +71,14 @@ def sensitive_modules(merged: Path, calib: Path, q: dict, fraction: float, keep:
 
 
 def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction: float, work: Path,
-            keep: int = 0) -> dict:
+            keep: int = 0, bits: int = 4) -> dict:
     from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
     from lorakit.quantize.defaults import RELEASE_QUANTIZE
 
     q = {k: v for k, v in RELEASE_QUANTIZE.items() if k not in ("calib_general", "calib_general_fraction")}
-    q.update(method=method, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
-    folder = work / f"{method}-general{fraction:g}" + (f"-k{keep}" if keep else "")
+    q.update(method=method, bits=bits, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
+    folder = work / variant_key(method, fraction, keep, bits)
     started = time.perf_counter()
     module_bits = sensitive_modules(merged, calib, q, fraction, keep) if keep else None
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if fraction else None,
@@ -89,11 +89,12 @@ def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction:
     extra.append(general_check("default"))
     verdict = check(merged, folder, str(preps[0]), extra_checks=extra, seq_len=512, progress=True)
     meta = result.metadata
-    return {"method": method, "general_fraction": fraction, "kept_modules": keep, "quantize_used": meta["params"],
+    return {"method": method, "bits": bits, "general_fraction": fraction, "kept_modules": keep,
+            "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
             "size_vs_bf16": round(meta["size_after_bytes"] / bf16_bytes(merged), 3),
             "quantize_s": round(quantize_s, 1), "gate_s": verdict.wall_s,
-            "checks": {(first if c.kind == "primary" else c.name): {
+            "checks": {(first if c.kind == "primary" else c.name).replace(" ", "-"): {
                 "kind": c.kind, "data": c.data, "tokens": c.tokens, "baseline_ppl": c.baseline_ppl,
                 "candidate_ppl": c.candidate_ppl, "degradation": c.degradation,
                 "kl_mean": c.distribution.get("kl_mean"), "kl_p99": c.distribution.get("kl_p99"),
@@ -105,22 +106,29 @@ def readme(data: dict) -> str:
              f"`python bench/calibration_mix.py --release {data['release']}`: the default release's merged model, "
              "4-bit g64, calibrated on the tasks alone or on a mix with general text, judged by the release gate "
              "(perplexity degradation vs the merged model; mean KL in nats).", "",
-             "| method | general share | kept fp16 | size MB (x bf16) | " + " | ".join(
+             "| method | bits | general share | kept fp16 | size MB (x bf16) | " + " | ".join(
                  f"{name} ppl / KL" for name in next(iter(data["variants"].values()))["checks"]) + " |",
-             "|---|---|---|---|" + "---|" * len(next(iter(data["variants"].values()))["checks"])]
+             "|---|---|---|---|---|" + "---|" * len(next(iter(data["variants"].values()))["checks"])]
     for v in data["variants"].values():
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in v["checks"].values()]
-        lines.append(f"| {v['method']} | {v['general_fraction']:.0%} | {v.get('kept_modules', 0)} | "
+        lines.append(f"| {v['method']} | {v.get('bits', 4)} | {v['general_fraction']:.0%} | {v.get('kept_modules', 0)} | "
                      f"{v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def variant_key(method: str, fraction: float, keep: int, bits: int = 4) -> str:
+    """``awq-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
+    return (f"{method}{'' if bits == 4 else f'-{bits}bit'}-general{round(fraction * 100)}"
+            + (f"-keep{keep}" if keep else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction, comma-separated")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN], comma-separated "
+                    "(empty: rewrite the results and README section from what was measured)")
     args = ap.parse_args()
     from lorakit.runtime import configure_threads
 
@@ -131,18 +139,22 @@ def main() -> None:
 
     preps = [one(args.release, f"prep/{ds.name}-*") for ds in ReleaseConfig().datasets]
     previous = json.loads(RESULTS.read_text()).get("variants", {}) if RESULTS.exists() else {}
-    variants = dict(previous)
-    for v in variants.values():  # a record written before size_vs_bf16 existed
+    variants = {variant_key(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4)): v
+                for v in previous.values()}
+    for v in variants.values():  # a record written before size_vs_bf16 and citable check keys existed
+        v["checks"] = {name.replace(" ", "-"): c for name, c in v["checks"].items()}
         v.pop("size_vs_merged", None)
         v.setdefault("size_vs_bf16", round(v["size_mb"] * 1e6 / bf16_bytes(merged), 3))
-    for item in args.variants.split(","):
-        method, fraction, *kept = item.split(":")
-        keep = int(kept[0].lstrip("k")) if kept else 0
-        key = f"{method}:{float(fraction):g}" + (f":k{keep}" if keep else "")
-        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep)
+    data = {"release": str(args.release), "merged": str(merged), "variants": variants}
+    for item in filter(None, args.variants.split(",")):
+        method, fraction, *more = item.split(":")  # more: kN (kept modules), bN (bits)
+        keep = next((int(m[1:]) for m in more if m.startswith("k")), 0)
+        bits = next((int(m[1:]) for m in more if m.startswith("b")), 4)
+        key = variant_key(method, float(fraction), keep, bits)
+        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep, bits)
         print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}), flush=True)
-        data = {"release": str(args.release), "merged": str(merged), "variants": variants}
         write_results("calibration_mix", data)  # after every variant: a long run keeps what it measured
+    write_results("calibration_mix", data)
     update_readme_section("calibration_mix", readme(data))
     print(RESULTS)
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationError,
 from lorakit.errors import InputError
 from lorakit.quantize.defaults import RELEASE_QUANTIZE
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_DEGRADATION, DEFAULT_GENERAL_MAX_TOKENS, GENERAL_DEFAULT
+from lorakit.gate.verdict import DEFAULT_MAX_KL
 from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 # The two instruction tasks bundled with lorakit (made by its own deterministic generators), so the embedded
@@ -143,10 +144,11 @@ class QuantizeConfig(_Section):
     """4-bit post-training quantization of the merged model (``lorakit.quantize.quantize_model``)."""
 
     # Defaults = lorakit.quantize.defaults.RELEASE_QUANTIZE (its docstring says why, citing bench/results/).
-    method: Literal["gptq", "awq"] = "gptq"
+    method: Literal["gptq", "awq"] = RELEASE_QUANTIZE["method"]
     bits: Literal[4, 8] = 4
     group_size: int = Field(64, description="Quantization group size (a power of two).")
-    sym: bool | None = Field(True, description="Symmetric grid; None = True for GPTQ, False (zero point) for AWQ.")
+    sym: bool | None = Field(RELEASE_QUANTIZE["sym"], description="Symmetric grid; None = True for GPTQ, False "
+                             "(zero point) for AWQ.")
     desc_act: bool = False
     # 64 blocks of 256 tokens: what the small bundled tasks can fill (128 x 512 needs 65k calibration tokens).
     n_samples: int = Field(64, gt=0)
@@ -183,7 +185,7 @@ class GateConfig(_Section):
     seq_len: int = Field(512, gt=0)
     stride: int | None = Field(None, gt=0, description="Window stride; default = seq_len (non-overlapping).")
     max_tokens: int | None = Field(None, gt=0, description="Evaluate at most this many tokens per data set.")
-    max_kl: float | None = Field(None, ge=0, description="Largest accepted mean KL(p_merged || p_quantized) per "
+    max_kl: float | None = Field(DEFAULT_MAX_KL, ge=0, description="Largest accepted mean KL(p_merged || p_quantized) per "
                                  "token (nats); null = KL and top-1 agreement are reported, not judged.")
     min_retention: float | None = Field(
         DEFAULT_MIN_RETENTION, ge=0, description="Scorecard (val): the merged model keeps at least this share of "

@@ -197,6 +197,7 @@ def test_cli_writes_the_folder_and_registry_show_prints_the_scorecard(release, d
     assert read_scorecard(out)["tasks"] == read_scorecard(drop_card)["tasks"]  # deterministic: same numbers
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:2] == ["task", "split"] and lines[1].split()[:2] == ["yes", "val"]
+    assert any(line.startswith("general text perplexity (") for line in lines)  # on by default in the CLI
     root = tmp_path / "registry"
     v = Registry(root).register(release["drop_no"], name="rel", kind="quantized",
                                 metadata={"scorecard.json": read_scorecard(out)})
@@ -204,6 +205,29 @@ def test_cli_writes_the_folder_and_registry_show_prints_the_scorecard(release, d
     assert shown.returncode == 0, shown.stderr
     assert "scorecard (the gate judges val" in shown.stdout and "not learned" not in shown.stdout
     assert any(line.split()[:2] == ["no", "val"] and "0%" in line for line in shown.stdout.splitlines())
+
+
+def test_general_text_scores_every_model_on_one_stream(release, tmp_path):
+    """Every model's general-text perplexity equals `lorakit.evaluate.perplexity` of that model on the same capped
+    text; the changes are ratios of those; a quantized model identical to the merged one changes nothing."""
+    from lorakit.data.general import general_text_path
+    from lorakit.evaluate import perplexity
+    from lorakit.evaluate.text import read_eval_texts, tokenize_eval_texts
+    from lorakit.evaluate.loading import describe_model, load_tokenizer
+
+    card = build_scorecard(release["base"], _tasks(release), release["drop_no"], release["drop_no"],
+                           general="default", general_max_tokens=640, max_examples=4, **SEQ).data
+    g = card["general_text"]
+    assert set(g["models"]) == {"base", "adapter:yes", "adapter:no", "merged", "quantized"}
+    tokens = tokenize_eval_texts(read_eval_texts(general_text_path()), load_tokenizer(describe_model(release["base"])),
+                                 max_tokens=640)
+    for key, model in (("base", release["base"]), ("merged", release["drop_no"])):
+        assert g["models"][key]["ppl"] == pytest.approx(perplexity(str(model), tokens, seq_len=64, progress=False).ppl,
+                                                        rel=1e-9)
+    assert g["vs_base"]["merged"] == pytest.approx(g["models"]["merged"]["ppl"] / g["models"]["base"]["ppl"] - 1)
+    assert g["quantized_vs_merged"] == 0.0 and g["models"]["base"]["tokens"] <= 640
+    assert build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], None, max_examples=2,
+                           **SEQ).data["general_text"] is None  # not asked for: not scored
 
 
 def test_judge_boundaries_on_hand_made_numbers():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lorakit.cli.options import compute_dtype_option, device_option
+from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
 from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN
 from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 
@@ -36,11 +37,16 @@ from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
               help="GPTQ/AWQ: dequantized = exact dense weights (fast on CPU); kernel = installed int4 kernels.")
 @device_option
 @compute_dtype_option("eval")
+@click.option("--general-text", default="default", show_default=True, help="Also score every model's perplexity on "
+              "this general text (\"default\" = the corpus shipped with lorakit; a .txt/.jsonl file; \"none\" = "
+              "off): what each model keeps of its language.")
+@click.option("--general-max-tokens", type=int, default=DEFAULT_GENERAL_MAX_TOKENS, show_default=True,
+              help="Tokens of --general-text scored (0 = all), as the gate reads it.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the table.")
 def scorecard(base, tasks, merged, quantized, output, max_examples, margin, gen_batch_size, case_insensitive,
-              strip_punctuation, seq_len, stride, max_tokens, batch_size, quant_path, device, compute_dtype, force,
-              quiet):
+              strip_punctuation, seq_len, stride, max_tokens, batch_size, quant_path, device, compute_dtype,
+              general_text, general_max_tokens, force, quiet):
     """Score a release task by task: base, each task's adapter, merged and quantized model.
 
     \b
@@ -52,7 +58,8 @@ def scorecard(base, tasks, merged, quantized, output, max_examples, margin, gen_
       perplexity / mean NLL      the split's examples, the method of `lorakit eval` (one token stream,
                                  tokenized with the base's tokenizer)
     The models: the base, that task's adapter alone (PEFT on the base), the merged model, the quantized
-    model. Each is loaded once and scores every task before the next loads.
+    model. Each is loaded once and scores every task before the next loads, then the general text
+    (--general-text): each model's perplexity on it and its change against the base.
 
     \b
     Derived per task and split:
@@ -80,7 +87,8 @@ def scorecard(base, tasks, merged, quantized, output, max_examples, margin, gen_
                            seq_len=seq_len, stride=stride, max_tokens=max_tokens, ppl_batch_size=batch_size,
                            gen_batch_size=gen_batch_size, margin=margin, max_examples=max_examples,
                            case_insensitive=case_insensitive, strip_punctuation=strip_punctuation,
-                           quant_path=quant_path, device=device, dtype=compute_dtype, force=force,
+                           quant_path=quant_path, device=device, dtype=compute_dtype, general=general_text,
+                           general_max_tokens=general_max_tokens or None, force=force,
                            progress=not quiet)
     click.echo(render_text(card.data))
     click.echo(f"scorecard written to {card.output}")

@@ -10,6 +10,9 @@ selection split, and ``test``, the held-out report; a folder without a test spli
   method, on one token stream tokenized once with the base's tokenizer).
 
 The models: the base, *that task's* adapter alone (PEFT on the base), the merged model and the quantized model.
+With ``general`` (the release passes the gate's general text), every model's perplexity on it too: what each one
+keeps of its language outside the tasks (an adapter or a merge can lose it as surely as a quantization can),
+with each model's change against the base and the quantized model's against the merged one.
 From those, per task and split: retention of the adapter's gain by the merged model, on exact match, F1 and NLL
 (``lorakit.evaluate.retention``, the one definition), and the quantized model's accuracy drop vs the merged one.
 
@@ -36,6 +39,7 @@ from lorakit.evaluate.loading import ModelSpec, describe_model, load_eval_model,
 from lorakit.evaluate.retention import retention
 from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
 from lorakit.evaluate.windows import check_window_params, plan_windows
+from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS, resolve_general_text
 from lorakit.progress import emit
 
 FORMAT = "lorakit-scorecard v1"
@@ -95,10 +99,15 @@ def build_scorecard(
     quant_path: str = "auto",
     device: str = "auto",
     dtype: str = "auto",
+    general: str | os.PathLike[str] | None = None,
+    general_max_tokens: int | None = DEFAULT_GENERAL_MAX_TOKENS,
     force: bool = False,
     progress: bool = True,
 ) -> Scorecard:
-    """Score base, each task's adapter, merged and quantized on every task (see module docstring)."""
+    """Score base, each task's adapter, merged and quantized on every task (see module docstring).
+
+    ``general``: general text every model is also scored on (``"default"`` = lorakit's corpus; its first
+    ``general_max_tokens`` tokens, as the gate reads it); None = not scored."""
     from lorakit.compute import dtype_name, resolve_compute_dtype
     from lorakit.io.atomic import check_output_free
     from lorakit.runtime import resolve_device
@@ -153,6 +162,15 @@ def build_scorecard(
             except InputError as exc:
                 raise InputError(f"task {t.name}: {exc}") from None
             streams[(t.name, s)] = tokens
+    general_path = resolve_general_text(general)
+    general_stream = None
+    if general_path is not None:
+        try:
+            general_stream = tokenize_eval_texts(read_eval_texts(general_path), tokenizers["base"],
+                                                 max_tokens=general_max_tokens)
+            plan_windows(int(general_stream.ids.numel()), seq_len, stride, source=f"general text {general_path}")
+        except InputError as exc:
+            raise InputError(f"general text: {exc}") from None
 
     dev = resolve_device(device)
     compute_dtype = dtype_name(resolve_compute_dtype(dtype, "eval", dev))
@@ -165,6 +183,7 @@ def build_scorecard(
     predictions: dict[str, Any] = {t.name: {s: {} for s in plans[t.name]["splits"]} for t in tasks}
     decoding: dict[str, Any] = {}
     timings: dict[str, dict[str, Any]] = {}  # per model: load_s, score_s, path_used
+    general_scores: dict[str, dict[str, Any]] = {}  # model key -> perplexity on the general text
     n_models = len(specs)
     for k, (key, spec) in enumerate(specs.items(), 1):
         role, _, only = key.partition(":")
@@ -191,6 +210,10 @@ def build_scorecard(
                 emit(f"scorecard: {key} on {t.name} {s}: " + (
                     f"exact {acc.exact_match:.1%}, F1 {acc.f1:.3f}, " if acc.skipped is None else "accuracy skipped, ")
                     + f"ppl {ppl.ppl:.4g} ({acc.wall_s + ppl.wall_s:.1f} s)")
+        if general_stream is not None:
+            g = perplexity(loaded, general_stream, **ppl_kw)
+            general_scores[key] = {"ppl": g.ppl, "mean_nll": g.mean_nll, "tokens": g.tokens}
+            emit(f"scorecard: {key} on general text: ppl {g.ppl:.4g} ({g.wall_s:.1f} s)")
         timings[key]["score_s"] = round(time.perf_counter() - t1, 3)
         timings[key]["path_used"] = loaded.path_used
         del loaded
@@ -202,6 +225,7 @@ def build_scorecard(
                    "adapters": {t.name: specs[f"adapter:{t.name}"].describe() for t in tasks}},
         "tasks": {t.name: _task_entry(t, plans[t.name], scores, quantized is not None) for t in tasks},
         "task_order": names,  # JSON files are written with sorted keys; this keeps the caller's order
+        "general_text": _general_entry(general_path, general_max_tokens, general_scores),
         "perplexity_method": {"name": METHOD_NAME, "seq_len": int(seq_len), "stride": int(stride),
                               "max_tokens": max_tokens, "batch_size": int(ppl_batch_size), "dtype": compute_dtype,
                               "tokenizer_digest": want},
@@ -219,6 +243,20 @@ def build_scorecard(
         write_scorecard(card, out_dir, force=force)
     emit(f"scorecard: done in {data['wall_s']:.1f} s")
     return card
+
+
+def _general_entry(path: str | None, max_tokens: int | None, scores: dict[str, dict]) -> dict[str, Any] | None:
+    """Every model's perplexity on the general text, and its change: vs the base, and quantized vs merged."""
+    if path is None:
+        return None
+
+    def change(a: str, b: str) -> float | None:
+        return scores[a]["ppl"] / scores[b]["ppl"] - 1 if a in scores and b in scores else None
+
+    return {"source": path, "max_tokens": max_tokens, "models": scores,
+            "vs_base": {key: change(key, "base") for key in scores if key != "base"},
+            "quantized_vs_merged": change("quantized", "merged"),
+            "definition": "ppl(model) / ppl(reference) - 1 on the same token stream; > 0 = worse"}
 
 
 def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, has_quantized: bool) -> dict[str, Any]:

@@ -54,6 +54,24 @@ def summary_line(card: dict[str, Any]) -> str:
     return "merged EM " + ", ".join(parts)
 
 
+def general_line(card: dict[str, Any]) -> str | None:
+    """``general text (8192 tokens): base 26.1, adapter:x 31.0 (+18.8%), merged 43.4 (+66%), quantized ... (+14.5%
+    vs merged)``: what each model keeps of its language; None for a scorecard without general text."""
+    g = card.get("general_text")
+    if not g or not g.get("models"):
+        return None
+    models = g["models"]
+    tokens = next(iter(models.values()))["tokens"]
+    parts = []
+    for key, m in models.items():
+        ref = g["vs_base"].get(key)
+        if key == "quantized" and g.get("quantized_vs_merged") is not None:
+            parts.append(f"{key} {m['ppl']:.4g} ({g['quantized_vs_merged']:+.1%} vs merged)")
+        else:
+            parts.append(f"{key} {m['ppl']:.4g}" + ("" if ref is None else f" ({ref:+.1%})"))
+    return f"general text perplexity ({tokens} tokens; change vs base): " + ", ".join(parts)
+
+
 def render_text(card: dict[str, Any]) -> str:
     """The scorecard as an aligned plain-text table."""
     table = rows(card)
@@ -66,7 +84,8 @@ def render_text(card: dict[str, Any]) -> str:
     notes = [f"note: {e['report_note']}" for e in card["tasks"].values() if e.get("report_note")]
     notes += [f"{t}: {s['accuracy_skipped']}" for t, e in card["tasks"].items() for s in list(e["splits"].values())[:1]
               if s["accuracy_skipped"]]
-    return "\n".join(lines + notes)
+    general = general_line(card)
+    return "\n".join(lines + notes + ([general] if general else []))
 
 
 def render_markdown(card: dict[str, Any], heading: str = "# Release scorecard") -> str:
@@ -86,6 +105,9 @@ def render_markdown(card: dict[str, Any], heading: str = "# Release scorecard") 
     notes += [f"{t}: {s['accuracy_skipped']}" for t, e in card["tasks"].items() for s in list(e["splits"].values())[:1]
               if s["accuracy_skipped"]]
     lines += [""] + [f"- note: {n}" for n in notes]
+    general = general_line(card)
+    if general:
+        lines += [f"- {general}"]
     return "\n".join(lines) + "\n"
 
 
