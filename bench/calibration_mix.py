@@ -104,9 +104,10 @@ def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction:
 def readme(data: dict) -> str:
     lines = ["## calibration_mix", "",
              f"`python bench/calibration_mix.py --release {data['release']}`: the default release's merged model, "
-             "4-bit g64, calibrated on the tasks alone or on a mix with general text, judged by the release gate "
-             "(perplexity degradation vs the merged model; mean KL in nats).", "",
-             "| method | bits | general share | kept fp16 | size MB (x bf16) | " + " | ".join(
+             "group 64, calibrated on the tasks alone or on a mix with general text, judged by the release gate "
+             "(perplexity degradation vs the merged model; mean KL in nats). Kept modules: the most sensitive "
+             "linears at higher precision (AWQ fp16, GPTQ 8-bit).", "",
+             "| method | bits | general share | kept modules | size MB (x bf16) | " + " | ".join(
                  f"{name} ppl / KL" for name in next(iter(data["variants"].values()))["checks"]) + " |",
              "|---|---|---|---|---|" + "---|" * len(next(iter(data["variants"].values()))["checks"])]
     for v in data["variants"].values():
@@ -114,6 +115,15 @@ def readme(data: dict) -> str:
         lines.append(f"| {v['method']} | {v.get('bits', 4)} | {v['general_fraction']:.0%} | {v.get('kept_modules', 0)} | "
                      f"{v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
                      + " | ".join(cells) + " |")
+    from lorakit.gate.verdict import DEFAULT_MAX_KL
+
+    kls = [c["kl_mean"] for v in data["variants"].values() for c in v["checks"].values()]
+    under = sum(k <= DEFAULT_MAX_KL for k in kls)
+    general = [v["checks"]["general-text"]["kl_mean"] for v in data["variants"].values()]
+    lines += ["", f"The release gate's `max_kl` default is ln(1.05) = {DEFAULT_MAX_KL} nats (`lorakit/gate/verdict.py`): "
+              "were the text the merged model's own samples, that mean KL would be exactly a 5% perplexity loss, so "
+              f"it is the perplexity bar in KL terms. {under} of the {len(kls)} checks measured above are within it; "
+              f"on general text {sum(k <= DEFAULT_MAX_KL for k in general)} of {len(general)}."]
     return "\n".join(lines)
 
 

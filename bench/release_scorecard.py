@@ -92,18 +92,26 @@ def merge_defaults(parts: dict, work: Path) -> dict:
     tasks = parts["tasks"]
     score_tasks = [ScorecardTask(t, parts["preps"][t], parts["adapters"][t]) for t in tasks]
     results = {}
+    release_merge = json.loads((parts["merged"] / "lorakit_merge.json").read_text())
     for name, spec in CANDIDATES.items():
         weight = 1.0 / len(tasks) if spec["weight"] == "1/n" else float(spec["weight"])
+        if (spec["method"] == release_merge.get("method") and spec.get("density") is None
+                and release_merge.get("weights") == [weight] * len(tasks)):
+            # the release's own merge: its scorecard already holds these numbers (same adapters, same merge)
+            results[name] = {"method": spec["method"], "weights": [weight] * len(tasks), "density": None,
+                             "from": "the release's own scorecard", "tasks": summary(parts["data"]),
+                             "general_text": parts["data"].get("general_text")}
+            continue
         merged = work / f"merged-{name}"
         if not merged.exists():
             merge_adapters([str(parts["adapters"][t]) for t in tasks], [weight] * len(tasks), merged,
                            method=spec["method"], output_kind="model", density=spec.get("density"), progress=False)
         started = time.perf_counter()
         card = build_scorecard(None, score_tasks, merged, None, output=work / f"card-{name}", force=True,
-                               progress=True)
+                               general="default", progress=True)
         results[name] = {"method": spec["method"], "weights": [weight] * len(tasks),
                          "density": spec.get("density"), "wall_s": round(time.perf_counter() - started, 1),
-                         "tasks": summary(card.data)}
+                         "tasks": summary(card.data), "general_text": card.data.get("general_text")}
         print(name, json.dumps(results[name]["tasks"]), flush=True)
     return results
 
@@ -111,7 +119,8 @@ def merge_defaults(parts: dict, work: Path) -> dict:
 def readme(release: dict, merges: dict | None) -> str:
     lines = ["## release_scorecard", "",
              f"`python bench/release_scorecard.py --release {release['source']}`: the default release's own scorecard "
-             f"(stage wall time {release['scorecard_wall_s']:.0f} s), exact match per model.", "",
+             f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_stages']:.0%} of the "
+             f"{release['stage_seconds_total']:.0f} s its stages took together), exact match per model.", "",
              "| task | split | base | adapter | merged | quantized | retention (EM) | retention (NLL) | quantized drop |",
              "|---|---|---|---|---|---|---|---|---|"]
 
@@ -127,14 +136,32 @@ def readme(release: dict, merges: dict | None) -> str:
             lines.append(f"| {task} | {split} | {pct(em.get('base'))} | {pct(em.get('adapter'))} | "
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
+    g = release.get("general_text")
+    if g and g.get("models"):
+        lines += ["", f"General text ({next(iter(g['models'].values()))['tokens']} tokens of the shipped corpus), "
+                  "perplexity of each model and its change against the base (quantized: against merged):", "",
+                  "| model | perplexity | change |", "|---|---|---|"]
+        for key, m in g["models"].items():
+            ch = g["quantized_vs_merged"] if key == "quantized" else g["vs_base"].get(key)
+            lines.append(f"| {key} | {m['ppl']:.2f} | {'-' if ch is None else f'{ch:+.1%}'}"
+                         f"{' vs merged' if key == 'quantized' else ''} |")
+    if release.get("gate"):
+        from flows.report import verdict_line
+
+        lines += ["", f"Gate: {verdict_line(release['gate'], 0.05)}."]
+    lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in release["stage_seconds"].items())]
     if merges:
-        lines += ["", "Merge defaults on the same adapters (exact merges, scored without quantization):", "",
-                  "| merge | task | split | merged EM | retention (EM) | retention (NLL) |", "|---|---|---|---|---|---|"]
+        lines += ["", "Merge defaults on the same adapters (exact merges, scored without quantization; general text: "
+                  "the merged model's perplexity change against the base):", "",
+                  "| merge | task | split | merged EM | retention (EM) | retention (NLL) | general text |",
+                  "|---|---|---|---|---|---|---|"]
         for name, m in merges.items():
+            g = (m.get("general_text") or {}).get("vs_base", {}).get("merged")
             for task, splits in m["tasks"].items():
                 for split, s in splits.items():
                     lines.append(f"| {name} | {task} | {split} | {pct(s['exact_match'].get('merged'))} | "
-                                 f"{num(s['retention_exact_match'])} | {num(s['retention_nll'])} |")
+                                 f"{num(s['retention_exact_match'])} | {num(s['retention_nll'])} | "
+                                 f"{'-' if g is None else f'{g:+.1%}'} |")
     return "\n".join(lines)
 
 
@@ -150,8 +177,16 @@ def main() -> None:
     parts = release_parts(args.release)
     card = parts["data"]
     gate = sorted(args.release.glob("gate/*/gate.json"))
+    from bench.pipeline import stage_seconds
+
+    stages = stage_seconds(args.release)
+    total = sum(stages.values())
     release = {"source": str(args.release), "tasks": parts["tasks"], "summary": summary(card),
                "scorecard_wall_s": card.get("wall_s"),
+               # each stage's own recorded wall time; their sum is the chain's time without Prefect's start-up
+               "stage_seconds": stages, "stage_seconds_total": round(total, 1),
+               "scorecard_share_of_stages": round(card["wall_s"] / total, 3) if total and card.get("wall_s") else None,
+               "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),
                "gate": json.loads(gate[0].read_text()) if gate else None}
     merges = None if args.skip_merges else merge_defaults(parts, args.work)
