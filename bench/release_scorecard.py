@@ -5,13 +5,15 @@ Given the output folder of a ``lorakit run`` of the default release (``bench/pip
 
 1. ``release``: the scorecard the release's own scorecard stage wrote (every task x base / adapter / merged /
    quantized, val and test, exact match, F1, NLL, retention, accuracy drop), the stage's wall time, and the gate's
-   verdict, copied from the run's outputs (predictions left out).
+   verdict, copied from the run's outputs (predictions left out); every stage's recorded wall time; and exact match
+   on 40 fresh questions per task (unseen words and numbers) for the adapter, the merged and the quantized model.
 2. ``merge_defaults``: the same adapters merged exactly by each candidate default (linear 1/n each, linear 1.0
    each = task arithmetic, TIES at density 0.5 with weights 1.0) and scored by ``build_scorecard`` without a
-   quantized model: retention of each task on val and test, on exact match and on NLL.
+   quantized model: retention of each task on val and test, on exact match and on NLL, and the merged model's
+   general-text perplexity against the base.
 
 Usage: python bench/release_scorecard.py --release bench/work/pipeline/out [--work bench/work/release_scorecard]
-       [--skip-merges]
+       [--skip-merges] [--skip-fresh]
 Writes bench/results/release_scorecard.json and the ``release_scorecard`` section of bench/README.md.
 """
 
@@ -116,6 +118,30 @@ def merge_defaults(parts: dict, work: Path) -> dict:
     return results
 
 
+def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
+    """Exact match on 40 fresh questions per task (words and numbers the bundled data never uses;
+    ``lorakit.data.bundled.generate.fresh_records``): the task's adapter, the merged and the quantized model."""
+    from bench.train_sweep import all_examples, fresh_prep
+    from lorakit.evaluate import task_accuracy
+    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
+
+    quantized = one(out_dir, "quantized/*")
+    out: dict = {}
+    for task in parts["tasks"]:
+        max_length = json.loads((parts["preps"][task] / "prep.json").read_text())["max_length"]
+        examples = all_examples(fresh_prep(task, work, max_length))
+        out[task] = {"n": len(examples.records)}
+        for role, folder in (("adapter", parts["adapters"][task]), ("merged", parts["merged"]),
+                             ("quantized", quantized)):
+            spec = describe_model(str(folder))
+            loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
+            acc = task_accuracy(loaded, examples, progress=True)
+            out[task][role] = {"exact_match": acc.exact_match, "f1": acc.f1}
+            print(task, role, f"fresh EM {acc.exact_match:.1%}", flush=True)
+            del loaded
+    return out
+
+
 def readme(release: dict, merges: dict | None) -> str:
     lines = ["## release_scorecard", "",
              f"`python bench/release_scorecard.py --release {release['source']}`: the default release's own scorecard "
@@ -136,6 +162,12 @@ def readme(release: dict, merges: dict | None) -> str:
             lines.append(f"| {task} | {split} | {pct(em.get('base'))} | {pct(em.get('adapter'))} | "
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
+    if release.get("fresh"):
+        lines += ["", "Fresh questions (40 per task, words and numbers the bundled data never uses), exact match:", "",
+                  "| task | adapter | merged | quantized |", "|---|---|---|---|"]
+        for task, f in release["fresh"].items():
+            lines.append(f"| {task} | {pct(f['adapter']['exact_match'])} | {pct(f['merged']['exact_match'])} | "
+                         f"{pct(f['quantized']['exact_match'])} |")
     g = release.get("general_text")
     if g and g.get("models"):
         lines += ["", f"General text ({next(iter(g['models'].values()))['tokens']} tokens of the shipped corpus), "
@@ -169,7 +201,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "release_scorecard")
-    ap.add_argument("--skip-merges", action="store_true", help="only copy the release's own scorecard")
+    ap.add_argument("--skip-merges", action="store_true", help="keep the merge comparison already in the results file")
+    ap.add_argument("--skip-fresh", action="store_true", help="do not score fresh questions")
     args = ap.parse_args()
     from lorakit.runtime import configure_threads
 
@@ -189,7 +222,10 @@ def main() -> None:
                "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),
                "gate": json.loads(gate[0].read_text()) if gate else None}
-    merges = None if args.skip_merges else merge_defaults(parts, args.work)
+    release["fresh"] = None if args.skip_fresh else fresh_scores(parts, args.release, args.work)
+    previous = BENCH / "results" / "release_scorecard.json"
+    merges = (json.loads(previous.read_text()).get("merge_defaults") if previous.exists() else None) \
+        if args.skip_merges else merge_defaults(parts, args.work)
     path = write_results("release_scorecard", {"release": release, "merge_defaults": merges})
     update_readme_section("release_scorecard", readme(release, merges))
     print(path)
