@@ -48,7 +48,8 @@ def stage_seconds(output_dir: Path) -> dict[str, float]:
 
     times = {}
     for meta in sorted(output_dir.glob("*/*/*.json")):
-        if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json", "scorecard.json"):
+        own_card = meta.name == "scorecard.json" and meta.parent.parent.name == "scorecard"  # the gate keeps a copy
+        if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json") or own_card:
             data = json.loads(meta.read_text())
             sec = _seconds(data) if isinstance(data, dict) else None
             if sec is not None:

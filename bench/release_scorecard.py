@@ -218,6 +218,8 @@ def main() -> None:
                "scorecard_wall_s": card.get("wall_s"),
                # each stage's own recorded wall time; their sum is the chain's time without Prefect's start-up
                "stage_seconds": stages, "stage_seconds_total": round(total, 1),
+               "stage_seconds_by_stage": {kind: round(sum(v for k, v in stages.items() if k.split("/")[0] == kind), 1)
+                                          for kind in sorted({k.split("/")[0] for k in stages})},
                "scorecard_share_of_stages": round(card["wall_s"] / total, 3) if total and card.get("wall_s") else None,
                "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),

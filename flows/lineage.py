@@ -64,8 +64,13 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
     for ds in cfg.datasets:
         data_ref = reg(f"prep:{ds.name}", preps[ds.name], "dataset", [base_ref], params=ds.model_dump())
         reg(f"adapter:{ds.name}", adapters[ds.name], "adapter", [data_ref, base_ref], params=cfg.lora.model_dump())
-    merged_ref = reg("merged", merged, "merged", [refs[f"adapter:{ds.name}"] for ds in cfg.datasets],
-                     params=merge_params(cfg, merged["metadata"]))
+    merge = merge_params(cfg, merged["metadata"])
+    # each adapter -> merged edge carries that adapter's weight (chosen by the search when it ran)
+    chosen = (merge.get("search") or {}).get("chosen")
+    edges = [[refs[f"adapter:{ds.name}"], {"weight": w, "method": chosen["method"] if chosen else merge["method"],
+                                           "searched": chosen is not None}]
+             for ds, w in zip(cfg.datasets, merge["weights"])]
+    merged_ref = reg("merged", merged, "merged", edges, params=merge)
     # The settings the stage used (its lorakit_quant.json), with the configuration it was given beside them.
     from lorakit.quantize.metadata import read_quant_meta
 

@@ -243,3 +243,7 @@ def test_release_with_merge_search_records_the_chosen_weights_in_the_lineage(pre
     assert merged.params["weights"] == chosen["params"]["weights"]
     assert merged.params["search"]["n_trials"] == search["n_trials"]
     assert merged.params["search"]["chosen"]["method"] == "linear"
+    lineage = Registry(data["registry"]["root"]).lineage(merged.ref)
+    by_task = {p.artifact.name.rsplit("-adapter-", 1)[1]: p.params["weight"] for p in lineage.parents}
+    assert by_task == dict(zip(["reverse-words", "number-words"], chosen["params"]["weights"]))  # each its own
+    assert all(p.params["searched"] is True for p in lineage.parents)
