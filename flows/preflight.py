@@ -220,7 +220,7 @@ def _check_general_text(cfg: ReleaseConfig, report: Preflight) -> None:
     from lorakit.gate.general import resolve_general_text
 
     for key, value in (("gate.general_text", cfg.gate.general_text),
-                       ("quantize.calib_general", getattr(cfg.quantize, "calib_general", None))):
+                       ("quantize.calib_general", cfg.quantize.calib_general)):
         try:
             resolve_general_text(value)
         except InputError as exc:
