@@ -81,7 +81,7 @@ def main() -> None:
     from lorakit.evaluate import perplexity
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.merge.linear import LINEAR
-    from lorakit.merge.search import Evaluator, task_streams, retentions, search_merge
+    from lorakit.merge.search import Evaluator, search_merge, task_streams
     from lorakit.models import ensure_default_model
 
     preps, adapters, setup = build_release_adapters(WORK)
@@ -104,8 +104,8 @@ def main() -> None:
     for split, (b, a) in {"val": ({k: v["base_nll"] for k, v in s["tasks"].items()},
                                   {k: v["adapter_nll"] for k, v in s["tasks"].items()}),
                           "test": (s["test"]["base_nll"], s["test"]["adapter_nll"])}.items():
-        nll, _ = ev.merged_nll(LINEAR, {"weights": [1.0] * len(adapters)}, split)
-        ret = retentions(b, a, nll)
+        nll, _ = ev.merged_scores(LINEAR, {"weights": [1.0] * len(adapters)}, split)
+        ret = ev.retentions(b, a, nll)
         ones[split] = {"nll": nll, "retention": ret, "worst_retention": min(ret.values())}
     del ev
 

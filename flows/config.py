@@ -22,6 +22,7 @@ from lorakit.errors import InputError
 from lorakit.quantize.defaults import RELEASE_QUANTIZE
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_DEGRADATION, DEFAULT_GENERAL_MAX_TOKENS, GENERAL_DEFAULT
 from lorakit.gate.verdict import DEFAULT_MAX_KL
+from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 # The two instruction tasks bundled with lorakit (made by its own deterministic generators), so the embedded
@@ -106,10 +107,13 @@ class LoraConfig(_Section):
 
 class MergeSearchConfig(_Section):
     """Merge weights chosen by measurement (``lorakit merge --search``; ``lorakit.merge.search``): the search
-    maximises the worst task's retention of val NLL; bounds left null take the library's defaults."""
+    maximises the worst task's retention on val (of NLL, or of exact match with ``objective: accuracy``); bounds left
+    null take the library's defaults."""
 
     methods: list[Literal["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]] = Field(
         default_factory=lambda: ["linear"], min_length=1, description="Methods searched (trial budget split).")
+    objective: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        DEFAULT_OBJECTIVE, description="Retention of val NLL ('nll', cheap) or of greedy exact match ('accuracy').")
     max_trials: int | None = Field(None, gt=0, description="Merges evaluated at most; null = lorakit's default.")
     time_budget_s: float | None = Field(None, gt=0, description="Seconds; null = lorakit's default.")
     target_retention: float | None = Field(None, description="Report whether the best trial reaches it.")

@@ -39,7 +39,9 @@ def _merge_result(meta: dict[str, Any]) -> str:
     search = meta.get("search")
     if search:
         worst = search["report"]["val"]["chosen"]
-        out += f"; searched weights {','.join(f'{w:g}' for w in meta['weights'])} (worst-task retention val {worst:.3f})"
+        of = " of exact match" if search.get("metric") == "exact_match" else ""
+        out += (f"; searched weights {','.join(f'{w:g}' for w in meta['weights'])} (worst-task retention{of} val "
+                f"{worst:.3f})")
     return out
 
 

@@ -86,6 +86,36 @@ def make_prep_dir(path: Path, val_texts: list[str], train_texts: list[str] | Non
     return path
 
 
+# --- tasks a tiny model really learns (scorecard, merge search) -------------------------------------------------
+
+ANSWER_TRAINING = dict(quant="none", r=8, alpha=16, lr=0.01, max_steps=30, batch_size=8, progress=False,
+                       checkpoint_every=None, min_loss_drop=None)
+
+
+def write_answer_data(path: Path, instruction: str, answer: str, n: int = 60) -> Path:
+    """``n`` instruction rows that all have the same answer (JSONL, the instruction format)."""
+    import json
+
+    path.write_text("".join(json.dumps({"instruction": instruction, "input": f"item {i}", "output": answer}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def train_answer_tasks(root: Path, base: Path, answers: dict[str, str], n: int = 60) -> dict[str, tuple[Path, Path]]:
+    """{name: (prep, adapter)} for trivial instruction tasks ("Answer yes." -> "yes"), each learned by a LoRA adapter
+    trained with lorakit's own trainer on the tiny base: 100% exact match after 30 steps; the random base answers
+    garbage (0%). Each adapter learns to say its answer whatever the prompt, so two of them conflict in a merge."""
+    from lorakit.data.prep import prepare_dataset
+    from lorakit.train import train_adapter
+
+    out = {}
+    for name, instruction in answers.items():
+        src = write_answer_data(root / f"{name}.jsonl", instruction, name, n)
+        prep = prepare_dataset([src], root / f"prep-{name}", base=base, max_length=64, progress=False).output
+        out[name] = (prep, train_adapter(prep, root / f"adapter-{name}", **ANSWER_TRAINING).output)
+    return out
+
+
 # --- Prefect (flows issue) ------------------------------------------------------------------------------------
 
 

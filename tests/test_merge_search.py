@@ -148,7 +148,7 @@ def test_reproduced_trial_gives_identical_metrics(setup, searched):
     ev = Evaluator(InMemoryMerge(Path(setup["base"]), loaded, torch.device("cpu")), tasks, batch_size=4)
     s = searched["search"]
     for trial in (s["trials"][s["chosen"]], s["trials"][-1]):
-        nll, _ = ev.merged_nll(get_method(trial["method"]), trial["params"], "val")
+        nll, _ = ev.merged_scores(get_method(trial["method"]), trial["params"], "val")
         assert nll == trial["nll"]
 
 
@@ -283,6 +283,7 @@ def test_release_config_plan_and_lineage_carry_the_search(setup, tmp_path):
     preps = {n: str(p) for n, p in setup["preps"].items()}
     args = ReleasePlan(cfg).merge(list(map(str, setup["adapters"])), preps)
     assert args["weights"] is None and args["params"]["search"]["data"] == preps
+    assert args["params"]["search"]["objective"] == "nll"
     assert args["output"] != plain.merge(list(map(str, setup["adapters"])), preps)["output"]
     args["params"]["search"]["max_tokens"] = 200  # keep the stage quick; also proves the key is passed through
     out = stages.merge_adapters.fn(args["adapters"], args["weights"], args["output"], args["params"])
@@ -316,4 +317,86 @@ def test_ties_density_is_searched_when_not_given(setup, tmp_path):
     loaded = [load_adapter(a) for a in setup["adapters"]]
     tasks = task_streams(parse_data(setup["data"]), loaded, Path(setup["base"]), SEQ_LEN, None)
     ev = Evaluator(InMemoryMerge(Path(setup["base"]), loaded, torch.device("cpu")), tasks, batch_size=4)
-    assert ev.merged_nll(get_method("ties"), ties[-1]["params"], "val")[0] == ties[-1]["nll"]
+    assert ev.merged_scores(get_method("ties"), ties[-1]["params"], "val")[0] == ties[-1]["nll"]
+
+
+# --- objective "accuracy": retention of greedy exact match ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def answer_tasks(tmp_path_factory) -> dict:
+    """Two adapters that really learned their task ("yes", "no"; 100% val exact match, base 0%) on a tiny base.
+    Each learned to say its answer whatever the prompt, so in a merge the stronger update wins both prompts."""
+    from lorakit.models.tiny import make_tiny_llama
+    from tests.conftest import train_answer_tasks
+
+    root = tmp_path_factory.mktemp("merge-search-accuracy")
+    base = make_tiny_llama(root / "base", seed=0)
+    tasks = train_answer_tasks(root, base, {"yes": "Answer yes.", "no": "Answer no."})
+    return {"root": root, "base": base, "tasks": tasks,
+            "adapters": [str(tasks[n][1]) for n in tasks], "data": [f"{n}={tasks[n][0]}" for n in tasks]}
+
+
+def test_accuracy_objective_scores_what_the_written_model_answers(answer_tasks):
+    """Every trial's exact match is what lorakit.evaluate.task_accuracy gives the folder the normal merge path writes
+    with those weights (same answers, not just the same score); retention is recomputed from those numbers."""
+    from lorakit.evaluate import task_accuracy
+    from lorakit.merge import merge_adapters
+    from lorakit.merge.search import search_merge
+
+    root, base = answer_tasks["root"], answer_tasks["base"]
+    result = search_merge(answer_tasks["adapters"], answer_tasks["data"], root / "searched", objective="accuracy",
+                          base=str(base), output_kind="model", max_trials=5, progress=False)
+    s = result.metadata["search"]
+    assert s["objective_name"] == "accuracy" and s["metric"] == "exact_match" and "exact match" in s["objective"]
+    assert s["n_trials"] == 5 and all(t["nll"] is None and set(t["exact_match"]) == {"yes", "no"} for t in s["trials"])
+    for name, (prep, adapter) in answer_tasks["tasks"].items():
+        alone = task_accuracy(adapter, prep, split="val", base=str(base), progress=False)
+        plain = task_accuracy(str(base), prep, split="val", progress=False)
+        assert s["tasks"][name]["adapter_exact_match"] == alone.exact_match == 1.0
+        assert s["tasks"][name]["base_exact_match"] == plain.exact_match == 0.0
+    # both answers cannot survive one merge: whichever update is larger answers both prompts, so each trial keeps one
+    # task whole (retention 1) and the other not at all (0), and the search reports worst-task retention 0
+    for t in s["trials"]:
+        assert sorted(t["exact_match"].values()) == [0.0, 1.0] and t["worst_retention"] == 0.0
+    for t in (s["trials"][s["chosen"]], s["trials"][-1]):
+        folder = merge_adapters(answer_tasks["adapters"], t["params"]["weights"], root / f"trial-{t['index']}",
+                                output_kind="model", base=str(base), progress=False).output
+        for name, (prep, _) in answer_tasks["tasks"].items():
+            searched_answers = task_accuracy(folder, prep, split="val", progress=False)
+            assert searched_answers.exact_match == t["exact_match"][name]
+            assert t["retention"][name] == (searched_answers.exact_match - 0.0) / (1.0 - 0.0)
+    winner = max(s["trials"][s["chosen"]]["exact_match"], key=s["trials"][s["chosen"]]["exact_match"].get)
+    on_disk = task_accuracy(result.output, answer_tasks["tasks"][winner][0], split="val", progress=False)
+    assert on_disk.exact_match == 1.0
+    assert s["report"]["test"]["chosen"] == 0.0 and s["test"]["base_exact_match"] == {"yes": 0.0, "no": 0.0}
+
+
+def test_accuracy_objective_from_the_cli_and_its_refusals(answer_tasks, tiny_base, tmp_path):
+    """`--objective accuracy` prints the exact-match gains; text data and an adapter that learned nothing are refused
+    with the reason, and nothing is written."""
+    from lorakit.merge.search import search_merge
+    from lorakit.models.synthetic import make_random_adapter
+
+    base = str(answer_tasks["base"])
+    out = tmp_path / "m"
+    data = sum((["--data", d] for d in answer_tasks["data"]), [])
+    proc = run_cli("merge", *answer_tasks["adapters"], "--search", "--objective", "accuracy", *data, "--max-trials",
+                   "2", "--base", base, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "on accuracy" in proc.stdout and "base -> adapter exact_match): yes 0.0000 -> 1.0000" in proc.stdout
+    from lorakit.data.prep import prepare_dataset
+
+    src = tmp_path / "plain.jsonl"
+    src.write_text("".join(json.dumps({"text": f"yes no yes item {i} and more words"}) + "\n" for i in range(60)))
+    text_prep = prepare_dataset([src], tmp_path / "text-prep", base=answer_tasks["base"], progress=False).output
+    with pytest.raises(InputError, match="text-format data: it has no reference answers"):
+        search_merge(answer_tasks["adapters"], ["yes=" + str(text_prep), answer_tasks["data"][1]], tmp_path / "t",
+                     objective="accuracy", base=base, progress=False)
+    untrained = make_random_adapter(answer_tasks["base"], tmp_path / "untrained", r=2, seed=3)
+    with pytest.raises(InputError, match="the adapter for no did not learn it: .* does not raise the val exact match"):
+        search_merge([answer_tasks["adapters"][0], str(untrained)], answer_tasks["data"], tmp_path / "u",
+                     objective="accuracy", base=base, progress=False)
+    for folder in ("t", "u"):
+        assert_nothing_written(tmp_path / folder)
+    proc = run_cli("merge", *answer_tasks["adapters"], "--objective", "accuracy", "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "--objective applies to --search" in proc.stderr

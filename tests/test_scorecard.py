@@ -17,17 +17,9 @@ import pytest
 from lorakit.data.prep import prepare_dataset
 from lorakit.errors import InputError
 from lorakit.scorecard import ScorecardTask, build_scorecard, judge_scorecard, read_scorecard
-from tests.conftest import assert_nothing_written, run_cli
+from tests.conftest import assert_nothing_written, run_cli, train_answer_tasks, write_answer_data
 
 SEQ = dict(seq_len=64, progress=False)
-TRAIN = dict(quant="none", r=8, alpha=16, lr=0.01, max_steps=30, batch_size=8, progress=False,
-             checkpoint_every=None, min_loss_drop=None)
-
-
-def _task_data(path: Path, instruction: str, answer: str, n: int = 60) -> Path:
-    path.write_text("".join(json.dumps({"instruction": instruction, "input": f"item {i}", "output": answer}) + "\n"
-                            for i in range(n)))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +27,10 @@ def release(tmp_path_factory):
     """base, {task: (prep, adapter)}, the merge that drops "no" (weights 1, 0), and "yes" alone merged."""
     from lorakit.merge import merge_adapters
     from lorakit.models.tiny import make_tiny_llama
-    from lorakit.train import train_adapter
 
     root = tmp_path_factory.mktemp("scorecard")
     base = make_tiny_llama(root / "base", seed=0)
-    tasks = {}
-    for name, instruction in (("yes", "Answer yes."), ("no", "Answer no.")):
-        src = _task_data(root / f"{name}.jsonl", instruction, name)
-        prep = prepare_dataset([src], root / f"prep-{name}", base=base, max_length=64, progress=False).output
-        tasks[name] = (prep, train_adapter(prep, root / f"adapter-{name}", **TRAIN).output)
+    tasks = train_answer_tasks(root, base, {"yes": "Answer yes.", "no": "Answer no."})
     adapters = [tasks["yes"][1], tasks["no"][1]]
     drop_no = merge_adapters(adapters, [1.0, 0.0], root / "merged-drop-no", output_kind="model", base=base,
                              progress=False).output
@@ -145,7 +132,7 @@ def test_text_prep_is_a_labelled_skip_judged_on_nll(release, tmp_path):
 
 
 def test_prep_without_test_split_reports_val_and_says_so(release, tmp_path):
-    src = _task_data(tmp_path / "y.jsonl", "Answer yes.", "yes")
+    src = write_answer_data(tmp_path / "y.jsonl", "Answer yes.", "yes")
     prep = prepare_dataset([src], tmp_path / "p", base=release["base"], max_length=64, test_fraction=0,
                            progress=False).output
     card = build_scorecard(release["base"], [ScorecardTask("yes", prep, release["tasks"]["yes"][1])],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from lorakit.cli.options import compute_dtype_option
+from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from lorakit.errors import InputError
 
 
@@ -45,11 +46,15 @@ _METHODS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 @click.option("--ignore-base-name", is_flag=True, help="Accept adapters whose recorded base names differ "
               "(use only when they name the same weights).")
 @click.option("--search", is_flag=True, help="Choose the weights (and density for ties/dare without --density) by "
-              "measurement: maximise the worst task's retention of val NLL (needs --data per adapter; docs/merge.md).")
+              "measurement: maximise the worst task's retention on val (needs --data per adapter; docs/merge.md).")
 @click.option("--data", "data", multiple=True, metavar="NAME=PREP", help="--search: the task of each adapter, in "
               "adapter order: a name and its prepared-data folder (val is searched, test only reported).")
 @click.option("--methods", default="linear", show_default=True,
               help="--search: comma-separated methods to search (the trial budget is split between them).")
+@click.option("--objective", type=click.Choice(list(OBJECTIVES)), default=None,
+              help=f"--search: the score retention is measured on: nll (val NLL, cheap, the default) or accuracy "
+              f"(greedy exact match on the val examples: what the release promises, generation per trial; instruction "
+              f"or chat data). [default: {DEFAULT_OBJECTIVE}]")
 @click.option("--max-trials", type=int, help="--search: merges evaluated at most (default in docs/merge.md; the uniform "
               "1/n baseline is the first).")
 @click.option("--time-budget", type=float, help="--search: seconds; no trial starts after it (default in docs/merge.md).")
@@ -60,7 +65,7 @@ _METHODS = ["linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"]
 @compute_dtype_option("merge")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def merge(adapters, weights, output, method, density, seed, normalize, output_kind, rank, base, loftq_base, force,
-          ignore_base_name, search, data, methods, max_trials, time_budget, target_retention, max_tokens, seq_len,
+          ignore_base_name, search, data, methods, objective, max_trials, time_budget, target_retention, max_tokens, seq_len,
           compute_dtype, quiet):
     """Merge LoRA adapters: ΔW = Σ wᵢ·scalingᵢ·BᵢAᵢ (linear), or TIES/DARE/pruning on the updates.
 
@@ -89,10 +94,10 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
         from lorakit import progress
 
         progress.configure(console=False)
-    search_options = {"--data": data, "--max-trials": max_trials, "--time-budget": time_budget,
+    search_options = {"--data": data, "--objective": objective, "--max-trials": max_trials, "--time-budget": time_budget,
                       "--target-retention": target_retention, "--max-tokens": max_tokens, "--seq-len": seq_len}
     if search:
-        return _search(adapters, output, method, weights, data, methods, max_trials, time_budget, target_retention,
+        return _search(adapters, output, method, weights, data, methods, objective, max_trials, time_budget, target_retention,
                        max_tokens, seq_len, density, seed, normalize, output_kind, rank, base, loftq_base, force,
                        ignore_base_name, compute_dtype, quiet)
     given = [name for name, v in search_options.items() if v not in (None, ())]
@@ -119,7 +124,7 @@ def merge(adapters, weights, output, method, density, seed, normalize, output_ki
                f"{result.output} [{result.output_kind}, {exactness}, {meta['wall_time_s']:.1f}s]")
 
 
-def _search(adapters, output, method, weights, data, methods, max_trials, time_budget, target_retention, max_tokens,
+def _search(adapters, output, method, weights, data, methods, objective, max_trials, time_budget, target_retention, max_tokens,
             seq_len, density, seed, normalize, output_kind, rank, base, loftq_base, force, ignore_base_name,
             compute_dtype, quiet) -> None:
     """``--search``: the weights chosen on val; prints the choice beside the uniform 1/n baseline."""
@@ -136,7 +141,7 @@ def _search(adapters, output, method, weights, data, methods, max_trials, time_b
     extra = {} if seq_len is None else {"seq_len": seq_len}
     result = search_merge(
         adapters, list(data), output, methods=[m.strip() for m in methods.split(",") if m.strip()],
-        max_trials=max_trials, time_budget_s=time_budget, target_retention=target_retention, density=density,
+        objective=objective or DEFAULT_OBJECTIVE, max_trials=max_trials, time_budget_s=time_budget, target_retention=target_retention, density=density,
         seed=seed, normalize=normalize, output_kind=output_kind, rank=rank, base=base, max_tokens=max_tokens,
         force=force, ignore_base_name=ignore_base_name, compute_dtype=compute_dtype, progress=not quiet, **extra)
     if quiet:
@@ -150,6 +155,7 @@ def _search(adapters, output, method, weights, data, methods, max_trials, time_b
 def search_summary(meta: dict) -> str:
     """The chosen merge beside the uniform 1/n one: worst-task retention on val (searched) and test (held out)."""
     s = meta["search"]
+    metric = s.get("metric", "nll")
     chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]
 
     def params(t: dict) -> str:
@@ -160,17 +166,17 @@ def search_summary(meta: dict) -> str:
         if s["report"].get(split) is None:
             return "n/a (no test split)"
         value = s["report"][split][label]
-        return "undefined (an adapter does not lower its test NLL)" if value is None else f"{value:.3f}"
+        return f"undefined (an adapter does not gain on its test {metric})" if value is None else f"{value:.3f}"
 
-    lines = [f"searched {s['n_trials']} trials ({', '.join(f'{m}: {why}' for m, why in s['stopped'].items())}; "
+    lines = [f"searched {s['n_trials']} trials on {s.get('objective_name', 'nll')} ({', '.join(f'{m}: {why}' for m, why in s['stopped'].items())}; "
              f"median trial {s['trial_s_median']:.1f}s, {s['trial_vs_eval_pass']:.2f}x its evaluation pass)",
              f"  chosen  ({params(chosen)}): worst-task retention val {worst('val', 'chosen')}, "
              f"test {worst('test', 'chosen')}",
              f"  uniform ({params(uniform)}): worst-task retention val {worst('val', 'uniform')}, "
              f"test {worst('test', 'uniform')}"]
     # retention divides by these: a tiny gain makes a task's retention large and noisy (docs/merge.md)
-    lines.append("  each adapter's own val gain (base -> adapter NLL): " + "; ".join(
-        f"{name} {t['base_nll']:.4f} -> {t['adapter_nll']:.4f}" for name, t in s["tasks"].items()))
+    lines.append(f"  each adapter's own val gain (base -> adapter {metric}): " + "; ".join(
+        f"{name} {t[f'base_{metric}']:.4f} -> {t[f'adapter_{metric}']:.4f}" for name, t in s["tasks"].items()))
     if s["met_target"] is False:
         lines.append(f"  target retention {s['target_retention']:g} NOT reached within the bounds; the best trial "
                      "was written")

@@ -31,6 +31,7 @@ class InMemoryMerge:
         from transformers import AutoModelForCausalLM
 
         self.adapters = adapters
+        self.base_dir = Path(base_dir)
         self.device = device
         self.model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device).eval()
         self.names = sorted(adapters[0].modules)

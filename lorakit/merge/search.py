@@ -7,9 +7,16 @@ W + Σ wᵢ·ΔWᵢ into its weights in memory (:mod:`lorakit.merge.in_memory`),
 token stream with the perplexity method of :mod:`lorakit.evaluate.core` (tokenized once).
 
 The objective. Task t belongs to adapter t (``data`` lists one prepared-data folder per adapter, in order). Its
-retention is :func:`lorakit.evaluate.retention.retention` on val NLL (``higher_is_better=False``):
-(nll_base − nll_merged) / (nll_base − nll_adapter), the share of the adapter's own gain the merge keeps. The base's
-and each adapter's NLL are measured once. The search maximises the worst task's retention.
+retention is :func:`lorakit.evaluate.retention.retention` of one score, the share of the adapter's own gain over
+the base that the merge keeps; the base's and each adapter's score are measured once. The search maximises the
+worst task's retention (ties: the higher mean retention, then the earlier trial). ``objective`` picks the score:
+
+- ``"nll"`` (default, cheap): val NLL of the task's token stream, (nll_base − nll_merged) / (nll_base − nll_adapter);
+  one forward pass per task per trial.
+- ``"accuracy"``: greedy exact match on the val examples (:func:`lorakit.evaluate.accuracy.task_accuracy`, the
+  scorer the release scorecard and gate use), (em_merged − em_base) / (em_adapter − em_base). It measures what the
+  release promises, answers, at the price of generation per trial; instruction or chat data only (``text`` has no
+  answers). Exact match moves in steps of 1/examples, so many points tie; the tie-break above then decides.
 
 Trials, in order, bounded by ``max_trials`` and ``time_budget_s`` (counted from the call; no trial starts after
 it is spent, the first always runs):
@@ -47,6 +54,7 @@ from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, score_win
 from lorakit.evaluate.retention import retention
 from lorakit.evaluate.windows import Window, plan_windows
 from lorakit.merge.method import MergeMethod
+from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from lorakit.merge.simplex import Exhausted, minimize
 
 DEFAULT_MAX_TRIALS = 24
@@ -54,8 +62,6 @@ DEFAULT_TIME_BUDGET_S = 3600.0
 DEFAULT_WEIGHT_BOUNDS = (0.0, 2.0)
 DENSITY_BOUNDS = (0.1, 1.0)
 START_DENSITY = 0.5
-OBJECTIVE = ("worst task's retention of val NLL: min over tasks of (nll_base - nll_merged) / "
-             "(nll_base - nll_adapter), lorakit.evaluate.retention with higher_is_better=False")
 _DECIMALS = 4  # trial parameters are rounded before they are measured: the record is the point that was measured
 
 
@@ -66,7 +72,11 @@ class TaskStream:
     name: str
     data: str
     adapter: str
-    streams: dict[str, tuple[torch.Tensor, list[Window]]]  # split -> (ids, windows)
+    streams: dict[str, tuple[torch.Tensor, list[Window]]]  # split -> (ids, windows); objective "nll"
+    examples: dict[str, Any] = field(default_factory=dict)  # split -> TaskExamples; objective "accuracy"
+
+    def splits(self) -> set[str]:
+        return set(self.streams) | set(self.examples)
 
 
 @dataclass
@@ -75,10 +85,20 @@ class Trial:
     role: str  # "uniform" | "search"
     method: str
     params: dict[str, Any]  # {"weights": [...], and the method's parameters}: merge_adapters keyword arguments
-    nll: dict[str, float]
+    nll: dict[str, float] | None  # per task, objective "nll" (None otherwise: not measured)
     retention: dict[str, float]
     worst_retention: float
     seconds: dict[str, float] = field(default_factory=dict)  # apply (merge in memory), eval, total
+    exact_match: dict[str, float] | None = None  # per task, objective "accuracy"
+    mean_retention: float | None = None  # the tie-break between trials of equal worst-task retention
+
+    def score(self) -> dict[str, float]:
+        return self.nll if self.nll is not None else self.exact_match or {}
+
+
+def best_trial(trials: Sequence[Trial]) -> Trial:
+    """The highest worst-task retention; ties (frequent with exact match): higher mean retention, earlier trial."""
+    return max(trials, key=lambda t: (t.worst_retention, t.mean_retention or 0.0, -t.index))
 
 
 @dataclass
@@ -104,7 +124,9 @@ def parse_data(data: Sequence[str] | dict[str, str]) -> list[tuple[str, str]]:
 
 
 def check_search_bounds(max_trials: int, time_budget_s: float, weight_bounds: Sequence[float],
-                        target_retention: float | None) -> None:
+                        target_retention: float | None, objective: str = DEFAULT_OBJECTIVE) -> None:
+    if objective not in OBJECTIVES:
+        raise InputError(f"unknown search objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if int(max_trials) < 1:
         raise InputError(f"--max-trials must be at least 1 (the uniform baseline is the first trial), got {max_trials}")
     if not (math.isfinite(float(time_budget_s)) and float(time_budget_s) > 0):
@@ -117,25 +139,47 @@ def check_search_bounds(max_trials: int, time_budget_s: float, weight_bounds: Se
 
 
 class Evaluator:
-    """Per-task NLL of the in-memory merge on cached token streams; the base and adapter NLLs measured once."""
+    """Per-task score of the in-memory merge (val NLL on cached token streams, or greedy exact match on the val
+    examples); the base and adapter scores are measured once."""
 
-    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int):
+    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int, objective: str = DEFAULT_OBJECTIVE,
+                 gen_batch_size: int | None = None):
         self.merge, self.tasks, self.batch_size = merge, tasks, batch_size
+        self.objective = objective
+        self.metric, self.higher_is_better, _ = OBJECTIVES[objective]
+        self.gen_batch_size = gen_batch_size
+        self._eval_model = None
 
-    def nll(self, task: TaskStream, split: str) -> float:
+    def _loaded(self):
+        """The in-memory model as the accuracy scorer's :class:`EvalModel` (its weights change under it per trial)."""
+        if self._eval_model is None:
+            from lorakit.evaluate.loading import EvalModel, describe_model, load_tokenizer
+
+            spec = describe_model(str(self.merge.base_dir))
+            self._eval_model = EvalModel(spec, self.merge.model, "in-memory merge", self.merge.device, "float32",
+                                         0.0, tokenizer=load_tokenizer(spec))
+        return self._eval_model
+
+    def score(self, task: TaskStream, split: str) -> float:
+        if self.objective == "accuracy":
+            from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, task_accuracy
+
+            result = task_accuracy(self._loaded(), task.examples[split], progress=False,
+                                   batch_size=self.gen_batch_size or DEFAULT_GEN_BATCH_SIZE)
+            return float(result.exact_match)
         ids, windows = task.streams[split]
         total, count, _ = score_windows(self.merge.model, ids, windows, batch_size=self.batch_size,
                                         device=self.merge.device, progress=False)
         return total / count
 
-    def all_nll(self, split: str) -> dict[str, float]:
-        return {t.name: self.nll(t, split) for t in self.tasks}
+    def all_scores(self, split: str) -> dict[str, float]:
+        return {t.name: self.score(t, split) for t in self.tasks}
 
-    def base_nll(self, split: str) -> dict[str, float]:
+    def base_scores(self, split: str) -> dict[str, float]:
         self.merge.restore()
-        return self.all_nll(split)
+        return self.all_scores(split)
 
-    def adapter_nll(self, split: str) -> dict[str, float]:
+    def adapter_scores(self, split: str) -> dict[str, float]:
         """Each adapter alone (weight 1, the others 0) on its own task: the linear merge of a one-hot weight."""
         from lorakit.merge.linear import LINEAR
 
@@ -143,21 +187,23 @@ class Evaluator:
         out = {}
         for i, task in enumerate(self.tasks):
             self.merge.apply(LINEAR, [1.0 if j == i else 0.0 for j in range(n)], {})
-            out[task.name] = self.nll(task, split)
+            out[task.name] = self.score(task, split)
         return out
 
-    def merged_nll(self, method: MergeMethod, params: dict[str, Any], split: str) -> tuple[dict[str, float], float]:
-        """(NLL per task, seconds spent applying the merge)."""
+    def merged_scores(self, method: MergeMethod, params: dict[str, Any], split: str
+                      ) -> tuple[dict[str, float], float]:
+        """(score per task, seconds spent applying the merge)."""
         t0 = time.perf_counter()
         self.merge.apply(method, params["weights"], {k: v for k, v in params.items() if k != "weights"})
         if self.merge.device.type == "cuda":
             torch.cuda.synchronize()
         apply_s = time.perf_counter() - t0
-        return self.all_nll(split), apply_s
+        return self.all_scores(split), apply_s
 
-
-def retentions(base: dict[str, float], adapter: dict[str, float], merged: dict[str, float]) -> dict[str, float]:
-    return {k: retention(base[k], adapter[k], merged[k], higher_is_better=False).value for k in merged}
+    def retentions(self, base: dict[str, float], adapter: dict[str, float], merged: dict[str, float]
+                   ) -> dict[str, float]:
+        return {k: retention(base[k], adapter[k], merged[k], higher_is_better=self.higher_is_better).value
+                for k in merged}
 
 
 class _Runner:
@@ -183,11 +229,13 @@ class _Runner:
             self.stopped = "time_budget"
             raise Exhausted("time_budget")
         t0 = time.perf_counter()
-        nll, apply_s = self.ev.merged_nll(method, params, "val")
+        scores, apply_s = self.ev.merged_scores(method, params, "val")
         total = time.perf_counter() - t0
-        ret = retentions(self.base, self.adapter, nll)
-        trial = Trial(len(self.trials), role, method.name, params, nll, ret, min(ret.values()),
-                      {"apply": round(apply_s, 4), "eval": round(total - apply_s, 4), "total": round(total, 4)})
+        ret = self.ev.retentions(self.base, self.adapter, scores)
+        by_metric = {"nll": None, "exact_match": None, self.ev.metric: scores}
+        trial = Trial(len(self.trials), role, method.name, params, by_metric["nll"], ret, min(ret.values()),
+                      {"apply": round(apply_s, 4), "eval": round(total - apply_s, 4), "total": round(total, 4)},
+                      exact_match=by_metric["exact_match"], mean_retention=sum(ret.values()) / len(ret))
         self.trials.append(trial)
         self.cache[key] = trial
         if self.progress:
@@ -216,16 +264,19 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
 
     n = len(evaluator.tasks)
     t0 = time.perf_counter()
-    base_val = evaluator.base_nll("val")
+    base_val = evaluator.base_scores("val")
     eval_pass_s = time.perf_counter() - t0
-    adapter_val = evaluator.adapter_nll("val")
+    adapter_val = evaluator.adapter_scores("val")
+    higher = evaluator.higher_is_better
     for task in evaluator.tasks:
-        r = retention(base_val[task.name], adapter_val[task.name], adapter_val[task.name], higher_is_better=False)
+        r = retention(base_val[task.name], adapter_val[task.name], adapter_val[task.name], higher_is_better=higher)
         if not r.learned:
+            what = "raise the val exact match" if higher else "lower the val NLL"
             raise InputError(
-                f"adapter {task.adapter} does not lower the val NLL of its task {task.name} ({task.data}): base "
-                f"{base_val[task.name]:.4f}, adapter {adapter_val[task.name]:.4f}; it has no gain to keep, so no "
-                "weight can be chosen for it: retrain it, or check that --data lists the tasks in adapter order"
+                f"the adapter for {task.name} did not learn it: {task.adapter} does not {what} of its task "
+                f"({task.data}): base {base_val[task.name]:.4f}, adapter {adapter_val[task.name]:.4f}; it has no gain "
+                "to keep, so no weight can be chosen for it: retrain it, or check that --data lists the tasks in "
+                "adapter order"
             )
     deadline = started + float(time_budget_s)
     runner = _Runner(evaluator, base_val, adapter_val, max_trials=max_trials, deadline=deadline, progress=progress)
@@ -240,7 +291,7 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
         search_density = "density" in fixed and fixed["density"] is None
         if search_density:
             del fixed["density"]
-        best = max(runner.trials, key=lambda t: (t.worst_retention, -t.index))
+        best = best_trial(runner.trials)
         x0 = [min(max(w, lo_w), hi_w) for w in best.params["weights"]]
         lo, hi, steps = [lo_w] * n, [hi_w] * n, [0.25 * (hi_w - lo_w)] * n
         if search_density:
@@ -259,9 +310,9 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
         except Exhausted:
             pass
         stopped[method.name] = runner.stopped
-    chosen = max(runner.trials, key=lambda t: (t.worst_retention, -t.index))
+    chosen = best_trial(runner.trials)
     per_trial = [t.seconds["total"] for t in runner.trials]
-    info = {"base_nll": base_val, "adapter_nll": adapter_val, "base_pass_s": round(eval_pass_s, 4),
+    info = {"base": base_val, "adapter": adapter_val, "base_pass_s": round(eval_pass_s, 4),
             "stopped": stopped,
             "trial_s_median": round(sorted(per_trial)[len(per_trial) // 2], 4),
             "apply_s_median": round(sorted(t.seconds["apply"] for t in runner.trials)[len(per_trial) // 2], 4)}
@@ -275,18 +326,19 @@ def test_report(evaluator: Evaluator, chosen: Trial, uniform: Trial) -> dict[str
     """Worst-task retention of the chosen and the uniform merge on test, denominators measured on test too."""
     from lorakit.merge.registry import get_method
 
-    base, adapter = evaluator.base_nll("test"), evaluator.adapter_nll("test")
-    out: dict[str, Any] = {"base_nll": base, "adapter_nll": adapter}
+    metric, higher = evaluator.metric, evaluator.higher_is_better
+    base, adapter = evaluator.base_scores("test"), evaluator.adapter_scores("test")
+    out: dict[str, Any] = {f"base_{metric}": base, f"adapter_{metric}": adapter}
     for label, trial in (("chosen", chosen), ("uniform", uniform)):
-        nll, _ = evaluator.merged_nll(get_method(trial.method), trial.params, "test")
-        ret = retentions(base, adapter, nll)
-        # None where an adapter did not lower its own task's test NLL: retention is undefined there, not a number
+        scores, _ = evaluator.merged_scores(get_method(trial.method), trial.params, "test")
+        ret = evaluator.retentions(base, adapter, scores)
+        # None where an adapter did not gain on its own task's test split: retention is undefined there, not a number
         worst = None if any(v is None for v in ret.values()) else min(ret.values())
-        out[label] = {"nll": nll, "retention": ret, "worst_retention": worst}
-    unlearned = [k for k in base if not retention(base[k], adapter[k], adapter[k], higher_is_better=False).learned]
+        out[label] = {metric: scores, "retention": ret, "worst_retention": worst}
+    unlearned = [k for k in base if not retention(base[k], adapter[k], adapter[k], higher_is_better=higher).learned]
     if unlearned:
-        out["note"] = (f"the adapter of {', '.join(unlearned)} does not lower its task's test NLL: retention on test "
-                       "is undefined (null) there")
+        out["note"] = (f"the adapter of {', '.join(unlearned)} does not gain on its task's test split "
+                       f"({metric}): retention on test is undefined (null) there")
     return out
 
 
@@ -296,6 +348,7 @@ def search_merge(
     output: str | os.PathLike[str],
     *,
     methods: Sequence[str] = ("linear",),
+    objective: str = DEFAULT_OBJECTIVE,
     max_trials: int | None = None,
     time_budget_s: float | None = None,
     target_retention: float | None = None,
@@ -331,7 +384,7 @@ def search_merge(
     started = time.perf_counter()
     max_trials = DEFAULT_MAX_TRIALS if max_trials is None else int(max_trials)
     time_budget_s = DEFAULT_TIME_BUDGET_S if time_budget_s is None else float(time_budget_s)
-    check_search_bounds(max_trials, time_budget_s, weight_bounds, target_retention)
+    check_search_bounds(max_trials, time_budget_s, weight_bounds, target_retention, objective)
     compute = dtype_name(resolve_compute_dtype(compute_dtype, "merge", "cpu"))
     tasks_in = parse_data(data)
     if len(tasks_in) != len(adapters):
@@ -364,8 +417,8 @@ def search_merge(
     base_dir = core._base_dir(loaded, base, required=True)
     check_tied_targets(loaded, ties_embeddings(read_model_config(base_dir)), str(base_dir))
     core._check_base_fits(loaded, base_dir, tensor_index(base_dir))
-    tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens)
-    with_test = all("test" in t.streams for t in tasks)
+    tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens, objective)
+    with_test = all("test" in t.splits() for t in tasks)
 
     from lorakit.evaluate.loading import pick_device
     from lorakit.merge.in_memory import InMemoryMerge
@@ -373,19 +426,21 @@ def search_merge(
 
     with activity("merge search: loading the base"):
         merge = InMemoryMerge(base_dir, loaded, pick_device(device))
-    evaluator = Evaluator(merge, tasks, batch_size=batch_size)
+    evaluator = Evaluator(merge, tasks, batch_size=batch_size, objective=objective)
     with activity("merge search"):
         trials, chosen, uniform, info = run_search(
             evaluator, merge_methods, fixed, max_trials=max_trials, time_budget_s=time_budget_s, started=started,
             weight_bounds=weight_bounds, progress=progress)
         test = test_report(evaluator, chosen, uniform) if with_test else None
     met = None if target_retention is None else chosen.worst_retention >= float(target_retention)
+    metric = evaluator.metric
     record = {
-        "objective": OBJECTIVE,
+        "objective": OBJECTIVES[objective][2],
+        "objective_name": objective,
+        "metric": metric,
         "split": "val",
-        "tasks": {t.name: {"data": t.data, "adapter": t.adapter, "base_nll": info["base_nll"][t.name],
-                           "adapter_nll": info["adapter_nll"][t.name],
-                           "val_tokens": int(sum(w.n_scored for w in t.streams["val"][1]))} for t in tasks},
+        "tasks": {t.name: {"data": t.data, "adapter": t.adapter, f"base_{metric}": info["base"][t.name],
+                           f"adapter_{metric}": info["adapter"][t.name], **_val_size(t)} for t in tasks},
         "method": {"seq_len": int(seq_len), "stride": int(seq_len), "max_tokens": max_tokens,
                    "batch_size": int(batch_size), "dtype": "float32", "device": str(merge.device)},
         "methods": [m.name for m in merge_methods],
@@ -420,9 +475,16 @@ def search_merge(
         ignore_base_name=ignore_base_name, compute_dtype=compute, progress=progress, record={"search": record})
 
 
+def _val_size(task: TaskStream) -> dict[str, int]:
+    if "val" in task.examples:
+        return {"val_examples": len(task.examples["val"].records)}
+    return {"val_tokens": int(sum(w.n_scored for w in task.streams["val"][1]))}
+
+
 def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_len: int,
-                  max_tokens: int | None) -> list[TaskStream]:
-    """Tokenize each task's val (and test, when present) split once with the base's tokenizer; plan windows."""
+                 max_tokens: int | None, objective: str = DEFAULT_OBJECTIVE) -> list[TaskStream]:
+    """Each task's val (and test, when present) data, read once: token streams and windows tokenized with the
+    base's tokenizer (objective "nll"), or the examples with their prompts and answers (objective "accuracy")."""
     from lorakit.data.splits import has_split
     from lorakit.evaluate.loading import describe_model, load_tokenizer
     from lorakit.evaluate.text import read_eval_texts, tokenize_eval_texts
@@ -432,13 +494,28 @@ def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_le
     for (name, prep), adapter in zip(tasks_in, loaded):
         if not Path(prep).is_dir():
             raise InputError(f"--data {name}={prep}: not a prepared-data folder; create it with `lorakit prep`")
-        streams = {}
+        task = TaskStream(name, str(prep), str(adapter.path), {})
         for split in ("val", "test"):
             if split == "test" and not has_split(prep, "test"):
+                continue
+            if objective == "accuracy":
+                task.examples[split] = _accuracy_examples(name, prep, split, tokenizer)
                 continue
             tokens = tokenize_eval_texts(read_eval_texts(prep, split), tokenizer, max_tokens=max_tokens)
             windows = plan_windows(int(tokens.ids.numel()), seq_len, seq_len,
                                    source=f"the {split} split of {name} ({prep})")
-            streams[split] = (tokens.ids, windows)
-        out.append(TaskStream(name, str(prep), str(adapter.path), streams))
+            task.streams[split] = (tokens.ids, windows)
+        out.append(task)
     return out
+
+
+def _accuracy_examples(name: str, prep: str, split: str, tokenizer):
+    """The split's examples for greedy exact match; text data (no answers) is refused before any model loads."""
+    from lorakit.evaluate.accuracy import check_prep_tokenizer, read_task_examples
+
+    examples = read_task_examples(prep, split)
+    if examples.skipped:
+        raise InputError(f"--data {name}={prep} is text-format data: it has no reference answers, so the accuracy "
+                         "objective cannot score it; prepare instruction or chat data, or use --objective nll")
+    check_prep_tokenizer(examples, tokenizer, "the adapters' base")
+    return examples
