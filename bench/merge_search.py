@@ -11,7 +11,16 @@ Time per trial vs one evaluation pass: the search's median trial (merge applied 
 splits) against ``lorakit.evaluate.perplexity`` of the written merged model on the same val splits (scoring time,
 load excluded): what a trial would cost at least if every candidate were a model on disk. Goal: <= 1.5x.
 
-    LORAKIT_THREADS=1 python -m bench.merge_search [--max-trials 16] [--methods linear]
+``--objective accuracy``: the search maximises the worst task's retention of greedy exact match on val instead
+(``objective="accuracy"``), the uniform and 1.0-each merges scored by the same exact-match evaluator, and the val
+NLL of base and adapters recorded (whether the NLL objective could run); written to
+``results/merge_search_accuracy.json`` and the README section ``## merge_search_accuracy``.
+
+``--release-out DIR`` takes the preps and adapters of a finished default release (``DIR/prep/NAME-*``,
+``DIR/adapters/NAME-*``, e.g. the ``output_dir`` of ``bench/release_scorecard.py``) instead of training them again;
+their training configuration is read from each adapter's ``lorakit_train.json`` and checked against the default.
+
+    LORAKIT_THREADS=1 python -m bench.merge_search [--max-trials 16] [--methods linear] [--objective accuracy]
 """
 
 from __future__ import annotations
@@ -52,6 +61,75 @@ def build_release_adapters(work: Path) -> tuple[dict[str, str], list[str], dict]
                              "lora": cfg.lora.model_dump(), "seq_len": cfg.gate.seq_len, **made}
 
 
+def release_adapters(out: Path) -> tuple[dict[str, str], list[str], dict]:
+    """The preps and adapters of a finished default release under ``out``; refuses ones trained otherwise."""
+    from flows.config import ReleaseConfig
+    from lorakit.io.atomic import read_json
+
+    cfg = ReleaseConfig(output_dir=str(out))
+    preps, adapters = {}, []
+    for ds in cfg.datasets:
+        found = {kind: sorted((out / kind).glob(f"{ds.name}-*")) for kind in ("prep", "adapters")}
+        if any(len(v) != 1 for v in found.values()):
+            raise SystemExit(f"--release-out {out}: expected one prep and one adapter folder for {ds.name}, got {found}")
+        used = read_json(found["adapters"][0] / "lorakit_train.json", "train metadata")["config"]
+        wanted = cfg.lora.model_dump()
+        differs = {k: (used.get(k), v) for k, v in wanted.items() if k in used and used.get(k) != v
+                   and not (isinstance(v, float) and used.get(k) == v)}
+        if differs:
+            raise SystemExit(f"{found['adapters'][0]} was not trained with the default lora section: {differs}")
+        preps[ds.name] = str(found["prep"][0])
+        adapters.append(str(found["adapters"][0]))
+    return preps, adapters, {"config": f"configs/default.yaml defaults, adapters of the release run in {out}",
+                             "lora": cfg.lora.model_dump(), "seq_len": cfg.gate.seq_len}
+
+
+def accuracy_search(adapters: list[str], preps: dict[str, str], base: str, seq_len: int, max_trials: int,
+                    time_budget: float) -> dict:
+    """The search with the accuracy objective, and the uniform and 1.0-each merges by the same exact-match scorer."""
+    import torch
+
+    from lorakit.adapters import load_adapter
+    from lorakit.merge.in_memory import InMemoryMerge
+    from lorakit.merge.linear import LINEAR
+    from lorakit.merge.search import Evaluator, search_merge, task_streams
+
+    out = WORK / "searched-accuracy"
+    result = search_merge(adapters, preps, out, objective="accuracy", max_trials=max_trials, time_budget_s=time_budget,
+                          output_kind="model", base=base, seq_len=seq_len, device="cpu", force=True, progress=True)
+    s = result.metadata["search"]
+    chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]
+    loaded = [load_adapter(a) for a in adapters]
+    ev = Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")),
+                   task_streams(list(preps.items()), loaded, Path(base), seq_len, None, "accuracy"),
+                   batch_size=s["method"]["batch_size"], objective="accuracy")
+    denominators = {"val": ({k: v["base_exact_match"] for k, v in s["tasks"].items()},
+                            {k: v["adapter_exact_match"] for k, v in s["tasks"].items()}),
+                    "test": (s["test"]["base_exact_match"], s["test"]["adapter_exact_match"])}
+    ones = {}
+    for split, (b, a) in denominators.items():
+        em, _ = ev.merged_scores(LINEAR, {"weights": [1.0] * len(adapters)}, split)
+        ret = ev.retentions(b, a, em)
+        ones[split] = {"worst_retention": round(min(ret.values()), 4), "retention": ret, "exact_match": em}
+
+    def row(trial: dict, test: dict) -> dict:
+        return {"method": trial["method"], "params": trial["params"],
+                "val": {"worst_retention": round(trial["worst_retention"], 4), "retention": trial["retention"],
+                        "exact_match": trial["exact_match"]},
+                "test": {"worst_retention": test["worst_retention"], "retention": test["retention"],
+                         "exact_match": test["exact_match"]}}
+
+    return {"objective": s["objective"], "n_trials": s["n_trials"], "stopped": s["stopped"], "search_s": s["search_s"],
+            "trial_s_median": s["trial_s_median"], "tasks": s["tasks"],
+            "test_denominators": {"base_exact_match": s["test"]["base_exact_match"],
+                                  "adapter_exact_match": s["test"]["adapter_exact_match"]},
+            "variants": {"searched": row(chosen, s["test"]["chosen"]), "uniform": row(uniform, s["test"]["uniform"]),
+                         "ones": {"method": "linear", "params": {"weights": [1.0] * len(adapters)}, **ones}},
+            "trials": [{"params": t["params"], "exact_match": t["exact_match"],
+                        "worst_retention": round(t["worst_retention"], 4), "seconds": t["seconds"]}
+                       for t in s["trials"]]}
+
+
 def train_meta(adapter: str) -> dict:
     from lorakit.io.atomic import read_json
 
@@ -64,13 +142,17 @@ def main() -> None:
     ap.add_argument("--max-trials", type=int, default=16)
     ap.add_argument("--time-budget", type=float, default=3600.0)
     ap.add_argument("--methods", default="linear")
+    ap.add_argument("--objective", choices=["nll", "accuracy"], default="nll",
+                    help="nll -> results/merge_search.json; accuracy -> results/merge_search_accuracy.json")
+    ap.add_argument("--release-out", type=Path, help="use the preps and adapters of this finished default release")
     ap.add_argument("--readme-only", action="store_true", help="rewrite the README section from the result file")
     args = ap.parse_args()
+    name = "merge_search" if args.objective == "nll" else "merge_search_accuracy"
     if args.readme_only:
         import json
 
-        data = json.loads((Path(__file__).parent / "results" / "merge_search.json").read_text())
-        update_readme_section("merge_search", readme(data))
+        data = json.loads((Path(__file__).parent / "results" / f"{name}.json").read_text())
+        update_readme_section(name, readme(data) if args.objective == "nll" else accuracy_readme(data))
         return
     from lorakit.runtime import configure_threads
 
@@ -84,9 +166,19 @@ def main() -> None:
     from lorakit.merge.search import Evaluator, search_merge, task_streams
     from lorakit.models import ensure_default_model
 
-    preps, adapters, setup = build_release_adapters(WORK)
+    preps, adapters, setup = (release_adapters(args.release_out) if args.release_out
+                              else build_release_adapters(WORK))
     base = ensure_default_model()
     seq_len = setup["seq_len"]
+    if args.objective == "accuracy":
+        data = {"setup": {**setup, "base": str(base), "adapters": adapters, "data": preps,
+                          "training": {n: train_meta(a) for n, a in zip(preps, adapters)},
+                          "lorakit_commit": _git_commit(), "threads": torch.get_num_threads()},
+                "nll_gain": nll_gains(adapters, preps, str(base), seq_len),
+                **accuracy_search(adapters, preps, str(base), seq_len, args.max_trials, args.time_budget)}
+        print(f"wrote {write_results(name, data)}")
+        update_readme_section(name, accuracy_readme(data))
+        return
     out = WORK / "searched"
     t0 = time.perf_counter()
     result = search_merge(adapters, preps, out, methods=args.methods.split(","), max_trials=args.max_trials,
@@ -171,8 +263,9 @@ def readme(d: dict) -> str:
     return "\n".join([
         "## merge_search",
         "",
-        "`LORAKIT_THREADS=1 python -m bench.merge_search` — the default release's two adapters (trained by the stage "
-        "calls of `configs/default.yaml`), linear merge weights searched on the val splits (worst task's retention of "
+        f"`LORAKIT_THREADS=1 python -m bench.merge_search` — the default release's two adapters "
+        f"({d['setup']['config']}; {d['setup']['lora']['max_steps']} steps at lr {d['setup']['lora']['lr']:g}), "
+        "linear merge weights searched on the val splits (worst task's retention of "
         f"NLL, `lorakit.evaluate.retention`), windows of {d['setup']['seq_len']} tokens; test is reported only. "
         f"{s['n_trials']} trials (stopped: {', '.join(f'{m} {w}' for m, w in s['stopped'].items())}), "
         f"search {s['search_s']:.0f} s. Shared, loaded 2-core CPU; single run.",
@@ -189,6 +282,53 @@ def readme(d: dict) -> str:
         f"which applying the merge {t['apply_s_median']:.2f} s; one evaluation pass of the written merged model over "
         f"the same {t['val_tokens']} val tokens (`lorakit.evaluate.perplexity`, load excluded): "
         f"{t['eval_pass_s']:.1f} s; ratio {t['trial_vs_eval_pass']:.2f} (goal <= {t['goal']}).",
+    ])
+
+
+def nll_gains(adapters: list[str], preps: dict[str, str], base: str, seq_len: int) -> dict:
+    """Val NLL of the base and of each adapter alone on its task: whether the NLL objective can run at all."""
+    import torch
+
+    from lorakit.adapters import load_adapter
+    from lorakit.merge.in_memory import InMemoryMerge
+    from lorakit.merge.search import Evaluator, task_streams
+
+    loaded = [load_adapter(a) for a in adapters]
+    ev = Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")),
+                   task_streams(list(preps.items()), loaded, Path(base), seq_len, None), batch_size=4)
+    b, a = ev.base_scores("val"), ev.adapter_scores("val")
+    return {k: {"base_nll": round(b[k], 4), "adapter_nll": round(a[k], 4), "lowers_nll": a[k] < b[k]} for k in b}
+
+
+def accuracy_readme(a: dict) -> str:
+    rows = []
+    for label, key in (("searched (accuracy)", "searched"), ("uniform 1/n", "uniform"), ("1.0 each", "ones")):
+        x = a["variants"][key]
+        w = ",".join(f"{v:g}" for v in x["params"]["weights"])
+        em = ", ".join(f"{k} {v:.3f}" for k, v in x["test"]["exact_match"].items())
+        rows.append(f"| {label} | {w} | {x['val']['worst_retention']:.3f} | {x['test']['worst_retention']:.3f} | {em} |")
+    gains = "; ".join(f"{k} {t['base_exact_match']:.3f} -> {t['adapter_exact_match']:.3f}" for k, t in a["tasks"].items())
+    nll = "; ".join(f"{k} {g['base_nll']:.4f} -> {g['adapter_nll']:.4f}" for k, g in a["nll_gain"].items())
+    refused = [k for k, g in a["nll_gain"].items() if not g["lowers_nll"]]
+    why = (f"The NLL objective cannot run on these adapters: the adapter of {', '.join(refused)} does not lower its "
+           f"task's val NLL (base -> adapter: {nll}), so the search refuses it as not learned, while exact match "
+           "shows it did learn; that is what the accuracy objective is for." if refused else
+           f"Val NLL, base -> adapter alone: {nll}.")
+    return "\n".join([
+        "## merge_search_accuracy",
+        "",
+        f"`LORAKIT_THREADS=1 python -m bench.merge_search --objective accuracy --release-out DIR` — "
+        f"`lorakit merge --search --objective accuracy` on the default release's two adapters "
+        f"({a['setup']['config']}; {a['setup']['lora']['max_steps']} steps at lr {a['setup']['lora']['lr']:g}): the "
+        f"worst task's retention of greedy exact match on val, test reported only. {a['n_trials']} trials (stopped: "
+        f"{', '.join(f'{m} {w}' for m, w in a['stopped'].items())}), median trial {a['trial_s_median']:.1f} s, search "
+        f"{a['search_s']:.0f} s; shared 2-core CPU, single run. Val exact match, base -> adapter alone: {gains}.",
+        "",
+        "| merge | weights | worst-task EM retention, val | worst-task EM retention, test | test exact match |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        why,
     ])
 
 
