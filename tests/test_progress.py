@@ -93,10 +93,14 @@ def test_no_third_party_noise_without_verbose(quiet_run):
 
 
 def test_no_silence_longer_than_the_heartbeat_interval(quiet_run):
-    """Every gap between two output lines (and before the first) stays under LORAKIT_HEARTBEAT_S, including the
-    Prefect server start and the model loads, which print nothing of their own: the heartbeat fills them."""
-    times = [0.0] + [t for t, _ in quiet_run["lines"]]
-    gaps = [(b - a, line) for a, b, (_, line) in zip(times, times[1:], quiet_run["lines"])]
+    """Every gap between two output lines stays under LORAKIT_HEARTBEAT_S, including the Prefect server start and
+    the model loads, which print nothing of their own: the heartbeat fills them. Before the first line the process
+    is starting (interpreter and imports, before any heartbeat can exist): that gap is held to the project's
+    promise of no silence over 30 s, since it measured 8.3 s once on a loaded 2-core machine."""
+    first_t, first_line = quiet_run["lines"][0]
+    assert first_t <= 30.0, f"{first_t:.1f} s before the first line: {first_line}"
+    times = [t for t, _ in quiet_run["lines"]]
+    gaps = [(b - a, line) for a, b, (_, line) in zip(times, times[1:], quiet_run["lines"][1:])]
     worst = max(gaps)
     assert worst[0] <= HEARTBEAT_S, f"{worst[0]:.1f} s of silence before: {worst[1]}"
     assert any("still working" in line for _, line in quiet_run["lines"])  # the watchdog did speak
