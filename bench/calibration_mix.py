@@ -27,17 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import update_readme_section, write_results  # noqa: E402
+from bench.common import find_one, update_readme_section, write_results  # noqa: E402
 
 DEFAULT_VARIANTS = "gptq:0,gptq:0.5,awq:0,awq:0.5"
 RESULTS = BENCH / "results" / "calibration_mix.json"
-
-
-def one(out_dir: Path, pattern: str) -> Path:
-    found = sorted(p for p in out_dir.glob(pattern) if p.is_dir())
-    if len(found) != 1:
-        raise SystemExit(f"--release {out_dir}: expected one {pattern}, found {[str(f) for f in found]}")
-    return found[0]
 
 
 def bf16_bytes(model: Path) -> int:
@@ -143,11 +136,11 @@ def main() -> None:
     from lorakit.runtime import configure_threads
 
     configure_threads()
-    merged = one(args.release, "merged/model-*")
-    calib = one(args.release, "prep/calibration-*")
+    merged = find_one(args.release, "merged/model-*", dirs=True)
+    calib = find_one(args.release, "prep/calibration-*", dirs=True)
     from flows.config import ReleaseConfig
 
-    preps = [one(args.release, f"prep/{ds.name}-*") for ds in ReleaseConfig().datasets]
+    preps = [find_one(args.release, f"prep/{ds.name}-*", dirs=True) for ds in ReleaseConfig().datasets]
     previous = json.loads(RESULTS.read_text()).get("variants", {}) if RESULTS.exists() else {}
     variants = {variant_key(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4)): v
                 for v in previous.values()}

@@ -57,6 +57,15 @@ def stdlib_docstrings(modules: list[str]) -> list[str]:
     return out
 
 
+def find_one(root: Path, pattern: str, *, dirs: bool = False) -> Path:
+    """The one path under a release run's output folder that matches ``pattern`` (a folder when ``dirs``); a bench
+    that reads a finished run refuses an ambiguous or missing part rather than guess."""
+    found = sorted(p for p in Path(root).glob(pattern) if p.is_dir() or not dirs)
+    if len(found) != 1:
+        raise SystemExit(f"{root}: expected one {pattern}, found {[str(f) for f in found]}")
+    return found[0]
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

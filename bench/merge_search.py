@@ -30,7 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import update_readme_section, write_results
+from bench.common import find_one, update_readme_section, write_results
 
 WORK = Path(__file__).resolve().parent / "work" / "merge_search"
 GOAL = 1.5
@@ -69,9 +69,7 @@ def release_adapters(out: Path) -> tuple[dict[str, str], list[str], dict]:
     cfg = ReleaseConfig(output_dir=str(out))
     preps, adapters = {}, []
     for ds in cfg.datasets:
-        found = {kind: sorted((out / kind).glob(f"{ds.name}-*")) for kind in ("prep", "adapters")}
-        if any(len(v) != 1 for v in found.values()):
-            raise SystemExit(f"--release-out {out}: expected one prep and one adapter folder for {ds.name}, got {found}")
+        found = {kind: [find_one(out, f"{kind}/{ds.name}-*", dirs=True)] for kind in ("prep", "adapters")}
         used = read_json(found["adapters"][0] / "lorakit_train.json", "train metadata")["config"]
         wanted = cfg.lora.model_dump()
         differs = {k: (used.get(k), v) for k, v in wanted.items() if k in used and used.get(k) != v

@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import update_readme_section, write_results  # noqa: E402
+from bench.common import find_one, update_readme_section, write_results  # noqa: E402
 
 CANDIDATES = {  # name -> merge_adapters keyword arguments (weights filled per adapter count)
     "linear_uniform": {"method": "linear", "weight": "1/n"},
@@ -39,18 +39,11 @@ CANDIDATES = {  # name -> merge_adapters keyword arguments (weights filled per a
 }
 
 
-def one(out_dir: Path, pattern: str) -> Path:
-    found = sorted(out_dir.glob(pattern))
-    if len(found) != 1:
-        raise SystemExit(f"--release {out_dir}: expected one {pattern}, found {len(found)}")
-    return found[0]
-
-
 def release_parts(out_dir: Path) -> dict:
     """Adapters, prep folders (by task, in the run config's order), merged model and scorecard of one run."""
     from lorakit.train.loop import read_train_record
 
-    card = one(out_dir, "scorecard/*/scorecard.json")
+    card = find_one(out_dir, "scorecard/*/scorecard.json")
     data = json.loads(card.read_text())
     tasks = list(data.get("task_order") or data["tasks"])
     adapters, preps = {}, {}
@@ -67,9 +60,9 @@ def release_parts(out_dir: Path) -> dict:
         raise SystemExit(f"--release {out_dir}: no adapter folder found for {missing}")
     for task in tasks:
         if preps[task] is None or not preps[task].exists():
-            preps[task] = one(out_dir, f"prep/{task}*")
+            preps[task] = find_one(out_dir, f"prep/{task}*")
     return {"scorecard": card, "data": data, "tasks": tasks, "adapters": adapters, "preps": preps,
-            "merged": one(out_dir, "merged/model-*")}
+            "merged": find_one(out_dir, "merged/model-*")}
 
 
 def summary(card: dict) -> dict:
@@ -125,7 +118,7 @@ def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
     from lorakit.evaluate import task_accuracy
     from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 
-    quantized = one(out_dir, "quantized/*")
+    quantized = find_one(out_dir, "quantized/*")
     out: dict = {}
     for task in parts["tasks"]:
         max_length = json.loads((parts["preps"][task] / "prep.json").read_text())["max_length"]
