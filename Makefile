@@ -9,6 +9,9 @@ STAMP := $(VENV)/.lorakit-installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist, whole files per worker; each worker computes on its share of the cores, see
+# tests/conftest.py). Two fit the 2-core CI machine: much of the suite waits on subprocesses and Prefect servers.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -29,10 +32,10 @@ demo: setup
 	else exit $$rc; fi
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/merge.py

@@ -14,6 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs two workers) the cores are shared: each worker, and the processes its tests
+# start, compute on its share of them rather than every worker on all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "LORAKIT_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["LORAKIT_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from lorakit.runtime import configure_threads  # noqa: E402
 
@@ -59,6 +64,21 @@ def assert_nothing_written(path: Path) -> None:
     assert not path.exists(), f"{path} was created"
     leftovers = [p.name for p in path.parent.glob(f".{path.name}.*")]
     assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+# The files that took longest in a measured run (`pytest --durations=0`, summed per file, 2-core machine), longest
+# first; the rest keep pytest's order after them.
+LONG_FILES = ["test_gpu_check.py", "test_release_flow.py", "test_export_slow.py", "test_release_deploy.py",
+              "test_progress.py", "test_quantize.py", "test_preflight.py", "test_registry_cli.py",
+              "test_gate_distribution.py", "test_scorecard.py", "test_evaluate.py", "test_merge_kill.py"]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The long files first, each file's tests in their own order. `make test` hands whole files to two
+    pytest-xdist workers in this order: the minutes-long files start at once and the many short ones fill the gaps,
+    instead of one worker running a 4-minute file alone at the end (measured: the suite's last 6 minutes)."""
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: ties keep pytest's order
 
 
 # --- evaluation / gate (issue 5) -------------------------------------------------------------------------------
