@@ -76,7 +76,7 @@ LONG_FILES = ["test_gpu_check.py", "test_release_flow.py", "test_export_slow.py"
 def pytest_collection_modifyitems(config, items) -> None:
     """The long files first, each file's tests in their own order. `make test` hands whole files to two
     pytest-xdist workers in this order: the minutes-long files start at once and the many short ones fill the gaps,
-    instead of one worker running a 4-minute file alone at the end (measured: the suite's last 6 minutes)."""
+    instead of one worker running a long file alone at the end while the other idles."""
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: ties keep pytest's order
 
