@@ -120,11 +120,16 @@ def _check_datasets(cfg: ReleaseConfig, report: Preflight) -> dict[str, list] | 
             ok = False
             continue
         try:
-            _choose_format(got, ds.format)
+            fmt, _ = _choose_format(got, ds.format)
         except InputError as exc:
             report.add(f"'{key}' ({ds.name}): {_as_keys(str(exc), key)}")
             ok = False
             continue
+        search = cfg.merge.search
+        if fmt == "text" and search is not None and search.objective == "accuracy":
+            report.add(f"'merge.search.objective': accuracy scores greedy answers, but '{key}' ({ds.name}) is text "
+                       "data with no reference answers; use objective nll, or instruction/chat data")
+            ok = False
         loaded[ds.name] = got
     if ok and cfg.calib_dataset() is None and len(cfg.datasets) > 1:
         try:  # the calibration set prepares every dataset's files together, with the first one's format setting

@@ -152,3 +152,19 @@ def test_check_prints_the_plan_then_a_real_run_makes_it_cached(tiny_base, tmp_pa
     made = {str(p) for stage in STAGE_FOLDERS for p in (out / stage).iterdir() if p.is_dir()}
     assert {folder for _, folder in after.values()} == made
     assert "9 of 9 stage outputs exist" in proc.stdout
+
+
+def test_accuracy_search_on_text_data_is_refused_before_any_stage(tiny_base, tmp_path, quiet_prefect):
+    """`merge.search.objective: accuracy` scores answers: a text dataset (no answers) is named up front, not after
+    every adapter trained; the same config with the NLL objective passes the check."""
+    from flows.preflight import preflight
+
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(f'{{"text": "plain note number {i}"}}\n' for i in range(20)), encoding="utf-8")
+    data = tiny_config_data(tiny_base, tmp_path, merge={"weights": None, "search": {"objective": "accuracy"}})
+    data["datasets"][1] = {"name": "notes", "files": [str(notes)]}
+    problems = preflight(data).problems
+    assert any("'merge.search.objective'" in p and "'datasets.1' (notes) is text data" in p for p in problems), problems
+    data["merge"]["search"]["objective"] = "nll"
+    assert not [p for p in preflight(data).problems if "merge.search" in p]
+    assert not (tmp_path / "out").exists()
