@@ -106,7 +106,7 @@ def eval_fp32(model_dir: Path, prep: Path, work: Path) -> dict:
 
     out = work / f"eval-{model_dir.name}.json"
     cmd = [sys.executable, "-m", "lorakit", "eval", str(model_dir), "--data", str(prep), "--split", "val",
-           "--max-tokens", str(PPL_TOKENS), "--seq-len", str(SEQ_LEN), "--dtype", "float32", "--quant-path",
+           "--max-tokens", str(PPL_TOKENS), "--seq-len", str(SEQ_LEN), "--compute-dtype", "float32", "--quant-path",
            "dequantized", "--device", "cpu", "--quiet", "--json", str(out), "--force"]
     env = dict(os.environ, LORAKIT_THREADS=os.environ.get("LORAKIT_THREADS", "1"), PYTHONPATH=str(REPO))
     started = time.perf_counter()
@@ -117,7 +117,7 @@ def eval_fp32(model_dir: Path, prep: Path, work: Path) -> dict:
     return {"ppl": round(r.ppl, 4), "path_used": r.path_used, "dtype": r.method["dtype"],
             "tokens_scored": r.tokens, "token_digest": r.method.get("token_digest"),
             "process_s": round(time.perf_counter() - started, 1),
-            "command": "lorakit eval MODEL --data PREP --split val --max-tokens %d --seq-len %d --dtype float32 "
+            "command": "lorakit eval MODEL --data PREP --split val --max-tokens %d --seq-len %d --compute-dtype float32 "
                        "--quant-path dequantized --device cpu" % (PPL_TOKENS, SEQ_LEN)}
 
 
