@@ -1,9 +1,9 @@
 """AWQ (activation-aware weight quantization) in plain torch: per-channel scales found on calibration data.
 
-Why not the backend: GPTQModel's AWQ took 1541 s on one CPU core for SmolLM2-135M, this 78 s
-(bench/results/quantize.json ``runs``; ``awq_speed`` holds the like-for-like comparison: both scored by
-``lorakit eval`` in float32, lorakit timed on its float32 and bfloat16 paths with the CPU's flags). The method itself is cheap: for each group of linears that share an
-input, AWQ multiplies the input channels of their weights by a scale s (and divides the preceding op by s, which
+Why not the backend: on SmolLM2-135M, one CPU core, GPTQModel's AWQ took 2119 s and this 285 s on its float32
+path, 209 s on bfloat16, and GPTQModel's checkpoint lost more perplexity (+13.1% vs +10.4%, both scored by
+``lorakit eval`` in float32; bench/results/quantize.json ``awq_speed``, one invocation on a shared machine).
+The method itself is cheap: for each group of linears that share an input, AWQ multiplies the input channels of their weights by a scale s (and divides the preceding op by s, which
 leaves the fp model unchanged), so the channels that carry large activations lose less to rounding. The groups
 of a Llama block:
 
