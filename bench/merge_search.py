@@ -82,33 +82,49 @@ def release_adapters(out: Path) -> tuple[dict[str, str], list[str], dict]:
                              "lora": cfg.lora.model_dump(), "seq_len": cfg.gate.seq_len}
 
 
-def accuracy_search(adapters: list[str], preps: dict[str, str], base: str, seq_len: int, max_trials: int,
-                    time_budget: float) -> dict:
-    """The search with the accuracy objective, and the uniform and 1.0-each merges by the same exact-match scorer."""
+def in_memory_evaluator(adapters: list[str], preps: dict[str, str], base: str, seq_len: int, *,
+                        objective: str = "nll", batch_size: int = 4):
+    """The search's own evaluator on the base loaded once (what the bench scores merges and denominators with)."""
     import torch
 
     from lorakit.adapters import load_adapter
     from lorakit.merge.in_memory import InMemoryMerge
+    from lorakit.merge.search import Evaluator, task_streams
+
+    loaded = [load_adapter(a) for a in adapters]
+    return Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")),
+                     task_streams(list(preps.items()), loaded, Path(base), seq_len, None, objective),
+                     batch_size=batch_size, objective=objective)
+
+
+def ones_each(ev, denominators: dict[str, tuple[dict, dict]], n: int) -> dict:
+    """The linear merge at weight 1.0 per adapter, per split, retention against the given (base, adapter) scores."""
     from lorakit.merge.linear import LINEAR
-    from lorakit.merge.search import Evaluator, search_merge, task_streams
+
+    out = {}
+    for split, (b, a) in denominators.items():
+        scores, _ = ev.merged_scores(LINEAR, {"weights": [1.0] * n}, split)
+        ret = ev.retentions(b, a, scores)
+        out[split] = {ev.metric: scores, "retention": ret, "worst_retention": min(ret.values())}
+    return out
+
+
+def accuracy_search(adapters: list[str], preps: dict[str, str], base: str, seq_len: int, max_trials: int,
+                    time_budget: float) -> dict:
+    """The search with the accuracy objective, and the uniform and 1.0-each merges by the same exact-match scorer."""
+    from lorakit.merge.search import search_merge
 
     out = WORK / "searched-accuracy"
     result = search_merge(adapters, preps, out, objective="accuracy", max_trials=max_trials, time_budget_s=time_budget,
                           output_kind="model", base=base, seq_len=seq_len, device="cpu", force=True, progress=True)
     s = result.metadata["search"]
     chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]
-    loaded = [load_adapter(a) for a in adapters]
-    ev = Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")),
-                   task_streams(list(preps.items()), loaded, Path(base), seq_len, None, "accuracy"),
-                   batch_size=s["method"]["batch_size"], objective="accuracy")
+    ev = in_memory_evaluator(adapters, preps, base, seq_len, objective="accuracy", batch_size=s["method"]["batch_size"])
     denominators = {"val": ({k: v["base_exact_match"] for k, v in s["tasks"].items()},
                             {k: v["adapter_exact_match"] for k, v in s["tasks"].items()}),
                     "test": (s["test"]["base_exact_match"], s["test"]["adapter_exact_match"])}
-    ones = {}
-    for split, (b, a) in denominators.items():
-        em, _ = ev.merged_scores(LINEAR, {"weights": [1.0] * len(adapters)}, split)
-        ret = ev.retentions(b, a, em)
-        ones[split] = {"worst_retention": round(min(ret.values()), 4), "retention": ret, "exact_match": em}
+    ones = {split: {**v, "worst_retention": round(v["worst_retention"], 4)}
+            for split, v in ones_each(ev, denominators, len(adapters)).items()}
 
     def row(trial: dict, test: dict) -> dict:
         return {"method": trial["method"], "params": trial["params"],
@@ -157,11 +173,8 @@ def main() -> None:
     configure_threads()
     import torch
 
-    from lorakit.adapters import load_adapter
     from lorakit.evaluate import perplexity
-    from lorakit.merge.in_memory import InMemoryMerge
-    from lorakit.merge.linear import LINEAR
-    from lorakit.merge.search import Evaluator, search_merge, task_streams
+    from lorakit.merge.search import search_merge
     from lorakit.models import ensure_default_model
 
     preps, adapters, setup = (release_adapters(args.release_out) if args.release_out
@@ -187,16 +200,10 @@ def main() -> None:
     chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]
 
     # 1.0 each, with the same evaluator and the search's own denominators
-    loaded = [load_adapter(a) for a in adapters]
-    tasks = task_streams(list(preps.items()), loaded, Path(base), seq_len, None)
-    ev = Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")), tasks, batch_size=s["method"]["batch_size"])
-    ones = {}
-    for split, (b, a) in {"val": ({k: v["base_nll"] for k, v in s["tasks"].items()},
+    ev = in_memory_evaluator(adapters, preps, str(base), seq_len, batch_size=s["method"]["batch_size"])
+    ones = ones_each(ev, {"val": ({k: v["base_nll"] for k, v in s["tasks"].items()},
                                   {k: v["adapter_nll"] for k, v in s["tasks"].items()}),
-                          "test": (s["test"]["base_nll"], s["test"]["adapter_nll"])}.items():
-        nll, _ = ev.merged_scores(LINEAR, {"weights": [1.0] * len(adapters)}, split)
-        ret = ev.retentions(b, a, nll)
-        ones[split] = {"nll": nll, "retention": ret, "worst_retention": min(ret.values())}
+                          "test": (s["test"]["base_nll"], s["test"]["adapter_nll"])}, len(adapters))
     del ev
 
     # one ordinary evaluation pass of the written merged model over the same val splits (scoring time)
@@ -285,15 +292,7 @@ def readme(d: dict) -> str:
 
 def nll_gains(adapters: list[str], preps: dict[str, str], base: str, seq_len: int) -> dict:
     """Val NLL of the base and of each adapter alone on its task: whether the NLL objective can run at all."""
-    import torch
-
-    from lorakit.adapters import load_adapter
-    from lorakit.merge.in_memory import InMemoryMerge
-    from lorakit.merge.search import Evaluator, task_streams
-
-    loaded = [load_adapter(a) for a in adapters]
-    ev = Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")),
-                   task_streams(list(preps.items()), loaded, Path(base), seq_len, None), batch_size=4)
+    ev = in_memory_evaluator(adapters, preps, base, seq_len)
     b, a = ev.base_scores("val"), ev.adapter_scores("val")
     return {k: {"base_nll": round(b[k], 4), "adapter_nll": round(a[k], 4), "lowers_nll": a[k] < b[k]} for k in b}
 

@@ -92,9 +92,6 @@ class Trial:
     exact_match: dict[str, float] | None = None  # per task, objective "accuracy"
     mean_retention: float | None = None  # the tie-break between trials of equal worst-task retention
 
-    def score(self) -> dict[str, float]:
-        return self.nll if self.nll is not None else self.exact_match or {}
-
 
 def best_trial(trials: Sequence[Trial]) -> Trial:
     """The highest worst-task retention; ties (frequent with exact match): higher mean retention, earlier trial."""
@@ -142,12 +139,10 @@ class Evaluator:
     """Per-task score of the in-memory merge (val NLL on cached token streams, or greedy exact match on the val
     examples); the base and adapter scores are measured once."""
 
-    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int, objective: str = DEFAULT_OBJECTIVE,
-                 gen_batch_size: int | None = None):
+    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int, objective: str = DEFAULT_OBJECTIVE):
         self.merge, self.tasks, self.batch_size = merge, tasks, batch_size
         self.objective = objective
         self.metric, self.higher_is_better, _ = OBJECTIVES[objective]
-        self.gen_batch_size = gen_batch_size
         self._eval_model = None
 
     def _loaded(self):
@@ -162,10 +157,9 @@ class Evaluator:
 
     def score(self, task: TaskStream, split: str) -> float:
         if self.objective == "accuracy":
-            from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, task_accuracy
+            from lorakit.evaluate.accuracy import task_accuracy
 
-            result = task_accuracy(self._loaded(), task.examples[split], progress=False,
-                                   batch_size=self.gen_batch_size or DEFAULT_GEN_BATCH_SIZE)
+            result = task_accuracy(self._loaded(), task.examples[split], progress=False)
             return float(result.exact_match)
         ids, windows = task.streams[split]
         total, count, _ = score_windows(self.merge.model, ids, windows, batch_size=self.batch_size,
