@@ -67,9 +67,9 @@ def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction:
             keep: int = 0, bits: int = 4) -> dict:
     from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
-    from lorakit.quantize.defaults import RELEASE_QUANTIZE
+    from lorakit.quantize.options import QUANTIZE
 
-    q = {k: v for k, v in RELEASE_QUANTIZE.items() if k not in ("calib_general", "calib_general_fraction")}
+    q = {k: v for k, v in QUANTIZE.quantize_kwargs().items() if k not in ("calib_general", "calib_general_fraction")}
     q.update(method=method, bits=bits, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
     folder = work / variant_key(method, fraction, keep, bits)
     started = time.perf_counter()

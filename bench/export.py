@@ -109,7 +109,7 @@ def main() -> None:
 
         awq_dir = work / "awq-4b-g64"
         quantize_model(base, awq_dir, method="awq", bits=4, group_size=64, calib=release["calib"], n_samples=64,
-                       seq_len=256, force=True, progress=False)
+                       seq_len=256, calib_general=None, force=True, progress=False)
         rows.append(measure(str(awq_dir), "awq 4b g64 (lorakit)", _quant_extra(awq_dir)))
     ref_ppl = rows[0]["ppl"]
     for row in rows:

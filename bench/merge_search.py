@@ -72,6 +72,10 @@ def release_adapters(out: Path) -> tuple[dict[str, str], list[str], dict]:
         found = {kind: [find_one(out, f"{kind}/{ds.name}-*", dirs=True)] for kind in ("prep", "adapters")}
         used = read_json(found["adapters"][0] / "lorakit_train.json", "train metadata")["config"]
         wanted = cfg.lora.model_dump()
+        if wanted["max_steps"] is None and wanted["epochs"] is None:  # what train_adapter records for "the default"
+            from lorakit.train.options import DEFAULT_MAX_STEPS
+
+            wanted["max_steps"] = DEFAULT_MAX_STEPS
         differs = {k: (used.get(k), v) for k, v in wanted.items() if k in used and used.get(k) != v
                    and not (isinstance(v, float) and used.get(k) == v)}
         if differs:

@@ -148,7 +148,9 @@ def run_one(spec: dict) -> dict:
     elif kind == "lorakit":
         from lorakit.quantize import quantize_model
 
-        quantize_model(model_dir, out, calib=prep, n_samples=N_SAMPLES, seq_len=SEQ_LEN, progress=False, **spec["params"])
+        # calibrated on the tasks only, as GPTQModel is here (the library's default mixes in general text)
+        params = {"calib_general": None, **spec["params"]}
+        quantize_model(model_dir, out, calib=prep, n_samples=N_SAMPLES, seq_len=SEQ_LEN, progress=False, **params)
     elif kind == "gptqmodel-gptq":
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
         from gptqmodel import GPTQModel, QuantizeConfig

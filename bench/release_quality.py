@@ -28,7 +28,7 @@ from pathlib import Path
 from bench.common import update_readme_section, write_results
 
 WORK = Path(os.environ.get("LORAKIT_BENCH_DIR", "/tmp/lorakit-bench-release"))
-TRAINING = {"quant": "nf4", "r": 16, "alpha": 32, "lr": 1e-3, "batch_size": 4, "seed": 0}
+TRAINING = {"quant": "nf4", "r": 16, "alpha": 32, "lr": 1e-3, "batch_size": 4, "grad_accum": 1, "seed": 0}
 PUBLISHED = [
     ("Llama-2-7B, wikitext-2, AWQ 4-bit g128", "+2.4%"),
     ("Llama-2-7B, wikitext-2, GPTQ 4-bit g128", "+7.3%"),
@@ -77,13 +77,13 @@ def main() -> None:
     out = WORK / "release"
     started = time.perf_counter()
     result = search_quantization(model, out, calib=prep, target_degradation=args.target, space=space, bounds=bounds,
-                                 seq_len=args.seq_len, force=True, progress=True)
+                                 seq_len=args.seq_len, calib_general=None, force=True, progress=True)
     search = result.metadata["search"]
     runs = [("release search", search)]
     for method in [m for m in args.also.split(",") if m]:
         extra = search_quantization(model, WORK / f"only-{method}", calib=prep, target_degradation=args.target,
                                     space=replace(space, methods=(method,)), bounds=bounds, seq_len=args.seq_len,
-                                    force=True, progress=True)
+                                    calib_general=None, force=True, progress=True)
         runs.append((f"{method} only", extra.metadata["search"]))
     rows = []
     for run_name, run in runs:

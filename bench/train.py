@@ -68,7 +68,7 @@ def run_one(base: Path, prep: Path, quant: str, out: Path, steps: int) -> dict:
 
     configure_threads()
     t0 = time.perf_counter()
-    res = train_adapter(prep, out, quant=quant, max_steps=steps, lr=5e-3, batch_size=4, r=16, alpha=32,
+    res = train_adapter(prep, out, quant=quant, max_steps=steps, lr=5e-3, batch_size=4, grad_accum=1, r=16, alpha=32,
                         progress=False, checkpoint_every=None)
     wall = time.perf_counter() - t0
     log = res.log[1:]

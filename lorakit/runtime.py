@@ -122,7 +122,10 @@ def _quiet_logbar():
     return shared
 
 
-def resolve_device(device: str = "auto", *, cuda: str = "cuda") -> str:
+DEFAULT_DEVICE = "auto"  # every stage's --device / device: key (lorakit.cli.options.device_option)
+
+
+def resolve_device(device: str = DEFAULT_DEVICE, *, cuda: str = "cuda") -> str:
     """``--device`` for every stage: auto picks CUDA when present (as ``cuda``), else CPU; a CUDA request on a
     machine without one is an input error rather than a crash deep inside a library."""
     import torch

@@ -52,8 +52,8 @@ CHECKS: dict[str, tuple[int, tuple[tuple[str, ...], ...]]] = {
 CLEANUP_S = 30  # what a stopped check gets to shut down its own subprocesses (the Prefect server and workers)
 
 # Tiny sizes: the check proves device paths, not quality; they keep the whole run within minutes on 2 CPU cores.
-TRAIN = dict(quant="nf4", r=4, alpha=8, max_steps=6, batch_size=2, lr=1e-3, seed=0)
-QUANT = dict(bits=4, group_size=32, sym=False, n_samples=8, seq_len=128, seed=0)
+TRAIN = dict(quant="nf4", r=4, alpha=8, max_steps=6, batch_size=2, grad_accum=1, lr=1e-3, seed=0)
+QUANT = dict(bits=4, group_size=32, sym=False, n_samples=8, seq_len=128, seed=0, calib_general=None)
 EVAL = dict(seq_len=128, max_tokens=2048, batch_size=4)
 
 

@@ -108,7 +108,7 @@ def make_prep_dir(path: Path, val_texts: list[str], train_texts: list[str] | Non
 
 # --- tasks a tiny model really learns (scorecard, merge search) -------------------------------------------------
 
-ANSWER_TRAINING = dict(quant="none", r=8, alpha=16, lr=0.01, max_steps=30, batch_size=8, progress=False,
+ANSWER_TRAINING = dict(quant="none", r=8, alpha=16, lr=0.01, max_steps=30, batch_size=8, grad_accum=1, progress=False,
                        checkpoint_every=None, min_loss_drop=None)
 
 

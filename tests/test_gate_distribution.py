@@ -85,9 +85,13 @@ def test_kl_and_agreement_match_a_float64_reference_and_perplexities_are_unchang
 
 
 def test_max_kl_judges_and_everything_reaches_gate_json_and_the_output(tiny_base, noisy, data, tmp_path):
-    free = check(tiny_base, noisy, data, seq_len=SEQ_LEN, max_degradation=10.0, progress=False)
+    from lorakit.gate.options import GATE
+
+    free = check(tiny_base, noisy, data, seq_len=SEQ_LEN, max_degradation=10.0, max_kl=None, progress=False)
     kl = free.checks[0].distribution["kl_mean"]
-    assert free.passed and free.checks[0].max_kl is None  # default: report only
+    assert free.passed and free.checks[0].max_kl is None  # none: report only
+    judged = check(tiny_base, noisy, data, seq_len=SEQ_LEN, max_degradation=10.0, progress=False)
+    assert judged.checks[0].max_kl == GATE.max_kl and judged.passed == (kl <= GATE.max_kl)  # the release's default
     out = tmp_path / "verdict"
     proc = run_cli("gate", "--baseline", str(tiny_base), "--candidate", str(noisy), "--data", str(data),
                    "--seq-len", str(SEQ_LEN), "--max-degradation", "10", "--max-kl", str(kl / 2), "-o", str(out))

@@ -191,7 +191,7 @@ def test_cli_refusal_exit_code_and_one_line(pair, tmp_path):
     assert "Traceback" not in proc.stderr
     assert_nothing_written(out)
     proc = run_cli("merge", str(pair[0]), "--weights", "abc", "-o", str(out))
-    assert proc.returncode == 2 and "not a comma-separated list of numbers" in proc.stderr
+    assert proc.returncode == 2 and "'abc' is not a comma-separated list of float values" in proc.stderr
 
 
 def test_output_may_not_be_an_input(pair, tmp_path):

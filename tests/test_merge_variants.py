@@ -20,7 +20,7 @@ from lorakit.train import train_adapter
 from lorakit.train.batches import load_rows
 from tests.conftest import assert_nothing_written, run_cli
 
-FAST = dict(lr=5e-3, batch_size=4, progress=False, checkpoint_every=None, min_loss_drop=None, r=4, alpha=8,
+FAST = dict(lr=5e-3, batch_size=4, grad_accum=1, progress=False, checkpoint_every=None, min_loss_drop=None, r=4, alpha=8,
             max_steps=4)
 VARIANTS = {
     "lora_plus": dict(quant="none", lora_plus_ratio=16),

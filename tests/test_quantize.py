@@ -19,7 +19,7 @@ from lorakit.quantize.layouts import AWQ_ORDER, pack_awq, pack_gptq, unpack_awq,
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-CALIB = dict(n_samples=8, seq_len=64)
+CALIB = dict(n_samples=8, seq_len=64, calib_general=None)  # the tasks' text only (general text: its own tests)
 
 
 def make_prep(folder: Path, n_train: int = 120, n_val: int = 10, seed: int = 0) -> Path:
@@ -338,8 +338,8 @@ def test_cli_quantizes_from_a_text_file_and_generates(tmp_path, tiny_base, prep)
     calibration = read_quant_meta(out).calibration
     assert calibration["kind"] == "file" and calibration["general"]["n_samples"] == 2
     bad = run_cli("quantize", str(tiny_base), "-o", str(tmp_path / "bad"), "--calib", str(text),
-                  "--calib-general-fraction", "0.5", cwd=tmp_path)
-    assert bad.returncode == 2 and "needs --calib-general" in bad.stderr and not (tmp_path / "bad").exists()
+                  "--calib-general", "none", "--calib-general-fraction", "0.5", cwd=tmp_path)
+    assert bad.returncode == 2 and "needs general text" in bad.stderr and not (tmp_path / "bad").exists()
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(out))
@@ -383,7 +383,7 @@ def test_rejects_an_unsupported_architecture(tmp_path, tiny_base, prep):
     (dict(method="awq", awq_grid=0), "--awq-grid must be positive"),
     (dict(method="awq", awq_scale_form="paper"), "--awq-scale-form must be one of duo, activation, both"),
     (dict(method="awq", compute_dtype="float16"), "--compute-dtype float16 is not available for AWQ"),
-    (dict(compute_dtype="fp8"), "--compute-dtype must be one of auto, float32, bfloat16, float16"),
+    (dict(method="gptq", compute_dtype="fp8"), "--compute-dtype must be one of auto, float32, bfloat16, float16"),
 ])
 def test_rejects_out_of_range_parameters(tmp_path, tiny_base, prep, kw, match):
     _bad(tmp_path, tiny_base, match, calib=prep, **kw)
@@ -408,26 +408,29 @@ def _byte_tokens(prep: Path) -> int:
 
 
 def test_default_calibration_volume_takes_what_the_data_gives(tmp_path, tiny_base, prep):
-    """`lorakit quantize M --calib PREP` with less text than the default 128 x 512: it calibrates on every block
-    the data gives, warns, and records the rule; an explicit --n-samples the data cannot fill stays an error."""
+    """`lorakit quantize M --calib PREP` with less text than the default 64 blocks (here of 1024 tokens): it
+    calibrates on every block the data gives, warns, and records the rule; an explicit --n-samples the data cannot
+    fill stays an error."""
     from lorakit.quantize.calibration import DEFAULT_N_SAMPLES, MIN_AUTO_SAMPLES
     from lorakit.quantize.metadata import read_quant_meta
 
-    blocks = _byte_tokens(prep) // 512
+    blocks = _byte_tokens(prep) // 1024
     assert MIN_AUTO_SAMPLES <= blocks < DEFAULT_N_SAMPLES, blocks  # the fixture is in the branch under test
     out = tmp_path / "auto"
-    proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--calib", str(prep), "--group-size", "32", "-q")
+    tasks_only = ("--calib-general", "none", "--seq-len", "1024")
+    proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--calib", str(prep), "--group-size", "32", *tasks_only,
+                   "-q")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"warning: calibration data {prep} gives" in proc.stderr and f"calibrating on all {blocks}" in proc.stderr
     meta = read_quant_meta(out)
-    assert meta.params.n_samples == blocks and meta.params.seq_len == 512
+    assert meta.params.n_samples == blocks and meta.params.seq_len == 1024
     assert meta.calibration["n_samples"] == blocks and meta.calibration["n_samples_requested"] is None
     assert any(f"calibrating on all {blocks}" in n for n in meta.notes)
     assert meta.used_settings()["n_samples"] == blocks
 
     refused = tmp_path / "explicit"
     proc = run_cli("quantize", str(tiny_base), "-o", str(refused), "--calib", str(prep), "--n-samples",
-                   str(DEFAULT_N_SAMPLES))
+                   str(DEFAULT_N_SAMPLES), *tasks_only)
     assert proc.returncode == 2 and f"--n-samples {DEFAULT_N_SAMPLES} needs" in proc.stderr
     assert_nothing_written(refused)
 
@@ -451,7 +454,7 @@ def test_default_calibration_volume_has_a_floor(tmp_path, tiny_base):
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_base, prep):
     out = tmp_path / "out"
     proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--bits", "5", "--calib", str(prep))
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --bits 5 is out of range")
+    assert proc.returncode == 2 and "'--bits': '5' is not one of '4', '8'" in proc.stderr  # the choices, from the options
     assert_nothing_written(out)
 
 

@@ -20,7 +20,7 @@ from lorakit.train.checkpoint import checkpoint_root
 from lorakit.train.model import CpuRepackError, assert_not_repacked, load_for_training
 from tests.conftest import assert_nothing_written, run_cli
 
-FAST = dict(lr=5e-3, batch_size=4, progress=False, checkpoint_every=None)
+FAST = dict(lr=5e-3, batch_size=4, grad_accum=1, progress=False, checkpoint_every=None)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,7 @@ def test_repack_guard_catches_an_eval_pass_before_training(tiny_base, compute_dt
         assert_not_repacked(q)
 
 def test_resume_equals_uninterrupted(prep, tmp_path):
-    kw = dict(quant="nf4", max_steps=10, lr=5e-3, batch_size=4, progress=False, min_loss_drop=None)
+    kw = dict(quant="nf4", max_steps=10, lr=5e-3, batch_size=4, grad_accum=1, progress=False, min_loss_drop=None)
     full = train_adapter(prep, tmp_path / "full", checkpoint_every=None, **kw)
 
     def interrupt(entry: dict) -> None:
@@ -170,7 +170,8 @@ def test_resume_equals_uninterrupted(prep, tmp_path):
 def test_sanity_gate_fails_lr_zero(prep, tmp_path):
     out = tmp_path / "a"
     with pytest.raises(TrainingSanityError, match="training loss did not fall"):
-        train_adapter(prep, out, quant="none", max_steps=3, lr=0.0, batch_size=4, progress=False, checkpoint_every=1)
+        train_adapter(prep, out, quant="none", max_steps=3, lr=0.0, batch_size=4, grad_accum=1, progress=False,
+                      checkpoint_every=1)
     assert_nothing_written(out)
     assert not checkpoint_root(out).exists()
 
@@ -254,7 +255,7 @@ def test_bad_inputs_refused(prep, tiny_tied_base, real_base, tmp_path):
 def test_cli_train(prep, tmp_path):
     out = tmp_path / "cli"
     proc = run_cli("train", str(prep), "-o", str(out), "--quant", "none", "--max-steps", "8", "--lr", "5e-3",
-                   "--batch-size", "4", "--r", "4", "--target", "q,v", "--quiet", check=True)
+                   "--batch-size", "4", "--grad-accum", "1", "--r", "4", "--target", "q,v", "--quiet", check=True)
     assert proc.stdout.strip() == str(out)
     assert read_train_record(out).target_modules == ["q_proj", "v_proj"]
     proc = run_cli("train", str(prep), "-o", str(tmp_path / "zero"), "--quant", "none", "--max-steps", "2", "--lr", "0",

@@ -15,7 +15,7 @@ from lorakit.train import read_train_record, train_adapter
 def test_real_smollm2_qlora_few_steps(real_base, tmp_path):
     prep = tmp_path / "prep"
     prepare_dataset(["bundled:number-words"], prep, max_length=128, progress=False)
-    res = train_adapter(prep, tmp_path / "adapter", quant="nf4", max_steps=4, lr=1e-3, batch_size=2, r=8, alpha=16,
+    res = train_adapter(prep, tmp_path / "adapter", quant="nf4", max_steps=4, lr=1e-3, batch_size=2, grad_accum=1, r=8, alpha=16,
                         progress=False, checkpoint_every=None)
     record = read_train_record(res.output)
     assert record.base == MODEL_ID and record.base_digest == weights_digest(real_base)

@@ -17,7 +17,7 @@ from lorakit.train.batches import Schedule, load_rows, model_inputs
 from lorakit.train.model import load_for_training
 from tests.conftest import assert_nothing_written, run_cli
 
-FAST = dict(lr=5e-3, batch_size=4, progress=False, checkpoint_every=None, min_loss_drop=None)
+FAST = dict(lr=5e-3, batch_size=4, grad_accum=1, progress=False, checkpoint_every=None, min_loss_drop=None)
 # float32 compute: the equalities below are checked at fp32 precision, whatever this CPU's bf16 speed
 LOAD = dict(compute_dtype="float32", r=4, alpha=8, dropout=0.0, targets="all-linear", rslora=False, seed=0,
             gradient_checkpointing=False)
@@ -205,7 +205,7 @@ def test_dora_on_quantized_conv1d_refused(tiny_base, prep, tmp_path):
 
 def test_cli_train_variant_flags(prep, tmp_path):
     proc = run_cli("train", str(prep), "-o", str(tmp_path / "bad"), "--quant", "none", "--init", "loftq")
-    assert proc.returncode == 2 and "--init loftq" in proc.stderr
+    assert proc.returncode == 2 and "init 'loftq'" in proc.stderr and "quant 'nf4'" in proc.stderr
     help_text = run_cli("train", "--help").stdout
     assert "--variant" in help_text and "--lora-plus-ratio" in help_text
 

@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from lorakit.cli.options import compute_dtype_option, device_option
+from lorakit.cli.options import compute_dtype_option, device_option, stage_options, take_stage_options
 from lorakit.errors import EXIT_REJECTED, InputError
-from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
-from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
+from lorakit.evaluate.options import WindowOptions
+from lorakit.gate.options import GateOptions
 
 
 def _start(quiet: bool) -> None:
@@ -36,10 +36,6 @@ def _apply_method_options(f, stage: str):
         click.option("--split", type=click.Choice(["val", "train", "test"]),
                      help="Split of a prepared-data folder (default: val; eval --tasks: test, or val when the folder "
                           "has none, which the output then says)."),
-        click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per window."),
-        click.option("--stride", type=int, help="Tokens between window starts (default: --seq-len, non-overlapping). "
-                     "With stride < seq-len each window scores only its new tokens."),
-        click.option("--max-tokens", type=int, help="Cut the token stream to its first N tokens."),
         click.option("--batch-size", default=4, show_default=True, type=int,
                      help="Windows per forward pass (does not change the result)."),
         click.option("--base", help="Base model for adapter folders (default: the adapter's recorded base)."),
@@ -58,6 +54,7 @@ def _apply_method_options(f, stage: str):
 @click.command(name="eval")
 @click.argument("models", nargs=-1, required=True)
 @_method_options("eval")
+@stage_options(WindowOptions)
 @click.option("--json", "json_out", type=click.Path(), help="Write all results (numbers and method) to this JSON file.")
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @click.option("--kernel-check", type=int, metavar="N", help="For GPTQ/AWQ on the dequantized path: also score the "
@@ -70,8 +67,8 @@ def _apply_method_options(f, stage: str):
 @click.option("--max-examples", type=int, help="--tasks: score only the first N examples of the split.")
 @click.option("--case-insensitive", is_flag=True, help="--tasks: exact match and F1 ignore case.")
 @click.option("--strip-punctuation", is_flag=True, help="--tasks: exact match and F1 ignore punctuation.")
-def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device, compute_dtype, quiet,
-          json_out, force, kernel_check, tasks, margin, max_examples, case_insensitive, strip_punctuation):
+def eval_(models, data, split, batch_size, base, quant_path, device, compute_dtype, quiet, json_out, force, kernel_check,
+          tasks, margin, max_examples, case_insensitive, strip_punctuation, **options):
     """Perplexity of one or more models on the same text, with one fixed method.
 
     \b
@@ -105,6 +102,7 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
     from lorakit.io.atomic import check_output_free, write_json
 
     _start(quiet)
+    window = take_stage_options(WindowOptions, options)
     if json_out is not None:
         if Path(json_out).is_dir():
             raise InputError(f"--json {json_out} is a folder; pass a file path")
@@ -114,8 +112,7 @@ def eval_(models, data, split, seq_len, stride, max_tokens, batch_size, base, qu
                     max_examples=max_examples, case_insensitive=case_insensitive, strip_punctuation=strip_punctuation,
                     quant_path=quant_path, device=device, dtype=compute_dtype, quiet=quiet, json_out=json_out)
         return
-    results = evaluate_models(list(models), data, seq_len=seq_len, stride=stride, max_tokens=max_tokens,
-                              batch_size=batch_size, base=base, split=split or "val", quant_path=quant_path,
+    results = evaluate_models(list(models), data, **window.given(), batch_size=batch_size, base=base, split=split or "val", quant_path=quant_path,
                               device=device, dtype=compute_dtype, progress=not quiet, kernel_check_tokens=kernel_check)
     method = results[0].method
     if not quiet:
@@ -180,47 +177,32 @@ def _parse_check(text: str, default_max: float) -> tuple[str, str, float]:
 @click.option("--baseline", required=True, help="The model the candidate must not be worse than (folder or \"default\").")
 @click.option("--candidate", required=True, help="The model under test (HF, adapter, GPTQ or AWQ folder, or a GGUF file).")
 @_method_options("gate")
-@click.option("--max-degradation", default=0.05, show_default=True, type=float,
-              help="Largest accepted ppl(candidate)/ppl(baseline) - 1 on --data (0.05 = 5% worse).")
+@stage_options(GateOptions)
 @click.option("--check", "checks", multiple=True, metavar="NAME=DATA[:MAX]",
               help="Extra check, repeatable: a task's validation data (prep folder or text) with its own threshold "
                    "(default: --max-degradation).")
-@click.option("--general-text", type=click.Path(), help="Extra check on general text (guards against forgetting): a "
-              "text/.jsonl file or prep folder, or \"default\" for the general-English text shipped with lorakit "
-              "(ten public-domain State of the Union addresses, ~50k words). The release flow's gate has it on "
-              "by default (gate.general_text).")
-@click.option("--general-max-degradation", type=float, help="Threshold of --general-text (default: --max-degradation).")
-@click.option("--general-max-tokens", type=int, default=DEFAULT_GENERAL_MAX_TOKENS, show_default=True,
-              help="Score the first this many tokens of --general-text (0 = all of it).")
-@click.option("--max-kl", type=float, help="Largest accepted mean KL(p_baseline || p_candidate) per token, in nats, "
-              "on every check (default: none — KL and top-1 agreement are reported, not judged).")
 @click.option("--scorecard", "scorecard", type=click.Path(), help="A release scorecard (`lorakit scorecard`: its "
               "folder or scorecard.json) built for BASELINE as merged and CANDIDATE as quantized model: adds the "
               "checks --min-retention and --max-accuracy-drop, judged on its val split.")
-@click.option("--min-retention", type=float, help="With --scorecard: smallest share of each adapter's gain over the "
-              f"base (exact match) the merged model must keep (default {DEFAULT_MIN_RETENTION}; an adapter with no "
-              "gain fails as not learned).")
-@click.option("--max-accuracy-drop", type=float, help="With --scorecard: largest accepted exact-match drop, "
-              f"quantized vs merged, per task, absolute (default {DEFAULT_MAX_ACCURACY_DROP} = 2 points).")
 @click.option("-o", "--output", type=click.Path(), help="Write gate.json, gate.md and gate.png into this new folder.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
-def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_size, base, quant_path, device,
-         compute_dtype, quiet, max_degradation, checks, general_text, general_max_degradation, general_max_tokens,
-         max_kl, scorecard,
-         min_retention, max_accuracy_drop, output, force):
+def gate(baseline, candidate, data, split, batch_size, base, quant_path, device, compute_dtype, quiet, checks,
+         scorecard, output, force, **options):
     """Accept or reject CANDIDATE: its perplexity may be at most --max-degradation worse than BASELINE's.
 
     \b
     degradation = ppl(candidate) / ppl(baseline) - 1, both measured in this process with the method of
     `lorakit eval` on one token stream (tokenized with the baseline's tokenizer; a candidate with another
     tokenizer is refused). A check passes when degradation <= its threshold (the boundary passes); the gate
-    passes when every check passes: --data, each --check, and --general-text.
+    passes when every check passes: --data, each --check, and --general-text (on by default: lorakit's
+    general-English text; --general-text none turns it off). The thresholds' defaults are the release
+    flow's gate (the run config's gate: section has the same keys and defaults, lorakit.gate.options).
 
     \b
     The same forward passes also compare the two models' next-token distributions on every scored token:
     KL(p_baseline || p_candidate) in nats (mean and p99) and top-1 agreement (share of tokens where both
-    predict the same next token), reported for every check; with --max-kl a check whose mean KL is above it
-    fails too. Both models are held in memory together.
+    predict the same next token), reported for every check; a check whose mean KL is above --max-kl fails too
+    (--max-kl none: reported, not judged). Both models are held in memory together.
 
     \b
     With --scorecard (from `lorakit scorecard`), two release checks are added per task, judged on the
@@ -239,7 +221,7 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     Examples:
       lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ -o gate-out
       lorakit gate --baseline default --candidate m/ --data prep/ --check math=prep-math:0.08 \\
-                   --general-text default --general-max-degradation 0.1 --max-kl 0.05
+                   --general-max-degradation 0.1 --max-kl none
       lorakit gate --baseline merged/ --candidate merged-gptq/ --data prep/ --scorecard card/ \\
                    --min-retention 0.9 --max-accuracy-drop 0.02 -o gate-out
     """
@@ -247,26 +229,22 @@ def gate(baseline, candidate, data, split, seq_len, stride, max_tokens, batch_si
     from lorakit.gate.report import render_text
 
     _start(quiet)
+    opts = take_stage_options(GateOptions, options)
     split = split or "val"
-    extra = [CheckSpec(n, d, m, "task", split) for n, d, m in (_parse_check(c, max_degradation) for c in checks)]
-    general = general_check(general_text, max_degradation if general_max_degradation is None
-                            else general_max_degradation, general_max_tokens or None, split)
+    extra = [CheckSpec(n, d, m, "task", split) for n, d, m in (_parse_check(c, opts.max_degradation) for c in checks)]
+    general = general_check(opts.general_text, opts.general_max_degradation, opts.general_max_tokens, split)
     if general is not None:
         extra.append(general)
-    elif general_max_degradation is not None:
-        raise InputError("--general-max-degradation needs --general-text")
-    if scorecard is None and (min_retention is not None or max_accuracy_drop is not None):
-        raise InputError("--min-retention and --max-accuracy-drop judge a release scorecard; pass --scorecard "
+    card_given = sorted({"min_retention", "max_accuracy_drop"} & opts.model_fields_set)
+    if scorecard is None and card_given:
+        raise InputError(f"--{card_given[0].replace('_', '-')} judges a release scorecard; pass --scorecard "
                          "(build one with `lorakit scorecard`)")
     card_kw = {} if scorecard is None else {
-        "scorecard": scorecard,
-        "min_retention": DEFAULT_MIN_RETENTION if min_retention is None else min_retention,
-        "max_accuracy_drop": DEFAULT_MAX_ACCURACY_DROP if max_accuracy_drop is None else max_accuracy_drop}
-    verdict = check(baseline, candidate, data, max_degradation=max_degradation, max_kl=max_kl, extra_checks=extra,
-                    output=output, **card_kw,
-                    base=base, seq_len=seq_len, stride=stride, max_tokens=max_tokens, batch_size=batch_size,
-                    split=split, quant_path=quant_path, device=device, dtype=compute_dtype, force=force,
-                    progress=not quiet)
+        "scorecard": scorecard, "min_retention": opts.min_retention, "max_accuracy_drop": opts.max_accuracy_drop}
+    verdict = check(baseline, candidate, data, max_degradation=opts.max_degradation, max_kl=opts.max_kl,
+                    extra_checks=extra, output=output, **card_kw, base=base, seq_len=opts.seq_len, stride=opts.stride,
+                    max_tokens=opts.max_tokens, batch_size=batch_size, split=split, quant_path=quant_path,
+                    device=device, dtype=compute_dtype, force=force, progress=not quiet)
     if quiet:
         click.echo("PASSED" if verdict.passed else "REJECTED")
     else:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from lorakit.export.gguf import GGUF_TYPES
+from lorakit.export.types import DEFAULT_GGUF_TYPE, GGUF_TYPES
 
 
 @click.command()
 @click.argument("source", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["gguf", "peft"]), required=True,
               help="gguf: one llama.cpp GGUF file of a full-precision model. peft: a PEFT adapter folder (with --portable).")
-@click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default="q8_0", show_default=True,
+@click.option("--type", "qtype", type=click.Choice(GGUF_TYPES), default=DEFAULT_GGUF_TYPE, show_default=True,
               help="gguf: tensor type. f16 = half precision; q8_0 = 8-bit blocks of 32 (near lossless); q4_0, q5_0, "
                    "q5_1 = 4/5-bit blocks (smaller, lossier; the embedding stays q8_0). Sizes and perplexities: "
                    "bench/README.md (## export).")

@@ -4,33 +4,25 @@ from __future__ import annotations
 
 import click
 
+from lorakit.cli.options import stage_options, take_stage_options
+from lorakit.data.bundled import BUNDLED_NAMES, BUNDLED_PREFIX
+from lorakit.data.options import PrepOptions
+
 
 @click.command()
 @click.argument("data", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (must not exist unless --force).")
-@click.option("--format", "fmt", type=click.Choice(["auto", "text", "instruction", "chat"]), default="auto",
-              show_default=True, help="How examples are read; auto detects it from the fields and says which.")
 @click.option("--base", help="Model whose tokenizer (and chat template) to use: a folder or hub id "
               "(default: the embedded SmolLM2-135M-Instruct). Train on the same base.")
-@click.option("--max-length", type=int, default=512, show_default=True,
-              help="Tokens per example and per packed row; longer examples are truncated and counted.")
-@click.option("--pack/--no-pack", default=True, show_default=True,
-              help="Pack several examples per row (no attention across them) or pad one example per row.")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True,
-              help="Share of example inputs held out as the validation split (read by the gate and any search).")
-@click.option("--test-fraction", type=float, default=0.1, show_default=True,
-              help="Share of example inputs held out as the test split, which only the final scorecard reads "
-                   "(0: none; reports then fall back to val and say so).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/validation/test split.")
-@click.option("--drop-long", is_flag=True, help="Leave out examples longer than --max-length instead of truncating.")
+@stage_options(PrepOptions)
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
-def prep(data, output, fmt, base, max_length, pack, val_fraction, test_fraction, seed, drop_long, force, quiet):
+def prep(data, output, base, force, quiet, **options):
     """Prepare task data for training: render, tokenize, mask prompts, split, pack.
 
     \b
-    DATA are local files (.jsonl, .json, .csv, .parquet, .txt), bundled datasets (bundled:reverse-words,
-    bundled:number-words), or `datasets` hub names (org/name[:split]) when a hub is reachable.
+    DATA are local files (.jsonl, .json, .csv, .parquet, .txt), bundled datasets
+    (BUNDLED), or `datasets` hub names (org/name[:split]) when a hub is reachable.
 
     \b
     Formats:
@@ -62,9 +54,8 @@ def prep(data, output, fmt, base, max_length, pack, val_fraction, test_fraction,
         from lorakit import progress
 
         progress.configure(console=False)
-    result = prepare_dataset(list(data), output, format=fmt, base=base, max_length=max_length, pack=pack,
-                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, drop_long=drop_long, force=force,
-                             progress=not quiet)
+    opts = take_stage_options(PrepOptions, options)
+    result = prepare_dataset(list(data), output, base=base, force=force, progress=not quiet, **opts.given())
     for warning in result.warnings:
         click.secho(f"warning: {warning}", fg="yellow", err=True)
     if quiet:
@@ -79,5 +70,8 @@ def prep(data, output, fmt, base, max_length, pack, val_fraction, test_fraction,
                    f"dropped {c.dropped_long}")
     click.echo(f"-> {result.output}")
 
+
+# The bundled datasets, as their owner lists them.
+prep.help = prep.help.replace("BUNDLED", ", ".join(BUNDLED_PREFIX + n for n in BUNDLED_NAMES))
 
 COMMANDS = [prep]

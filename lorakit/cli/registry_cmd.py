@@ -8,8 +8,9 @@ import time
 import click
 
 from lorakit.errors import InputError
+from registry.metadata import KINDS
 
-_KINDS = ["base", "dataset", "adapter", "merged", "quantized", "verdict", "gguf"]
+_KINDS = list(KINDS)  # the registry's own list
 
 
 def _open(ctx: click.Context):

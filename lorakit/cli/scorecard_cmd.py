@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli.options import compute_dtype_option, device_option
+from lorakit.cli.options import compute_dtype_option, device_option, stage_options, take_stage_options
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
 from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN
 from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
+from lorakit.scorecard.options import ScorecardOptions
 
 
 @click.command()
@@ -20,7 +21,7 @@ from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
               "base, adapters and merged only.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="New folder for scorecard.json, "
               "predictions.json, scorecard.md and scorecard.png.")
-@click.option("--max-examples", type=int, help="Score at most the first N examples of each split (default: all).")
+@stage_options(ScorecardOptions)
 @click.option("--margin", type=int, default=DEFAULT_MARGIN, show_default=True,
               help="New tokens allowed beyond each reference answer's length.")
 @click.option("--gen-batch-size", type=int, default=DEFAULT_GEN_BATCH_SIZE, show_default=True,
@@ -44,9 +45,9 @@ from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
               help="Tokens of --general-text scored (0 = all), as the gate reads it.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines; print only the table.")
-def scorecard(base, tasks, merged, quantized, output, max_examples, margin, gen_batch_size, case_insensitive,
-              strip_punctuation, seq_len, stride, max_tokens, batch_size, quant_path, device, compute_dtype,
-              general_text, general_max_tokens, force, quiet):
+def scorecard(base, tasks, merged, quantized, output, margin, gen_batch_size, case_insensitive, strip_punctuation,
+              seq_len, stride, max_tokens, batch_size, quant_path, device, compute_dtype, general_text,
+              general_max_tokens, force, quiet, **options):
     """Score a release task by task: base, each task's adapter, merged and quantized model.
 
     \b
@@ -85,7 +86,8 @@ def scorecard(base, tasks, merged, quantized, output, max_examples, margin, gen_
     _start(quiet)
     card = build_scorecard(base, [ScorecardTask(n, p, a) for n, p, a in tasks], merged, quantized, output=output,
                            seq_len=seq_len, stride=stride, max_tokens=max_tokens, ppl_batch_size=batch_size,
-                           gen_batch_size=gen_batch_size, margin=margin, max_examples=max_examples,
+                           gen_batch_size=gen_batch_size, margin=margin,
+                           max_examples=take_stage_options(ScorecardOptions, options).max_examples,
                            case_insensitive=case_insensitive, strip_punctuation=strip_punctuation,
                            quant_path=quant_path, device=device, dtype=compute_dtype, general=general_text,
                            general_max_tokens=general_max_tokens or None, force=force,

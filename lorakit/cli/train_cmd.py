@@ -7,46 +7,21 @@ import sys
 
 import click
 
-from lorakit.cli.options import compute_dtype_option, device_option
+from lorakit.cli.options import compute_dtype_option, stage_options, take_stage_options
+from lorakit.train.options import TrainOptions
 
 
 @click.command()
 @click.argument("prep_dir", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Adapter folder to write (PEFT format).")
 @click.option("--base", help="Base model folder or hub id (default: the model whose tokenizer prep used).")
-@click.option("--quant", type=click.Choice(["nf4", "none"]), default="nf4", show_default=True,
-              help="nf4: QLoRA (4-bit NF4, double quant, bitsandbytes; computes in --compute-dtype); none: plain LoRA.")
-@click.option("--r", "r", type=int, default=16, show_default=True, help="LoRA rank.")
-@click.option("--alpha", type=float, default=32, show_default=True, help="LoRA alpha (scaling alpha/r).")
-@click.option("--dropout", type=float, default=0.05, show_default=True, help="LoRA dropout.")
-@click.option("--target", default="all-linear", show_default=True,
-              help="Modules to adapt: all-linear (never the output head) or a list such as q,v or q_proj,v_proj.")
-@click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/sqrt(r).")
-@click.option("--variant", type=click.Choice(["lora", "dora"]), default="lora", show_default=True,
-              help="dora: DoRA (learned magnitude x normalised direction, PEFT use_dora); merges materialise it.")
-@click.option("--init", "init", type=click.Choice(["default", "loftq", "pissa", "olora"]), default="default",
-              show_default=True, help="LoRA initialisation: loftq cancels the NF4 error (--quant nf4 only); pissa/olora "
-              "start from the base's principal directions (--quant none only; saved converted to plain LoRA, rank 2r).")
-@click.option("--lora-plus-ratio", type=float, help="LoRA+: B learns this many times faster than A (16 is usual).")
-@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak learning rate (linear warm-up and decay).")
-@click.option("--epochs", type=float, help="Passes over the training rows (default 1).")
-@click.option("--max-steps", type=int, help="Optimizer steps instead of --epochs.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per microbatch.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Microbatches per optimizer step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of LoRA init, data order and dropout.")
-@device_option
+@stage_options(TrainOptions)
 @compute_dtype_option("train")
-@click.option("--checkpoint-every", type=int, default=50, show_default=True,
-              help="Steps between checkpoints (kept in OUTPUT.checkpoints until the run succeeds).")
+@click.option("--no-loss-check", is_flag=True, help="Skip the loss-fell check (= --min-loss-drop none).")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint; same result as an uninterrupted run.")
-@click.option("--min-loss-drop", type=float, default=0.01, show_default=True,
-              help="Sanity gate: required relative drop of the first batch's loss after training.")
-@click.option("--no-loss-check", is_flag=True, help="Skip the loss-fell check (finite loss/gradient checks stay on).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder and any stale checkpoints.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path.")
-def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, variant, init, lora_plus_ratio, lr, epochs,
-          max_steps, batch_size, grad_accum, seed, device, compute_dtype, checkpoint_every, resume, min_loss_drop,
-          no_loss_check, force, quiet):
+def train(prep_dir, output, base, compute_dtype, no_loss_check, resume, force, quiet, **options):
     """Train one LoRA adapter (QLoRA by default) on PREP_DIR's training split.
 
     \b
@@ -60,6 +35,11 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, vari
     \b
     Output: a standard PEFT adapter folder, train_log.jsonl (loss, grad norm, lr, tokens/s per step) and
     lorakit_train.json (base id + weights digest, prep digest, every hyper-parameter, losses, time, versions).
+
+    \b
+    With no options this trains as the release flow does (the run config's lora: section has the same keys
+    and defaults, lorakit.train.options): QLoRA rank 16 on every linear, learning rate 1e-3, 40 steps of
+    2 x 2 packed rows.
 
     \b
     Examples:
@@ -79,14 +59,13 @@ def train(prep_dir, output, base, quant, r, alpha, dropout, target, rslora, vari
         progress.configure(console=False)
     # PEFT imports GPTQModel while wrapping layers, and GPTQModel prints a banner on stdout; keep stdout for
     # lorakit's own result lines (scripts read the output path from --quiet).
+    opts = take_stage_options(TrainOptions, options)
+    kwargs = opts.train_kwargs()
+    if no_loss_check:
+        kwargs["min_loss_drop"] = None
     with contextlib.redirect_stdout(sys.stderr):
-        result = _train(
-            prep_dir, output, base=base, quant=quant, r=r, alpha=alpha, dropout=dropout, target=target, rslora=rslora,
-            lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-            variant=variant, init=init, lora_plus_ratio=lora_plus_ratio, resume=resume, device=device,
-            compute_dtype=compute_dtype, checkpoint_every=checkpoint_every,
-            min_loss_drop=None if no_loss_check else min_loss_drop, force=force, progress=not quiet,
-        )
+        result = _train(prep_dir, output, base=base, resume=resume, compute_dtype=compute_dtype, force=force,
+                        progress=not quiet, **kwargs)
     if quiet:
         click.echo(str(result.output))
         return

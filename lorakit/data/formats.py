@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.data.sources import RawRecord, Source
+from lorakit.data.options import FORMATS
 from lorakit.errors import InputError
 
-FORMATS = ("text", "instruction", "chat")
 IGNORE_INDEX = -100
 INSTRUCTION_KEYS = ("instruction", "prompt")
 INPUT_KEYS = ("input", "context")

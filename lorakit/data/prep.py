@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.data.options import PREP
 from lorakit.progress import bar as progress_bar
 
 import lorakit
@@ -187,14 +188,14 @@ def prepare_dataset(
     sources: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
-    format: str = "auto",
+    format: str = PREP.format,
     base: str | os.PathLike[str] | None = None,
-    max_length: int = 512,
-    pack: bool = True,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-    drop_long: bool = False,
+    max_length: int = PREP.max_length,
+    pack: bool = PREP.pack,
+    val_fraction: float = PREP.val_fraction,
+    test_fraction: float = PREP.test_fraction,
+    seed: int = PREP.seed,
+    drop_long: bool = PREP.drop_long,
     force: bool = False,
     progress: bool = True,
 ) -> PrepResult:

@@ -19,12 +19,13 @@ import torch.nn.functional as F
 from lorakit.progress import bar as progress_bar
 
 from lorakit.errors import InputError
+from lorakit.evaluate.options import WINDOW
 from lorakit.evaluate.loading import EvalModel, ModelSpec, describe_model, load_eval_model, load_tokenizer
 from lorakit.evaluate.text import EvalTexts, EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
 from lorakit.evaluate.windows import Window, batches, check_window_params, plan_windows
 
 METHOD_NAME = "strided-window token-mean NLL v1"
-DEFAULT_SEQ_LEN = 512
+DEFAULT_SEQ_LEN = WINDOW.seq_len
 DEFAULT_BATCH_SIZE = 4
 
 

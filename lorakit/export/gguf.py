@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from lorakit.errors import InputError
+from lorakit.export.types import GGUF_TYPES
 
-GGUF_TYPES = ("f16", "q8_0", "q4_0", "q5_0", "q5_1")
 META_PREFIX = "lorakit."
 
 

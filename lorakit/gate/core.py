@@ -30,8 +30,8 @@ from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_tex
 from lorakit.evaluate.windows import check_window_params, plan_windows
 from lorakit.gate.report import render_markdown, render_png
 from lorakit.gate.verdict import (  # noqa: F401  (read_verdict and the constants: re-exported by lorakit.gate)
-    BOUNDARY_TOLERANCE, CHECK_KINDS, DEFAULT_MAX_DEGRADATION, GATE_JSON, GATE_MD, GATE_PNG, CheckResult, CheckSpec,
-    Verdict, read_verdict,
+    BOUNDARY_TOLERANCE, CHECK_KINDS, DEFAULT_MAX_DEGRADATION, DEFAULT_MAX_KL, GATE_JSON, GATE_MD, GATE_PNG,
+    CheckResult, CheckSpec, Verdict, read_verdict,
 )
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.io.digests import folder_digest
@@ -72,7 +72,7 @@ def check(
     data: str | os.PathLike[str] | list[str],
     *,
     max_degradation: float = DEFAULT_MAX_DEGRADATION,
-    max_kl: float | None = None,
+    max_kl: float | None = DEFAULT_MAX_KL,
     extra_checks: list[CheckSpec] | tuple[CheckSpec, ...] = (),
     output: str | os.PathLike[str] | None = None,
     base: str | os.PathLike[str] | None = None,

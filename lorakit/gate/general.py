@@ -8,8 +8,8 @@ gate pays for the check a fixed, small cost whatever the corpus. Calibration tak
 corpus's *last* documents (:func:`lorakit.quantize.calibration.general_calibration_texts`), so the text the gate
 scores never shaped the quantized weights.
 
-One declaration of the check's defaults lives here; the ``gate:`` section of the run config and ``lorakit gate``
-are built from it.
+The check's defaults are declared once in :class:`lorakit.gate.options.GateOptions`; the ``gate:`` section of the
+run config and ``lorakit gate`` are built from it.
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ import os
 from pathlib import Path
 
 from lorakit.errors import InputError
+from lorakit.gate.options import GATE, GENERAL_DEFAULT
 from lorakit.gate.verdict import DEFAULT_MAX_DEGRADATION, CheckSpec
 
 GENERAL_CHECK_NAME = "general text"
-GENERAL_DEFAULT = "default"  # the shipped corpus, as the config and the CLI spell it
 GENERAL_OFF = "none"  # the CLI's way to turn the check off (the config says null)
-DEFAULT_GENERAL_MAX_DEGRADATION = DEFAULT_MAX_DEGRADATION
-# A cap, not a measured optimum: 16 windows of 512 tokens, the size of the tasks' own val streams' order of
-# magnitude, so the check costs about as much as one task check (the corpus has ~62k tokens).
-DEFAULT_GENERAL_MAX_TOKENS = 8192
+DEFAULT_GENERAL_MAX_DEGRADATION = GATE.general_max_degradation
+DEFAULT_GENERAL_MAX_TOKENS = GATE.general_max_tokens
 
 
 def resolve_general_text(source: str | os.PathLike[str] | None) -> str | None:

@@ -13,19 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import InputError
+from lorakit.gate.options import GATE
 from lorakit.io.atomic import read_json
 
 GATE_JSON = "gate.json"
 GATE_MD = "gate.md"
 GATE_PNG = "gate.png"
-DEFAULT_MAX_DEGRADATION = 0.05
-# The release gate's KL bar: the 5% perplexity bar in KL terms. Were the scored text the baseline's own samples,
-# mean KL(p_baseline || p_candidate) = ln(ppl_candidate / ppl_baseline), so ln(1.05) nats is "5% worse" measured on
-# the baseline's beliefs instead of the data's. On the default release, 4-bit g64 quantizations measure mean KL
-# 0.03-0.10 on the tasks and 0.14-0.46 on general text (bench/results/calibration_mix.json,
-# variants.*.checks.*.kl_mean): the bar binds where perplexity alone passes (GPTQ calibrated on the tasks:
-# reverse-words +1.6% perplexity at KL 0.051, variants.gptq-general0.checks.reverse-words).
-DEFAULT_MAX_KL = round(math.log(1 + DEFAULT_MAX_DEGRADATION), 4)
+DEFAULT_MAX_DEGRADATION = GATE.max_degradation  # declared in lorakit.gate.options (why the KL bar: there)
+DEFAULT_MAX_KL = GATE.max_kl
 CHECK_KINDS = ("primary", "task", "general")
 # A candidate exactly at a threshold computes as e.g. 0.05000000000000004; differences below this count as the
 # boundary (far below any perplexity's precision), so the boundary passes.

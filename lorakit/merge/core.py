@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lorakit.merge.options import MERGE
 from lorakit.progress import bar as progress_bar
 
 import lorakit
@@ -236,17 +237,17 @@ def merge_adapters(
     weights: Sequence[float],
     output: str | os.PathLike[str],
     *,
-    method: str = "linear",
+    method: str = MERGE.method,
     output_kind: str = "adapter",
     rank: int | None = None,
     base: str | os.PathLike[str] | None = None,
-    density: float | None = None,
-    seed: int | None = None,
-    normalize: bool | None = None,
+    density: float | None = MERGE.density,
+    seed: int | None = MERGE.seed,
+    normalize: bool | None = MERGE.normalize,
     force: bool = False,
     ignore_base_name: bool = False,
     compute_dtype: str = "auto",
-    loftq_base: str | None = None,
+    loftq_base: str | None = MERGE.loftq_base,
     progress: bool = True,
     record: dict[str, Any] | None = None,
 ) -> MergeResult:

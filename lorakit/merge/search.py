@@ -55,10 +55,11 @@ from lorakit.evaluate.retention import retention
 from lorakit.evaluate.windows import Window, plan_windows
 from lorakit.merge.method import MergeMethod
 from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from lorakit.merge.options import MERGE, MERGE_SEARCH
 from lorakit.merge.simplex import Exhausted, minimize
 
-DEFAULT_MAX_TRIALS = 24
-DEFAULT_TIME_BUDGET_S = 3600.0
+DEFAULT_MAX_TRIALS = MERGE_SEARCH.max_trials
+DEFAULT_TIME_BUDGET_S = MERGE_SEARCH.time_budget_s
 DEFAULT_WEIGHT_BOUNDS = (0.0, 2.0)
 DENSITY_BOUNDS = (0.1, 1.0)
 START_DENSITY = 0.5
@@ -341,15 +342,15 @@ def search_merge(
     data: Sequence[str] | dict[str, str],
     output: str | os.PathLike[str],
     *,
-    methods: Sequence[str] = ("linear",),
-    objective: str = DEFAULT_OBJECTIVE,
+    methods: Sequence[str] = tuple(MERGE_SEARCH.methods),
+    objective: str = MERGE_SEARCH.objective,
     max_trials: int | None = None,
     time_budget_s: float | None = None,
     target_retention: float | None = None,
     weight_bounds: Sequence[float] = DEFAULT_WEIGHT_BOUNDS,
-    density: float | None = None,
-    seed: int | None = None,
-    normalize: bool | None = None,
+    density: float | None = MERGE.density,
+    seed: int | None = MERGE.seed,
+    normalize: bool | None = MERGE.normalize,
     output_kind: str = "adapter",
     rank: int | None = None,
     base: str | os.PathLike[str] | None = None,

@@ -2,7 +2,7 @@
 
 This package is the only place in lorakit that imports ``gptqmodel`` (lazily, in ``gptqmodel_backend``), so the
 backend can be swapped without touching the rest of lorakit. Importing the package is light (the run config
-reads :mod:`lorakit.quantize.defaults`); the quantizing code, which needs torch, loads on first use.
+reads :mod:`lorakit.quantize.options`); the quantizing code, which needs torch, loads on first use.
 """
 
 from typing import Any

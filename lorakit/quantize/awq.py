@@ -41,15 +41,16 @@ import torch
 from torch import nn
 from lorakit.progress import bar as progress_bar
 
+from lorakit.quantize.options import AWQ_GRID, QUANTIZE
 from lorakit.quantize.grid import GroupQuant, fake_quantize, quantize_weight
 
 
 @dataclass
 class AwqParams:
     bits: int = 4
-    group_size: int = 128
+    group_size: int = QUANTIZE.group_size
     sym: bool = False
-    n_grid: int = 20
+    n_grid: int = AWQ_GRID
     scale_forms: tuple[str, ...] = ("duo",)  # see search_scale
     clip: bool = True
     clip_grid: int = 20

@@ -36,7 +36,8 @@ from lorakit.errors import InputError
 from lorakit.io.digests import sha256_file
 
 CALIB_SPLIT = "train"
-DEFAULT_N_SAMPLES = 128
+# 64 blocks (of QuantizeOptions.seq_len 256): what the small bundled tasks fill, half of them general text.
+DEFAULT_N_SAMPLES = 64
 MIN_AUTO_SAMPLES = 16
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lorakit
+from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORM, AWQ_SCALE_FORMS, QUANTIZE
 from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.errors import InputError
 from lorakit.runtime import resolve_device as runtime_resolve_device
@@ -93,42 +94,43 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
             "compute_dtype": report.compute_dtype}
 
 
-# --awq-scale-form -> the forms on the search grid (see lorakit.quantize.awq.search_scale)
-AWQ_SCALE_FORMS = {"duo": ("duo",), "activation": ("activation",), "both": ("duo", "activation")}
 
 
 def quantize_model(
     model_dir: str | os.PathLike[str] | None,
     output: str | os.PathLike[str],
     *,
-    method: str = "gptq",
-    bits: int = 4,
-    group_size: int = 128,
-    sym: bool | None = None,
-    desc_act: bool = False,
+    method: str = QUANTIZE.method,
+    bits: int = QUANTIZE.bits,
+    group_size: int = QUANTIZE.group_size,
+    sym: bool | None = QUANTIZE.sym,
+    desc_act: bool = QUANTIZE.desc_act,
     calib: str | os.PathLike[str] | None = None,
-    calib_general: str | os.PathLike[str] | None = None,
-    calib_general_fraction: float = 0.0,
-    n_samples: int | None = None,
-    seq_len: int = 512,
-    device: str = "auto",
-    seed: int = 0,
+    calib_general: str | os.PathLike[str] | None = QUANTIZE.calib_general,
+    calib_general_fraction: float = QUANTIZE.calib_general_fraction,
+    n_samples: int | None = QUANTIZE.n_samples,
+    seq_len: int = QUANTIZE.seq_len,
+    device: str = QUANTIZE.device,
+    seed: int = QUANTIZE.seed,
     strict_group_size: bool = False,
-    awq_grid: int = 20,
+    awq_grid: int = AWQ_GRID,
     awq_clip: bool = True,
     compute_dtype: str = "auto",
-    awq_scale_form: str = "duo",
+    awq_scale_form: str = AWQ_SCALE_FORM,
     module_bits: dict[str, int] | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> QuantResult:
     """Quantize a full-precision Llama-style model folder with GPTQ or AWQ into a standard checkpoint folder.
 
+    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, AWQ 4-bit g64
+    calibrated on half general text), the same as ``lorakit quantize`` and the run config's ``quantize:``.
+
     ``sym`` defaults to True for GPTQ and False (zero point) for AWQ. A ``group_size`` that does not divide
     every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
     that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
     the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder;
-    ``n_samples=None``: 128 blocks, or every block the data gives when fewer, with a warning);
+    ``n_samples=None``: 64 blocks, or every block the data gives when fewer, with a warning);
     ``calib_general`` ("default" = lorakit's general-English corpus, or a file) supplies ``calib_general_fraction``
     of the blocks, so that general language shapes the quantization too.
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits

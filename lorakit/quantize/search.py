@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lorakit.quantize.options import QUANTIZE, RELEASE_TARGET_DEGRADATION
 from lorakit.errors import InputError
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.quantize.checks import METHODS, check_model, resolve_group_size
@@ -54,7 +55,7 @@ class SearchSpace:
     group_sizes: tuple[int, ...] = (128, 64, 32)
     sym: tuple[bool, ...] = (False, True)
     desc_act: tuple[bool, ...] = (True, False)  # GPTQ only
-    n_samples: tuple[int | None, ...] = (None,)  # None: 128, or what the calibration data gives (calibration.py)
+    n_samples: tuple[int | None, ...] = (None,)  # None: 64, or what the calibration data gives (calibration.py)
     mixed_steps: tuple[int, ...] = (2, 4, 8, 16, 30)
     variant_margin: float = 2.0
     max_mixed_fraction: float = 0.25  # never keep more than this share of the linears at higher precision
@@ -63,8 +64,8 @@ class SearchSpace:
 
 @dataclass
 class SearchBounds:
-    max_trials: int = 12
-    time_budget_s: float = 3 * 3600.0
+    max_trials: int = QUANTIZE.max_trials
+    time_budget_s: float = QUANTIZE.time_budget_s
     max_size_bytes: int | None = None
 
 
@@ -124,18 +125,18 @@ def search_quantization(
     *,
     calib: str | os.PathLike[str],
     eval_data: str | os.PathLike[str] | list[str] | None = None,
-    target_degradation: float = 0.05,
+    target_degradation: float = RELEASE_TARGET_DEGRADATION,
     space: SearchSpace | None = None,
     bounds: SearchBounds | None = None,
-    seq_len: int = 512,
+    seq_len: int = QUANTIZE.seq_len,
     eval_seq_len: int = 512,
     eval_max_tokens: int | None = None,
     eval_general: str | os.PathLike[str] | None = None,
     eval_general_max_tokens: int | None = None,
-    calib_general: str | os.PathLike[str] | None = None,
-    calib_general_fraction: float = 0.0,
-    seed: int = 0,
-    device: str = "auto",
+    calib_general: str | os.PathLike[str] | None = QUANTIZE.calib_general,
+    calib_general_fraction: float = QUANTIZE.calib_general_fraction,
+    seed: int = QUANTIZE.seed,
+    device: str = QUANTIZE.device,
     compute_dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
@@ -212,6 +213,7 @@ def search_quantization(
         return None
 
     def run(phase: str, params: dict) -> Trial:
+        params = {**params, **calib_kw}  # recorded with the trial: its params alone reproduce it (reproduce_trial)
         predicted = predicted_size_bytes(config, method=params["method"], bits=params["bits"],
                                          group_size=params["group_size"], module_bits=params["module_bits"])
         trial = Trial(len(trials), phase, params, predicted,
@@ -221,7 +223,7 @@ def search_quantization(
         t0 = time.perf_counter()
         try:
             result = quantize_model(src, folder, calib=calib, device=device, compute_dtype=compute_dtype,
-                                    progress=False, **calib_kw, **params)
+                                    progress=False, **params)
         except InputError as exc:
             trial.error = str(exc)
             say(f"search: trial {trial.index} {_label(params)}: error: {exc}")
@@ -380,13 +382,13 @@ def configured_space(params: dict[str, Any]) -> SearchSpace:
     larger files), so the first trial is the configured configuration itself; the configured sym and act-order
     choices tried before their alternatives within a size tier. Per-module precision (phase 2) as usual.
     """
-    method = params.get("method", "gptq")
-    group = int(params.get("group_size", 128))
+    method = params.get("method", QUANTIZE.method)
+    group = int(params.get("group_size", QUANTIZE.group_size))
     sym = (method == "gptq") if params.get("sym") is None else bool(params["sym"])
-    act = bool(params.get("desc_act", False))
+    act = bool(params.get("desc_act", QUANTIZE.desc_act))
     return SearchSpace(methods=(method,), group_sizes=(group,) + tuple(g for g in SearchSpace.group_sizes if g < group),
                        sym=(sym, not sym), desc_act=(act, not act), n_samples=(params.get("n_samples"),),
-                       bits=int(params.get("bits", 4)))
+                       bits=int(params.get("bits", QUANTIZE.bits)))
 
 
 def quantize_to_target(
@@ -411,17 +413,17 @@ def quantize_to_target(
     if ignored:
         raise InputError(f"quantize setting(s) {', '.join(ignored)} cannot be combined with target_degradation (the "
                          "search chooses those itself); remove them, or drop target_degradation to use them as set")
-    if params.get("method", "gptq") not in METHODS:
+    if params.get("method", QUANTIZE.method) not in METHODS:
         raise InputError(f"quantize method {params.get('method')!r} is not supported; choose from {', '.join(METHODS)}")
     return search_quantization(
         model_dir, output, calib=params["calib"], target_degradation=target_degradation,
         space=configured_space(params),
         bounds=SearchBounds(max_trials=max_trials, time_budget_s=time_budget_s),
-        seq_len=int(params.get("seq_len", 512)), seed=int(params.get("seed", 0)),
+        seq_len=int(params.get("seq_len", QUANTIZE.seq_len)), seed=int(params.get("seed", QUANTIZE.seed)),
         eval_general=params.get("eval_general"), eval_general_max_tokens=params.get("eval_general_max_tokens"),
-        calib_general=params.get("calib_general"),
-        calib_general_fraction=float(params.get("calib_general_fraction", 0.0)),
-        device=params.get("device", "auto"), compute_dtype=params.get("compute_dtype", "auto"),
+        calib_general=params.get("calib_general", QUANTIZE.calib_general),
+        calib_general_fraction=float(params.get("calib_general_fraction", QUANTIZE.calib_general_fraction)),
+        device=params.get("device", QUANTIZE.device), compute_dtype=params.get("compute_dtype", "auto"),
         force=bool(params.get("force", False)),
         progress=bool(params.get("progress", True)),
     )

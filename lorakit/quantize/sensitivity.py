@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lorakit.quantize.checks import QUANTIZED_LINEARS
+from lorakit.quantize.options import QUANTIZE
 from lorakit.quantize.grid import fake_quantize
 
 
@@ -40,7 +41,7 @@ class Sensitivity:
 
 
 @torch.no_grad()
-def module_sensitivity(model_dir: str | Path, blocks: torch.Tensor, *, bits: int = 4, group_size: int = 128,
+def module_sensitivity(model_dir: str | Path, blocks: torch.Tensor, *, bits: int = QUANTIZE.bits, group_size: int = QUANTIZE.group_size,
                        sym: bool = False, max_tokens: int = 4096, device: str = "cpu") -> Sensitivity:
     """Rank every quantized linear of ``model_dir`` by its RTN output error on ``blocks`` (calibration ids)."""
     from transformers import AutoModelForCausalLM

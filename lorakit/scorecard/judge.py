@@ -9,7 +9,7 @@
 
 The gate judges the **val** split only: it is the selection split (searches and the perplexity gate read it too),
 so the test split stays an honest, held-out report. Each threshold may be None (reported, not judged).
-Defaults are declared here once; the run config (``flows.config.GateConfig``) and ``lorakit gate`` read them.
+Defaults are declared once in :class:`lorakit.gate.options.GateOptions`, as the run config and ``lorakit gate`` read them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lorakit.errors import InputError
+from lorakit.gate.options import GATE
 
-DEFAULT_MIN_RETENTION = 0.9
-DEFAULT_MAX_ACCURACY_DROP = 0.02
+DEFAULT_MIN_RETENTION = GATE.min_retention
+DEFAULT_MAX_ACCURACY_DROP = GATE.max_accuracy_drop
 JUDGED_SPLIT = "val"
 # A score exactly at a threshold passes; float noise below this counts as the boundary (as the gate's BOUNDARY).
 TOLERANCE = 1e-12

@@ -1,8 +1,25 @@
-"""QLoRA / LoRA training of one adapter per task on a prepared-data folder (``lorakit train``)."""
+"""QLoRA / LoRA training of one adapter per task on a prepared-data folder (``lorakit train``).
 
-from lorakit.train.loop import TRAIN_LOG, TrainConfig, TrainRecord, TrainResult, read_train_record, train_adapter
-from lorakit.train.model import CpuRepackError, assert_not_repacked, repacked_modules
-from lorakit.train.sanity import TrainingSanityError
+Importing the package is light (the run config and the CLI read :mod:`lorakit.train.options`); the training code,
+which needs torch, loads on first use of a name below.
+"""
 
-__all__ = ["TRAIN_LOG", "CpuRepackError", "TrainConfig", "TrainRecord", "TrainResult", "TrainingSanityError",
-           "assert_not_repacked", "read_train_record", "repacked_modules", "train_adapter"]
+from typing import Any
+
+_NAMES = {
+    "loop": ("TRAIN_LOG", "TrainConfig", "TrainRecord", "TrainResult", "read_train_record", "train_adapter"),
+    "model": ("CpuRepackError", "assert_not_repacked", "repacked_modules"),
+    "sanity": ("TrainingSanityError",),
+}
+_MODULE_OF = {name: module for module, names in _NAMES.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorakit.train' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"lorakit.train.{module}"), name)

@@ -40,6 +40,7 @@ from lorakit.train.model import (assert_not_repacked, check_tied_targets, dropou
                                  parse_targets, pick_device)
 from lorakit.train.sanity import TrainingSanityError, check_loss_fell, check_step
 from lorakit.train import variants
+from lorakit.train.options import DEFAULT_MAX_STEPS, TRAIN
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -48,30 +49,30 @@ TRAIN_LOG = "train_log.jsonl"
 class TrainConfig:
     """Every setting that defines the run (the ``config`` block of lorakit_train.json)."""
 
-    quant: str = "nf4"
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.05
-    target: str = "all-linear"
-    rslora: bool = False
-    lr: float = 2e-4
-    epochs: float | None = None
-    max_steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    seed: int = 0
-    warmup_ratio: float = 0.05
+    quant: str = TRAIN.quant
+    r: int = TRAIN.r
+    alpha: float = TRAIN.alpha
+    dropout: float = TRAIN.dropout
+    target: str = TRAIN.target
+    rslora: bool = TRAIN.rslora
+    lr: float = TRAIN.lr
+    epochs: float | None = TRAIN.epochs
+    max_steps: int | None = TRAIN.max_steps
+    batch_size: int = TRAIN.batch_size
+    grad_accum: int = TRAIN.grad_accum
+    seed: int = TRAIN.seed
+    warmup_ratio: float = TRAIN.warmup_ratio
     schedule: str = "linear"  # linear warm-up, then linear decay towards 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    min_loss_drop: float | None = 0.01
-    checkpoint_every: int | None = 50
-    device: str = "auto"
-    gradient_checkpointing: bool | None = None  # None: on for CUDA, off on CPU (where it only costs time)
+    weight_decay: float = TRAIN.weight_decay
+    max_grad_norm: float = TRAIN.max_grad_norm
+    min_loss_drop: float | None = TRAIN.min_loss_drop
+    checkpoint_every: int | None = TRAIN.checkpoint_every
+    device: str = TRAIN.device
+    gradient_checkpointing: bool | None = TRAIN.gradient_checkpointing  # None: on for CUDA, off on CPU
     compute_dtype: str = "auto"  # lorakit.compute: auto = bfloat16 only where it is fast on this machine
-    variant: str = "lora"  # lora | dora (lorakit.train.variants)
-    init: str = "default"  # default | loftq | pissa | olora
-    lora_plus_ratio: float | None = None  # LoRA+: B's lr = ratio x A's; None = one lr
+    variant: str = TRAIN.variant  # lora | dora (lorakit.train.variants)
+    init: str = TRAIN.init  # default | loftq | pissa | olora
+    lora_plus_ratio: float | None = TRAIN.lora_plus_ratio  # LoRA+: B's lr = ratio x A's; None = one lr
 
     def validate(self) -> None:
         positive = {"r": self.r, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -262,30 +263,30 @@ def train_adapter(
     output: str | os.PathLike[str],
     *,
     base: str | os.PathLike[str] | None = None,
-    quant: str = "nf4",
-    r: int = 16,
-    alpha: float = 32,
-    dropout: float = 0.05,
-    target: str = "all-linear",
-    rslora: bool = False,
-    lr: float = 2e-4,
-    epochs: float | None = None,
-    max_steps: int | None = None,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    seed: int = 0,
+    quant: str = TRAIN.quant,
+    r: int = TRAIN.r,
+    alpha: float = TRAIN.alpha,
+    dropout: float = TRAIN.dropout,
+    target: str = TRAIN.target,
+    rslora: bool = TRAIN.rslora,
+    lr: float = TRAIN.lr,
+    epochs: float | None = TRAIN.epochs,
+    max_steps: int | None = TRAIN.max_steps,
+    batch_size: int = TRAIN.batch_size,
+    grad_accum: int = TRAIN.grad_accum,
+    seed: int = TRAIN.seed,
     resume: bool = False,
-    device: str = "auto",
-    checkpoint_every: int | None = 50,
-    warmup_ratio: float = 0.05,
-    weight_decay: float = 0.0,
-    max_grad_norm: float = 1.0,
-    min_loss_drop: float | None = 0.01,
-    gradient_checkpointing: bool | None = None,
+    device: str = TRAIN.device,
+    checkpoint_every: int | None = TRAIN.checkpoint_every,
+    warmup_ratio: float = TRAIN.warmup_ratio,
+    weight_decay: float = TRAIN.weight_decay,
+    max_grad_norm: float = TRAIN.max_grad_norm,
+    min_loss_drop: float | None = TRAIN.min_loss_drop,
+    gradient_checkpointing: bool | None = TRAIN.gradient_checkpointing,
     compute_dtype: str = "auto",
-    variant: str = "lora",
-    init: str = "default",
-    lora_plus_ratio: float | None = None,
+    variant: str = TRAIN.variant,
+    init: str = TRAIN.init,
+    lora_plus_ratio: float | None = TRAIN.lora_plus_ratio,
     keep_checkpoints: bool = False,
     on_step: Callable[[dict], None] | None = None,
     force: bool = False,
@@ -293,8 +294,9 @@ def train_adapter(
 ) -> TrainResult:
     """Train one LoRA adapter on ``prep_dir``'s train split and write a PEFT adapter folder at ``output``.
 
-    ``base`` defaults to the model whose tokenizer prep used (the embedded default when prep used it). Without
-    ``epochs``/``max_steps`` the run is one epoch. ``on_step`` receives each step's log entry (progress reporting
+    ``base`` defaults to the model whose tokenizer prep used (the embedded default when prep used it). Defaults:
+    :class:`lorakit.train.options.TrainOptions` (as ``lorakit train`` and the run config's ``lora:``); without
+    ``epochs``/``max_steps`` the run is :data:`~lorakit.train.options.DEFAULT_MAX_STEPS` optimizer steps. ``on_step`` receives each step's log entry (progress reporting
     for callers such as Prefect tasks; an exception there interrupts the run like Ctrl-C, leaving checkpoints).
     Raises :class:`InputError` on bad input and :class:`TrainingSanityError` when the run fails the sanity gate;
     in both cases nothing is written at ``output``.
@@ -304,6 +306,8 @@ def train_adapter(
     started = time.perf_counter()
     output = Path(output)
     prep_dir = Path(prep_dir)
+    if epochs is None and max_steps is None:  # recorded as the step count it means
+        max_steps = DEFAULT_MAX_STEPS
     cfg = TrainConfig(quant=quant, r=int(r), alpha=float(alpha), dropout=float(dropout),
                       target=target if isinstance(target, str) else ",".join(target), rslora=bool(rslora),
                       lr=float(lr), epochs=epochs, max_steps=max_steps, batch_size=int(batch_size),
@@ -327,7 +331,7 @@ def train_adapter(
     variants.check_base(base_dir, cfg.variant, cfg.quant, targets)
     rows = load_rows(prep_dir, "train")
     schedule = Schedule(len(rows), cfg.batch_size, cfg.grad_accum, cfg.seed)
-    total = int(cfg.max_steps) if cfg.max_steps is not None else schedule.steps_for_epochs(cfg.epochs or 1)
+    total = int(cfg.max_steps) if cfg.max_steps is not None else schedule.steps_for_epochs(cfg.epochs)
     dev = pick_device(cfg.device)
     dtype = dtype_name(resolve_compute_dtype(cfg.compute_dtype, "train", dev))
     base_digest = weights_digest(base_dir)

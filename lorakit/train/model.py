@@ -23,9 +23,9 @@ import torch
 from lorakit.adapters import TIED_TARGETS
 from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.errors import InputError, LorakitError
+from lorakit.train.options import QUANT_MODES
 from lorakit.runtime import resolve_device
 
-QUANT_MODES = ("nf4", "none")
 SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                  "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 

@@ -29,11 +29,10 @@ from typing import Any
 import torch
 
 from lorakit.errors import InputError
+from lorakit.train.options import BASE_CHANGING_INITS, INITS, VARIANTS
 
-VARIANTS = ("lora", "dora")
-INITS = ("default", "loftq", "pissa", "olora")
 LR_SCALE = "lr_scale"  # param-group key: the loop sets group lr = scheduled lr x this
-_BASE_CHANGING = ("pissa", "olora")
+_BASE_CHANGING = BASE_CHANGING_INITS
 
 
 def check_variant(variant: str, init: str, quant: str, lora_plus_ratio: float | None) -> None:

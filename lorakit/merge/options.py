@@ -1,0 +1,65 @@
+"""The options of the merge stage, declared once: ``lorakit merge``, the run config's ``merge:`` section and
+the library's defaults come from :class:`MergeOptions` and :class:`MergeSearchOptions` (:mod:`lorakit.options`).
+
+Light on purpose (no torch): the run config and the CLI read the method names from here;
+:mod:`lorakit.merge.registry`, which owns the methods, checks at import that its static list is this one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, FiniteFloat
+
+from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from lorakit.options import Cli, StageOptions
+
+METHOD_NAMES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
+
+
+def default_weights(n: int) -> list[float]:
+    """1.0 per adapter: a 1/n merge scales each task's update by 1/n and kept about half of each adapter's val
+    gain on the bundled tasks, 1.0 each over 80% (bench/results/merge_search.json,
+    ``variants.*.val.worst_retention``); disjoint skills add (task arithmetic)."""
+    return [1.0] * n
+
+
+class MergeOptions(StageOptions):
+    """How LoRA adapters are combined into one update: ΔW = method(w₁·ΔW₁, …), ΔWᵢ = scalingᵢ·BᵢAᵢ."""
+
+    method: MethodName = Field("linear", description="How updates are combined; every method works on the full "
+                               "updates ΔWᵢ = scalingᵢ·BᵢAᵢ.")
+    # Finite: a `.nan` weight in YAML would otherwise pass and fail only in the merge, after every adapter trained.
+    weights: Annotated[list[FiniteFloat] | None, Cli(decls=("-w", "--weights"))] = Field(
+        None, description="One weight per adapter (dataset), in order; none = 1.0 each (task arithmetic: every "
+        "adapter's full update). Any finite value; they need not sum to 1, and a negative weight subtracts a task.")
+    density: float | None = Field(None, gt=0, le=1, description="ties/dare_*/magnitude_prune: fraction of each "
+                                  "update's entries kept.")
+    seed: int | None = Field(None, description="dare_*: seed of the random drop masks (none = 0; deterministic).")
+    normalize: bool | None = Field(None, description="ties/dare_ties: divide by the sum of agreeing weights.")
+    loftq_base: Literal["dequantized", "original"] | None = Field(
+        None, description="LoftQ adapters (train init loftq) belong to the NF4-quantized base: dequantized merges "
+        "into dequant(NF4(W)), exactly the model that was trained; original adds them to W anyway.")
+
+
+class MergeSearchOptions(StageOptions):
+    """Merge weights chosen by measurement (:mod:`lorakit.merge.search`): maximise the worst task's retention on
+    the val splits (of NLL, or of greedy exact match with objective accuracy)."""
+
+    methods: list[MethodName] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["linear"], min_length=1, description="Methods searched (the trial budget is split "
+        "between them).")
+    objective: Literal[tuple(OBJECTIVES)] = Field(  # type: ignore[valid-type]
+        DEFAULT_OBJECTIVE, description="The score retention is measured on: nll (val NLL, cheap) or accuracy (greedy "
+        "exact match on the val examples: what the release promises, generation per trial; instruction or chat data).")
+    max_trials: int = Field(24, gt=0, description="Merges evaluated at most (the uniform 1/n baseline is the first).")
+    time_budget_s: Annotated[float, Cli(decls=("--time-budget",))] = Field(
+        3600.0, gt=0, description="Seconds; no trial starts after it.")
+    target_retention: float | None = Field(None, description="Say whether the best worst-task retention reaches "
+                                           "this (the best trial is written either way).")
+    max_tokens: int | None = Field(None, gt=0, description="Score at most this many tokens of each split.")
+
+
+MERGE = MergeOptions()
+MERGE_SEARCH = MergeSearchOptions()

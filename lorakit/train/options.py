@@ -1,0 +1,83 @@
+"""The options of the train stage, declared once: ``lorakit train``, the run config's ``lora:`` section and
+``lorakit.train.train_adapter`` take their defaults from :class:`TrainOptions` (:mod:`lorakit.options`).
+
+The defaults are what the training sweep measured for the embedded release on CPU: learning rate 1e-3 for 40
+optimizer steps of 2 x 2 packed rows of 512 tokens (about 4.5 epochs of a bundled task) gave 75% / 55% exact match
+on the reverse-words / number-words test splits, where the earlier default (2e-4, one epoch) gave 0-7%
+(bench/results/train_sweep.json, ``runs.*.exact_match_test``). Two rows per micro-batch keeps CPU memory low: one
+step of 8 packed rows of 256 tokens peaked at 8.3 GiB RSS without gradient checkpointing
+(bench/results/train.json, ``memory``); activations, not logits, dominate.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from lorakit.options import Cli, StageOptions
+from lorakit.runtime import DEFAULT_DEVICE
+
+QUANT_MODES = ("nf4", "none")
+VARIANTS = ("lora", "dora")
+INITS = ("default", "loftq", "pissa", "olora")
+BASE_CHANGING_INITS = ("pissa", "olora")  # they rewrite the base into a residual: a float base only
+DEFAULT_MAX_STEPS = 40  # when neither max_steps nor epochs is given (the sweep above)
+
+
+class TrainOptions(StageOptions):
+    """QLoRA (or plain LoRA) training of one adapter."""
+
+    quant: Literal[QUANT_MODES] = Field(  # type: ignore[valid-type]
+        "nf4", description="nf4: QLoRA (4-bit NF4 base, double quant, bitsandbytes); none: plain LoRA on the float base.")
+    r: Annotated[int, Cli(decls=("--r",))] = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scaling alpha/r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target: str = Field("all-linear", description="Modules to adapt: all-linear (never the output head) or a list "
+                        "such as q,v or q_proj,v_proj.")
+    rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    variant: Literal[VARIANTS] = Field(  # type: ignore[valid-type]
+        "lora", description="dora: DoRA (learned magnitude x normalised direction, PEFT use_dora); merges materialise it.")
+    init: Literal[INITS] = Field(  # type: ignore[valid-type]
+        "default", description="LoRA initialisation: loftq cancels the NF4 error (quant nf4 only); pissa/olora start "
+        "from the base's principal directions (quant none only; saved converted to plain LoRA, rank 2r).")
+    lora_plus_ratio: float | None = Field(None, gt=0, description="LoRA+: B learns this many times faster than A "
+                                          "(16 is usual); none = one learning rate.")
+    lr: float = Field(1e-3, ge=0, allow_inf_nan=False, description="Peak learning rate (linear warm-up and decay).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training rows, instead of max_steps.")
+    max_steps: int | None = Field(None, gt=0, description=f"Optimizer steps; none = {DEFAULT_MAX_STEPS}, or 'epochs' "
+                                  "when given.")
+    batch_size: int = Field(2, gt=0, description="Packed rows per micro-batch.")
+    grad_accum: int = Field(2, gt=0, description="Micro-batches per optimizer step.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(0, description="Seed of LoRA init, data order and dropout.")
+    device: str = Field(DEFAULT_DEVICE, description="auto (CUDA when present), cpu or cuda[:N].")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations in the backward pass; none "
+                                                "= on for CUDA, off on CPU (where it only costs time).")
+    min_loss_drop: float | None = Field(0.01, ge=0, description="Sanity gate: required relative drop of the first "
+                                        "batch's loss after training; none = no loss-fell check (finite loss and "
+                                        "gradient checks stay on).")
+    checkpoint_every: int | None = Field(50, gt=0, description="Steps between checkpoints (kept until the run "
+                                         "succeeds, for --resume); none = no checkpoints.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainOptions:
+        # The rules of lorakit.train.variants.check_variant, so a run config is refused before any stage runs.
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("give epochs or max_steps, not both")
+        if self.init == "loftq" and self.quant != "nf4":
+            raise ValueError("init 'loftq' cancels the NF4 quantization error and needs quant 'nf4'")
+        if self.init in BASE_CHANGING_INITS and self.quant != "none":
+            raise ValueError(f"init '{self.init}' rewrites the base into a residual and needs quant 'none'")
+        if self.init in BASE_CHANGING_INITS and self.variant == "dora":
+            raise ValueError(f"init '{self.init}' cannot be saved converted for variant 'dora'; use init 'default'")
+        return self
+
+    def train_kwargs(self) -> dict[str, Any]:
+        """The settings as ``train_adapter`` keyword arguments."""
+        return self.given()
+
+
+TRAIN = TrainOptions()
