@@ -47,13 +47,11 @@ class StageOptions(BaseModel):
 
 @dataclass(frozen=True)
 class Cli:
-    """How a field appears on the command line when its name alone does not say it well: put it in the field's
-    ``Annotated[...]`` metadata. ``decls`` are click's parameter declarations (``"--sym/--asym"``, ``"-w"``);
-    ``skip`` keeps a run-config-only field off the command line."""
+    """How a field appears on the command line when ``--`` + its name does not say it well: put it in the field's
+    ``Annotated[...]`` metadata. ``decls`` are click's parameter declarations (``"--sym/--asym"``, ``"-w"``).
+    (Keys only a whole run has, such as a dataset's name, live in the run config's subclass, not here.)"""
 
     decls: tuple[str, ...] = ()
-    skip: bool = False
-    metavar: str | None = None
 
 
 def cli_of(field: Any) -> Cli:

@@ -38,14 +38,14 @@ def compute_dtype_option(stage: str | None):
 
 # --- stage options: click options built from a stage's options model (lorakit.options) ---------------------------
 
-class _Unset:
+class _GivenNone:
     """A value the user typed as ``none``: the option was given, and its value is None (not "left out")."""
 
     def __repr__(self) -> str:
         return "none"
 
 
-GIVEN_NONE = _Unset()
+GIVEN_NONE = _GivenNone()
 
 
 class _OrNone(click.ParamType):
@@ -98,7 +98,7 @@ def _click_type(inner) -> tuple[click.ParamType, bool]:
     return click.STRING, False
 
 
-def stage_options(model, *, exclude: tuple[str, ...] = (), prefix_help: str = ""):
+def stage_options(model, *, prefix_help: str = ""):
     """A decorator adding one click option per field of ``model`` (a :class:`lorakit.options.StageOptions`):
     ``--group-size``, its type or choices, its description as help and its declared default shown. Booleans
     become ``--x/--no-x``; optional fields accept ``none``; lists are comma-separated. Read the values back with
@@ -112,8 +112,6 @@ def stage_options(model, *, exclude: tuple[str, ...] = (), prefix_help: str = ""
         for name in reversed(list(model.model_fields)):
             field = model.model_fields[name]
             marker = cli_of(field)
-            if marker.skip or name in exclude:
-                continue
             inner, optional = _parts(field.annotation)
             ptype, is_list = _click_type(inner)
             default = field.get_default(call_default_factory=True) if field.default is not PydanticUndefined or \
@@ -134,7 +132,7 @@ def stage_options(model, *, exclude: tuple[str, ...] = (), prefix_help: str = ""
                     ptype = _OrNone(ptype)
                 decls = list(marker.decls) or [long]
                 option = click.option(*decls, name, type=ptype, default=shown, help=help_text,
-                                      show_default=default is not None, metavar=marker.metavar)
+                                      show_default=default is not None)
             f = option(f)
         return f
 
@@ -164,18 +162,14 @@ class _CommaList(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of {self.item.name} values ({exc.message})", param, ctx)
 
 
-def take_stage_options(model, kwargs: dict, *, exclude: tuple[str, ...] = ()):
+def take_stage_options(model, kwargs: dict):
     """Remove ``model``'s options from a command's ``kwargs`` and validate the ones the user gave (the rest take
     their declared defaults); a bad value is one :class:`InputError` naming ``--the-option``."""
-    from lorakit.options import cli_of
-
     from click.core import ParameterSource
 
     ctx = click.get_current_context()
     given = {}
     for name, field in model.model_fields.items():
-        if cli_of(field).skip or name in exclude:
-            continue
         value = kwargs.pop(name, None)
         if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
             continue  # left out: the model's declared default applies
