@@ -60,7 +60,7 @@ def train(prep_dir, output, base, compute_dtype, no_loss_check, resume, force, q
     # PEFT imports GPTQModel while wrapping layers, and GPTQModel prints a banner on stdout; keep stdout for
     # lorakit's own result lines (scripts read the output path from --quiet).
     opts = take_stage_options(TrainOptions, options)
-    kwargs = opts.train_kwargs()
+    kwargs = opts.given()
     if no_loss_check:
         kwargs["min_loss_drop"] = None
     with contextlib.redirect_stdout(sys.stderr):

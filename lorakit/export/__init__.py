@@ -4,22 +4,11 @@ Importing the package is light (the run config reads :mod:`lorakit.export.types`
 and torch, load on first use.
 """
 
-from typing import Any
-
 from lorakit.export.types import GGUF_TYPES
+from lorakit.lazy import lazy_exports
 
-_GGUF = ("ExportResult", "export_gguf", "export_gguf_folder", "read_export_meta")
-
-__all__ = ["GGUF_TYPES", *_GGUF, "export_portable_adapter"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _GGUF:
-        from lorakit.export import gguf
-
-        return getattr(gguf, name)
-    if name == "export_portable_adapter":
-        from lorakit.export import portable
-
-        return portable.export_portable_adapter
-    raise AttributeError(f"module 'lorakit.export' has no attribute {name!r}")
+_writers, __getattr__ = lazy_exports(__name__, {
+    "gguf": ("ExportResult", "export_gguf", "export_gguf_folder", "read_export_meta"),
+    "portable": ("export_portable_adapter",),
+})
+__all__ = ["GGUF_TYPES", *_writers]

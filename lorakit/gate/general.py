@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lorakit.errors import InputError
 from lorakit.gate.options import GATE, GENERAL_DEFAULT
-from lorakit.gate.verdict import DEFAULT_MAX_DEGRADATION, CheckSpec
+from lorakit.gate.verdict import CheckSpec
 
 GENERAL_CHECK_NAME = "general text"
 GENERAL_OFF = "none"  # the CLI's way to turn the check off (the config says null)

@@ -11,7 +11,7 @@ step of 8 packed rows of 256 tokens peaked at 8.3 GiB RSS without gradient check
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -74,10 +74,6 @@ class TrainOptions(StageOptions):
         if self.init in BASE_CHANGING_INITS and self.variant == "dora":
             raise ValueError(f"init '{self.init}' cannot be saved converted for variant 'dora'; use init 'default'")
         return self
-
-    def train_kwargs(self) -> dict[str, Any]:
-        """The settings as ``train_adapter`` keyword arguments."""
-        return self.given()
 
 
 TRAIN = TrainOptions()
