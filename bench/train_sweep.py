@@ -10,8 +10,9 @@ recording train wall time, seconds per step and tokens per step. Runs are merged
 
 Usage: python bench/train_sweep.py --tasks reverse-words --grid "lr=1e-3,steps=40,batch=2,accum=4" [--grid ...]
        [--work bench/work/train_sweep] [--cpu-profile avx2]
-A grid point's keys: lr, steps, batch, accum, r, alpha, max_length, warmup (ratio). Missing keys take the release
-defaults (flows.config.LoraConfig / DatasetConfig).
+A grid point's keys: examples (records generated for the task by ``lorakit.data.bundled.generate``, same seed;
+default: the shipped file), lr, steps, batch, accum, r, alpha, max_length, warmup (ratio). Missing keys take the
+release defaults (flows.config.LoraConfig / DatasetConfig).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bench.common import machine, update_readme_section, write_results  # noqa: 
 
 RESULTS = BENCH / "results" / "train_sweep.json"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-GRID_KEYS = {"lr": float, "steps": int, "batch": int, "accum": int, "r": int, "alpha": float, "max_length": int,
+GRID_KEYS = {"examples": int, "lr": float, "steps": int, "batch": int, "accum": int, "r": int, "alpha": float, "max_length": int,
              "warmup": float}
 
 
@@ -49,16 +50,17 @@ def point_key(task: str, p: dict) -> str:
     return task + ":" + ",".join(f"{k}={p[k]}" for k in sorted(p))
 
 
-def fresh_prep(task: str, work: Path, max_length: int):
-    """A prep folder of fresh questions (every split of it is scored), built once per task and length."""
+def fresh_prep(task: str, work: Path, max_length: int, examples: int):
+    """A prep folder of fresh questions (every split of it is scored), built once per task, length and data size:
+    40 questions the ``examples`` generated training records cannot contain."""
     from lorakit.data.bundled.generate import fresh_records, render_jsonl
     from lorakit.data.prep import prepare_dataset
 
-    folder = work / f"fresh-{task}-{max_length}"
+    folder = work / f"fresh-{task}-{max_length}-{examples}"
     if not folder.exists():
-        src = work / f"fresh-{task}.jsonl"
+        src = work / f"fresh-{task}-{examples}.jsonl"
         src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(render_jsonl(fresh_records(task, 40)))
+        src.write_bytes(render_jsonl(fresh_records(task, 40, train_examples=examples)))
         prepare_dataset([str(src)], folder, max_length=max_length, val_fraction=0.1, test_fraction=0.1, seed=0,
                         progress=False)
     return folder
@@ -82,11 +84,19 @@ def run_point(task: str, point: dict, work: Path) -> dict:
     from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
     from lorakit.train.loop import train_adapter
 
+    from lorakit.data.bundled.generate import GENERATORS, N_EXAMPLES, render_jsonl
+
     ds, lora = DatasetConfig(name=task, bundled=task), LoraConfig()
     max_length = int(point.get("max_length", ds.max_length))
-    prep = work / f"prep-{task}-{max_length}"
+    examples = int(point.get("examples", N_EXAMPLES))
+    source = bundled_dataset_path(task)
+    if examples != N_EXAMPLES:
+        source = work / f"{task}-{examples}.jsonl"
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(render_jsonl(GENERATORS[task](examples)))
+    prep = work / f"prep-{task}-{max_length}-{examples}"
     if not prep.exists():
-        prepare_dataset([str(bundled_dataset_path(task))], prep, max_length=max_length, pack=ds.pack,
+        prepare_dataset([str(source)], prep, max_length=max_length, pack=ds.pack,
                         val_fraction=ds.val_fraction, test_fraction=ds.test_fraction, seed=ds.seed, progress=False)
     prep_meta = json.loads((prep / "prep.json").read_text())
     key = point_key(task, point)
@@ -104,14 +114,14 @@ def run_point(task: str, point: dict, work: Path) -> dict:
     spec = describe_model(str(out))
     loaded = load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec))
     scores = {}
-    for name, examples in (("test", str(prep)), ("fresh", all_examples(fresh_prep(task, work, max_length)))):
-        acc = task_accuracy(loaded, examples, split="test" if name == "test" else None, progress=False)
+    for name, questions in (("test", str(prep)), ("fresh", all_examples(fresh_prep(task, work, max_length, examples)))):
+        acc = task_accuracy(loaded, questions, split="test" if name == "test" else None, progress=False)
         scores[name] = {"n": acc.n_examples, "exact_match": acc.exact_match, "f1": round(acc.f1, 4),
                         "wall_s": round(acc.wall_s, 1),
                         "wrong_examples": [(p.reference, p.prediction) for p in acc.predictions if not p.exact][:3]}
     steps = int(record["steps"])
     rows_per_step = int(point.get("batch", lora.batch_size)) * int(point.get("accum", lora.grad_accum))
-    return {"task": task, "point": point, "steps": steps, "train_wall_s": round(train_s, 1),
+    return {"task": task, "point": point, "examples": examples, "steps": steps, "train_wall_s": round(train_s, 1),
             "s_per_step": round(train_s / max(1, steps), 2), "tokens_per_step": rows_per_step * max_length,
             "train_rows": prep_meta["counts"]["train"]["rows"], "epochs": record["epochs_done"],
             "final_loss": record["final_loss"], "compute_dtype": record["compute_dtype"],

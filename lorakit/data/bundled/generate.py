@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-N_EXAMPLES = 400
+N_EXAMPLES = 2000
 SEED = 1234
 
 # Short, common, single-token-ish English words keep examples short (~40 tokens with SmolLM2's chat template).
@@ -83,9 +83,10 @@ _FRESH_WORDS = (
 assert not set(_FRESH_WORDS) & set(_WORDS)
 
 
-def fresh_records(name: str, n: int = 40, seed: int = 99) -> list[dict]:
-    """``n`` questions of the bundled task ``name`` that the shipped file cannot contain: reverse-words over words
-    outside its vocabulary, number-words over numbers it does not use. Same instruction, same answer rule."""
+def fresh_records(name: str, n: int = 40, seed: int = 99, train_examples: int = N_EXAMPLES) -> list[dict]:
+    """``n`` questions of the bundled task ``name`` that its generated data (``train_examples`` records, the shipped
+    file by default) cannot contain: reverse-words over words outside its vocabulary, number-words over numbers it
+    does not use. Same instruction, same answer rule."""
     if name == "reverse-words":
         rng, out, seen = random.Random(seed), [], set()
         while len(out) < n:
@@ -96,7 +97,7 @@ def fresh_records(name: str, n: int = 40, seed: int = 99) -> list[dict]:
                             "output": " ".join(reversed(words))})
         return out
     if name == "number-words":
-        used = {int(r["input"]) for r in number_words_records()}
+        used = {int(r["input"]) for r in number_words_records(train_examples)}
         rng, out = random.Random(seed), []
         while len(out) < n:
             value = rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 99_999)])
