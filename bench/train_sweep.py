@@ -2,7 +2,7 @@
 
 For each task and each grid point, train one QLoRA adapter on the embedded SmolLM2-135M-Instruct (the release's
 prep settings, the resolved compute dtype) and score it by greedy exact match on
-  * the task's test split (40 held-out questions of the bundled file), and
+  * the task's test split (the release's prep fractions: 10% of the task's records), and
   * 40 fresh questions the bundled file cannot contain (``lorakit.data.bundled.generate.fresh_records``: unseen
     words for reverse-words, unused numbers for number-words),
 recording train wall time, seconds per step and tokens per step. Runs are merged into
@@ -129,14 +129,43 @@ def run_point(task: str, point: dict, work: Path) -> dict:
             "scores": scores, "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+SUMMARY_FIELDS = ("exact_match_test", "exact_match_fresh", "s_per_step", "train_wall_s", "epochs", "final_loss")
+
+
+def release_point(runs: dict) -> dict:
+    """The runs at the release's training settings (lr, steps, batch, accum), by task and data size: what the
+    defaults' docstrings and config comments cite (``release_point.<task>.<examples>.exact_match_test``)."""
+    from flows.config import LoraConfig
+    from lorakit.train.options import DEFAULT_MAX_STEPS
+
+    lora = LoraConfig()
+    defaults = {"lr": lora.lr, "steps": lora.max_steps or DEFAULT_MAX_STEPS, "batch": lora.batch_size,
+                "accum": lora.grad_accum}
+    out: dict = {}
+    for r in runs.values():
+        p = r["point"]
+        if r.get("cpu_profile", "native") == "native" and set(p) <= {*defaults, "examples"} and all(
+                p.get(k, v) == v for k, v in defaults.items()):
+            out.setdefault(r["task"], {})[str(r.get("examples", 400))] = {k: r[k] for k in SUMMARY_FIELDS}
+    return out
+
+
+def save(runs: dict) -> None:
+    write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",
+                                  "data": "bundled tasks, release prep settings", "runs": runs,
+                                  "release_point": release_point(runs), "last_run_machine": machine()})
+    update_readme_section("train_sweep", readme(runs))
+
+
 def readme(runs: dict) -> str:
     lines = ["## train_sweep", "", "QLoRA adapters on SmolLM2-135M-Instruct, one per bundled task; greedy exact match "
              "on the test split and on 40 fresh questions (`python bench/train_sweep.py`).", "",
-             "| task | lr | steps | batch x accum | EM test | EM fresh | s/step | train s | dtype |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs.values(), key=lambda r: (r["task"], r["point"].get("lr", 0), r["steps"])):
+             "Runs without a recorded `examples` count trained on the shipped files of their time (400 records per task).",
+             "", "| task | examples | lr | steps | batch x accum | EM test | EM fresh | s/step | train s | dtype |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs.values(), key=lambda r: (r["task"], r.get("examples", 400), r["point"].get("lr", 0), r["steps"])):
         p = r["point"]
-        lines.append(f"| {r['task']} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
+        lines.append(f"| {r['task']} | {r.get('examples', 400)} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
                      f"{p.get('accum', '-')} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
                      f"{r['s_per_step']} | {r['train_wall_s']:.0f} | {r['compute_dtype']} |")
     return "\n".join(lines)
@@ -145,7 +174,8 @@ def readme(runs: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default="reverse-words,number-words")
-    ap.add_argument("--grid", action="append", required=True, help="one grid point, e.g. lr=1e-3,steps=40")
+    ap.add_argument("--grid", action="append", default=[],
+                    help="one grid point, e.g. lr=1e-3,steps=40 (none: rewrite the summary and README section)")
     ap.add_argument("--work", default=str(BENCH / "work" / "train_sweep"))
     ap.add_argument("--cpu-profile", choices=("native", "avx2"), default="native")
     args = ap.parse_args()
@@ -156,7 +186,7 @@ def main() -> None:
 
     configure_threads()
     work = Path(args.work)
-    runs: dict = {}
+    runs: dict = (json.loads(RESULTS.read_text()) if RESULTS.exists() else {}).get("runs", {})
     for task in args.tasks.split(","):
         for text in args.grid:
             point = parse_point(text)
@@ -168,10 +198,8 @@ def main() -> None:
             runs[key] = result
             print(json.dumps({k: runs[key][k] for k in ("exact_match_test", "exact_match_fresh", "s_per_step",
                                                          "train_wall_s")}), flush=True)
-            write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",
-                                          "data": "bundled tasks, release prep settings", "runs": runs,
-                                          "last_run_machine": machine()})
-    update_readme_section("train_sweep", readme(runs))
+            save(runs)
+    save(runs)
 
 
 if __name__ == "__main__":

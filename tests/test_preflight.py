@@ -98,7 +98,7 @@ def test_schema_errors_come_out_as_the_same_list(tiny_base, tmp_path, quiet_pref
 
 
 def test_explicit_calibration_that_the_data_cannot_fill_is_refused(tiny_base, tmp_path, quiet_prefect):
-    # The bundled tasks are ~6k examples of a few dozen bytes; 4000 x 128 = 512k tokens is far beyond them.
+    # The bundled tasks are 2 x 2,000 examples of a few dozen tokens; 4000 x 128 = 512k tokens is beyond them.
     too_much = tiny_config_data(tiny_base, tmp_path, quantize={"n_samples": 4000})
     (tmp_path / "big.yaml").write_text(yaml.safe_dump(too_much))
     proc = run_cli("run", str(tmp_path / "big.yaml"), "--check", cwd=tmp_path)

@@ -177,7 +177,7 @@ def test_model_with_another_tokenizer_is_one_clear_error_and_nothing_written(tin
 @pytest.mark.slow
 def test_base_smollm2_scores_near_zero_on_reverse_words_and_reports_speed(real_base, tmp_path):
     prepare_dataset(["bundled:reverse-words"], tmp_path / "p", progress=False)
-    r = task_accuracy(None, tmp_path / "p", batch_size=8, progress=False)
+    r = task_accuracy(None, tmp_path / "p", batch_size=8, max_examples=40, progress=False)
     print(f"\nSmolLM2-135M base on reverse-words test: {r.n_examples} examples, exact {r.exact_match:.2%}, "
           f"F1 {r.f1:.3f}, {r.wall_s:.1f} s, {r.examples_per_s:.2f} ex/s, {r.generated_tokens_per_s:.1f} tok/s")
     assert r.split == "test" and r.n_examples >= 10

@@ -2,9 +2,10 @@
 ``lorakit.train.train_adapter`` take their defaults from :class:`TrainOptions` (:mod:`lorakit.options`).
 
 The defaults are what the training sweep measured for the embedded release on CPU: learning rate 1e-3 for 40
-optimizer steps of 2 x 2 packed rows of 512 tokens (about 4.5 epochs of a bundled task) gave 75% / 55% exact match
-on the reverse-words / number-words test splits, where the earlier default (2e-4, one epoch) gave 0-7%
-(bench/results/train_sweep.json, ``runs.*.exact_match_test``). Two rows per micro-batch keeps CPU memory low: one
+optimizer steps of 2 x 2 packed rows of 512 tokens gave 93% / 59.5% exact match on the reverse-words /
+number-words test splits of the bundled 2,000-example tasks (about 0.9 epoch), where the earlier default (2e-4,
+one epoch of 400 examples) gave 0-7% and the same steps over 400 examples (4.5 epochs: memorised) 75% / 55%
+(bench/results/train_sweep.json, ``release_point.<task>.<examples>.exact_match_test``). Two rows per micro-batch keeps CPU memory low: one
 step of 8 packed rows of 256 tokens peaked at 8.3 GiB RSS without gradient checkpointing
 (bench/results/train.json, ``memory``); activations, not logits, dominate.
 """
