@@ -103,7 +103,8 @@ def merge_defaults(parts: dict, work: Path) -> dict:
                            method=spec["method"], output_kind="model", density=spec.get("density"), progress=False)
         started = time.perf_counter()
         card = build_scorecard(None, score_tasks, merged, None, output=work / f"card-{name}", force=True,
-                               general="default", progress=True)
+                               general="default", progress=True,
+                               max_examples=(parts["data"].get("params") or {}).get("max_examples"))
         results[name] = {"method": spec["method"], "weights": [weight] * len(tasks),
                          "density": spec.get("density"), "wall_s": round(time.perf_counter() - started, 1),
                          "tasks": summary(card.data), "general_text": card.data.get("general_text")}

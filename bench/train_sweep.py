@@ -50,12 +50,13 @@ def point_key(task: str, p: dict) -> str:
     return task + ":" + ",".join(f"{k}={p[k]}" for k in sorted(p))
 
 
-def fresh_prep(task: str, work: Path, max_length: int, examples: int):
+def fresh_prep(task: str, work: Path, max_length: int, examples: int | None = None):
     """A prep folder of fresh questions (every split of it is scored), built once per task, length and data size:
-    40 questions the ``examples`` generated training records cannot contain."""
-    from lorakit.data.bundled.generate import fresh_records, render_jsonl
+    40 questions the ``examples`` generated training records (default: the shipped file) cannot contain."""
+    from lorakit.data.bundled.generate import N_EXAMPLES, fresh_records, render_jsonl
     from lorakit.data.prep import prepare_dataset
 
+    examples = examples or N_EXAMPLES
     folder = work / f"fresh-{task}-{max_length}-{examples}"
     if not folder.exists():
         src = work / f"fresh-{task}-{examples}.jsonl"
