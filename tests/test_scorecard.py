@@ -217,6 +217,29 @@ def test_general_text_scores_every_model_on_one_stream(release, tmp_path):
                            **SEQ).data["general_text"] is None  # not asked for: not scored
 
 
+def test_max_examples_caps_perplexity_to_the_examples_exact_match_scores(release):
+    """With max_examples N, a split's NLL is over its first N rendered examples, as `lorakit.evaluate.perplexity`
+    computes it on those texts alone, not over the whole split."""
+    from lorakit.data.splits import read_texts
+    from lorakit.evaluate import perplexity
+    from lorakit.evaluate.loading import describe_model, load_tokenizer
+    from lorakit.evaluate.text import read_eval_texts, tokenize_eval_texts
+
+    prep = release["tasks"]["yes"][0]
+    texts = read_texts(prep, "val")
+    assert len(texts) > 3, "the val split must be larger than the cap for this test to mean anything"
+    card = build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], None, max_examples=3,
+                           **SEQ).data
+    val = card["tasks"]["yes"]["splits"]["val"]["models"]["merged"]
+    tok = load_tokenizer(describe_model(release["base"]))
+    capped = perplexity(str(release["yes_only"]), tokenize_eval_texts(read_eval_texts(texts[:3]), tok), seq_len=64,
+                        progress=False)
+    whole = perplexity(str(release["yes_only"]), tokenize_eval_texts(read_eval_texts(texts), tok), seq_len=64,
+                       progress=False)
+    assert val["n_examples"] == 3 and val["tokens"] == capped.tokens < whole.tokens
+    assert val["mean_nll"] == pytest.approx(capped.mean_nll, rel=1e-9)
+
+
 def test_judge_boundaries_on_hand_made_numbers():
     """Thresholds inclusive; judged on val only (a failing test split changes nothing); None reports only."""
     def split(base, adapter, merged, quantized):

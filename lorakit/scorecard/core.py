@@ -7,7 +7,8 @@ selection split, and ``test``, the held-out report; a folder without a test spli
 - **task accuracy**: exact match and token F1 of greedy answers (``lorakit.evaluate.task_accuracy``, the same
   prompts, decoding and scoring as ``lorakit eval --tasks``); ``text`` data has no answers and is a labelled skip;
 - **perplexity / mean NLL** of the split's rendered examples (``lorakit.evaluate.perplexity``, the gate's fixed
-  method, on one token stream tokenized once with the base's tokenizer).
+  method, on one token stream tokenized once with the base's tokenizer); ``max_examples`` caps both measurements
+  to the same first examples, so NLL and exact match describe the same questions.
 
 The models: the base, *that task's* adapter alone (PEFT on the base), the merged model and the quantized model.
 With ``general`` (the release passes the gate's general text), every model's perplexity on it too: what each one
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,10 @@ def build_scorecard(
     for t in tasks:
         for s in plans[t.name]["splits"]:
             try:
-                tokens = tokenize_eval_texts(read_eval_texts(t.data, s), tokenizers["base"], max_tokens=max_tokens)
+                texts = read_eval_texts(t.data, s)
+                if max_examples is not None:  # perplexity over the same examples the exact match scores
+                    texts = replace(texts, texts=texts.texts[: int(max_examples)])
+                tokens = tokenize_eval_texts(texts, tokenizers["base"], max_tokens=max_tokens)
                 plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"the {s} split of {t.data}")
             except InputError as exc:
                 raise InputError(f"task {t.name}: {exc}") from None

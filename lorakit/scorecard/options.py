@@ -13,4 +13,4 @@ class ScorecardOptions(StageOptions):
     test."""
 
     max_examples: int | None = Field(None, gt=0, description="Score at most the first N examples of each task and "
-                                     "split (none = all).")
+                                     "split, for exact match and perplexity alike (none = all).")
