@@ -51,10 +51,12 @@ def _library():
     from lorakit.merge import merge_adapters
     from lorakit.merge.search import search_merge
     from lorakit.quantize import quantize_model
+    from lorakit.scorecard import build_scorecard
     from lorakit.train import train_adapter
 
     return {"prep": [prepare_dataset], "train": [train_adapter], "merge": [merge_adapters],
-            "merge-search": [search_merge], "quantize": [quantize_model], "gate": [check]}
+            "merge-search": [search_merge], "quantize": [quantize_model], "gate": [check],
+            "scorecard": [build_scorecard]}
 
 
 def _default(field):
@@ -78,7 +80,7 @@ def test_cli_options_and_config_section_are_the_options_model(stage):
         assert (field.description or "")[5:40].lower() in (option.help or "").lower(), (stage, name)
 
 
-@pytest.mark.parametrize("stage", ["prep", "train", "merge", "merge-search", "quantize", "gate"])
+@pytest.mark.parametrize("stage", ["prep", "train", "merge", "merge-search", "quantize", "gate", "scorecard"])
 def test_library_defaults_are_the_options_model(stage):
     model = _stages()[stage][0]
     checked = 0

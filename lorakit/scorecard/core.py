@@ -42,6 +42,7 @@ from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_tex
 from lorakit.evaluate.windows import check_window_params, plan_windows
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS, resolve_general_text
 from lorakit.progress import emit
+from lorakit.scorecard.options import SCORECARD
 
 FORMAT = "lorakit-scorecard v1"
 SCORECARD_JSON = "scorecard.json"
@@ -94,7 +95,7 @@ def build_scorecard(
     ppl_batch_size: int = DEFAULT_BATCH_SIZE,
     gen_batch_size: int = DEFAULT_GEN_BATCH_SIZE,
     margin: int = DEFAULT_MARGIN,
-    max_examples: int | None = None,
+    max_examples: int | None = SCORECARD.max_examples,
     case_insensitive: bool = False,
     strip_punctuation: bool = False,
     quant_path: str = "auto",
