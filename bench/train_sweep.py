@@ -130,6 +130,8 @@ def run_point(task: str, point: dict, work: Path) -> dict:
             "scores": scores, "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
+# Runs recorded before the ``examples`` key trained on the shipped files of their time: 400 records per task.
+EXAMPLES_BEFORE_THE_KEY = 400
 SUMMARY_FIELDS = ("exact_match_test", "exact_match_fresh", "s_per_step", "train_wall_s", "epochs", "final_loss")
 
 
@@ -147,7 +149,7 @@ def release_point(runs: dict) -> dict:
         p = r["point"]
         if r.get("cpu_profile", "native") == "native" and set(p) <= {*defaults, "examples"} and all(
                 p.get(k, v) == v for k, v in defaults.items()):
-            out.setdefault(r["task"], {})[str(r.get("examples", 400))] = {k: r[k] for k in SUMMARY_FIELDS}
+            out.setdefault(r["task"], {})[str(r.get("examples", EXAMPLES_BEFORE_THE_KEY))] = {k: r[k] for k in SUMMARY_FIELDS}
     return out
 
 
@@ -161,12 +163,12 @@ def save(runs: dict) -> None:
 def readme(runs: dict) -> str:
     lines = ["## train_sweep", "", "QLoRA adapters on SmolLM2-135M-Instruct, one per bundled task; greedy exact match "
              "on the test split and on 40 fresh questions (`python bench/train_sweep.py`).", "",
-             "Runs without a recorded `examples` count trained on the shipped files of their time (400 records per task).",
+             f"Runs without a recorded `examples` count trained on the shipped files of their time ({EXAMPLES_BEFORE_THE_KEY} records per task).",
              "", "| task | examples | lr | steps | batch x accum | EM test | EM fresh | s/step | train s | dtype |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs.values(), key=lambda r: (r["task"], r.get("examples", 400), r["point"].get("lr", 0), r["steps"])):
+    for r in sorted(runs.values(), key=lambda r: (r["task"], r.get("examples", EXAMPLES_BEFORE_THE_KEY), r["point"].get("lr", 0), r["steps"])):
         p = r["point"]
-        lines.append(f"| {r['task']} | {r.get('examples', 400)} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
+        lines.append(f"| {r['task']} | {r.get('examples', EXAMPLES_BEFORE_THE_KEY)} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
                      f"{p.get('accum', '-')} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
                      f"{r['s_per_step']} | {r['train_wall_s']:.0f} | {r['compute_dtype']} |")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ class ScorecardOptions(StageOptions):
     test."""
 
     # 50: generating answers dominates the stage's time (5 models x 2 splits per task); 50 questions per split
-    # keep the release's scorecard near 10 min on CPU while still resolving 2-point accuracy steps.
+    # still resolve 2-point accuracy steps (the release's stage: bench/results/release_scorecard.json,
+    # release.scorecard_wall_s).
     max_examples: int | None = Field(50, gt=0, description="Score at most the first N examples of each task and "
                                      "split, for exact match and perplexity alike (none = all).")
 
