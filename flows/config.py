@@ -150,10 +150,21 @@ class ReleaseConfig(_Section):
     pools: PoolsConfig = Field(default_factory=PoolsConfig)
     route_gpu: bool = Field(False, description="Run training and quantization as deployments on the CUDA pool.")
     auto_promote: bool = Field(False, description="On a passed gate also move the 'production' alias.")
+    train_concurrency: int | Literal["auto"] = Field(
+        "auto", description="Adapters trained at once, each in its own process with its share of the cores (prep "
+        "runs alongside): auto = one at a time on CUDA, else one per dataset up to the core count; 1 = one after "
+        "another in the flow's process. With route_gpu every adapter is sent at once and the pool's limits decide.")
     output_dir: str = Field("lorakit-out", description="Folder that holds every stage's output.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of training, quantization and the gate (lorakit.compute): auto = bfloat16 only "
         "where it is fast for training/quantization, float32 for the gate; the merge is always float32.")
+
+    @field_validator("train_concurrency")
+    @classmethod
+    def _at_least_one(cls, v: int | str) -> int | str:
+        if v != "auto" and int(v) < 1:
+            raise ValueError("give 'auto' or a number of adapters >= 1")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> ReleaseConfig:

@@ -20,9 +20,11 @@ from tasks import stages
 
 
 @flow(name="train", persist_result=True)
-def train_flow(prep_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Train one LoRA adapter on one prepared data set."""
-    return stages.run_fresh(stages.train_adapter, prep_dir, output, params)
+def train_flow(prep_dir: str, output: str, params: dict[str, Any], process_threads: int | None = None
+               ) -> dict[str, Any]:
+    """Train one LoRA adapter on one prepared data set (``process_threads``: in a child process with that many
+    torch threads, so that several train at once; None = in this process)."""
+    return stages.run_fresh(stages.train_adapter, prep_dir, output, params, process_threads=process_threads)
 
 
 @flow(name="quantize", persist_result=True)

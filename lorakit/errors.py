@@ -21,6 +21,10 @@ class LorakitError(Exception):
         if exit_code is not None:
             self.exit_code = exit_code
 
+    def __reduce__(self):
+        """Pickle with the exit code (an error raised in a child process keeps it in the parent)."""
+        return type(self), self.args, {"exit_code": self.exit_code}
+
 
 class InputError(LorakitError):
     """An input file, folder or parameter is unusable; nothing was written."""

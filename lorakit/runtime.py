@@ -26,6 +26,42 @@ def configure_threads() -> int:
     return n
 
 
+# Peak resident memory of one QLoRA training at the release's defaults, per byte of the base's weight files: a
+# training of SmolLM2-135M-Instruct (a 538,090,408-byte float32 safetensors file) peaked at 5,836 MiB in its own
+# process (bench/results/train_concurrency.json: at_once.children.number-words.peak_rss_mib), 11.4x its weights.
+TRAIN_PEAK_PER_WEIGHT_BYTE = 5836.4 * 2**20 / 538_090_408
+
+
+def training_slots(requested: int | str, adapters: int, device: str = "auto", *,
+                   base_weight_bytes: int | None = None, available_bytes: int | None = None
+                   ) -> tuple[int, int | None]:
+    """How many adapters train at once, and the torch threads each child process gets (None: one at a time, here).
+
+    ``auto``: one at a time on CUDA (one device); on CPU as many as there are adapters and cores, the cores split
+    evenly, and as many as the available memory holds: each training needs about
+    :data:`TRAIN_PEAK_PER_WEIGHT_BYTE` x ``base_weight_bytes`` (``available_bytes`` defaults to what the OS reports
+    available now). Two at one thread each on 2 cores trained 1.26x faster than one after another at two threads
+    (bench/results/train_concurrency.json: speedup). An explicit number is used as given (at most one per adapter),
+    with the cores split between them: the user has said what the machine holds.
+    """
+    import torch
+
+    cores = max(1, torch.get_num_threads())  # what configure_threads allowed this process
+    if requested == "auto":
+        on_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        slots = 1 if on_cuda else min(adapters, cores)
+        if slots > 1 and base_weight_bytes:
+            if available_bytes is None:
+                import psutil
+
+                available_bytes = psutil.virtual_memory().available
+            slots = min(slots, int(available_bytes // (TRAIN_PEAK_PER_WEIGHT_BYTE * base_weight_bytes)))
+    else:
+        slots = min(adapters, int(requested))
+    slots = max(1, slots)
+    return (slots, max(1, cores // slots)) if slots > 1 else (1, None)
+
+
 # Third-party loggers that warn about optional extras this project never uses (torchao's CUDA-only kernels built
 # for another torch, a deprecated pytree registration, bitsandbytes' optional "kernels" package). Their noise
 # drowned lorakit's own messages; real errors from them still surface.

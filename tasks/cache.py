@@ -65,3 +65,12 @@ class InputFileStamps(CachePolicy):
 
 
 STAGE_CACHE = TASK_SOURCE + INPUTS + InputFileStamps()
+
+
+def placement_blind_cache(*placement_args: str) -> CachePolicy:
+    """:data:`STAGE_CACHE` blind to arguments that say *where* a step runs (its own process, how many threads),
+    not what it computes: the same adapter trained in a child process is a hit for one trained in-process."""
+    inputs = INPUTS
+    for name in placement_args:
+        inputs = inputs - name
+    return TASK_SOURCE + inputs + InputFileStamps(exclude=("output", *placement_args))

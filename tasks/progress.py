@@ -57,6 +57,11 @@ def reported(fn: Callable) -> Callable:
     return wrapper
 
 
+def say(message: str) -> None:
+    """One progress line from the flow itself: on the console and in the current Prefect run's logs."""
+    progress.emit(message, sink=prefect_sink())
+
+
 @contextlib.contextmanager
 def stage_lines(label: str) -> Iterator[dict[str, str]]:
     """``<label>: started`` and ``<label>: done in 3m12s`` (or ``failed after``) around a stage.

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import task
 
 from lorakit.errors import LorakitError
-from tasks.cache import STAGE_CACHE
+from tasks.cache import STAGE_CACHE, placement_blind_cache
 from tasks.progress import reported, stage_lines
 
 GPU_TAG = "gpu"
@@ -99,17 +99,29 @@ def prep_data(sources: list[str], output: str, params: dict[str, Any]) -> dict[s
     return _out(prepare_dataset(sources, output, force=True, progress=True, **params))
 
 
-@_stage(name="train-adapter", tags=[GPU_TAG], retries=1, retry_delay_seconds=10,
-        retry_condition_fn=retry_unless_bad_input)
+@task(cache_policy=placement_blind_cache("process_threads"), persist_result=True, name="train-adapter", tags=[GPU_TAG],
+      retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_bad_input)
 @reported
-def train_adapter(prep_dir: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
-    """QLoRA-train one adapter (``lorakit.train.train_adapter``); a retry resumes from the last checkpoint."""
+def train_adapter(prep_dir: str, output: str, params: dict[str, Any], process_threads: int | None = None
+                  ) -> dict[str, Any]:
+    """QLoRA-train one adapter (``lorakit.train.train_adapter``); a retry resumes from the last checkpoint.
+
+    ``process_threads``: train in a child process of its own with that many torch threads
+    (``lorakit.train.train_in_child``: how several adapters train at once); None = in this process. Where it
+    trains does not change what it trains, so it is not part of the cache key.
+    """
     from prefect.runtime import task_run
 
-    from lorakit.train import train_adapter as train
-
     retrying = (task_run.run_count or 0) > 1  # checkpoints carry a fingerprint: only the same run is resumed
-    return _out(train(prep_dir, output, resume=retrying, force=True, progress=True, **params))
+    options = {"resume": retrying, "force": True, "progress": True, **params}
+    if process_threads is None:
+        from lorakit.train import train_adapter as train
+
+        return _out(train(prep_dir, output, **options))
+    from lorakit.train import train_in_child
+
+    label = stage_label(train_adapter, (), {"output": output})
+    return _out(train_in_child(prep_dir, output, threads=process_threads, label=label, **options))
 
 
 @_stage(name="merge-adapters")

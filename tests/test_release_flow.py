@@ -247,3 +247,23 @@ def test_release_with_merge_search_records_the_chosen_weights_in_the_lineage(pre
     by_task = {p.artifact.name.rsplit("-adapter-", 1)[1]: p.params["weight"] for p in lineage.parents}
     assert by_task == dict(zip(["reverse-words", "number-words"], chosen["params"]["weights"]))  # each its own
     assert all(p.params["searched"] is True for p in lineage.parents)
+
+
+def test_adapters_train_at_once_and_where_they_trained_is_not_in_the_cache_key(prefect_harness, tiny_base, workdir):
+    data = tiny_config_data(tiny_base, workdir, output_dir=str(workdir / "out-concurrent"), train_concurrency=2,
+                            registry={"root": str(workdir / "registry-concurrent")})
+    first = run_release(data)
+    assert first.is_completed(), first.message
+    run_ids = [first.state_details.flow_run_id, *(r.id for r in flow_runs_under(first.state_details.flow_run_id))]
+    trains = [tr for tr in task_runs_of(run_ids) if tr.name.startswith("train-adapter")]
+    assert len(trains) == 2 and all(tr.start_time and tr.end_time for tr in trains), trains
+    assert max(tr.start_time for tr in trains) < min(tr.end_time for tr in trains)  # both ran at the same time
+    logs = "\n".join(log_messages_of(run_ids, must_contain="register: done in"))
+    assert "train: 2 adapters, 2 at once, each in its own process with" in logs
+    for name in ("reverse-words", "number-words"):  # each child's lines come back labelled with its adapter
+        assert f"train {name}: training: step 3/3, loss" in logs, logs[-3000:]
+
+    second = run_release({**data, "train_concurrency": 1})  # in-process this time: the same adapters, from the cache
+    assert second.is_completed(), second.message
+    assert stage_states(second.state_details.flow_run_id)["train-adapter"] == {"Cached"}
+    assert second.result()["refs"] == first.result()["refs"]

@@ -10,7 +10,7 @@ import pytest
 
 from lorakit.errors import InputError
 from tasks import stages
-from tasks.cache import STAGE_CACHE, InputFileStamps
+from tasks.cache import STAGE_CACHE, InputFileStamps, placement_blind_cache
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,13 @@ def test_merge_task_bad_input_is_input_error(tiny_base, two_adapters, tmp_path):
 
 
 def test_stage_tasks_cache_and_persist():
-    for t in (stages.prep_data, stages.train_adapter, stages.merge_adapters, stages.quantize_model,
-              stages.evaluate, stages.gate, stages.register):
+    for t in (stages.prep_data, stages.merge_adapters, stages.quantize_model, stages.evaluate, stages.gate,
+              stages.register):
         assert t.cache_policy is STAGE_CACHE and t.persist_result is True, t.name
+    # training: the same policy, blind to where it runs (tests/test_release_flow.py: a hit across placements)
+    assert stages.train_adapter.persist_result is True
+    assert repr(stages.train_adapter.cache_policy) == repr(placement_blind_cache("process_threads"))
+    assert "process_threads" not in repr(STAGE_CACHE) and "process_threads" in repr(stages.train_adapter.cache_policy)
     assert stages.set_alias.cache_policy is None or stages.set_alias.persist_result is not True
     assert "gpu" in stages.train_adapter.tags and "gpu" in stages.quantize_model.tags
     assert stages.train_adapter.retries == 1 and stages.register.retries == 2

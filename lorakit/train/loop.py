@@ -131,6 +131,10 @@ class TrainRecord:
     resumed_from_step: int | None
     wall_time_s: float
     versions: dict[str, str]
+    torch_threads: int | None = None  # CPU float sums depend on it; None in records written before it was kept
+    # the process's peak resident memory when the adapter was written: the training's own when it ran in a process
+    # of its own (lorakit.train.child), else also whatever the process did before; None where not measurable
+    peak_rss_mib: float | None = None
     lorakit_version: str = lorakit.__version__
     stage: str = "train"
 
@@ -153,6 +157,15 @@ class TrainResult:
     final_loss: float
     steps: int
     log: list[dict] = field(default_factory=list)
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return round(kib / (1024 * 1024 if platform.system() == "Darwin" else 1024), 1)
 
 
 def lr_at(step: int, total: int, lr: float, warmup_ratio: float) -> float:
@@ -428,7 +441,7 @@ def train_adapter(
         first_loss=losses[0], final_loss=losses[-1], best_loss=min(losses),
         first_batch_loss_before=first_batch_loss, first_batch_loss_after=after, loss_drop=drop,
         resumed_from_step=resumed_from, wall_time_s=round(elapsed_before + time.perf_counter() - started, 3),
-        versions=_versions(),
+        versions=_versions(), torch_threads=torch.get_num_threads(), peak_rss_mib=_peak_rss_mib(),
     )
     model.peft_config["default"].base_model_name_or_path = base_name
     with atomic_dir(output, force=force) as tmp:
