@@ -93,11 +93,13 @@ def in_memory_evaluator(adapters: list[str], preps: dict[str, str], base: str, s
 
     from lorakit.adapters import load_adapter
     from lorakit.merge.in_memory import InMemoryMerge
+    from lorakit.merge.options import MERGE_SEARCH
     from lorakit.merge.search import Evaluator, task_streams
 
     loaded = [load_adapter(a) for a in adapters]
-    return Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")),
-                     task_streams(list(preps.items()), loaded, Path(base), seq_len, None, objective),
+    # the search's default examples (the first 50 of each split), so its numbers and these score the same ones
+    streams = task_streams(list(preps.items()), loaded, Path(base), seq_len, None, objective, MERGE_SEARCH.max_examples)
+    return Evaluator(InMemoryMerge(Path(base), loaded, torch.device("cpu")), streams,
                      batch_size=batch_size, objective=objective)
 
 

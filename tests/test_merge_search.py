@@ -100,10 +100,10 @@ def searched(setup) -> dict:
     return {"out": out, "meta": result.metadata, "search": result.metadata["search"]}
 
 
-def _nll(model_dir, prep: Path, base=None) -> float:
+def _nll(model_dir, prep: Path | list[str], base=None) -> float:
     from lorakit.evaluate import perplexity
 
-    return perplexity(str(model_dir), str(prep), seq_len=SEQ_LEN, base=base, progress=False, device="cpu").mean_nll
+    return perplexity(str(model_dir), prep if isinstance(prep, list) else str(prep), seq_len=SEQ_LEN, base=base, progress=False, device="cpu").mean_nll
 
 
 def test_search_beats_uniform_on_worst_task_retention(searched):
@@ -400,3 +400,21 @@ def test_accuracy_objective_from_the_cli_and_its_refusals(answer_tasks, tiny_bas
         assert_nothing_written(tmp_path / folder)
     proc = run_cli("merge", *answer_tasks["adapters"], "--objective", "accuracy", "-o", str(tmp_path / "x"))
     assert proc.returncode == 2 and "--objective applies to --search" in proc.stderr
+
+
+def test_max_examples_scores_only_the_first_examples_of_each_split(setup, answer_tasks, tmp_path):
+    """NLL on the first val text alone (lorakit.evaluate.perplexity of those words, written out here), and exact
+    match on the first N val examples (the count recorded), as the scorecard reads them."""
+    from lorakit.merge.search import search_merge
+
+    s = search_merge(setup["adapters"], setup["data"], tmp_path / "nll", base=str(setup["base"]), seq_len=SEQ_LEN,
+                     max_trials=1, max_examples=1, output_kind="model", progress=False).metadata["search"]
+    assert s["method"]["max_examples"] == 1
+    for name, prep in setup["preps"].items():
+        first = json.loads((prep / "val.texts.jsonl").read_text().splitlines()[0])["text"]
+        one = _nll(tmp_path / "nll", [first])
+        both = _nll(tmp_path / "nll", prep)
+        assert s["trials"][0]["nll"][name] == pytest.approx(one, rel=1e-6) and one != pytest.approx(both, rel=1e-3)
+    acc = search_merge(answer_tasks["adapters"], answer_tasks["data"], tmp_path / "acc", objective="accuracy",
+                       base=str(answer_tasks["base"]), max_trials=1, max_examples=2, progress=False).metadata["search"]
+    assert {t["val_examples"] for t in acc["tasks"].values()} == {2}

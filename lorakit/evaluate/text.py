@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,11 +69,18 @@ class EvalTokens:
         }
 
 
-def read_eval_texts(data: str | os.PathLike[str] | list[str] | EvalTexts, split: str = "val") -> EvalTexts:
+def read_eval_texts(data: str | os.PathLike[str] | list[str] | EvalTexts, split: str = "val",
+                    max_texts: int | None = None) -> EvalTexts:
     """Documents from a prepared-data folder (its ``split``), a ``.jsonl`` of ``{"text"}``, or a text file.
 
     A plain text file is one document: splitting it on blank lines would be a second, silent choice of method.
+    ``max_texts``: only the first N documents (a prepared split's first N examples, as task accuracy reads them).
     """
+    out = _read_eval_texts(data, split)
+    return out if max_texts is None else replace(out, texts=out.texts[: int(max_texts)])
+
+
+def _read_eval_texts(data: str | os.PathLike[str] | list[str] | EvalTexts, split: str) -> EvalTexts:
     from lorakit.data.splits import read_texts
 
     if isinstance(data, EvalTexts):

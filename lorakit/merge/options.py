@@ -13,6 +13,7 @@ from pydantic import Field, FiniteFloat
 
 from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 from lorakit.options import Cli, StageOptions
+from lorakit.scorecard.options import SCORECARD
 
 METHOD_NAMES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -59,6 +60,9 @@ class MergeSearchOptions(StageOptions):
     target_retention: float | None = Field(None, description="Say whether the best worst-task retention reaches "
                                            "this (the best trial is written either way).")
     max_tokens: int | None = Field(None, gt=0, description="Score at most this many tokens of each split.")
+    # the scorecard's default: in a release the search then scores the val examples the gate's retention check judges
+    max_examples: int | None = Field(SCORECARD.max_examples, gt=0, description="Score the first N examples of each "
+                                     "task's val and test split, with either objective (none = all).")
 
 
 MERGE = MergeOptions()

@@ -356,6 +356,7 @@ def search_merge(
     base: str | os.PathLike[str] | None = None,
     seq_len: int = DEFAULT_SEQ_LEN,
     max_tokens: int | None = None,
+    max_examples: int | None = MERGE_SEARCH.max_examples,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     force: bool = False,
@@ -412,7 +413,7 @@ def search_merge(
     base_dir = core._base_dir(loaded, base, required=True)
     check_tied_targets(loaded, ties_embeddings(read_model_config(base_dir)), str(base_dir))
     core._check_base_fits(loaded, base_dir, tensor_index(base_dir))
-    tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens, objective)
+    tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens, objective, max_examples)
     with_test = all("test" in t.splits() for t in tasks)
 
     from lorakit.evaluate.loading import pick_device
@@ -436,7 +437,7 @@ def search_merge(
         "split": "val",
         "tasks": {t.name: {"data": t.data, "adapter": t.adapter, f"base_{metric}": info["base"][t.name],
                            f"adapter_{metric}": info["adapter"][t.name], **_val_size(t)} for t in tasks},
-        "method": {"seq_len": int(seq_len), "stride": int(seq_len), "max_tokens": max_tokens,
+        "method": {"seq_len": int(seq_len), "stride": int(seq_len), "max_tokens": max_tokens, "max_examples": max_examples,
                    "batch_size": int(batch_size), "dtype": "float32", "device": str(merge.device)},
         "methods": [m.name for m in merge_methods],
         "bounds": {"max_trials": max_trials, "time_budget_s": time_budget_s, "weights": [float(x) for x in weight_bounds],
@@ -477,9 +478,11 @@ def _val_size(task: TaskStream) -> dict[str, int]:
 
 
 def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_len: int,
-                 max_tokens: int | None, objective: str = DEFAULT_OBJECTIVE) -> list[TaskStream]:
+                 max_tokens: int | None, objective: str = DEFAULT_OBJECTIVE, max_examples: int | None = None
+                 ) -> list[TaskStream]:
     """Each task's val (and test, when present) data, read once: token streams and windows tokenized with the
-    base's tokenizer (objective "nll"), or the examples with their prompts and answers (objective "accuracy")."""
+    base's tokenizer (objective "nll"), or the examples with their prompts and answers (objective "accuracy");
+    only the first ``max_examples`` of each split, either way."""
     from lorakit.data.splits import has_split
     from lorakit.evaluate.loading import describe_model, load_tokenizer
     from lorakit.evaluate.text import read_eval_texts, tokenize_eval_texts
@@ -494,9 +497,9 @@ def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_le
             if split == "test" and not has_split(prep, "test"):
                 continue
             if objective == "accuracy":
-                task.examples[split] = _accuracy_examples(name, prep, split, tokenizer)
+                task.examples[split] = _accuracy_examples(name, prep, split, tokenizer, max_examples)
                 continue
-            tokens = tokenize_eval_texts(read_eval_texts(prep, split), tokenizer, max_tokens=max_tokens)
+            tokens = tokenize_eval_texts(read_eval_texts(prep, split, max_examples), tokenizer, max_tokens=max_tokens)
             windows = plan_windows(int(tokens.ids.numel()), seq_len, seq_len,
                                    source=f"the {split} split of {name} ({prep})")
             task.streams[split] = (tokens.ids, windows)
@@ -504,11 +507,11 @@ def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_le
     return out
 
 
-def _accuracy_examples(name: str, prep: str, split: str, tokenizer):
+def _accuracy_examples(name: str, prep: str, split: str, tokenizer, max_examples: int | None = None):
     """The split's examples for greedy exact match; text data (no answers) is refused before any model loads."""
     from lorakit.evaluate.accuracy import check_prep_tokenizer, read_task_examples
 
-    examples = read_task_examples(prep, split)
+    examples = read_task_examples(prep, split, max_examples)
     if examples.skipped:
         raise InputError(f"--data {name}={prep} is text-format data: it has no reference answers, so the accuracy "
                          "objective cannot score it; prepare instruction or chat data, or use --objective nll")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +159,7 @@ def build_scorecard(
     for t in tasks:
         for s in plans[t.name]["splits"]:
             try:
-                texts = read_eval_texts(t.data, s)
-                if max_examples is not None:  # perplexity over the same examples the exact match scores
-                    texts = replace(texts, texts=texts.texts[: int(max_examples)])
+                texts = read_eval_texts(t.data, s, max_examples)  # perplexity on the examples exact match scores
                 tokens = tokenize_eval_texts(texts, tokenizers["base"], max_tokens=max_tokens)
                 plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"the {s} split of {t.data}")
             except InputError as exc:
