@@ -153,10 +153,13 @@ def release_point(runs: dict) -> dict:
     return out
 
 
-def save(runs: dict) -> None:
+def save(runs: dict, measured_by: dict | None = None) -> None:
+    """Write the runs, their summary and the README section. ``measured_by``: the previous file, when this
+    process only re-summarises: its date and machine records stay those of the last training run, not this one's."""
+    kept = {k: measured_by[k] for k in ("date", "machine", "last_run_machine") if k in measured_by} if measured_by else {}
     write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",
                                   "data": "bundled tasks, release prep settings", "runs": runs,
-                                  "release_point": release_point(runs), "last_run_machine": machine()})
+                                  "release_point": release_point(runs), "last_run_machine": machine(), **kept})
     update_readme_section("train_sweep", readme(runs))
 
 
@@ -189,7 +192,11 @@ def main() -> None:
 
     configure_threads()
     work = Path(args.work)
-    runs: dict = (json.loads(RESULTS.read_text()) if RESULTS.exists() else {}).get("runs", {})
+    previous: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    runs: dict = previous.get("runs", {})
+    if not args.grid:  # only the summary and README section are rewritten: keep who measured the runs
+        save(runs, measured_by=previous)
+        return
     for task in args.tasks.split(","):
         for text in args.grid:
             point = parse_point(text)
