@@ -42,19 +42,41 @@ CPU_PROFILES: dict[str, dict[str, str]] = {
 DEMO_GOAL_S = 15 * 60
 
 
-def stage_seconds(output_dir: Path) -> dict[str, float]:
-    """Wall time each stage recorded in its output folder's metadata."""
+def stage_intervals(output_dir: Path) -> dict[str, tuple[float, float]]:
+    """(start, end) of each stage, epoch seconds: its metadata file is written last, so its mtime is the end,
+    and the start is that minus the wall time the stage recorded in it."""
     from flows.report import _seconds
 
-    times = {}
+    spans = {}
     for meta in sorted(output_dir.glob("*/*/*.json")):
         own_card = meta.name == "scorecard.json" and meta.parent.parent.name == "scorecard"  # the gate keeps a copy
         if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json") or own_card:
             data = json.loads(meta.read_text())
             sec = _seconds(data) if isinstance(data, dict) else None
             if sec is not None:
-                times[f"{meta.parent.parent.name}/{meta.parent.name}"] = sec
-    return times
+                end = meta.stat().st_mtime
+                spans[f"{meta.parent.parent.name}/{meta.parent.name}"] = (end - sec, end)
+    return spans
+
+
+def stage_seconds(output_dir: Path) -> dict[str, float]:
+    """Wall time each stage recorded in its output folder's metadata."""
+    return {name: end - start for name, (start, end) in stage_intervals(output_dir).items()}
+
+
+def span_seconds(intervals: dict[str, tuple[float, float]], kind: str | None = None) -> float | None:
+    """Seconds during which at least one of the stages (of one kind: ``adapters``) was running: less than their
+    sum where stages overlapped (adapters trained at once), and blind to pauses between them (a run resumed
+    from Prefect's cache after a crash)."""
+    chosen = sorted(iv for name, iv in intervals.items() if kind is None or name.split("/")[0] == kind)
+    if not chosen:
+        return None
+    total, (start, end) = 0.0, chosen[0]
+    for s, e in chosen[1:]:
+        if s > end:
+            total, start = total + end - start, s
+        end = max(end, e)
+    return round(total + end - start, 1)
 
 
 def release_facts(output_dir: Path, config: dict) -> dict[str, object]:

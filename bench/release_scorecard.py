@@ -139,8 +139,9 @@ def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
 def readme(release: dict, merges: dict | None) -> str:
     lines = ["## release_scorecard", "",
              f"`python bench/release_scorecard.py --release {release['source']}`: the default release's own scorecard "
-             f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_stages']:.0%} of the "
-             f"{release['stage_seconds_total']:.0f} s its stages took together), exact match per model.", "",
+             f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_span']:.0%} of the "
+             f"{release['stage_span_s']:.0f} s during which a stage ran; training "
+             f"{release['training_span_s']:.0f} s of it), exact match per model.", "",
              "| task | split | base | adapter | merged | quantized | retention (EM) | retention (NLL) | quantized drop |",
              "|---|---|---|---|---|---|---|---|---|"]
 
@@ -204,10 +205,11 @@ def main() -> None:
     parts = release_parts(args.release)
     card = parts["data"]
     gate = sorted(args.release.glob("gate/*/gate.json"))
-    from bench.pipeline import stage_seconds
+    from bench.pipeline import span_seconds, stage_intervals
 
-    stages = stage_seconds(args.release)
-    total = sum(stages.values())
+    intervals = stage_intervals(args.release)
+    stages = {name: round(end - start, 1) for name, (start, end) in intervals.items()}
+    total, span = sum(stages.values()), span_seconds(intervals)
     release = {"source": str(args.release), "tasks": parts["tasks"], "summary": summary(card),
                "scorecard_wall_s": card.get("wall_s"),
                # each stage's own recorded wall time; their sum is the chain's time without Prefect's start-up
@@ -215,6 +217,13 @@ def main() -> None:
                "stage_seconds_by_stage": {kind: round(sum(v for k, v in stages.items() if k.split("/")[0] == kind), 1)
                                           for kind in sorted({k.split("/")[0] for k in stages})},
                "scorecard_share_of_stages": round(card["wall_s"] / total, 3) if total and card.get("wall_s") else None,
+               # time during which a stage ran: less than the sum where stages overlapped (adapters at once)
+               "stage_span_s": span, "training_span_s": span_seconds(intervals, "adapters"),
+               "scorecard_share_of_span": round(card["wall_s"] / span, 3) if span and card.get("wall_s") else None,
+               # where each adapter trained: its threads and its process's peak memory (null: not recorded then)
+               "adapter_training": {task: {k: json.loads((p / "lorakit_train.json").read_text()).get(k)
+                                           for k in ("torch_threads", "peak_rss_mib", "wall_time_s")}
+                                    for task, p in parts["adapters"].items()},
                "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),
                "gate": json.loads(gate[0].read_text()) if gate else None}
