@@ -313,6 +313,8 @@ def accuracy_readme(a: dict) -> str:
     gains = "; ".join(f"{k} {t['base_exact_match']:.3f} -> {t['adapter_exact_match']:.3f}" for k, t in a["tasks"].items())
     nll = "; ".join(f"{k} {g['base_nll']:.4f} -> {g['adapter_nll']:.4f}" for k, g in a["nll_gain"].items())
     refused = [k for k, g in a["nll_gain"].items() if not g["lowers_nll"]]
+    trained = {str(t.get("steps")) for t in a["setup"].get("training", {}).values()}  # as recorded by each adapter
+    steps = "/".join(sorted(trained)) if trained else a["setup"]["lora"]["max_steps"]
     why = (f"The NLL objective cannot run on these adapters: the adapter of {', '.join(refused)} does not lower its "
            f"task's val NLL (base -> adapter: {nll}), so the search refuses it as not learned, while exact match "
            "shows it did learn; that is what the accuracy objective is for." if refused else
@@ -320,9 +322,9 @@ def accuracy_readme(a: dict) -> str:
     return "\n".join([
         "## merge_search_accuracy",
         "",
-        f"`LORAKIT_THREADS=1 python -m bench.merge_search --objective accuracy --release-out DIR` — "
+        f"`LORAKIT_THREADS={a['setup'].get('threads', 1)} python -m bench.merge_search --objective accuracy --release-out DIR` — "
         f"`lorakit merge --search --objective accuracy` on the default release's two adapters "
-        f"({a['setup']['config']}; {a['setup']['lora']['max_steps']} steps at lr {a['setup']['lora']['lr']:g}): the "
+        f"({a['setup']['config']}; {steps} steps at lr {a['setup']['lora']['lr']:g}): the "
         f"worst task's retention of greedy exact match on val, test reported only. {a['n_trials']} trials (stopped: "
         f"{', '.join(f'{m} {w}' for m, w in a['stopped'].items())}), median trial {a['trial_s_median']:.1f} s, search "
         f"{a['search_s']:.0f} s; shared 2-core CPU, single run. Val exact match, base -> adapter alone: {gains}.",
