@@ -21,8 +21,10 @@ MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 def default_weights(n: int) -> list[float]:
     """1.0 per adapter: a 1/n merge scales each task's update by 1/n and kept about half of each adapter's val
-    gain on the bundled tasks, 1.0 each over 80% (bench/results/merge_search.json,
-    ``variants.*.val.worst_retention``); disjoint skills add (task arithmetic)."""
+    gain on the 400-example bundled tasks' adapters, 1.0 each over 80% (bench/results/merge_search.json,
+    ``variants.*.val.worst_retention``); disjoint skills add (task arithmetic). On the current (2,000-example)
+    adapters neither fixed choice keeps half of the weaker task's exact match and the accuracy search does better
+    (bench/results/merge_search_accuracy.json, ``variants``; docs/merge.md)."""
     return [1.0] * n
 
 
