@@ -151,9 +151,10 @@ class ReleaseConfig(_Section):
     route_gpu: bool = Field(False, description="Run training and quantization as deployments on the CUDA pool.")
     auto_promote: bool = Field(False, description="On a passed gate also move the 'production' alias.")
     train_concurrency: int | Literal["auto"] = Field(
-        "auto", description="Adapters trained at once, each in its own process with its share of the cores (prep "
-        "runs alongside): auto = one at a time on CUDA, else one per dataset up to the core count; 1 = one after "
-        "another in the flow's process. With route_gpu every adapter is sent at once and the pool's limits decide.")
+        "auto", description="Adapters trained at once, each in its own process with its share of the cores: auto = "
+        "one at a time on CUDA, else one per dataset up to the core count and what the available memory holds; 1 = "
+        "one after another in the flow's process. With route_gpu every adapter is sent at once and the pool's limits "
+        "decide.")
     output_dir: str = Field("lorakit-out", description="Folder that holds every stage's output.")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Dtype of training, quantization and the gate (lorakit.compute): auto = bfloat16 only "
