@@ -22,7 +22,6 @@ two models' answers can be compared example by example (:func:`diff_predictions`
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +33,10 @@ from lorakit.errors import InputError
 from lorakit.evaluate.loading import EvalModel, ModelSpec, describe_model, load_eval_model, load_tokenizer
 from lorakit.evaluate.scoring import Normalization, exact_match, token_f1
 from lorakit.evaluate.text import tokenizer_digest
+from lorakit.progress import bar as progress_bar
 
 DEFAULT_MARGIN = 8
 DEFAULT_GEN_BATCH_SIZE = 32  # one decode step serves up to 32 prompts (batched by length): per-step overhead dominates small models
-PROGRESS_LINE_S = 20.0  # seconds between plain progress lines when stderr is not a terminal
 
 
 @dataclass
@@ -166,34 +165,9 @@ def stop_token_ids(tokenizer, model, examples: TaskExamples) -> list[int]:
     return sorted(ids)
 
 
-class _Progress:
-    """A tqdm bar on a terminal; plain lines every ``PROGRESS_LINE_S`` seconds otherwise (logs, CI)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        from tqdm.auto import tqdm
-
-        self.total, self.desc, self.done = total, desc, 0
-        self.tty = enabled and sys.stderr.isatty()
-        self.lines = enabled and not self.tty
-        self.bar = tqdm(total=total, unit="ex", desc=desc, disable=not self.tty, leave=False)
-        self.start = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        self.bar.update(n)
-        now = time.perf_counter()
-        if self.lines and (now - self.last >= PROGRESS_LINE_S or self.done == self.total):
-            rate = self.done / max(now - self.start, 1e-9)
-            print(f"{self.desc}: {self.done}/{self.total} examples, {rate:.2f} ex/s", file=sys.stderr, flush=True)
-            self.last = now
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 @torch.inference_mode()
 def generate_greedy(model, prompts: list[list[int]], limits: list[int], *, stop_ids: list[int], pad_id: int,
-                    batch_size: int, device: torch.device, progress: _Progress | None = None
+                    batch_size: int, device: torch.device, progress: Any = None
                     ) -> list[tuple[list[int], str]]:
     """Greedy continuation of each prompt: (ids before the first stop token, "eos" | "length").
 
@@ -281,7 +255,9 @@ def _score(loaded: EvalModel, examples: TaskExamples, norm: Normalization, *, ba
     prompts = [prompt_token_ids(r["text"], int(r["prompt_end"]), tok) for r in examples.records]
     limits = [len(tok(r["reference"], add_special_tokens=False)["input_ids"]) + int(margin) for r in examples.records]
     stops = stop_token_ids(tok, loaded.model, examples)
-    bar = _Progress(len(prompts), f"task accuracy {Path(str(loaded.spec.folder)).name}", progress)
+    # lorakit's progress lines: timestamped, in the Prefect logs inside a stage, a bar on a terminal
+    bar = progress_bar(total=len(prompts), desc=f"task accuracy {Path(str(loaded.spec.folder)).name}", unit="ex",
+                       disable=not progress, leave=False)
     start = time.perf_counter()
     try:
         generated = generate_greedy(loaded.model, prompts, limits, stop_ids=stops, pad_id=int(pad_id),
