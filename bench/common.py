@@ -66,6 +66,17 @@ def find_one(root: Path, pattern: str, *, dirs: bool = False) -> Path:
     return found[0]
 
 
+def ensure_release_prep(plan, ds) -> str:
+    """The prepared-data folder the release flow's plan gives dataset ``ds`` (a ``flows.plan.ReleasePlan`` and
+    one of its config's datasets), made with the stage's own arguments when it is missing."""
+    from lorakit.data.prep import prepare_dataset
+
+    p = plan.prep(ds)
+    if not Path(p["output"], "prep.json").exists():
+        prepare_dataset(p["sources"], p["output"], force=True, progress=False, **p["params"])
+    return p["output"]
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

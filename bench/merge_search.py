@@ -30,7 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import find_one, update_readme_section, write_results
+from bench.common import ensure_release_prep, find_one, update_readme_section, write_results
 
 WORK = Path(__file__).resolve().parent / "work" / "merge_search"
 GOAL = 1.5
@@ -40,22 +40,19 @@ def build_release_adapters(work: Path) -> tuple[dict[str, str], list[str], dict]
     """The default release's preps and adapters, made by the stage calls the release flow makes."""
     from flows.config import ReleaseConfig
     from flows.plan import ReleasePlan
-    from lorakit.data.prep import prepare_dataset
     from lorakit.train import train_adapter
 
     cfg = ReleaseConfig(output_dir=str(work / "out"))
     plan = ReleasePlan(cfg)
     preps, adapters, made = {}, [], {}
     for ds in cfg.datasets:
-        p = plan.prep(ds)
-        if not Path(p["output"], "prep.json").exists():
-            prepare_dataset(p["sources"], p["output"], force=True, progress=False, **p["params"])
-        t = plan.train(ds, p["output"])
+        prep = ensure_release_prep(plan, ds)
+        t = plan.train(ds, prep)
         if not Path(t["output"], "adapter_config.json").exists():
             t0 = time.perf_counter()
             train_adapter(t["prep_dir"], t["output"], force=True, progress=True, **t["params"])
             made[f"train_{ds.name}_s"] = round(time.perf_counter() - t0, 1)
-        preps[ds.name] = p["output"]
+        preps[ds.name] = prep
         adapters.append(t["output"])
     return preps, adapters, {"config": "configs/default.yaml defaults (flows.config.ReleaseConfig())",
                              "lora": cfg.lora.model_dump(), "seq_len": cfg.gate.seq_len, **made}

@@ -206,6 +206,7 @@ def main() -> None:
     card = parts["data"]
     gate = sorted(args.release.glob("gate/*/gate.json"))
     from bench.pipeline import span_seconds, stage_intervals
+    from lorakit.train.loop import read_train_record
 
     intervals = stage_intervals(args.release)
     stages = {name: round(end - start, 1) for name, (start, end) in intervals.items()}
@@ -221,7 +222,7 @@ def main() -> None:
                "stage_span_s": span, "training_span_s": span_seconds(intervals, "adapters"),
                "scorecard_share_of_span": round(card["wall_s"] / span, 3) if span and card.get("wall_s") else None,
                # where each adapter trained: its threads and its process's peak memory (null: not recorded then)
-               "adapter_training": {task: {k: json.loads((p / "lorakit_train.json").read_text()).get(k)
+               "adapter_training": {task: {k: getattr(read_train_record(p), k)
                                            for k in ("torch_threads", "peak_rss_mib", "wall_time_s")}
                                     for task, p in parts["adapters"].items()},
                "general_text": card.get("general_text"),

@@ -19,21 +19,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import BENCH, machine, update_readme_section, write_results  # noqa: E402
+from bench.common import BENCH, ensure_release_prep, machine, update_readme_section, write_results  # noqa: E402
 
 
 def release_stage_args(work: Path, steps: int) -> list[dict]:
     """Prep (made here when missing) and training arguments of the default release's datasets, ``steps`` steps."""
     from flows.config import ReleaseConfig
     from flows.plan import ReleasePlan
-    from lorakit.data.prep import prepare_dataset
     from lorakit.models import ensure_default_model
 
     cfg = ReleaseConfig(output_dir=str(work))
@@ -41,11 +39,9 @@ def release_stage_args(work: Path, steps: int) -> list[dict]:
     base = str(ensure_default_model())
     out = []
     for ds in cfg.datasets:
-        p = plan.prep(ds)
-        if not Path(p["output"], "prep.json").exists():
-            prepare_dataset(p["sources"], p["output"], force=True, progress=False, **p["params"])
-        params = {**plan.train(ds, p["output"])["params"], "base": base, "max_steps": steps, "checkpoint_every": None}
-        out.append({"name": ds.name, "prep": p["output"], "params": params})
+        prep = ensure_release_prep(plan, ds)
+        params = {**plan.train(ds, prep)["params"], "base": base, "max_steps": steps, "checkpoint_every": None}
+        out.append({"name": ds.name, "prep": prep, "params": params})
     return out
 
 
@@ -60,24 +56,17 @@ def in_turn(jobs: list[dict], work: Path) -> dict:
 
 
 def at_once(jobs: list[dict], work: Path, threads: int) -> dict:
+    """All at once, as the release flow runs them (``flows.parallel.run_concurrently``); a failure is raised."""
+    from flows.parallel import run_concurrently
     from lorakit.train import train_in_child
 
-    results: dict[str, object] = {}
-
-    def one(job: dict) -> None:
-        results[job["name"]] = train_in_child(job["prep"], work / "at-once" / job["name"], threads=threads,
-                                              label=job["name"], force=True, progress=True, **job["params"])
+    def one(job: dict):
+        return train_in_child(job["prep"], work / "at-once" / job["name"], threads=threads, label=job["name"],
+                              force=True, progress=True, **job["params"])
 
     started = time.perf_counter()
-    workers = [threading.Thread(target=one, args=(job,)) for job in jobs]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    results = dict(zip([j["name"] for j in jobs], run_concurrently(one, jobs, len(jobs))))
     wall = time.perf_counter() - started
-    missing = [j["name"] for j in jobs if j["name"] not in results]
-    if missing:
-        raise SystemExit(f"training failed in a child process: {', '.join(missing)}")
     return {"wall_s": round(wall, 1), "final_loss": {n: r.final_loss for n, r in results.items()},
             "children": {n: {k: r.metadata.get(k) for k in ("torch_threads", "peak_rss_mib", "wall_time_s")}
                          for n, r in results.items()}}
