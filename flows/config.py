@@ -79,14 +79,23 @@ class MergeConfig(MergeOptions):
     """How the task adapters are combined into the base weights (the keys of ``lorakit merge``,
     :class:`lorakit.merge.options.MergeOptions`; ``weights`` has one entry per dataset)."""
 
-    search: MergeSearchConfig | None = Field(
-        None, description="Set to choose the weights (and density) on the tasks' val splits instead of 'weights'.")
+    search: MergeSearchConfig | Literal["auto"] | None = Field(
+        "auto", description="Choose the weights on the tasks' val splits (lorakit merge --search): a mapping of "
+        "search options; auto = search with the defaults when it applies (no 'weights' given, two or more plain "
+        "LoRA adapters), else the weights; null = never, use 'weights'.")
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _auto_null_or_options(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "auto":
+            raise ValueError(f"give auto, null or a mapping of search options (e.g. {{max_trials: 24}}), got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _search_or_weights(self) -> MergeConfig:
-        if self.search is not None and self.weights is not None:
+        if isinstance(self.search, MergeSearchConfig) and self.weights is not None:
             raise ValueError("give 'weights' or 'search', not both: the search chooses the weights")
-        if self.search is not None and self.loftq_base is not None:
+        if isinstance(self.search, MergeSearchConfig) and self.loftq_base is not None:
             raise ValueError("'search' merges plain LoRA adapters; it does not apply with loftq_base")
         return self
 
@@ -181,6 +190,16 @@ class ReleaseConfig(_Section):
             raise ValueError("lora.init 'loftq' and merge.loftq_base go together: LoftQ adapters belong to the NF4 base, "
                              "so set merge.loftq_base (dequantized = exactly what was trained), and only with loftq")
         return self
+
+    def merge_search(self) -> MergeSearchConfig | None:
+        """The search the merge runs, None for fixed weights. ``auto`` searches where the search applies and has a
+        choice to make: no weights given, two or more datasets (one adapter alone is best at weight 1.0), and plain
+        LoRA adapters (a DoRA or LoftQ update depends on the base weights; the search refuses those)."""
+        s = self.merge.search
+        if s != "auto":
+            return s
+        plain = self.lora.variant == "lora" and self.lora.init != "loftq"
+        return MergeSearchConfig() if self.merge.weights is None and len(self.datasets) > 1 and plain else None
 
     def merge_weights(self) -> list[float]:
         """The weights given, else :func:`lorakit.merge.options.default_weights` (1.0 per dataset: why, there)."""

@@ -26,7 +26,9 @@ def gate_metrics(verdict_meta: dict[str, Any]) -> dict[str, float]:
 
 def merge_params(cfg: ReleaseConfig, merge_meta: dict[str, Any]) -> dict[str, Any]:
     """The merge edge: the configuration, the weights the merge used, and with ``merge.search`` what it chose."""
-    out = {**cfg.merge.model_dump(), "weights": merge_meta.get("weights", cfg.merge_weights())}
+    # "search" is what ran (None: fixed weights), not the setting ("auto" may or may not search)
+    out = {**cfg.merge.model_dump(exclude={"search"}), "weights": merge_meta.get("weights", cfg.merge_weights()),
+           "search": None}
     search = merge_meta.get("search")
     if search is not None:
         chosen = search["trials"][search["chosen"]]

@@ -84,11 +84,12 @@ class ReleasePlan:
         if m.loftq_base is not None:  # only then, so the merged stage's folder name is unchanged for other runs
             params["loftq_base"] = m.loftq_base
         weights: list[float] | None = self.config.merge_weights()
-        if m.search is not None:  # only then, like loftq_base; the weights are the search's to choose
+        search = self.config.merge_search()
+        if search is not None:  # only then, like loftq_base; the weights are the search's to choose
             if preps is None:
                 raise ValueError("merge.search needs the prepared data of every dataset (preps)")
             # scored with the gate's window length, so the search measures the tasks as the gate will
-            params["search"] = {**m.search.model_dump(), "seq_len": self.config.gate.seq_len,
+            params["search"] = {**search.model_dump(), "seq_len": self.config.gate.seq_len,
                                 "data": {ds.name: preps[ds.name] for ds in self.config.datasets}}
             weights = None
         return {"adapters": adapters, "weights": weights, "params": params,

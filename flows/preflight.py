@@ -125,7 +125,7 @@ def _check_datasets(cfg: ReleaseConfig, report: Preflight) -> dict[str, list] | 
             report.add(f"'{key}' ({ds.name}): {_as_keys(str(exc), key)}")
             ok = False
             continue
-        search = cfg.merge.search
+        search = cfg.merge_search()
         if fmt == "text" and search is not None and search.objective == "accuracy":
             report.add(f"'merge.search.objective': accuracy scores greedy answers, but '{key}' ({ds.name}) is text "
                        "data with no reference answers; use objective nll, or instruction/chat data")

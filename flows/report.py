@@ -153,7 +153,7 @@ def markdown(cfg: ReleaseConfig, rows: list[dict[str, Any]], verdict: dict, alia
         f"**{verdict_line(v, cfg.gate.max_degradation)}**",
         "",
         f"Base `{cfg.base}`; {len(cfg.datasets)} task(s); merge "
-        f"{'weights searched on val' if cfg.merge.search else cfg.merge.method + ' weights ' + ', '.join(f'{w:g}' for w in cfg.merge_weights())}; GPU stages "
+        f"{'weights searched on val' if cfg.merge_search() else cfg.merge.method + ' weights ' + ', '.join(f'{w:g}' for w in cfg.merge_weights())}; GPU stages "
         f"{'on pool `' + cfg.pools.cuda + '`' if cfg.route_gpu else 'in-process'}; run wall time {wall_s:.1f} s.",
         "",
         "| stage | item | seconds | result | registry | output |",

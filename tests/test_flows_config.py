@@ -26,7 +26,29 @@ def test_default_yaml_is_the_default_config():
 
 def test_tiny_yaml_loads():
     cfg = load_config(REPO / "configs" / "tiny.yaml")
-    assert cfg.merge_weights() == [0.5, 0.5] and cfg.lora.max_steps == 3
+    assert cfg.merge_weights() == [0.5, 0.5] and cfg.lora.max_steps == 3 and cfg.merge_search() is None
+
+
+def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
+    """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters and no weights
+    given; given weights, one dataset, DoRA or LoftQ adapters merge with fixed weights; null is off; a mapping is
+    explicit, and with weights too it is an error."""
+    from flows.config import MergeSearchConfig
+
+    two = [{"name": n, "files": ["a.jsonl"]} for n in ("a", "b")]
+    assert ReleaseConfig().merge_search() == MergeSearchConfig()
+    assert MergeSearchConfig().objective == "auto"
+    assert parse_config({"datasets": two, "merge": {"weights": [1, 2]}}).merge_search() is None
+    assert parse_config({"datasets": two[:1]}).merge_search() is None
+    assert parse_config({"datasets": two, "lora": {"variant": "dora"}}).merge_search() is None
+    loftq = {"datasets": two, "lora": {"init": "loftq"}, "merge": {"loftq_base": "dequantized"}}
+    assert parse_config(loftq).merge_search() is None
+    assert parse_config({"datasets": two, "merge": {"search": None}}).merge_search() is None
+    assert parse_config({"datasets": two, "merge": {"search": {"max_trials": 3}}}).merge_search().max_trials == 3
+    with pytest.raises(InputError, match="'weights' or 'search'"):
+        parse_config({"datasets": two, "merge": {"weights": [1, 1], "search": {"max_trials": 3}}})
+    with pytest.raises(InputError, match="merge.search"):
+        parse_config({"datasets": two, "merge": {"search": "always"}})
 
 
 def test_release_flow_parameters_are_the_config_fields():

@@ -283,12 +283,14 @@ def test_release_config_plan_and_lineage_carry_the_search(setup, tmp_path):
     preps = {n: str(p) for n, p in setup["preps"].items()}
     args = ReleasePlan(cfg).merge(list(map(str, setup["adapters"])), preps)
     assert args["weights"] is None and args["params"]["search"]["data"] == preps
-    assert args["params"]["search"]["objective"] == "nll"
+    assert args["params"]["search"]["objective"] == "auto"
     assert args["output"] != plain.merge(list(map(str, setup["adapters"])), preps)["output"]
     args["params"]["search"]["max_tokens"] = 200  # keep the stage quick; also proves the key is passed through
     out = stages.merge_adapters.fn(args["adapters"], args["weights"], args["output"], args["params"])
     meta = out["metadata"]
     assert meta["search"]["n_trials"] == 3 and meta["output_kind"] == "model"
+    # these folders record no format (no answers known): auto runs the NLL objective and says why
+    assert meta["search"]["objective_name"] == "nll" and "no reference answers" in meta["search"]["objective_chosen_by"]
     assert all(t["method"] == "linear" for t in meta["search"]["trials"])
     edge = merge_params(cfg, meta)
     chosen = meta["search"]["trials"][meta["search"]["chosen"]]
@@ -418,3 +420,27 @@ def test_max_examples_scores_only_the_first_examples_of_each_split(setup, answer
     acc = search_merge(answer_tasks["adapters"], answer_tasks["data"], tmp_path / "acc", objective="accuracy",
                        base=str(answer_tasks["base"]), max_trials=1, max_examples=2, progress=False).metadata["search"]
     assert {t["val_examples"] for t in acc["tasks"].values()} == {2}
+
+
+def test_auto_objective_is_accuracy_where_every_task_has_answers_else_nll(answer_tasks, tmp_path):
+    """The default objective: exact match on instruction data; NLL as soon as one task is text (no answers), where
+    `accuracy` itself is refused (test above). The record says which ran and why."""
+    from lorakit.data.prep import prepare_dataset
+    from lorakit.merge.objectives import resolve_objective
+    from lorakit.merge.search import search_merge
+
+    assert resolve_objective("nll", ["chat"]) == ("nll", None)
+    assert resolve_objective("auto", ["instruction", "chat"])[0] == "accuracy"
+    assert resolve_objective("auto", ["instruction", "text"])[0] == "nll"
+    base = str(answer_tasks["base"])
+    answers = search_merge(answer_tasks["adapters"], answer_tasks["data"], tmp_path / "answers", base=base,
+                           max_trials=1, max_examples=2, progress=False).metadata["search"]
+    assert answers["objective_name"] == "accuracy" and answers["metric"] == "exact_match"
+    assert "every task's data has reference answers" in answers["objective_chosen_by"]
+    src = tmp_path / "plain.jsonl"
+    src.write_text("".join(json.dumps({"text": f"yes no yes item {i} and more words"}) + "\n" for i in range(60)))
+    text_prep = prepare_dataset([src], tmp_path / "text-prep", base=answer_tasks["base"], progress=False).output
+    mixed = search_merge(answer_tasks["adapters"], ["yes=" + str(text_prep), answer_tasks["data"][1]],
+                         tmp_path / "mixed", base=base, max_trials=1, seq_len=64, progress=False).metadata["search"]
+    assert mixed["objective_name"] == "nll" and mixed["metric"] == "nll"
+    assert "format text" in mixed["objective_chosen_by"]

@@ -11,12 +11,14 @@ retention is :func:`lorakit.evaluate.retention.retention` of one score, the shar
 the base that the merge keeps; the base's and each adapter's score are measured once. The search maximises the
 worst task's retention (ties: the higher mean retention, then the earlier trial). ``objective`` picks the score:
 
-- ``"nll"`` (default, cheap): val NLL of the task's token stream, (nll_base − nll_merged) / (nll_base − nll_adapter);
+- ``"nll"`` (cheap): val NLL of the task's token stream, (nll_base − nll_merged) / (nll_base − nll_adapter);
   one forward pass per task per trial.
 - ``"accuracy"``: greedy exact match on the val examples (:func:`lorakit.evaluate.accuracy.task_accuracy`, the
   scorer the release scorecard and gate use), (em_merged − em_base) / (em_adapter − em_base). It measures what the
   release promises, answers, at the price of generation per trial; instruction or chat data only (``text`` has no
   answers). Exact match moves in steps of 1/examples, so many points tie; the tie-break above then decides.
+- ``"auto"`` (default): accuracy when every task's prepared data has answers, else nll
+  (:func:`lorakit.merge.objectives.resolve_objective`); the record says which ran and why.
 
 Trials, in order, bounded by ``max_trials`` and ``time_budget_s`` (counted from the call; no trial starts after
 it is spent, the first always runs):
@@ -54,7 +56,7 @@ from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, score_win
 from lorakit.evaluate.retention import retention
 from lorakit.evaluate.windows import Window, plan_windows
 from lorakit.merge.method import MergeMethod
-from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVE_CHOICES, OBJECTIVES, resolve_objective
 from lorakit.merge.options import MERGE, MERGE_SEARCH
 from lorakit.merge.simplex import Exhausted, minimize
 
@@ -123,8 +125,8 @@ def parse_data(data: Sequence[str] | dict[str, str]) -> list[tuple[str, str]]:
 
 def check_search_bounds(max_trials: int, time_budget_s: float, weight_bounds: Sequence[float],
                         target_retention: float | None, objective: str = DEFAULT_OBJECTIVE) -> None:
-    if objective not in OBJECTIVES:
-        raise InputError(f"unknown search objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective not in OBJECTIVE_CHOICES:
+        raise InputError(f"unknown search objective {objective!r}; choose one of {', '.join(OBJECTIVE_CHOICES)}")
     if int(max_trials) < 1:
         raise InputError(f"--max-trials must be at least 1 (the uniform baseline is the first trial), got {max_trials}")
     if not (math.isfinite(float(time_budget_s)) and float(time_budget_s) > 0):
@@ -140,7 +142,7 @@ class Evaluator:
     """Per-task score of the in-memory merge (val NLL on cached token streams, or greedy exact match on the val
     examples); the base and adapter scores are measured once."""
 
-    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int, objective: str = DEFAULT_OBJECTIVE):
+    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int, objective: str = "nll"):
         self.merge, self.tasks, self.batch_size = merge, tasks, batch_size
         self.objective = objective
         self.metric, self.higher_is_better, _ = OBJECTIVES[objective]
@@ -413,6 +415,7 @@ def search_merge(
     base_dir = core._base_dir(loaded, base, required=True)
     check_tied_targets(loaded, ties_embeddings(read_model_config(base_dir)), str(base_dir))
     core._check_base_fits(loaded, base_dir, tensor_index(base_dir))
+    objective, objective_why = resolve_objective(objective, [_prep_format(name, prep) for name, prep in tasks_in])
     tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens, objective, max_examples)
     with_test = all("test" in t.splits() for t in tasks)
 
@@ -433,6 +436,7 @@ def search_merge(
     record = {
         "objective": OBJECTIVES[objective][2],
         "objective_name": objective,
+        "objective_chosen_by": objective_why,  # with objective auto: which one it ran, and why
         "metric": metric,
         "split": "val",
         "tasks": {t.name: {"data": t.data, "adapter": t.adapter, f"base_{metric}": info["base"][t.name],
@@ -478,7 +482,7 @@ def _val_size(task: TaskStream) -> dict[str, int]:
 
 
 def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_len: int,
-                 max_tokens: int | None, objective: str = DEFAULT_OBJECTIVE, max_examples: int | None = None
+                 max_tokens: int | None, objective: str = "nll", max_examples: int | None = None
                  ) -> list[TaskStream]:
     """Each task's val (and test, when present) data, read once: token streams and windows tokenized with the
     base's tokenizer (objective "nll"), or the examples with their prompts and answers (objective "accuracy");
@@ -505,6 +509,19 @@ def task_streams(tasks_in: list[tuple[str, str]], loaded, base_dir: Path, seq_le
             task.streams[split] = (tokens.ids, windows)
         out.append(task)
     return out
+
+
+def _prep_format(name: str, prep: str) -> str:
+    """The prepared format of one task's data (prep.json's ``format``; "unknown" when it has none): what
+    objective ``auto`` is chosen by."""
+    from lorakit.data.splits import PREP_META
+    from lorakit.io.atomic import read_json
+
+    meta = Path(prep) / PREP_META
+    if not meta.is_file():
+        raise InputError(f"--data {name}={prep}: not a prepared-data folder (no {PREP_META}); create it with "
+                         "`lorakit prep`")
+    return str(read_json(meta, "prepared-data metadata").get("format", "unknown"))
 
 
 def _accuracy_examples(name: str, prep: str, split: str, tokenizer, max_examples: int | None = None):
