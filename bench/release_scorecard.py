@@ -80,6 +80,17 @@ def summary(card: dict) -> dict:
     return out
 
 
+def release_merge(merged: Path) -> dict:
+    """How the release merged: method and weights, and when its merge searched them, what the search measured."""
+    meta = json.loads((merged / "lorakit_merge.json").read_text())
+    out = {"method": meta.get("method"), "weights": meta.get("weights"), "searched": "search" in meta}
+    s = meta.get("search")
+    if s:
+        out["search"] = {k: s.get(k) for k in ("objective_name", "objective_chosen_by", "n_trials", "chosen",
+                                               "stopped", "search_s", "trial_s_median", "report")}
+    return out
+
+
 def merge_defaults(parts: dict, work: Path) -> dict:
     from lorakit.merge.core import merge_adapters
     from lorakit.scorecard.core import ScorecardTask, build_scorecard
@@ -176,6 +187,15 @@ def readme(release: dict, merges: dict | None) -> str:
         from flows.report import verdict_line
 
         lines += ["", f"Gate: {verdict_line(release['gate'], 0.05)}."]
+    m = release.get("merge")
+    if m:
+        how = f"{m['method']} weights {', '.join(f'{w:.4g}' for w in m['weights'])}"
+        if m.get("search"):
+            r = m["search"]["report"]
+            how += (f", chosen by the merge search ({m['search']['objective_name']}, {m['search']['n_trials']} trials, "
+                    f"{m['search']['search_s']:.0f} s; worst-task retention val {r['val']['chosen']:.2f}, "
+                    f"1/n {r['val']['uniform']:.2f})")
+        lines += ["", f"Merge: {how}."]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in release["stage_seconds"].items())]
     if merges:
         lines += ["", "Merge defaults on the same adapters (exact merges, scored without quantization; general text: "
@@ -225,6 +245,7 @@ def main() -> None:
                "adapter_training": {task: {k: getattr(read_train_record(p), k)
                                            for k in ("torch_threads", "peak_rss_mib", "wall_time_s")}
                                     for task, p in parts["adapters"].items()},
+               "merge": release_merge(parts["merged"]),
                "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),
                "gate": json.loads(gate[0].read_text()) if gate else None}
