@@ -91,6 +91,21 @@ def test_a_killed_child_is_reported_and_leaves_no_adapter(prep, tiny_base, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("code,says,advice", [(-9, "killed, perhaps for memory", "Train fewer adapters at once"),
+                                               (137, "killed, perhaps for memory", "Train fewer adapters at once"),
+                                               (-11, "before it could report why", "trains in this process"),
+                                               (1, "before it could report why", "trains in this process")])
+def test_a_dead_childs_advice_follows_its_exit_code(code, says, advice):
+    """Out of memory (SIGKILL) asks for fewer trainings at once; any other silent exit points at the serial path,
+    where the error shows; neither advice is given for the other."""
+    from lorakit.train.child import death_message
+
+    msg = death_message("adapters/x", code)
+    assert f"(exit code {code}" in msg and says in msg and advice in msg
+    other = "trains in this process" if "fewer" in advice else "Train fewer adapters at once"
+    assert other not in msg
+
+
 def test_threads_must_be_positive(tmp_path):
     from lorakit.train import train_in_child
 

@@ -62,15 +62,25 @@ def train_in_child(prep_dir: str | os.PathLike[str], output: str | os.PathLike[s
             child.terminate()
             child.join()
     if outcome is None:
-        raise LorakitError(f"training of {output} died in its process (exit code {child.exitcode}"
-                           f"{': killed, perhaps for memory' if child.exitcode in (-9, 137) else ''}); "
-                           "nothing was written in its place. Train fewer adapters at once (train_concurrency: 1)",
-                           exit_code=1)
+        raise LorakitError(death_message(output, child.exitcode), exit_code=1)
     kind, payload = outcome
     if kind == "error":
         raise payload
     return TrainResult(output=Path(payload["output"]), metadata=payload["metadata"],
                        final_loss=payload["final_loss"], steps=payload["steps"])
+
+
+def death_message(output: str | os.PathLike[str], exitcode: int | None) -> str:
+    """Why a training child ended without a result, and what to do: the advice follows the exit code. A SIGKILL
+    (-9, or 137 from a shell) is most often the kernel's out-of-memory killer, so fewer trainings at once is the fix;
+    any other early exit (a crash, an import failure before the child could report) is shown in full by training
+    in the flow's own process."""
+    head = f"training of {output} died in its process (exit code {exitcode}"
+    if exitcode in (-9, 137):
+        return (f"{head}: killed, perhaps for memory); nothing was written in its place. Train fewer adapters at "
+                "once (train_concurrency: 1), or free memory")
+    return (f"{head}) before it could report why; nothing was written in its place. Its own output above may say "
+            "more; train_concurrency: 1 trains in this process, where the error is shown in full")
 
 
 def _child_main(messages, prep_dir: str, output: str, threads: int, kwargs: dict[str, Any]) -> None:
