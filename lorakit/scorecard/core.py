@@ -244,7 +244,8 @@ def build_scorecard(
     card = Scorecard(data, predictions)
     if out_dir is not None:
         write_scorecard(card, out_dir, force=force)
-    emit(f"scorecard: done in {data['wall_s']:.1f} s")
+    # what was scored, not a second "done" line beside the release stage's own
+    emit(f"scorecard: {n_models} model(s) x {len(tasks)} task(s) scored in {data['wall_s']:.1f} s")
     return card
 
 
