@@ -53,6 +53,8 @@ def stage_intervals(output_dir: Path) -> dict[str, tuple[float, float]]:
         if meta.name.startswith("lorakit_") or meta.name in ("prep.json", "gate.json") or own_card:
             data = json.loads(meta.read_text())
             sec = _seconds(data) if isinstance(data, dict) else None
+            if sec is not None and isinstance(data.get("search"), dict) and meta.name == "lorakit_merge.json":
+                sec += float(data["search"].get("search_s") or 0)  # the weight search ran before the recorded write
             if sec is not None:
                 end = meta.stat().st_mtime
                 spans[f"{meta.parent.parent.name}/{meta.parent.name}"] = (end - sec, end)

@@ -217,7 +217,8 @@ def main() -> None:
     ap.add_argument("--release", type=Path, required=True)
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "release_scorecard")
     ap.add_argument("--skip-merges", action="store_true", help="keep the merge comparison already in the results file")
-    ap.add_argument("--skip-fresh", action="store_true", help="do not score fresh questions")
+    ap.add_argument("--skip-fresh", action="store_true", help="keep the fresh-question scores already in the results "
+                    "file when they are of the same --release, else record none")
     args = ap.parse_args()
     from lorakit.runtime import configure_threads
 
@@ -249,8 +250,12 @@ def main() -> None:
                "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),
                "gate": json.loads(gate[0].read_text()) if gate else None}
-    release["fresh"] = None if args.skip_fresh else fresh_scores(parts, args.release, args.work)
     previous = BENCH / "results" / "release_scorecard.json"
+    kept = json.loads(previous.read_text()) if previous.exists() else {}
+    # --skip-fresh keeps the fresh-question scores already recorded for this same release folder
+    same = (kept.get("release") or {}).get("source") == str(args.release)
+    release["fresh"] = ((kept["release"].get("fresh") if same else None) if args.skip_fresh
+                        else fresh_scores(parts, args.release, args.work))
     merges = (json.loads(previous.read_text()).get("merge_defaults") if previous.exists() else None) \
         if args.skip_merges else merge_defaults(parts, args.work)
     path = write_results("release_scorecard", {"release": release, "merge_defaults": merges})
