@@ -256,8 +256,7 @@ def main() -> None:
     same = (kept.get("release") or {}).get("source") == str(args.release)
     release["fresh"] = ((kept["release"].get("fresh") if same else None) if args.skip_fresh
                         else fresh_scores(parts, args.release, args.work))
-    merges = (json.loads(previous.read_text()).get("merge_defaults") if previous.exists() else None) \
-        if args.skip_merges else merge_defaults(parts, args.work)
+    merges = kept.get("merge_defaults") if args.skip_merges else merge_defaults(parts, args.work)
     path = write_results("release_scorecard", {"release": release, "merge_defaults": merges})
     update_readme_section("release_scorecard", readme(release, merges))
     print(path)
