@@ -91,6 +91,41 @@ def test_a_killed_child_is_reported_and_leaves_no_adapter(prep, tiny_base, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_a_child_stops_when_its_parent_is_killed(prep, tiny_base, tmp_path):
+    """A parent killed by SIGKILL runs no cleanup: its training child must notice and stop, not train on alone."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import psutil
+
+    kwargs = {**FAST, "max_steps": 10_000, "base": str(tiny_base)}
+    script = textwrap.dedent(f"""
+        from lorakit.train import train_in_child
+        train_in_child({str(prep)!r}, {str(tmp_path / "out")!r}, threads=1, **{kwargs!r})
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, child = time.monotonic() + 120, None
+        while child is None and time.monotonic() < deadline and parent.poll() is None:
+            spawned = [p for p in psutil.Process(parent.pid).children()
+                       if "spawn_main" in " ".join(p.cmdline())]
+            child = spawned[0] if spawned else None
+            time.sleep(0.2)
+        assert child is not None, f"no training child started: {parent.poll()} {parent.stderr.read()[-2000:]!r}"
+        time.sleep(5)  # into its imports or its training loop
+        assert child.is_running()
+        parent.kill()
+        parent.wait(10)
+        child.wait(timeout=30)  # psutil.TimeoutExpired here = the child outlived its parent
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        parent.stderr.close()
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("code,says,advice", [(-9, "killed, perhaps for memory", "Train fewer adapters at once"),
                                                (137, "killed, perhaps for memory", "Train fewer adapters at once"),
                                                (-11, "before it could report why", "trains in this process"),

@@ -10,7 +10,8 @@ The child reports through the same :mod:`lorakit.progress` lines as an in-proces
 over a queue and the parent emits it (to its console and its current sink, e.g. the Prefect task's logs) with
 ``label`` in front, so two trainings' lines stay told apart. The parent re-raises the child's error (a
 :class:`~lorakit.errors.LorakitError` keeps its class, message and exit code) and names a child that died
-without one (killed for memory, say).
+without one (killed for memory, say). A child whose parent dies (SIGKILL, a scheduler's SIGTERM: no cleanup runs
+there) stops at once instead of training on for minutes with nobody to take its adapter (:func:`_exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue as queue_module
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,7 @@ def death_message(output: str | os.PathLike[str], exitcode: int | None) -> str:
 
 def _child_main(messages, prep_dir: str, output: str, threads: int, kwargs: dict[str, Any]) -> None:
     """The child: its own thread count, lines to the queue (not the inherited console), the result or the error."""
+    _exit_with_parent()
     os.environ["LORAKIT_THREADS"] = str(threads)
     import torch
 
@@ -103,6 +107,28 @@ def _child_main(messages, prep_dir: str, output: str, threads: int, kwargs: dict
     finally:
         messages.close()
         messages.join_thread()  # everything put is flushed before the process exits
+
+
+def _exit_with_parent() -> None:
+    """End this child the moment its parent process ends, however it ended.
+
+    A parent stopped by a signal it does not handle (SIGKILL, the OOM killer, a scheduler's SIGTERM) runs none of
+    the ``finally`` blocks that terminate children, so a daemonic child would otherwise train on, holding two cores
+    and gigabytes, and write an adapter nobody registers. The parent's sentinel (the end of the pipe it spawned
+    this child through) becomes readable when the parent is gone; a daemon thread waits on it, costing nothing
+    meanwhile. Nothing is half-written: outputs are written by temp + rename (``lorakit.io.atomic``).
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        print(f"lorakit: the parent process {parent.pid} ended; this training stops with it", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lorakit-parent-watch", daemon=True).start()
 
 
 def _portable(exc: BaseException) -> BaseException:
