@@ -6,12 +6,19 @@ model (4-bit, group 64, the release's calibration size) and is then judged by th
 the first 8192 tokens of the shipped general-English corpus. Calibration's general blocks come from the corpus's
 last documents, so the gate's general text never shaped the weights.
 
-A variant ``method:fraction:b8`` quantizes to 8 bits instead of 4. A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
+A variant ``method:fraction:b8`` quantizes to 8 bits instead of 4; ``method:fraction:g32`` uses group 32 instead of
+64. A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
 on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
 what per-module precision buys on general text, and what it costs in size.
 
+With ``--accuracy`` each variant is also scored as the release scorecard scores it: greedy exact match on the first
+``scorecard.max_examples`` examples of every task's val and test split, and its drop against the merged model's
+(scored once) -- the gate's ``max_accuracy_drop`` and item 7's "within 2 points", which perplexity cannot show.
+
 Usage: python bench/calibration_mix.py --release OUT [--work bench/work/calibration_mix] [--variants gptq:0,awq:0.5:k16]
-Writes bench/results/calibration_mix.json and the ``calibration_mix`` section of bench/README.md.
+       [--accuracy] [--results calibration_mix]
+Writes bench/results/RESULTS.json and the ``RESULTS`` section of bench/README.md. Variants measured on another
+release's merged model are not carried into a results file: every row of one file is the same merged model.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ sys.path.insert(0, str(BENCH.parent))
 from bench.common import find_one, update_readme_section, write_results  # noqa: E402
 
 DEFAULT_VARIANTS = "gptq:0,gptq:0.5,awq:0,awq:0.5"
-RESULTS = BENCH / "results" / "calibration_mix.json"
 
 
 def bf16_bytes(model: Path) -> int:
@@ -63,26 +69,54 @@ def sensitive_modules(merged: Path, calib: Path, q: dict, fraction: float, keep:
     return {m: KEEP_BITS[q["method"]] for m in sens.ranking[:keep]}
 
 
+def accuracy(model: Path, preps: list[Path]) -> dict[str, dict[str, float]]:
+    """{task: {split: exact match}} on the splits and examples the release scorecard scores."""
+    from lorakit.data.splits import pick_report_split
+    from lorakit.evaluate import task_accuracy
+    from lorakit.scorecard.options import SCORECARD
+
+    out: dict[str, dict[str, float]] = {}
+    for prep in preps:
+        report, _ = pick_report_split(prep)
+        out[task_name(prep)] = {s: task_accuracy(str(model), str(prep), split=s, max_examples=SCORECARD.max_examples,
+                                                 progress=False).exact_match
+                                for s in dict.fromkeys(("val", report))}
+    return out
+
+
+def task_name(prep: Path) -> str:
+    return prep.name.rsplit("-", 1)[0]  # prep/<task>-<hash>
+
+
 def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction: float, work: Path,
-            keep: int = 0, bits: int = 4) -> dict:
+            keep: int = 0, bits: int = 4, group_size: int | None = None,
+            merged_accuracy: dict | None = None) -> dict:
     from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
     from lorakit.quantize.options import QUANTIZE
 
     q = {k: v for k, v in QUANTIZE.quantize_kwargs().items() if k not in ("calib_general", "calib_general_fraction")}
     q.update(method=method, bits=bits, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
-    folder = work / variant_key(method, fraction, keep, bits)
+    q["group_size"] = group_size or q["group_size"]
+    folder = work / variant_key(method, fraction, keep, bits, q["group_size"])
     started = time.perf_counter()
     module_bits = sensitive_modules(merged, calib, q, fraction, keep) if keep else None
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if fraction else None,
                             calib_general_fraction=fraction, module_bits=module_bits, force=True, progress=True, **q)
     quantize_s = time.perf_counter() - started
-    first, *others = [p.name.rsplit("-", 1)[0] for p in preps]  # prep/<task>-<hash>
+    first, *others = [task_name(p) for p in preps]
     extra = [CheckSpec(name, str(p), 0.05, "task") for name, p in zip(others, preps[1:])]
     extra.append(general_check("default"))
     verdict = check(merged, folder, str(preps[0]), extra_checks=extra, seq_len=512, progress=True)
     meta = result.metadata
-    return {"method": method, "bits": bits, "general_fraction": fraction, "kept_modules": keep,
+    scored = {}
+    if merged_accuracy is not None:
+        mine = accuracy(folder, preps)
+        scored = {"accuracy": {task: {s: {"exact_match": em, "merged": merged_accuracy[task][s],
+                                          "drop": merged_accuracy[task][s] - em} for s, em in splits.items()}
+                               for task, splits in mine.items()}}
+    return {"method": method, "bits": bits, "group_size": q["group_size"], "general_fraction": fraction,
+            "kept_modules": keep, **scored,
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
             "size_vs_bf16": round(meta["size_after_bytes"] / bf16_bytes(merged), 3),
@@ -94,19 +128,25 @@ def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction:
                 "top1_agreement": c.distribution.get("top1_agreement")} for c in verdict.checks}}
 
 
-def readme(data: dict) -> str:
-    lines = ["## calibration_mix", "",
-             f"`python bench/calibration_mix.py --release {data['release']}`: the default release's merged model, "
-             "group 64, calibrated on the tasks alone or on a mix with general text, judged by the release gate "
-             "(perplexity degradation vs the merged model; mean KL in nats). Kept modules: the most sensitive "
-             "linears at higher precision (AWQ fp16, GPTQ 8-bit).", "",
-             "| method | bits | general share | kept modules | size MB (x bf16) | " + " | ".join(
-                 f"{name} ppl / KL" for name in next(iter(data["variants"].values()))["checks"]) + " |",
-             "|---|---|---|---|---|" + "---|" * len(next(iter(data["variants"].values()))["checks"])]
+def readme(data: dict, name: str) -> str:
+    first = next(iter(data["variants"].values()))
+    drops = [f"{task} EM drop val / test" for task in first.get("accuracy", {})]
+    lines = [f"## {name}", "",
+             f"`python bench/calibration_mix.py --release {data['release']}{data.get('command_tail', '')}`: the "
+             "default release's merged model, calibrated on the tasks alone or on a mix with general text, judged by "
+             "the release gate (perplexity degradation vs the merged model; mean KL in nats)"
+             + (" and by the scorecard's exact match (points lost vs the merged model, first 50 examples)"
+                if drops else "") + ". Kept modules: the most sensitive linears at higher precision (AWQ fp16, "
+             "GPTQ 8-bit). " + f"CPU: {data.get('machine', {}).get('cpu', {}).get('model', '?')}.", "",
+             "| method | bits | group | general share | kept modules | size MB (x bf16) | " + " | ".join(
+                 f"{name} ppl / KL" for name in first["checks"]) + "".join(f" | {d}" for d in drops) + " |",
+             "|---|---|---|---|---|---|" + "---|" * (len(first["checks"]) + len(drops))]
     for v in data["variants"].values():
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in v["checks"].values()]
-        lines.append(f"| {v['method']} | {v.get('bits', 4)} | {v['general_fraction']:.0%} | {v.get('kept_modules', 0)} | "
-                     f"{v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
+        cells += [" / ".join(f"{100 * s['drop']:+.0f}" for s in splits.values())
+                  for splits in v.get("accuracy", {}).values()]
+        lines.append(f"| {v['method']} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
+                     f"{v.get('kept_modules', 0)} | {v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
                      + " | ".join(cells) + " |")
     from lorakit.gate.verdict import DEFAULT_MAX_KL
 
@@ -120,19 +160,23 @@ def readme(data: dict) -> str:
     return "\n".join(lines)
 
 
-def variant_key(method: str, fraction: float, keep: int, bits: int = 4) -> str:
-    """``awq-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
-    return (f"{method}{'' if bits == 4 else f'-{bits}bit'}-general{round(fraction * 100)}"
-            + (f"-keep{keep}" if keep else ""))
+def variant_key(method: str, fraction: float, keep: int, bits: int = 4, group_size: int = 64) -> str:
+    """``awq-g32-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
+    return (f"{method}{'' if bits == 4 else f'-{bits}bit'}{'' if group_size == 64 else f'-g{group_size}'}"
+            f"-general{round(fraction * 100)}" + (f"-keep{keep}" if keep else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN], comma-separated "
-                    "(empty: rewrite the results and README section from what was measured)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN], "
+                    "comma-separated (empty: rewrite the results and README section from what was measured)")
+    ap.add_argument("--accuracy", action="store_true", help="also score exact match as the release scorecard does")
+    ap.add_argument("--results", default="calibration_mix", help="results file (bench/results/NAME.json) and README "
+                    "section name")
     args = ap.parse_args()
+    results = BENCH / "results" / f"{args.results}.json"
     from lorakit.runtime import configure_threads
 
     configure_threads()
@@ -141,25 +185,39 @@ def main() -> None:
     from flows.config import ReleaseConfig
 
     preps = [find_one(args.release, f"prep/{ds.name}-*", dirs=True) for ds in ReleaseConfig().datasets]
-    previous = json.loads(RESULTS.read_text()).get("variants", {}) if RESULTS.exists() else {}
-    variants = {variant_key(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4)): v
-                for v in previous.values()}
+    previous = json.loads(results.read_text()) if results.exists() else {}
+    if previous.get("merged") not in (None, str(merged)):
+        print(f"{results.name} holds another release's merged model ({previous['merged']}); starting it afresh")
+        previous = {}
+    variants = {variant_key(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
+                            v.get("group_size", 64)): v
+                for v in previous.get("variants", {}).values()}
     for v in variants.values():  # a record written before size_vs_bf16 and citable check keys existed
         v["checks"] = {name.replace(" ", "-"): c for name, c in v["checks"].items()}
         v.pop("size_vs_merged", None)
         v.setdefault("size_vs_bf16", round(v["size_mb"] * 1e6 / bf16_bytes(merged), 3))
-    data = {"release": str(args.release), "merged": str(merged), "variants": variants}
+    data = {"release": str(args.release), "merged": str(merged), "variants": variants,
+            "command_tail": (f" --accuracy" if args.accuracy else "")
+            + ("" if args.results == "calibration_mix" else f" --results {args.results}")}
+    merged_accuracy = None
+    if args.accuracy:
+        merged_accuracy = previous.get("merged_accuracy") or accuracy(merged, preps)
+        data["merged_accuracy"] = merged_accuracy
+        print("merged", json.dumps(merged_accuracy), flush=True)
     for item in filter(None, args.variants.split(",")):
         method, fraction, *more = item.split(":")  # more: kN (kept modules), bN (bits)
         keep = next((int(m[1:]) for m in more if m.startswith("k")), 0)
         bits = next((int(m[1:]) for m in more if m.startswith("b")), 4)
-        key = variant_key(method, float(fraction), keep, bits)
-        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep, bits)
-        print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}), flush=True)
-        write_results("calibration_mix", data)  # after every variant: a long run keeps what it measured
-    write_results("calibration_mix", data)
-    update_readme_section("calibration_mix", readme(data))
-    print(RESULTS)
+        group = next((int(m[1:]) for m in more if m.startswith("g")), 64)
+        key = variant_key(method, float(fraction), keep, bits, group)
+        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep, bits, group,
+                                merged_accuracy)
+        print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}),
+              json.dumps(variants[key].get("accuracy", {})), flush=True)
+        write_results(args.results, data)  # after every variant: a long run keeps what it measured
+    write_results(args.results, data)
+    update_readme_section(args.results, readme(data, args.results))
+    print(results)
 
 
 if __name__ == "__main__":
