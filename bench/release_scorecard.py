@@ -13,8 +13,9 @@ Given the output folder of a ``lorakit run`` of the default release (``bench/pip
    general-text perplexity against the base.
 
 Usage: python bench/release_scorecard.py --release bench/work/pipeline/out [--work bench/work/release_scorecard]
-       [--skip-merges] [--skip-fresh]
-Writes bench/results/release_scorecard.json and the ``release_scorecard`` section of bench/README.md.
+       [--skip-merges] [--skip-fresh] [--results release_scorecard]
+Writes bench/results/RESULTS.json and the ``RESULTS`` section of bench/README.md (a release measured on another
+kind of CPU gets its own name, e.g. ``--results release_scorecard_avx2``, beside the one the README cites).
 """
 
 from __future__ import annotations
@@ -147,9 +148,10 @@ def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
     return out
 
 
-def readme(release: dict, merges: dict | None) -> str:
-    lines = ["## release_scorecard", "",
-             f"`python bench/release_scorecard.py --release {release['source']}`: the default release's own scorecard "
+def readme(release: dict, merges: dict | None, name: str = "release_scorecard") -> str:
+    tail = "" if name == "release_scorecard" else f" --results {name}"
+    lines = [f"## {name}", "",
+             f"`python bench/release_scorecard.py --release {release['source']}{tail}`: the default release's own scorecard "
              f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_span']:.0%} of the "
              f"{release['stage_span_s']:.0f} s during which a stage ran; training "
              f"{release['training_span_s']:.0f} s of it), exact match per model.", "",
@@ -219,6 +221,8 @@ def main() -> None:
     ap.add_argument("--skip-merges", action="store_true", help="keep the merge comparison already in the results file")
     ap.add_argument("--skip-fresh", action="store_true", help="keep the fresh-question scores already in the results "
                     "file when they are of the same --release, else record none")
+    ap.add_argument("--results", default="release_scorecard", help="results file (bench/results/NAME.json) and README "
+                    "section name")
     args = ap.parse_args()
     from lorakit.runtime import configure_threads
 
@@ -244,21 +248,22 @@ def main() -> None:
                "scorecard_share_of_span": round(card["wall_s"] / span, 3) if span and card.get("wall_s") else None,
                # where each adapter trained: its threads and its process's peak memory (null: not recorded then)
                "adapter_training": {task: {k: getattr(read_train_record(p), k)
-                                           for k in ("torch_threads", "peak_rss_mib", "wall_time_s")}
+                                           for k in ("torch_threads", "peak_rss_mib", "wall_time_s", "compute_dtype",
+                                                     "steps", "tokens")}
                                     for task, p in parts["adapters"].items()},
                "merge": release_merge(parts["merged"]),
                "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),
                "gate": json.loads(gate[0].read_text()) if gate else None}
-    previous = BENCH / "results" / "release_scorecard.json"
+    previous = BENCH / "results" / f"{args.results}.json"
     kept = json.loads(previous.read_text()) if previous.exists() else {}
     # --skip-fresh keeps the fresh-question scores already recorded for this same release folder
     same = (kept.get("release") or {}).get("source") == str(args.release)
     release["fresh"] = ((kept["release"].get("fresh") if same else None) if args.skip_fresh
                         else fresh_scores(parts, args.release, args.work))
     merges = kept.get("merge_defaults") if args.skip_merges else merge_defaults(parts, args.work)
-    path = write_results("release_scorecard", {"release": release, "merge_defaults": merges})
-    update_readme_section("release_scorecard", readme(release, merges))
+    path = write_results(args.results, {"release": release, "merge_defaults": merges})
+    update_readme_section(args.results, readme(release, merges, args.results))
     print(path)
 
 
