@@ -6,7 +6,7 @@ import click
 
 from lorakit.cli.options import compute_dtype_option, stage_options, take_stage_options
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
-from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORM, AWQ_SCALE_FORMS, QuantizeOptions
+from lorakit.quantize.options import AWQ_GRID, QuantizeOptions
 
 
 @click.command()
@@ -20,9 +20,6 @@ from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORM, AWQ_SCALE_FORMS, 
 @click.option("--awq-grid", type=int, default=AWQ_GRID, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
-@click.option("--awq-scale-form", type=click.Choice(list(AWQ_SCALE_FORMS)), default=AWQ_SCALE_FORM, show_default=True,
-              help="awq: scale form on the α grid: duo = x̄^α/w̄^(1−α) (AutoAWQ's default), activation = x̄^α (the "
-              "paper's), both = let the output error pick per group (twice the search time). See bench/README.md.")
 @click.option("--module-bits", multiple=True, metavar="MODULE=BITS",
               help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=8 (gptq: 8, via GPTQModel "
                    "`dynamic`; NOT loadable by plain transformers) or =16 (awq: kept in fp16, still loadable). Repeatable.")
@@ -37,7 +34,7 @@ from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORM, AWQ_SCALE_FORMS, 
 @click.option("--max-size-mb", type=float, default=None, help="search: skip configurations predicted above this size.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
-def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_grid, no_awq_clip, awq_scale_form,
+def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_grid, no_awq_clip,
              module_bits, eval_data, eval_general, eval_general_max_tokens, search_methods, max_size_mb, force, quiet,
              **options):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
@@ -82,7 +79,7 @@ def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_gri
         return
     result = quantize_model(
         model_dir, output, calib=calib, strict_group_size=strict_group_size, awq_grid=awq_grid,
-        awq_clip=not no_awq_clip, compute_dtype=compute_dtype, awq_scale_form=awq_scale_form, force=force,
+        awq_clip=not no_awq_clip, compute_dtype=compute_dtype, force=force,
         progress=not quiet, module_bits=_parse_module_bits(module_bits), **opts.quantize_kwargs(),
     )
     if quiet:
@@ -120,6 +117,7 @@ def _search(model_dir, output, calib, eval_data, opts, methods, compute_dtype, m
                                  target_degradation=opts.target_degradation, space=space, bounds=bounds,
                                  seq_len=opts.seq_len, seed=opts.seed, device=opts.device,
                                  calib_general=opts.calib_general, calib_general_fraction=opts.calib_general_fraction,
+                                 awq_scale_form=opts.awq_scale_form,
                                  compute_dtype=compute_dtype, force=force, progress=not quiet, **general)
     search = result.metadata["search"]
     if quiet:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lorakit
-from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORM, AWQ_SCALE_FORMS, QUANTIZE
+from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORMS, QUANTIZE
 from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.errors import InputError
 from lorakit.runtime import resolve_device as runtime_resolve_device
@@ -116,7 +116,7 @@ def quantize_model(
     awq_grid: int = AWQ_GRID,
     awq_clip: bool = True,
     compute_dtype: str = "auto",
-    awq_scale_form: str = AWQ_SCALE_FORM,
+    awq_scale_form: str = QUANTIZE.awq_scale_form,
     module_bits: dict[str, int] | None = None,
     force: bool = False,
     progress: bool = True,

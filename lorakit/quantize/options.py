@@ -32,9 +32,8 @@ from lorakit.runtime import DEFAULT_DEVICE
 RELEASE_TARGET_DEGRADATION = GATE.max_degradation
 # AWQ tuning knobs of `lorakit quantize` and quantize_model (not run-config keys: the release uses these values).
 AWQ_GRID = 20  # α values tried per group
-# --awq-scale-form -> the forms on the search grid (see lorakit.quantize.awq.search_scale)
+# awq_scale_form -> the forms on the search grid (see lorakit.quantize.awq.search_scale)
 AWQ_SCALE_FORMS = {"duo": ("duo",), "activation": ("activation",), "both": ("duo", "activation")}
-AWQ_SCALE_FORM = "duo"
 
 # The keys of QuantizeOptions that only the search reads (lorakit.quantize.search.quantize_to_target).
 SEARCH_KEYS = ("target_degradation", "max_trials", "time_budget_s")
@@ -53,6 +52,10 @@ class QuantizeOptions(StageOptions):
         None, description="Symmetric grid (no zero point) or asymmetric with a zero point; none = --sym for gptq, "
         "--asym for awq.")
     desc_act: bool = Field(False, description="GPTQ act-order: quantize columns by decreasing activation size.")
+    awq_scale_form: Literal["duo", "activation", "both"] = Field(
+        "duo", description="awq: the scale form on the α grid: duo = x̄^α/w̄^(1−α) (AutoAWQ's default), activation = "
+        "x̄^α (the paper's), both = let the output error pick per group (twice the search time). Which is better "
+        "depends on the group size (bench/README.md, quantize).")
     n_samples: int | None = Field(
         None, gt=0, description="Calibration sequences; none = 64, or every one the data gives when fewer (at "
         "least 16; a warning says so and lorakit_quant.json records it). A number the data cannot fill is an error.")

@@ -135,6 +135,7 @@ def search_quantization(
     eval_general_max_tokens: int | None = None,
     calib_general: str | os.PathLike[str] | None = QUANTIZE.calib_general,
     calib_general_fraction: float = QUANTIZE.calib_general_fraction,
+    awq_scale_form: str = QUANTIZE.awq_scale_form,
     seed: int = QUANTIZE.seed,
     device: str = QUANTIZE.device,
     compute_dtype: str = "auto",
@@ -147,7 +148,7 @@ def search_quantization(
     train split calibrates). ``eval_general`` (the release gate's general text, capped at
     ``eval_general_max_tokens``) is scored too: a trial passes only when *every* scored text is within the target,
     and its degradation is the worst of them. ``calib_general``/``calib_general_fraction``: the calibration mix of
-    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial. Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
+    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial, as is ``awq_scale_form`` (AWQ trials). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
     ``lorakit_quant.json`` carries ``search`` (every trial, the pick, whether the target was met).
     """
     from lorakit.evaluate.core import perplexity, prepare_tokens
@@ -187,6 +188,7 @@ def search_quantization(
     baselines = {name: perplexity(str(src), toks, **eval_kw) for name, toks in streams.items()}
     base = baselines["val"]
     calib_kw = {"calib_general": calib_general, "calib_general_fraction": calib_general_fraction}
+    fixed_kw = {**calib_kw, "awq_scale_form": awq_scale_form}  # the same in every trial
     from lorakit.progress import emit
 
     say = emit if progress else (lambda msg: None)  # timestamped, and into the Prefect logs under `lorakit run`
@@ -213,7 +215,7 @@ def search_quantization(
         return None
 
     def run(phase: str, params: dict) -> Trial:
-        params = {**params, **calib_kw}  # recorded with the trial: its params alone reproduce it (reproduce_trial)
+        params = {**params, **fixed_kw}  # recorded with the trial: its params alone reproduce it (reproduce_trial)
         predicted = predicted_size_bytes(config, method=params["method"], bits=params["bits"],
                                          group_size=params["group_size"], module_bits=params["module_bits"])
         trial = Trial(len(trials), phase, params, predicted,
@@ -372,7 +374,7 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
 # quantize_model arguments the search honours when it replaces a fixed configuration (quantize_to_target).
 SEARCH_HONOURS = frozenset({"calib", "method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len", "seed",
                             "device", "compute_dtype", "force", "progress", "calib_general",
-                            "calib_general_fraction", "eval_general", "eval_general_max_tokens"})
+                            "calib_general_fraction", "awq_scale_form", "eval_general", "eval_general_max_tokens"})
 
 
 def configured_space(params: dict[str, Any]) -> SearchSpace:
@@ -423,6 +425,7 @@ def quantize_to_target(
         eval_general=params.get("eval_general"), eval_general_max_tokens=params.get("eval_general_max_tokens"),
         calib_general=params.get("calib_general", QUANTIZE.calib_general),
         calib_general_fraction=float(params.get("calib_general_fraction", QUANTIZE.calib_general_fraction)),
+        awq_scale_form=params.get("awq_scale_form", QUANTIZE.awq_scale_form),
         device=params.get("device", QUANTIZE.device), compute_dtype=params.get("compute_dtype", "auto"),
         force=bool(params.get("force", False)),
         progress=bool(params.get("progress", True)),
