@@ -122,12 +122,19 @@ def touch() -> None:
 
 
 def emit(message: str, *, console: bool = True, sink: Sink | None = None) -> None:
-    """One progress line: on the console (unless off) and to the current context's sink (or ``sink``)."""
+    """One progress line: on the console (unless off) and to the current context's sink (or ``sink``).
+
+    Only a line the user sees resets the heartbeat's silence clock: one on the console, or, in a process whose
+    console is off (a training child relaying to its parent), one in the sink. A sink-only line beside a live
+    console (a ``progress=False`` bar inside a Prefect run, which still logs to Prefect) must not: the merge
+    search's many short evaluation bars kept the console silent for 60 s that way."""
     target = sink if sink is not None else _sink.get()
     with _console.lock:
-        if console and _console.enabled:
+        shown = console and _console.enabled
+        if shown:
             _print(message)
-        touch()
+        if shown or (not _console.enabled and target is not None):
+            touch()
     if target is not None:
         try:
             target(message)

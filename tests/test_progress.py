@@ -134,6 +134,30 @@ def test_line_bar_reports_first_periodic_and_last(monkeypatch):
     assert all(TRAIN_LINE.search(line) for line in got), got
 
 
+def test_sink_only_lines_do_not_silence_the_heartbeat(monkeypatch, capfd):
+    """Lines that reach only the sink (bars with progress off inside a flow, which still log to Prefect) are not
+    output the console shows: however often they come, the console still gets its heartbeat."""
+    monkeypatch.setenv(progress.HEARTBEAT_ENV, "0.5")
+    was = progress.console_enabled()
+    progress.configure(console=True)
+    got: list[str] = []
+    try:
+        capfd.readouterr()
+        with progress.reporting(got.append), progress.activity("scoring"):
+            for _ in range(15):  # short bars, as evaluation passes with progress=False make: a line every 0.1 s
+                bar = progress.bar(total=2, desc="pass", unit="ex", disable=True)
+                for _ in range(2):
+                    time.sleep(0.05)
+                    bar.update(1)
+                bar.close()
+        err = capfd.readouterr().err
+    finally:
+        progress.configure(console=was)
+    assert any(line.startswith("pass: ex") for line in got)  # the sink did get the bars' lines
+    assert "pass: ex" not in err  # the console did not
+    assert "scoring: still working" in err, err
+
+
 def test_heartbeat_interval_env(monkeypatch):
     monkeypatch.delenv(progress.HEARTBEAT_ENV, raising=False)
     assert progress.heartbeat_interval() == progress.DEFAULT_HEARTBEAT_S <= 20
