@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import find_one, update_readme_section, write_results  # noqa: E402
+from bench.common import cpu, find_one, update_readme_section, write_results  # noqa: E402
 
 DEFAULT_VARIANTS = "gptq:0,gptq:0.5,awq:0,awq:0.5"
 
@@ -141,7 +141,7 @@ def readme(data: dict, name: str) -> str:
              "the release gate (perplexity degradation vs the merged model; mean KL in nats)"
              + (" and by the scorecard's exact match (points lost vs the merged model, first 50 examples)"
                 if drops else "") + ". Kept modules: the most sensitive linears at higher precision (AWQ fp16, "
-             "GPTQ 8-bit). " + f"CPU: {data.get('machine', {}).get('cpu', {}).get('model', '?')}.", "",
+             "GPTQ 8-bit). " + f"CPU: {cpu_line()}.", "",
              "| method | bits | group | general share | kept modules | size MB (x bf16) | " + " | ".join(
                  f"{name} ppl / KL" for name in first["checks"]) + "".join(f" | {d}" for d in drops) + " |",
              "|---|---|---|---|---|---|" + "---|" * (len(first["checks"]) + len(drops))]
@@ -163,6 +163,11 @@ def readme(data: dict, name: str) -> str:
               f"it is the perplexity bar in KL terms. {under} of the {len(kls)} checks measured above are within it; "
               f"on general text {sum(k <= DEFAULT_MAX_KL for k in general)} of {len(general)}."]
     return "\n".join(lines)
+
+
+def cpu_line() -> str:
+    c = cpu()
+    return f"{c['model']} ({', '.join(c['flags']) or 'no AVX flags read'})"
 
 
 def variant_key(method: str, fraction: float, keep: int, bits: int = 4, group_size: int = 64,

@@ -13,7 +13,11 @@ text in the calibration is the measured mix: it cut GPTQ's general-text loss fro
 sensitive linears kept at higher precision (+11.9% AWQ, +11.5% GPTQ, ``*-keep16``), so the default release is
 rejected by its own gate on that check; the gate says so rather than the default hiding it. AWQ at 8 bits passes
 every check (``awq-8bit-general50``: -0.02% on general text) at 0.63x the bf16 size, over the 0.5x a 4-bit release
-is for: set ``bits: 8`` to ship that trade. Group 128 does not divide SmolLM2's hidden size 576. For other data or models, set
+is for: set ``bits: 8`` to ship that trade. Why not group 32: on another release of the same config it halved the
+perplexity and KL cost (general text +8.3% vs +16.5%) yet lost more exact-match answers on every task and split
+(test: 20 vs 12 points on reverse-words, 18 vs 8 on number-words; bench/results/quantize_accuracy.json
+``variants.*.accuracy``), the scorecard's measure of what the release can do. Group 128 does not divide SmolLM2's
+hidden size 576. For other data or models, set
 ``target_degradation`` and let the search measure (``lorakit.quantize.search.quantize_to_target``).
 """
 
