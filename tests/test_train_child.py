@@ -122,6 +122,8 @@ def test_a_child_stops_when_its_parent_is_killed(prep, tiny_base, tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+        if child is not None and child.is_running():  # a failed run must not leave a training behind in CI
+            child.kill()
         parent.stderr.close()
     assert not (tmp_path / "out").exists()
 
