@@ -113,13 +113,14 @@ def ones_each(ev, denominators: dict[str, tuple[dict, dict]], n: int) -> dict:
 
 
 def accuracy_search(adapters: list[str], preps: dict[str, str], base: str, seq_len: int, max_trials: int,
-                    time_budget: float) -> dict:
+                    time_budget: float, methods: list[str] | None = None) -> dict:
     """The search with the accuracy objective, and the uniform and 1.0-each merges by the same exact-match scorer."""
     from lorakit.merge.search import search_merge
 
     out = WORK / "searched-accuracy"
     result = search_merge(adapters, preps, out, objective="accuracy", max_trials=max_trials, time_budget_s=time_budget,
-                          output_kind="model", base=base, seq_len=seq_len, device="cpu", force=True, progress=True)
+                          methods=methods or ["linear"], output_kind="model", base=base, seq_len=seq_len, device="cpu",
+                          force=True, progress=True)
     s = result.metadata["search"]
     chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]
     ev = in_memory_evaluator(adapters, preps, base, seq_len, objective="accuracy", batch_size=s["method"]["batch_size"])
@@ -136,7 +137,8 @@ def accuracy_search(adapters: list[str], preps: dict[str, str], base: str, seq_l
                 "test": {"worst_retention": test["worst_retention"], "retention": test["retention"],
                          "exact_match": test["exact_match"]}}
 
-    return {"objective": s["objective"], "n_trials": s["n_trials"], "stopped": s["stopped"], "search_s": s["search_s"],
+    return {"objective": s["objective"], "methods": s["methods"], "n_trials": s["n_trials"], "stopped": s["stopped"],
+            "search_s": s["search_s"],
             "trial_s_median": s["trial_s_median"], "tasks": s["tasks"],
             "test_denominators": {"base_exact_match": s["test"]["base_exact_match"],
                                   "adapter_exact_match": s["test"]["adapter_exact_match"]},
@@ -163,13 +165,14 @@ def main() -> None:
                     help="nll -> results/merge_search.json; accuracy -> results/merge_search_accuracy.json")
     ap.add_argument("--release-out", type=Path, help="use the preps and adapters of this finished default release")
     ap.add_argument("--readme-only", action="store_true", help="rewrite the README section from the result file")
+    ap.add_argument("--results", help="results file and README section name (default: by objective)")
     args = ap.parse_args()
-    name = "merge_search" if args.objective == "nll" else "merge_search_accuracy"
+    name = args.results or ("merge_search" if args.objective == "nll" else "merge_search_accuracy")
     if args.readme_only:
         import json
 
         data = json.loads((Path(__file__).parent / "results" / f"{name}.json").read_text())
-        update_readme_section(name, readme(data) if args.objective == "nll" else accuracy_readme(data))
+        update_readme_section(name, readme(data) if args.objective == "nll" else accuracy_readme(data, name))
         return
     from lorakit.runtime import configure_threads
 
@@ -189,9 +192,10 @@ def main() -> None:
                           "training": {n: train_meta(a) for n, a in zip(preps, adapters)},
                           "lorakit_commit": _git_commit(), "threads": torch.get_num_threads()},
                 "nll_gain": nll_gains(adapters, preps, str(base), seq_len),
-                **accuracy_search(adapters, preps, str(base), seq_len, args.max_trials, args.time_budget)}
+                **accuracy_search(adapters, preps, str(base), seq_len, args.max_trials, args.time_budget,
+                                  args.methods.split(","))}
         print(f"wrote {write_results(name, data)}")
-        update_readme_section(name, accuracy_readme(data))
+        update_readme_section(name, accuracy_readme(data, name))
         return
     out = WORK / "searched"
     t0 = time.perf_counter()
@@ -300,11 +304,13 @@ def nll_gains(adapters: list[str], preps: dict[str, str], base: str, seq_len: in
     return {k: {"base_nll": round(b[k], 4), "adapter_nll": round(a[k], 4), "lowers_nll": a[k] < b[k]} for k in b}
 
 
-def accuracy_readme(a: dict) -> str:
+def accuracy_readme(a: dict, name: str = "merge_search_accuracy") -> str:
     rows = []
     for label, key in (("searched (accuracy)", "searched"), ("uniform 1/n", "uniform"), ("1.0 each", "ones")):
         x = a["variants"][key]
         w = ",".join(f"{v:g}" for v in x["params"]["weights"])
+        if x.get("method", "linear") != "linear":
+            w = f"{x['method']} {w}" + (f", density {x['params']['density']:g}" if x["params"].get("density") else "")
         em = ", ".join(f"{k} {v:.3f}" for k, v in x["test"]["exact_match"].items())
         rows.append(f"| {label} | {w} | {x['val']['worst_retention']:.3f} | {x['test']['worst_retention']:.3f} | {em} |")
     gains = "; ".join(f"{k} {t['base_exact_match']:.3f} -> {t['adapter_exact_match']:.3f}" for k, t in a["tasks"].items())
@@ -316,10 +322,13 @@ def accuracy_readme(a: dict) -> str:
            f"task's val NLL (base -> adapter: {nll}), so the search refuses it as not learned, while exact match "
            "shows it did learn; that is what the accuracy objective is for." if refused else
            f"Val NLL, base -> adapter alone: {nll}.")
+    methods = a.get("methods", ["linear"])
+    tail = (f" --methods {','.join(methods)}" if methods != ["linear"] else "") + (
+        f" --results {name}" if name != "merge_search_accuracy" else "")
     return "\n".join([
-        "## merge_search_accuracy",
+        f"## {name}",
         "",
-        f"`LORAKIT_THREADS={a['setup'].get('threads', 1)} python -m bench.merge_search --objective accuracy --release-out DIR` — "
+        f"`LORAKIT_THREADS={a['setup'].get('threads', 1)} python -m bench.merge_search --objective accuracy --release-out DIR{tail}` — "
         f"`lorakit merge --search --objective accuracy` on the default release's two adapters "
         f"({a['setup']['config']}; {steps} steps at lr {a['setup']['lora']['lr']:g}): the "
         f"worst task's retention of greedy exact match on val, test reported only. {a['n_trials']} trials (stopped: "

@@ -54,7 +54,9 @@ def stage_intervals(output_dir: Path) -> dict[str, tuple[float, float]]:
             data = json.loads(meta.read_text())
             sec = _seconds(data) if isinstance(data, dict) else None
             if sec is not None and isinstance(data.get("search"), dict) and meta.name == "lorakit_merge.json":
-                sec += float(data["search"].get("search_s") or 0)  # the weight search ran before the recorded write
+                search_s = float(data["search"].get("search_s") or 0)
+                if sec < search_s:  # a record from before wall_time_s counted the search (it timed the write alone)
+                    sec += search_s
             if sec is not None:
                 end = meta.stat().st_mtime
                 spans[f"{meta.parent.parent.name}/{meta.parent.name}"] = (end - sec, end)

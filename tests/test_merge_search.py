@@ -116,6 +116,8 @@ def test_search_beats_uniform_on_worst_task_retention(searched):
     # held-out test: reported for both, and the choice holds there too
     assert s["report"]["test"]["chosen"] > s["report"]["test"]["uniform"] + 0.2
     assert searched["meta"]["weights"] == chosen["params"]["weights"]
+    # the record's wall time is the stage's: the search and the write after it (the release report shows it)
+    assert searched["meta"]["wall_time_s"] >= s["search_s"] >= sum(t["seconds"]["total"] for t in s["trials"])
     for t in s["trials"]:
         assert set(t["nll"]) == set(t["retention"]) == set(TASKS)
         assert t["worst_retention"] == min(t["retention"].values())

@@ -250,6 +250,7 @@ def merge_adapters(
     loftq_base: str | None = MERGE.loftq_base,
     progress: bool = True,
     record: dict[str, Any] | None = None,
+    started: float | None = None,
 ) -> MergeResult:
     """Merge PEFT LoRA adapters: ΔW = method(w₁·ΔW₁, …) with ΔWᵢ = scalingᵢ·BᵢAᵢ per target module.
 
@@ -258,11 +259,12 @@ def merge_adapters(
     and must resolve to float32 (lorakit.compute.POLICY: the merge is exact; SVD rank reduction runs in float64).
     DoRA updates are materialised on the base (W'ᵢ − W); LoftQ adapters need ``loftq_base`` for model output (see
     :mod:`lorakit.merge.base_weights`). ``record``: extra top-level entries for ``lorakit_merge.json`` (the merge
-    search's ``search``), written inside the same atomic output.
+    search's ``search``), written inside the same atomic output. ``started``: the ``time.perf_counter()`` at which the
+    stage began when work before this call belongs to it (the merge search), so ``wall_time_s`` is the stage's time.
     """
     from lorakit.compute import dtype_name, resolve_compute_dtype
 
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     compute = dtype_name(resolve_compute_dtype(compute_dtype, "merge", "cpu"))
     output = Path(output)
     weights = check_weights(weights, len(adapters))

@@ -472,7 +472,8 @@ def search_merge(
     return core.merge_adapters(
         adapters, p["weights"], output, method=chosen.method, output_kind=output_kind, rank=rank, base=base,
         density=p.get("density"), seed=p.get("seed"), normalize=p.get("normalize"), force=force,
-        ignore_base_name=ignore_base_name, compute_dtype=compute, progress=progress, record={"search": record})
+        ignore_base_name=ignore_base_name, compute_dtype=compute, progress=progress, record={"search": record},
+        started=started)  # the record's wall_time_s: the whole stage, search and write
 
 
 def _val_size(task: TaskStream) -> dict[str, int]:
