@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import cpu, find_one, update_readme_section, write_results  # noqa: E402
+from bench.common import cpu_line, find_one, update_readme_section, write_results  # noqa: E402
 
 DEFAULT_VARIANTS = "gptq:0,gptq:0.5,awq:0,awq:0.5"
 
@@ -165,11 +165,6 @@ def readme(data: dict, name: str) -> str:
     return "\n".join(lines)
 
 
-def cpu_line() -> str:
-    c = cpu()
-    return f"{c['model']} ({', '.join(c['flags']) or 'no AVX flags read'})"
-
-
 def variant_key(method: str, fraction: float, keep: int, bits: int = 4, group_size: int = 64,
                 scale_form: str | None = None) -> str:
     """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
@@ -188,6 +183,7 @@ def main() -> None:
                     "section name")
     args = ap.parse_args()
     results = BENCH / "results" / f"{args.results}.json"
+    from lorakit.quantize.options import AWQ_SCALE_FORMS
     from lorakit.runtime import configure_threads
 
     configure_threads()
@@ -208,7 +204,7 @@ def main() -> None:
         v.pop("size_vs_merged", None)
         v.setdefault("size_vs_bf16", round(v["size_mb"] * 1e6 / bf16_bytes(merged), 3))
     data = {"release": str(args.release), "merged": str(merged), "variants": variants,
-            "command_tail": (f" --accuracy" if args.accuracy else "")
+            "command_tail": (" --accuracy" if args.accuracy else "")
             + ("" if args.results == "calibration_mix" else f" --results {args.results}")}
     merged_accuracy = None
     if args.accuracy:
@@ -220,7 +216,7 @@ def main() -> None:
         keep = next((int(m[1:]) for m in more if m.startswith("k")), 0)
         bits = next((int(m[1:]) for m in more if m.startswith("b")), 4)
         group = next((int(m[1:]) for m in more if m.startswith("g")), 64)
-        form = next((m for m in more if m in ("duo", "activation", "both")), None)
+        form = next((m for m in more if m in AWQ_SCALE_FORMS), None)
         key = variant_key(method, float(fraction), keep, bits, group, form)
         variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep, bits, group,
                                 merged_accuracy, form)

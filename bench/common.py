@@ -102,6 +102,12 @@ def cpu() -> dict[str, object]:
             "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
 
 
+def cpu_line() -> str:
+    """This CPU in one phrase for a README section: its model and the flags that matter for lorakit's speed."""
+    c = cpu()
+    return f"{c['model']} ({', '.join(c['flags']) or 'no AVX flags read'})"
+
+
 def machine() -> dict[str, object]:
     load = os.getloadavg()
     return {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
