@@ -38,6 +38,7 @@ from lorakit.train.batches import Rows, Schedule, load_rows, model_inputs
 from lorakit.train.checkpoint import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 from lorakit.train.model import (assert_not_repacked, check_tied_targets, dropout_off, load_for_training,
                                  parse_targets, pick_device)
+from lorakit.train.prefix import MIN_PREFIX, prefix_batch, prefix_hidden
 from lorakit.train.sanity import TrainingSanityError, check_loss_fell, check_step
 from lorakit.train import variants
 from lorakit.train.options import DEFAULT_MAX_STEPS, TRAIN
@@ -135,6 +136,10 @@ class TrainRecord:
     # the process's peak resident memory when the adapter was written: the training's own when it ran in a process
     # of its own (lorakit.train.child), else also whatever the process did before; None where not measurable
     peak_rss_mib: float | None = None
+    # lorakit.train.prefix: whether the micro-batches' shared prompt ran once ("used"), and why not, with the
+    # first micro-batch's loss both ways; token positions the decoder ran (< tokens when it did). None: older record
+    shared_prefix: dict[str, Any] | None = None
+    computed_tokens: int | None = None
     lorakit_version: str = lorakit.__version__
     stage: str = "train"
 
@@ -214,27 +219,10 @@ def _head_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
-def _batch_loss_sum(model, rows: Rows, idx: torch.Tensor, device: str) -> torch.Tensor:
-    """Sum of token cross-entropies of one microbatch (labels shifted as in causal LM training).
-
-    The output head runs only on the hidden states of labelled positions, in chunks of :data:`LOSS_CHUNK` whose
-    logits are recomputed in the backward pass (activation checkpointing of the head alone), so
-    full-vocabulary logits never exist for every position at once: for 8 packed rows of 256 tokens of
-    SmolLM2-135M they were 8 x 256 x 49152 float32 values (403 MB) per copy, with their log-softmax and gradient
-    beside them. The sum is the same as cross-entropy over full logits with ``ignore_index`` (a test compares
-    both to a float64 reference).
-    """
+def _head_loss_sum_chunked(head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the labelled positions of ``hidden`` (aligned with ``labels``), by chunks."""
     from torch.utils.checkpoint import checkpoint
 
-    inputs = model_inputs(rows, idx, device)
-    labels = rows.labels[idx][:, 1:].to(device)
-    parts = _causal_lm_parts(model)
-    if parts is None:
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum")
-    decoder, head = parts
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
     keep = labels != IGNORE_INDEX
     hidden, targets = hidden[keep], labels[keep]
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -245,6 +233,77 @@ def _batch_loss_sum(model, rows: Rows, idx: torch.Tensor, device: str) -> torch.
         else:
             total = total + _head_loss_sum(head, h, t)
     return total
+
+
+def _batch_loss_sum(model, rows: Rows, idx: torch.Tensor, device: str, shared_prefix: bool = False,
+                    stats: dict[str, int] | None = None) -> torch.Tensor:
+    """Sum of token cross-entropies of one microbatch (labels shifted as in causal LM training).
+
+    The output head runs only on the hidden states of labelled positions, in chunks of :data:`LOSS_CHUNK` whose
+    logits are recomputed in the backward pass (activation checkpointing of the head alone), so
+    full-vocabulary logits never exist for every position at once: for 8 packed rows of 256 tokens of
+    SmolLM2-135M they were 8 x 256 x 49152 float32 values (403 MB) per copy, with their log-softmax and gradient
+    beside them. The sum is the same as cross-entropy over full logits with ``ignore_index`` (a test compares
+    both to a float64 reference). With ``shared_prefix`` the documents' common prompt runs once
+    (:mod:`lorakit.train.prefix`, the same sum); ``stats["computed_tokens"]`` adds the positions the decoder ran.
+    """
+    parts = _causal_lm_parts(model)
+    batch = None
+    if shared_prefix and parts is not None:
+        batch = prefix_batch(rows.input_ids[idx], rows.labels[idx], rows.position_ids[idx], pad_id=0)
+    if stats is not None:
+        stats["computed_tokens"] = stats.get("computed_tokens", 0) + (
+            batch.computed_tokens if batch is not None else int(rows.input_ids[idx].numel()))
+    if batch is not None:
+        decoder, head = parts
+        hidden = prefix_hidden(decoder, batch, device)[:, :-1]
+        return _head_loss_sum_chunked(head, hidden, batch.suffix_labels[:, 1:].to(device))
+    inputs = model_inputs(rows, idx, device)
+    labels = rows.labels[idx][:, 1:].to(device)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    decoder, head = parts
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    return _head_loss_sum_chunked(head, hidden, labels)
+
+
+# How far the shared-prefix loss may sit from the packed one on the run's first micro-batch (relative): float32
+# sums in another order agree to ~1e-7 on SmolLM2 (bench/results/train_prefix.json); half precision to ~1e-3.
+PREFIX_CHECK_RTOL = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 2e-2}
+
+
+def _shared_prefix_plan(model, rows: Rows, dropout: float, gradient_checkpointing: bool) -> str | None:
+    """Why the shared-prefix path cannot be exact for this run (None: it can)."""
+    if rows.attention_mask is not None:
+        return "rows are padded, not packed"
+    if dropout > 0:
+        return f"LoRA dropout {dropout} draws its own mask for every copy of the prompt"
+    if gradient_checkpointing:
+        return "gradient checkpointing runs without the KV cache"
+    if _causal_lm_parts(model) is None:
+        return "the model post-processes its logits"
+    return None
+
+
+def _check_shared_prefix(model, rows: Rows, idx: torch.Tensor, device: str, compute_dtype: str) -> dict[str, Any]:
+    """Both paths' loss on one micro-batch; ``used`` is whether they agree (the run then takes the shared path)."""
+    if prefix_batch(rows.input_ids[idx], rows.labels[idx], rows.position_ids[idx], pad_id=0) is None:
+        return {"used": False, "reason": f"the documents share fewer than {MIN_PREFIX} leading prompt tokens"}
+    with torch.no_grad():
+        packed = float(_batch_loss_sum(model, rows, idx, device))
+        try:
+            shared = float(_batch_loss_sum(model, rows, idx, device, shared_prefix=True))
+        except (TypeError, AttributeError, ValueError, RuntimeError) as exc:  # a decoder without a usable KV cache
+            return {"used": False, "reason": f"the decoder cannot run from a shared KV cache ({exc})"}
+    rel = abs(shared - packed) / max(abs(packed), 1e-12)
+    tol = PREFIX_CHECK_RTOL.get(compute_dtype, 2e-2)
+    out = {"used": rel <= tol, "check_loss_packed": packed, "check_loss_shared": shared, "check_rel_diff": rel,
+           "check_rtol": tol}
+    if rel > tol:
+        out["reason"] = f"its loss differed from the packed rows' by {rel:.2e} (> {tol:g}) on the first micro-batch"
+    return out
 
 
 def _label_count(rows: Rows, micro: list[torch.Tensor]) -> int:
@@ -375,6 +434,11 @@ def train_adapter(
         start_step, first_batch_loss = int(state["step"]), state["first_batch_loss"]
         elapsed_before, resumed_from = float(state["elapsed_s"]), start_step
 
+    why_not = _shared_prefix_plan(model, rows, cfg.dropout, loaded.gradient_checkpointing)
+    shared_prefix = ({"used": False, "reason": why_not} if why_not else
+                     _check_shared_prefix(model, rows, schedule.step_microbatches(start_step)[0], dev,
+                                          loaded.compute_dtype))
+    use_prefix = bool(shared_prefix["used"])
     bar = progress_bar(total=total, initial=start_step, desc="training", unit="step", disable=not progress)
     run_started = time.perf_counter()
     try:
@@ -385,9 +449,9 @@ def train_adapter(
                 group["lr"] = step_lr * group.get(variants.LR_SCALE, 1.0)
             micro = schedule.step_microbatches(step)
             n_labels = max(1, _label_count(rows, micro))
-            loss_sum = 0.0
+            loss_sum, stats = 0.0, {}
             for idx in micro:
-                part = _batch_loss_sum(model, rows, idx, dev)
+                part = _batch_loss_sum(model, rows, idx, dev, shared_prefix=use_prefix, stats=stats)
                 (part / n_labels).backward()
                 loss_sum += float(part.detach())
             loss = loss_sum / n_labels
@@ -402,7 +466,8 @@ def train_adapter(
             dt = time.perf_counter() - t0
             tokens = int(sum(int(rows.tokens[idx].sum()) for idx in micro))
             entry = {"step": step + 1, "epoch": round(schedule.epoch_at(step), 4), "loss": loss, "grad_norm": grad_norm,
-                     "lr": step_lr, "tokens": tokens, "tokens_per_s": tokens / dt if dt > 0 else None,
+                     "lr": step_lr, "tokens": tokens, "computed_tokens": stats["computed_tokens"],
+                     "tokens_per_s": tokens / dt if dt > 0 else None,
                      "step_time_s": dt, "elapsed_s": elapsed_before + time.perf_counter() - run_started}
             log.append(entry)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -419,7 +484,8 @@ def train_adapter(
         dropout_off(model)
         with torch.no_grad():
             micro = schedule.step_microbatches(0)
-            after = sum(float(_batch_loss_sum(model, rows, idx, dev)) for idx in micro) / max(1, _label_count(rows, micro))
+            after = sum(float(_batch_loss_sum(model, rows, idx, dev, shared_prefix=use_prefix))
+                        for idx in micro) / max(1, _label_count(rows, micro))
         drop = check_loss_fell(first_batch_loss, after, cfg.min_loss_drop)
     except TrainingSanityError:
         bar.close()
@@ -442,6 +508,7 @@ def train_adapter(
         first_batch_loss_before=first_batch_loss, first_batch_loss_after=after, loss_drop=drop,
         resumed_from_step=resumed_from, wall_time_s=round(elapsed_before + time.perf_counter() - started, 3),
         versions=_versions(), torch_threads=torch.get_num_threads(), peak_rss_mib=_peak_rss_mib(),
+        shared_prefix=shared_prefix, computed_tokens=sum(e["computed_tokens"] for e in log if "computed_tokens" in e),
     )
     model.peft_config["default"].base_model_name_or_path = base_name
     with atomic_dir(output, force=force) as tmp:
