@@ -214,6 +214,19 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
     return "\n".join(lines)
 
 
+def adapter_training(adapter: Path) -> dict:
+    """How an adapter of the release trained: threads, peak memory, time, dtype, steps, tokens, dropout, and
+    whether the shared-prompt path ran (with the token positions it computed); null where an older record lacks it."""
+    from lorakit.train.loop import read_train_record
+
+    rec = read_train_record(adapter)
+    out = {k: getattr(rec, k) for k in ("torch_threads", "peak_rss_mib", "wall_time_s", "compute_dtype", "steps",
+                                        "tokens", "computed_tokens")}
+    out["dropout"] = rec.config.get("dropout")
+    out["shared_prefix"] = (rec.shared_prefix or {}).get("used")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True)
@@ -231,7 +244,6 @@ def main() -> None:
     card = parts["data"]
     gate = sorted(args.release.glob("gate/*/gate.json"))
     from bench.pipeline import span_seconds, stage_intervals
-    from lorakit.train.loop import read_train_record
 
     intervals = stage_intervals(args.release)
     stages = {name: round(end - start, 1) for name, (start, end) in intervals.items()}
@@ -247,10 +259,7 @@ def main() -> None:
                "stage_span_s": span, "training_span_s": span_seconds(intervals, "adapters"),
                "scorecard_share_of_span": round(card["wall_s"] / span, 3) if span and card.get("wall_s") else None,
                # where each adapter trained: its threads and its process's peak memory (null: not recorded then)
-               "adapter_training": {task: {k: getattr(read_train_record(p), k)
-                                           for k in ("torch_threads", "peak_rss_mib", "wall_time_s", "compute_dtype",
-                                                     "steps", "tokens")}
-                                    for task, p in parts["adapters"].items()},
+               "adapter_training": {task: adapter_training(p) for task, p in parts["adapters"].items()},
                "merge": release_merge(parts["merged"]),
                "general_text": card.get("general_text"),
                "timings": card.get("timings"), "params": card.get("params"),

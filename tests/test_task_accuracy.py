@@ -112,6 +112,31 @@ def test_adapter_accuracy_via_peft_equals_merged_model_prediction_for_prediction
     assert again == via_peft
 
 
+@pytest.mark.parametrize("which", ["adapter", "merged"])
+def test_a_shared_prompt_prefix_generates_the_tokens_full_prompts_generate(confident_pair, which):
+    """The prefix-cache path (padding between the shared prefix and each prompt's rest) against plain left padding,
+    token for token, on a PEFT-wrapped model and a plain one; and it really ran a shorter prefill."""
+    from lorakit.data.formats import prompt_token_ids
+    from lorakit.evaluate.accuracy import generate_greedy, read_task_examples, stop_token_ids
+    from lorakit.evaluate.loading import describe_model, load_eval_model
+
+    base, adapter, merged, prep = confident_pair
+    loaded = load_eval_model(describe_model(adapter if which == "adapter" else merged))
+    tok = loaded.tokenizer
+    examples = read_task_examples(prep, "test", 12)
+    prompts = [prompt_token_ids(r["text"], int(r["prompt_end"]), tok) for r in examples.records]
+    assert len({len(p) for p in prompts}) > 1  # prompts of several lengths: padding really sits inside the batch
+    kw = dict(stop_ids=stop_token_ids(tok, loaded.model, examples), pad_id=int(tok.pad_token_id or tok.eos_token_id),
+              batch_size=6, device=loaded.device)
+    limits = [12] * len(prompts)
+    shared_stats, plain_stats = {}, {}
+    shared = generate_greedy(loaded.model, prompts, limits, share_prefix=True, stats=shared_stats, **kw)
+    plain = generate_greedy(loaded.model, prompts, limits, share_prefix=False, stats=plain_stats, **kw)
+    assert shared == plain
+    assert sum(len(ids) for ids, _ in plain) > 0
+    assert shared_stats["prefill_tokens"] < plain_stats["prefill_tokens"] * 0.75
+
+
 def test_greedy_answers_stop_at_end_of_turn_and_respect_the_length_budget(confident_pair):
     base, _, _, prep = confident_pair
     r = task_accuracy(base, prep, max_examples=8, margin=3, progress=False)

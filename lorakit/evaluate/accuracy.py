@@ -10,8 +10,9 @@ passed the gate while answering 0-7% of fresh questions right (NOTES). This modu
 2. Each prompt is the rendered example exactly as training saw it: the whole rendered text tokenized as prep
    tokenized it, cut before the first answer token (``lorakit.data.formats.prompt_token_ids``). For multi-turn
    chat that is every turn before the *last* assistant turn, which is the reference.
-3. Greedy decoding, left-padded batches with the KV cache, ``max_new_tokens`` = reference length in tokens +
-   ``margin``; a sequence stops at EOS or at the end-of-turn token that follows answers in the rendered data;
+3. Greedy decoding, left-padded batches with the KV cache (the prompt tokens a batch shares, such as a chat
+   template's system prompt and the instruction, run once: :func:`generate_greedy`), ``max_new_tokens`` =
+   reference length in tokens + ``margin``; a sequence stops at EOS or at the end-of-turn token that follows answers in the rendered data;
    a batch stops when all its sequences have stopped. Every decoding setting is recorded.
 4. Scores: exact match after normalisation and token-level F1 (``lorakit.evaluate.scoring``).
 
@@ -167,14 +168,20 @@ def stop_token_ids(tokenizer, model, examples: TaskExamples) -> list[int]:
 
 @torch.inference_mode()
 def generate_greedy(model, prompts: list[list[int]], limits: list[int], *, stop_ids: list[int], pad_id: int,
-                    batch_size: int, device: torch.device, progress: Any = None
-                    ) -> list[tuple[list[int], str]]:
+                    batch_size: int, device: torch.device, progress: Any = None, share_prefix: bool = True,
+                    stats: dict[str, int] | None = None) -> list[tuple[list[int], str]]:
     """Greedy continuation of each prompt: (ids before the first stop token, "eos" | "length").
 
     Prompts are batched by length (less padding), left-padded with an attention mask, and decoded with the KV
-    cache; each sequence is cut at its own ``limits[i]`` new tokens.
+    cache; each sequence is cut at its own ``limits[i]`` new tokens. With ``share_prefix``, the tokens every prompt
+    of a batch begins with (a chat template's system prompt and the task's instruction) run once and their KV cache
+    is repeated to the batch; the rest of each prompt is left-padded after it, so the padding sits between the two
+    (masked, positions continue from the prefix): the same attention and positions, a shorter prefill.
+    ``stats["prefill_tokens"]`` adds the prompt positions the model ran.
     """
     from transformers import GenerationConfig
+
+    from lorakit.models.kv_cache import MIN_SHARED_PREFIX, common_prefix_len, generate_cache_kwarg, prompt_cache
 
     if int(batch_size) < 1:
         raise InputError(f"--batch-size must be a positive integer, got {batch_size}")
@@ -183,17 +190,28 @@ def generate_greedy(model, prompts: list[list[int]], limits: list[int], *, stop_
     stops = set(stop_ids)
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        batch = [prompts[i] for i in idx]
+        # every prompt keeps one token after the prefix: its logits give the first new token
+        p = min(common_prefix_len(batch), min(len(q) for q in batch) - 1) if share_prefix and len(idx) > 1 else 0
+        p = p if p >= MIN_SHARED_PREFIX else 0
+        width = max(len(q) for q in batch) - p
+        ids = torch.full((len(idx), p + width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), p + width), dtype=torch.long)
+        ids[:, :p], mask[:, :p] = torch.tensor(batch[0][:p]), 1
+        for row, q in enumerate(batch):
+            ids[row, p + width - (len(q) - p):] = torch.tensor(q[p:])
+            mask[row, p + width - (len(q) - p):] = 1
+        extra = {}
+        if p:
+            extra[generate_cache_kwarg()] = prompt_cache(model, ids[:1, :p].to(device), len(idx))
+        if stats is not None:
+            stats["prefill_tokens"] = stats.get("prefill_tokens", 0) + p + len(idx) * width
         config = GenerationConfig(max_new_tokens=max(limits[i] for i in idx), do_sample=False, num_beams=1,
                                   eos_token_id=list(stop_ids), pad_token_id=pad_id, use_cache=True)
-        seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                              **extra)
         for row, i in enumerate(idx):
-            new = seqs[row, width:].tolist()[: limits[i]]
+            new = seqs[row, p + width:].tolist()[: limits[i]]
             cut = next((k for k, t in enumerate(new) if t in stops), None)
             out[i] = (new, "length") if cut is None else (new[:cut], "eos")
         if progress is not None:
@@ -258,10 +276,10 @@ def _score(loaded: EvalModel, examples: TaskExamples, norm: Normalization, *, ba
     # lorakit's progress lines: timestamped, in the Prefect logs inside a stage, a bar on a terminal
     bar = progress_bar(total=len(prompts), desc=f"task accuracy {Path(str(loaded.spec.folder)).name}", unit="ex",
                        disable=not progress, leave=False)
-    start = time.perf_counter()
+    start, stats = time.perf_counter(), {}
     try:
         generated = generate_greedy(loaded.model, prompts, limits, stop_ids=stops, pad_id=int(pad_id),
-                                    batch_size=batch_size, device=loaded.device, progress=bar)
+                                    batch_size=batch_size, device=loaded.device, progress=bar, stats=stats)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -274,7 +292,9 @@ def _score(loaded: EvalModel, examples: TaskExamples, norm: Normalization, *, ba
     decoding = {"strategy": "greedy", "kv_cache": True, "padding": "left", "batch_size": int(batch_size),
                 "batch_order": "by prompt length", "max_new_tokens": "reference tokens + margin",
                 "margin": int(margin), "stop_token_ids": stops, "pad_token_id": int(pad_id), "dtype": loaded.dtype,
-                "prompt": "rendered example as prep rendered it, cut before the first answer token"}
+                "prompt": "rendered example as prep rendered it, cut before the first answer token",
+                "shared_prefix": "a batch's common leading prompt tokens run once (KV cache), padding after them",
+                "prefill_tokens": stats.get("prefill_tokens", 0)}
     n_generated = sum(len(ids) for ids, _ in generated)
     return TaskAccuracy(
         data=examples.data, split=examples.split, split_note=examples.split_note, format=examples.format,

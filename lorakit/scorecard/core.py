@@ -206,7 +206,8 @@ def build_scorecard(
                                              "mean_nll": ppl.mean_nll, "tokens": ppl.tokens,
                                              "n_examples": acc.n_examples, "path_used": loaded.path_used}
                 if acc.skipped is None:
-                    decoding = decoding or {k2: v for k2, v in acc.decoding.items() if k2 != "stop_token_ids"}
+                    decoding = decoding or {k2: v for k2, v in acc.decoding.items()
+                                           if k2 not in ("stop_token_ids", "prefill_tokens")}
                     predictions[t.name][s][role] = [{"index": p.index, "prediction": p.prediction, "exact": p.exact}
                                                     for p in acc.predictions]
                     predictions[t.name][s]["reference"] = [p.reference for p in acc.predictions]

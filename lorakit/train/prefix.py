@@ -1,8 +1,8 @@
 """Shared-prefix training: the prompt every example of a micro-batch begins with is computed once.
 
 Instruction and chat examples rendered through a chat template begin alike: for the bundled tasks on SmolLM2 the
-default system prompt and the task's instruction are 34-36 of an example's ~50 tokens, and only the answer is
-labelled. Packed rows run that shared prompt through every layer once per example. Here a micro-batch's documents
+default system prompt and the task's instruction are the first 33-34 tokens of every ~54-token example
+(bench/results/shared_prefix.json: ``training.<task>.prefix_tokens``), and only the answer is labelled. Packed rows run that shared prompt through every layer once per example. Here a micro-batch's documents
 are taken out of their packed rows, their longest common token prefix runs once (batch 1, its keys and values kept
 with their autograd history), and each document's remainder runs as one row of a padded batch that attends to the
 prefix through the KV cache.
@@ -16,8 +16,9 @@ the equality, and each turns the path off: LoRA dropout (each copy of the prefix
 gradient checkpointing (transformers drops the KV cache under it). :func:`train_adapter` also compares the two
 paths' loss on its first micro-batch and falls back to packed rows when they disagree.
 
-The gain is the share of prompt tokens: on the bundled tasks a micro-batch of 2 x 512 packed tokens becomes one
-~36-token prefix plus ~19 rows of ~20 tokens (bench/results/train_prefix.json).
+The gain is the share of prompt tokens: on the bundled tasks a micro-batch of 2 packed rows of 512 tokens (~980
+real) runs as one prefix plus ~18 remainders, ~440 positions in all, and its forward + backward took 2.5x less
+time (bench/results/shared_prefix.json: ``training.number-words``: ``computed_tokens_median``, ``speedup``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import torch
 
 from lorakit.data.formats import IGNORE_INDEX
 from lorakit.data.packing import document_ids
-
-MIN_PREFIX = 8  # below this the saving does not pay for the extra forward call
+from lorakit.models.kv_cache import MIN_SHARED_PREFIX as MIN_PREFIX, cache_kwarg, common_prefix_len, prompt_cache
 
 
 @dataclass
@@ -72,12 +72,7 @@ def shared_prefix_len(docs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
     one (so every loss term comes from a remainder row, each counted once)."""
     if not docs:
         return 0
-    first = docs[0][0]
-    n = min(int(d[0].shape[0]) for d in docs)
-    for ids, _ in docs[1:]:
-        diff = torch.nonzero(ids[:n] != first[:n]).view(-1)
-        if diff.numel():
-            n = int(diff[0])
+    n = common_prefix_len([ids.tolist() for ids, _ in docs])
     for _, lab in docs:
         labelled = torch.nonzero(lab != IGNORE_INDEX).view(-1)
         n = min(n, int(labelled[0]) - 1)  # the position before the first labelled token predicts it
@@ -108,18 +103,9 @@ def prefix_hidden(decoder, batch: PrefixBatch, device: str) -> torch.Tensor:
     """The decoder's last hidden states of the remainders [B, S, H]: the prefix runs once with a KV cache whose
     tensors keep their autograd history, the cache is repeated to the batch, the remainders attend to it."""
     p, (b, s) = batch.prefix_len, batch.suffix_ids.shape
-    prefix_pos = torch.arange(p, device=device).unsqueeze(0)
-    cache = decoder(input_ids=batch.prefix_ids.to(device), position_ids=prefix_pos, use_cache=True).past_key_values
-    cache.batch_repeat_interleave(b)
+    cache = prompt_cache(decoder, batch.prefix_ids.to(device), b)
     mask = torch.cat([torch.ones((b, p), dtype=torch.long), batch.suffix_mask], dim=1).to(device)
     positions = (p + torch.arange(s, device=device)).unsqueeze(0).expand(b, s)
     out = decoder(input_ids=batch.suffix_ids.to(device), attention_mask=mask, position_ids=positions,
-                  use_cache=True, **{_cache_kwarg(decoder): cache})
+                  use_cache=True, **{cache_kwarg(decoder.forward): cache})
     return out.last_hidden_state
-
-
-def _cache_kwarg(decoder) -> str:
-    """transformers 5.x renamed the decoder's ``past_key_values`` argument to ``cache`` (the old name warns)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
