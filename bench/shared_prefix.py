@@ -35,17 +35,10 @@ sys.path.insert(0, str(REPO))
 from bench.common import cpu_line, ensure_release_prep, update_readme_section, write_results  # noqa: E402
 
 
-def _grads(model):
-    import torch
-
-    return torch.cat([p.grad.reshape(-1).double() for _, p in sorted(model.named_parameters()) if p.requires_grad])
-
-
 def measure_task(ds, plan, micro: int) -> dict:
-    import torch
-
     from lorakit.compute import dtype_name, resolve_compute_dtype
     from lorakit.models import ensure_default_model
+    from lorakit.models.synthetic import lora_grad_vector, randomize_lora_b
     from lorakit.train import loop
     from lorakit.train.batches import Schedule, load_rows
     from lorakit.train.model import load_for_training, parse_targets
@@ -57,11 +50,7 @@ def measure_task(ds, plan, micro: int) -> dict:
     model = load_for_training(ensure_default_model(), quant=p["quant"], device="cpu", r=p["r"], alpha=p["alpha"],
                               dropout=0.0, targets=parse_targets(p["target"]), rslora=p["rslora"], seed=p["seed"],
                               gradient_checkpointing=False, compute_dtype=dtype).model
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for name, t in model.named_parameters():
-            if "lora_B" in name:
-                t.copy_(torch.randn(t.shape, generator=gen) * 0.01)
+    randomize_lora_b(model, scale=0.01)
     model.train()
     rows = load_rows(Path(prep), "train")
     sched = Schedule(len(rows), p["batch_size"], p["grad_accum"], p["seed"])
@@ -77,7 +66,7 @@ def measure_task(ds, plan, micro: int) -> dict:
             loss = loop._batch_loss_sum(model, rows, idx, "cpu", shared_prefix=(path == "shared"))
             loss.backward()
             times[path].append(time.perf_counter() - t0)
-            got[path] = (float(loss.detach()), _grads(model))
+            got[path] = (float(loss.detach()), lora_grad_vector(model))
         (lp, gp), (ls, gs) = got["packed"], got["shared"]
         loss_rel.append(abs(ls - lp) / abs(lp))
         grad_rel.append(float((gs - gp).norm() / gp.norm()))

@@ -14,6 +14,7 @@ from lorakit.adapters import load_adapter
 from lorakit.data.prep import prepare_dataset
 from lorakit.errors import InputError
 from lorakit.models.folder import weights_digest
+from lorakit.models.synthetic import lora_grad_vector
 from lorakit.train import TRAIN_LOG, TrainingSanityError, read_train_record, train_adapter
 from lorakit.train.batches import Schedule, load_rows, model_inputs
 from lorakit.train.checkpoint import checkpoint_root
@@ -118,7 +119,7 @@ def test_cpu_4bit_lora_grads_match_dequantized(tiny_base, prep, compute_dtype):
         model.train()
         model.zero_grad()
         model(**batch, labels=labels, use_cache=False).loss.backward()
-        return torch.cat([p.grad.reshape(-1).double() for n, p in sorted(model.named_parameters()) if p.requires_grad])
+        return lora_grad_vector(model)
 
     g_q, g_ref = lora_grads(q), lora_grads(ref)
     assert g_ref.norm() > 0

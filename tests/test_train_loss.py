@@ -11,6 +11,7 @@ import torch
 
 from lorakit.data.formats import IGNORE_INDEX
 from lorakit.data.prep import prepare_dataset
+from lorakit.models.synthetic import lora_grad_vector, randomize_lora_b
 from lorakit.train import loop
 from lorakit.train.batches import load_rows, model_inputs
 from lorakit.train.model import load_for_training
@@ -36,20 +37,12 @@ def _full_logits_loss(model, batch, labels) -> torch.Tensor:
                                              ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _lora_grads(model) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1).double() for _, p in sorted(model.named_parameters()) if p.requires_grad])
-
-
 @pytest.mark.parametrize("chunk", [loop.LOSS_CHUNK, 7])
 def test_labelled_loss_matches_full_logits_in_float64(tiny_base, prep, monkeypatch, chunk):
     kw = dict(quant="none", device="cpu", r=4, alpha=8, dropout=0.0, targets="all-linear", rslora=False, seed=0,
               gradient_checkpointing=False, compute_dtype="float32")
     model = load_for_training(tiny_base, **kw).model
-    with torch.no_grad():  # B = 0 at init would make every A gradient vanish
-        gen = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    randomize_lora_b(model, scale=0.05)  # B = 0 at init would make every A gradient vanish
     model.train()
     ref = copy.deepcopy(model).double()
     rows = load_rows(prep, "train")
@@ -67,7 +60,7 @@ def test_labelled_loss_matches_full_logits_in_float64(tiny_base, prep, monkeypat
     loss64.backward()
     assert loss.dtype == torch.float32
     assert abs(loss.item() - loss64.item()) <= REL_TOL * abs(loss64.item())
-    g, g64 = _lora_grads(model), _lora_grads(ref)
+    g, g64 = lora_grad_vector(model), lora_grad_vector(ref)
     assert g.shape == g64.shape and g64.norm() > 0
     assert (g - g64).norm() <= REL_TOL * g64.norm()
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from lorakit.data.formats import IGNORE_INDEX as X
 from lorakit.data.prep import prepare_dataset
+from lorakit.models.synthetic import lora_grad_vector, randomize_lora_b
 from lorakit.train import loop, train_adapter
 from lorakit.train.batches import load_rows, model_inputs
 from lorakit.train.model import load_for_training
@@ -53,17 +54,9 @@ def prep(tiny_base, tmp_path_factory) -> Path:
 def _model(tiny_base, quant="none", dtype="float32"):
     model = load_for_training(tiny_base, quant=quant, device="cpu", r=4, alpha=8, dropout=0.0, targets="all-linear",
                               rslora=False, seed=0, gradient_checkpointing=False, compute_dtype=dtype).model
-    with torch.no_grad():  # B = 0 at init would make every A gradient vanish
-        gen = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    randomize_lora_b(model, scale=0.05)  # B = 0 at init would make every A gradient vanish
     model.train()
     return model
-
-
-def _lora_grads(model) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1).double() for _, p in sorted(model.named_parameters()) if p.requires_grad])
 
 
 def test_shared_prefix_loss_and_gradients_match_a_float64_full_logits_reference(tiny_base, prep):
@@ -86,7 +79,7 @@ def test_shared_prefix_loss_and_gradients_match_a_float64_full_logits_reference(
                                              ignore_index=X, reduction="sum")
     want.backward()
     assert abs(float(loss) - float(want)) <= REL_TOL * abs(float(want))
-    got, ref_grads = _lora_grads(model), _lora_grads(ref)
+    got, ref_grads = lora_grad_vector(model), lora_grad_vector(ref)
     assert float((got - ref_grads).norm() / ref_grads.norm()) <= REL_TOL
 
 

@@ -1,7 +1,9 @@
 """Synthetic PEFT adapters with random, non-zero factors: inputs for merge tests, benchmarks and the demo.
 
 A freshly initialised LoRA has B = 0 (no update), which would make every merge trivially "exact". These
-adapters are real PEFT folders (saved by PEFT itself) whose A and B are both random, so ΔW ≠ 0.
+adapters are real PEFT folders (saved by PEFT itself) whose A and B are both random, so ΔW ≠ 0. The same need in
+memory (a LoRA model whose gradients are compared across code paths) is :func:`randomize_lora_b` and
+:func:`lora_grad_vector`.
 """
 
 from __future__ import annotations
@@ -47,3 +49,22 @@ def make_random_adapter(
     # get_peft_model injects layers in place; undo it so a caller's model can be reused for the next adapter.
     peft_model.unload()
     return Path(out_dir)
+
+
+def randomize_lora_b(model, scale: float, seed: int = 1) -> None:
+    """Draw every ``lora_B`` of an in-memory PEFT model from N(0, scale²): B = 0 at init would make every A gradient
+    vanish, so a gradient comparison would prove nothing about A."""
+    import torch
+
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def lora_grad_vector(model):
+    """Every trainable parameter's gradient, float64, in name order, as one vector (for relative-error checks)."""
+    import torch
+
+    return torch.cat([p.grad.reshape(-1).double() for _, p in sorted(model.named_parameters()) if p.requires_grad])
