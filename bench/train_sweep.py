@@ -11,7 +11,8 @@ recording train wall time, seconds per step and tokens per step. Runs are merged
 Usage: python bench/train_sweep.py --tasks reverse-words --grid "lr=1e-3,steps=40,batch=2,accum=4" [--grid ...]
        [--work bench/work/train_sweep] [--cpu-profile avx2]
 A grid point's keys: examples (records generated for the task by ``lorakit.data.bundled.generate``, same seed;
-default: the shipped file), lr, steps, batch, accum, r, alpha, max_length, warmup (ratio). Missing keys take the
+default: the shipped file), mix (number-words: how its numbers are drawn, ``NUMBER_MIXES``; default: the
+shipped file's), lr, steps, batch, accum, r, alpha, max_length, warmup (ratio). Missing keys take the
 release defaults (flows.config.LoraConfig / DatasetConfig).
 """
 
@@ -32,7 +33,7 @@ from bench.common import machine, update_readme_section, write_results  # noqa: 
 
 RESULTS = BENCH / "results" / "train_sweep.json"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-GRID_KEYS = {"examples": int, "lr": float, "steps": int, "batch": int, "accum": int, "r": int, "alpha": float, "max_length": int,
+GRID_KEYS = {"mix": str, "examples": int, "lr": float, "steps": int, "batch": int, "accum": int, "r": int, "alpha": float, "max_length": int,
              "warmup": float}
 
 
@@ -50,21 +51,26 @@ def point_key(task: str, p: dict) -> str:
     return task + ":" + ",".join(f"{k}={p[k]}" for k in sorted(p))
 
 
-def fresh_prep(task: str, work: Path, max_length: int, examples: int | None = None):
-    """A prep folder of fresh questions (every split of it is scored), built once per task, length and data size:
-    40 questions the ``examples`` generated training records (default: the shipped file) cannot contain."""
-    from lorakit.data.bundled.generate import N_EXAMPLES, fresh_records, render_jsonl
+def fresh_prep(task: str, work: Path, max_length: int, examples: int | None = None, mix: str | None = None):
+    """A prep folder of fresh questions (every split of it is scored), built once per task, length, data size and
+    mix: 40 questions the ``examples`` generated training records (default: the shipped file) cannot contain."""
+    from lorakit.data.bundled.generate import N_EXAMPLES, NUMBER_MIX, fresh_records, render_jsonl
     from lorakit.data.prep import prepare_dataset
 
-    examples = examples or N_EXAMPLES
-    folder = work / f"fresh-{task}-{max_length}-{examples}"
+    examples, mix = examples or N_EXAMPLES, mix or NUMBER_MIX
+    folder = work / f"fresh-{task}-{max_length}-{examples}{_mix_tag(task, mix)}"
     if not folder.exists():
-        src = work / f"fresh-{task}-{examples}.jsonl"
+        src = work / f"fresh-{task}-{examples}{_mix_tag(task, mix)}.jsonl"
         src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(render_jsonl(fresh_records(task, 40, train_examples=examples)))
+        src.write_bytes(render_jsonl(fresh_records(task, 40, train_examples=examples, mix=mix)))
         prepare_dataset([str(src)], folder, max_length=max_length, val_fraction=0.1, test_fraction=0.1, seed=0,
                         progress=False)
     return folder
+
+
+def _mix_tag(task: str, mix: str) -> str:
+    """File-name tag of a number mix (empty for the old default, so earlier work folders stay valid)."""
+    return f"-{mix}" if task == "number-words" and mix != "magnitudes" else ""
 
 
 def all_examples(prep: Path):
@@ -77,6 +83,20 @@ def all_examples(prep: Path):
     return examples
 
 
+def by_digits(predictions) -> dict[str, list[int]]:
+    """number-words: [right, asked] per digit count of the question (read back from the reference words), so
+    runs on differently drawn numbers compare length by length."""
+    from lorakit.data.bundled.generate import number_to_words
+
+    digits = {number_to_words(v): len(str(v)) for v in range(100_000)}
+    out: dict[str, list[int]] = {}
+    for p in predictions:
+        cell = out.setdefault(str(digits[p.reference.strip()]), [0, 0])
+        cell[0] += int(p.exact)
+        cell[1] += 1
+    return dict(sorted(out.items()))
+
+
 def run_point(task: str, point: dict, work: Path) -> dict:
     from flows.config import DatasetConfig, LoraConfig
     from lorakit.data.bundled import bundled_dataset_path
@@ -85,17 +105,21 @@ def run_point(task: str, point: dict, work: Path) -> dict:
     from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
     from lorakit.train.loop import train_adapter
 
-    from lorakit.data.bundled.generate import GENERATORS, N_EXAMPLES, render_jsonl
+    from lorakit.data.bundled.generate import GENERATORS, N_EXAMPLES, NUMBER_MIX, render_jsonl
 
     ds, lora = DatasetConfig(name=task, bundled=task), LoraConfig()
     max_length = int(point.get("max_length", ds.max_length))
     examples = int(point.get("examples", N_EXAMPLES))
+    mix = str(point.get("mix", NUMBER_MIX))
+    if "mix" in point and task != "number-words":
+        raise SystemExit("the mix key applies to number-words only")
     source = bundled_dataset_path(task)
-    if examples != N_EXAMPLES:
-        source = work / f"{task}-{examples}.jsonl"
+    if examples != N_EXAMPLES or mix != NUMBER_MIX:
+        source = work / f"{task}-{examples}{_mix_tag(task, mix)}.jsonl"
         source.parent.mkdir(parents=True, exist_ok=True)
-        source.write_bytes(render_jsonl(GENERATORS[task](examples)))
-    prep = work / f"prep-{task}-{max_length}-{examples}"
+        kwargs = {"mix": mix} if task == "number-words" else {}
+        source.write_bytes(render_jsonl(GENERATORS[task](examples, **kwargs)))
+    prep = work / f"prep-{task}-{max_length}-{examples}{_mix_tag(task, mix)}"
     if not prep.exists():
         prepare_dataset([str(source)], prep, max_length=max_length, pack=ds.pack,
                         val_fraction=ds.val_fraction, test_fraction=ds.test_fraction, seed=ds.seed, progress=False)
@@ -115,11 +139,13 @@ def run_point(task: str, point: dict, work: Path) -> dict:
     spec = describe_model(str(out))
     loaded = load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec))
     scores = {}
-    for name, questions in (("test", str(prep)), ("fresh", all_examples(fresh_prep(task, work, max_length, examples)))):
+    for name, questions in (("test", str(prep)), ("fresh", all_examples(fresh_prep(task, work, max_length, examples, mix)))):
         acc = task_accuracy(loaded, questions, split="test" if name == "test" else None, progress=False)
         scores[name] = {"n": acc.n_examples, "exact_match": acc.exact_match, "f1": round(acc.f1, 4),
                         "wall_s": round(acc.wall_s, 1),
                         "wrong_examples": [(p.reference, p.prediction) for p in acc.predictions if not p.exact][:3]}
+        if task == "number-words":
+            scores[name]["by_digits"] = by_digits(acc.predictions)
     steps = int(record["steps"])
     rows_per_step = int(point.get("batch", lora.batch_size)) * int(point.get("accum", lora.grad_accum))
     return {"task": task, "point": point, "examples": examples, "steps": steps, "train_wall_s": round(train_s, 1),
@@ -135,14 +161,19 @@ EXAMPLES_BEFORE_THE_KEY = 400
 SUMMARY_FIELDS = ("exact_match_test", "exact_match_fresh", "s_per_step", "train_wall_s", "epochs", "final_loss")
 
 
+# The step count the sweep's base point trained (the release's default until it moved to 80 steps): the data-size
+# comparison docs/data.md cites was made there.
+SWEEP_BASE_STEPS = 40
+
+
 def release_point(runs: dict) -> dict:
-    """The runs at the release's training settings (lr, steps, batch, accum), by task and data size: what the
-    defaults' docstrings and config comments cite (``release_point.<task>.<examples>.exact_match_test``)."""
+    """The runs at the release's lr, batch and accum and the sweep's base step count (:data:`SWEEP_BASE_STEPS`), by
+    task and data size: what the data-size docs and config comments cite
+    (``release_point.<task>.<examples>.exact_match_test``)."""
     from flows.config import LoraConfig
-    from lorakit.train.options import DEFAULT_MAX_STEPS
 
     lora = LoraConfig()
-    defaults = {"lr": lora.lr, "steps": lora.max_steps or DEFAULT_MAX_STEPS, "batch": lora.batch_size,
+    defaults = {"lr": lora.lr, "steps": SWEEP_BASE_STEPS, "batch": lora.batch_size,
                 "accum": lora.grad_accum}
     out: dict = {}
     for r in runs.values():
@@ -153,13 +184,30 @@ def release_point(runs: dict) -> dict:
     return out
 
 
+def number_mix(runs: dict) -> dict:
+    """number-words on 2,000 records at the release's lr / batch / accum, by how its numbers were drawn and by
+    steps (``number_mix.<mix>.<steps>.exact_match_test``): what docs/data.md cites for the shipped draw."""
+    from flows.config import LoraConfig
+
+    lora = LoraConfig()
+    fixed = {"lr": lora.lr, "batch": lora.batch_size, "accum": lora.grad_accum, "examples": 2000}
+    out: dict = {}
+    for r in runs.values():
+        p = r["point"]
+        if r["task"] == "number-words" and r.get("cpu_profile", "native") == "native" and \
+                set(p) <= {*fixed, "steps", "mix"} and all(p.get(k) == v for k, v in fixed.items()):
+            out.setdefault(p.get("mix", "magnitudes"), {})[str(r["steps"])] = {
+                k: r[k] for k in ("exact_match_test", "exact_match_fresh", "compute_dtype")}
+    return out
+
+
 def save(runs: dict, measured_by: dict | None = None) -> None:
     """Write the runs, their summary and the README section. ``measured_by``: the previous file, when this
     process only re-summarises: its date and machine records stay those of the last training run, not this one's."""
     kept = {k: measured_by[k] for k in ("date", "machine", "last_run_machine") if k in measured_by} if measured_by else {}
     write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",
                                   "data": "bundled tasks, release prep settings", "runs": runs,
-                                  "release_point": release_point(runs), "last_run_machine": machine(), **kept})
+                                  "release_point": release_point(runs), "number_mix": number_mix(runs), "last_run_machine": machine(), **kept})
     update_readme_section("train_sweep", readme(runs))
 
 
@@ -167,11 +215,15 @@ def readme(runs: dict) -> str:
     lines = ["## train_sweep", "", "QLoRA adapters on SmolLM2-135M-Instruct, one per bundled task; greedy exact match "
              "on the test split and on 40 fresh questions (`python bench/train_sweep.py`).", "",
              f"Runs without a recorded `examples` count trained on the shipped files of their time ({EXAMPLES_BEFORE_THE_KEY} records per task).",
+             "A `digits mix` run drew number-words' numbers by digit count (`lorakit.data.bundled.generate.NUMBER_MIXES`) "
+             "instead of the shipped file's magnitudes; its test and fresh questions are drawn the same way, and "
+             "`scores.*.by_digits` holds [right, asked] per digit count.",
              "", "| task | examples | lr | steps | batch x accum | EM test | EM fresh | s/step | train s | dtype |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (r["task"], r.get("examples", EXAMPLES_BEFORE_THE_KEY), r["point"].get("lr", 0), r["steps"])):
         p = r["point"]
-        lines.append(f"| {r['task']} | {r.get('examples', EXAMPLES_BEFORE_THE_KEY)} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
+        data = f"{r.get('examples', EXAMPLES_BEFORE_THE_KEY)}" + (f" ({p['mix']} mix)" if "mix" in p else "")
+        lines.append(f"| {r['task']} | {data} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
                      f"{p.get('accum', '-')} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
                      f"{r['s_per_step']} | {r['train_wall_s']:.0f} | {r['compute_dtype']} |")
     return "\n".join(lines)

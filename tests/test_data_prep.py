@@ -308,3 +308,27 @@ def test_fresh_questions_are_outside_the_shipped_file(task):
     else:
         assert {r["instruction"] for r in fresh} == {shipped[0]["instruction"]}
     assert fresh == fresh_records(task, 40)
+
+
+def test_number_mixes_draw_what_they_say():
+    """The shipped magnitudes mix under-represents three- and four-digit numbers (unique numbers exhaust 0-99);
+    the digits mix holds every one- and two-digit number and a near-even share of three, four and five digits.
+    Counted independently of the generator's draw: by the length of each input."""
+    from collections import Counter
+
+    from lorakit.data.bundled.generate import fresh_records, number_to_words, number_words_records
+
+    def shares(records):
+        counts = Counter(len(r["input"]) for r in records)
+        return {d: counts[d] / len(records) for d in range(1, 6)}
+
+    magnitudes, digits = shares(number_words_records()), shares(number_words_records(mix="digits"))
+    assert magnitudes[4] < 0.06 and magnitudes[5] > 0.5
+    assert digits[1] * N_EXAMPLES == 10 and digits[2] * N_EXAMPLES == 90
+    assert all(0.2 < digits[d] < 0.4 for d in (3, 4, 5))
+    records = number_words_records(mix="digits")
+    assert all(r["output"] == number_to_words(int(r["input"])) for r in records)
+    fresh = fresh_records("number-words", 40, mix="digits")
+    assert not {r["input"] for r in fresh} & {r["input"] for r in records}
+    with pytest.raises(ValueError, match="unknown number mix"):
+        number_words_records(10, mix="even")

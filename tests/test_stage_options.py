@@ -158,7 +158,7 @@ def test_options_left_out_take_the_models_rules(tmp_path):
     assert runner.invoke(probe, ["--min-loss-drop", "none", "--no-rslora"]).exit_code == 0
     assert seen["opts"].min_loss_drop is None and "rslora" in seen["opts"].model_fields_set
     assert runner.invoke(probe, []).exit_code == 0 and seen["opts"] == TrainOptions()
-    assert TrainOptions().max_steps is None and DEFAULT_MAX_STEPS == 40
+    assert TrainOptions().max_steps is None and DEFAULT_MAX_STEPS == 80
     bad = runner.invoke(probe, ["--epochs", "1", "--max-steps", "3"])
     assert isinstance(bad.exception, InputError) and "epochs or max_steps" in str(bad.exception)
     bad = runner.invoke(probe, ["--batch-size", "0", "--dropout", "1.5"])

@@ -38,7 +38,7 @@ def train(prep_dir, output, base, compute_dtype, no_loss_check, resume, force, q
 
     \b
     With no options this trains as the release flow does (the run config's lora: section has the same keys
-    and defaults, lorakit.train.options): QLoRA rank 16 on every linear, learning rate 1e-3, 40 steps of
+    and defaults, lorakit.train.options): QLoRA rank 16 on every linear, learning rate 1e-3, 80 steps of
     2 x 2 packed rows.
 
     \b

@@ -56,13 +56,32 @@ def reverse_words_records(n: int = N_EXAMPLES, seed: int = SEED) -> list[dict]:
     return out
 
 
-def number_words_records(n: int = N_EXAMPLES, seed: int = SEED) -> list[dict]:
+# How number-words draws its numbers (0 <= n < 100,000):
+#   magnitudes: one of [0, 99], [100, 999], [1000, 99999] at random, then a number in it. Unique numbers exhaust
+#       [0, 99] after 100 draws, so 2,000 records hold 10 one-digit, 90 two-digit, 680 three-digit, 91 four-digit
+#       and 1,129 five-digit numbers: three- and four-digit numbers come out under-represented.
+#   digits: the digit count uniformly from 1-5, then a number with that many digits: every one- and two-digit
+#       number, and about 633 each of three, four and five digits.
+NUMBER_MIXES = ("magnitudes", "digits")
+NUMBER_MIX = "magnitudes"
+
+
+def _draw_number(rng: random.Random, mix: str) -> int:
+    if mix == "digits":
+        digits = rng.randint(1, 5)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits - 1)
+    if mix == "magnitudes":
+        return rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 99_999)])
+    raise ValueError(f"unknown number mix {mix!r}; choose one of {', '.join(NUMBER_MIXES)}")
+
+
+def number_words_records(n: int = N_EXAMPLES, seed: int = SEED, mix: str = NUMBER_MIX) -> list[dict]:
     rng = random.Random(seed + 1)
     seen: set[int] = set()
     out = []
     while len(out) < n:
         # Mix magnitudes so every part of the rule (teens, tens, hundreds, thousands) is seen.
-        value = rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 99_999)])
+        value = _draw_number(rng, mix)
         if value in seen:
             continue
         seen.add(value)
@@ -83,10 +102,11 @@ _FRESH_WORDS = (
 assert not set(_FRESH_WORDS) & set(_WORDS)
 
 
-def fresh_records(name: str, n: int = 40, seed: int = 99, train_examples: int = N_EXAMPLES) -> list[dict]:
+def fresh_records(name: str, n: int = 40, seed: int = 99, train_examples: int = N_EXAMPLES,
+                  mix: str = NUMBER_MIX) -> list[dict]:
     """``n`` questions of the bundled task ``name`` that its generated data (``train_examples`` records, the shipped
-    file by default) cannot contain: reverse-words over words outside its vocabulary, number-words over numbers it
-    does not use. Same instruction, same answer rule."""
+    file by default; number-words drawn with ``mix``) cannot contain: reverse-words over words outside its
+    vocabulary, number-words over numbers it does not use, drawn the same way. Same instruction, same answer rule."""
     if name == "reverse-words":
         rng, out, seen = random.Random(seed), [], set()
         while len(out) < n:
@@ -97,10 +117,10 @@ def fresh_records(name: str, n: int = 40, seed: int = 99, train_examples: int = 
                             "output": " ".join(reversed(words))})
         return out
     if name == "number-words":
-        used = {int(r["input"]) for r in number_words_records(train_examples)}
+        used = {int(r["input"]) for r in number_words_records(train_examples, mix=mix)}
         rng, out = random.Random(seed), []
         while len(out) < n:
-            value = rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 99_999)])
+            value = _draw_number(rng, mix)
             if value not in used:
                 used.add(value)
                 out.append({"instruction": "Write the number in English words.", "input": str(value),
