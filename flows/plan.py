@@ -77,12 +77,18 @@ class ReleasePlan:
                 "output": stage_dir(self.out, "adapters", ds.name, {"prep": prep_dir, **params})}
 
     def merge(self, adapters: list[str], preps: dict[str, str] | None = None) -> dict[str, Any]:
-        """``preps`` (dataset name -> prepared folder) is needed only with ``merge.search``: the tasks it scores."""
+        """``preps`` (dataset name -> prepared folder) is needed with ``merge.search`` (the tasks it scores) and
+        with method regmean (the data whose layer inputs it keeps)."""
         m = self.config.merge
         params = {"method": m.method, "density": m.density, "seed": m.seed, "normalize": m.normalize,
                   "output_kind": "model", "base": self.config.base}
         if m.loftq_base is not None:  # only then, so the merged stage's folder name is unchanged for other runs
             params["loftq_base"] = m.loftq_base
+        if m.method == "regmean":  # it reads each adapter's training data, in dataset order
+            if preps is None:
+                raise ValueError("merge method regmean needs the prepared data of every dataset (preps)")
+            params.update(data=[preps[ds.name] for ds in self.config.datasets], regmean_alpha=m.regmean_alpha,
+                          regmean_examples=m.regmean_examples)
         weights: list[float] | None = self.config.merge_weights()
         search = self.config.merge_search()
         if search is not None:  # only then, like loftq_base; the weights are the search's to choose

@@ -30,23 +30,29 @@ def test_tiny_yaml_loads():
 
 
 def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
-    """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters and no weights
-    given; given weights, one dataset, DoRA or LoftQ adapters merge with fixed weights; null is off; a mapping is
-    explicit, and with weights too it is an error."""
+    """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters, no weights
+    given and a method with weights to choose (not regmean, the release's default, which fits its own combination);
+    given weights, one dataset, DoRA or LoftQ adapters merge with fixed weights; null is off; a mapping is explicit,
+    and with weights too, or with regmean, it is an error."""
     from flows.config import MergeSearchConfig
 
     two = [{"name": n, "files": ["a.jsonl"]} for n in ("a", "b")]
-    assert ReleaseConfig().merge_search() == MergeSearchConfig()
+    linear = {"method": "linear"}
+    assert ReleaseConfig().merge.method == "regmean" and ReleaseConfig().merge_search() is None
+    assert parse_config({"datasets": two, "merge": linear}).merge_search() == MergeSearchConfig()
     assert MergeSearchConfig().objective == "auto"
-    assert parse_config({"datasets": two, "merge": {"weights": [1, 2]}}).merge_search() is None
-    assert parse_config({"datasets": two[:1]}).merge_search() is None
-    assert parse_config({"datasets": two, "lora": {"variant": "dora"}}).merge_search() is None
-    loftq = {"datasets": two, "lora": {"init": "loftq"}, "merge": {"loftq_base": "dequantized"}}
+    assert parse_config({"datasets": two, "merge": {**linear, "weights": [1, 2]}}).merge_search() is None
+    assert parse_config({"datasets": two[:1], "merge": linear}).merge_search() is None
+    assert parse_config({"datasets": two, "merge": linear, "lora": {"variant": "dora"}}).merge_search() is None
+    loftq = {"datasets": two, "lora": {"init": "loftq"}, "merge": {**linear, "loftq_base": "dequantized"}}
     assert parse_config(loftq).merge_search() is None
-    assert parse_config({"datasets": two, "merge": {"search": None}}).merge_search() is None
-    assert parse_config({"datasets": two, "merge": {"search": {"max_trials": 3}}}).merge_search().max_trials == 3
+    assert parse_config({"datasets": two, "merge": {**linear, "search": None}}).merge_search() is None
+    searched = {"datasets": two, "merge": {**linear, "search": {"max_trials": 3}}}
+    assert parse_config(searched).merge_search().max_trials == 3
+    with pytest.raises(InputError, match="regmean fits its own combination"):
+        parse_config({"datasets": two, "merge": {"search": {"max_trials": 3}}})
     with pytest.raises(InputError, match="'weights' or 'search'"):
-        parse_config({"datasets": two, "merge": {"weights": [1, 1], "search": {"max_trials": 3}}})
+        parse_config({"datasets": two, "merge": {**linear, "weights": [1, 1], "search": {"max_trials": 3}}})
     with pytest.raises(InputError, match="merge.search"):
         parse_config({"datasets": two, "merge": {"search": "always"}})
 
@@ -118,8 +124,9 @@ def test_plan_folders_are_content_addressed(tmp_path):
     assert Path(prep_dir).parent == tmp_path / "out" / "prep" and Path(prep_dir).name.startswith("t-")
     assert one.train(ds, prep_dir)["output"] != two.train(ds, prep_dir)["output"]
     a1, a2 = one.train(ds, prep_dir)["output"], two.train(ds, prep_dir)["output"]
-    assert one.merge([a1])["output"] != one.merge([a2])["output"]  # downstream folders follow their inputs
-    assert one.merge([a1])["output"] == two.merge([a1])["output"]
+    preps = {"t": prep_dir}
+    assert one.merge([a1], preps)["output"] != one.merge([a2], preps)["output"]  # downstream folders follow inputs
+    assert one.merge([a1], preps)["output"] == two.merge([a1], preps)["output"]
     assert one.prep(ds)["sources"] == [str(data)]
 
 

@@ -278,9 +278,9 @@ def test_release_config_plan_and_lineage_carry_the_search(setup, tmp_path):
 
     datasets = [{"name": n, "files": ["x.jsonl"]} for n in TASKS]
     cfg = parse_config({"base": str(setup["base"]), "datasets": datasets, "output_dir": str(tmp_path),
-                        "merge": {"search": {"max_trials": 3}}, "gate": {"seq_len": SEQ_LEN}})
+                        "merge": {"method": "linear", "search": {"max_trials": 3}}, "gate": {"seq_len": SEQ_LEN}})
     with pytest.raises(InputError, match="'weights' or 'search'"):
-        parse_config({"datasets": datasets, "merge": {"weights": [1, 1], "search": {}}})
+        parse_config({"datasets": datasets, "merge": {"method": "linear", "weights": [1, 1], "search": {}}})
     plain = ReleasePlan(parse_config({"base": str(setup["base"]), "datasets": datasets, "output_dir": str(tmp_path)}))
     preps = {n: str(p) for n, p in setup["preps"].items()}
     args = ReleasePlan(cfg).merge(list(map(str, setup["adapters"])), preps)

@@ -59,6 +59,11 @@ def _library():
             "scorecard": [build_scorecard]}
 
 
+# Where the release deliberately differs from the command's default, and why (flows/config.py says it with numbers):
+# RegMean needs every adapter's task data, which a release always has and a bare `lorakit merge a b` does not.
+RELEASE_CHOICES = {("merge", "method"): "regmean"}
+
+
 def _default(field):
     return field.get_default(call_default_factory=True)
 
@@ -69,8 +74,8 @@ def test_cli_options_and_config_section_are_the_options_model(stage):
     assert issubclass(section, model)
     params = {p.name: p for p in command.params}
     for name, field in model.model_fields.items():
-        # the config section keeps every key with the same default
-        assert _default(section.model_fields[name]) == _default(field), (stage, name)
+        # the config section keeps every key with the same default, but for the release's declared choices
+        assert _default(section.model_fields[name]) == RELEASE_CHOICES.get((stage, name), _default(field)), (stage, name)
         # the CLI has the option, with the declared default (lists as comma-separated text) and the field's help
         option = params[name]
         expected = _default(field)

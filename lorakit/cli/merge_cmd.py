@@ -25,15 +25,16 @@ from lorakit.merge.options import MergeOptions, MergeSearchOptions, default_weig
 @click.option("--search", is_flag=True, help="Choose the weights (and density for ties/dare without --density) by "
               "measurement: maximise the worst task's retention on val (needs --data per adapter; docs/merge.md). "
               "The options below apply to it.")
-@click.option("--data", "data", multiple=True, metavar="NAME=PREP", help="--search: the task of each adapter, in "
-              "adapter order: a name and its prepared-data folder (val is searched, test only reported).")
+@click.option("--data", "data", multiple=True, metavar="NAME=PREP", help="--search and --method regmean: the task of "
+              "each adapter, in adapter order: a name and its prepared-data folder (--search: val is searched, test "
+              "only reported; regmean: the first --regmean-examples of train are read).")
 @stage_options(MergeSearchOptions, prefix_help="--search: ")
 @click.option("--seq-len", type=int, help="--search: evaluation window in tokens (default: lorakit eval's).")
 @compute_dtype_option("merge")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def merge(adapters, output, output_kind, rank, base, force, ignore_base_name, search, data, seq_len, compute_dtype,
           quiet, **options):
-    """Merge LoRA adapters: ΔW = Σ wᵢ·scalingᵢ·BᵢAᵢ (linear), or TIES/DARE/pruning on the updates.
+    """Merge LoRA adapters: ΔW = Σ wᵢ·scalingᵢ·BᵢAᵢ (linear), TIES/DARE/pruning on the updates, or RegMean.
 
     \b
     ADAPTERS are PEFT LoRA adapter folders trained on the same base model with the same target modules;
@@ -49,6 +50,8 @@ def merge(adapters, output, output_kind, rank, base, force, ignore_base_name, se
       lorakit merge a b -w 1,-0.5 --output-kind model -o m     task negation, full HF model
       lorakit merge a b c --method ties --density 0.3 --output-kind model -o m
       lorakit merge a b --search --data rev=prep/rev --data num=prep/num -o m   weights chosen on val
+      lorakit merge a b --method regmean --data rev=prep/rev --data num=prep/num --output-kind model -o m
+                                      each adapter keeps its layer outputs on its own task (the release's default)
 
     Nothing is written when an input is unusable; output appears only when complete (lorakit_merge.json
     inside records inputs, digests, parameters and any approximation error).
@@ -66,8 +69,11 @@ def merge(adapters, output, output_kind, rank, base, force, ignore_base_name, se
     if search:
         return _search(adapters, output, opts, search_opts, data, seq_len, output_kind, rank, base, force,
                        ignore_base_name, compute_dtype, quiet)
+    regmean = opts.method == "regmean"
+    if regmean:
+        from lorakit.merge.search import parse_data
     given = [f"--{name.replace('_', '-')}" for name in search_opts.model_fields_set] + \
-        [flag for flag, v in (("--data", data), ("--seq-len", seq_len)) if v not in (None, ())]
+        [flag for flag, v in (("--data", None if regmean else data), ("--seq-len", seq_len)) if v not in (None, ())]
     if given:
         raise InputError(f"{given[0]} applies to --search; add --search, or leave {given[0]} out")
     w = list(opts.weights) if opts.weights is not None else default_weights(len(adapters))
@@ -75,6 +81,8 @@ def merge(adapters, output, output_kind, rank, base, force, ignore_base_name, se
         adapters, w, output, method=opts.method, output_kind=output_kind, rank=rank, base=base, density=opts.density,
         seed=opts.seed, normalize=opts.normalize, force=force, ignore_base_name=ignore_base_name,
         loftq_base=opts.loftq_base, compute_dtype=compute_dtype, progress=not quiet,
+        data=[prep for _, prep in parse_data(list(data))] if regmean and data else None,
+        regmean_alpha=opts.regmean_alpha, regmean_examples=opts.regmean_examples,
     )
     if quiet:
         click.echo(str(result.output))
@@ -99,6 +107,9 @@ def _search(adapters, output, opts, search_opts, data, seq_len, output_kind, ran
         raise InputError("--weights and --search exclude each other: --search chooses the weights; leave one out")
     if "method" in opts.model_fields_set:
         raise InputError("--search takes the methods to try as --methods (e.g. --methods linear,ties), not --method")
+    if opts.regmean_alpha is not None or opts.regmean_examples is not None:
+        raise InputError("--regmean-alpha and --regmean-examples apply to --method regmean, which fits its own "
+                         "combination; --search searches linear/TIES/DARE weights")
     if opts.loftq_base is not None:
         raise InputError("--search merges plain LoRA adapters; --loftq-base does not apply")
     if not data:

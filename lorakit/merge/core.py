@@ -244,6 +244,9 @@ def merge_adapters(
     density: float | None = MERGE.density,
     seed: int | None = MERGE.seed,
     normalize: bool | None = MERGE.normalize,
+    data: Sequence[str | os.PathLike[str]] | None = None,
+    regmean_alpha: float | None = MERGE.regmean_alpha,
+    regmean_examples: int | None = MERGE.regmean_examples,
     force: bool = False,
     ignore_base_name: bool = False,
     compute_dtype: str = "auto",
@@ -261,6 +264,7 @@ def merge_adapters(
     :mod:`lorakit.merge.base_weights`). ``record``: extra top-level entries for ``lorakit_merge.json`` (the merge
     search's ``search``), written inside the same atomic output. ``started``: the ``time.perf_counter()`` at which the
     stage began when work before this call belongs to it (the merge search), so ``wall_time_s`` is the stage's time.
+    ``data``: method regmean's prepared-data folders, one per adapter (:mod:`lorakit.merge.regmean`).
     """
     from lorakit.compute import dtype_name, resolve_compute_dtype
 
@@ -269,7 +273,11 @@ def merge_adapters(
     output = Path(output)
     weights = check_weights(weights, len(adapters))
     merge_method = get_method(method)
-    params = resolve_params(merge_method, {"density": density, "seed": seed, "normalize": normalize})
+    params = resolve_params(merge_method, {"density": density, "seed": seed, "normalize": normalize,
+                                           "regmean_alpha": regmean_alpha, "regmean_examples": regmean_examples})
+    if data and merge_method.name != "regmean":
+        raise InputError(f"method {merge_method.name} reads no task data; --data applies to --method regmean "
+                         "(and to --search)")
     _check_plan(merge_method, output_kind, rank)
     check_output_free(output, force)
     resolved_inputs = [Path(a).resolve() for a in adapters]
@@ -279,6 +287,11 @@ def merge_adapters(
     loaded = [load_adapter(a) for a in adapters]
     check_compatible(loaded, ignore_base_name=ignore_base_name)
     loftq_base = check_loftq_base(loaded, output_kind, loftq_base)
+    regmean_data = None
+    if merge_method.name == "regmean" and len(loaded) > 1:  # of one adapter, RegMean is that adapter's own update
+        from lorakit.merge.regmean import check_data
+
+        regmean_data = check_data(loaded, data, params["regmean_alpha"], params["regmean_examples"])
     dora = [a for a in loaded if a.dora]
     if dora and output_kind == "adapter" and rank is None:
         raise InputError(
@@ -286,7 +299,7 @@ def merge_adapters(
             "adapter output needs --rank K (truncated SVD, the error is reported); or pass --output-kind model (exact)"
         )
     # DoRA updates and the dequantized LoftQ base are computed from the base weights, whatever the output kind.
-    needs_base = output_kind == "model" or bool(dora) or loftq_base == "dequantized"
+    needs_base = output_kind == "model" or bool(dora) or loftq_base == "dequantized" or regmean_data is not None
     base_dir = _base_dir(loaded, base, required=needs_base)
     index = None
     if base_dir is not None:
@@ -295,6 +308,13 @@ def merge_adapters(
         _check_base_fits(loaded, base_dir, index)
     base_name = str(base) if base is not None else loaded[0].base_name
     dequantized = Nf4Dequantized(base_dir) if loftq_base == "dequantized" else None
+    inputs = [a.summary() for a in loaded]
+    regmean_record = None
+    if regmean_data is not None:  # each adapter's A re-projected; the rest is the exact linear path
+        from lorakit.merge.regmean import regmean_adapters
+
+        loaded, regmean_record = regmean_adapters(loaded, base_dir, regmean_data, alpha=params["regmean_alpha"],
+                                                  examples=params["regmean_examples"], progress=progress)
 
     with atomic_dir(output, force=force) as tmp:
         if output_kind == "adapter":
@@ -317,11 +337,12 @@ def merge_adapters(
             "output_kind": output_kind,
             "compute_dtype": compute,
             "loftq_base": loftq_base,
-            "inputs": [a.summary() for a in loaded],
+            "inputs": inputs,
             "base": {"path": str(base_dir) if base_dir else None, "name": base_name,
                      "weights_digest": result.pop("base_weights_digest", None),
                      "shards": result.pop("base_shards", None)},
             **result,
+            **({"regmean": regmean_record} if regmean_record is not None else {}),
             "wall_time_s": round(time.perf_counter() - started, 3),
             **(record or {}),
         }

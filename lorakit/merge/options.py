@@ -15,7 +15,7 @@ from lorakit.merge.objectives import DEFAULT_OBJECTIVE, OBJECTIVE_CHOICES
 from lorakit.options import Cli, StageOptions
 from lorakit.scorecard.options import SCORECARD
 
-METHOD_NAMES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+METHOD_NAMES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "regmean")
 MethodName = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 
 
@@ -41,6 +41,10 @@ class MergeOptions(StageOptions):
                                   "update's entries kept.")
     seed: int | None = Field(None, description="dare_*: seed of the random drop masks (none = 0; deterministic).")
     normalize: bool | None = Field(None, description="ties/dare_ties: divide by the sum of agreeing weights.")
+    regmean_alpha: float | None = Field(None, ge=0, le=1, description="regmean: scale of the Gram matrices' "
+                                        "off-diagonal (none = 0.9, the paper's; 1 = plain least squares).")
+    regmean_examples: int | None = Field(None, gt=0, description="regmean: training examples of each task whose "
+                                         "layer inputs the merge keeps (none = 128).")
     loftq_base: Literal["dequantized", "original"] | None = Field(
         None, description="LoftQ adapters (train init loftq) belong to the NF4-quantized base: dequantized merges "
         "into dequant(NF4(W)), exactly the model that was trained; original adds them to W anyway.")

@@ -14,9 +14,10 @@ from lorakit.errors import InputError
 from lorakit.merge.linear import LINEAR
 from lorakit.merge.options import METHOD_NAMES
 from lorakit.merge.method import MergeMethod, ModuleContext, Param  # noqa: F401  (re-exported)
+from lorakit.merge.regmean import REGMEAN
 from lorakit.merge.task_arithmetic import DARE_LINEAR, DARE_TIES, MAGNITUDE_PRUNE, TIES
 
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE_LINEAR, DARE_TIES, MAGNITUDE_PRUNE)}
+METHODS: dict[str, MergeMethod] = {m.name: m for m in (LINEAR, TIES, DARE_LINEAR, DARE_TIES, MAGNITUDE_PRUNE, REGMEAN)}
 # The run config and the CLI read the names from the light options module; they must be exactly these.
 assert tuple(METHODS) == METHOD_NAMES, "lorakit.merge.options.METHOD_NAMES must list the registry's methods in order"
 

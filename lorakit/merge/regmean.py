@@ -1,0 +1,206 @@
+"""RegMean: merge LoRA adapters so each keeps its own layer outputs on its own task's inputs.
+
+Why: a weighted sum Σ wᵢ·ΔWᵢ adds every adapter's update to every input. Two adapters trained on disjoint tasks
+from the same base also learn a shared part (the answer format, the chat template's prompt); summed, that part
+counts twice and each task's inputs also meet the other task's update. On the default release's 80-step adapters
+no linear weights kept more than 64% of both tasks' val exact match (bench/results/merge_regmean.json).
+
+RegMean (Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models", ICLR 2023) solves, per
+linear layer, the least-squares problem of matching every model's outputs on its own data:
+
+    W* = argmin_W Σₜ ‖Xₜ Wᵀ − Xₜ Wₜᵀ‖²   ⇒   W* = (Σₜ Wₜ G̃ₜ)(Σₜ G̃ₜ)⁻¹,   Gₜ = XₜᵀXₜ,
+
+with Xₜ the layer's inputs when model t (base + adapter t) reads task t's training examples, and G̃ₜ = α·Gₜ +
+(1 − α)·diag(Gₜ) (the paper's shrinkage of the off-diagonal, which keeps Σ G̃ₜ well conditioned). Since every
+Wₜ = W + ΔWₜ shares the base W, W* = W + Σₜ ΔWₜ G̃ₜ S⁻¹ (S = Σₜ G̃ₜ), and with ΔWₜ = sₜ·BₜAₜ that is
+Σₜ sₜ·Bₜ (Aₜ G̃ₜ S⁻¹): each adapter's A re-projected, then the exact linear sum (:func:`project`). The result is
+therefore again a rank-Σrᵢ LoRA adapter, or a model folder, through the normal merge writer; weights wᵢ still
+scale each projected update (1.0 each is RegMean itself).
+
+It is a least-squares fit, not an identity: how far each task's layer outputs move from its adapter's is reported
+per task (``residual``: ‖Xₜ(ΔW* − ΔWₜ)ᵀ‖ / ‖XₜΔWₜᵀ‖ over the Gram matrices, mean and max over the modules).
+Only the adapted modules change; a module one adapter does not adapt is refused by the compatibility check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.adapters import Adapter
+from lorakit.errors import InputError
+from lorakit.merge.linear import weighted_sum
+from lorakit.merge.method import MergeMethod, Param
+from lorakit.progress import bar as progress_bar, emit
+
+DEFAULT_ALPHA = 0.9  # the paper's off-diagonal scale for language models
+DEFAULT_EXAMPLES = 128  # training examples per task whose inputs define Gₜ
+BATCH = 16
+
+
+def check_data(adapters: Sequence[Adapter], data: Sequence[str | os.PathLike[str]] | None, alpha: float,
+               examples: int) -> list[Path]:
+    """One prepared-data folder per adapter (its task's train split is read), before any weights load."""
+    from lorakit.data.splits import has_split
+
+    if not data:
+        raise InputError("method regmean needs the task data of every adapter: pass --data PREP once per adapter, in "
+                         "the adapters' order (the `lorakit prep` folders they trained on)")
+    if len(data) != len(adapters):
+        raise InputError(f"method regmean got {len(data)} data folder(s) for {len(adapters)} adapter(s); pass one "
+                         "--data PREP per adapter, in order")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise InputError(f"regmean alpha must be in [0, 1], got {alpha}")
+    if int(examples) < 1:
+        raise InputError(f"regmean examples must be at least 1, got {examples}")
+    bad = [a.label for a in adapters if a.dora or a.loftq]
+    if bad:
+        raise InputError(f"adapter {bad[0]} is a DoRA or LoftQ adapter; regmean re-projects plain LoRA factors only "
+                         "(use method linear)")
+    out = []
+    for d in data:
+        path = Path(d).expanduser()
+        if not (path / "prep.json").is_file() or not has_split(path, "train"):
+            raise InputError(f"{d} is not a prepared-data folder with a train split; pass the `lorakit prep` output "
+                             "each adapter trained on")
+        out.append(path)
+    return out
+
+
+def _documents(prep: Path, examples: int) -> list[str]:
+    from lorakit.data.splits import read_texts
+
+    texts = read_texts(prep, "train")[: int(examples)]
+    if not texts:
+        raise InputError(f"the train split of {prep} is empty; regmean needs its task's examples")
+    return texts
+
+
+@torch.no_grad()
+def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Path], *,
+                  examples: int = DEFAULT_EXAMPLES, progress: bool = True) -> tuple[list[dict[str, torch.Tensor]],
+                                                                                   list[int]]:
+    """Gₜ = XₜᵀXₜ (float64) of every adapted module's input, model t reading task t's first ``examples`` training
+    documents (tokenized as training rendered them, padded batches, padding left out); and the tokens read."""
+    from lorakit.evaluate.loading import describe_model, load_tokenizer
+    from lorakit.merge.in_memory import InMemoryMerge
+    from lorakit.merge.linear import LINEAR
+
+    tokenizer = load_tokenizer(describe_model(str(base_dir)))
+    memory = InMemoryMerge(base_dir, list(adapters), torch.device("cpu"))
+    names = memory.names
+    grams: list[dict[str, torch.Tensor]] = []
+    tokens: list[int] = []
+    mask: list[torch.Tensor] = []  # the current batch's real-token mask, flattened, read by the hooks
+
+    last: list[Any] = [None, None]  # (input tensor, its Gram): q/k/v and gate/up read the same input
+
+    def hook_for(gram: dict[str, torch.Tensor], name: str):
+        def hook(module, args):
+            if args[0] is not last[0]:
+                x = args[0].reshape(-1, args[0].shape[-1])[mask[0]].float()
+                last[:] = [args[0], (x.T @ x).double()]
+            gram[name].add_(last[1])
+        return hook
+
+    decoder = memory.model.get_decoder() if hasattr(memory.model, "get_decoder") else memory.model
+    if any(n.startswith("lm_head") for n in names):
+        decoder = memory.model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i, (adapter, prep) in enumerate(zip(adapters, data)):
+        weights = [0.0] * len(adapters)
+        weights[i] = 1.0
+        memory.apply(LINEAR, weights, {})  # W + ΔWₜ: model t, exactly as the merge writes it
+        gram = {}
+        for name in names:
+            width = adapter.modules[name].A.shape[1]
+            gram[name] = torch.zeros(width, width, dtype=torch.float64)
+        hooks = [memory.model.get_submodule(n).register_forward_pre_hook(hook_for(gram, n)) for n in names]
+        docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in _documents(prep, examples)]
+        seen = 0
+        try:
+            for start in progress_bar(range(0, len(docs), BATCH), desc=f"regmean: inputs of {adapter.path.name}",
+                                      unit="batch", disable=not progress):
+                batch = docs[start:start + BATCH]
+                width = max(len(d) for d in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                attn = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, d in enumerate(batch):  # right padding: real tokens keep positions 0..len-1
+                    ids[row, :len(d)] = torch.tensor(d)
+                    attn[row, :len(d)] = 1
+                mask[:] = [attn.reshape(-1).bool()]
+                decoder(input_ids=ids, attention_mask=attn)  # the output head reads no adapted input
+                seen += int(attn.sum())
+        finally:
+            last[:] = [None, None]
+            for h in hooks:
+                h.remove()
+        grams.append(gram)
+        tokens.append(seen)
+    memory.restore()
+    return grams, tokens
+
+
+def _shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    return alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
+
+
+@torch.no_grad()
+def project(adapters: Sequence[Adapter], grams: Sequence[dict[str, torch.Tensor]], alpha: float = DEFAULT_ALPHA
+            ) -> tuple[list[Adapter], dict[str, Any]]:
+    """Each adapter with Aₜ ← Aₜ G̃ₜ S⁻¹ in every module (float64, one solve per module), so that the linear sum
+    with weights 1.0 is RegMean's W*; and the per-task residual of that sum (module docstring), computed in
+    factor space: ΔW* − ΔWₜ = B_c·A_c has rank ≤ Σrᵢ + rₜ, so ‖Xₜ(ΔW* − ΔWₜ)ᵀ‖² = Σ (B_cᵀB_c) ⊙ (A_c Gₜ A_cᵀ)."""
+    names = sorted(adapters[0].modules)
+    new_modules: list[dict[str, Any]] = [dict(a.modules) for a in adapters]
+    residual: list[list[float]] = [[] for _ in adapters]
+    for name in names:
+        modules = [a.modules[name] for a in adapters]
+        shrunk = [_shrunk(g[name], alpha) for g in grams]
+        # A' = A G̃ S⁻¹  ⇔  A'ᵀ = S⁻¹ G̃ Aᵀ (S and G̃ symmetric); every adapter's right-hand side in one solve
+        rhs = torch.cat([g @ m.A.double().T for m, g in zip(modules, shrunk)], dim=1)
+        solved = torch.linalg.solve(sum(shrunk), rhs).T
+        projected = list(torch.split(solved, [m.rank for m in modules], dim=0))
+        B_merged = torch.cat([m.scaling * m.B.double() for m in modules], dim=1)
+        for t, (m, a) in enumerate(zip(modules, projected)):
+            B_c = torch.cat([B_merged, -m.scaling * m.B.double()], dim=1)
+            A_c = torch.cat([solved, m.A.double()], dim=0)
+            gram = grams[t][name]
+            num = ((B_c.T @ B_c) * (A_c @ gram @ A_c.T)).sum()
+            B_t, A_t = m.scaling * m.B.double(), m.A.double()
+            den = ((B_t.T @ B_t) * (A_t @ gram @ A_t.T)).sum()
+            residual[t].append(float((num.clamp_min(0) / den).sqrt()) if float(den) > 0 else 0.0)
+            new_modules[t][name] = dataclasses.replace(m, A=a.to(torch.float32))
+    out = [dataclasses.replace(a, modules=mods) for a, mods in zip(adapters, new_modules)]
+    report = {"residual": [{"mean": sum(r) / len(r), "max": max(r)} for r in residual],
+              "residual_definition": "per task t and module: ||X_t (dW* - dW_t)^T|| / ||X_t dW_t^T|| over G_t = X_t^T X_t"}
+    return out, report
+
+
+def regmean_adapters(adapters: Sequence[Adapter], base_dir: Path, data: Sequence[Path], *, alpha: float = DEFAULT_ALPHA,
+                     examples: int = DEFAULT_EXAMPLES, progress: bool = True) -> tuple[list[Adapter], dict[str, Any]]:
+    """Gram matrices, then the projected adapters; the record for lorakit_merge.json."""
+    grams, tokens = collect_grams(base_dir, adapters, data, examples=examples, progress=progress)
+    projected, report = project(adapters, grams, alpha)
+    record = {"alpha": float(alpha), "examples": int(examples), "data": [str(d) for d in data], "split": "train",
+              "tokens": tokens, **report}
+    worst = max(r["max"] for r in report["residual"])
+    emit(f"regmean: {sum(tokens)} tokens read; each task's layer outputs move at most {worst:.1%} from its "
+         "adapter's (residual)")
+    return projected, record
+
+
+REGMEAN = MergeMethod(
+    name="regmean",
+    summary="RegMean: per layer, the weights that best keep every adapter's outputs on its own task's inputs "
+            "(least squares over --data; each A re-projected, then the exact sum; residual reported)",
+    combine=weighted_sum,  # on the projected updates: the linear sum is RegMean's W*
+    params=(Param("regmean_alpha", float, DEFAULT_ALPHA, help="off-diagonal scale of the Gram matrices"),
+            Param("regmean_examples", int, DEFAULT_EXAMPLES, help="training examples read per task")),
+    factorable=True,
+)
