@@ -85,6 +85,8 @@ def release_merge(merged: Path) -> dict:
     """How the release merged: method and weights, and when its merge searched them, what the search measured."""
     meta = json.loads((merged / "lorakit_merge.json").read_text())
     out = {"method": meta.get("method"), "weights": meta.get("weights"), "searched": "search" in meta}
+    if "regmean" in meta:  # what RegMean read and how far each task's layer outputs moved (lorakit.merge.regmean)
+        out["regmean"] = {k: meta["regmean"].get(k) for k in ("alpha", "examples", "tokens", "residual")}
     s = meta.get("search")
     if s:
         out["search"] = {k: s.get(k) for k in ("objective_name", "objective_chosen_by", "n_trials", "chosen",
