@@ -121,6 +121,25 @@ def test_regmean_adapter_output_is_the_same_update(setup, tmp_path):
         assert torch.allclose(module.delta(), dense, atol=1e-6 * float(dense.abs().max()) + 1e-7), name
 
 
+def test_one_adapter_is_its_own_update_and_its_data_is_still_checked(setup, tmp_path):
+    """RegMean of one update is that update: the model equals the linear merge at weight 1, the record says no data
+    was read; data given for it is still checked (a folder that is not a prep fails before anything is written)."""
+    from lorakit.merge import merge_adapters
+
+    one = setup["adapters"][:1]
+    out = merge_adapters(one, [1.0], tmp_path / "rm", method="regmean", base=setup["base"],
+                         data=setup["preps"][:1], output_kind="model", progress=False)
+    linear = merge_adapters(one, [1.0], tmp_path / "lin", method="linear", base=setup["base"], output_kind="model",
+                            progress=False)
+    a, b = load_file(out.output / "model.safetensors"), load_file(linear.output / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "no task data was read" in out.metadata["regmean"]["note"]
+    with pytest.raises(InputError, match="not a prepared-data folder"):
+        merge_adapters(one, [1.0], tmp_path / "bad", method="regmean", base=setup["base"], data=[tmp_path],
+                       output_kind="model", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_projection_properties():
     """One adapter: its own update back. The same Gram matrix for every adapter: the mean of the updates."""
     from lorakit.adapters import Adapter, LoraModule

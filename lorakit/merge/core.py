@@ -287,11 +287,14 @@ def merge_adapters(
     loaded = [load_adapter(a) for a in adapters]
     check_compatible(loaded, ignore_base_name=ignore_base_name)
     loftq_base = check_loftq_base(loaded, output_kind, loftq_base)
-    regmean_data = None
-    if merge_method.name == "regmean" and len(loaded) > 1:  # of one adapter, RegMean is that adapter's own update
+    regmean_data, regmean_record = None, None
+    if merge_method.name == "regmean" and (len(loaded) > 1 or data):  # data given is checked, even if unused
         from lorakit.merge.regmean import check_data
 
         regmean_data = check_data(loaded, data, params["regmean_alpha"], params["regmean_examples"])
+    if merge_method.name == "regmean" and len(loaded) == 1:  # the fit of one update is that update: nothing to read
+        regmean_data, regmean_record = None, {"note": "one adapter: RegMean of a single update is the update "
+                                                      "itself; no task data was read"}
     dora = [a for a in loaded if a.dora]
     if dora and output_kind == "adapter" and rank is None:
         raise InputError(
@@ -309,7 +312,6 @@ def merge_adapters(
     base_name = str(base) if base is not None else loaded[0].base_name
     dequantized = Nf4Dequantized(base_dir) if loftq_base == "dequantized" else None
     inputs = [a.summary() for a in loaded]
-    regmean_record = None
     if regmean_data is not None:  # each adapter's A re-projected; the rest is the exact linear path
         from lorakit.merge.regmean import regmean_adapters
 
