@@ -45,7 +45,7 @@ def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_gri
 
     \b
     With no options this is the release flow's quantization (the run config's quantize: section has the
-    same keys and defaults, lorakit.quantize.options): AWQ 4-bit, group 64, zero point, 64 blocks of 256
+    same keys and defaults, lorakit.quantize.options): AWQ 4-bit, group 32, zero point, 64 blocks of 256
     tokens, half of them lorakit's general-English text (the least general-English loss measured; why:
     docs/quantize.md).
 

@@ -123,7 +123,7 @@ def quantize_model(
 ) -> QuantResult:
     """Quantize a full-precision Llama-style model folder with GPTQ or AWQ into a standard checkpoint folder.
 
-    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, AWQ 4-bit g64
+    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, AWQ 4-bit g32
     calibrated on half general text), the same as ``lorakit quantize`` and the run config's ``quantize:``.
 
     ``sym`` defaults to True for GPTQ and False (zero point) for AWQ. A ``group_size`` that does not divide

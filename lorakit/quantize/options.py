@@ -3,21 +3,24 @@
 
 The defaults are the measured release configuration of the embedded SmolLM2-135M release.
 
-Why AWQ 4-bit g64 with a zero point, calibrated on half general text: on the default release's merged model, judged
+Why AWQ 4-bit with a zero point, calibrated on half general text: on the default release's merged model, judged
 by the release gate itself (bench/results/calibration_mix.json, ``variants.*.checks``), it loses the least general
-English of the 4-bit configurations measured (+15.1% perplexity, ``awq-general50``; GPTQ calibrated the same way
-+20.5%, GPTQ on the tasks alone +48.8%), quantizes in about a minute where GPTQ takes 2.5-3 (``quantize_s``), and
-writes the AWQ GEMM layout plain transformers and vLLM load, at 0.42x the bf16 size (``size_vs_bf16``). Half general
-text in the calibration is the measured mix: it cut GPTQ's general-text loss from +48.8% to +20.5% and AWQ's from
-+18.3% to +15.1%. No 4-bit configuration measured meets the gate's 5% on general text, not even with the 16 most
-sensitive linears kept at higher precision (+11.9% AWQ, +11.5% GPTQ, ``*-keep16``), so the default release is
-rejected by its own gate on that check; the gate says so rather than the default hiding it. AWQ at 8 bits passes
-every check (``awq-8bit-general50``: -0.02% on general text) at 0.63x the bf16 size, over the 0.5x a 4-bit release
-is for: set ``bits: 8`` to ship that trade. Why not group 32: on another release of the same config it halved the
-perplexity and KL cost (general text +8.3% vs +16.5%) yet lost more exact-match answers on every task and split
-(test: 20 vs 12 points on reverse-words, 18 vs 8 on number-words; bench/results/quantize_accuracy.json
-``variants.*.accuracy``), the scorecard's measure of what the release can do. Group 128 does not divide SmolLM2's
-hidden size 576. For other data or models, set
+English of the 4-bit configurations measured at group 64 (+15.1% perplexity, ``awq-general50``; GPTQ calibrated the
+same way +20.5%, GPTQ on the tasks alone +48.8%), quantizes in about a minute where GPTQ takes 2.5-3 (``quantize_s``),
+and writes the AWQ GEMM layout plain transformers and vLLM load. Half general text in the calibration is the
+measured mix: it cut GPTQ's general-text loss from +48.8% to +20.5% and AWQ's from +18.3% to +15.1%.
+
+Why group 32: on the RegMean-merged default release (bench/results/quantize_regmean.json, ``variants.*``) it cost
++6.5% on general text against +15.4% at group 64, with lower mean KL on every check (general text 0.086 vs 0.130)
+and the same exact match lost against the merged model in all (50 points summed over both tasks' val and test
+splits, ``accuracy``), at 0.44x the bf16 size instead of 0.42x. (On an earlier, linear-merged release group 32
+lost more answers, bench/results/quantize_accuracy.json; on this merge it does not.) Keeping the 12 most sensitive
+linears in fp16 on top (``awq-g32-general50-keep12``, 0.49x) brought general text to +5.6% but lost more answers,
+so it is not the default. No 4-bit configuration measured meets the gate's 5% on general text, so the default
+release is rejected by its own gate on that check; the gate says so rather than the default hiding it. AWQ at 8
+bits passes every check (``awq-8bit-general50`` in calibration_mix.json: -0.02% on general text) at 0.63x the bf16
+size, over the 0.5x a 4-bit release is for: set ``bits: 8`` to ship that trade. Group 128 does not divide
+SmolLM2's hidden size 576. For other data or models, set
 ``target_degradation`` and let the search measure (``lorakit.quantize.search.quantize_to_target``).
 """
 
@@ -50,7 +53,7 @@ class QuantizeOptions(StageOptions):
         "awq", description="gptq: GPTQModel's GPTQ (Hessian-based rounding). awq: lorakit's activation-aware scaling.")
     bits: Literal[4, 8] = Field(4, description="Weight bits.")
     group_size: int = Field(
-        64, description="Input channels sharing one scale/zero (16..1024, power of two). If it does not divide every "
+        32, description="Input channels sharing one scale/zero (16..1024, power of two). If it does not divide every "
         "layer's input size, the largest valid one below it is used (128 does not divide SmolLM2's 576).")
     sym: Annotated[bool | None, Cli(decls=("--sym/--asym",))] = Field(
         None, description="Symmetric grid (no zero point) or asymmetric with a zero point; none = --sym for gptq, "
