@@ -7,7 +7,7 @@ the first 8192 tokens of the shipped general-English corpus. Calibration's gener
 last documents, so the gate's general text never shaped the weights.
 
 A variant ``method:fraction:b8`` quantizes to 8 bits instead of 4; ``method:fraction:g32`` uses group 32 instead of
-64; ``awq:fraction:activation`` searches AWQ's activation-only scale form instead of the default ``duo``
+64; ``gptq:fraction:asym`` adds a zero point and ``gptq:fraction:act`` act-order (desc_act); ``awq:fraction:activation`` searches AWQ's activation-only scale form instead of the default ``duo``
 (``lorakit.quantize.awq.search_scale``). A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
 on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
 what per-module precision buys on general text, and what it costs in size.
@@ -91,7 +91,8 @@ def task_name(prep: Path) -> str:
 
 def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction: float, work: Path,
             keep: int = 0, bits: int = 4, group_size: int | None = None,
-            merged_accuracy: dict | None = None, scale_form: str | None = None) -> dict:
+            merged_accuracy: dict | None = None, scale_form: str | None = None, asym: bool = False,
+            act_order: bool = False) -> dict:
     from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
     from lorakit.quantize.options import QUANTIZE
@@ -99,9 +100,13 @@ def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction:
     q = {k: v for k, v in QUANTIZE.quantize_kwargs().items() if k not in ("calib_general", "calib_general_fraction")}
     q.update(method=method, bits=bits, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
     q["group_size"] = group_size or q["group_size"]
-    folder = work / variant_key(method, fraction, keep, bits, q["group_size"], scale_form)
+    folder = work / variant_key(method, fraction, keep, bits, q["group_size"], scale_form, asym, act_order)
     if scale_form:
         q["awq_scale_form"] = scale_form
+    if asym:
+        q["sym"] = False
+    if act_order:
+        q["desc_act"] = True
     started = time.perf_counter()
     module_bits = sensitive_modules(merged, calib, q, fraction, keep) if keep else None
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if fraction else None,
@@ -120,6 +125,7 @@ def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction:
                                for task, splits in mine.items()}}
     return {"method": method, "bits": bits, "group_size": q["group_size"], "general_fraction": fraction,
             **({"awq_scale_form": scale_form} if scale_form else {}),
+            **({"asym": True} if asym else {}), **({"act_order": True} if act_order else {}),
             "kept_modules": keep, **scored,
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
@@ -149,7 +155,8 @@ def readme(data: dict, name: str) -> str:
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in v["checks"].values()]
         cells += [" / ".join(f"{100 * s['drop']:+.0f}" for s in splits.values())
                   for splits in v.get("accuracy", {}).values()]
-        form = f" ({v['awq_scale_form']})" if v.get("awq_scale_form") else ""
+        flavour = [v.get("awq_scale_form"), "asym" if v.get("asym") else None, "act-order" if v.get("act_order") else None]
+        form = f" ({', '.join(filter(None, flavour))})" if any(flavour) else ""
         lines.append(f"| {v['method']}{form} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
                      f"{v.get('kept_modules', 0)} | {v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
                      + " | ".join(cells) + " |")
@@ -166,17 +173,18 @@ def readme(data: dict, name: str) -> str:
 
 
 def variant_key(method: str, fraction: float, keep: int, bits: int = 4, group_size: int = 64,
-                scale_form: str | None = None) -> str:
+                scale_form: str | None = None, asym: bool = False, act_order: bool = False) -> str:
     """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
     return (f"{method}{'' if bits == 4 else f'-{bits}bit'}{'' if group_size == 64 else f'-g{group_size}'}"
-            f"{f'-{scale_form}' if scale_form else ''}-general{round(fraction * 100)}" + (f"-keep{keep}" if keep else ""))
+            f"{f'-{scale_form}' if scale_form else ''}{'-asym' if asym else ''}{'-act' if act_order else ''}"
+            f"-general{round(fraction * 100)}" + (f"-keep{keep}" if keep else ""))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:activation], "
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:activation][:asym][:act], "
                     "comma-separated (empty: rewrite the results and README section from what was measured)")
     ap.add_argument("--accuracy", action="store_true", help="also score exact match as the release scorecard does")
     ap.add_argument("--results", default="calibration_mix", help="results file (bench/results/NAME.json) and README "
@@ -197,7 +205,8 @@ def main() -> None:
         print(f"{results.name} holds another release's merged model ({previous['merged']}); starting it afresh")
         previous = {}
     variants = {variant_key(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
-                            v.get("group_size", 64), v.get("awq_scale_form")): v
+                            v.get("group_size", 64), v.get("awq_scale_form"), v.get("asym", False),
+                            v.get("act_order", False)): v
                 for v in previous.get("variants", {}).values()}
     for v in variants.values():  # a record written before size_vs_bf16 and citable check keys existed
         v["checks"] = {name.replace(" ", "-"): c for name, c in v["checks"].items()}
@@ -217,9 +226,10 @@ def main() -> None:
         bits = next((int(m[1:]) for m in more if m.startswith("b")), 4)
         group = next((int(m[1:]) for m in more if m.startswith("g")), 64)
         form = next((m for m in more if m in AWQ_SCALE_FORMS), None)
-        key = variant_key(method, float(fraction), keep, bits, group, form)
+        asym, act_order = "asym" in more, "act" in more  # GPTQ: a zero point; act-order (desc_act)
+        key = variant_key(method, float(fraction), keep, bits, group, form, asym, act_order)
         variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep, bits, group,
-                                merged_accuracy, form)
+                                merged_accuracy, form, asym, act_order)
         print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}),
               json.dumps(variants[key].get("accuracy", {})), flush=True)
         write_results(args.results, data)  # after every variant: a long run keeps what it measured

@@ -23,7 +23,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from bench.common import update_readme_section, write_results  # noqa: E402
-from bench.release_scorecard import summary  # noqa: E402
+from bench.release_scorecard import fresh_exact_match, summary  # noqa: E402
 
 
 def merge_record(merged: Path) -> dict:
@@ -40,21 +40,11 @@ def merge_record(merged: Path) -> dict:
 
 
 def fresh(card: dict, work: Path) -> dict:
-    from bench.train_sweep import all_examples, fresh_prep
-    from lorakit.evaluate import task_accuracy
-    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
-
-    out: dict = {}
-    for role in ("merged", "quantized"):
-        spec = describe_model(card["models"][role]["folder"])
-        loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
-        for task, entry in card["tasks"].items():
-            max_length = json.loads((Path(entry["data"]) / "prep.json").read_text())["max_length"]
-            acc = task_accuracy(loaded, all_examples(fresh_prep(task, work, max_length)), progress=False)
-            out.setdefault(task, {})[role] = acc.exact_match
-            print(role, task, f"fresh EM {acc.exact_match:.1%}", flush=True)
-        del loaded
-    return out
+    """{task: {role: exact match}} of the merged and quantized model on the fresh questions."""
+    models = {(task, role): card["models"][role]["folder"] for task in card["tasks"] for role in ("merged", "quantized")}
+    scores = fresh_exact_match(models, {task: Path(e["data"]) for task, e in card["tasks"].items()}, work,
+                               progress=False)
+    return {task: {role: scores[task][role]["exact_match"] for role in ("merged", "quantized")} for task in scores}
 
 
 def readme(variants: dict) -> str:

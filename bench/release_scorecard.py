@@ -126,28 +126,45 @@ def merge_defaults(parts: dict, work: Path) -> dict:
     return results
 
 
-def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
+def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str, Path], work: Path,
+                      progress: bool = True) -> dict:
     """Exact match on 40 fresh questions per task (words and numbers the bundled data never uses;
-    ``lorakit.data.bundled.generate.fresh_records``): the task's adapter, the merged and the quantized model."""
+    ``lorakit.data.bundled.generate.fresh_records``), prepared as the task's own data was (its max_length).
+
+    ``models``: (task, role) -> model folder; a folder that serves several tasks is loaded once. Returns
+    {task: {"n": questions, role: {"exact_match", "f1"}}}."""
     from bench.train_sweep import all_examples, fresh_prep
     from lorakit.evaluate import task_accuracy
     from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 
-    quantized = find_one(out_dir, "quantized/*")
+    examples = {}
     out: dict = {}
-    for task in parts["tasks"]:
-        max_length = json.loads((parts["preps"][task] / "prep.json").read_text())["max_length"]
-        examples = all_examples(fresh_prep(task, work, max_length))
-        out[task] = {"n": len(examples.records)}
-        for role, folder in (("adapter", parts["adapters"][task]), ("merged", parts["merged"]),
-                             ("quantized", quantized)):
-            spec = describe_model(str(folder))
-            loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
-            acc = task_accuracy(loaded, examples, progress=True)
+    for task in dict.fromkeys(t for t, _ in models):
+        max_length = json.loads((Path(preps[task]) / "prep.json").read_text())["max_length"]
+        examples[task] = all_examples(fresh_prep(task, work, max_length))
+        out[task] = {"n": len(examples[task].records)}
+    by_folder: dict[str, list[tuple[str, str]]] = {}
+    for key, folder in models.items():
+        by_folder.setdefault(str(folder), []).append(key)
+    for folder, keys in by_folder.items():
+        spec = describe_model(folder)
+        loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
+        for task, role in keys:
+            acc = task_accuracy(loaded, examples[task], progress=progress)
             out[task][role] = {"exact_match": acc.exact_match, "f1": acc.f1}
             print(task, role, f"fresh EM {acc.exact_match:.1%}", flush=True)
-            del loaded
+        del loaded
     return out
+
+
+def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
+    """The release's fresh-question scores: each task's adapter, the merged and the quantized model."""
+    quantized = find_one(out_dir, "quantized/*")
+    models = {}
+    for task in parts["tasks"]:
+        models.update({(task, "adapter"): parts["adapters"][task], (task, "merged"): parts["merged"],
+                       (task, "quantized"): quantized})
+    return fresh_exact_match(models, parts["preps"], work)
 
 
 def readme(release: dict, merges: dict | None, name: str = "release_scorecard") -> str:
