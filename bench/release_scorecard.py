@@ -167,13 +167,23 @@ def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
     return fresh_exact_match(models, parts["preps"], work)
 
 
+def quantization_line(release: dict) -> str:
+    """What the quantize stage used (results written before it was recorded say nothing)."""
+    q = release.get("quantization")
+    if not q:
+        return ""
+    zero = "symmetric" if q["sym"] else "with a zero point"
+    return (f" Quantization: {q['method'].upper()} {q['bits']}-bit, group {q['group_size']}, {zero}"
+            + (", act-order." if q.get("desc_act") else "."))
+
+
 def readme(release: dict, merges: dict | None, name: str = "release_scorecard") -> str:
     tail = "" if name == "release_scorecard" else f" --results {name}"
     lines = [f"## {name}", "",
-             f"`python bench/release_scorecard.py --release {release['source']}{tail}`: the default release's own scorecard "
+             f"`python bench/release_scorecard.py --release {release['source']}{tail}`: the release's own scorecard "
              f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_span']:.0%} of the "
              f"{release['stage_span_s']:.0f} s during which a stage ran; training "
-             f"{release['training_span_s']:.0f} s of it), exact match per model.", "",
+             f"{release['training_span_s']:.0f} s of it), exact match per model." + quantization_line(release), "",
              "| task | split | base | adapter | merged | quantized | retention (EM) | retention (NLL) | quantized drop |",
              "|---|---|---|---|---|---|---|---|---|"]
 
@@ -267,7 +277,9 @@ def main() -> None:
     intervals = stage_intervals(args.release)
     stages = {name: round(end - start, 1) for name, (start, end) in intervals.items()}
     total, span = sum(stages.values()), span_seconds(intervals)
+    quant = json.loads((find_one(args.release, "quantized/*") / "lorakit_quant.json").read_text())["params"]
     release = {"source": str(args.release), "tasks": parts["tasks"], "summary": summary(card),
+               "quantization": {k: quant.get(k) for k in ("method", "bits", "group_size", "sym", "desc_act")},
                "scorecard_wall_s": card.get("wall_s"),
                # each stage's own recorded wall time; their sum is the chain's time without Prefect's start-up
                "stage_seconds": stages, "stage_seconds_total": round(total, 1),
