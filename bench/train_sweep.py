@@ -19,6 +19,7 @@ release defaults (flows.config.LoraConfig / DatasetConfig).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -83,12 +84,18 @@ def all_examples(prep: Path):
     return examples
 
 
+@functools.cache
+def _digits_of_words() -> dict[str, int]:
+    """number-words' answer -> digit count of its number, built once per process (100,000 numbers)."""
+    from lorakit.data.bundled.generate import number_to_words
+
+    return {number_to_words(v): len(str(v)) for v in range(100_000)}
+
+
 def by_digits(predictions) -> dict[str, list[int]]:
     """number-words: [right, asked] per digit count of the question (read back from the reference words), so
     runs on differently drawn numbers compare length by length."""
-    from lorakit.data.bundled.generate import number_to_words
-
-    digits = {number_to_words(v): len(str(v)) for v in range(100_000)}
+    digits = _digits_of_words()
     out: dict[str, list[int]] = {}
     for p in predictions:
         cell = out.setdefault(str(digits[p.reference.strip()]), [0, 0])

@@ -288,13 +288,14 @@ def merge_adapters(
     check_compatible(loaded, ignore_base_name=ignore_base_name)
     loftq_base = check_loftq_base(loaded, output_kind, loftq_base)
     regmean_data, regmean_record = None, None
-    if merge_method.name == "regmean" and (len(loaded) > 1 or data):  # data given is checked, even if unused
+    if merge_method.name == "regmean":
         from lorakit.merge.regmean import check_data
 
-        regmean_data = check_data(loaded, data, params["regmean_alpha"], params["regmean_examples"])
-    if merge_method.name == "regmean" and len(loaded) == 1:  # the fit of one update is that update: nothing to read
-        regmean_data, regmean_record = None, {"note": "one adapter: RegMean of a single update is the update "
-                                                      "itself; no task data was read"}
+        if len(loaded) > 1 or data:  # data given is checked, even where it goes unused
+            regmean_data = check_data(loaded, data, params["regmean_alpha"], params["regmean_examples"])
+        if len(loaded) == 1:  # the fit of one update is that update: nothing to read
+            regmean_data, regmean_record = None, {"note": "one adapter: RegMean of a single update is the update "
+                                                          "itself; no task data was read"}
     dora = [a for a in loaded if a.dora]
     if dora and output_kind == "adapter" and rank is None:
         raise InputError(

@@ -163,16 +163,18 @@ def project(adapters: Sequence[Adapter], grams: Sequence[dict[str, torch.Tensor]
         modules = [a.modules[name] for a in adapters]
         shrunk = [_shrunk(g[name], alpha) for g in grams]
         # A' = A G̃ S⁻¹  ⇔  A'ᵀ = S⁻¹ G̃ Aᵀ (S and G̃ symmetric); every adapter's right-hand side in one solve
-        rhs = torch.cat([g @ m.A.double().T for m, g in zip(modules, shrunk)], dim=1)
+        A64 = [m.A.double() for m in modules]
+        B64 = [m.scaling * m.B.double() for m in modules]  # sₜ·Bₜ
+        rhs = torch.cat([g @ A.T for A, g in zip(A64, shrunk)], dim=1)
         solved = torch.linalg.solve(sum(shrunk), rhs).T
         projected = list(torch.split(solved, [m.rank for m in modules], dim=0))
-        B_merged = torch.cat([m.scaling * m.B.double() for m in modules], dim=1)
+        B_merged = torch.cat(B64, dim=1)
         for t, (m, a) in enumerate(zip(modules, projected)):
-            B_c = torch.cat([B_merged, -m.scaling * m.B.double()], dim=1)
-            A_c = torch.cat([solved, m.A.double()], dim=0)
+            B_t, A_t = B64[t], A64[t]
+            B_c = torch.cat([B_merged, -B_t], dim=1)
+            A_c = torch.cat([solved, A_t], dim=0)
             gram = grams[t][name]
             num = ((B_c.T @ B_c) * (A_c @ gram @ A_c.T)).sum()
-            B_t, A_t = m.scaling * m.B.double(), m.A.double()
             den = ((B_t.T @ B_t) * (A_t @ gram @ A_t.T)).sum()
             residual[t].append(float((num.clamp_min(0) / den).sqrt()) if float(den) > 0 else 0.0)
             new_modules[t][name] = dataclasses.replace(m, A=a.to(torch.float32))
