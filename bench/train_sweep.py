@@ -12,7 +12,8 @@ Usage: python bench/train_sweep.py --tasks reverse-words --grid "lr=1e-3,steps=4
        [--work bench/work/train_sweep] [--cpu-profile avx2]
 A grid point's keys: examples (records generated for the task by ``lorakit.data.bundled.generate``, same seed;
 default: the shipped file), mix (number-words: how its numbers are drawn, ``NUMBER_MIXES``; default: the
-shipped file's), lr, steps, batch, accum, r, alpha, max_length, warmup (ratio). Missing keys take the
+shipped file's), lr, steps, batch, accum, r, alpha, max_length, warmup (ratio), plus (LoRA+: B's lr = plus x A's,
+``lora_plus_ratio``). Missing keys take the
 release defaults (flows.config.LoraConfig / DatasetConfig).
 """
 
@@ -35,7 +36,7 @@ from bench.common import machine, update_readme_section, write_results  # noqa: 
 RESULTS = BENCH / "results" / "train_sweep.json"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 GRID_KEYS = {"mix": str, "examples": int, "lr": float, "steps": int, "batch": int, "accum": int, "r": int, "alpha": float, "max_length": int,
-             "warmup": float}
+             "warmup": float, "plus": float}
 
 
 def parse_point(text: str) -> dict[str, float | int]:
@@ -140,6 +141,7 @@ def run_point(task: str, point: dict, work: Path) -> dict:
                            batch_size=int(point.get("batch", lora.batch_size)),
                            grad_accum=int(point.get("accum", lora.grad_accum)), seed=lora.seed,
                            warmup_ratio=float(point.get("warmup", 0.05)), checkpoint_every=None, force=True,
+                           lora_plus_ratio=float(point["plus"]) if "plus" in point else lora.lora_plus_ratio,
                            progress=True)
     train_s = time.perf_counter() - started
     record = json.loads((out / "lorakit_train.json").read_text())
@@ -229,7 +231,8 @@ def readme(runs: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (r["task"], r.get("examples", EXAMPLES_BEFORE_THE_KEY), r["point"].get("lr", 0), r["steps"])):
         p = r["point"]
-        data = f"{r.get('examples', EXAMPLES_BEFORE_THE_KEY)}" + (f" ({p['mix']} mix)" if "mix" in p else "")
+        data = f"{r.get('examples', EXAMPLES_BEFORE_THE_KEY)}" + (f" ({p['mix']} mix)" if "mix" in p else "") + (
+            f" (LoRA+ {p['plus']:g})" if "plus" in p else "") + (f" (r {p['r']})" if "r" in p else "")
         lines.append(f"| {r['task']} | {data} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
                      f"{p.get('accum', '-')} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
                      f"{r['s_per_step']} | {r['train_wall_s']:.0f} | {r['compute_dtype']} |")

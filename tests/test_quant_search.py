@@ -269,7 +269,9 @@ def test_release_task_runs_the_search_when_a_target_is_set(tmp_path, trained, pr
     """The pipeline's quantize task: a fixed configuration without a target, the bounded search with one."""
     from tasks.stages import quantize_model as quantize_task
 
-    fixed = {"method": "gptq", "bits": 4, "group_size": 32, "n_samples": 4, "seq_len": 64, "calib": str(prep)}
+    # sym and no act-order: the opposite of the search's own preference (asym, act-order first)
+    fixed = {"method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False, "n_samples": 4,
+             "seq_len": 64, "calib": str(prep)}
     plain = quantize_task.fn(str(trained), str(tmp_path / "plain"), dict(fixed))
     assert plain["metadata"].get("search") in (None, {})
     searched = quantize_task.fn(str(trained), str(tmp_path / "searched"),

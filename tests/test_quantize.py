@@ -46,9 +46,12 @@ def prep(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
-    """Tiny model quantized five ways (made once for the module; each takes a few seconds)."""
+    """Tiny model quantized six ways (made once for the module; each takes a few seconds). gptq4/gptq8 keep the
+    natural group order (no act-order) so lorakit's unpacker can read them; ``default`` is the release default
+    (GPTQ 4-bit g32, zero point, act-order)."""
     root = tmp_path_factory.mktemp("quant")
-    runs = {"gptq4": dict(method="gptq", bits=4, group_size=32), "gptq8": dict(method="gptq", bits=8, group_size=64),
+    runs = {"gptq4": dict(method="gptq", bits=4, group_size=32, desc_act=False),
+            "gptq8": dict(method="gptq", bits=8, group_size=64, desc_act=False), "default": {},
             "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64),
             "awq4-fp32": dict(method="awq", bits=4, group_size=32, compute_dtype="float32", awq_scale_form="both")}
     return {name: quantize_model(tiny_base, root / name, calib=prep, progress=False, **CALIB, **kw).output
@@ -124,7 +127,7 @@ def test_resolve_group_size_for_smollm2_shapes():
 # --- end to end on the tiny model -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,bound", [("gptq4", 0.25), ("awq4", 0.25), ("gptq8", 0.025), ("awq8", 0.025),
-                                        ("awq4-fp32", 0.25)])
+                                        ("awq4-fp32", 0.25), ("default", 0.25)])
 def test_reloads_with_plain_from_pretrained_and_logits_stay_close(quantized, tiny_base, name, bound):
     ids = _sample_ids()
     fp, q = _logits(tiny_base, ids), _logits(quantized[name], ids)
@@ -160,11 +163,39 @@ def test_packed_weights_lie_on_the_declared_grid_and_match_the_loader(quantized,
             assert ((w - ref).norm() / ref.norm()).item() < (0.2 if bits == 4 else 0.02), mod
 
 
+def test_act_order_checkpoint_keeps_its_groups_in_g_idx_and_the_loader_reads_them(quantized, tiny_base):
+    """The default (act-order) checkpoint: groups follow activation order, so g_idx is not arange(in) // g; the
+    transformers loader's kernel computes x·Wᵀ with the weights the g_idx-aware dequantizer reads, and every group
+    still has exactly group_size input rows (a permutation of the natural grouping)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.evaluate.dequant import dequantize_gptq
+
+    folder = quantized["default"]
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (
+        "gptq", 4, 32, False, True)
+    tensors = load_file(folder / "model.safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    permuted = 0
+    for mod in (f"model.layers.{i}.{m}" for i in range(2) for m in LINEARS):
+        g_idx = tensors[f"{mod}.g_idx"].to(torch.int64)
+        assert torch.all(torch.bincount(g_idx) == 32), mod
+        permuted += not torch.equal(g_idx, torch.arange(g_idx.numel()) // 32)
+        w = dequantize_gptq(tensors[f"{mod}.qweight"], tensors[f"{mod}.qzeros"], tensors[f"{mod}.scales"], g_idx,
+                            bits=4, group_size=32)  # [out, in]
+        with torch.no_grad():
+            kernel_w = loaded.get_submodule(mod)(torch.eye(g_idx.numel()).unsqueeze(0)).squeeze(0).t().float()
+        assert kernel_w.shape == w.shape, (mod, kernel_w.shape, w.shape)
+        assert (kernel_w - w).abs().max() <= 0.01 * w.abs().max(), mod
+    assert permuted, "act-order changed no module's group order"
+
+
 def test_quant_record_says_how_it_was_made(quantized, tiny_base, prep):
     for name, folder in quantized.items():
         meta = read_quant_meta(folder)
         p = meta.params
-        kind = name.split("-")[0]
+        kind = "gptq4" if name == "default" else name.split("-")[0]
         assert (p.method, p.bits) == (kind[:-1], int(kind[-1]))
         assert p.layout == ("awq-gemm" if kind == "awq4" else "gptq-v1")
         assert meta.calibration["n_samples"] == 8 and meta.calibration["split"] == "train"

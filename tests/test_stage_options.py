@@ -186,7 +186,7 @@ def test_train_without_steps_or_epochs_records_the_declared_default():
 
 def test_quantize_with_no_options_is_the_release_quantization(tmp_path, tiny_base):
     """`lorakit quantize MODEL -o OUT --calib DATA` writes what the release flow's quantize stage writes with the
-    run config's defaults: AWQ 4-bit g32 with a zero point, 256-token blocks, half general text."""
+    run config's defaults: GPTQ 4-bit g32 with a zero point and act-order, 256-token blocks, half general text."""
     from flows.config import QuantizeConfig
     from lorakit.quantize import read_quant_meta
     from tests.test_quantize import make_prep
@@ -198,11 +198,13 @@ def test_quantize_with_no_options_is_the_release_quantization(tmp_path, tiny_bas
     meta = read_quant_meta(out)
     used = meta.used_settings()
     release = QuantizeConfig()
-    assert used["method"] == release.method == "awq" and used["bits"] == release.bits
+    assert used["method"] == release.method == "gptq" and used["bits"] == release.bits
     assert used["group_size"] == release.group_size and used["seq_len"] == release.seq_len
-    assert used["sym"] is False and used["desc_act"] is False  # AWQ's default: a zero point
+    assert used["sym"] is False and used["desc_act"] is True  # the measured default: a zero point, act-order
     assert used["n_samples"] == 64  # what n_samples none means when the data gives enough
     general = meta.calibration["general"]
     assert general["source"] and general["fraction"] == pytest.approx(release.calib_general_fraction)
     recorded = json.loads((out / "lorakit_quant.json").read_text())
-    assert recorded["params"]["method"] == "awq"
+    assert recorded["params"]["method"] == "gptq"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]  # what transformers/vLLM read
+    assert qcfg["desc_act"] is True and qcfg["sym"] is False and qcfg["group_size"] == release.group_size

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lorakit
-from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORMS, QUANTIZE
+from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORMS, QUANTIZE, resolve_grid
 from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.errors import InputError
 from lorakit.runtime import resolve_device as runtime_resolve_device
@@ -104,7 +104,7 @@ def quantize_model(
     bits: int = QUANTIZE.bits,
     group_size: int = QUANTIZE.group_size,
     sym: bool | None = QUANTIZE.sym,
-    desc_act: bool = QUANTIZE.desc_act,
+    desc_act: bool | None = QUANTIZE.desc_act,
     calib: str | os.PathLike[str] | None = None,
     calib_general: str | os.PathLike[str] | None = QUANTIZE.calib_general,
     calib_general_fraction: float = QUANTIZE.calib_general_fraction,
@@ -148,7 +148,7 @@ def quantize_model(
     if method == "awq" and compute_dtype not in AWQ_COMPUTE_DTYPES:
         raise InputError(f"--compute-dtype {compute_dtype} is not available for AWQ, whose search needs bfloat16's or "
                          f"float32's range; use one of {', '.join(AWQ_COMPUTE_DTYPES)}")
-    sym = (method == "gptq") if sym is None else bool(sym)
+    sym, desc_act = resolve_grid(method, sym, desc_act)
     if desc_act and method != "gptq":
         raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
     check_output_free(output, force)

@@ -50,15 +50,17 @@ class QuantizeOptions(StageOptions):
     """GPTQ or AWQ 4/8-bit post-training quantization of a full-precision model."""
 
     method: Literal["gptq", "awq"] = Field(
-        "awq", description="gptq: GPTQModel's GPTQ (Hessian-based rounding). awq: lorakit's activation-aware scaling.")
+        "gptq", description="gptq: GPTQModel's GPTQ (Hessian-based rounding). awq: lorakit's activation-aware scaling.")
     bits: Literal[4, 8] = Field(4, description="Weight bits.")
     group_size: int = Field(
         32, description="Input channels sharing one scale/zero (16..1024, power of two). If it does not divide every "
         "layer's input size, the largest valid one below it is used (128 does not divide SmolLM2's 576).")
     sym: Annotated[bool | None, Cli(decls=("--sym/--asym",))] = Field(
-        None, description="Symmetric grid (no zero point) or asymmetric with a zero point; none = --sym for gptq, "
-        "--asym for awq.")
-    desc_act: bool = Field(False, description="GPTQ act-order: quantize columns by decreasing activation size.")
+        False, description="Symmetric grid (no zero point) or asymmetric with a zero point (the default, for both "
+        "methods); none = each method's convention: --sym for gptq, --asym for awq.")
+    desc_act: Annotated[bool | None, Cli(decls=("--desc-act/--no-desc-act",))] = Field(
+        None, description="GPTQ act-order: quantize columns by decreasing activation size; none = on for gptq, off "
+        "for awq (which has no act-order).")
     awq_scale_form: Literal["duo", "activation", "both"] = Field(
         "duo", description="awq: the scale form on the α grid: duo = x̄^α/w̄^(1−α) (AutoAWQ's default), activation = "
         "x̄^α (the paper's), both = let the output error pick per group (twice the search time). Which is better "
@@ -74,7 +76,7 @@ class QuantizeOptions(StageOptions):
         "default", description="General text mixed into calibration: 'default' = the general-English corpus shipped "
         "with lorakit (cut from its last documents), a .txt/.jsonl file, or none = the task data only.")
     calib_general_fraction: float = Field(
-        0.5, ge=0, lt=1, description="Share of the calibration blocks taken from calib_general.")
+        0.75, ge=0, lt=1, description="Share of the calibration blocks taken from calib_general.")
     target_degradation: float | None = Field(
         None, ge=0, description="Search instead of using the settings above as they are: the smallest configuration "
         "(group size, sym/asym, act-order, per-module precision), starting from the one above, whose perplexity is "
@@ -94,6 +96,14 @@ class QuantizeOptions(StageOptions):
     def quantize_kwargs(self) -> dict:
         """The settings ``quantize_model`` takes (the search keys left out)."""
         return {k: v for k, v in self.given().items() if k not in SEARCH_KEYS}
+
+
+def resolve_grid(method: str, sym: bool | None, desc_act: bool | None) -> tuple[bool, bool]:
+    """``(sym, desc_act)`` as a quantization runs them: a value given stays (AWQ with act-order is refused where
+    it is used), ``None`` is the method's convention (GPTQModel's symmetric grid, AWQ's zero point; act-order for
+    GPTQ, where it is measured to keep answers, never for AWQ)."""
+    return ((method == "gptq") if sym is None else bool(sym),
+            (method == "gptq") if desc_act is None else bool(desc_act))
 
 
 QUANTIZE = QuantizeOptions()

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.quantize.options import QUANTIZE, RELEASE_TARGET_DEGRADATION
+from lorakit.quantize.options import QUANTIZE, RELEASE_TARGET_DEGRADATION, resolve_grid
 from lorakit.errors import InputError
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.quantize.checks import METHODS, check_model, resolve_group_size
@@ -386,8 +386,7 @@ def configured_space(params: dict[str, Any]) -> SearchSpace:
     """
     method = params.get("method", QUANTIZE.method)
     group = int(params.get("group_size", QUANTIZE.group_size))
-    sym = (method == "gptq") if params.get("sym") is None else bool(params["sym"])
-    act = bool(params.get("desc_act", QUANTIZE.desc_act))
+    sym, act = resolve_grid(method, params.get("sym", QUANTIZE.sym), params.get("desc_act", QUANTIZE.desc_act))
     return SearchSpace(methods=(method,), group_sizes=(group,) + tuple(g for g in SearchSpace.group_sizes if g < group),
                        sym=(sym, not sym), desc_act=(act, not act), n_samples=(params.get("n_samples"),),
                        bits=int(params.get("bits", QUANTIZE.bits)))
