@@ -80,6 +80,10 @@ def test_release_completes_registers_lineage_and_caches(prefect_harness, tiny_ba
     assert {"val", "test"} == set(card["tasks"]["reverse-words"]["splits"])
     verdict_meta = reg.get(refs["verdict"]).metadata
     assert verdict_meta["scorecard.json"]["tasks"] == card["tasks"] and verdict_meta["gate.json"]["scorecard_checks"] == []
+    # general text was scored once: the gate took the scorecard's merged-vs-quantized pass, numbers and all
+    general = next(c for c in verdict_meta["gate.json"]["checks"] if c["kind"] == "general")
+    assert general["measured_in"] == "scorecard"
+    assert general["candidate_ppl"] == card["general_text"]["pair"]["quantized"]["ppl"]
     # lorakit's progress lines are in the Prefect logs of the run (stage lines) and of its task runs (steps)
     run_ids = [first.state_details.flow_run_id, *(r.id for r in flow_runs_under(first.state_details.flow_run_id))]
     logs = "\n".join(log_messages_of(run_ids, must_contain="register: done in"))
@@ -158,13 +162,14 @@ def test_report_and_lineage_record_the_quantization_used(prefect_harness, tiny_b
     assert record["params"]["group_size"] == want["group_size"]
     params = Registry(data["registry"]["root"]).get(result["refs"]["quantized"]).params
     assert {k: params[k] for k in want} == want
-    assert params["method"] == "gptq" and params["sym"] is True and params["n_samples"] == 8
+    assert params["method"] == "gptq" and params["sym"] is False and params["desc_act"] is True  # the defaults
+    assert params["n_samples"] == 8
     assert params["requested"]["group_size"] == data["quantize"]["group_size"]
     summary = artifacts_of(state.state_details.flow_run_id)["release-report"].data
-    item = f"gptq 4-bit g{want['group_size']} sym"
+    item = f"gptq 4-bit g{want['group_size']} asym"
     if "group_size_requested" in want:
         item += f" (g{want['group_size_requested']} requested)"
-    item += ", 8x128 calibration" + (", search pick (trial 0)" if "search" in want else "")
+    item += " act-order, 8x128 calibration" + (", search pick (trial 0)" if "search" in want else "")
     assert f"| quantize | {item} |" in summary, summary
 
 

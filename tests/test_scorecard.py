@@ -213,8 +213,44 @@ def test_general_text_scores_every_model_on_one_stream(release, tmp_path):
                                                         rel=1e-9)
     assert g["vs_base"]["merged"] == pytest.approx(g["models"]["merged"]["ppl"] / g["models"]["base"]["ppl"] - 1)
     assert g["quantized_vs_merged"] == 0.0 and g["models"]["base"]["tokens"] <= 640
+    # merged and quantized were scored in one pass: identical models, so no KL and full top-1 agreement
+    assert g["pair"]["distribution"]["kl_mean"] == pytest.approx(0.0, abs=1e-9)
+    assert g["pair"]["distribution"]["top1_agreement"] == 1.0
+    assert g["pair"]["merged"]["ppl"] == g["models"]["merged"]["ppl"] == g["pair"]["quantized"]["ppl"]
     assert build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], None, max_examples=2,
                            **SEQ).data["general_text"] is None  # not asked for: not scored
+
+
+def test_gate_reuses_the_scorecards_general_text_pass_only_when_it_measured_the_same_thing(release, tmp_path):
+    """The release scores merged vs quantized on general text once: the gate takes the scorecard's one-pass
+    measurement when models, tokens, windows and dtype are the same (and its numbers are what the gate measures
+    itself without a scorecard), and measures again when any of them differ."""
+    from lorakit.gate import check
+    from lorakit.gate.general import general_check
+
+    merged, quantized = release["drop_no"], release["base"]  # two different models (the base stands in): KL > 0
+    card = build_scorecard(release["base"], _tasks(release), merged, quantized, general="default",
+                           general_max_tokens=640, max_examples=4, **SEQ).data
+    pair = card["general_text"]["pair"]
+    assert pair["distribution"]["kl_mean"] > 0
+
+    def general(scorecard, max_tokens=640):
+        v = check(merged, quantized, release["tasks"]["yes"][0], extra_checks=[general_check("default", 0.05, max_tokens)],
+                  scorecard=scorecard, min_retention=None, max_accuracy_drop=None, **SEQ)
+        return next(c for c in v.checks if c.kind == "general")
+
+    reused, fresh, other = general(card), general(None), general(card, max_tokens=512)
+    assert reused.measured_in == "scorecard" and fresh.measured_in is None and other.measured_in is None
+    assert (reused.baseline_ppl, reused.candidate_ppl) == (pair["merged"]["ppl"], pair["quantized"]["ppl"])
+    assert reused.distribution == pair["distribution"]
+    assert reused.baseline_ppl == pytest.approx(fresh.baseline_ppl, rel=1e-9)
+    assert reused.candidate_ppl == pytest.approx(fresh.candidate_ppl, rel=1e-9)
+    assert reused.distribution["kl_mean"] == pytest.approx(fresh.distribution["kl_mean"], rel=1e-6)
+    assert other.tokens < reused.tokens  # a shorter stream: measured by the gate itself
+    # a scorecard of other weights under the same folder names is not reused: the digests differ
+    stale = json.loads(json.dumps(card))
+    stale["general_text"]["pair"]["models"]["quantized"]["digest"] = {"folder": "0" * 64}
+    assert general(stale).measured_in is None
 
 
 def test_max_examples_caps_perplexity_to_the_examples_exact_match_scores(release):

@@ -9,9 +9,10 @@ from lorakit.lazy import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "accuracy": ("Prediction", "TaskAccuracy", "diff_predictions", "task_accuracies", "task_accuracy"),
-    "core": ("METHOD_NAME", "PerplexityResult", "evaluate_models", "perplexity", "read_results", "score_windows"),
+    "core": ("METHOD_NAME", "PairResult", "PerplexityResult", "evaluate_models", "perplexity", "perplexity_pair",
+             "read_results", "score_windows"),
     "dequant": ("dequantize_awq", "dequantize_gptq"),
-    "loading": ("EvalModel", "ModelSpec", "describe_model", "load_eval_model", "load_tokenizer"),
+    "loading": ("EvalModel", "ModelSpec", "describe_model", "load_eval_model", "load_tokenizer", "model_digest"),
     "text": ("EvalTexts", "EvalTokens", "read_eval_texts", "tokenize_eval_texts", "tokenizer_digest"),
     "windows": ("Window", "plan_windows"),
 })

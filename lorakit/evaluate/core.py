@@ -281,6 +281,31 @@ def read_results(path: str | os.PathLike[str]) -> list[PerplexityResult]:
 KERNEL_CHECK_TOLERANCE = 1e-3
 
 
+@dataclass
+class PairResult:
+    """Two models' perplexities on one token stream, measured in one pass, and how their next-token
+    distributions differ there (KL(baseline || candidate), top-1 agreement)."""
+
+    baseline: PerplexityResult
+    candidate: PerplexityResult
+    distribution: DistributionStats
+
+
+def perplexity_pair(baseline: EvalModel, candidate: EvalModel, tokens: EvalTokens, *, seq_len: int, stride: int,
+                    batch_size: int, progress: bool = True, desc: str = "perplexity") -> PairResult:
+    """Both models over the same windows in one pass (:func:`score_windows_pair`): each perplexity is the number
+    :func:`perplexity` gives that model alone, and the distribution check costs no extra forward pass."""
+    windows = plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
+    pair = score_windows_pair(baseline.model, candidate.model, tokens.ids, windows, batch_size=batch_size,
+                              device=baseline.device, candidate_device=candidate.device, progress=progress, desc=desc)
+    common = dict(seq_len=seq_len, stride=stride, batch_size=batch_size)
+    b = perplexity_result(baseline, tokens, windows, pair.baseline_nll, pair.n_scored, pair.baseline_s, **common)
+    c = perplexity_result(candidate, tokens, windows, pair.candidate_nll, pair.n_scored, pair.candidate_s, **common)
+    if b.method != c.method:  # same stream and params by construction; a mismatch is a lorakit bug
+        raise RuntimeError(f"{desc}: baseline and candidate were measured with different methods")
+    return PairResult(b, c, pair.distribution)
+
+
 def kernel_check(dense: EvalModel, tokens: EvalTokens, n_tokens: int, seq_len: int, batch_size: int) -> dict:
     """Score the first ``n_tokens`` with the dequantized model and with the kernels; record the agreement."""
     n = min(n_tokens, int(tokens.ids.numel()))

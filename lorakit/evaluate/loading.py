@@ -73,6 +73,17 @@ class EvalModel:
                 "dtype": self.dtype, "load_s": round(self.load_s, 3)}
 
 
+def model_digest(spec: ModelSpec) -> dict[str, str]:
+    """Content digests of the folders a model is loaded from (an adapter's and its base's): what makes a
+    measurement of one folder reusable for another reference to it."""
+    from lorakit.io.digests import folder_digest
+
+    out = {"folder": folder_digest(spec.folder)}
+    if spec.base is not None:
+        out["base"] = folder_digest(spec.base.folder)
+    return out
+
+
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).exists() for name in TOKENIZER_FILES)
 

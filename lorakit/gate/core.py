@@ -24,8 +24,8 @@ from pathlib import Path
 
 import lorakit
 from lorakit.errors import InputError
-from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, perplexity_result, score_windows_pair
-from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
+from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, PerplexityResult, method_of, perplexity_pair
+from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer, model_digest
 from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
 from lorakit.evaluate.windows import check_window_params, plan_windows
 from lorakit.gate.report import render_markdown, render_png
@@ -34,7 +34,7 @@ from lorakit.gate.verdict import (  # noqa: F401  (read_verdict and the constant
     CheckResult, CheckSpec, Verdict, read_verdict,
 )
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
-from lorakit.io.digests import folder_digest
+from lorakit.progress import emit
 from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
 
 
@@ -147,27 +147,30 @@ def check(
     loaded = {role: load_eval_model(spec_, quant_path=quant_path, device=device, dtype=compute_dtype, tokenizer=tok,
                                     stage="gate")
               for role, spec_, tok in (("baseline", base_spec, base_tok), ("candidate", cand_spec, cand_tok))}
-    models = {role: {**m.describe(), "digest": _model_digest(m.spec)} for role, m in loaded.items()}
+    models = {role: {**m.describe(), "digest": model_digest(m.spec)} for role, m in loaded.items()}
     checks: list[CheckResult] = []
+    measured_before = _scorecard_pair(card, models, loaded)
     for spec in specs:
         tokens = streams[spec.name]
+        reused = measured_before if spec.kind == "general" else None
         windows = plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
-        pair = score_windows_pair(loaded["baseline"].model, loaded["candidate"].model, tokens.ids, windows,
-                                  batch_size=batch_size, device=loaded["baseline"].device,
-                                  candidate_device=loaded["candidate"].device, progress=progress,
-                                  desc=f"gate {spec.name}")
-        common = dict(seq_len=seq_len, stride=stride, batch_size=batch_size)
-        b = perplexity_result(loaded["baseline"], tokens, windows, pair.baseline_nll, pair.n_scored, pair.baseline_s,
-                              **common)
-        c = perplexity_result(loaded["candidate"], tokens, windows, pair.candidate_nll, pair.n_scored,
-                              pair.candidate_s, **common)
-        if b.method != c.method:  # same stream and params by construction; a mismatch is a lorakit bug
-            raise RuntimeError(f"check {spec.name}: baseline and candidate were measured with different methods")
+        method = method_of(tokens, seq_len, stride, loaded["baseline"].dtype, windows)
+        if reused is not None and reused["merged"]["method"] == method and \
+                reused["merged"]["batch_size"] == reused["quantized"]["batch_size"] == batch_size:
+            b, c = PerplexityResult.from_dict(reused["merged"]), PerplexityResult.from_dict(reused["quantized"])
+            distribution, measured_in = reused["distribution"], "scorecard"
+            if progress:
+                emit(f"gate {spec.name}: the scorecard measured this pair on the same tokens, windows and dtype "
+                     f"(ppl {b.ppl:.4g} / {c.ppl:.4g}); not measured again")
+        else:
+            pair = perplexity_pair(loaded["baseline"], loaded["candidate"], tokens, seq_len=seq_len, stride=stride,
+                                   batch_size=batch_size, progress=progress, desc=f"gate {spec.name}")
+            b, c, distribution, measured_in = pair.baseline, pair.candidate, pair.distribution.to_dict(), None
         d, ok = judge(b.ppl, c.ppl, spec.max_degradation)
-        kl_ok = max_kl is None or pair.distribution.kl_mean <= max_kl + BOUNDARY_TOLERANCE
+        kl_ok = max_kl is None or distribution["kl_mean"] <= max_kl + BOUNDARY_TOLERANCE
         checks.append(CheckResult(spec.name, spec.kind, _data_label(spec.data), spec.max_degradation, b.ppl, c.ppl,
                                   d, ok and kl_ok, b.tokens, b.method, b.to_dict(), c.to_dict(),
-                                  distribution=pair.distribution.to_dict(), max_kl=max_kl))
+                                  distribution=distribution, max_kl=max_kl, measured_in=measured_in))
     del loaded
     gc.collect()
 
@@ -220,12 +223,20 @@ def _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_a
     return card, judge_scorecard(card, min_retention=min_retention, max_accuracy_drop=max_accuracy_drop)
 
 
-def _model_digest(spec) -> dict[str, str]:
-    """Content digests of the folders a model was loaded from (adapter + its base)."""
-    out = {"folder": folder_digest(spec.folder)}
-    if spec.base is not None:
-        out["base"] = folder_digest(spec.base.folder)
-    return out
+def _scorecard_pair(card: dict | None, models: dict[str, dict], loaded: dict) -> dict | None:
+    """The scorecard's general-text pair (merged vs quantized, one pass), when it measured exactly these two
+    models (same content digests) the way this gate loads them (same path, device and dtype); else None. The
+    caller also requires the same method (token stream, windows, dtype) and batch size before reusing it."""
+    pair = ((card or {}).get("general_text") or {}).get("pair")
+    if not pair:
+        return None
+    for role, key in (("baseline", "merged"), ("candidate", "quantized")):
+        measured, here = pair["models"][key], loaded[role]
+        if measured["digest"] != models[role]["digest"] or (measured["path_used"], measured["device"],
+                                                             measured["dtype"]) != (here.path_used, str(here.device),
+                                                                                    here.dtype):
+            return None
+    return pair
 
 
 def _versions() -> dict[str, str]:

@@ -97,6 +97,10 @@ def render_markdown(verdict: Verdict) -> str:
         lines.append(f"| {c.name} | {c.kind} | {c.tokens} | {c.baseline_ppl:.4f} | {c.candidate_ppl:.4f} | "
                      f"{_pct(c.degradation)} | {_pct(c.max_degradation)} | {kl} | "
                      f"{'pass' if c.passed else '**FAIL**'} |")
+    reused = [c.name for c in verdict.checks if c.measured_in == "scorecard"]
+    if reused:
+        lines += ["", f"Measured in the scorecard's pass (same weights, tokens, windows and dtype; not measured "
+                  f"again): {', '.join(reused)}."]
     lines += ["", "![baseline vs candidate perplexity per check](gate.png)", ""]
     if verdict.scorecard is not None:
         from lorakit.scorecard.report import render_markdown as scorecard_markdown

@@ -55,6 +55,7 @@ class CheckResult:
     candidate: dict[str, Any]
     distribution: dict[str, Any] = field(default_factory=dict)  # DistributionStats.to_dict(); {} in old gate.json
     max_kl: float | None = None  # threshold on distribution["kl_mean"]; None = reported, not judged
+    measured_in: str | None = None  # "scorecard": this pass was the scorecard's (same models, tokens, method)
 
 
 @dataclass

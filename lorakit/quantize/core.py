@@ -123,10 +123,10 @@ def quantize_model(
 ) -> QuantResult:
     """Quantize a full-precision Llama-style model folder with GPTQ or AWQ into a standard checkpoint folder.
 
-    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, AWQ 4-bit g32
-    calibrated on half general text), the same as ``lorakit quantize`` and the run config's ``quantize:``.
-
-    ``sym`` defaults to True for GPTQ and False (zero point) for AWQ. A ``group_size`` that does not divide
+    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, GPTQ 4-bit g32
+    with a zero point and act-order, calibrated on 3/4 general text), the same as ``lorakit quantize`` and the run
+    config's ``quantize:``. ``sym``/``desc_act`` None are each method's convention
+    (:func:`lorakit.quantize.options.resolve_grid`). A ``group_size`` that does not divide
     every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
     that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
     the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder;

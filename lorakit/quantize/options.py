@@ -3,24 +3,25 @@
 
 The defaults are the measured release configuration of the embedded SmolLM2-135M release.
 
-Why AWQ 4-bit with a zero point, calibrated on half general text: on the default release's merged model, judged
-by the release gate itself (bench/results/calibration_mix.json, ``variants.*.checks``), it loses the least general
-English of the 4-bit configurations measured at group 64 (+15.1% perplexity, ``awq-general50``; GPTQ calibrated the
-same way +20.5%, GPTQ on the tasks alone +48.8%), quantizes in about a minute where GPTQ takes 2.5-3 (``quantize_s``),
-and writes the AWQ GEMM layout plain transformers and vLLM load. Half general text in the calibration is the
-measured mix: it cut GPTQ's general-text loss from +48.8% to +20.5% and AWQ's from +18.3% to +15.1%.
+Why GPTQ 4-bit, group 32, with a zero point and act-order, calibrated on 3/4 general text: on the RegMean-merged
+default release (bench/results/quantize_regmean.json, ``variants.*``; 50 questions per task and split, val and test)
+it keeps the tasks' answers far better than AWQ at the same size (0.44x bf16): exact match lost against the merged
+model, summed over both tasks' val and test splits, 12 points (``gptq-g32-asym-act-general75``) against AWQ group
+32's 50 (``awq-g32-general50``), with mean KL per token on the tasks 0.034 / 0.024 against 0.075 / 0.049. It loses
+a little more general English, +7.7% perplexity against +6.5%, and takes longer (GPTQModel: 2-4 minutes on a
+2-core CPU, AWQ 1-2.5; ``quantize_s``). Half general text in the calibration cost more general English (+9.9%) for
+about the same answers (10 points); 90% lost fewer answers (2 points) but more general English (+8.9%): at 50
+questions a split one answer is 2 points, so the answers' ranking of these three is within noise and general text
+decides. Group 128 does not divide SmolLM2's hidden size 576; group 64 lost more general English (AWQ: +15.4%,
+``awq-general50``; GPTQ at group 64 in bench/results/calibration_mix.json).
 
-Why group 32: on the RegMean-merged default release (bench/results/quantize_regmean.json, ``variants.*``) it cost
-+6.5% on general text against +15.4% at group 64, with lower mean KL on every check (general text 0.086 vs 0.130)
-and the same exact match lost against the merged model in all (50 points summed over both tasks' val and test
-splits, ``accuracy``), at 0.44x the bf16 size instead of 0.42x. (On an earlier, linear-merged release group 32
-lost more answers, bench/results/quantize_accuracy.json; on this merge it does not.) Keeping the 12 most sensitive
-linears in fp16 on top (``awq-g32-general50-keep12``, 0.49x) brought general text to +5.6% but lost more answers,
-so it is not the default. No 4-bit configuration measured meets the gate's 5% on general text, so the default
-release is rejected by its own gate on that check; the gate says so rather than the default hiding it. AWQ at 8
-bits passes every check (``awq-8bit-general50`` in calibration_mix.json: -0.02% on general text) at 0.63x the bf16
-size, over the 0.5x a 4-bit release is for: set ``bits: 8`` to ship that trade. Group 128 does not divide
-SmolLM2's hidden size 576. For other data or models, set
+No uniform 4-bit configuration measured meets the gate's 5% on general text, so the default release is rejected by
+its own gate on that check; the gate says so rather than the default hiding it. Keeping the 12 most sensitive
+linears at 8 bits on top (``gptq-g32-asym-act-general75-keep12``, 0.46x) comes closest (+6.5%, 2 points lost on
+number-words val, none elsewhere), but a GPTQ file with per-module bits is read by GPTQModel and vLLM, not by plain
+``transformers`` (:mod:`lorakit.quantize.mixed`), so it is not the default. AWQ at 8 bits passes every check
+(``awq-8bit-general50`` in bench/results/calibration_mix.json: -0.02% on general text) at 0.63x the bf16 size, over
+the 0.5x a 4-bit release is for: set ``bits: 8`` to ship that trade. For other data or models, set
 ``target_degradation`` and let the search measure (``lorakit.quantize.search.quantize_to_target``).
 """
 

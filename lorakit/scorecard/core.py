@@ -13,12 +13,16 @@ selection split, and ``test``, the held-out report; a folder without a test spli
 The models: the base, *that task's* adapter alone (PEFT on the base), the merged model and the quantized model.
 With ``general`` (the release passes the gate's general text), every model's perplexity on it too: what each one
 keeps of its language outside the tasks (an adapter or a merge can lose it as surely as a quantization can),
-with each model's change against the base and the quantized model's against the merged one.
+with each model's change against the base and the quantized model's against the merged one. The merged and
+quantized models are scored on it in one pass (``lorakit.evaluate.perplexity_pair``: both perplexities, KL and
+top-1 agreement from the same logits), the measurement the gate's general-text check makes: the gate reuses it
+when the models, tokens, windows, dtype and batch size are the same, so the release scores general text once.
 From those, per task and split: retention of the adapter's gain by the merged model, on exact match, F1 and NLL
 (``lorakit.evaluate.retention``, the one definition), and the quantized model's accuracy drop vs the merged one.
 
 Each model is loaded once and scores every task it applies to before the next one loads (one model in memory at
-a time). Bad input (a missing split, a model whose tokenizer differs from the base's or from the one the data was
+a time, except that the merged model stays loaded for the general-text pass with the quantized one, as in the
+gate). Bad input (a missing split, a model whose tokenizer differs from the base's or from the one the data was
 prepared with, an output that exists) fails before any weights load, and the output folder is written atomically:
 ``scorecard.json`` (every number, the decoding and perplexity settings, splits used, timings), ``predictions.json``
 (every answer, for diffing models), ``scorecard.md`` and ``scorecard.png``.
@@ -35,8 +39,8 @@ from typing import Any
 from lorakit.errors import InputError
 from lorakit.evaluate.accuracy import (DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN, TaskExamples, check_prep_tokenizer,
                                        read_task_examples, task_accuracy)
-from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, METHOD_NAME, perplexity
-from lorakit.evaluate.loading import ModelSpec, describe_model, load_eval_model, load_tokenizer
+from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, METHOD_NAME, perplexity, perplexity_pair
+from lorakit.evaluate.loading import ModelSpec, describe_model, load_eval_model, load_tokenizer, model_digest
 from lorakit.evaluate.retention import retention
 from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
 from lorakit.evaluate.windows import check_window_params, plan_windows
@@ -187,6 +191,7 @@ def build_scorecard(
     decoding: dict[str, Any] = {}
     timings: dict[str, dict[str, Any]] = {}  # per model: load_s, score_s, path_used
     general_scores: dict[str, dict[str, Any]] = {}  # model key -> perplexity on the general text
+    general_pair: dict[str, Any] = {"models": {}}  # merged vs quantized in one pass (the gate's general check)
     n_models = len(specs)
     for k, (key, spec) in enumerate(specs.items(), 1):
         role, _, only = key.partition(":")
@@ -214,7 +219,22 @@ def build_scorecard(
                 emit(f"scorecard: {key} on {t.name} {s}: " + (
                     f"exact {acc.exact_match:.1%}, F1 {acc.f1:.3f}, " if acc.skipped is None else "accuracy skipped, ")
                     + f"ppl {ppl.ppl:.4g} ({acc.wall_s + ppl.wall_s:.1f} s)")
-        if general_stream is not None:
+        if general_stream is not None and key == "merged" and quantized is not None:
+            held = loaded  # scored on general text together with the quantized model, next
+        elif general_stream is not None and key == "quantized":
+            pair = perplexity_pair(held, loaded, general_stream, seq_len=seq_len, stride=stride,
+                                   batch_size=ppl_batch_size, progress=progress, desc="scorecard general text")
+            for role, m, r in (("merged", held, pair.baseline), ("quantized", loaded, pair.candidate)):
+                general_scores[role] = {"ppl": r.ppl, "mean_nll": r.mean_nll, "tokens": r.tokens}
+                general_pair["models"][role] = {"digest": model_digest(m.spec), "path_used": m.path_used,
+                                                "device": str(m.device), "dtype": m.dtype}
+            general_pair.update(merged=pair.baseline.to_dict(), quantized=pair.candidate.to_dict(),
+                                distribution=pair.distribution.to_dict())
+            emit(f"scorecard: merged and quantized on general text, one pass: ppl {pair.baseline.ppl:.4g} / "
+                 f"{pair.candidate.ppl:.4g}, mean KL {pair.distribution.kl_mean:.4f} "
+                 f"({pair.baseline.wall_s + pair.candidate.wall_s:.1f} s)")
+            del held
+        elif general_stream is not None:
             g = perplexity(loaded, general_stream, **ppl_kw)
             general_scores[key] = {"ppl": g.ppl, "mean_nll": g.mean_nll, "tokens": g.tokens}
             emit(f"scorecard: {key} on general text: ppl {g.ppl:.4g} ({g.wall_s:.1f} s)")
@@ -229,7 +249,8 @@ def build_scorecard(
                    "adapters": {t.name: specs[f"adapter:{t.name}"].describe() for t in tasks}},
         "tasks": {t.name: _task_entry(t, plans[t.name], scores, quantized is not None) for t in tasks},
         "task_order": names,  # JSON files are written with sorted keys; this keeps the caller's order
-        "general_text": _general_entry(general_path, general_max_tokens, general_scores),
+        "general_text": _general_entry(general_path, general_max_tokens, general_scores,
+                                       general_pair if "distribution" in general_pair else None),
         "perplexity_method": {"name": METHOD_NAME, "seq_len": int(seq_len), "stride": int(stride),
                               "max_tokens": max_tokens, "batch_size": int(ppl_batch_size), "dtype": compute_dtype,
                               "tokenizer_digest": want},
@@ -250,8 +271,11 @@ def build_scorecard(
     return card
 
 
-def _general_entry(path: str | None, max_tokens: int | None, scores: dict[str, dict]) -> dict[str, Any] | None:
-    """Every model's perplexity on the general text, and its change: vs the base, and quantized vs merged."""
+def _general_entry(path: str | None, max_tokens: int | None, scores: dict[str, dict],
+                   pair: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every model's perplexity on the general text, and its change: vs the base, and quantized vs merged; with
+    ``pair``, the merged and quantized models' one-pass measurement in full (both perplexity results, KL and
+    top-1 agreement, what was loaded), which the gate's general-text check reuses instead of measuring again."""
     if path is None:
         return None
 
@@ -260,7 +284,7 @@ def _general_entry(path: str | None, max_tokens: int | None, scores: dict[str, d
 
     return {"source": path, "max_tokens": max_tokens, "models": scores,
             "vs_base": {key: change(key, "base") for key in scores if key != "base"},
-            "quantized_vs_merged": change("quantized", "merged"),
+            "quantized_vs_merged": change("quantized", "merged"), **({"pair": pair} if pair else {}),
             "definition": "ppl(model) / ppl(reference) - 1 on the same token stream; > 0 = worse"}
 
 
