@@ -145,6 +145,7 @@ def run_point(task: str, point: dict, work: Path) -> dict:
                            progress=True)
     train_s = time.perf_counter() - started
     record = json.loads((out / "lorakit_train.json").read_text())
+    plus = float(point["plus"]) if "plus" in point else lora.lora_plus_ratio  # what trained, keyed or default
     spec = describe_model(str(out))
     loaded = load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec))
     scores = {}
@@ -162,7 +163,7 @@ def run_point(task: str, point: dict, work: Path) -> dict:
             "train_rows": prep_meta["counts"]["train"]["rows"], "epochs": record["epochs_done"],
             "final_loss": record["final_loss"], "compute_dtype": record["compute_dtype"],
             "exact_match_test": scores["test"]["exact_match"], "exact_match_fresh": scores["fresh"]["exact_match"],
-            "scores": scores, "loadavg_1m": round(os.getloadavg()[0], 2)}
+            "scores": scores, "loadavg_1m": round(os.getloadavg()[0], 2), "lora_plus_ratio": plus}
 
 
 # Runs recorded before the ``examples`` key trained on the shipped files of their time: 400 records per task.
@@ -187,7 +188,8 @@ def release_point(runs: dict) -> dict:
     out: dict = {}
     for r in runs.values():
         p = r["point"]
-        if r.get("cpu_profile", "native") == "native" and set(p) <= {*defaults, "examples"} and all(
+        if r.get("cpu_profile", "native") == "native" and r.get("lora_plus_ratio") is None and \
+                set(p) <= {*defaults, "examples"} and all(
                 p.get(k, v) == v for k, v in defaults.items()):
             out.setdefault(r["task"], {})[str(r.get("examples", EXAMPLES_BEFORE_THE_KEY))] = {k: r[k] for k in SUMMARY_FIELDS}
     return out
@@ -204,9 +206,29 @@ def number_mix(runs: dict) -> dict:
     for r in runs.values():
         p = r["point"]
         if r["task"] == "number-words" and r.get("cpu_profile", "native") == "native" and \
-                set(p) <= {*fixed, "steps", "mix"} and all(p.get(k) == v for k, v in fixed.items()):
+                r.get("lora_plus_ratio") is None and set(p) <= {*fixed, "steps", "mix"} and \
+                all(p.get(k) == v for k, v in fixed.items()):
             out.setdefault(p.get("mix", "magnitudes"), {})[str(r["steps"])] = {
                 k: r[k] for k in ("exact_match_test", "exact_match_fresh", "compute_dtype")}
+    return out
+
+
+def lora_plus(runs: dict) -> dict:
+    """Each task on the shipped 2,000 records at 80 steps and the release's lr / batch / accum, by LoRA+ ratio
+    ("off" = one learning rate; runs recorded before the field existed trained without it):
+    ``lora_plus.<task>.<ratio>.exact_match_test``, what the training defaults cite."""
+    from flows.config import LoraConfig
+
+    lora = LoraConfig()
+    fixed = {"lr": lora.lr, "steps": 80, "batch": lora.batch_size, "accum": lora.grad_accum}
+    out: dict = {}
+    for r in runs.values():
+        p = r["point"]
+        if r.get("cpu_profile", "native") == "native" and set(p) <= {*fixed, "examples", "plus"} and \
+                p.get("examples", 2000) == 2000 and all(p.get(k, v) == v for k, v in fixed.items()):
+            ratio = r.get("lora_plus_ratio")
+            out.setdefault(r["task"], {})["off" if ratio is None else f"{ratio:g}"] = {
+                k: r[k] for k in ("exact_match_test", "exact_match_fresh", "train_wall_s", "s_per_step", "compute_dtype")}
     return out
 
 
@@ -214,27 +236,33 @@ def save(runs: dict, measured_by: dict | None = None) -> None:
     """Write the runs, their summary and the README section. ``measured_by``: the previous file, when this
     process only re-summarises: its date and machine records stay those of the last training run, not this one's."""
     kept = {k: measured_by[k] for k in ("date", "machine", "last_run_machine") if k in measured_by} if measured_by else {}
+    for r in runs.values():  # recorded before the field: the point's plus key, else one learning rate (the default then)
+        r.setdefault("lora_plus_ratio", float(r["point"]["plus"]) if "plus" in r["point"] else None)
     write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",
                                   "data": "bundled tasks, release prep settings", "runs": runs,
-                                  "release_point": release_point(runs), "number_mix": number_mix(runs), "last_run_machine": machine(), **kept})
+                                  "release_point": release_point(runs), "number_mix": number_mix(runs), "lora_plus": lora_plus(runs), "last_run_machine": machine(), **kept})
     update_readme_section("train_sweep", readme(runs))
 
 
 def readme(runs: dict) -> str:
+    from flows.config import LoraConfig
+
+    lora = LoraConfig()  # a point without batch / accum trained with the release's
     lines = ["## train_sweep", "", "QLoRA adapters on SmolLM2-135M-Instruct, one per bundled task; greedy exact match "
              "on the test split and on 40 fresh questions (`python bench/train_sweep.py`).", "",
              f"Runs without a recorded `examples` count trained on the shipped files of their time ({EXAMPLES_BEFORE_THE_KEY} records per task).",
              "A `digits mix` run drew number-words' numbers by digit count (`lorakit.data.bundled.generate.NUMBER_MIXES`) "
              "instead of the shipped file's magnitudes; its test and fresh questions are drawn the same way, and "
-             "`scores.*.by_digits` holds [right, asked] per digit count.",
+             "`scores.*.by_digits` holds [right, asked] per digit count. s/step depends on the machine and on what ran "
+             "beside the run (`loadavg_1m` in the results): compare quality across rows, time only within one run.",
              "", "| task | examples | lr | steps | batch x accum | EM test | EM fresh | s/step | train s | dtype |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (r["task"], r.get("examples", EXAMPLES_BEFORE_THE_KEY), r["point"].get("lr", 0), r["steps"])):
         p = r["point"]
         data = f"{r.get('examples', EXAMPLES_BEFORE_THE_KEY)}" + (f" ({p['mix']} mix)" if "mix" in p else "") + (
-            f" (LoRA+ {p['plus']:g})" if "plus" in p else "") + (f" (r {p['r']})" if "r" in p else "")
-        lines.append(f"| {r['task']} | {data} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', '-')} x "
-                     f"{p.get('accum', '-')} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
+            f" (LoRA+ {r['lora_plus_ratio']:g})" if r.get("lora_plus_ratio") else "") + (f" (r {p['r']})" if "r" in p else "")
+        lines.append(f"| {r['task']} | {data} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', lora.batch_size)} x "
+                     f"{p.get('accum', lora.grad_accum)} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
                      f"{r['s_per_step']} | {r['train_wall_s']:.0f} | {r['compute_dtype']} |")
     return "\n".join(lines)
 

@@ -62,7 +62,7 @@ def test_lora_plus_gives_b_a_higher_learning_rate(tiny_base):
 
 def test_lora_plus_run_steps_b_faster(prep, tmp_path):
     """In a real run the loop keeps the ratio at every scheduled lr: B moves further than under plain LoRA."""
-    a = train_adapter(prep, tmp_path / "plain", quant="none", max_steps=3, **FAST)
+    a = train_adapter(prep, tmp_path / "plain", quant="none", max_steps=3, lora_plus_ratio=None, **FAST)
     b = train_adapter(prep, tmp_path / "plus", quant="none", max_steps=3, lora_plus_ratio=16, **FAST)
     from safetensors.torch import load_file
 
