@@ -108,10 +108,8 @@ def make_prep_dir(path: Path, val_texts: list[str], train_texts: list[str] | Non
 
 # --- tasks a tiny model really learns (scorecard, merge search) -------------------------------------------------
 
-# lr 0.01 learns these trivial tasks in 30 steps with one learning rate; LoRA+ (the release default) would put B at
-# 8 x 0.01 and diverge on a random tiny model, so the recipe pins it off.
 ANSWER_TRAINING = dict(quant="none", r=8, alpha=16, lr=0.01, max_steps=30, batch_size=8, grad_accum=1, progress=False,
-                       checkpoint_every=None, min_loss_drop=None, lora_plus_ratio=None)
+                       checkpoint_every=None, min_loss_drop=None)
 
 
 def write_answer_data(path: Path, instruction: str, answer: str, n: int = 60) -> Path:
