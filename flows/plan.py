@@ -149,5 +149,6 @@ class ReleasePlan:
             extra.append(asdict(general))
         args = {"baseline": baseline, "candidate": candidate, "data": preps[first], "extra_checks": extra}
         if scorecard is not None:
-            params.update(scorecard=scorecard, min_retention=g.min_retention, max_accuracy_drop=g.max_accuracy_drop)
+            params.update(scorecard=scorecard, min_retention=g.min_retention, max_accuracy_drop=g.max_accuracy_drop,
+                          max_general_forgetting=g.max_general_forgetting)
         return {**args, "params": params, "output": stage_dir(self.out, "gate", "verdict", {**args, **params})}

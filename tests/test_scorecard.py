@@ -253,6 +253,43 @@ def test_gate_reuses_the_scorecards_general_text_pass_only_when_it_measured_the_
     assert general(stale).measured_in is None
 
 
+def test_general_forgetting_judges_merged_against_base_on_general_text(release, tmp_path):
+    """max_general_forgetting: the merged model's general-text perplexity over the base's, from perplexities
+    measured here independently; a threshold below that loss fails once, naming general text; above it passes;
+    None and a scorecard without general text judge nothing; the CLI needs --scorecard for it."""
+    from lorakit.data.general import general_text_path
+    from lorakit.evaluate import perplexity
+    from lorakit.evaluate.loading import describe_model, load_tokenizer
+    from lorakit.evaluate.text import read_eval_texts, tokenize_eval_texts
+
+    # the trained merge scores the tiny corpus better than the random base, so the roles are swapped to make a loss:
+    # the merge stands as the base (its adapters apply on top) and the random model as the "merged" one
+    base_model, merged_model = release["drop_no"], release["base"]
+    card = build_scorecard(base_model, _tasks(release), merged_model, merged_model, general="default",
+                           general_max_tokens=640, max_examples=4, **SEQ).data
+    tokens = tokenize_eval_texts(read_eval_texts(general_text_path()), load_tokenizer(describe_model(base_model)),
+                                 max_tokens=640)
+    base, merged = (perplexity(str(m), tokens, seq_len=64, progress=False).ppl for m in (base_model, merged_model))
+    loss = merged / base - 1
+    assert loss > 1e-3, "the merged model must be worse than the base on general text for this test to bite"
+
+    def forgetting(threshold, scorecard=card):
+        return [c for c in judge_scorecard(scorecard, min_retention=None, max_accuracy_drop=None,
+                                           max_general_forgetting=threshold)]
+
+    [below] = forgetting(loss - 1e-6)
+    assert (below.check, below.task, below.passed) == ("max_general_forgetting", "general text", False)
+    assert below.value == pytest.approx(loss, rel=1e-9)
+    assert [c.passed for c in forgetting(loss + 1e-6)] == [True]
+    assert forgetting(None) == []
+    assert forgetting(0.0, {**card, "general_text": None}) == []
+    proc = run_cli("gate", "--baseline", str(release["drop_no"]), "--candidate", str(release["drop_no"]), "--data",
+                   str(release["tasks"]["yes"][0]), "--seq-len", "64", "--max-general-forgetting", "0.1",
+                   "-o", str(tmp_path / "g"))
+    assert proc.returncode == 2 and "--max-general-forgetting judges a release scorecard" in proc.stderr
+    assert_nothing_written(tmp_path / "g")
+
+
 def test_max_examples_caps_perplexity_to_the_examples_exact_match_scores(release):
     """With max_examples N, a split's NLL is over its first N rendered examples, as `lorakit.evaluate.perplexity`
     computes it on those texts alone, not over the whole split."""

@@ -235,12 +235,13 @@ def gate(baseline, candidate, data, split, batch_size, base, quant_path, device,
     general = general_check(opts.general_text, opts.general_max_degradation, opts.general_max_tokens, split)
     if general is not None:
         extra.append(general)
-    card_given = sorted({"min_retention", "max_accuracy_drop"} & opts.model_fields_set)
+    card_given = sorted({"min_retention", "max_accuracy_drop", "max_general_forgetting"} & opts.model_fields_set)
     if scorecard is None and card_given:
         raise InputError(f"--{card_given[0].replace('_', '-')} judges a release scorecard; pass --scorecard "
                          "(build one with `lorakit scorecard`)")
     card_kw = {} if scorecard is None else {
-        "scorecard": scorecard, "min_retention": opts.min_retention, "max_accuracy_drop": opts.max_accuracy_drop}
+        "scorecard": scorecard, "min_retention": opts.min_retention, "max_accuracy_drop": opts.max_accuracy_drop,
+        "max_general_forgetting": opts.max_general_forgetting}
     verdict = check(baseline, candidate, data, max_degradation=opts.max_degradation, max_kl=opts.max_kl,
                     extra_checks=extra, output=output, **card_kw, base=base, seq_len=opts.seq_len, stride=opts.stride,
                     max_tokens=opts.max_tokens, batch_size=batch_size, split=split, quant_path=quant_path,

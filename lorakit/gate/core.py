@@ -35,7 +35,7 @@ from lorakit.gate.verdict import (  # noqa: F401  (read_verdict and the constant
 )
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.progress import emit
-from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MIN_RETENTION
+from lorakit.scorecard.judge import DEFAULT_MAX_ACCURACY_DROP, DEFAULT_MAX_GENERAL_FORGETTING, DEFAULT_MIN_RETENTION
 
 
 def degradation_of(baseline_ppl: float, candidate_ppl: float) -> float:
@@ -89,6 +89,7 @@ def check(
     scorecard: str | os.PathLike[str] | dict | None = None,
     min_retention: float | None = DEFAULT_MIN_RETENTION,
     max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+    max_general_forgetting: float | None = DEFAULT_MAX_GENERAL_FORGETTING,
     primary_name: str = "primary",
 ) -> Verdict:
     """Measure baseline and candidate on every check and decide; write gate.json/.md/.png to ``output``.
@@ -98,7 +99,8 @@ def check(
     inspect ``Verdict.passed`` (the CLI turns it into exit code 3).
 
     ``scorecard`` (a scorecard.json, its folder, or its content; ``lorakit.scorecard``) adds the release checks
-    ``min_retention`` and ``max_accuracy_drop`` (None = not judged), judged on its val split; it must have been
+    ``min_retention`` and ``max_accuracy_drop`` (None = not judged), judged on its val split, and
+    ``max_general_forgetting`` (merged vs base on its general text); it must have been
     built for this baseline (its merged model) and candidate (its quantized model). ``primary_name`` names the
     check on ``data`` in the verdict (the release names it after its task).
     """
@@ -119,7 +121,8 @@ def check(
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
         check_output_free(out_dir, force)
-    card, card_checks = _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_accuracy_drop)
+    card, card_checks = _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_accuracy_drop,
+                                          max_general_forgetting)
 
     from lorakit.compute import dtype_name, resolve_compute_dtype
     from lorakit.runtime import resolve_device
@@ -188,7 +191,8 @@ def check(
         scorecard_checks=[c.to_dict() for c in card_checks], scorecard=card,
     )
     if card is not None:
-        verdict.params.update(min_retention=min_retention, max_accuracy_drop=max_accuracy_drop)
+        verdict.params.update(min_retention=min_retention, max_accuracy_drop=max_accuracy_drop,
+                              max_general_forgetting=max_general_forgetting)
     verdict.metadata = verdict.to_dict()
     if out_dir is not None:
         with atomic_dir(out_dir, force=force) as tmp:
@@ -205,7 +209,7 @@ def check(
     return verdict
 
 
-def _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_accuracy_drop):
+def _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_accuracy_drop, max_general_forgetting):
     """(scorecard content, its judged checks), or (None, []) without one; refuses a scorecard of other models."""
     from lorakit.scorecard import judge_scorecard, read_scorecard
 
@@ -220,7 +224,8 @@ def _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_a
         if Path(recorded["folder"]).resolve() != Path(folder).resolve():
             raise InputError(f"the scorecard was built for {key} model {recorded['folder']}, but the gate's {role} is "
                              f"{folder}; build the scorecard for these models (lorakit scorecard)")
-    return card, judge_scorecard(card, min_retention=min_retention, max_accuracy_drop=max_accuracy_drop)
+    return card, judge_scorecard(card, min_retention=min_retention, max_accuracy_drop=max_accuracy_drop,
+                                 max_general_forgetting=max_general_forgetting)
 
 
 def _scorecard_pair(card: dict | None, models: dict[str, dict], loaded: dict) -> dict | None:

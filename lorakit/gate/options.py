@@ -8,6 +8,11 @@ the baseline's beliefs instead of the data's. On the default release, 4-bit g64 
 0.03-0.10 on the tasks and 0.14-0.46 on general text (bench/results/calibration_mix.json,
 variants.*.checks.*.kl_mean): the bar binds where perplexity alone passes (GPTQ calibrated on the tasks:
 reverse-words +1.6% perplexity at KL 0.051, variants.gptq-general0.checks.reverse-words).
+
+The language bar, ``max_general_forgetting`` (merged vs base on general text, 10%): the default release's merged
+model is +6.1% (bench/results/release_scorecard_bf16_gptq75.json, ``release.general_text.vs_base.merged``); the same
+release trained with LoRA+ 8 answered more of its tasks and was +60.6%
+(release_scorecard_bf16_loraplus8.json), a loss every other check let through.
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ class GateOptions(WindowOptions):
     max_accuracy_drop: float | None = Field(
         0.02, ge=0, description="Scorecard (val): largest exact-match drop, quantized vs merged, per task, absolute "
         "(0.02 = 2 points); none = report only.")
+    max_general_forgetting: float | None = Field(
+        0.1, ge=0, description="Scorecard: largest general-text perplexity loss of the merged model against the base "
+        "(0.1 = 10% worse): what training and merging cost the model's language, which the quantized-vs-merged "
+        "checks cannot see; needs general_text; none = report only.")
 
 
 GATE = GateOptions()

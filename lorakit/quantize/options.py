@@ -21,7 +21,7 @@ linears at 8 bits on top (``gptq-g32-asym-act-general75-keep12``, 0.46x) comes c
 number-words val, none elsewhere), but a GPTQ file with per-module bits is read by GPTQModel and vLLM, not by plain
 ``transformers`` (:mod:`lorakit.quantize.mixed`), so it is not the default. AWQ at 8 bits passes every check
 (``awq-8bit-general50`` in bench/results/calibration_mix.json: -0.02% on general text) at 0.63x the bf16 size, over
-the 0.5x a 4-bit release is for: set ``bits: 8`` to ship that trade. For other data or models, set
+the 0.5x a 4-bit release is for: set ``method: awq, bits: 8`` to ship that trade. For other data or models, set
 ``target_degradation`` and let the search measure (``lorakit.quantize.search.quantize_to_target``).
 """
 

@@ -6,6 +6,9 @@
   the fix is training, not merging.
 - ``max_accuracy_drop``: for every task, exact match of the quantized model is at most this much (absolute)
   below the merged model's.
+- ``max_general_forgetting``: the merged model's perplexity on the general text is at most this fraction above the
+  base's (``general_text.vs_base.merged``), once per release, when the scorecard scored general text: training and
+  merging can cost the model its language while every task check and every quantized-vs-merged check passes.
 
 The gate judges the **val** split only: it is the selection split (searches and the perplexity gate read it too),
 so the test split stays an honest, held-out report. Each threshold may be None (reported, not judged).
@@ -23,6 +26,8 @@ from lorakit.gate.options import GATE
 
 DEFAULT_MIN_RETENTION = GATE.min_retention
 DEFAULT_MAX_ACCURACY_DROP = GATE.max_accuracy_drop
+DEFAULT_MAX_GENERAL_FORGETTING = GATE.max_general_forgetting
+GENERAL_TASK = "general text"  # the task name of the one release-wide check
 JUDGED_SPLIT = "val"
 # A score exactly at a threshold passes; float noise below this counts as the boundary (as the gate's BOUNDARY).
 TOLERANCE = 1e-12
@@ -32,9 +37,9 @@ TOLERANCE = 1e-12
 class ScorecardCheck:
     """One judged number of one task: which check, its value, threshold, result, and a one-line reason."""
 
-    check: str  # "min_retention" | "max_accuracy_drop"
-    task: str
-    metric: str  # "exact_match" | "nll"
+    check: str  # "min_retention" | "max_accuracy_drop" | "max_general_forgetting"
+    task: str  # a task, or GENERAL_TASK
+    metric: str  # "exact_match" | "nll" | "ppl"
     value: float | None  # None: the adapter did not learn (retention undefined)
     threshold: float
     passed: bool
@@ -59,10 +64,13 @@ def check_threshold(value: float | None, name: str) -> float | None:
 
 
 def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = DEFAULT_MIN_RETENTION,
-                    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP) -> list[ScorecardCheck]:
-    """Every scorecard check of every task on the val split, in task order (see module docstring)."""
+                    max_accuracy_drop: float | None = DEFAULT_MAX_ACCURACY_DROP,
+                    max_general_forgetting: float | None = DEFAULT_MAX_GENERAL_FORGETTING) -> list[ScorecardCheck]:
+    """Every scorecard check of every task on the val split, in task order, then the general-text check (see
+    module docstring)."""
     min_retention = check_threshold(min_retention, "min_retention")
     max_accuracy_drop = check_threshold(max_accuracy_drop, "max_accuracy_drop")
+    max_general_forgetting = check_threshold(max_general_forgetting, "max_general_forgetting")
     out: list[ScorecardCheck] = []
     for task in task_names(scorecard):
         split = scorecard["tasks"][task]["splits"].get(JUDGED_SPLIT)
@@ -81,6 +89,16 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
                 f"exact match on {task} ({JUDGED_SPLIT}): merged {split['models']['merged']['exact_match']:.1%}, "
                 f"quantized {split['models']['quantized']['exact_match']:.1%}: drop {drop * 100:+.1f} points "
                 f"({'<=' if ok else '>'} {max_accuracy_drop * 100:.1f})"))
+    general = scorecard.get("general_text") or {}
+    loss = (general.get("vs_base") or {}).get("merged")
+    if max_general_forgetting is not None and loss is not None:
+        ppl = general["models"]
+        ok = loss <= max_general_forgetting + TOLERANCE
+        out.append(ScorecardCheck(
+            "max_general_forgetting", GENERAL_TASK, "ppl", float(loss), max_general_forgetting, ok,
+            f"perplexity on general text: base {ppl['base']['ppl']:.4g}, merged {ppl['merged']['ppl']:.4g}: "
+            f"{loss:+.1%} ({'<=' if ok else '>'} {max_general_forgetting:.0%}); the merge or the adapters lost "
+            f"language{'' if ok else ': train more gently (fewer steps, lower lr) or merge differently'}"))
     return out
 
 
