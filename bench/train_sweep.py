@@ -134,6 +134,7 @@ def run_point(task: str, point: dict, work: Path) -> dict:
     prep_meta = json.loads((prep / "prep.json").read_text())
     key = point_key(task, point)
     out = work / "adapters" / key.replace(":", "_").replace(",", "_").replace("=", "")
+    plus = float(point["plus"]) if "plus" in point else lora.lora_plus_ratio  # what trains: keyed, else the default
     started = time.perf_counter()
     result = train_adapter(prep, out, quant=lora.quant, r=int(point.get("r", lora.r)),
                            alpha=float(point.get("alpha", lora.alpha)), dropout=lora.dropout, target=lora.target,
@@ -141,11 +142,10 @@ def run_point(task: str, point: dict, work: Path) -> dict:
                            batch_size=int(point.get("batch", lora.batch_size)),
                            grad_accum=int(point.get("accum", lora.grad_accum)), seed=lora.seed,
                            warmup_ratio=float(point.get("warmup", 0.05)), checkpoint_every=None, force=True,
-                           lora_plus_ratio=float(point["plus"]) if "plus" in point else lora.lora_plus_ratio,
+                           lora_plus_ratio=plus,
                            progress=True)
     train_s = time.perf_counter() - started
     record = json.loads((out / "lorakit_train.json").read_text())
-    plus = float(point["plus"]) if "plus" in point else lora.lora_plus_ratio  # what trained, keyed or default
     spec = describe_model(str(out))
     loaded = load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec))
     scores = {}

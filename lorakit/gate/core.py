@@ -152,14 +152,11 @@ def check(
               for role, spec_, tok in (("baseline", base_spec, base_tok), ("candidate", cand_spec, cand_tok))}
     models = {role: {**m.describe(), "digest": model_digest(m.spec)} for role, m in loaded.items()}
     checks: list[CheckResult] = []
-    measured_before = _scorecard_pair(card, models, loaded)
     for spec in specs:
         tokens = streams[spec.name]
-        reused = measured_before if spec.kind == "general" else None
-        windows = plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
-        method = method_of(tokens, seq_len, stride, loaded["baseline"].dtype, windows)
-        if reused is not None and reused["merged"]["method"] == method and \
-                reused["merged"]["batch_size"] == reused["quantized"]["batch_size"] == batch_size:
+        reused = _scorecard_pair(card, models, loaded, tokens, seq_len, stride, batch_size) \
+            if spec.kind == "general" else None
+        if reused is not None:
             b, c = PerplexityResult.from_dict(reused["merged"]), PerplexityResult.from_dict(reused["quantized"])
             distribution, measured_in = reused["distribution"], "scorecard"
             if progress:
@@ -228,10 +225,11 @@ def _scorecard_checks(scorecard, baseline, candidate, base, min_retention, max_a
                                  max_general_forgetting=max_general_forgetting)
 
 
-def _scorecard_pair(card: dict | None, models: dict[str, dict], loaded: dict) -> dict | None:
-    """The scorecard's general-text pair (merged vs quantized, one pass), when it measured exactly these two
-    models (same content digests) the way this gate loads them (same path, device and dtype); else None. The
-    caller also requires the same method (token stream, windows, dtype) and batch size before reusing it."""
+def _scorecard_pair(card: dict | None, models: dict[str, dict], loaded: dict, tokens: EvalTokens, seq_len: int,
+                    stride: int, batch_size: int) -> dict | None:
+    """The scorecard's general-text pair (merged vs quantized, one pass) when it measured exactly what this gate
+    would: the same two models (content digests) loaded the same way (path, device, dtype), the same method (token
+    stream, windows, dtype) and batch size; else None."""
     pair = ((card or {}).get("general_text") or {}).get("pair")
     if not pair:
         return None
@@ -241,6 +239,11 @@ def _scorecard_pair(card: dict | None, models: dict[str, dict], loaded: dict) ->
                                                              measured["dtype"]) != (here.path_used, str(here.device),
                                                                                     here.dtype):
             return None
+    windows = plan_windows(int(tokens.ids.numel()), seq_len, stride, source=f"evaluation data {tokens.texts.source}")
+    method = method_of(tokens, seq_len, stride, loaded["baseline"].dtype, windows)
+    if pair["merged"]["method"] != method or not \
+            pair["merged"]["batch_size"] == pair["quantized"]["batch_size"] == batch_size:
+        return None
     return pair
 
 
