@@ -562,6 +562,38 @@ def test_calibration_mix_takes_general_blocks_from_the_corpus_end_the_gate_never
     assert plain.summary()["general"] is None and mixed.tokens_digest != plain.tokens_digest
 
 
+def test_calibration_never_takes_the_documents_the_gate_scores(tiny_base, tmp_path):
+    """Asked for more general text than the corpus holds outside the documents the gate's default window reads,
+    calibration refuses (naming them) instead of cutting into them; just under that, every general token comes from
+    the other documents, last first."""
+    from transformers import AutoTokenizer
+
+    from lorakit.data.general import general_text_path
+    from lorakit.evaluate.text import read_eval_texts
+    from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
+    from lorakit.quantize.calibration import build_calibration
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    docs = read_eval_texts(general_text_path()).texts
+    lengths = [len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs]  # each joined with one EOS
+    gate_docs = next(i + 1 for i in range(len(docs)) if sum(lengths[: i + 1]) >= DEFAULT_GENERAL_MAX_TOKENS)
+    outside = sum(lengths[gate_docs:])
+    seq_len = 256
+    fits = outside // seq_len
+    tasks = tmp_path / "tasks.txt"  # enough task text for the other half of the blocks
+    tasks.write_text("\n\n".join(f"task text number {i} and its answer {i * 7}" for i in range(4 * outside // 10)))
+    ok = build_calibration(tasks, tok, n_samples=2 * fits, seq_len=seq_len, seed=0, general="default",
+                           general_fraction=0.5)
+    expected = []
+    for d in reversed(docs[gate_docs:]):
+        expected += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ok.blocks[-fits:].flatten().tolist() == expected[: fits * seq_len]
+    assert ok.summary()["general"]["gate_documents_left_out"] == gate_docs
+    with pytest.raises(InputError, match=f"outside the {gate_docs} document\\(s\\) the release gate scores"):
+        build_calibration(tasks, tok, n_samples=2 * (fits + 1), seq_len=seq_len, seed=0, general="default",
+                          general_fraction=0.5)
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"general": "default", "general_fraction": 1.0}, "must be in \\[0, 1\\)"),
     ({"general": "/nonexistent/general.txt", "general_fraction": 0.5}, "does not exist"),

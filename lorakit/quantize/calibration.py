@@ -12,7 +12,10 @@ General text in the mix (``general``, ``general_fraction``): a share of the bloc
 task (by default lorakit's general-English corpus), so that the quantization keeps the directions ordinary
 language uses, not only those of short task answers; the release gate checks exactly that. Those blocks are cut
 from the general text's documents **in reverse order** (last document first), while the gate scores the first
-tokens of the same corpus in order (:mod:`lorakit.gate.general`): the gate's general text never shapes the weights.
+tokens of the same corpus in order (:mod:`lorakit.gate.general`). From lorakit's corpus, the documents the gate's
+default window reads (its first ``DEFAULT_GENERAL_MAX_TOKENS`` tokens) are never taken: a calibration asking for
+more general text than the rest holds is an error, not a silent overlap, so the gate's general text never shapes
+the weights.
 
 How many blocks: an explicit ``n_samples`` (``--n-samples``) the data cannot fill is an error, never a silently
 smaller set. Without one (``n_samples=None``) the target is :data:`DEFAULT_N_SAMPLES`; when the data gives fewer
@@ -121,14 +124,29 @@ def general_blocks(general: str | Path, tokenizer, n_blocks: int, seq_len: int) 
     if path is None:
         raise InputError("calibration general text is 'none'; pass a fraction of 0 to calibrate on the tasks only")
     texts, source, _, digest = load_texts(path)
-    stream = _token_stream(texts, list(reversed(range(len(texts)))), tokenizer, n_blocks * seq_len)
+    reserved = _gate_documents(texts, tokenizer) if Path(path).resolve() == Path(resolve_general_text("default")).resolve() else 0
+    stream = _token_stream(texts, list(reversed(range(reserved, len(texts)))), tokenizer, n_blocks * seq_len)
     if len(stream) < n_blocks * seq_len:
-        raise InputError(f"general calibration text {source} gives {len(stream)} tokens, fewer than the "
+        held = f" outside the {reserved} document(s) the release gate scores" if reserved else ""
+        raise InputError(f"general calibration text {source} gives {len(stream)} tokens{held}, fewer than the "
                          f"{n_blocks} x {seq_len} its share of the calibration needs; lower the general fraction or "
-                         "pass a longer text")
+                         "n_samples, or pass a longer text")
     blocks = torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
     return blocks, {"source": source, "sha256": digest, "n_samples": n_blocks, "documents": "last first",
-                    "n_documents": len(texts)}
+                    "n_documents": len(texts), "gate_documents_left_out": reserved}
+
+
+def _gate_documents(texts: list[str], tokenizer) -> int:
+    """How many leading documents the release gate's default general-text window reads (its first
+    ``DEFAULT_GENERAL_MAX_TOKENS`` tokens, documents joined with one EOS): calibration leaves them out."""
+    from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
+
+    read = 0
+    for i, text in enumerate(texts):
+        read += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if read >= DEFAULT_GENERAL_MAX_TOKENS:
+            return i + 1
+    return len(texts)
 
 
 def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int | None, seq_len: int,
