@@ -10,7 +10,8 @@ A variant ``method:fraction:b8`` quantizes to 8 bits instead of 4; ``method:frac
 64; ``gptq:fraction:asym`` adds a zero point and ``gptq:fraction:act`` act-order (desc_act); ``awq:fraction:activation`` searches AWQ's activation-only scale form instead of the default ``duo``
 (``lorakit.quantize.awq.search_scale``). A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
 on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
-what per-module precision buys on general text, and what it costs in size.
+what per-module precision buys on general text, and what it costs in size. A variant ``method:fraction:sN``
+calibrates on N blocks instead of the release's ``n_samples``.
 
 With ``--accuracy`` each variant is also scored as the release scorecard scores it: greedy exact match on the first
 ``scorecard.max_examples`` examples of every task's val and test split, and its drop against the merged model's
@@ -29,6 +30,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,28 +91,71 @@ def task_name(prep: Path) -> str:
     return prep.name.rsplit("-", 1)[0]  # prep/<task>-<hash>
 
 
-def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction: float, work: Path,
-            keep: int = 0, bits: int = 4, group_size: int | None = None,
-            merged_accuracy: dict | None = None, scale_form: str | None = None, asym: bool = False,
-            act_order: bool = False) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """One quantization to measure, parsed from ``method:fraction[:kN][:bN][:gN][:sN][:FORM][:asym][:act]``."""
+
+    method: str
+    fraction: float
+    keep: int = 0  # the N most sensitive linears at the method's higher precision
+    bits: int = 4
+    group_size: int = 64
+    n_samples: int | None = None  # calibration blocks; None = the release's
+    scale_form: str | None = None  # AWQ's per-group scale form
+    asym: bool = False  # GPTQ: a zero point
+    act_order: bool = False  # GPTQ: desc_act
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        from lorakit.quantize.options import AWQ_SCALE_FORMS
+
+        method, fraction, *more = spec.split(":")
+
+        def number(prefix: str, default):
+            return next((int(m[1:]) for m in more if m.startswith(prefix) and m[1:].isdigit()), default)
+
+        return cls(method, float(fraction), keep=number("k", 0), bits=number("b", 4), group_size=number("g", 64),
+                   n_samples=number("s", None), scale_form=next((m for m in more if m in AWQ_SCALE_FORMS), None),
+                   asym="asym" in more, act_order="act" in more)
+
+    @classmethod
+    def of_record(cls, v: dict) -> Variant:
+        """The variant a results record measured (records written before a field existed: its default)."""
+        return cls(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
+                   v.get("group_size", 64), v.get("n_samples"), v.get("awq_scale_form"), v.get("asym", False),
+                   v.get("act_order", False))
+
+    def key(self) -> str:
+        """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
+        return (f"{self.method}{'' if self.bits == 4 else f'-{self.bits}bit'}"
+                f"{'' if self.group_size == 64 else f'-g{self.group_size}'}"
+                f"{f'-{self.scale_form}' if self.scale_form else ''}{'-asym' if self.asym else ''}"
+                f"{'-act' if self.act_order else ''}{f'-n{self.n_samples}' if self.n_samples else ''}"
+                f"-general{round(self.fraction * 100)}" + (f"-keep{self.keep}" if self.keep else ""))
+
+
+def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path,
+            merged_accuracy: dict | None = None) -> dict:
     from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
     from lorakit.quantize.options import QUANTIZE
 
-    q = {k: v for k, v in QUANTIZE.quantize_kwargs().items() if k not in ("calib_general", "calib_general_fraction")}
-    q.update(method=method, bits=bits, sym=None if method == "awq" else q["sym"])  # AWQ: its default zero point
-    q["group_size"] = group_size or q["group_size"]
-    folder = work / variant_key(method, fraction, keep, bits, q["group_size"], scale_form, asym, act_order)
-    if scale_form:
-        q["awq_scale_form"] = scale_form
-    if asym:
+    q = {k: x for k, x in QUANTIZE.quantize_kwargs().items() if k not in ("calib_general", "calib_general_fraction")}
+    q.update(method=v.method, bits=v.bits, sym=None if v.method == "awq" else q["sym"])  # AWQ: its default zero point
+    q["group_size"] = v.group_size
+    folder = work / v.key()
+    if v.scale_form:
+        q["awq_scale_form"] = v.scale_form
+    if v.asym:
         q["sym"] = False
-    if act_order:
+    if v.act_order:
         q["desc_act"] = True
+    if v.n_samples:
+        q["n_samples"] = v.n_samples
     started = time.perf_counter()
-    module_bits = sensitive_modules(merged, calib, q, fraction, keep) if keep else None
-    result = quantize_model(merged, folder, calib=calib, calib_general="default" if fraction else None,
-                            calib_general_fraction=fraction, module_bits=module_bits, force=True, progress=True, **q)
+    module_bits = sensitive_modules(merged, calib, q, v.fraction, v.keep) if v.keep else None
+    result = quantize_model(merged, folder, calib=calib, calib_general="default" if v.fraction else None,
+                            calib_general_fraction=v.fraction, module_bits=module_bits, force=True, progress=True, **q)
     quantize_s = time.perf_counter() - started
     first, *others = [task_name(p) for p in preps]
     extra = [CheckSpec(name, str(p), 0.05, "task") for name, p in zip(others, preps[1:])]
@@ -123,10 +168,11 @@ def variant(merged: Path, calib: Path, preps: list[Path], method: str, fraction:
         scored = {"accuracy": {task: {s: {"exact_match": em, "merged": merged_accuracy[task][s],
                                           "drop": merged_accuracy[task][s] - em} for s, em in splits.items()}
                                for task, splits in mine.items()}}
-    return {"method": method, "bits": bits, "group_size": q["group_size"], "general_fraction": fraction,
-            **({"awq_scale_form": scale_form} if scale_form else {}),
-            **({"asym": True} if asym else {}), **({"act_order": True} if act_order else {}),
-            "kept_modules": keep, **scored,
+    return {"method": v.method, "bits": v.bits, "group_size": v.group_size, "general_fraction": v.fraction,
+            **({"awq_scale_form": v.scale_form} if v.scale_form else {}),
+            **({"asym": True} if v.asym else {}), **({"act_order": True} if v.act_order else {}),
+            **({"n_samples": v.n_samples} if v.n_samples else {}),
+            "kept_modules": v.keep, **scored,
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
             "size_vs_bf16": round(meta["size_after_bytes"] / bf16_bytes(merged), 3),
@@ -155,7 +201,8 @@ def readme(data: dict, name: str) -> str:
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in v["checks"].values()]
         cells += [" / ".join(f"{100 * s['drop']:+.0f}" for s in splits.values())
                   for splits in v.get("accuracy", {}).values()]
-        flavour = [v.get("awq_scale_form"), "asym" if v.get("asym") else None, "act-order" if v.get("act_order") else None]
+        flavour = [v.get("awq_scale_form"), "asym" if v.get("asym") else None, "act-order" if v.get("act_order") else None,
+                   f"{v['n_samples']} blocks" if v.get("n_samples") else None]
         form = f" ({', '.join(filter(None, flavour))})" if any(flavour) else ""
         lines.append(f"| {v['method']}{form} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
                      f"{v.get('kept_modules', 0)} | {v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
@@ -172,26 +219,17 @@ def readme(data: dict, name: str) -> str:
     return "\n".join(lines)
 
 
-def variant_key(method: str, fraction: float, keep: int, bits: int = 4, group_size: int = 64,
-                scale_form: str | None = None, asym: bool = False, act_order: bool = False) -> str:
-    """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
-    return (f"{method}{'' if bits == 4 else f'-{bits}bit'}{'' if group_size == 64 else f'-g{group_size}'}"
-            f"{f'-{scale_form}' if scale_form else ''}{'-asym' if asym else ''}{'-act' if act_order else ''}"
-            f"-general{round(fraction * 100)}" + (f"-keep{keep}" if keep else ""))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:activation][:asym][:act], "
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:sN][:activation][:asym][:act], "
                     "comma-separated (empty: rewrite the results and README section from what was measured)")
     ap.add_argument("--accuracy", action="store_true", help="also score exact match as the release scorecard does")
     ap.add_argument("--results", default="calibration_mix", help="results file (bench/results/NAME.json) and README "
                     "section name")
     args = ap.parse_args()
     results = BENCH / "results" / f"{args.results}.json"
-    from lorakit.quantize.options import AWQ_SCALE_FORMS
     from lorakit.runtime import configure_threads
 
     configure_threads()
@@ -204,10 +242,7 @@ def main() -> None:
     if previous.get("merged") not in (None, str(merged)):
         print(f"{results.name} holds another release's merged model ({previous['merged']}); starting it afresh")
         previous = {}
-    variants = {variant_key(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
-                            v.get("group_size", 64), v.get("awq_scale_form"), v.get("asym", False),
-                            v.get("act_order", False)): v
-                for v in previous.get("variants", {}).values()}
+    variants = {Variant.of_record(v).key(): v for v in previous.get("variants", {}).values()}
     for v in variants.values():  # a record written before size_vs_bf16 and citable check keys existed
         v["checks"] = {name.replace(" ", "-"): c for name, c in v["checks"].items()}
         v.pop("size_vs_merged", None)
@@ -221,15 +256,9 @@ def main() -> None:
         data["merged_accuracy"] = merged_accuracy
         print("merged", json.dumps(merged_accuracy), flush=True)
     for item in filter(None, args.variants.split(",")):
-        method, fraction, *more = item.split(":")  # more: kN (kept modules), bN (bits)
-        keep = next((int(m[1:]) for m in more if m.startswith("k")), 0)
-        bits = next((int(m[1:]) for m in more if m.startswith("b")), 4)
-        group = next((int(m[1:]) for m in more if m.startswith("g")), 64)
-        form = next((m for m in more if m in AWQ_SCALE_FORMS), None)
-        asym, act_order = "asym" in more, "act" in more  # GPTQ: a zero point; act-order (desc_act)
-        key = variant_key(method, float(fraction), keep, bits, group, form, asym, act_order)
-        variants[key] = variant(merged, calib, preps, method, float(fraction), args.work, keep, bits, group,
-                                merged_accuracy, form, asym, act_order)
+        v = Variant.parse(item)
+        key = v.key()
+        variants[key] = measure(merged, calib, preps, v, args.work, merged_accuracy)
         print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}),
               json.dumps(variants[key].get("accuracy", {})), flush=True)
         write_results(args.results, data)  # after every variant: a long run keeps what it measured

@@ -5,7 +5,9 @@ prep settings, the resolved compute dtype) and score it by greedy exact match on
   * the task's test split (the release's prep fractions: 10% of the task's records), and
   * 40 fresh questions the bundled file cannot contain (``lorakit.data.bundled.generate.fresh_records``: unseen
     words for reverse-words, unused numbers for number-words),
-recording train wall time, seconds per step and tokens per step. Runs are merged into
+and by the adapter's perplexity on lorakit's general text (the gate's corpus, its first 8,192 tokens, as the
+scorecard reads it) against the base's (``general_text.vs_base``: what a recipe costs the language, the gate's
+``max_general_forgetting``), recording train wall time, seconds per step and tokens per step. Runs are merged into
 ``bench/results/train_sweep.json`` by key, so a sweep can be extended run by run.
 
 Usage: python bench/train_sweep.py --tasks reverse-words --grid "lr=1e-3,steps=40,batch=2,accum=4" [--grid ...]
@@ -105,6 +107,35 @@ def by_digits(predictions) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
+def _general_perplexity(loaded) -> dict:
+    """A loaded model's perplexity on the release gate's general text, read and windowed as the scorecard reads it."""
+    from lorakit.evaluate.core import perplexity
+    from lorakit.evaluate.text import read_eval_texts, tokenize_eval_texts
+    from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS, resolve_general_text
+
+    stream = tokenize_eval_texts(read_eval_texts(resolve_general_text("default")), loaded.tokenizer,
+                                 max_tokens=DEFAULT_GENERAL_MAX_TOKENS)
+    result = perplexity(loaded, stream, progress=False)
+    return {"ppl": round(result.ppl, 4), "tokens": result.tokens}
+
+
+@functools.cache
+def base_general_perplexity() -> dict:
+    """The embedded base model's general-text perplexity, measured once per process (the reference of every run)."""
+    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
+    from lorakit.models.embedded import ensure_default_model
+
+    spec = describe_model(str(ensure_default_model()))
+    return _general_perplexity(load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec)))
+
+
+def general_text(loaded) -> dict:
+    """The adapter's general-text perplexity and its change against the base's (> 0 = the adapter forgot)."""
+    adapter, base = _general_perplexity(loaded), base_general_perplexity()
+    return {"ppl": adapter["ppl"], "base_ppl": base["ppl"], "tokens": adapter["tokens"],
+            "vs_base": round(adapter["ppl"] / base["ppl"] - 1, 4)}
+
+
 def run_point(task: str, point: dict, work: Path) -> dict:
     from flows.config import DatasetConfig, LoraConfig
     from lorakit.data.bundled import bundled_dataset_path
@@ -156,6 +187,7 @@ def run_point(task: str, point: dict, work: Path) -> dict:
                         "wrong_examples": [(p.reference, p.prediction) for p in acc.predictions if not p.exact][:3]}
         if task == "number-words":
             scores[name]["by_digits"] = by_digits(acc.predictions)
+    general = general_text(loaded)
     steps = int(record["steps"])
     rows_per_step = int(point.get("batch", lora.batch_size)) * int(point.get("accum", lora.grad_accum))
     return {"task": task, "point": point, "examples": examples, "steps": steps, "train_wall_s": round(train_s, 1),
@@ -163,7 +195,7 @@ def run_point(task: str, point: dict, work: Path) -> dict:
             "train_rows": prep_meta["counts"]["train"]["rows"], "epochs": record["epochs_done"],
             "final_loss": record["final_loss"], "compute_dtype": record["compute_dtype"],
             "exact_match_test": scores["test"]["exact_match"], "exact_match_fresh": scores["fresh"]["exact_match"],
-            "scores": scores, "loadavg_1m": round(os.getloadavg()[0], 2), "lora_plus_ratio": plus}
+            "general_text": general, "scores": scores, "loadavg_1m": round(os.getloadavg()[0], 2), "lora_plus_ratio": plus}
 
 
 # Runs recorded before the ``examples`` key trained on the shipped files of their time: 400 records per task.
@@ -228,8 +260,14 @@ def lora_plus(runs: dict) -> dict:
                 p.get("examples", 2000) == 2000 and all(p.get(k, v) == v for k, v in fixed.items()):
             ratio = r.get("lora_plus_ratio")
             out.setdefault(r["task"], {})["off" if ratio is None else f"{ratio:g}"] = {
-                k: r[k] for k in ("exact_match_test", "exact_match_fresh", "train_wall_s", "s_per_step", "compute_dtype")}
+                **{k: r[k] for k in ("exact_match_test", "exact_match_fresh", "train_wall_s", "s_per_step",
+                                     "compute_dtype")}, "general_vs_base": general_vs_base(r)}
     return out
+
+
+def general_vs_base(run: dict) -> float | None:
+    """The adapter's general-text perplexity change against the base (None: recorded before it was measured)."""
+    return (run.get("general_text") or {}).get("vs_base")
 
 
 def save(runs: dict, measured_by: dict | None = None) -> None:
@@ -253,16 +291,19 @@ def readme(runs: dict) -> str:
              f"Runs without a recorded `examples` count trained on the shipped files of their time ({EXAMPLES_BEFORE_THE_KEY} records per task).",
              "A `digits mix` run drew number-words' numbers by digit count (`lorakit.data.bundled.generate.NUMBER_MIXES`) "
              "instead of the shipped file's magnitudes; its test and fresh questions are drawn the same way, and "
-             "`scores.*.by_digits` holds [right, asked] per digit count. s/step depends on the machine and on what ran "
+             "`scores.*.by_digits` holds [right, asked] per digit count. General ppl vs base: the adapter's perplexity "
+             "on the gate's general text (first 8,192 tokens) against the base's; > 0 = it forgot (`-`: not measured "
+             "then). s/step depends on the machine and on what ran "
              "beside the run (`loadavg_1m` in the results): compare quality across rows, time only within one run.",
-             "", "| task | examples | lr | steps | batch x accum | EM test | EM fresh | s/step | train s | dtype |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| task | examples | lr | steps | batch x accum | EM test | EM fresh | general ppl vs base | s/step | train s | dtype |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs.values(), key=lambda r: (r["task"], r.get("examples", EXAMPLES_BEFORE_THE_KEY), r["point"].get("lr", 0), r["steps"])):
         p = r["point"]
         data = f"{r.get('examples', EXAMPLES_BEFORE_THE_KEY)}" + (f" ({p['mix']} mix)" if "mix" in p else "") + (
             f" (LoRA+ {r['lora_plus_ratio']:g})" if r.get("lora_plus_ratio") else "") + (f" (r {p['r']})" if "r" in p else "")
         lines.append(f"| {r['task']} | {data} | {p.get('lr', 'default')} | {r['steps']} | {p.get('batch', lora.batch_size)} x "
                      f"{p.get('accum', lora.grad_accum)} | {r['exact_match_test']:.0%} | {r['exact_match_fresh']:.0%} | "
+                     f"{'-' if general_vs_base(r) is None else f'{general_vs_base(r):+.1%}'} | "
                      f"{r['s_per_step']} | {r['train_wall_s']:.0f} | {r['compute_dtype']} |")
     return "\n".join(lines)
 
