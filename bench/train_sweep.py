@@ -107,7 +107,7 @@ def by_digits(predictions) -> dict[str, list[int]]:
     return dict(sorted(out.items()))
 
 
-def _general_perplexity(loaded) -> dict:
+def general_perplexity(loaded) -> dict:
     """A loaded model's perplexity on the release gate's general text, read and windowed as the scorecard reads it."""
     from lorakit.evaluate.core import perplexity
     from lorakit.evaluate.text import read_eval_texts, tokenize_eval_texts
@@ -126,12 +126,12 @@ def base_general_perplexity() -> dict:
     from lorakit.models.embedded import ensure_default_model
 
     spec = describe_model(str(ensure_default_model()))
-    return _general_perplexity(load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec)))
+    return general_perplexity(load_eval_model(spec, device="cpu", tokenizer=load_tokenizer(spec)))
 
 
 def general_text(loaded) -> dict:
     """The adapter's general-text perplexity and its change against the base's (> 0 = the adapter forgot)."""
-    adapter, base = _general_perplexity(loaded), base_general_perplexity()
+    adapter, base = general_perplexity(loaded), base_general_perplexity()
     return {"ppl": adapter["ppl"], "base_ppl": base["ppl"], "tokens": adapter["tokens"],
             "vs_base": round(adapter["ppl"] / base["ppl"] - 1, 4)}
 
@@ -265,6 +265,26 @@ def lora_plus(runs: dict) -> dict:
     return out
 
 
+def learning_rate(runs: dict) -> dict:
+    """Each task on the shipped 2,000 records at 80 steps, one learning rate (no LoRA+), the release's batch / accum
+    and rank, by learning rate (``learning_rate.<task>.<lr as 1e-03>.exact_match_test``, ``.general_vs_base``): what
+    the per-task training defaults cite (``lorakit.data.bundled.BUNDLED_TRAINING``)."""
+    from flows.config import LoraConfig
+
+    lora = LoraConfig()
+    fixed = {"steps": 80, "batch": lora.batch_size, "accum": lora.grad_accum}
+    out: dict = {}
+    for r in runs.values():
+        p = r["point"]
+        if r.get("cpu_profile", "native") == "native" and r.get("lora_plus_ratio") is None and \
+                set(p) <= {*fixed, "examples", "lr"} and p.get("examples", 2000) == 2000 and \
+                all(p.get(k, v) == v for k, v in fixed.items()) and general_vs_base(r) is not None:
+            out.setdefault(r["task"], {})[f"{p.get('lr', lora.lr):.0e}"] = {
+                **{k: r[k] for k in ("exact_match_test", "exact_match_fresh", "train_wall_s", "compute_dtype")},
+                "general_vs_base": general_vs_base(r)}
+    return out
+
+
 def general_vs_base(run: dict) -> float | None:
     """The adapter's general-text perplexity change against the base (None: recorded before it was measured)."""
     return (run.get("general_text") or {}).get("vs_base")
@@ -278,7 +298,7 @@ def save(runs: dict, measured_by: dict | None = None) -> None:
         r.setdefault("lora_plus_ratio", float(r["point"]["plus"]) if "plus" in r["point"] else None)
     write_results("train_sweep", {"model": "SmolLM2-135M-Instruct (embedded), QLoRA nf4",
                                   "data": "bundled tasks, release prep settings", "runs": runs,
-                                  "release_point": release_point(runs), "number_mix": number_mix(runs), "lora_plus": lora_plus(runs), "last_run_machine": machine(), **kept})
+                                  "release_point": release_point(runs), "number_mix": number_mix(runs), "lora_plus": lora_plus(runs), "learning_rate": learning_rate(runs), "last_run_machine": machine(), **kept})
     update_readme_section("train_sweep", readme(runs))
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lorakit.data.bundled import BUNDLED_NAMES
+from lorakit.data.bundled import BUNDLED_NAMES, BUNDLED_TRAINING
 from lorakit.data.options import PrepOptions
 from lorakit.errors import InputError
 from lorakit.export.types import GGUF_TYPES
@@ -47,16 +47,38 @@ class _Section(StageOptions):
     are refused, so a misspelt option fails loudly instead of silently falling back to its default."""
 
 
+# What one dataset may set for its own adapter (``datasets[i].lora``): how long and how hard it trains. Tasks differ
+# there (number-words needs lr 2e-3 where reverse-words at 1e-3 already forgets more general English:
+# bench/results/train_sweep.json). What the merge and the training pool rely on (quantization, variant, init,
+# target modules, rank, device) stays the run's, one value for every adapter.
+PER_DATASET_LORA_KEYS = ("lr", "epochs", "max_steps", "warmup_ratio", "weight_decay", "lora_plus_ratio", "batch_size",
+                         "grad_accum", "seed")
+
+
 class DatasetConfig(PrepOptions):
-    """One task: its data (a bundled dataset or local files) and how ``prepare_dataset`` renders it (the keys of
-    ``lorakit prep``, :class:`lorakit.data.options.PrepOptions`)."""
+    """One task: its data (a bundled dataset or local files), how ``prepare_dataset`` renders it (the keys of
+    ``lorakit prep``, :class:`lorakit.data.options.PrepOptions`), and what its adapter trains with beyond the run's
+    ``lora:`` section (``lora``)."""
 
     name: str = Field(description="Task name; names the prepared data, the adapter and their registry entries.")
     bundled: Literal[BUNDLED_NAMES] | None = Field(  # type: ignore[valid-type]
         None, description="Name of a dataset bundled with lorakit (instead of files).")
     files: list[str] = Field(default_factory=list, description="Local data files (JSONL, JSON, CSV, Parquet, text).")
 
+    lora: dict[str, Any] = Field(
+        default_factory=dict, description="This task's adapter trains with these options instead of the run's "
+        f"lora: values (e.g. {{lr: 0.002}}); keys: {', '.join(PER_DATASET_LORA_KEYS)}.")
+
     _safe_name = field_validator("name")(check_name)
+
+    @field_validator("lora")
+    @classmethod
+    def _training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        other = sorted(set(v) - set(PER_DATASET_LORA_KEYS))
+        if other:
+            raise ValueError(f"{', '.join(other)} cannot differ between adapters; a dataset's lora: takes "
+                             f"{', '.join(PER_DATASET_LORA_KEYS)} (set the rest in the run's lora: section)")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetConfig:
@@ -143,7 +165,20 @@ class RegistryConfig(_Section):
     root: str | None = Field(None, description="Registry folder; default $LORAKIT_REGISTRY or under $LORAKIT_HOME.")
     name: str = "release"
 
+    lora: dict[str, Any] = Field(
+        default_factory=dict, description="This task's adapter trains with these options instead of the run's "
+        f"lora: values (e.g. {{lr: 0.002}}); keys: {', '.join(PER_DATASET_LORA_KEYS)}.")
+
     _safe_name = field_validator("name")(check_name)
+
+    @field_validator("lora")
+    @classmethod
+    def _training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        other = sorted(set(v) - set(PER_DATASET_LORA_KEYS))
+        if other:
+            raise ValueError(f"{', '.join(other)} cannot differ between adapters; a dataset's lora: takes "
+                             f"{', '.join(PER_DATASET_LORA_KEYS)} (set the rest in the run's lora: section)")
+        return v
 
 
 class PoolsConfig(_Section):
@@ -158,7 +193,8 @@ class ReleaseConfig(_Section):
 
     base: str = Field("default", description="Base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or hub id.")
     datasets: list[DatasetConfig] = Field(
-        default_factory=lambda: [DatasetConfig(name=n, bundled=n) for n in DEFAULT_DATASETS], min_length=1
+        default_factory=lambda: [DatasetConfig(name=n, bundled=n, lora=dict(BUNDLED_TRAINING.get(n, {})))
+                                 for n in DEFAULT_DATASETS], min_length=1
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
@@ -197,10 +233,20 @@ class ReleaseConfig(_Section):
             raise ValueError(weights_count_problem(len(self.merge.weights), len(self.datasets)))
         if self.quantize.calib_dataset is not None and self.quantize.calib_dataset not in names:
             raise ValueError(f"quantize.calib_dataset {self.quantize.calib_dataset!r} is not one of the datasets ({', '.join(names)})")
+        for i, ds in enumerate(self.datasets):
+            try:
+                self.lora_for(ds)
+            except ValidationError as exc:
+                raise ValueError(f"datasets.{i}.lora ({ds.name}): "
+                                 + "; ".join(describe_error(e) for e in exc.errors())) from None
         if (self.lora.init == "loftq") != (self.merge.loftq_base is not None):
             raise ValueError("lora.init 'loftq' and merge.loftq_base go together: LoftQ adapters belong to the NF4 base, "
                              "so set merge.loftq_base (dequantized = exactly what was trained), and only with loftq")
         return self
+
+    def lora_for(self, ds: DatasetConfig) -> LoraConfig:
+        """The training options of ``ds``'s adapter: the run's ``lora:`` with the dataset's own ``lora:`` over it."""
+        return LoraConfig(**{**self.lora.model_dump(), **ds.lora}) if ds.lora else self.lora
 
     def merge_search(self) -> MergeSearchConfig | None:
         """The search the merge runs, None for fixed weights. ``auto`` searches where the search applies and has a

@@ -49,7 +49,7 @@ class ReleasePlan:
         return str(Path(self.config.output_dir).absolute())
 
     def prep(self, ds: DatasetConfig) -> dict[str, Any]:
-        params = ds.model_dump(exclude={"name", "bundled", "files"})
+        params = ds.model_dump(exclude={"name", "bundled", "files", "lora"})
         params["base"] = self.config.base
         return {"sources": sources(ds), "params": params,
                 "output": stage_dir(self.out, "prep", ds.name, {"sources": sources(ds), **params})}
@@ -63,14 +63,14 @@ class ReleasePlan:
         if self.config.calib_dataset() is not None:
             return None
         first = self.config.datasets[0]
-        params = first.model_dump(exclude={"name", "bundled", "files"})
+        params = first.model_dump(exclude={"name", "bundled", "files", "lora"})
         params["base"] = self.config.base
         files = [f for ds in self.config.datasets for f in sources(ds)]
         return {"sources": files, "params": params,
                 "output": stage_dir(self.out, "prep", "calibration", {"sources": files, **params})}
 
     def train(self, ds: DatasetConfig, prep_dir: str) -> dict[str, Any]:
-        params = self.config.lora.model_dump()
+        params = self.config.lora_for(ds).model_dump()
         params["base"] = self.config.base
         params["compute_dtype"] = self.config.compute_dtype
         return {"prep_dir": prep_dir, "params": params,

@@ -84,6 +84,8 @@ def test_release_flow_parameters_are_the_config_fields():
     ("datasets: [{name: ../x, bundled: a}]\n", "'datasets.0.name'"),
     ("quantize: {calib_dataset: nope}\n", "calib_dataset 'nope' is not one of the datasets"),
     ("- a\n- b\n", "top level must be a mapping"),
+    ("datasets: [{name: a, bundled: reverse-words, lora: {r: 8}}]\n", "r cannot differ between adapters"),
+    ("datasets: [{name: a, bundled: reverse-words, lora: {lr: -1}}]\n", "datasets.0.lora (a): 'lr'"),
 ])
 def test_bad_config_is_one_actionable_line(tmp_path, text, expected):
     path = write(tmp_path, text)
@@ -128,6 +130,28 @@ def test_plan_folders_are_content_addressed(tmp_path):
     assert one.merge([a1], preps)["output"] != one.merge([a2], preps)["output"]  # downstream folders follow inputs
     assert one.merge([a1], preps)["output"] == two.merge([a1], preps)["output"]
     assert one.prep(ds)["sources"] == [str(data)]
+
+
+def test_a_dataset_trains_with_its_own_options_over_the_runs(tmp_path):
+    """``datasets[i].lora`` changes that task's adapter only: its training params (and so its folder) and its
+    registered params; the other task, its prepared data and the run's lora: section stay as they were."""
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"text": "x"}\n')
+    two = [{"name": n, "files": [str(data)]} for n in ("a", "b")]
+    plain = parse_config({"datasets": two, "lora": {"lr": 1e-3}, "output_dir": str(tmp_path / "out")})
+    tuned = parse_config({"datasets": [two[0], {**two[1], "lora": {"lr": 2e-3, "max_steps": 7}}], "lora": {"lr": 1e-3},
+                          "output_dir": str(tmp_path / "out")})
+    a_plain, b_plain = plain.datasets
+    a_tuned, b_tuned = tuned.datasets
+    assert tuned.lora_for(b_tuned).lr == 2e-3 and tuned.lora_for(b_tuned).max_steps == 7
+    assert tuned.lora_for(a_tuned) == tuned.lora == plain.lora and tuned.lora.lr == 1e-3
+    one, other = ReleasePlan(plain), ReleasePlan(tuned)
+    assert one.prep(b_plain) == other.prep(b_tuned)  # training options do not touch prepared data
+    prep_dir = one.prep(b_plain)["output"]
+    assert other.train(b_tuned, prep_dir)["params"]["lr"] == 2e-3
+    assert other.train(b_tuned, prep_dir)["output"] != one.train(b_plain, prep_dir)["output"]
+    assert other.train(a_tuned, prep_dir) == one.train(a_plain, prep_dir)
+    assert parse_config(yaml.safe_load(dump_config(tuned))) == tuned
 
 
 def test_cli_run_bad_config_exit_2(tmp_path):
