@@ -165,20 +165,7 @@ class RegistryConfig(_Section):
     root: str | None = Field(None, description="Registry folder; default $LORAKIT_REGISTRY or under $LORAKIT_HOME.")
     name: str = "release"
 
-    lora: dict[str, Any] = Field(
-        default_factory=dict, description="This task's adapter trains with these options instead of the run's "
-        f"lora: values (e.g. {{lr: 0.002}}); keys: {', '.join(PER_DATASET_LORA_KEYS)}.")
-
     _safe_name = field_validator("name")(check_name)
-
-    @field_validator("lora")
-    @classmethod
-    def _training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
-        other = sorted(set(v) - set(PER_DATASET_LORA_KEYS))
-        if other:
-            raise ValueError(f"{', '.join(other)} cannot differ between adapters; a dataset's lora: takes "
-                             f"{', '.join(PER_DATASET_LORA_KEYS)} (set the rest in the run's lora: section)")
-        return v
 
 
 class PoolsConfig(_Section):

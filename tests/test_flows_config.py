@@ -24,6 +24,20 @@ def test_default_yaml_is_the_default_config():
     assert load_config(REPO / "configs" / "default.yaml") == ReleaseConfig()
 
 
+def test_default_yaml_lists_every_key():
+    """configs/default.yaml is the reference of every key (docs/pipeline.md says so): a field added to the config
+    without its line there, or a line for a field that is gone, fails here, not in a user's run."""
+    def keys(value, prefix=""):
+        if isinstance(value, dict):
+            return {k for name, v in value.items() for k in {prefix + name} | keys(v, prefix + name + ".")}
+        if isinstance(value, list):
+            return {k for i, v in enumerate(value) for k in keys(v, f"{prefix}{i}.")}
+        return set()
+
+    written = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    assert keys(written) == keys(ReleaseConfig().model_dump(mode="json"))
+
+
 def test_tiny_yaml_loads():
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     assert cfg.merge_weights() == [0.5, 0.5] and cfg.lora.max_steps == 3 and cfg.merge_search() is None
