@@ -10,8 +10,9 @@ the base and scores the merged model as the release scorecard does: greedy exact
 adapter's exact match from the release's own scorecard (what the gate's ``min_retention`` judges), 40 fresh
 questions per task, and perplexity on the gate's general text against the base's (``max_general_forgetting``).
 
-Usage: python bench/regmean_alpha.py --release OUT [--variants 0.9:128,1.0:128] [--work DIR]
-A variant is ``alpha:examples``. Writes bench/results/regmean_alpha.json and its bench/README.md section.
+Usage: python bench/regmean_alpha.py --release OUT [--variants 0.9:128,1.0:128,0.9:128:1.2/1] [--work DIR]
+A variant is ``alpha:examples[:w1/w2/...]``: the merge weights, one per task in the release's order (default 1 each;
+RegMean scales each projected update by its weight, as the linear merge does). Writes bench/results/NAME.json (``--results``, default regmean_alpha) and its bench/README.md section.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ sys.path.insert(0, str(BENCH.parent))
 
 from bench.common import find_one, update_readme_section, write_results  # noqa: E402
 
-RESULTS = BENCH / "results" / "regmean_alpha.json"
 DEFAULT_VARIANTS = "0.9:128,0.5:128,1.0:128,0.9:512"
 
 
-def variant_key(alpha: float, examples: int) -> str:
-    """``alpha90-examples128``: no dots, so a README figure can cite it by key path."""
-    return f"alpha{round(alpha * 100)}-examples{examples}"
+def variant_key(alpha: float, examples: int, weights: list[float] | None = None) -> str:
+    """``alpha90-examples128`` (``-w120-100`` with weights): no dots, so a README figure can cite it by key path."""
+    tail = "-w" + "-".join(str(round(w * 100)) for w in weights) if weights and set(weights) != {1.0} else ""
+    return f"alpha{round(alpha * 100)}-examples{examples}{tail}"
 
 
-def measure(release: Path, card: dict, alpha: float, examples: int, work: Path) -> dict:
+def measure(release: Path, card: dict, alpha: float, examples: int, work: Path,
+            weights: list[float] | None = None) -> dict:
     from bench.release_scorecard import fresh_exact_match
     from bench.train_sweep import general_perplexity
     from lorakit.evaluate import task_accuracy
@@ -49,9 +51,10 @@ def measure(release: Path, card: dict, alpha: float, examples: int, work: Path) 
     tasks = card["task_order"]
     adapters = [card["tasks"][t]["adapter"] for t in tasks]
     preps = {t: Path(card["tasks"][t]["data"]) for t in tasks}
-    out = work / variant_key(alpha, examples)
+    weights = weights or [1.0] * len(tasks)
+    out = work / variant_key(alpha, examples, weights)
     started = time.perf_counter()
-    merge_adapters(adapters, [1.0] * len(tasks), out, method="regmean", output_kind="model",
+    merge_adapters(adapters, weights, out, method="regmean", output_kind="model",
                    base=card["models"]["base"]["folder"], data=[preps[t] for t in tasks], regmean_alpha=alpha,
                    regmean_examples=examples, force=True, progress=True)
     merge_s = time.perf_counter() - started
@@ -72,24 +75,26 @@ def measure(release: Path, card: dict, alpha: float, examples: int, work: Path) 
     base_ppl = card["general_text"]["models"]["base"]["ppl"]
     del loaded
     fresh = fresh_exact_match({(t, "merged"): out for t in tasks}, preps, work, progress=False)
-    return {"alpha": alpha, "examples": examples, "merge_s": round(merge_s, 1), "tasks": scores,
+    return {"alpha": alpha, "examples": examples, "weights": weights, "merge_s": round(merge_s, 1), "tasks": scores,
             "fresh": {t: fresh[t]["merged"]["exact_match"] for t in tasks},
             "worst_val_retention": min(s["val"]["retention"] for s in scores.values()),
             "general_text": {"ppl": general["ppl"], "vs_base": round(general["ppl"] / base_ppl - 1, 4)}}
 
 
-def readme(data: dict) -> str:
-    lines = ["## regmean_alpha", "",
-             f"`python bench/regmean_alpha.py --release {data['release']}`: the default release's two adapters merged "
+def readme(data: dict, name: str = "regmean_alpha") -> str:
+    tail = "" if name == "regmean_alpha" else f" --results {name}"
+    lines = [f"## {name}", "",
+             f"`python bench/regmean_alpha.py --release {data['release']}{tail}`: the default release's two adapters merged "
              "by RegMean at other off-diagonal scales (alpha) and Gram sizes (train examples per task); exact match "
              "on val / test (first 50) and 40 fresh questions, retention on val against the release scorecard's base "
              "and adapter (the gate's `min_retention`, 0.9), general-text perplexity against the base's (the gate's "
              "`max_general_forgetting`, 10%). The release merges with alpha 0.9, 128 examples.", "",
-             "| alpha | examples | task | merged val / test | fresh | retention val | general vs base | merge s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| alpha | examples | weights | task | merged val / test | fresh | retention val | general vs base | merge s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in data["variants"].values():
+        weights = " / ".join(f"{w:g}" for w in v.get("weights") or [1.0] * len(v["tasks"]))
         for t, s in v["tasks"].items():
-            lines.append(f"| {v['alpha']} | {v['examples']} | {t} | {s['val']['exact_match']:.0%} / "
+            lines.append(f"| {v['alpha']} | {v['examples']} | {weights} | {t} | {s['val']['exact_match']:.0%} / "
                          f"{s['test']['exact_match']:.0%} | {v['fresh'][t]:.1%} | {s['val']['retention']:.3f} | "
                          f"{v['general_text']['vs_base']:+.1%} | {v['merge_s']:.0f} |")
     return "\n".join(lines)
@@ -100,26 +105,30 @@ def main() -> None:
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="alpha:examples, comma-separated")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "regmean_alpha")
+    ap.add_argument("--results", default="regmean_alpha", help="results file (bench/results/NAME.json) and README "
+                    "section name: one per release, since every row of one file merges the same adapters")
     args = ap.parse_args()
+    results = BENCH / "results" / f"{args.results}.json"
     from lorakit.runtime import configure_threads
 
     configure_threads()
     card = json.loads((find_one(args.release, "scorecard/*", dirs=True) / "scorecard.json").read_text())
-    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    previous = json.loads(results.read_text()) if results.exists() else {}
     if previous.get("release") not in (None, str(args.release)):
-        print(f"{RESULTS.name} holds another release's adapters ({previous['release']}); starting it afresh")
+        print(f"{results.name} holds another release's adapters ({previous['release']}); starting it afresh")
         previous = {}
     data = {"release": str(args.release), "adapters": {t: card["tasks"][t]["adapter"] for t in card["task_order"]},
             "variants": previous.get("variants", {})}
     for item in filter(None, args.variants.split(",")):
-        alpha, examples = item.split(":")
-        key = variant_key(float(alpha), int(examples))
-        data["variants"][key] = measure(args.release, card, float(alpha), int(examples), args.work)
+        alpha, examples, *rest = item.split(":")
+        weights = [float(w) for w in rest[0].split("/")] if rest else None
+        key = variant_key(float(alpha), int(examples), weights)
+        data["variants"][key] = measure(args.release, card, float(alpha), int(examples), args.work, weights)
         print(key, json.dumps({t: s["val"] for t, s in data["variants"][key]["tasks"].items()}),
               json.dumps(data["variants"][key]["fresh"]), flush=True)
-        write_results("regmean_alpha", data)  # after every variant: a long run keeps what it measured
-    write_results("regmean_alpha", data)
-    update_readme_section("regmean_alpha", readme(data))
+        write_results(args.results, data)  # after every variant: a long run keeps what it measured
+    write_results(args.results, data)
+    update_readme_section(args.results, readme(data, args.results))
 
 
 if __name__ == "__main__":
