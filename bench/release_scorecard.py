@@ -244,14 +244,16 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
 
 
 def adapter_training(adapter: Path) -> dict:
-    """How an adapter of the release trained: threads, peak memory, time, dtype, steps, tokens, dropout, and
-    whether the shared-prompt path ran (with the token positions it computed); null where an older record lacks it."""
+    """How an adapter of the release trained: threads, peak memory, time, dtype, steps, tokens, its recipe (learning
+    rate, LoRA+ ratio, rank, dropout), and whether the shared-prompt path ran (with the token positions it computed);
+    null where an older record lacks it."""
     from lorakit.train.loop import read_train_record
 
     rec = read_train_record(adapter)
     out = {k: getattr(rec, k) for k in ("torch_threads", "peak_rss_mib", "wall_time_s", "compute_dtype", "steps",
                                         "tokens", "computed_tokens")}
-    out["dropout"] = rec.config.get("dropout")
+    for key in ("lr", "lora_plus_ratio", "r", "alpha", "dropout", "variant", "init"):
+        out[key] = rec.config.get(key)
     out["shared_prefix"] = (rec.shared_prefix or {}).get("used")
     return out
 
