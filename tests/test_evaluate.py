@@ -409,3 +409,20 @@ def test_task_accuracy_runs_on_a_gptq_folder_via_the_dequantized_path(tiny_gptq,
     assert quant.model["path_used"] == "gptq-dequantized" and quant.n_examples == 6 and quant.split == "test"
     assert quant.model["kind"] == "gptq" and dense.model["path_used"] == "dense"
     assert all(p.prompt_tokens == q.prompt_tokens for p, q in zip(quant.predictions, dense.predictions))
+
+
+def test_tokenizer_digest_follows_the_definition_not_the_object(tiny_base):
+    """The digest is memoised by the serialized definition: a second load has the same digest, a token added to a
+    tokenizer already digested changes it (no stale answer), and padding settings do not count."""
+    from transformers import AutoTokenizer
+
+    from lorakit.evaluate.text import tokenizer_digest
+
+    first, second = (AutoTokenizer.from_pretrained(str(tiny_base)) for _ in range(2))
+    before = tokenizer_digest(first)
+    assert tokenizer_digest(second) == before
+    second.padding_side = "left" if second.padding_side == "right" else "right"
+    second.backend_tokenizer.enable_padding(length=7)
+    assert tokenizer_digest(second) == before
+    first.add_tokens(["<lorakit-new-token>"])
+    assert tokenizer_digest(first) != before

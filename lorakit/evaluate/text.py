@@ -127,12 +127,26 @@ def tokenizer_digest(tokenizer) -> str:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        spec = json.loads(backend.to_str())
-        for key in _IGNORED_TOKENIZER_KEYS:
-            spec.pop(key, None)
-        spec["model"] = _canonical_model(spec.get("model") or {})
-    else:  # a slow (sentencepiece/python) tokenizer: its vocabulary is the best identity available
-        spec = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
+        definition = backend.to_str()
+        key = (hashlib.sha256(definition.encode()).hexdigest(), tokenizer.eos_token_id, tokenizer.bos_token_id)
+        if key not in _DIGESTS:  # the canonical form re-parses the whole definition; a scorecard asks per model and split
+            _DIGESTS[key] = _backend_digest(definition, tokenizer)
+        return _DIGESTS[key]
+    spec = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}  # a slow tokenizer
+    spec["_special"] = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# (sha256 of the serialized fast tokenizer, eos id, bos id) -> digest: the same definition always has one digest.
+_DIGESTS: dict[tuple[str, int | None, int | None], str] = {}
+
+
+def _backend_digest(definition: str, tokenizer) -> str:
+    """The digest of a fast tokenizer from its serialized definition (see :func:`tokenizer_digest`)."""
+    spec = json.loads(definition)
+    for key in _IGNORED_TOKENIZER_KEYS:
+        spec.pop(key, None)
+    spec["model"] = _canonical_model(spec.get("model") or {})
     spec["_special"] = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
