@@ -23,7 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import find_one, update_readme_section, write_results  # noqa: E402
+from bench.common import update_readme_section, write_results  # noqa: E402
+from bench.release_scorecard import release_card  # noqa: E402
 
 FIRST = 50  # the scorecard's max_examples
 
@@ -70,7 +71,7 @@ def main() -> None:
     from lorakit.runtime import configure_threads
 
     configure_threads()
-    card = json.loads((find_one(args.release, "scorecard/*", dirs=True) / "scorecard.json").read_text())
+    _, card = release_card(args.release)
     preps = {t: Path(card["tasks"][t]["data"]) for t in card["task_order"]}
     splits = ("val", "test")
     merged = score(card["models"]["merged"]["folder"], preps, splits)

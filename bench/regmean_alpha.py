@@ -4,7 +4,7 @@ RegMean (``lorakit.merge.regmean``) solves each layer for the weights that keep 
 task's train inputs; ``regmean_alpha`` scales the Gram matrices' off-diagonal part (1 = the full least-squares
 solution, 0 = only the diagonal: a per-input-feature weighted average) and ``regmean_examples`` is how many train
 examples per task the Grams read. The release uses alpha 0.9 and 128 examples, never tuned; the scorecard shows the
-merge losing ~10 points of reverse-words on val. Each variant merges the release's two adapters (weights 1, 1) into
+merge losing reverse-words answers on val. Each variant merges the release's two adapters (weights 1 each unless given) into
 the base and scores the merged model as the release scorecard does: greedy exact match on the first
 ``scorecard.max_examples`` examples of every task's val and test split, retention on val against the base's and the
 adapter's exact match from the release's own scorecard (what the gate's ``min_retention`` judges), 40 fresh
@@ -28,7 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import find_one, update_readme_section, write_results  # noqa: E402
+from bench.common import update_readme_section, write_results  # noqa: E402
+from bench.release_scorecard import release_card  # noqa: E402
 
 DEFAULT_VARIANTS = "0.9:128,0.5:128,1.0:128,0.9:512"
 
@@ -39,7 +40,7 @@ def variant_key(alpha: float, examples: int, weights: list[float] | None = None)
     return f"alpha{round(alpha * 100)}-examples{examples}{tail}"
 
 
-def measure(release: Path, card: dict, alpha: float, examples: int, work: Path,
+def measure(card: dict, alpha: float, examples: int, work: Path,
             weights: list[float] | None = None) -> dict:
     from bench.release_scorecard import fresh_exact_match
     from bench.train_sweep import general_perplexity
@@ -103,7 +104,7 @@ def readme(data: dict, name: str = "regmean_alpha") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="alpha:examples, comma-separated")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="alpha:examples[:w1/w2/...], comma-separated")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "regmean_alpha")
     ap.add_argument("--results", default="regmean_alpha", help="results file (bench/results/NAME.json) and README "
                     "section name: one per release, since every row of one file merges the same adapters")
@@ -112,7 +113,7 @@ def main() -> None:
     from lorakit.runtime import configure_threads
 
     configure_threads()
-    card = json.loads((find_one(args.release, "scorecard/*", dirs=True) / "scorecard.json").read_text())
+    _, card = release_card(args.release)
     previous = json.loads(results.read_text()) if results.exists() else {}
     if previous.get("release") not in (None, str(args.release)):
         print(f"{results.name} holds another release's adapters ({previous['release']}); starting it afresh")
@@ -123,7 +124,7 @@ def main() -> None:
         alpha, examples, *rest = item.split(":")
         weights = [float(w) for w in rest[0].split("/")] if rest else None
         key = variant_key(float(alpha), int(examples), weights)
-        data["variants"][key] = measure(args.release, card, float(alpha), int(examples), args.work, weights)
+        data["variants"][key] = measure(card, float(alpha), int(examples), args.work, weights)
         print(key, json.dumps({t: s["val"] for t, s in data["variants"][key]["tasks"].items()}),
               json.dumps(data["variants"][key]["fresh"]), flush=True)
         write_results(args.results, data)  # after every variant: a long run keeps what it measured

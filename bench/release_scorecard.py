@@ -40,12 +40,17 @@ CANDIDATES = {  # name -> merge_adapters keyword arguments (weights filled per a
 }
 
 
+def release_card(out_dir: Path) -> tuple[Path, dict]:
+    """The scorecard.json a release run's scorecard stage wrote (exactly one), and its content."""
+    card = find_one(out_dir, "scorecard/*/scorecard.json")
+    return card, json.loads(card.read_text())
+
+
 def release_parts(out_dir: Path) -> dict:
     """Adapters, prep folders (by task, in the run config's order), merged model and scorecard of one run."""
     from lorakit.train.loop import read_train_record
 
-    card = find_one(out_dir, "scorecard/*/scorecard.json")
-    data = json.loads(card.read_text())
+    card, data = release_card(out_dir)
     tasks = list(data.get("task_order") or data["tasks"])
     adapters, preps = {}, {}
     for folder in sorted(out_dir.glob("adapters/*")):
