@@ -323,6 +323,16 @@ def _check_devices(cfg: ReleaseConfig, report: Preflight) -> None:
             report.add(f"'{key}': {_as_keys(str(exc), key.split('.')[0])}")
 
 
+def _check_environment(report: Preflight) -> None:
+    """Machine settings read later in the run (the gate's kernel path), so a typo fails now, not after training."""
+    from lorakit.runtime import kernel_backend
+
+    try:
+        kernel_backend("gptq")
+    except InputError as exc:
+        report.add(str(exc))
+
+
 def preflight(data: Any) -> Preflight:
     """Every check on a parsed (not yet validated) run config; see the module docstring for the list."""
     if data is None:
@@ -331,6 +341,7 @@ def preflight(data: Any) -> Preflight:
         return Preflight(None, problems=[f"the top level must be a mapping of keys (base:, datasets:, ...), got "
                                 f"{type(data).__name__}"])
     report = Preflight(None)
+    _check_environment(report)
     cfg, bad = _validate(data, report)
     report.config = None if report.problems else cfg
     _check_folders(cfg, report)

@@ -1,9 +1,34 @@
-"""Process-wide runtime settings that make CPU runs predictable on small shared machines."""
+"""Process-wide runtime settings, read from the environment: they describe the machine, not the run (threads that
+make CPU runs predictable on small shared machines, which quantized kernels the evaluator loads)."""
 
 from __future__ import annotations
 
 import os
 import sys
+
+
+# $LORAKIT_KERNEL_BACKEND: which of GPTQModel's kernels the kernel path loads, per checkpoint kind. "auto" is
+# GPTQModel's own pick: on CUDA, Marlin, which it compiles on first use; on a fresh H200 the check loading it was
+# still compiling when stopped after 240 s (bench/results/gpu_check.json: checks.kernel_vs_dequant.check_s).
+# "torch" and "triton" need no C++ build; on that H200 the torch kernels matched the exact dequantized path.
+KERNEL_BACKENDS: dict[str, dict[str, str] | None] = {
+    "auto": None,
+    "torch": {"gptq": "torch", "awq": "torch_awq"},
+    "triton": {"gptq": "triton", "awq": "gemm_triton"},
+}
+
+
+def kernel_backend(kind: str) -> str | None:
+    """The GPTQModel backend ``$LORAKIT_KERNEL_BACKEND`` asks for a ``kind`` (gptq/awq) checkpoint; None = its own
+    pick. A machine setting, not a run option: whether a C++ toolchain and minutes for a first-use build are there
+    is a property of the machine, and the numbers do not depend on it (every kernel computes the same weights)."""
+    from lorakit.errors import InputError
+
+    name = os.environ.get("LORAKIT_KERNEL_BACKEND", "auto").strip().lower() or "auto"
+    if name not in KERNEL_BACKENDS:
+        raise InputError(f"LORAKIT_KERNEL_BACKEND must be one of {', '.join(KERNEL_BACKENDS)}, got {name!r}")
+    choice = KERNEL_BACKENDS[name]
+    return None if choice is None else choice[kind]
 
 
 def configure_threads() -> int:

@@ -338,17 +338,21 @@ def check_release_route_gpu(workdir: Path, device: str, plan: dict) -> dict[str,
         t = time.perf_counter()
         stack.start_server()
         times["server_start_s"] = round(time.perf_counter() - t, 1)
+        print(f"server up in {times['server_start_s']} s", flush=True)  # phases in the log: a timeout says where
         t = time.perf_counter()
         stack.run("bash", "scripts/pools_up.sh")
         stack.run(*prefect_cli(), "--no-prompt", "deploy", "--all")
         stack.start_worker("cpu")
         stack.start_worker("cuda")
         times["deploy_s"] = round(time.perf_counter() - t, 1)
+        print(f"deployed, workers up in {times['deploy_s']} s; release running", flush=True)
         t = time.perf_counter()
         try:
             proc = stack.run(sys.executable, "-c", RELEASE_CLIENT, json.dumps(data), "360", timeout=400)
         finally:
             logs = {n: stack.log(n)[-1500:] for n in ("worker-cpu", "worker-cuda")}
+            for name, text in logs.items():  # stopped or not, what each worker last said
+                print(f"--- {name} after {time.perf_counter() - t:.0f} s of release ---\n{text}", flush=True)
         times["release_s"] = round(time.perf_counter() - t, 1)
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     out_dir = Path(data["output_dir"])
@@ -469,8 +473,9 @@ def _install_wheels(workdir: Path, log) -> dict[str, Any]:
     return out
 
 
-def _child_env(workdir: Path, device: str, name: str, site: str | None) -> dict[str, str]:
+def _child_env(workdir: Path, device: str, name: str, site: str | None, kernel_backend: str) -> dict[str, str]:
     env = dict(os.environ)
+    env["LORAKIT_KERNEL_BACKEND"] = kernel_backend  # read by lorakit's kernel path, in the checks and the workers
     paths = [str(REPO)] + ([site] if site else []) + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                DO_NOT_TRACK="1", TOKENIZERS_PARALLELISM="false", PREFECT_SERVER_ANALYTICS_ENABLED="false")
@@ -563,6 +568,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {
         "schema": SCHEMA, "status": "failed", "device_requested": args.device, "started_utc": started.isoformat(),
         "time_limit_s": args.time_limit, "host": _host(), "dtype_plan": plan, "workdir": str(workdir),
+        "kernel_backend": args.kernel_backend,
         "checks": {c: {"status": "skipped", "reason": "not run"} for c in selected},
     }
     out_paths = _out_paths(args)
@@ -585,7 +591,7 @@ def orchestrate(args: argparse.Namespace) -> int:
                 continue
             timeout = min(cap, left)
             log(f"[{i}/{len(selected)}] {name} (at most {timeout:.0f} s) ...")
-            env = _child_env(workdir, args.device, name, site)
+            env = _child_env(workdir, args.device, name, site, args.kernel_backend)
             result = run_check(name, workdir, args.device, plan, timeout, env, log)
             summary["checks"][name] = result
             log(f"[{i}/{len(selected)}] {name}: {result['status']} in {result['wall_s']:.1f} s"
@@ -637,7 +643,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", help="also write the summary here ($OUT/gpu_check.json too, when $OUT is set)")
     ap.add_argument("--write-results", action="store_true",
                     help=f"write the summary to {RESULTS_FILE.relative_to(REPO)} (a GPU run only)")
-    ap.add_argument("--time-limit", type=float, default=480, help="seconds for the whole run (default 480 = 8 min)")
+    ap.add_argument("--time-limit", type=float, default=540, help="seconds for the whole run (default 540 = 9 min)")
+    from lorakit.runtime import KERNEL_BACKENDS
+
+    ap.add_argument("--kernel-backend", default="torch", choices=list(KERNEL_BACKENDS),
+                    help="GPTQModel kernels the kernel path loads ($LORAKIT_KERNEL_BACKEND; default torch: no C++ "
+                    "build; auto: GPTQModel's pick, on CUDA Marlin, built on first use for minutes)")
     ap.add_argument("--checks", type=lambda s: [c.strip() for c in s.split(",") if c.strip()],
                     help=f"comma-separated subset of: {', '.join(CHECKS)} (a check whose input check is left out "
                     "assumes it ran earlier in the same --workdir)")

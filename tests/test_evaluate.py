@@ -426,3 +426,25 @@ def test_tokenizer_digest_follows_the_definition_not_the_object(tiny_base):
     assert tokenizer_digest(second) == before
     first.add_tokens(["<lorakit-new-token>"])
     assert tokenizer_digest(first) != before
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_kernel_backend_setting_picks_gptqmodels_kernel(method, tiny_gptq, tiny_awq, monkeypatch):
+    """$LORAKIT_KERNEL_BACKEND=torch loads GPTQModel's plain-torch kernels (no C++ build on a fresh CUDA machine),
+    and they compute what the exact dequantized path computes; an unknown name is refused naming the choices."""
+    folder = {"gptq": tiny_gptq, "awq": tiny_awq}[method]
+    spec = describe_model(folder)
+    default = load_eval_model(spec, quant_path="kernel", device="cpu")
+    monkeypatch.setenv("LORAKIT_KERNEL_BACKEND", "torch")
+    chosen = load_eval_model(spec, quant_path="kernel", device="cpu")
+    def kinds(loaded) -> set[str]:  # the quantized linear classes GPTQModel put in the model
+        return {type(m).__name__ for m in loaded.model.modules() if hasattr(m, "qweight")}
+
+    assert kinds(chosen) != kinds(default)  # the setting changed which kernel loaded (CPU's own pick is ATen int4)
+    assert all("Torch" in k for k in kinds(chosen)), kinds(chosen)
+    kernel = perplexity(chosen, DOCS, seq_len=64, progress=False)
+    fast = perplexity(folder, DOCS, seq_len=64, quant_path="dequantized", progress=False)
+    assert kernel.path_used == f"{method}-kernel" and abs(fast.ppl / kernel.ppl - 1) <= 1e-3
+    monkeypatch.setenv("LORAKIT_KERNEL_BACKEND", "marlinn")
+    with pytest.raises(InputError, match="LORAKIT_KERNEL_BACKEND must be one of auto, torch, triton"):
+        load_eval_model(spec, quant_path="kernel", device="cpu")

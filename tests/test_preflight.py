@@ -168,3 +168,18 @@ def test_accuracy_search_on_text_data_is_refused_before_any_stage(tiny_base, tmp
     data["merge"]["search"]["objective"] = "nll"
     assert not [p for p in preflight(data).problems if "merge.search" in p]
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_kernel_backend_setting_is_refused_before_any_stage(tiny_base, tmp_path, quiet_prefect,
+                                                                    monkeypatch):
+    """$LORAKIT_KERNEL_BACKEND is read by the gate's kernel path, the last stage: a typo is named up front."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_data(tiny_base, tmp_path)))
+    monkeypatch.setenv("LORAKIT_KERNEL_BACKEND", "marlin")
+    proc = run_cli("run", str(config), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "LORAKIT_KERNEL_BACKEND must be one of auto, torch, triton, got 'marlin'" in proc.stderr
+    for path in (tmp_path / "out", tmp_path / "registry", quiet_prefect):
+        assert not path.exists(), f"a refused run wrote {path}"
+    monkeypatch.setenv("LORAKIT_KERNEL_BACKEND", "Torch")  # names are case-insensitive
+    assert run_cli("run", str(config), "--check", cwd=tmp_path).returncode == 0

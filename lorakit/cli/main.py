@@ -47,7 +47,8 @@ def main(verbose: bool) -> None:
     \b
     Exit codes: 0 ok, 2 bad input (nothing was written), 3 rejected by the gate, 1 unexpected error.
     Environment: LORAKIT_HOME (cache, default ~/.cache/lorakit), LORAKIT_THREADS (torch threads),
-    LORAKIT_HEARTBEAT_S (longest silence on long work, default 15 s).
+    LORAKIT_HEARTBEAT_S (longest silence on long work, default 15 s), LORAKIT_KERNEL_BACKEND (GPTQ/AWQ kernels
+    for --quant-path kernel: auto, torch or triton; docs/evaluate-and-gate.md).
 
     \b
     Progress goes to stderr: bars on a terminal, else `[mm:ss] ...` lines at least every LORAKIT_HEARTBEAT_S.

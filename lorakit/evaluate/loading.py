@@ -211,7 +211,8 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
             model, path_used = _from_pretrained(spec.folder, tdt), "dense"
         elif choose_quant_path(quant_path, dev) == "kernel":
             try:
-                model, path_used = _from_pretrained(spec.folder, tdt, device=dev), f"{spec.kind}-kernel"
+                model = _from_pretrained(spec.folder, tdt, device=dev, kind=spec.kind)
+                path_used = f"{spec.kind}-kernel"
             except InputError:
                 raise
             except Exception as exc:  # kernels refuse layouts per device (e.g. CPU int4 with K % group != 0)
@@ -225,13 +226,31 @@ def load_eval_model(spec: ModelSpec, *, quant_path: str = "auto", device: str = 
                      tokenizer=tokenizer if tokenizer is not None else load_tokenizer(spec))
 
 
-def _from_pretrained(folder: Path, dtype: torch.dtype, device: torch.device | None = None):
+def _backend_override(folder: Path, kind: str) -> dict[str, Any]:
+    """``quantization_config=`` for ``from_pretrained`` naming the backend, or nothing: transformers merges a
+    passed config's loading attributes (the backend) into the checkpoint's own quantization config."""
+    from lorakit.runtime import kernel_backend
+
+    backend = kernel_backend(kind)
+    if backend is None:
+        return {}
+    from transformers import AwqConfig, GPTQConfig
+
+    bits = int((read_json(folder / "config.json").get("quantization_config") or {}).get("bits", 4))
+    config = AwqConfig(bits=bits, backend=backend) if kind == "awq" else GPTQConfig(bits=bits, backend=backend)
+    return {"quantization_config": config}
+
+
+def _from_pretrained(folder: Path, dtype: torch.dtype, device: torch.device | None = None, kind: str = "model"):
     """``device`` places a quantized model while it loads: GPTQModel picks its kernels for the device the weights
     load on (transformers loads GPTQ onto the CPU when no device_map is given), so a model loaded on the CPU and
-    moved to CUDA afterwards would keep CPU kernels."""
+    moved to CUDA afterwards would keep CPU kernels. A quantized ``kind`` loads the kernels
+    :func:`lorakit.runtime.kernel_backend` names."""
     from transformers import AutoModelForCausalLM
 
     placement = {"device_map": {"": str(device)}} if device is not None else {}
+    if kind in QUANT_METHODS:
+        placement.update(_backend_override(folder, kind))
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **placement)
     except (OSError, ValueError) as exc:
