@@ -119,7 +119,10 @@ def write_results(name: str, data: dict) -> Path:
     path = BENCH / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), **data}
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    from lorakit.io.atomic import atomic_write_bytes
+
+    # atomic: a bench killed mid-write (they run for hours) leaves the previous results, never half a file
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
     return path
 
 
@@ -132,7 +135,9 @@ def update_readme_section(name: str, markdown: str) -> None:
         text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    README.write_text(text)
+    from lorakit.io.atomic import atomic_write_bytes
+
+    atomic_write_bytes(README, text.encode())
 
 
 def python() -> str:

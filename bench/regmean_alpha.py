@@ -11,8 +11,9 @@ adapter's exact match from the release's own scorecard (what the gate's ``min_re
 questions per task, and perplexity on the gate's general text against the base's (``max_general_forgetting``).
 
 Usage: python bench/regmean_alpha.py --release OUT [--variants 0.9:128,1.0:128,0.9:128:1.2/1] [--work DIR]
-A variant is ``alpha:examples[:w1/w2/...]``: the merge weights, one per task in the release's order (default 1 each;
-RegMean scales each projected update by its weight, as the linear merge does). Writes bench/results/NAME.json (``--results``, default regmean_alpha) and its bench/README.md section.
+A variant is ``alpha:examples[:w1/w2/...][:aLAMBDA]``: the merge weights, one per task in the release's order (default
+1 each; RegMean scales each projected update by its weight, as the linear merge does), and the general-text anchor's
+weight (``regmean_anchor``, default 0: off). Writes bench/results/NAME.json (``--results``, default regmean_alpha) and its bench/README.md section.
 """
 
 from __future__ import annotations
@@ -34,14 +35,24 @@ from bench.release_scorecard import release_card  # noqa: E402
 DEFAULT_VARIANTS = "0.9:128,0.5:128,1.0:128,0.9:512"
 
 
-def variant_key(alpha: float, examples: int, weights: list[float] | None = None) -> str:
-    """``alpha90-examples128`` (``-w120-100`` with weights): no dots, so a README figure can cite it by key path."""
+def variant_key(alpha: float, examples: int, weights: list[float] | None = None, anchor: float = 0.0) -> str:
+    """``alpha90-examples128`` (``-w120-100`` with weights, ``-a100`` with an anchor): no dots, so a README figure
+    can cite it by key path."""
     tail = "-w" + "-".join(str(round(w * 100)) for w in weights) if weights and set(weights) != {1.0} else ""
+    tail += f"-a{round(anchor * 100)}" if anchor else ""
     return f"alpha{round(alpha * 100)}-examples{examples}{tail}"
 
 
+def parse_variant(item: str) -> tuple[float, int, list[float] | None, float]:
+    """``alpha:examples[:w1/w2/...][:aLAMBDA]`` -> (alpha, examples, weights or None, anchor)."""
+    alpha, examples, *rest = item.split(":")
+    anchor = next((float(r[1:]) for r in rest if r.startswith("a")), 0.0)
+    weights = next(([float(w) for w in r.split("/")] for r in rest if not r.startswith("a")), None)
+    return float(alpha), int(examples), weights, anchor
+
+
 def measure(card: dict, alpha: float, examples: int, work: Path,
-            weights: list[float] | None = None) -> dict:
+            weights: list[float] | None = None, anchor: float = 0.0) -> dict:
     from bench.release_scorecard import fresh_exact_match
     from bench.train_sweep import general_perplexity
     from lorakit.evaluate import task_accuracy
@@ -53,11 +64,11 @@ def measure(card: dict, alpha: float, examples: int, work: Path,
     adapters = [card["tasks"][t]["adapter"] for t in tasks]
     preps = {t: Path(card["tasks"][t]["data"]) for t in tasks}
     weights = weights or [1.0] * len(tasks)
-    out = work / variant_key(alpha, examples, weights)
+    out = work / variant_key(alpha, examples, weights, anchor)
     started = time.perf_counter()
     merge_adapters(adapters, weights, out, method="regmean", output_kind="model",
                    base=card["models"]["base"]["folder"], data=[preps[t] for t in tasks], regmean_alpha=alpha,
-                   regmean_examples=examples, force=True, progress=True)
+                   regmean_examples=examples, regmean_anchor=anchor, force=True, progress=True)
     merge_s = time.perf_counter() - started
     spec = describe_model(str(out))
     loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
@@ -76,7 +87,8 @@ def measure(card: dict, alpha: float, examples: int, work: Path,
     base_ppl = card["general_text"]["models"]["base"]["ppl"]
     del loaded
     fresh = fresh_exact_match({(t, "merged"): out for t in tasks}, preps, work, progress=False)
-    return {"alpha": alpha, "examples": examples, "weights": weights, "merge_s": round(merge_s, 1), "tasks": scores,
+    return {"alpha": alpha, "examples": examples, "weights": weights, "anchor": anchor, "merge_s": round(merge_s, 1),
+            "tasks": scores,
             "fresh": {t: fresh[t]["merged"]["exact_match"] for t in tasks},
             "worst_val_retention": min(s["val"]["retention"] for s in scores.values()),
             "general_text": {"ppl": general["ppl"], "vs_base": round(general["ppl"] / base_ppl - 1, 4)}}
@@ -90,12 +102,13 @@ def readme(data: dict, name: str = "regmean_alpha") -> str:
              "on val / test (first 50) and 40 fresh questions, retention on val against the release scorecard's base "
              "and adapter (the gate's `min_retention`, 0.9), general-text perplexity against the base's (the gate's "
              "`max_general_forgetting`, 10%). The release merges with alpha 0.9, 128 examples.", "",
-             "| alpha | examples | weights | task | merged val / test | fresh | retention val | general vs base | merge s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| alpha | examples | weights | anchor | task | merged val / test | fresh | retention val | general vs base | merge s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v in data["variants"].values():
         weights = " / ".join(f"{w:g}" for w in v.get("weights") or [1.0] * len(v["tasks"]))
         for t, s in v["tasks"].items():
-            lines.append(f"| {v['alpha']} | {v['examples']} | {weights} | {t} | {s['val']['exact_match']:.0%} / "
+            lines.append(f"| {v['alpha']} | {v['examples']} | {weights} | {v.get('anchor') or 0:g} | {t} | "
+                         f"{s['val']['exact_match']:.0%} / "
                          f"{s['test']['exact_match']:.0%} | {v['fresh'][t]:.1%} | {s['val']['retention']:.3f} | "
                          f"{v['general_text']['vs_base']:+.1%} | {v['merge_s']:.0f} |")
     return "\n".join(lines)
@@ -104,7 +117,8 @@ def readme(data: dict, name: str = "regmean_alpha") -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="alpha:examples[:w1/w2/...], comma-separated")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="alpha:examples[:w1/w2/...][:aLAMBDA], "
+                    "comma-separated")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "regmean_alpha")
     ap.add_argument("--results", default="regmean_alpha", help="results file (bench/results/NAME.json) and README "
                     "section name: one per release, since every row of one file merges the same adapters")
@@ -121,10 +135,9 @@ def main() -> None:
     data = {"release": str(args.release), "adapters": {t: card["tasks"][t]["adapter"] for t in card["task_order"]},
             "variants": previous.get("variants", {})}
     for item in filter(None, args.variants.split(",")):
-        alpha, examples, *rest = item.split(":")
-        weights = [float(w) for w in rest[0].split("/")] if rest else None
-        key = variant_key(float(alpha), int(examples), weights)
-        data["variants"][key] = measure(card, float(alpha), int(examples), args.work, weights)
+        alpha, examples, weights, anchor = parse_variant(item)
+        key = variant_key(alpha, examples, weights, anchor)
+        data["variants"][key] = measure(card, alpha, examples, args.work, weights, anchor)
         print(key, json.dumps({t: s["val"] for t, s in data["variants"][key]["tasks"].items()}),
               json.dumps(data["variants"][key]["fresh"]), flush=True)
         write_results(args.results, data)  # after every variant: a long run keeps what it measured

@@ -88,7 +88,7 @@ class ReleasePlan:
             if preps is None:
                 raise ValueError("merge method regmean needs the prepared data of every dataset (preps)")
             params.update(data=[preps[ds.name] for ds in self.config.datasets], regmean_alpha=m.regmean_alpha,
-                          regmean_examples=m.regmean_examples)
+                          regmean_examples=m.regmean_examples, regmean_anchor=m.regmean_anchor)
         weights: list[float] | None = self.config.merge_weights()
         search = self.config.merge_search()
         if search is not None:  # only then, like loftq_base; the weights are the search's to choose

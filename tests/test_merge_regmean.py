@@ -163,6 +163,96 @@ def test_projection_properties():
     assert torch.allclose(merged, (a.modules["m"].delta() + b.modules["m"].delta()) / 2, atol=1e-5)
 
 
+def _anchor_reference(base: Path, names: list[str], tokens: int) -> dict[str, torch.Tensor]:
+    """G₀ of the plain base (transformers, no lorakit) on the general text the anchor must read: the shipped
+    corpus's documents after those the gate's first 8192 tokens cover, last first, each followed by EOS, cut at
+    ``tokens``, in windows of 512."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    corpus = Path(__file__).resolve().parent.parent / "lorakit" / "data" / "general" / "sotu.jsonl"
+    docs = [tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            for line in corpus.read_text().splitlines() if line.strip()]
+    read, gate_docs = 0, len(docs)
+    for i, d in enumerate(docs):
+        read += len(d) + 1
+        if read >= 8192:
+            gate_docs = i + 1
+            break
+    stream: list[int] = []
+    for d in reversed(docs[gate_docs:]):
+        stream += d + [tok.eos_token_id]
+    stream = stream[:tokens]
+    assert len(stream) == tokens
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    grams = {n: torch.zeros(model.get_submodule(n).in_features, model.get_submodule(n).in_features,
+                            dtype=torch.float64) for n in names}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0][0].double()
+            grams[name].add_(x.T @ x)
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    with torch.no_grad():
+        for i in range(0, len(stream), 512):
+            model(torch.tensor([stream[i:i + 512]]))
+    for h in hooks:
+        h.remove()
+    return grams
+
+
+def test_general_text_anchor_equals_its_closed_form_and_pulls_toward_the_base(setup, tmp_path):
+    """regmean_anchor λ: W* = (Σₜ Wₜ G̃ₜ + c·W G̃₀)(Σₜ G̃ₜ + c·G̃₀)⁻¹, c = λ·(mean task tokens)/(anchor tokens), G₀
+    the base's inputs on general text outside the gate's documents. λ = 0 is RegMean itself; a larger λ keeps the
+    merged model's outputs closer to the base's on that text."""
+    from lorakit.merge import merge_adapters
+    from lorakit.merge.regmean import ANCHOR_TOKENS
+
+    examples, lam = 12, 2.0
+    kw = dict(method="regmean", output_kind="model", base=setup["base"], data=setup["preps"],
+              regmean_examples=examples, progress=False)
+    plain = merge_adapters(setup["adapters"], [1.0, 1.0], tmp_path / "plain", **kw)
+    off = merge_adapters(setup["adapters"], [1.0, 1.0], tmp_path / "off", regmean_anchor=0.0, **kw)
+    out = merge_adapters(setup["adapters"], [1.0, 1.0], tmp_path / "anchored", regmean_anchor=lam, **kw)
+    a, b = load_file(plain.output / "model.safetensors"), load_file(off.output / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and off.metadata["regmean"]["anchor"] is None
+
+    record = out.metadata["regmean"]["anchor"]
+    assert record["weight"] == lam and record["tokens"] == ANCHOR_TOKENS and record["gate_documents_left_out"] >= 1
+    refs = [_reference(setup["base"], ad, p, examples) for ad, p in zip(setup["adapters"], setup["preps"])]
+    names = sorted(refs[0][0])
+    g0 = _anchor_reference(setup["base"], names, ANCHOR_TOKENS)
+    task_tokens = out.metadata["regmean"]["tokens"]
+    c = lam * (sum(task_tokens) / len(task_tokens)) / ANCHOR_TOKENS
+    assert record["gram_scale"] == pytest.approx(c, rel=1e-12)
+    merged = load_file(out.output / "model.safetensors")
+    base = load_file(Path(setup["base"]) / "model.safetensors")
+    closer = 0
+    for name in names:
+        shrunk = [_shrink(g[name]) for _, g in refs]
+        anchor = c * _shrink(g0[name])
+        w0 = base[f"{name}.weight"].double()
+        expected = torch.linalg.solve(sum(shrunk) + anchor,
+                                      sum(s @ w[name].T for (w, _), s in zip(refs, shrunk)) + anchor @ w0.T).T
+        got = merged[f"{name}.weight"].double()
+        assert torch.allclose(got, expected, rtol=0, atol=5e-5 * float(expected.abs().max())), name
+        # on the anchor's inputs the anchored update moves the outputs less than RegMean's own
+        plain_delta = a[f"{name}.weight"].double() - w0
+        closer += float(((got - w0) @ g0[name] * (got - w0)).sum()) < float((plain_delta @ g0[name] * plain_delta).sum())
+    assert closer == len(names)
+
+
+def test_anchor_weight_is_checked_before_anything_loads(setup, tmp_path):
+    from lorakit.merge import merge_adapters
+
+    with pytest.raises(InputError, match="regmean anchor must be a finite weight >= 0"):
+        merge_adapters(setup["adapters"], [1.0, 1.0], tmp_path / "bad", method="regmean", output_kind="model",
+                       base=setup["base"], data=setup["preps"], regmean_anchor=-1.0, progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_bad_input_is_refused_before_writing(setup, tmp_path):
     from lorakit.merge import merge_adapters
 

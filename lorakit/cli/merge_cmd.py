@@ -83,6 +83,7 @@ def merge(adapters, output, output_kind, rank, base, force, ignore_base_name, se
         loftq_base=opts.loftq_base, compute_dtype=compute_dtype, progress=not quiet,
         data=[prep for _, prep in parse_data(list(data))] if regmean and data else None,
         regmean_alpha=opts.regmean_alpha, regmean_examples=opts.regmean_examples,
+        regmean_anchor=opts.regmean_anchor,
     )
     if quiet:
         click.echo(str(result.output))
@@ -107,9 +108,9 @@ def _search(adapters, output, opts, search_opts, data, seq_len, output_kind, ran
         raise InputError("--weights and --search exclude each other: --search chooses the weights; leave one out")
     if "method" in opts.model_fields_set:
         raise InputError("--search takes the methods to try as --methods (e.g. --methods linear,ties), not --method")
-    if opts.regmean_alpha is not None or opts.regmean_examples is not None:
-        raise InputError("--regmean-alpha and --regmean-examples apply to --method regmean, which fits its own "
-                         "combination; --search searches linear/TIES/DARE weights")
+    if opts.regmean_alpha is not None or opts.regmean_examples is not None or opts.regmean_anchor is not None:
+        raise InputError("--regmean-alpha, --regmean-examples and --regmean-anchor apply to --method regmean, which "
+                         "fits its own combination; --search searches linear/TIES/DARE weights")
     if opts.loftq_base is not None:
         raise InputError("--search merges plain LoRA adapters; --loftq-base does not apply")
     if not data:

@@ -247,6 +247,7 @@ def merge_adapters(
     data: Sequence[str | os.PathLike[str]] | None = None,
     regmean_alpha: float | None = MERGE.regmean_alpha,
     regmean_examples: int | None = MERGE.regmean_examples,
+    regmean_anchor: float | None = MERGE.regmean_anchor,
     force: bool = False,
     ignore_base_name: bool = False,
     compute_dtype: str = "auto",
@@ -274,7 +275,8 @@ def merge_adapters(
     weights = check_weights(weights, len(adapters))
     merge_method = get_method(method)
     params = resolve_params(merge_method, {"density": density, "seed": seed, "normalize": normalize,
-                                           "regmean_alpha": regmean_alpha, "regmean_examples": regmean_examples})
+                                           "regmean_alpha": regmean_alpha, "regmean_examples": regmean_examples,
+                                           "regmean_anchor": regmean_anchor})
     if data and merge_method.name != "regmean":
         raise InputError(f"method {merge_method.name} reads no task data; --data applies to --method regmean "
                          "(and to --search)")
@@ -292,7 +294,8 @@ def merge_adapters(
         from lorakit.merge.regmean import check_data
 
         if len(loaded) > 1 or data:  # data given is checked, even where it goes unused
-            regmean_data = check_data(loaded, data, params["regmean_alpha"], params["regmean_examples"])
+            regmean_data = check_data(loaded, data, params["regmean_alpha"], params["regmean_examples"],
+                                      params["regmean_anchor"])
         if len(loaded) == 1:  # the fit of one update is that update: nothing to read
             regmean_data, regmean_record = None, {"note": "one adapter: RegMean of a single update is the update "
                                                           "itself; no task data was read"}
@@ -317,7 +320,8 @@ def merge_adapters(
         from lorakit.merge.regmean import regmean_adapters
 
         loaded, regmean_record = regmean_adapters(loaded, base_dir, regmean_data, alpha=params["regmean_alpha"],
-                                                  examples=params["regmean_examples"], progress=progress)
+                                                  examples=params["regmean_examples"],
+                                                  anchor=params["regmean_anchor"], progress=progress)
 
     with atomic_dir(output, force=force) as tmp:
         if output_kind == "adapter":

@@ -45,6 +45,11 @@ class MergeOptions(StageOptions):
                                         "off-diagonal (none = 0.9, the paper's; 1 = plain least squares).")
     regmean_examples: int | None = Field(None, gt=0, description="regmean: training examples of each task whose "
                                          "layer inputs the merge keeps (none = 128).")
+    regmean_anchor: float | None = Field(None, ge=0, allow_inf_nan=False, description="regmean: weight of a "
+                                         "general-text anchor: the base's own layer outputs on lorakit's general "
+                                         "corpus (never the documents the gate scores) join the fit as one more task "
+                                         "with no update, so the merge keeps the base where general text reads the "
+                                         "layers; 1 = as much as one task; none = 0 (off).")
     loftq_base: Literal["dequantized", "original"] | None = Field(
         None, description="LoftQ adapters (train init loftq) belong to the NF4-quantized base: dequantized merges "
         "into dequant(NF4(W)), exactly the model that was trained; original adds them to W anyway.")

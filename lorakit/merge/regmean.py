@@ -17,6 +17,13 @@ Wₜ = W + ΔWₜ shares the base W, W* = W + Σₜ ΔWₜ G̃ₜ S⁻¹ (S = Σ
 therefore again a rank-Σrᵢ LoRA adapter, or a model folder, through the normal merge writer; weights wᵢ still
 scale each projected update (1.0 each is RegMean itself).
 
+The general-text anchor (``regmean_anchor`` λ > 0) adds one more term: the base itself, whose update is zero,
+on general English (lorakit's shipped corpus, last documents first, never the ones the release gate scores):
+S = Σₜ G̃ₜ + λ·c·G̃₀ with G₀ = X₀ᵀX₀ of the base's layer inputs on that text and c = (mean task tokens) / (its
+tokens), so λ = 1 weighs it like one task. Where general text reads a layer, the merged update is pulled toward
+zero, i.e. toward the base's outputs; where only a task reads it, the task's update stays. Why: every adapter
+forgets some general English, and RegMean's sum of updates forgets it for both tasks at once.
+
 It is a least-squares fit, not an identity: how far each task's layer outputs move from its adapter's is reported
 per task (``residual``: ‖Xₜ(ΔW* − ΔWₜ)ᵀ‖ / ‖XₜΔWₜᵀ‖ over the Gram matrices, mean and max over the modules).
 Only the adapted modules change; a module one adapter does not adapt is refused by the compatibility check.
@@ -40,11 +47,13 @@ from lorakit.progress import bar as progress_bar, emit
 
 DEFAULT_ALPHA = 0.9  # the paper's off-diagonal scale for language models
 DEFAULT_EXAMPLES = 128  # training examples per task whose inputs define Gₜ
+DEFAULT_ANCHOR = 0.0  # weight of the general-text anchor (0 = RegMean itself)
+ANCHOR_TOKENS = 8192  # general-text tokens the anchor reads (the gate's general window is as long)
 BATCH = 16
 
 
 def check_data(adapters: Sequence[Adapter], data: Sequence[str | os.PathLike[str]] | None, alpha: float,
-               examples: int) -> list[Path]:
+               examples: int, anchor: float = DEFAULT_ANCHOR) -> list[Path]:
     """One prepared-data folder per adapter (its task's train split is read), before any weights load."""
     from lorakit.data.splits import has_split
 
@@ -58,6 +67,8 @@ def check_data(adapters: Sequence[Adapter], data: Sequence[str | os.PathLike[str
         raise InputError(f"regmean alpha must be in [0, 1], got {alpha}")
     if int(examples) < 1:
         raise InputError(f"regmean examples must be at least 1, got {examples}")
+    if not float(anchor) >= 0.0 or float(anchor) == float("inf"):
+        raise InputError(f"regmean anchor must be a finite weight >= 0 (0 = off), got {anchor}")
     bad = [a.label for a in adapters if a.dora or a.loftq]
     if bad:
         raise InputError(f"adapter {bad[0]} is a DoRA or LoftQ adapter; regmean re-projects plain LoRA factors only "
@@ -146,13 +157,53 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
     return grams, tokens
 
 
+@torch.no_grad()
+def collect_anchor_gram(base_dir: Path, adapters: Sequence[Adapter], *, tokens: int,
+                        progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """G₀ = X₀ᵀX₀ of every adapted module's input, the base (no adapter) reading ``tokens`` tokens of general
+    text: the anchor's data. Windows of 512 tokens, as the gate reads general text."""
+    from lorakit.evaluate.loading import describe_model, load_tokenizer
+    from lorakit.merge.in_memory import InMemoryMerge
+
+    from lorakit.quantize.calibration import general_stream
+
+    tokenizer = load_tokenizer(describe_model(str(base_dir)))
+    # lorakit's corpus, last documents first, never the ones the release gate scores (calibration's rule)
+    stream, info = general_stream("default", tokenizer, int(tokens), purpose="the RegMean anchor's")
+    memory = InMemoryMerge(base_dir, list(adapters), torch.device("cpu"))  # untouched: the base's own weights
+    names = memory.names
+    gram = {n: torch.zeros(adapters[0].modules[n].A.shape[1], adapters[0].modules[n].A.shape[1],
+                           dtype=torch.float64) for n in names}
+    last: list[Any] = [None, None]
+
+    def hook_for(name: str):
+        def hook(module, args):
+            if args[0] is not last[0]:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                last[:] = [args[0], (x.T @ x).double()]
+            gram[name].add_(last[1])
+        return hook
+
+    decoder = memory.model.get_decoder() if hasattr(memory.model, "get_decoder") else memory.model
+    hooks = [memory.model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    windows = [stream[i:i + 512] for i in range(0, len(stream), 512)]
+    try:
+        for w in progress_bar(windows, desc="regmean: general-text inputs of the base", unit="window",
+                              disable=not progress):
+            decoder(input_ids=torch.tensor([w]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return gram, {**info, "tokens": len(stream)}
+
+
 def _shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * gram + (1.0 - alpha) * torch.diag(torch.diagonal(gram))
 
 
 @torch.no_grad()
-def project(adapters: Sequence[Adapter], grams: Sequence[dict[str, torch.Tensor]], alpha: float = DEFAULT_ALPHA
-            ) -> tuple[list[Adapter], dict[str, Any]]:
+def project(adapters: Sequence[Adapter], grams: Sequence[dict[str, torch.Tensor]], alpha: float = DEFAULT_ALPHA,
+            anchor: dict[str, torch.Tensor] | None = None) -> tuple[list[Adapter], dict[str, Any]]:
     """Each adapter with Aₜ ← Aₜ G̃ₜ S⁻¹ in every module (float64, one solve per module), so that the linear sum
     with weights 1.0 is RegMean's W*; and the per-task residual of that sum (module docstring), computed in
     factor space: ΔW* − ΔWₜ = B_c·A_c has rank ≤ Σrᵢ + rₜ, so ‖Xₜ(ΔW* − ΔWₜ)ᵀ‖² = Σ (B_cᵀB_c) ⊙ (A_c Gₜ A_cᵀ)."""
@@ -166,7 +217,8 @@ def project(adapters: Sequence[Adapter], grams: Sequence[dict[str, torch.Tensor]
         A64 = [m.A.double() for m in modules]
         B64 = [m.scaling * m.B.double() for m in modules]  # sₜ·Bₜ
         rhs = torch.cat([g @ A.T for A, g in zip(A64, shrunk)], dim=1)
-        solved = torch.linalg.solve(sum(shrunk), rhs).T
+        total = sum(shrunk) if anchor is None else sum(shrunk) + _shrunk(anchor[name], alpha)
+        solved = torch.linalg.solve(total, rhs).T
         projected = list(torch.split(solved, [m.rank for m in modules], dim=0))
         B_merged = torch.cat(B64, dim=1)
         for t, (m, a) in enumerate(zip(modules, projected)):
@@ -185,12 +237,24 @@ def project(adapters: Sequence[Adapter], grams: Sequence[dict[str, torch.Tensor]
 
 
 def regmean_adapters(adapters: Sequence[Adapter], base_dir: Path, data: Sequence[Path], *, alpha: float = DEFAULT_ALPHA,
-                     examples: int = DEFAULT_EXAMPLES, progress: bool = True) -> tuple[list[Adapter], dict[str, Any]]:
-    """Gram matrices, then the projected adapters; the record for lorakit_merge.json."""
+                     examples: int = DEFAULT_EXAMPLES, anchor: float = DEFAULT_ANCHOR,
+                     progress: bool = True) -> tuple[list[Adapter], dict[str, Any]]:
+    """Gram matrices, then the projected adapters; the record for lorakit_merge.json.
+
+    ``anchor`` > 0 adds the base's Gram matrix on general text (:func:`collect_anchor_gram`) to the fit as a task
+    whose update is zero, scaled to ``anchor`` x the tasks' mean token count: the merged update then also keeps the
+    base's outputs where general text reads each layer (module docstring)."""
     grams, tokens = collect_grams(base_dir, adapters, data, examples=examples, progress=progress)
-    projected, report = project(adapters, grams, alpha)
+    anchor_gram, anchor_record = None, None
+    if float(anchor) > 0:
+        g0, info = collect_anchor_gram(base_dir, adapters, tokens=ANCHOR_TOKENS, progress=progress)
+        scale = float(anchor) * (sum(tokens) / len(tokens)) / info["tokens"]
+        anchor_gram = {name: g * scale for name, g in g0.items()}
+        anchor_record = {"weight": float(anchor), "gram_scale": scale, **info,
+                         "definition": "G_0 of the base on general text x weight x (mean task tokens / tokens)"}
+    projected, report = project(adapters, grams, alpha, anchor=anchor_gram)
     record = {"alpha": float(alpha), "examples": int(examples), "data": [str(d) for d in data], "split": "train",
-              "tokens": tokens, **report}
+              "tokens": tokens, "anchor": anchor_record, **report}
     worst = max(r["max"] for r in report["residual"])
     emit(f"regmean: {sum(tokens)} tokens read; each task's layer outputs move at most {worst:.1%} from its "
          "adapter's (residual)")
@@ -203,6 +267,7 @@ REGMEAN = MergeMethod(
             "(least squares over --data; each A re-projected, then the exact sum; residual reported)",
     combine=weighted_sum,  # on the projected updates: the linear sum is RegMean's W*
     params=(Param("regmean_alpha", float, DEFAULT_ALPHA, help="off-diagonal scale of the Gram matrices"),
-            Param("regmean_examples", int, DEFAULT_EXAMPLES, help="training examples read per task")),
+            Param("regmean_examples", int, DEFAULT_EXAMPLES, help="training examples read per task"),
+            Param("regmean_anchor", float, DEFAULT_ANCHOR, help="weight of the general-text anchor (0 = off)")),
     factorable=True,
 )

@@ -116,24 +116,42 @@ def _token_stream(texts: list[str], order: list[int], tokenizer, need: int) -> l
     return stream
 
 
-def general_blocks(general: str | Path, tokenizer, n_blocks: int, seq_len: int) -> tuple[torch.Tensor, dict]:
-    """``n_blocks`` blocks of general text, cut from its documents last first (the gate reads them first first)."""
+def general_stream(general: str | Path, tokenizer, n_tokens: int, *, purpose: str = "calibration"
+                   ) -> tuple[list[int], dict]:
+    """``n_tokens`` tokens of general text, read from its documents last first (the gate reads them first first)
+    and never from the leading documents the release gate scores; what was read, for the record. ``purpose`` names
+    the reader in the error when the text is too short."""
     from lorakit.gate.general import resolve_general_text
 
     path = resolve_general_text(general)
     if path is None:
-        raise InputError("calibration general text is 'none'; pass a fraction of 0 to calibrate on the tasks only")
+        raise InputError(f"{purpose} general text is 'none'")
     texts, source, _, digest = load_texts(path)
     reserved = _gate_documents(texts, tokenizer) if Path(path).resolve() == Path(resolve_general_text("default")).resolve() else 0
-    stream = _token_stream(texts, list(reversed(range(reserved, len(texts)))), tokenizer, n_blocks * seq_len)
-    if len(stream) < n_blocks * seq_len:
+    stream = _token_stream(texts, list(reversed(range(reserved, len(texts)))), tokenizer, n_tokens)
+    if len(stream) < n_tokens:
         held = f" outside the {reserved} document(s) the release gate scores" if reserved else ""
-        raise InputError(f"general calibration text {source} gives {len(stream)} tokens{held}, fewer than the "
-                         f"{n_blocks} x {seq_len} its share of the calibration needs; lower the general fraction or "
-                         "n_samples, or pass a longer text")
-    blocks = torch.tensor(stream[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
-    return blocks, {"source": source, "sha256": digest, "n_samples": n_blocks, "documents": "last first",
-                    "n_documents": len(texts), "gate_documents_left_out": reserved}
+        raise InputError(f"{purpose} general text {source} gives {len(stream)} tokens{held}, fewer than the "
+                         f"{n_tokens} it needs; ask for less, or pass a longer text")
+    return stream[:n_tokens], {"source": source, "sha256": digest, "documents": "last first",
+                               "n_documents": len(texts), "gate_documents_left_out": reserved}
+
+
+def general_blocks(general: str | Path, tokenizer, n_blocks: int, seq_len: int) -> tuple[torch.Tensor, dict]:
+    """``n_blocks`` blocks of general text (:func:`general_stream`)."""
+    from lorakit.gate.general import resolve_general_text
+
+    if resolve_general_text(general) is None:
+        raise InputError("calibration general text is 'none'; pass a fraction of 0 to calibrate on the tasks only")
+    try:
+        stream, info = general_stream(general, tokenizer, n_blocks * seq_len)
+    except InputError as exc:
+        raise InputError(f"{exc} (the general share of the calibration, {n_blocks} x {seq_len}: lower the general "
+                         "fraction or n_samples)") from None
+    blocks = torch.tensor(stream, dtype=torch.int64).view(n_blocks, seq_len)
+    return blocks, {"source": info["source"], "sha256": info["sha256"], "n_samples": n_blocks,
+                    "documents": "last first", "n_documents": info["n_documents"],
+                    "gate_documents_left_out": info["gate_documents_left_out"]}
 
 
 def _gate_documents(texts: list[str], tokenizer) -> int:
