@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, FiniteFloat, ValidationError, field_validator, model_validator
 
-from lorakit.data.bundled import BUNDLED_NAMES, BUNDLED_TRAINING
+from lorakit.data.bundled import BUNDLED_MERGE_WEIGHTS, BUNDLED_NAMES, BUNDLED_TRAINING
 from lorakit.data.options import PrepOptions
 from lorakit.errors import InputError
 from lorakit.export.types import GGUF_TYPES
@@ -65,6 +65,9 @@ class DatasetConfig(PrepOptions):
         None, description="Name of a dataset bundled with lorakit (instead of files).")
     files: list[str] = Field(default_factory=list, description="Local data files (JSONL, JSON, CSV, Parquet, text).")
 
+    merge_weight: FiniteFloat = Field(
+        1.0, description="This task's adapter's weight in the merge when merge.weights is not given (the default "
+        "release weighs its bundled tasks more: RegMean's general-text anchor keeps less of each update).")
     lora: dict[str, Any] = Field(
         default_factory=dict, description="This task's adapter trains with these options instead of the run's "
         f"lora: values (e.g. {{lr: 0.002}}); keys: {', '.join(PER_DATASET_LORA_KEYS)}.")
@@ -108,6 +111,11 @@ class MergeConfig(MergeOptions):
     method: MethodName = Field("regmean", description="How updates are combined: regmean (the release's default) "
                                "fits each layer to keep every adapter's outputs on its own task's training inputs; "
                                "linear, ties, dare_* and magnitude_prune combine the full updates ΔWᵢ = scalingᵢ·BᵢAᵢ.")
+
+    regmean_anchor: float | None = Field(
+        1.0, ge=0, allow_inf_nan=False, description="regmean: weight of the general-text anchor (the release's "
+        "default 1.0: the base's outputs on general English weigh as much as one task; lorakit merge's own default "
+        "is off); null = 0.")
 
     search: MergeSearchConfig | Literal["auto"] | None = Field(
         "auto", description="Choose the weights on the tasks' val splits (lorakit merge --search): a mapping of "
@@ -180,7 +188,8 @@ class ReleaseConfig(_Section):
 
     base: str = Field("default", description="Base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or hub id.")
     datasets: list[DatasetConfig] = Field(
-        default_factory=lambda: [DatasetConfig(name=n, bundled=n, lora=dict(BUNDLED_TRAINING.get(n, {})))
+        default_factory=lambda: [DatasetConfig(name=n, bundled=n, lora=dict(BUNDLED_TRAINING.get(n, {})),
+                                               merge_weight=BUNDLED_MERGE_WEIGHTS.get(n, 1.0))
                                  for n in DEFAULT_DATASETS], min_length=1
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -245,11 +254,15 @@ class ReleaseConfig(_Section):
         if self.merge.method == "regmean":  # it fits the combination itself (lorakit.merge.regmean)
             return None
         plain = self.lora.variant == "lora" and self.lora.init != "loftq"
-        return MergeSearchConfig() if self.merge.weights is None and len(self.datasets) > 1 and plain else None
+        given = self.merge.weights is not None or any("merge_weight" in ds.model_fields_set for ds in self.datasets)
+        return MergeSearchConfig() if not given and len(self.datasets) > 1 and plain else None
 
     def merge_weights(self) -> list[float]:
-        """The weights given, else :func:`lorakit.merge.options.default_weights` (1.0 per dataset: why, there)."""
-        return list(self.merge.weights) if self.merge.weights is not None else default_weights(len(self.datasets))
+        """The weights given, else each dataset's ``merge_weight`` (1.0 unless set: why, at
+        :func:`lorakit.merge.options.default_weights`)."""
+        if self.merge.weights is not None:
+            return list(self.merge.weights)
+        return [float(w) * ds.merge_weight for w, ds in zip(default_weights(len(self.datasets)), self.datasets)]
 
     def calib_dataset(self) -> str | None:
         """The one dataset that calibrates quantization; None = all of them, prepared together."""

@@ -69,6 +69,33 @@ def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
         parse_config({"datasets": two, "merge": {**linear, "weights": [1, 1], "search": {"max_trials": 3}}})
     with pytest.raises(InputError, match="merge.search"):
         parse_config({"datasets": two, "merge": {"search": "always"}})
+    # a dataset's own merge_weight is a weight given: nothing left to search
+    weighted = [two[0], {**two[1], "merge_weight": 0.5}]
+    assert parse_config({"datasets": weighted, "merge": linear}).merge_search() is None
+
+
+def test_merge_weights_come_from_the_datasets_unless_the_merge_names_them(tmp_path):
+    """``datasets[i].merge_weight`` (1.0 unless set) is each adapter's weight when ``merge.weights`` is null; a
+    ``merge.weights`` list overrides them all; the merge stage and its registered params take them, the YAML
+    round-trips, and a non-finite weight is one line naming the key. The default release weighs both bundled tasks
+    1.3 with the RegMean anchor at 1.0 (lorakit merge's own anchor default is off)."""
+    two = [{"name": n, "files": ["a.jsonl"]} for n in ("a", "b")]
+    assert parse_config({"datasets": two}).merge_weights() == [1.0, 1.0]
+    cfg = parse_config({"datasets": [two[0], {**two[1], "merge_weight": 1.5}], "output_dir": str(tmp_path / "o")})
+    assert cfg.merge_weights() == [1.0, 1.5]
+    assert parse_config(yaml.safe_load(dump_config(cfg))) == cfg
+    over = parse_config({"datasets": [two[0], {**two[1], "merge_weight": 1.5}], "merge": {"weights": [2, 3]}})
+    assert over.merge_weights() == [2.0, 3.0]
+    plan = ReleasePlan(cfg)
+    merge = plan.merge(["x", "y"], {"a": "pa", "b": "pb"})
+    assert merge["weights"] == [1.0, 1.5] and merge["params"]["regmean_anchor"] == 1.0
+    default = ReleaseConfig()
+    assert default.merge_weights() == [1.3, 1.3] and default.merge.regmean_anchor == 1.0
+    from lorakit.merge.options import MERGE
+
+    assert MERGE.regmean_anchor is None  # `lorakit merge` anchors only when asked
+    with pytest.raises(InputError, match="datasets.1.merge_weight"):
+        parse_config({"datasets": [two[0], {**two[1], "merge_weight": float("nan")}]})
 
 
 def test_release_flow_parameters_are_the_config_fields():

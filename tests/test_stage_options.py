@@ -61,7 +61,7 @@ def _library():
 
 # Where the release deliberately differs from the command's default, and why (flows/config.py says it with numbers):
 # RegMean needs every adapter's task data, which a release always has and a bare `lorakit merge a b` does not.
-RELEASE_CHOICES = {("merge", "method"): "regmean"}
+RELEASE_CHOICES = {("merge", "method"): "regmean", ("merge", "regmean_anchor"): 1.0}
 
 
 def _default(field):

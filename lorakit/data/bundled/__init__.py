@@ -27,6 +27,11 @@ BUNDLED_PREFIX = "bundled:"
 # reverse-words keeps 1e-3, where it already forgets more general English than number-words does at 2e-3.
 BUNDLED_TRAINING: dict[str, dict[str, float]] = {"number-words": {"lr": 2e-3}}
 
+# Each bundled task's weight in the default release's merge (its ``datasets[i].merge_weight``). RegMean's
+# general-text anchor (``merge.regmean_anchor``) pulls both updates toward the base where general English reads
+# the layers; weighing each task 1.3 gives back the answers it cost (docs/merge.md).
+BUNDLED_MERGE_WEIGHTS: dict[str, float] = {"reverse-words": 1.3, "number-words": 1.3}
+
 
 def bundled_dataset_path(name: str) -> Path:
     """Path of a bundled dataset's JSONL file (instruction format: instruction/input/output)."""
@@ -36,4 +41,4 @@ def bundled_dataset_path(name: str) -> Path:
     return BUNDLED_DIR / f"{name}.jsonl"
 
 
-__all__ = ["BUNDLED_NAMES", "BUNDLED_PREFIX", "BUNDLED_TRAINING", "bundled_dataset_path"]
+__all__ = ["BUNDLED_MERGE_WEIGHTS", "BUNDLED_NAMES", "BUNDLED_PREFIX", "BUNDLED_TRAINING", "bundled_dataset_path"]
