@@ -74,6 +74,11 @@ class DatasetConfig(PrepOptions):
 
     _safe_name = field_validator("name")(check_name)
 
+    def prep_params(self) -> dict[str, Any]:
+        """The options ``prepare_dataset`` takes (the keys of ``lorakit prep``): what the other fields say about
+        the task's adapter and merge does not change its prepared data."""
+        return self.model_dump(include=set(PrepOptions.model_fields))
+
     @field_validator("lora")
     @classmethod
     def _training_keys(cls, v: dict[str, Any]) -> dict[str, Any]:

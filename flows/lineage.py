@@ -64,7 +64,7 @@ def register_release(cfg: ReleaseConfig, preps: dict[str, dict], adapters: dict[
 
     base_ref = reg("base", {"path": base_dir}, "base", [], params={"base": cfg.base})
     for ds in cfg.datasets:
-        data_ref = reg(f"prep:{ds.name}", preps[ds.name], "dataset", [base_ref], params=ds.model_dump(exclude={"lora"}))
+        data_ref = reg(f"prep:{ds.name}", preps[ds.name], "dataset", [base_ref], params=ds.model_dump(exclude={"lora", "merge_weight"}))
         reg(f"adapter:{ds.name}", adapters[ds.name], "adapter", [data_ref, base_ref], params=cfg.lora_for(ds).model_dump())
     merge = merge_params(cfg, merged["metadata"])
     # each adapter -> merged edge carries that adapter's weight (chosen by the search when it ran)

@@ -49,7 +49,7 @@ class ReleasePlan:
         return str(Path(self.config.output_dir).absolute())
 
     def prep(self, ds: DatasetConfig) -> dict[str, Any]:
-        params = ds.model_dump(exclude={"name", "bundled", "files", "lora"})
+        params = ds.prep_params()
         params["base"] = self.config.base
         return {"sources": sources(ds), "params": params,
                 "output": stage_dir(self.out, "prep", ds.name, {"sources": sources(ds), **params})}
@@ -63,7 +63,7 @@ class ReleasePlan:
         if self.config.calib_dataset() is not None:
             return None
         first = self.config.datasets[0]
-        params = first.model_dump(exclude={"name", "bundled", "files", "lora"})
+        params = first.prep_params()
         params["base"] = self.config.base
         files = [f for ds in self.config.datasets for f in sources(ds)]
         return {"sources": files, "params": params,

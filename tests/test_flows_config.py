@@ -87,6 +87,9 @@ def test_merge_weights_come_from_the_datasets_unless_the_merge_names_them(tmp_pa
     over = parse_config({"datasets": [two[0], {**two[1], "merge_weight": 1.5}], "merge": {"weights": [2, 3]}})
     assert over.merge_weights() == [2.0, 3.0]
     plan = ReleasePlan(cfg)
+    assert plan.prep(cfg.datasets[1]) == ReleasePlan(parse_config({"datasets": two, "output_dir": str(tmp_path / "o")})
+                                                     ).prep(cfg.datasets[0].model_copy(update={"name": "b"}))
+    assert "merge_weight" not in plan.prep(cfg.datasets[1])["params"]  # prepare_dataset takes prep's keys only
     merge = plan.merge(["x", "y"], {"a": "pa", "b": "pb"})
     assert merge["weights"] == [1.0, 1.5] and merge["params"]["regmean_anchor"] == 1.0
     default = ReleaseConfig()
