@@ -92,6 +92,24 @@ def _documents(prep: Path, examples: int) -> list[str]:
     return texts
 
 
+def _gram_hooks(model, names: Sequence[str], gram: dict[str, torch.Tensor], mask: list[torch.Tensor] | None = None):
+    """Forward pre-hooks adding each named module's input Gram XᵀX (float64) to ``gram[name]``; ``mask[0]``, when
+    given, selects the real (unpadded) tokens of the current batch. Modules reading the same input tensor (q/k/v,
+    gate/up) share one product."""
+    last: list[Any] = [None, None]  # (input tensor, its Gram)
+
+    def hook_for(name: str):
+        def hook(module, args):
+            if args[0] is not last[0]:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                x = (x[mask[0]] if mask is not None else x).float()
+                last[:] = [args[0], (x.T @ x).double()]
+            gram[name].add_(last[1])
+        return hook
+
+    return [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+
+
 @torch.no_grad()
 def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Path], *,
                   examples: int = DEFAULT_EXAMPLES, progress: bool = True) -> tuple[list[dict[str, torch.Tensor]],
@@ -109,15 +127,6 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
     tokens: list[int] = []
     mask: list[torch.Tensor] = []  # the current batch's real-token mask, flattened, read by the hooks
 
-    last: list[Any] = [None, None]  # (input tensor, its Gram): q/k/v and gate/up read the same input
-
-    def hook_for(gram: dict[str, torch.Tensor], name: str):
-        def hook(module, args):
-            if args[0] is not last[0]:
-                x = args[0].reshape(-1, args[0].shape[-1])[mask[0]].float()
-                last[:] = [args[0], (x.T @ x).double()]
-            gram[name].add_(last[1])
-        return hook
 
     decoder = memory.model.get_decoder() if hasattr(memory.model, "get_decoder") else memory.model
     if any(n.startswith("lm_head") for n in names):
@@ -131,7 +140,7 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
         for name in names:
             width = adapter.modules[name].A.shape[1]
             gram[name] = torch.zeros(width, width, dtype=torch.float64)
-        hooks = [memory.model.get_submodule(n).register_forward_pre_hook(hook_for(gram, n)) for n in names]
+        hooks = _gram_hooks(memory.model, names, gram, mask)
         docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in _documents(prep, examples)]
         seen = 0
         try:
@@ -148,7 +157,6 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
                 decoder(input_ids=ids, attention_mask=attn)  # the output head reads no adapted input
                 seen += int(attn.sum())
         finally:
-            last[:] = [None, None]
             for h in hooks:
                 h.remove()
         grams.append(gram)
@@ -164,7 +172,6 @@ def collect_anchor_gram(base_dir: Path, adapters: Sequence[Adapter], *, tokens: 
     text: the anchor's data. Windows of 512 tokens, as the gate reads general text."""
     from lorakit.evaluate.loading import describe_model, load_tokenizer
     from lorakit.merge.in_memory import InMemoryMerge
-
     from lorakit.quantize.calibration import general_stream
 
     tokenizer = load_tokenizer(describe_model(str(base_dir)))
@@ -174,18 +181,8 @@ def collect_anchor_gram(base_dir: Path, adapters: Sequence[Adapter], *, tokens: 
     names = memory.names
     gram = {n: torch.zeros(adapters[0].modules[n].A.shape[1], adapters[0].modules[n].A.shape[1],
                            dtype=torch.float64) for n in names}
-    last: list[Any] = [None, None]
-
-    def hook_for(name: str):
-        def hook(module, args):
-            if args[0] is not last[0]:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                last[:] = [args[0], (x.T @ x).double()]
-            gram[name].add_(last[1])
-        return hook
-
     decoder = memory.model.get_decoder() if hasattr(memory.model, "get_decoder") else memory.model
-    hooks = [memory.model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    hooks = _gram_hooks(memory.model, names, gram)
     windows = [stream[i:i + 512] for i in range(0, len(stream), 512)]
     try:
         for w in progress_bar(windows, desc="regmean: general-text inputs of the base", unit="window",
