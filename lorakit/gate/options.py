@@ -10,8 +10,9 @@ variants.*.checks.*.kl_mean): the bar binds where perplexity alone passes (GPTQ 
 reverse-words +1.6% perplexity at KL 0.051, variants.gptq-general0.checks.reverse-words).
 
 The language bar, ``max_general_forgetting`` (merged vs base on general text, 10%): the default release's merged
-model is +7.8% (bench/results/release_scorecard_bf16_perlr.json, ``release.general_text.vs_base.merged``; +6.1% with
-both adapters at lr 1e-3, release_scorecard_bf16_gptq75.json); the same release trained with LoRA+ 8 answered more
+model is +1.7% (bench/results/release_scorecard_bf16_anchor.json, ``release.general_text.vs_base.merged``: RegMean's
+general-text anchor; +7.8% before it, with weights 1, release_scorecard_bf16_perlr.json; at weights 1.2 without it
++13.3%, regmean_weights.json); the same release trained with LoRA+ 8 answered more
 of its tasks and was +60.6%
 (release_scorecard_bf16_loraplus8.json), a loss every other check let through.
 """
