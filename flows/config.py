@@ -66,7 +66,7 @@ class DatasetConfig(PrepOptions):
     files: list[str] = Field(default_factory=list, description="Local data files (JSONL, JSON, CSV, Parquet, text).")
 
     merge_weight: FiniteFloat = Field(
-        1.0, description="This task's adapter's weight in the merge when merge.weights is not given (the default "
+        default_weights(1)[0], description="This task's adapter's weight in the merge when merge.weights is not given (the default "
         "release weighs its bundled tasks more: RegMean's general-text anchor keeps less of each update).")
     lora: dict[str, Any] = Field(
         default_factory=dict, description="This task's adapter trains with these options instead of the run's "
@@ -267,7 +267,7 @@ class ReleaseConfig(_Section):
         :func:`lorakit.merge.options.default_weights`)."""
         if self.merge.weights is not None:
             return list(self.merge.weights)
-        return [float(w) * ds.merge_weight for w, ds in zip(default_weights(len(self.datasets)), self.datasets)]
+        return [float(ds.merge_weight) for ds in self.datasets]
 
     def calib_dataset(self) -> str | None:
         """The one dataset that calibrates quantization; None = all of them, prepared together."""

@@ -32,6 +32,7 @@ Only the adapted modules change; a module one adapter does not adapt is refused 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +68,7 @@ def check_data(adapters: Sequence[Adapter], data: Sequence[str | os.PathLike[str
         raise InputError(f"regmean alpha must be in [0, 1], got {alpha}")
     if int(examples) < 1:
         raise InputError(f"regmean examples must be at least 1, got {examples}")
-    if not float(anchor) >= 0.0 or float(anchor) == float("inf"):
+    if not (math.isfinite(float(anchor)) and float(anchor) >= 0.0):
         raise InputError(f"regmean anchor must be a finite weight >= 0 (0 = off), got {anchor}")
     bad = [a.label for a in adapters if a.dora or a.loftq]
     if bad:
@@ -112,13 +113,16 @@ def _gram_hooks(model, names: Sequence[str], gram: dict[str, torch.Tensor], mask
 
 @torch.no_grad()
 def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Path], *,
-                  examples: int = DEFAULT_EXAMPLES, progress: bool = True) -> tuple[list[dict[str, torch.Tensor]],
-                                                                                   list[int]]:
+                  examples: int = DEFAULT_EXAMPLES, anchor_tokens: int = 0, progress: bool = True
+                  ) -> tuple[list[dict[str, torch.Tensor]], list[int], tuple[dict[str, torch.Tensor], dict] | None]:
     """Gₜ = XₜᵀXₜ (float64) of every adapted module's input, model t reading task t's first ``examples`` training
-    documents (tokenized as training rendered them, padded batches, padding left out); and the tokens read."""
+    documents (tokenized as training rendered them, padded batches, padding left out); the tokens read; and with
+    ``anchor_tokens`` the anchor's G₀: the base itself (the same in-memory model, restored) reading that many tokens
+    of lorakit's general corpus in windows of 512, as the gate reads general text, with what was read."""
     from lorakit.evaluate.loading import describe_model, load_tokenizer
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.merge.linear import LINEAR
+    from lorakit.quantize.calibration import general_stream
 
     tokenizer = load_tokenizer(describe_model(str(base_dir)))
     memory = InMemoryMerge(base_dir, list(adapters), torch.device("cpu"))
@@ -126,8 +130,6 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
     grams: list[dict[str, torch.Tensor]] = []
     tokens: list[int] = []
     mask: list[torch.Tensor] = []  # the current batch's real-token mask, flattened, read by the hooks
-
-
     decoder = memory.model.get_decoder() if hasattr(memory.model, "get_decoder") else memory.model
     if any(n.startswith("lm_head") for n in names):
         decoder = memory.model
@@ -161,37 +163,22 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
                 h.remove()
         grams.append(gram)
         tokens.append(seen)
-    memory.restore()
-    return grams, tokens
-
-
-@torch.no_grad()
-def collect_anchor_gram(base_dir: Path, adapters: Sequence[Adapter], *, tokens: int,
-                        progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """G₀ = X₀ᵀX₀ of every adapted module's input, the base (no adapter) reading ``tokens`` tokens of general
-    text: the anchor's data. Windows of 512 tokens, as the gate reads general text."""
-    from lorakit.evaluate.loading import describe_model, load_tokenizer
-    from lorakit.merge.in_memory import InMemoryMerge
-    from lorakit.quantize.calibration import general_stream
-
-    tokenizer = load_tokenizer(describe_model(str(base_dir)))
-    # lorakit's corpus, last documents first, never the ones the release gate scores (calibration's rule)
-    stream, info = general_stream("default", tokenizer, int(tokens), purpose="the RegMean anchor's")
-    memory = InMemoryMerge(base_dir, list(adapters), torch.device("cpu"))  # untouched: the base's own weights
-    names = memory.names
-    gram = {n: torch.zeros(adapters[0].modules[n].A.shape[1], adapters[0].modules[n].A.shape[1],
-                           dtype=torch.float64) for n in names}
-    decoder = memory.model.get_decoder() if hasattr(memory.model, "get_decoder") else memory.model
-    hooks = _gram_hooks(memory.model, names, gram)
-    windows = [stream[i:i + 512] for i in range(0, len(stream), 512)]
-    try:
-        for w in progress_bar(windows, desc="regmean: general-text inputs of the base", unit="window",
-                              disable=not progress):
-            decoder(input_ids=torch.tensor([w]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return gram, {**info, "tokens": len(stream)}
+    memory.restore()  # the base's own weights again
+    anchor = None
+    if anchor_tokens:
+        # lorakit's corpus, last documents first, never the ones the release gate scores (calibration's rule)
+        stream, info = general_stream("default", tokenizer, int(anchor_tokens), purpose="the RegMean anchor's")
+        gram = {n: torch.zeros_like(grams[0][n]) for n in names}
+        hooks = _gram_hooks(memory.model, names, gram)
+        try:
+            for start in progress_bar(range(0, len(stream), 512), desc="regmean: general-text inputs of the base",
+                                      unit="window", disable=not progress):
+                decoder(input_ids=torch.tensor([stream[start:start + 512]]))
+        finally:
+            for h in hooks:
+                h.remove()
+        anchor = (gram, {**info, "tokens": len(stream)})
+    return grams, tokens, anchor
 
 
 def _shrunk(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -238,13 +225,14 @@ def regmean_adapters(adapters: Sequence[Adapter], base_dir: Path, data: Sequence
                      progress: bool = True) -> tuple[list[Adapter], dict[str, Any]]:
     """Gram matrices, then the projected adapters; the record for lorakit_merge.json.
 
-    ``anchor`` > 0 adds the base's Gram matrix on general text (:func:`collect_anchor_gram`) to the fit as a task
+    ``anchor`` > 0 adds the base's Gram matrix on general text (:func:`collect_grams`) to the fit as a task
     whose update is zero, scaled to ``anchor`` x the tasks' mean token count: the merged update then also keeps the
     base's outputs where general text reads each layer (module docstring)."""
-    grams, tokens = collect_grams(base_dir, adapters, data, examples=examples, progress=progress)
+    grams, tokens, g0_read = collect_grams(base_dir, adapters, data, examples=examples,
+                                           anchor_tokens=ANCHOR_TOKENS if float(anchor) > 0 else 0, progress=progress)
     anchor_gram, anchor_record = None, None
-    if float(anchor) > 0:
-        g0, info = collect_anchor_gram(base_dir, adapters, tokens=ANCHOR_TOKENS, progress=progress)
+    if g0_read is not None:
+        g0, info = g0_read
         scale = float(anchor) * (sum(tokens) / len(tokens)) / info["tokens"]
         anchor_gram = {name: g * scale for name, g in g0.items()}
         anchor_record = {"weight": float(anchor), "gram_scale": scale, **info,
