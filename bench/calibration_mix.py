@@ -8,7 +8,9 @@ last documents, so the gate's general text never shaped the weights.
 
 A variant ``method:fraction:b8`` quantizes to 8 bits instead of 4; ``method:fraction:g32`` uses group 32 instead of
 64; ``gptq:fraction:asym`` adds a zero point and ``gptq:fraction:act`` act-order (desc_act); ``awq:fraction:activation`` searches AWQ's activation-only scale form instead of the default ``duo``
-(``lorakit.quantize.awq.search_scale``). A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
+(``lorakit.quantize.awq.search_scale``); ``gptq:fraction:gptaqA`` turns on GPTAQ with alpha A and ``gptq:fraction:clip``
+GPTQModel's clipping search (without them a GPTQ variant is plain GPTQ, as in every record made before the options
+existed; AWQ variants always search clipping). A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
 on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
 what per-module precision buys on general text, and what it costs in size. A variant ``method:fraction:sN``
 calibrates on N blocks instead of the release's ``n_samples``.
@@ -93,7 +95,7 @@ def task_name(prep: Path) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One quantization to measure, parsed from ``method:fraction[:kN][:bN][:gN][:sN][:FORM][:asym][:act]``."""
+    """One quantization to measure, parsed from ``method:fraction[:kN][:bN][:gN][:sN][:FORM][:asym][:act][:gptaqA][:clip]``."""
 
     method: str
     fraction: float
@@ -104,6 +106,8 @@ class Variant:
     scale_form: str | None = None  # AWQ's per-group scale form
     asym: bool = False  # GPTQ: a zero point
     act_order: bool = False  # GPTQ: desc_act
+    gptaq_alpha: float = 0.0  # GPTQ: GPTAQ's input-error correction (0 = plain GPTQ, as every record before it)
+    clip: bool = False  # GPTQ: GPTQModel's clipping search (AWQ variants always search clipping, as before)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -116,21 +120,25 @@ class Variant:
 
         return cls(method, float(fraction), keep=number("k", 0), bits=number("b", 4), group_size=number("g", 64),
                    n_samples=number("s", None), scale_form=next((m for m in more if m in AWQ_SCALE_FORMS), None),
-                   asym="asym" in more, act_order="act" in more)
+                   asym="asym" in more, act_order="act" in more,
+                   gptaq_alpha=next((float(m[5:]) for m in more if m.startswith("gptaq")), 0.0),
+                   clip="clip" in more)
 
     @classmethod
     def of_record(cls, v: dict) -> Variant:
         """The variant a results record measured (records written before a field existed: its default)."""
         return cls(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
                    v.get("group_size", 64), v.get("n_samples"), v.get("awq_scale_form"), v.get("asym", False),
-                   v.get("act_order", False))
+                   v.get("act_order", False), v.get("gptaq_alpha", 0.0), v.get("clip", False))
 
     def key(self) -> str:
         """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
         return (f"{self.method}{'' if self.bits == 4 else f'-{self.bits}bit'}"
                 f"{'' if self.group_size == 64 else f'-g{self.group_size}'}"
                 f"{f'-{self.scale_form}' if self.scale_form else ''}{'-asym' if self.asym else ''}"
-                f"{'-act' if self.act_order else ''}{f'-n{self.n_samples}' if self.n_samples else ''}"
+                f"{'-act' if self.act_order else ''}{f'-gptaq{round(self.gptaq_alpha * 100)}' if self.gptaq_alpha else ''}"
+                f"{'-clip' if self.clip and self.method == 'gptq' else ''}"
+                f"{f'-n{self.n_samples}' if self.n_samples else ''}"
                 f"-general{round(self.fraction * 100)}" + (f"-keep{self.keep}" if self.keep else ""))
 
 
@@ -152,6 +160,9 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
         q["desc_act"] = True
     if v.n_samples:
         q["n_samples"] = v.n_samples
+    if v.method == "gptq":
+        q["gptaq_alpha"] = v.gptaq_alpha
+        q["clip_search"] = v.clip
     started = time.perf_counter()
     module_bits = sensitive_modules(merged, calib, q, v.fraction, v.keep) if v.keep else None
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if v.fraction else None,
@@ -171,6 +182,8 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
     return {"method": v.method, "bits": v.bits, "group_size": v.group_size, "general_fraction": v.fraction,
             **({"awq_scale_form": v.scale_form} if v.scale_form else {}),
             **({"asym": True} if v.asym else {}), **({"act_order": True} if v.act_order else {}),
+            **({"gptaq_alpha": v.gptaq_alpha} if v.gptaq_alpha else {}),
+            **({"clip": True} if v.clip and v.method == "gptq" else {}),
             **({"n_samples": v.n_samples} if v.n_samples else {}),
             "kept_modules": v.keep, **scored,
             "quantize_used": meta["params"],
@@ -202,6 +215,8 @@ def readme(data: dict, name: str) -> str:
         cells += [" / ".join(f"{100 * s['drop']:+.0f}" for s in splits.values())
                   for splits in v.get("accuracy", {}).values()]
         flavour = [v.get("awq_scale_form"), "asym" if v.get("asym") else None, "act-order" if v.get("act_order") else None,
+                   f"GPTAQ {v['gptaq_alpha']:g}" if v.get("gptaq_alpha") else None,
+                   "clipping search" if v.get("clip") else None,
                    f"{v['n_samples']} blocks" if v.get("n_samples") else None]
         form = f" ({', '.join(filter(None, flavour))})" if any(flavour) else ""
         lines.append(f"| {v['method']}{form} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
@@ -223,7 +238,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:sN][:activation][:asym][:act], "
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:sN][:activation][:asym][:act][:gptaqA][:clip], "
                     "comma-separated (empty: rewrite the results and README section from what was measured)")
     ap.add_argument("--accuracy", action="store_true", help="also score exact match as the release scorecard does")
     ap.add_argument("--results", default="calibration_mix", help="results file (bench/results/NAME.json) and README "

@@ -97,6 +97,8 @@ def quantize_label(used: dict[str, Any]) -> str:
         label += f" (g{used['group_size_requested']} requested)"
     if used.get("desc_act"):
         label += " act-order"
+    if used.get("gptaq_alpha"):
+        label += f" GPTAQ {used['gptaq_alpha']:g}"
     if used.get("module_bits"):
         label += f" +{len(used['module_bits'])} modules kept"
     label += f", {used['n_samples']}x{used['seq_len']} calibration"

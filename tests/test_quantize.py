@@ -16,6 +16,7 @@ from lorakit.quantize import QUANT_META, quantize_model, read_quant_meta
 from lorakit.quantize.checks import resolve_group_size
 from lorakit.quantize.grid import dequantize, quantize_weight
 from lorakit.quantize.layouts import AWQ_ORDER, pack_awq, pack_gptq, unpack_awq, unpack_gptq
+from lorakit.quantize.options import QUANTIZE
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -46,12 +47,13 @@ def prep(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
-    """Tiny model quantized six ways (made once for the module; each takes a few seconds). gptq4/gptq8 keep the
+    """Tiny model quantized eight ways (made once for the module; each takes a few seconds). gptq4/gptq8 keep the
     natural group order (no act-order) so lorakit's unpacker can read them; ``default`` is the release default
-    (GPTQ 4-bit g32, zero point, act-order)."""
+    (GPTQ 4-bit g16, zero point, act-order, GPTAQ, clipping search), ``no-clip`` without the clipping search, ``plain-gptq`` without either."""
     root = tmp_path_factory.mktemp("quant")
     runs = {"gptq4": dict(method="gptq", bits=4, group_size=32, desc_act=False),
             "gptq8": dict(method="gptq", bits=8, group_size=64, desc_act=False), "default": {},
+            "no-clip": dict(clip_search=False), "plain-gptq": dict(clip_search=False, gptaq_alpha=0),
             "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64),
             "awq4-fp32": dict(method="awq", bits=4, group_size=32, compute_dtype="float32", awq_scale_form="both")}
     return {name: quantize_model(tiny_base, root / name, calib=prep, progress=False, **CALIB, **kw).output
@@ -174,16 +176,16 @@ def test_act_order_checkpoint_keeps_its_groups_in_g_idx_and_the_loader_reads_the
     folder = quantized["default"]
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"], qcfg["desc_act"]) == (
-        "gptq", 4, 32, False, True)
+        "gptq", 4, QUANTIZE.group_size, False, True)
     tensors = load_file(folder / "model.safetensors")
     loaded = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     permuted = 0
     for mod in (f"model.layers.{i}.{m}" for i in range(2) for m in LINEARS):
         g_idx = tensors[f"{mod}.g_idx"].to(torch.int64)
-        assert torch.all(torch.bincount(g_idx) == 32), mod
-        permuted += not torch.equal(g_idx, torch.arange(g_idx.numel()) // 32)
+        assert torch.all(torch.bincount(g_idx) == QUANTIZE.group_size), mod
+        permuted += not torch.equal(g_idx, torch.arange(g_idx.numel()) // QUANTIZE.group_size)
         w = dequantize_gptq(tensors[f"{mod}.qweight"], tensors[f"{mod}.qzeros"], tensors[f"{mod}.scales"], g_idx,
-                            bits=4, group_size=32)  # [out, in]
+                            bits=4, group_size=QUANTIZE.group_size)  # [out, in]
         with torch.no_grad():
             kernel_w = loaded.get_submodule(mod)(torch.eye(g_idx.numel()).unsqueeze(0)).squeeze(0).t().float()
         assert kernel_w.shape == w.shape, (mod, kernel_w.shape, w.shape)
@@ -191,11 +193,50 @@ def test_act_order_checkpoint_keeps_its_groups_in_g_idx_and_the_loader_reads_the
     assert permuted, "act-order changed no module's group order"
 
 
+def test_gptaq_corrects_only_where_earlier_modules_left_input_error(quantized):
+    """GPTAQ (the default's gptaq_alpha) rounds each module against the float model's inputs as well as its own.
+    Layer 0's q/k/v read the unquantized embeddings, so their inputs carry no error yet and their codes must equal
+    plain GPTQ's; further down, where quantized modules feed the inputs, the codes must differ. Both checkpoints
+    have the same layout, and the record and quantize_config say which is which. (Compared without the clipping
+    search, whose range choice reacts to float noise in a few hundredths of a percent of the codes.)"""
+    from lorakit.quantize.options import GPTAQ_ALPHA
+
+    default, plain = load_file(quantized["no-clip"] / "model.safetensors"), load_file(
+        quantized["plain-gptq"] / "model.safetensors")
+    assert {k: v.shape for k, v in default.items()} == {k: v.shape for k, v in plain.items()}
+    for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        key = f"model.layers.0.{mod}.qweight"
+        assert torch.equal(default[key], plain[key]), key
+    last = max(int(k.split(".")[2]) for k in default if k.startswith("model.layers."))
+    differ = [m for m in LINEARS if not torch.equal(default[f"model.layers.{last}.{m}.qweight"],
+                                                    plain[f"model.layers.{last}.{m}.qweight"])]
+    assert len(differ) == len(LINEARS), differ
+    assert read_quant_meta(quantized["default"]).params.method_params["gptaq_alpha"] == GPTAQ_ALPHA == 0.5
+    assert read_quant_meta(quantized["plain-gptq"]).params.method_params["gptaq_alpha"] == 0.0
+    meta = json.loads((quantized["default"] / "config.json").read_text())["quantization_config"]["meta"]
+    assert meta["gptaq"]["alpha"] == GPTAQ_ALPHA
+
+
+def test_clip_search_is_gptqmodels_mse_and_changes_the_rounding(quantized):
+    """clip_search (default on) is GPTQModel's clipping search with the reference norm 2.4, recorded where loaders
+    and lorakit look; off, GPTQ takes each group's min/max and rounds differently from the first module on."""
+    from lorakit.quantize.options import GPTQ_CLIP_NORM
+
+    on, off = (load_file(quantized[n] / "model.safetensors") for n in ("default", "no-clip"))
+    assert not torch.equal(on["model.layers.0.self_attn.q_proj.qweight"], off["model.layers.0.self_attn.q_proj.qweight"])
+    assert read_quant_meta(quantized["default"]).params.method_params["clip_norm"] == GPTQ_CLIP_NORM == 2.4
+    assert read_quant_meta(quantized["no-clip"]).params.method_params["clip_norm"] == 0.0
+    assert read_quant_meta(quantized["default"]).used_settings()["clip_search"] is True
+    assert read_quant_meta(quantized["no-clip"]).used_settings()["clip_search"] is False
+    for name, mse in (("default", 2.4), ("no-clip", 0.0)):
+        assert json.loads((quantized[name] / "config.json").read_text())["quantization_config"]["meta"]["mse"] == mse
+
+
 def test_quant_record_says_how_it_was_made(quantized, tiny_base, prep):
     for name, folder in quantized.items():
         meta = read_quant_meta(folder)
         p = meta.params
-        kind = "gptq4" if name == "default" else name.split("-")[0]
+        kind = "gptq4" if name in ("default", "plain-gptq", "no-clip") else name.split("-")[0]
         assert (p.method, p.bits) == (kind[:-1], int(kind[-1]))
         assert p.layout == ("awq-gemm" if kind == "awq4" else "gptq-v1")
         assert meta.calibration["n_samples"] == 8 and meta.calibration["split"] == "train"
@@ -410,6 +451,8 @@ def test_rejects_an_unsupported_architecture(tmp_path, tiny_base, prep):
     (dict(group_size=100), "--group-size 100 is out of range"),
     (dict(method="hqq"), "--method 'hqq' is not supported"),
     (dict(method="awq", desc_act=True), "--desc-act"),
+    (dict(method="awq", gptaq_alpha=0.25), "--gptaq-alpha .* is a GPTQ option"),
+    (dict(gptaq_alpha=1.5), "--gptaq-alpha must be in"),
     (dict(group_size=256, strict_group_size=True), "does not divide"),
     (dict(method="awq", awq_grid=0), "--awq-grid must be positive"),
     (dict(method="awq", awq_scale_form="paper"), "--awq-scale-form must be one of duo, activation, both"),

@@ -19,7 +19,6 @@ from lorakit.quantize.options import AWQ_GRID, QuantizeOptions
 @compute_dtype_option("quantize")
 @click.option("--awq-grid", type=int, default=AWQ_GRID, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
-@click.option("--no-awq-clip", is_flag=True, help="awq: skip the per-group clipping search.")
 @click.option("--module-bits", multiple=True, metavar="MODULE=BITS",
               help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=8 (gptq: 8, via GPTQModel "
                    "`dynamic`; NOT loadable by plain transformers) or =16 (awq: kept in fp16, still loadable). Repeatable.")
@@ -34,7 +33,7 @@ from lorakit.quantize.options import AWQ_GRID, QuantizeOptions
 @click.option("--max-size-mb", type=float, default=None, help="search: skip configurations predicted above this size.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
-def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_grid, no_awq_clip,
+def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_grid,
              module_bits, eval_data, eval_general, eval_general_max_tokens, search_methods, max_size_mb, force, quiet,
              **options):
     """Quantize a full-precision model folder with GPTQ or AWQ (4 or 8 bits) on CPU or CUDA.
@@ -45,9 +44,10 @@ def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_gri
 
     \b
     With no options this is the release flow's quantization (the run config's quantize: section has the
-    same keys and defaults, lorakit.quantize.options): GPTQ 4-bit, group 32, zero point, act-order, 64 blocks
-    of 256 tokens, 3/4 of them lorakit's general-English text (measured: it keeps the tasks' answers far better
-    than AWQ at the same size, for a little more general English lost; docs/quantize.md).
+    same keys and defaults, lorakit.quantize.options): GPTQ 4-bit, group 16, zero point, act-order, GPTAQ
+    (alpha 0.5) and the clipping search, 64 blocks of 256 tokens, 3/4 of them lorakit's general-English text
+    (measured: the first 4-bit setting within 5% of the model on general English, under half the bf16 size;
+    docs/quantize.md).
 
     \b
     Examples:
@@ -79,7 +79,7 @@ def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_gri
         return
     result = quantize_model(
         model_dir, output, calib=calib, strict_group_size=strict_group_size, awq_grid=awq_grid,
-        awq_clip=not no_awq_clip, compute_dtype=compute_dtype, force=force,
+        compute_dtype=compute_dtype, force=force,
         progress=not quiet, module_bits=_parse_module_bits(module_bits), **opts.quantize_kwargs(),
     )
     if quiet:
@@ -117,7 +117,8 @@ def _search(model_dir, output, calib, eval_data, opts, methods, compute_dtype, m
                                  target_degradation=opts.target_degradation, space=space, bounds=bounds,
                                  seq_len=opts.seq_len, seed=opts.seed, device=opts.device,
                                  calib_general=opts.calib_general, calib_general_fraction=opts.calib_general_fraction,
-                                 awq_scale_form=opts.awq_scale_form,
+                                 awq_scale_form=opts.awq_scale_form, gptaq_alpha=opts.gptaq_alpha,
+                                 clip_search=opts.clip_search,
                                  compute_dtype=compute_dtype, force=force, progress=not quiet, **general)
     search = result.metadata["search"]
     if quiet:

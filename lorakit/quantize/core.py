@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lorakit
-from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORMS, QUANTIZE, resolve_grid
+from lorakit.quantize.options import AWQ_GRID, AWQ_SCALE_FORMS, QUANTIZE, resolve_gptaq, resolve_grid
 from lorakit.compute import dtype_name, resolve_compute_dtype
 from lorakit.errors import InputError
 from lorakit.runtime import resolve_device as runtime_resolve_device
@@ -105,6 +105,7 @@ def quantize_model(
     group_size: int = QUANTIZE.group_size,
     sym: bool | None = QUANTIZE.sym,
     desc_act: bool | None = QUANTIZE.desc_act,
+    gptaq_alpha: float | None = QUANTIZE.gptaq_alpha,
     calib: str | os.PathLike[str] | None = None,
     calib_general: str | os.PathLike[str] | None = QUANTIZE.calib_general,
     calib_general_fraction: float = QUANTIZE.calib_general_fraction,
@@ -114,7 +115,7 @@ def quantize_model(
     seed: int = QUANTIZE.seed,
     strict_group_size: bool = False,
     awq_grid: int = AWQ_GRID,
-    awq_clip: bool = True,
+    clip_search: bool = QUANTIZE.clip_search,
     compute_dtype: str = "auto",
     awq_scale_form: str = QUANTIZE.awq_scale_form,
     module_bits: dict[str, int] | None = None,
@@ -125,8 +126,8 @@ def quantize_model(
 
     Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, GPTQ 4-bit g32
     with a zero point and act-order, calibrated on 3/4 general text), the same as ``lorakit quantize`` and the run
-    config's ``quantize:``. ``sym``/``desc_act`` None are each method's convention
-    (:func:`lorakit.quantize.options.resolve_grid`). A ``group_size`` that does not divide
+    config's ``quantize:``. ``sym``/``desc_act``/``gptaq_alpha`` None are each method's convention
+    (:func:`lorakit.quantize.options.resolve_grid`, :func:`~lorakit.quantize.options.resolve_gptaq`). A ``group_size`` that does not divide
     every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
     that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
     the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder;
@@ -151,6 +152,11 @@ def quantize_model(
     sym, desc_act = resolve_grid(method, sym, desc_act)
     if desc_act and method != "gptq":
         raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
+    gptaq_alpha = resolve_gptaq(method, gptaq_alpha)
+    if not 0 <= gptaq_alpha <= 1:
+        raise InputError(f"--gptaq-alpha must be in [0, 1] (got {gptaq_alpha}); 0 = plain GPTQ")
+    if gptaq_alpha and method != "gptq":
+        raise InputError("--gptaq-alpha (GPTAQ's input-error correction) is a GPTQ option; drop it for --method awq")
     check_output_free(output, force)
     src = resolve_model_dir(model_dir)
     if output.resolve() == src.resolve():
@@ -187,7 +193,8 @@ def quantize_model(
 
             details = gptq_quantize(src, tmp, calibration.blocks, bits=bits, group_size=used_group, sym=sym,
                                     desc_act=desc_act, device=device, progress=progress,
-                                    dynamic=gptq_dynamic(module_bits), dtype=dtype)
+                                    dynamic=gptq_dynamic(module_bits), dtype=dtype, gptaq_alpha=gptaq_alpha,
+                                    clip_search=clip_search)
             quality = {"module_loss": details.pop("module_loss")}
             method_params = details
             backend = {"name": "gptqmodel", "versions": backend_versions()}
@@ -196,7 +203,7 @@ def quantize_model(
             from lorakit.quantize.awq import AwqParams
             from lorakit.quantize.gptqmodel_backend import backend_versions
 
-            p = AwqParams(bits=bits, group_size=used_group, sym=sym, n_grid=awq_grid, clip=awq_clip,
+            p = AwqParams(bits=bits, group_size=used_group, sym=sym, n_grid=awq_grid, clip=clip_search,
                           compute_dtype=dtype_name(dtype), scale_forms=AWQ_SCALE_FORMS[awq_scale_form],
                           min_zero=1 if layout == "gptq-v1" and not sym else 0)
             quality = _run_awq(src, tmp, config, calibration.blocks, p, layout, device, progress,

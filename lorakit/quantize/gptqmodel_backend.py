@@ -146,13 +146,17 @@ def backend_versions() -> dict[str, str]:
 
 def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits: int, group_size: int, sym: bool,
                   desc_act: bool, device: str, progress: bool, dynamic: dict | None = None,
-                  dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                  dtype: torch.dtype = torch.float32, gptaq_alpha: float = 0.0,
+                  clip_search: bool = False) -> dict[str, Any]:
     """Quantize ``model_dir`` with GPTQ into ``out_dir``; returns the backend's settings and per-module losses.
 
     ``dtype`` is the dtype GPTQModel loads and runs the model in (lorakit.compute's resolved dtype). Without it,
     GPTQModel 7.6 picks bfloat16 on every CPU (``gptqmodel.utils.model.auto_dtype``: "CPU + Torch Fused"), which
     is many times slower than float32 on CPUs without bfloat16 units. Hessians are accumulated in float32 either
-    way.
+    way. ``gptaq_alpha`` > 0 turns on GPTQModel's GPTAQ (asymmetric calibration: each module's rounding also
+    corrects the error the quantized modules before it left in its inputs, against the float model's inputs); it
+    changes the rounding only, not the checkpoint layout. ``clip_search`` turns on GPTQModel's per-group clipping
+    search (``mse``, scored by the norm :data:`~lorakit.quantize.options.GPTQ_CLIP_NORM`).
     """
     from lorakit.progress import activity, emit
 
@@ -162,7 +166,11 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         _import_gptqmodel()
         from gptqmodel import GPTQModel, QuantizeConfig
 
-        qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, dynamic=dynamic)
+        gptaq = {"alpha": float(gptaq_alpha), "device": device} if gptaq_alpha else None
+        from lorakit.quantize.options import GPTQ_CLIP_NORM
+
+        qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
+                              gptaq=gptaq, mse=GPTQ_CLIP_NORM if clip_search else 0.0)
         started = time.perf_counter()
         model = GPTQModel.load(str(model_dir), qcfg, device=device, dtype=dtype)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
@@ -183,6 +191,8 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         "unquantized_storage_dtype": str(STORAGE_DTYPE).replace("torch.", ""),
         "damp_percent": getattr(qcfg, "damp_percent", None),
         "true_sequential": getattr(qcfg, "true_sequential", None),
+        "gptaq_alpha": float(gptaq_alpha),
+        "clip_norm": float(qcfg.mse),
         "module_loss": losses,
     }
 

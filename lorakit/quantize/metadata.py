@@ -60,6 +60,10 @@ class QuantMeta:
         used = {"method": p.method, "bits": p.bits, "group_size": p.group_size, "sym": p.sym,
                 "desc_act": p.desc_act, "n_samples": p.n_samples, "seq_len": p.seq_len, "seed": p.seed,
                 "layout": p.layout, "module_bits": dict(p.module_bits)}
+        if "clip" in p.method_params or "clip_norm" in p.method_params:
+            used["clip_search"] = bool(p.method_params.get("clip", p.method_params.get("clip_norm")))
+        if p.method_params.get("gptaq_alpha"):
+            used["gptaq_alpha"] = p.method_params["gptaq_alpha"]
         if p.group_size_requested != p.group_size:
             used["group_size_requested"] = p.group_size_requested
         requested = self.calibration.get("n_samples_requested", p.n_samples)

@@ -11,7 +11,7 @@ when every scored text is within the target (the gate judges each).
 
 Order of trials (two phases, bounded by ``max_trials``, ``time_budget_s`` and ``max_size_bytes``):
 
-1. Uniform configurations, smallest predicted file first (group size 128 → 64 → 32, methods in the order
+1. Uniform configurations, smallest predicted file first (group size 128 → 64 → 32 → 16, methods in the order
    given). Within one size tier the variants (asym/sym, act-order, calibration size) are tried best-expected
    first; the others only while the tier's best one missed the target by less than ``variant_margin``× (they
    differ in second-order effects, so a tier that missed by far is not worth their minutes). The first uniform
@@ -52,7 +52,7 @@ class SearchSpace:
     """What the search may vary. Tuple order = preference (tried first) at equal predicted size."""
 
     methods: tuple[str, ...] = ("awq", "gptq")
-    group_sizes: tuple[int, ...] = (128, 64, 32)
+    group_sizes: tuple[int, ...] = (128, 64, 32, 16)
     sym: tuple[bool, ...] = (False, True)
     desc_act: tuple[bool, ...] = (True, False)  # GPTQ only
     n_samples: tuple[int | None, ...] = (None,)  # None: 64, or what the calibration data gives (calibration.py)
@@ -136,6 +136,8 @@ def search_quantization(
     calib_general: str | os.PathLike[str] | None = QUANTIZE.calib_general,
     calib_general_fraction: float = QUANTIZE.calib_general_fraction,
     awq_scale_form: str = QUANTIZE.awq_scale_form,
+    gptaq_alpha: float | None = QUANTIZE.gptaq_alpha,
+    clip_search: bool = QUANTIZE.clip_search,
     seed: int = QUANTIZE.seed,
     device: str = QUANTIZE.device,
     compute_dtype: str = "auto",
@@ -148,7 +150,7 @@ def search_quantization(
     train split calibrates). ``eval_general`` (the release gate's general text, capped at
     ``eval_general_max_tokens``) is scored too: a trial passes only when *every* scored text is within the target,
     and its degradation is the worst of them. ``calib_general``/``calib_general_fraction``: the calibration mix of
-    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial, as is ``awq_scale_form`` (AWQ trials). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
+    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial, as are ``clip_search``, ``awq_scale_form`` (AWQ trials) and ``gptaq_alpha`` (GPTQ trials). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
     ``lorakit_quant.json`` carries ``search`` (every trial, the pick, whether the target was met).
     """
     from lorakit.evaluate.core import perplexity, prepare_tokens
@@ -188,7 +190,7 @@ def search_quantization(
     baselines = {name: perplexity(str(src), toks, **eval_kw) for name, toks in streams.items()}
     base = baselines["val"]
     calib_kw = {"calib_general": calib_general, "calib_general_fraction": calib_general_fraction}
-    fixed_kw = {**calib_kw, "awq_scale_form": awq_scale_form}  # the same in every trial
+    fixed_kw = {**calib_kw, "awq_scale_form": awq_scale_form, "clip_search": clip_search}  # the same in every trial
     from lorakit.progress import emit
 
     say = emit if progress else (lambda msg: None)  # timestamped, and into the Prefect logs under `lorakit run`
@@ -216,6 +218,8 @@ def search_quantization(
 
     def run(phase: str, params: dict) -> Trial:
         params = {**params, **fixed_kw}  # recorded with the trial: its params alone reproduce it (reproduce_trial)
+        if params["method"] == "gptq":
+            params["gptaq_alpha"] = gptaq_alpha
         predicted = predicted_size_bytes(config, method=params["method"], bits=params["bits"],
                                          group_size=params["group_size"], module_bits=params["module_bits"])
         trial = Trial(len(trials), phase, params, predicted,
@@ -374,7 +378,8 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
 # quantize_model arguments the search honours when it replaces a fixed configuration (quantize_to_target).
 SEARCH_HONOURS = frozenset({"calib", "method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len", "seed",
                             "device", "compute_dtype", "force", "progress", "calib_general",
-                            "calib_general_fraction", "awq_scale_form", "eval_general", "eval_general_max_tokens"})
+                            "calib_general_fraction", "awq_scale_form", "gptaq_alpha", "clip_search", "eval_general",
+                            "eval_general_max_tokens"})
 
 
 def configured_space(params: dict[str, Any]) -> SearchSpace:
@@ -425,6 +430,8 @@ def quantize_to_target(
         calib_general=params.get("calib_general", QUANTIZE.calib_general),
         calib_general_fraction=float(params.get("calib_general_fraction", QUANTIZE.calib_general_fraction)),
         awq_scale_form=params.get("awq_scale_form", QUANTIZE.awq_scale_form),
+        gptaq_alpha=params.get("gptaq_alpha", QUANTIZE.gptaq_alpha),
+        clip_search=bool(params.get("clip_search", QUANTIZE.clip_search)),
         device=params.get("device", QUANTIZE.device), compute_dtype=params.get("compute_dtype", "auto"),
         force=bool(params.get("force", False)),
         progress=bool(params.get("progress", True)),
