@@ -11,9 +11,12 @@ all scored by the release gate itself): the previous default, plain GPTQ group 3
 clipping search at group 32 (``gptq-g32-asym-act-gptaq50-clip-general75``) and group 16 alone
 (``gptq-g16-asym-act-general75``) each recover part of it; together at group 16 (``gptq-g16-asym-act-gptaq50-clip-
 general75``) the loss is +3.0%, with both tasks' perplexity within 2% and 0.47x the bf16 size. The price is time:
-GPTQModel's clipping search and the finer groups make quantization ~2-3x slower (``quantize_s``). GPTAQ alphas
-0.25 / 0.5 / 1.0 and 128 calibration blocks or 512-token blocks were probed on the same model at group 32 with plain
-GPTQ's rounding elsewhere (not recorded in bench/results): 0.5 was best, the others within about a point of it.
+the clipping search and the finer groups lengthen quantization (``quantize_s``; those runs shared the machine, so
+no ratio is claimed). Other GPTAQ alphas, more or longer calibration blocks and a lower damping were probed at group
+32 without a recorded result; ``bench/calibration_mix.py`` variants ``:gptaqA``/``:sN`` re-measure them. What the
+perplexities miss: on the release's own scorecard this setting lost 3 of 50 number-words val answers against the
+merged model (bench/results/release_scorecard_bf16_gptaq.json), and the gate rejects that; half general text
+keeps the answers but its general-text KL exceeds the gate's bar (bench/results/quantize_gptaq_accuracy.json).
 
 Why GPTQ rather than AWQ (bench/results/quantize_regmean.json, ``variants.*``; 50 questions per task and split):
 at the same size GPTQ keeps the tasks' answers far better -- exact match lost against the merged model, summed over
