@@ -49,7 +49,7 @@ def prep(tmp_path_factory) -> Path:
 def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
     """Tiny model quantized eight ways (made once for the module; each takes a few seconds). gptq4/gptq8 keep the
     natural group order (no act-order) so lorakit's unpacker can read them; ``default`` is the release default
-    (GPTQ 4-bit g16, zero point, act-order, GPTAQ, clipping search), ``no-clip`` without the clipping search, ``plain-gptq`` without either."""
+    (GPTQ 4-bit g32, zero point, act-order, GPTAQ, clipping search), ``no-clip`` without the clipping search, ``plain-gptq`` without either."""
     root = tmp_path_factory.mktemp("quant")
     runs = {"gptq4": dict(method="gptq", bits=4, group_size=32, desc_act=False),
             "gptq8": dict(method="gptq", bits=8, group_size=64, desc_act=False), "default": {},

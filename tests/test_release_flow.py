@@ -152,6 +152,7 @@ def test_report_and_lineage_record_the_quantization_used(prefect_harness, tiny_b
     import json
     from pathlib import Path
 
+    from lorakit.quantize.options import GPTAQ_ALPHA
     from registry import Registry
 
     data = tiny_config_data(tiny_base, workdir, quantize=quantize, registry={"name": f"tiny-{label}"})
@@ -169,7 +170,7 @@ def test_report_and_lineage_record_the_quantization_used(prefect_harness, tiny_b
     item = f"gptq 4-bit g{want['group_size']} asym"
     if "group_size_requested" in want:
         item += f" (g{want['group_size_requested']} requested)"
-    item += " act-order, 8x128 calibration" + (", search pick (trial 0)" if "search" in want else "")
+    item += f" act-order GPTAQ {GPTAQ_ALPHA:g}, 8x128 calibration" + (", search pick (trial 0)" if "search" in want else "")
     assert f"| quantize | {item} |" in summary, summary
 
 

@@ -186,7 +186,7 @@ def test_train_without_steps_or_epochs_records_the_declared_default():
 
 def test_quantize_with_no_options_is_the_release_quantization(tmp_path, tiny_base):
     """`lorakit quantize MODEL -o OUT --calib DATA` writes what the release flow's quantize stage writes with the
-    run config's defaults: GPTQ 4-bit g16 with a zero point, act-order, GPTAQ and clipping search, 256-token blocks, 3/4 general text."""
+    run config's defaults: GPTQ 4-bit g32 with a zero point, act-order, GPTAQ and clipping search, 256-token blocks, 3/4 general text."""
     from flows.config import QuantizeConfig
     from lorakit.quantize import read_quant_meta
     from tests.test_quantize import make_prep

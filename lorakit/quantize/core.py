@@ -124,7 +124,7 @@ def quantize_model(
 ) -> QuantResult:
     """Quantize a full-precision Llama-style model folder with GPTQ or AWQ into a standard checkpoint folder.
 
-    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, GPTQ 4-bit g16
+    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, GPTQ 4-bit g32
     with a zero point, act-order, GPTAQ and the clipping search, calibrated on 3/4 general text), the same as ``lorakit quantize`` and the run
     config's ``quantize:``. ``sym``/``desc_act``/``gptaq_alpha`` None are each method's convention
     (:func:`lorakit.quantize.options.resolve_grid`, :func:`~lorakit.quantize.options.resolve_gptaq`). A ``group_size`` that does not divide
