@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lorakit.quantize.options import GPTQ_CLIP_NORM
+
 
 def _configure_environment() -> None:
     if "GPTQMODEL_CPU_WORKERS" not in os.environ:
@@ -167,8 +169,6 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         from gptqmodel import GPTQModel, QuantizeConfig
 
         gptaq = {"alpha": float(gptaq_alpha), "device": device} if gptaq_alpha else None
-        from lorakit.quantize.options import GPTQ_CLIP_NORM
-
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, dynamic=dynamic,
                               gptaq=gptaq, mse=GPTQ_CLIP_NORM if clip_search else 0.0)
         started = time.perf_counter()
