@@ -282,7 +282,7 @@ def test_release_task_runs_the_search_when_a_target_is_set(tmp_path, trained, pr
     first = search["trials"][0]["params"]
     assert {k: first[k] for k in ("method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len")} == {
         "method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False, "n_samples": 4, "seq_len": 64}
-    assert list(search["space"]["methods"]) == ["gptq"] and list(search["space"]["group_sizes"]) == [32, 16]
+    assert list(search["space"]["methods"]) == ["gptq"] and list(search["space"]["group_sizes"]) == [32]
     with pytest.raises(InputError, match=r"awq_grid cannot be combined with target_degradation"):
         quantize_task.fn(str(trained), str(tmp_path / "refused"),
                          {**fixed, "method": "awq", "awq_grid": 10, "target_degradation": 0.5})
@@ -294,7 +294,7 @@ def test_configured_space_starts_from_the_configuration():
 
     space = configured_space({"method": "awq", "bits": 4, "group_size": 64, "sym": None, "desc_act": False,
                               "n_samples": 16})
-    assert space.methods == ("awq",) and space.group_sizes == (64, 32, 16) and space.sym == (False, True)
+    assert space.methods == ("awq",) and space.group_sizes == (64, 32) and space.sym == (False, True)
     assert space.n_samples == (16,) and space.bits == 4
 
 

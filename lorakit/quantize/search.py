@@ -11,7 +11,7 @@ when every scored text is within the target (the gate judges each).
 
 Order of trials (two phases, bounded by ``max_trials``, ``time_budget_s`` and ``max_size_bytes``):
 
-1. Uniform configurations, smallest predicted file first (group size 128 → 64 → 32 → 16, methods in the order
+1. Uniform configurations, smallest predicted file first (group size 128 → 64 → 32, methods in the order
    given). Within one size tier the variants (asym/sym, act-order, calibration size) are tried best-expected
    first; the others only while the tier's best one missed the target by less than ``variant_margin``× (they
    differ in second-order effects, so a tier that missed by far is not worth their minutes). The first uniform
@@ -52,7 +52,7 @@ class SearchSpace:
     """What the search may vary. Tuple order = preference (tried first) at equal predicted size."""
 
     methods: tuple[str, ...] = ("awq", "gptq")
-    group_sizes: tuple[int, ...] = (128, 64, 32, 16)
+    group_sizes: tuple[int, ...] = (128, 64, 32)
     sym: tuple[bool, ...] = (False, True)
     desc_act: tuple[bool, ...] = (True, False)  # GPTQ only
     n_samples: tuple[int | None, ...] = (None,)  # None: 64, or what the calibration data gives (calibration.py)
