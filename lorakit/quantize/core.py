@@ -8,6 +8,7 @@ was about 20x faster on CPU than GPTQModel's on SmolLM2-135M (bench/results/quan
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -27,7 +28,7 @@ from lorakit.quantize.calibration import build_calibration
 from lorakit.quantize.checks import check_method, check_model, resolve_group_size
 from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, write_quant_meta
 from lorakit.quantize.awq import AWQ_COMPUTE_DTYPES
-from lorakit.quantize.mixed import check_module_bits, gptq_dynamic, how_to_load, loaders
+from lorakit.quantize.mixed import check_module_bits, gptq_dynamic, how_to_load, loader_backend, loaders
 
 HOW_TO_LOAD = ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed "
                "(and optimum for the GPTQ layout); vLLM/SGLang and GPTQModel.load read the same layout")
@@ -65,6 +66,13 @@ def _copy_side_files(src: Path, dst: Path, overwrite: bool) -> None:
             continue
         if overwrite or not (dst / item.name).exists():
             shutil.copy2(item, dst / item.name)
+
+
+def _set_loader_backend(config_path: Path, backend: str) -> None:
+    """Name the kernel loaders should use in the saved quantization_config (see lorakit.quantize.mixed)."""
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["backend"] = backend
+    config_path.write_text(json.dumps(config, indent=2) + "\n")  # inside the atomic output folder
 
 
 def _folder_bytes(folder: Path, names: list[str]) -> int:
@@ -199,6 +207,11 @@ def quantize_model(
             method_params = details
             backend = {"name": "gptqmodel", "versions": backend_versions()}
             _copy_side_files(src, tmp, overwrite=True)  # undo GPTQModel's generation_config rewrite
+            backend_key = loader_backend(layout, bits, used_group)
+            if backend_key:
+                _set_loader_backend(tmp / "config.json", backend_key)
+                notes.append(f"group size {used_group}: CPU's int4 kernel refuses it, so quantization_config.backend "
+                             f"= {backend_key!r} (GPTQModel's portable kernel) for transformers")
         else:
             from lorakit.quantize.awq import AwqParams
             from lorakit.quantize.gptqmodel_backend import backend_versions
@@ -224,7 +237,7 @@ def quantize_model(
             wall_time_s=round(time.perf_counter() - started, 3),
             size_before_bytes=_folder_bytes(src, source_shards),
             size_after_bytes=_folder_bytes(tmp, out_shards),
-            how_to_load=how_to_load(method, layout, module_bits),
+            how_to_load=how_to_load(method, layout, module_bits, loader_backend(layout, bits, used_group)),
             loaders=loaders(method, layout, module_bits),
             notes=notes,
             quality=quality,

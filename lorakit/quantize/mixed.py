@@ -57,6 +57,25 @@ def gptq_dynamic(module_bits: dict[str, int]) -> dict[str, dict[str, int]] | Non
     return {f"+:^{re.escape(name)}$": {"bits": b} for name, b in sorted(module_bits.items())}
 
 
+# The group sizes torch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) accepts. GPTQModel 7.6 picks that
+# kernel for a 4-bit GPTQ file on CPU whenever its TorchFused class lists the group size, and that list has 16: the
+# first forward then fails ("expect qGroupSize to be 32, 64, 128 or 256"). A file at another group size names
+# GPTQModel's portable torch kernel in ``quantization_config.backend``, which transformers reads when it loads.
+CPU_INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+PORTABLE_BACKEND = "torch"
+
+
+def loader_backend(layout: str, bits: int, group_size: int) -> str | None:
+    """The ``quantization_config.backend`` a checkpoint needs for plain transformers to run it on CPU, or None.
+
+    None leaves the kernel to the loader (the fast one where the shape allows). "torch" is slower on GPU than the
+    kernels GPTQModel would pick there, so it is written only where the CPU kernel would fail; vLLM ignores the key.
+    """
+    if layout == "gptq-v1" and bits == 4 and group_size > 0 and group_size not in CPU_INT4_KERNEL_GROUPS:
+        return PORTABLE_BACKEND
+    return None
+
+
 def loaders(method: str, layout: str, module_bits: dict[str, int]) -> list[str]:
     """The loaders that read a checkpoint of this kind (the ones lorakit's tests exercise come first)."""
     if method == "gptq" and module_bits:
@@ -72,11 +91,16 @@ def plain_transformers_loads(method: str, module_bits: dict[str, int]) -> bool:
     return not (method == "gptq" and module_bits)
 
 
-def how_to_load(method: str, layout: str, module_bits: dict[str, int]) -> str:
+def how_to_load(method: str, layout: str, module_bits: dict[str, int], backend: str | None = None) -> str:
     if method == "gptq" and module_bits:
         return ("GPTQ with per-module bit widths (GPTQModel `dynamic` in quantization_config): load with "
                 "gptqmodel.GPTQModel.load(folder) or vLLM; plain transformers.from_pretrained does NOT load it. "
                 "`lorakit eval`/`gate` read it (dequantized path).")
+    if backend:
+        return (f"transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed (it reads "
+                f"quantization_config.backend = {backend!r}: CPU's int4 kernel takes group sizes "
+                f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only); gptqmodel.GPTQModel.load(folder, "
+                f"backend={backend!r}) on CPU; vLLM reads the same GPTQ layout")
     kept = f"; {len(module_bits)} sensitive modules are kept in fp16 (modules_to_not_convert)" if module_bits else ""
     if layout == "awq-gemm":
         return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed; vLLM and "

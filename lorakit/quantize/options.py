@@ -9,10 +9,9 @@ scored by the release gate itself): plain GPTQ group 32, the default before, los
 +7.8% (``gptq-g32-asym-act-general75.checks.general-text.degradation``) of general-text perplexity; with GPTAQ and
 the clipping search (``gptq-g32-asym-act-gptaq50-clip-general75``) +5.3%, both tasks' perplexity within 3%, at the
 same 0.44x bf16 size and the same layout -- still just past the gate's 5%. Group 16 with both
-(``gptq-g16-asym-act-gptaq50-clip-general75``) is +3.0% at 0.47x, but it is not the default: the int4 kernel that
-GPTQModel picks for plain ``transformers`` on CPU refuses group 16 (``_weight_int4pack_mm_cpu: expect qGroupSize to
-be 32, 64, 128 or 256``), so that file would not run out of the box on CPU (tests/test_quantize.py loads the default
-that way); set ``group_size: 16`` where the file is served on CUDA or loaded with the torch backend. A release at group
+(``gptq-g16-asym-act-gptaq50-clip-general75``) is +3.0% at 0.47x, but it is not the default: torch's CPU int4 kernel,
+which GPTQModel picks for plain ``transformers`` on CPU, refuses group 16, so such a file names GPTQModel's portable
+(slower, plain torch) kernel in its config (:func:`lorakit.quantize.mixed.loader_backend`). A release at group
 16 (bench/results/release_scorecard_bf16_gptaq.json) passed general text and lost 3 of 50 number-words val answers
 against the merged model, which the gate rejects; half general text kept the answers but its general-text KL
 exceeds the gate's bar (bench/results/quantize_gptaq_accuracy.json). GPTAQ and the clipping search lengthen
