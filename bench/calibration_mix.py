@@ -13,7 +13,8 @@ GPTQModel's clipping search (without them a GPTQ variant is plain GPTQ, as in ev
 existed; AWQ variants always search clipping). A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
 on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
 what per-module precision buys on general text, and what it costs in size. A variant ``method:fraction:sN``
-calibrates on N blocks instead of the release's ``n_samples``.
+calibrates on N blocks instead of the release's ``n_samples``. ``:fp32`` (or ``:bf16``) forces the dtype the model
+runs in while it is calibrated (default: the machine's, ``lorakit.compute``; a CPU without bfloat16 units gets float32).
 
 With ``--accuracy`` each variant is also scored as the release scorecard scores it: greedy exact match on the first
 ``scorecard.max_examples`` examples of every task's val and test split, and its drop against the merged model's
@@ -93,9 +94,13 @@ def task_name(prep: Path) -> str:
     return prep.name.rsplit("-", 1)[0]  # prep/<task>-<hash>
 
 
+DTYPE_TOKENS = {"fp32": "float32", "bf16": "bfloat16"}  # `:fp32` forces the compute dtype (default: the machine's)
+DTYPE_KEYS = {v: k for k, v in DTYPE_TOKENS.items()}
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One quantization to measure, parsed from ``method:fraction[:kN][:bN][:gN][:sN][:FORM][:asym][:act][:gptaqA][:clip]``."""
+    """One quantization to measure, parsed from ``method:fraction[:kN][:bN][:gN][:sN][:FORM][:asym][:act][:gptaqA][:clip][:fp32|:bf16]``."""
 
     method: str
     fraction: float
@@ -108,6 +113,7 @@ class Variant:
     act_order: bool = False  # GPTQ: desc_act
     gptaq_alpha: float = 0.0  # GPTQ: GPTAQ's input-error correction (0 = plain GPTQ, as every record before it)
     clip: bool = False  # GPTQ: GPTQModel's clipping search (AWQ variants always search clipping, as before)
+    compute_dtype: str | None = None  # forced compute dtype (fp32 | bf16); None = the machine's (lorakit.compute)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -122,14 +128,16 @@ class Variant:
                    n_samples=number("s", None), scale_form=next((m for m in more if m in AWQ_SCALE_FORMS), None),
                    asym="asym" in more, act_order="act" in more,
                    gptaq_alpha=next((float(m[5:]) for m in more if m.startswith("gptaq")), 0.0),
-                   clip="clip" in more)
+                   clip="clip" in more,
+                   compute_dtype=next((DTYPE_TOKENS[m] for m in more if m in DTYPE_TOKENS), None))
 
     @classmethod
     def of_record(cls, v: dict) -> Variant:
         """The variant a results record measured (records written before a field existed: its default)."""
         return cls(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
                    v.get("group_size", 64), v.get("n_samples"), v.get("awq_scale_form"), v.get("asym", False),
-                   v.get("act_order", False), v.get("gptaq_alpha", 0.0), v.get("clip", False))
+                   v.get("act_order", False), v.get("gptaq_alpha", 0.0), v.get("clip", False),
+                   v.get("compute_dtype"))
 
     def key(self) -> str:
         """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
@@ -138,6 +146,7 @@ class Variant:
                 f"{f'-{self.scale_form}' if self.scale_form else ''}{'-asym' if self.asym else ''}"
                 f"{'-act' if self.act_order else ''}{f'-gptaq{round(self.gptaq_alpha * 100)}' if self.gptaq_alpha else ''}"
                 f"{'-clip' if self.clip and self.method == 'gptq' else ''}"
+                f"{f'-{DTYPE_KEYS[self.compute_dtype]}' if self.compute_dtype else ''}"
                 f"{f'-n{self.n_samples}' if self.n_samples else ''}"
                 f"-general{round(self.fraction * 100)}" + (f"-keep{self.keep}" if self.keep else ""))
 
@@ -163,6 +172,8 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
     if v.method == "gptq":
         q["gptaq_alpha"] = v.gptaq_alpha
         q["clip_search"] = v.clip
+    if v.compute_dtype:
+        q["compute_dtype"] = v.compute_dtype
     started = time.perf_counter()
     module_bits = sensitive_modules(merged, calib, q, v.fraction, v.keep) if v.keep else None
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if v.fraction else None,
@@ -185,6 +196,7 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
             **({"gptaq_alpha": v.gptaq_alpha} if v.gptaq_alpha else {}),
             **({"clip": True} if v.clip and v.method == "gptq" else {}),
             **({"n_samples": v.n_samples} if v.n_samples else {}),
+            **({"compute_dtype": v.compute_dtype} if v.compute_dtype else {}),
             "kept_modules": v.keep, **scored,
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
@@ -217,7 +229,8 @@ def readme(data: dict, name: str) -> str:
         flavour = [v.get("awq_scale_form"), "asym" if v.get("asym") else None, "act-order" if v.get("act_order") else None,
                    f"GPTAQ {v['gptaq_alpha']:g}" if v.get("gptaq_alpha") else None,
                    "clipping search" if v.get("clip") else None,
-                   f"{v['n_samples']} blocks" if v.get("n_samples") else None]
+                   f"{v['n_samples']} blocks" if v.get("n_samples") else None,
+                   f"computed in {v['compute_dtype']}" if v.get("compute_dtype") else None]
         form = f" ({', '.join(filter(None, flavour))})" if any(flavour) else ""
         lines.append(f"| {v['method']}{form} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
                      f"{v.get('kept_modules', 0)} | {v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
@@ -238,7 +251,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:sN][:activation][:asym][:act][:gptaqA][:clip], "
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:sN][:activation][:asym][:act][:gptaqA][:clip][:fp32|:bf16], "
                     "comma-separated (empty: rewrite the results and README section from what was measured)")
     ap.add_argument("--accuracy", action="store_true", help="also score exact match as the release scorecard does")
     ap.add_argument("--results", default="calibration_mix", help="results file (bench/results/NAME.json) and README "
