@@ -75,16 +75,15 @@ def sensitive_modules(merged: Path, calib: Path, q: dict, fraction: float, keep:
     return {m: KEEP_BITS[q["method"]] for m in sens.ranking[:keep]}
 
 
-def accuracy(model: Path, preps: list[Path]) -> dict[str, dict[str, float]]:
-    """{task: {split: exact match}} on the splits and examples the release scorecard scores."""
+def accuracy(model: Path, preps: list[Path], max_examples: int | None) -> dict[str, dict[str, float]]:
+    """{task: {split: exact match}} on the splits the release scorecard scores, their first ``max_examples``."""
     from lorakit.data.splits import pick_report_split
     from lorakit.evaluate import task_accuracy
-    from lorakit.scorecard.options import SCORECARD
 
     out: dict[str, dict[str, float]] = {}
     for prep in preps:
         report, _ = pick_report_split(prep)
-        out[task_name(prep)] = {s: task_accuracy(str(model), str(prep), split=s, max_examples=SCORECARD.max_examples,
+        out[task_name(prep)] = {s: task_accuracy(str(model), str(prep), split=s, max_examples=max_examples,
                                                  progress=False).exact_match
                                 for s in dict.fromkeys(("val", report))}
     return out
@@ -152,7 +151,7 @@ class Variant:
 
 
 def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path,
-            merged_accuracy: dict | None = None) -> dict:
+            merged_accuracy: dict | None = None, accuracy_examples: int | None = None) -> dict:
     from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
     from lorakit.quantize.options import QUANTIZE
@@ -186,7 +185,7 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
     meta = result.metadata
     scored = {}
     if merged_accuracy is not None:
-        mine = accuracy(folder, preps)
+        mine = accuracy(folder, preps, accuracy_examples)
         scored = {"accuracy": {task: {s: {"exact_match": em, "merged": merged_accuracy[task][s],
                                           "drop": merged_accuracy[task][s] - em} for s, em in splits.items()}
                                for task, splits in mine.items()}}
@@ -216,8 +215,9 @@ def readme(data: dict, name: str) -> str:
              f"`python bench/calibration_mix.py --release {data['release']}{data.get('command_tail', '')}`: the "
              "default release's merged model, calibrated on the tasks alone or on a mix with general text, judged by "
              "the release gate (perplexity degradation vs the merged model; mean KL in nats)"
-             + (" and by the scorecard's exact match (points lost vs the merged model, first 50 examples)"
-                if drops else "") + ". Kept modules: the most sensitive linears at higher precision (AWQ fp16, "
+             + (" and by the scorecard's exact match (points lost vs the merged model, "
+                + ("every example" if "accuracy_examples" in data and data["accuracy_examples"] is None
+                   else f"first {data.get('accuracy_examples', 50)} examples") + ")" if drops else "") + ". Kept modules: the most sensitive linears at higher precision (AWQ fp16, "
              "GPTQ 8-bit). " + f"CPU: {cpu_line()}.", "",
              "| method | bits | group | general share | kept modules | size MB (x bf16) | " + " | ".join(
                  f"{name} ppl / KL" for name in first["checks"]) + "".join(f" | {d}" for d in drops) + " |",
@@ -254,6 +254,8 @@ def main() -> None:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:sN][:activation][:asym][:act][:gptaqA][:clip][:fp32|:bf16], "
                     "comma-separated (empty: rewrite the results and README section from what was measured)")
     ap.add_argument("--accuracy", action="store_true", help="also score exact match as the release scorecard does")
+    ap.add_argument("--accuracy-examples", default=None, help="examples per split --accuracy scores: N or 'all' "
+                    "(default: the scorecard's max_examples)")
     ap.add_argument("--results", default="calibration_mix", help="results file (bench/results/NAME.json) and README "
                     "section name")
     args = ap.parse_args()
@@ -279,14 +281,22 @@ def main() -> None:
             "command_tail": (" --accuracy" if args.accuracy else "")
             + ("" if args.results == "calibration_mix" else f" --results {args.results}")}
     merged_accuracy = None
+    from lorakit.scorecard.options import SCORECARD
+
+    n_acc = (None if args.accuracy_examples == "all" else int(args.accuracy_examples) if args.accuracy_examples
+             else SCORECARD.max_examples)
     if args.accuracy:
-        merged_accuracy = previous.get("merged_accuracy") or accuracy(merged, preps)
+        if previous.get("accuracy_examples", SCORECARD.max_examples) != n_acc:
+            previous.pop("merged_accuracy", None)  # scored on other examples: score the merged model again
+        merged_accuracy = previous.get("merged_accuracy") or accuracy(merged, preps, n_acc)
         data["merged_accuracy"] = merged_accuracy
+        data["accuracy_examples"] = n_acc  # None = every example of each split
+        data["command_tail"] += f" --accuracy-examples {args.accuracy_examples}" if args.accuracy_examples else ""
         print("merged", json.dumps(merged_accuracy), flush=True)
     for item in filter(None, args.variants.split(",")):
         v = Variant.parse(item)
         key = v.key()
-        variants[key] = measure(merged, calib, preps, v, args.work, merged_accuracy)
+        variants[key] = measure(merged, calib, preps, v, args.work, merged_accuracy, n_acc)
         print(key, json.dumps({k: round(c["degradation"], 4) for k, c in variants[key]["checks"].items()}),
               json.dumps(variants[key].get("accuracy", {})), flush=True)
         write_results(args.results, data)  # after every variant: a long run keeps what it measured
