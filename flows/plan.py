@@ -124,7 +124,8 @@ class ReleasePlan:
         g = self.config.gate
         tasks = [[ds.name, preps[ds.name], adapters[ds.name]] for ds in self.config.datasets]
         params = {"seq_len": g.seq_len, "stride": g.stride or g.seq_len, "max_tokens": g.max_tokens,
-                  "max_examples": self.config.scorecard.max_examples, "dtype": self.config.compute_dtype}
+                  "max_examples": self.config.scorecard.max_examples,
+                  "judge_examples": self.config.scorecard.judge_examples, "dtype": self.config.compute_dtype}
         if g.general_text is not None:  # every model on the gate's general text: what each keeps of its language
             params.update(general=g.general_text, general_max_tokens=g.general_max_tokens)
         args = {"base": self.config.base, "tasks": tasks, "merged": merged, "quantized": quantized}

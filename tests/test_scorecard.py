@@ -313,6 +313,39 @@ def test_max_examples_caps_perplexity_to_the_examples_exact_match_scores(release
     assert val["mean_nll"] == pytest.approx(capped.mean_nll, rel=1e-9)
 
 
+def test_the_gate_judges_the_accuracy_drop_on_every_val_question_and_the_table_keeps_its_first(release):
+    """judge_examples (default: all) widens only the merged/quantized comparison the gate judges; the table's
+    columns are the first max_examples answers of the same run. References: lorakit.evaluate.task_accuracy on each
+    sample alone."""
+    from lorakit.evaluate import task_accuracy
+
+    prep, _ = release["tasks"]["yes"]
+    card = build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], release["base"],
+                           max_examples=2, **SEQ)
+    val = card.data["tasks"]["yes"]["splits"]["val"]
+    whole = {r: task_accuracy(str(m), str(prep), split="val", progress=False)
+             for r, m in (("merged", release["yes_only"]), ("quantized", release["base"]))}
+    first = task_accuracy(str(release["base"]), str(prep), split="val", max_examples=2, progress=False)
+    n = whole["merged"].n_examples
+    assert n > 2 and val["n_examples"] == 2 and val["judged"]["n_examples"] == n
+    assert val["judged"]["merged"] == whole["merged"].exact_match == 1.0
+    assert val["judged"]["quantized"] == whole["quantized"].exact_match
+    assert val["judged"]["accuracy_drop"] == whole["merged"].exact_match - whole["quantized"].exact_match
+    assert val["models"]["quantized"]["exact_match"] == first.exact_match
+    assert len(card.predictions["yes"]["val"]["quantized"]) == 2
+    assert card.predictions["yes"]["val"]["judged"]["quantized"] == [p.exact for p in whole["quantized"].predictions]
+    assert "judged" not in card.data["tasks"]["yes"]["splits"]["test"]  # the gate judges val only
+    from lorakit.scorecard.report import render_markdown, render_text
+
+    for text in (render_markdown(card.data), render_text(card.data)):
+        assert f"the gate's sample (val, {n} questions)" in text
+    check = next(c for c in judge_scorecard(card.data) if c.check == "max_accuracy_drop")
+    assert f"val, {n} questions" in check.message and check.value == val["judged"]["accuracy_drop"]
+    narrow = build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], release["base"],
+                             max_examples=2, judge_examples=2, **SEQ).data  # nothing beyond the table: no sample
+    assert "judged" not in narrow["tasks"]["yes"]["splits"]["val"]
+
+
 def test_judge_boundaries_on_hand_made_numbers():
     """Thresholds inclusive; judged on val only (a failing test split changes nothing); None reports only."""
     def split(base, adapter, merged, quantized):
@@ -330,5 +363,10 @@ def test_judge_boundaries_on_hand_made_numbers():
     assert [(c.check, c.passed) for c in checks] == [("min_retention", True), ("max_accuracy_drop", True)]
     checks = judge_scorecard(card, min_retention=0.91, max_accuracy_drop=0.019)
     assert [(c.check, c.passed) for c in checks] == [("min_retention", False), ("max_accuracy_drop", False)]
+    card["tasks"]["t"]["splits"]["val"]["judged"] = {"n_examples": 200, "merged": 0.45, "quantized": 0.425,
+                                                     "accuracy_drop": 0.025}  # the larger sample decides
+    checks = judge_scorecard(card, min_retention=0.9, max_accuracy_drop=0.02)
+    assert [(c.check, c.passed) for c in checks] == [("min_retention", True), ("max_accuracy_drop", False)]
+    assert checks[1].value == 0.025 and "200 questions" in checks[1].message
     with pytest.raises(InputError, match="min_retention"):
         judge_scorecard(card, min_retention=float("nan"))

@@ -66,7 +66,8 @@ def scorecard(base, tasks, merged, quantized, output, margin, gen_batch_size, ca
     Derived per task and split:
       retention       (merged - base) / (adapter - base) on exact match, F1 and NLL: the share of the
                       adapter's gain the merge kept; "not learned" when the adapter gained nothing
-      quantized drop  merged exact match - quantized exact match
+      quantized drop  merged exact match - quantized exact match; on val also over the first
+                      --judge-examples questions (default all), which the gate judges
     `lorakit gate --scorecard DIR` judges these on val (--min-retention, --max-accuracy-drop).
 
     \b
@@ -87,7 +88,7 @@ def scorecard(base, tasks, merged, quantized, output, margin, gen_batch_size, ca
     card = build_scorecard(base, [ScorecardTask(n, p, a) for n, p, a in tasks], merged, quantized, output=output,
                            seq_len=seq_len, stride=stride, max_tokens=max_tokens, ppl_batch_size=batch_size,
                            gen_batch_size=gen_batch_size, margin=margin,
-                           max_examples=take_stage_options(ScorecardOptions, options).max_examples,
+                           **take_stage_options(ScorecardOptions, options).model_dump(),
                            case_insensitive=case_insensitive, strip_punctuation=strip_punctuation,
                            quant_path=quant_path, device=device, dtype=compute_dtype, general=general_text,
                            general_max_tokens=general_max_tokens or None, force=force,

@@ -19,6 +19,9 @@ top-1 agreement from the same logits), the measurement the gate's general-text c
 when the models, tokens, windows, dtype and batch size are the same, so the release scores general text once.
 From those, per task and split: retention of the adapter's gain by the merged model, on exact match, F1 and NLL
 (``lorakit.evaluate.retention``, the one definition), and the quantized model's accuracy drop vs the merged one.
+The gate judges that drop on val from a larger sample, ``judge_examples`` (default: every val example): the merged
+and quantized models answer those, and the table's first ``max_examples`` are read off the same answers (their
+prefix), so no question is generated twice (``judged`` in the split's entry, the answers in predictions.json).
 
 Each model is loaded once and scores every task it applies to before the next one loads (one model in memory at
 a time, except that the merged model stays loaded for the general-text pass with the quantized one, as in the
@@ -37,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import InputError
-from lorakit.evaluate.accuracy import (DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN, TaskExamples, check_prep_tokenizer,
-                                       read_task_examples, task_accuracy)
+from lorakit.evaluate.accuracy import (DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN, TaskAccuracy, TaskExamples,
+                                       check_prep_tokenizer, read_task_examples, task_accuracy)
 from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, METHOD_NAME, perplexity, perplexity_pair
 from lorakit.evaluate.loading import ModelSpec, describe_model, load_eval_model, load_tokenizer, model_digest
 from lorakit.evaluate.retention import retention
@@ -46,6 +49,7 @@ from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_tex
 from lorakit.evaluate.windows import check_window_params, plan_windows
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS, resolve_general_text
 from lorakit.progress import emit
+from lorakit.scorecard.judge import JUDGED_SPLIT
 from lorakit.scorecard.options import SCORECARD
 
 FORMAT = "lorakit-scorecard v1"
@@ -54,6 +58,7 @@ PREDICTIONS_JSON = "predictions.json"
 SCORECARD_MD = "scorecard.md"
 SCORECARD_PNG = "scorecard.png"
 ROLES = ("base", "adapter", "merged", "quantized")
+JUDGED_ROLES = ("merged", "quantized")  # the pair max_accuracy_drop compares on judge_examples
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ def build_scorecard(
     gen_batch_size: int = DEFAULT_GEN_BATCH_SIZE,
     margin: int = DEFAULT_MARGIN,
     max_examples: int | None = SCORECARD.max_examples,
+    judge_examples: int | None = SCORECARD.judge_examples,
     case_insensitive: bool = False,
     strip_punctuation: bool = False,
     quant_path: str = "auto",
@@ -135,7 +141,13 @@ def build_scorecard(
     for t in tasks:
         splits, report, note = _splits_of(t)
         plans[t.name] = {"splits": splits, "report": report, "note": note,
-                         "examples": {s: read_task_examples(t.data, s, max_examples) for s in splits}}
+                         "examples": {s: read_task_examples(t.data, s, max_examples) for s in splits},
+                         "judged": None}
+        table = plans[t.name]["examples"][JUDGED_SPLIT]
+        if quantized is not None and table.skipped is None:
+            judged = read_task_examples(t.data, JUDGED_SPLIT, judge_examples)
+            if len(judged.records) > len(table.records):  # else the table's examples are the whole sample
+                plans[t.name]["judged"] = judged
 
     # 2. Models and tokenizers: every one must share the base's tokenizer and the data's (checked without weights).
     specs: dict[str, ModelSpec] = {"base": describe_model(base)}
@@ -206,10 +218,19 @@ def build_scorecard(
                 continue
             for s in plans[t.name]["splits"]:
                 ppl = perplexity(loaded, streams[(t.name, s)], **ppl_kw)
-                acc = task_accuracy(loaded, plans[t.name]["examples"][s], **acc_kw)
+                judged = plans[t.name]["judged"] if s == JUDGED_SPLIT and role in JUDGED_ROLES else None
+                if judged is None:
+                    acc = task_accuracy(loaded, plans[t.name]["examples"][s], **acc_kw)
+                else:
+                    whole = task_accuracy(loaded, judged, **acc_kw)
+                    acc = _first(whole, len(plans[t.name]["examples"][s].records))
+                    predictions[t.name][s].setdefault("judged", {})[role] = [p.exact for p in whole.predictions]
                 scores[(t.name, s, role)] = {"exact_match": acc.exact_match, "f1": acc.f1, "ppl": ppl.ppl,
                                              "mean_nll": ppl.mean_nll, "tokens": ppl.tokens,
                                              "n_examples": acc.n_examples, "path_used": loaded.path_used}
+                if judged is not None:
+                    scores[(t.name, s, role)]["judged"] = {"n_examples": whole.n_examples,
+                                                           "exact_match": whole.exact_match}
                 if acc.skipped is None:
                     decoding = decoding or {k2: v for k2, v in acc.decoding.items()
                                            if k2 not in ("stop_token_ids", "prefill_tokens")}
@@ -256,7 +277,7 @@ def build_scorecard(
                               "tokenizer_digest": want},
         "decoding": decoding,
         "normalization": {"case_insensitive": bool(case_insensitive), "strip_punctuation": bool(strip_punctuation)},
-        "params": {"max_examples": max_examples, "gen_batch_size": int(gen_batch_size), "margin": int(margin),
+        "params": {"max_examples": max_examples, "judge_examples": judge_examples, "gen_batch_size": int(gen_batch_size), "margin": int(margin),
                    "quant_path": quant_path, "device": str(dev), "dtype": dtype, "compute_dtype": compute_dtype},
         "retention_definition": "(score_merged - score_base) / (score_adapter - score_base); for NLL on -NLL; "
                                 "null when the adapter did not gain over the base (lorakit.evaluate.retention)",
@@ -311,7 +332,21 @@ def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, has_qua
                               "n_examples": len(examples[s].records),
                               "accuracy_skipped": skipped, "models": models, "retention": ret,
                               "accuracy_drop": drop}
+        if all("judged" in models.get(r, {}) for r in JUDGED_ROLES):
+            m, q = (models[r].pop("judged") for r in JUDGED_ROLES)
+            entry["splits"][s]["judged"] = {"n_examples": m["n_examples"], "merged": m["exact_match"],
+                                            "quantized": q["exact_match"],
+                                            "accuracy_drop": m["exact_match"] - q["exact_match"]}
     return entry
+
+
+def _first(acc: TaskAccuracy, n: int) -> TaskAccuracy:
+    """``acc`` restricted to its first ``n`` examples (a larger run's prefix stands for the table's examples)."""
+    from dataclasses import replace
+
+    preds = acc.predictions[:n]
+    return replace(acc, n_examples=n, exact_match=sum(p.exact for p in preds) / n,
+                   f1=sum(p.f1 for p in preds) / n, predictions=preds)
 
 
 def write_scorecard(card: Scorecard, output: str | os.PathLike[str], *, force: bool = False) -> Path:

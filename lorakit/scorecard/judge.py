@@ -5,7 +5,8 @@
   adapter with no gain fails with "the adapter for TASK did not learn it": retention is undefined there, and
   the fix is training, not merging.
 - ``max_accuracy_drop``: for every task, exact match of the quantized model is at most this much (absolute)
-  below the merged model's.
+  below the merged model's, on the scorecard's judged sample (``judged``: ``scorecard.judge_examples``, by default
+  every val example) when it has one, else on the table's examples.
 - ``max_general_forgetting``: the merged model's perplexity on the general text is at most this fraction above the
   base's (``general_text.vs_base.merged``), once per release, when the scorecard scored general text: training and
   merging can cost the model its language while every task check and every quantized-vs-merged check passes.
@@ -82,12 +83,17 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
         if min_retention is not None:
             out.append(_retention_check(task, split["retention"][metric], metric, min_retention))
         if max_accuracy_drop is not None and accuracy and split.get("accuracy_drop") is not None:
-            drop = float(split["accuracy_drop"])
+            # the larger paired sample when the scorecard has one (scorecard.judge_examples), else the table's
+            judged = split.get("judged") or {"n_examples": split.get("n_examples"), "accuracy_drop": split["accuracy_drop"],
+                                             "merged": split["models"]["merged"]["exact_match"],
+                                             "quantized": split["models"]["quantized"]["exact_match"]}
+            drop = float(judged["accuracy_drop"])
             ok = drop <= max_accuracy_drop + TOLERANCE
+            n = f", {judged['n_examples']} questions" if judged.get("n_examples") else ""
             out.append(ScorecardCheck(
                 "max_accuracy_drop", task, metric, drop, max_accuracy_drop, ok,
-                f"exact match on {task} ({JUDGED_SPLIT}): merged {split['models']['merged']['exact_match']:.1%}, "
-                f"quantized {split['models']['quantized']['exact_match']:.1%}: drop {drop * 100:+.1f} points "
+                f"exact match on {task} ({JUDGED_SPLIT}{n}): merged {judged['merged']:.1%}, "
+                f"quantized {judged['quantized']:.1%}: drop {drop * 100:+.1f} points "
                 f"({'<=' if ok else '>'} {max_accuracy_drop * 100:.1f})"))
     general = scorecard.get("general_text") or {}
     loss = (general.get("vs_base") or {}).get("merged")

@@ -85,7 +85,18 @@ def render_text(card: dict[str, Any]) -> str:
     notes += [f"{t}: {s['accuracy_skipped']}" for t, e in card["tasks"].items() for s in list(e["splits"].values())[:1]
               if s["accuracy_skipped"]]
     general = general_line(card)
-    return "\n".join(lines + notes + ([general] if general else []))
+    return "\n".join(lines + notes + judged_lines(card) + ([general] if general else []))
+
+
+def judged_lines(card: dict[str, Any]) -> list[str]:
+    """The gate's larger accuracy sample per task (``judged``: scorecard.judge_examples), where there is one."""
+    out = []
+    for task in task_names(card):
+        j = card["tasks"][task]["splits"].get("val", {}).get("judged")
+        if j:
+            out.append(f"{task}, the gate's sample (val, {j['n_examples']} questions): merged EM {j['merged']:.1%}, "
+                       f"quantized {j['quantized']:.1%}, drop {100 * j['accuracy_drop']:+.1f} points")
+    return out
 
 
 def render_markdown(card: dict[str, Any], heading: str = "# Release scorecard") -> str:
@@ -105,6 +116,7 @@ def render_markdown(card: dict[str, Any], heading: str = "# Release scorecard") 
     notes += [f"{t}: {s['accuracy_skipped']}" for t, e in card["tasks"].items() for s in list(e["splits"].values())[:1]
               if s["accuracy_skipped"]]
     lines += [""] + [f"- note: {n}" for n in notes]
+    lines += [f"- {line}" for line in judged_lines(card)]
     general = general_line(card)
     if general:
         lines += [f"- {general}"]
