@@ -48,8 +48,22 @@ def compare(merged: list[bool], quantized: list[bool]) -> dict:
             "merged_right_quantized_wrong": lost, "quantized_right_merged_wrong": gained}
 
 
+def quant_label(folder: str) -> str:
+    """What the quantized model is, from its own record (the folder may be gone when the README is regenerated)."""
+    try:
+        p = json.loads((Path(folder) / "lorakit_quant.json").read_text())["params"]
+    except (OSError, KeyError, ValueError):
+        return "quantization record not available"
+    extra = p.get("method_params", {})
+    return (f"{p['method']} {p['bits']}-bit g{p['group_size']}"
+            + (f", GPTAQ {extra['gptaq_alpha']:g}" if extra.get("gptaq_alpha") else "")
+            + (", clipping search" if extra.get("clip_norm") or extra.get("clip") else ""))
+
+
 def readme(data: dict, name: str) -> str:
-    lines = [f"## {name}", "", f"`python bench/accuracy_sample_size.py --release {data['release']}`: the release's "
+    results = "" if name == "accuracy_sample_size" else f" --results {name}"
+    lines = [f"## {name}", "", f"`python bench/accuracy_sample_size.py --release {data['release']}{results}`: the "
+             f"release's ({data['quantized'].rsplit('/', 1)[-1]}: {quant_label(data['quantized'])}) "
              "merged and quantized models on every val and test example instead of the scorecard's first 50; drop = "
              "merged minus quantized exact match (the gate's `max_accuracy_drop` is 2 points on val), with the "
              "discordant answers behind it.", "",
