@@ -51,8 +51,28 @@ def parse_variant(item: str) -> tuple[float, int, list[float] | None, float]:
     return float(alpha), int(examples), weights, anchor
 
 
+def reference_scores(card: dict, max_examples: int | None) -> dict:
+    """{task: {split: {"base": em, "adapter": em}}} on the first ``max_examples`` (None = all): retention's
+    reference when the variants are scored on other examples than the release scorecard's."""
+    from lorakit.evaluate import task_accuracy
+
+    out: dict = {}
+    for t in card["task_order"]:
+        prep = card["tasks"][t]["data"]
+        out[t] = {split: {"base": task_accuracy(card["models"]["base"]["folder"], prep, split=split,
+                                                max_examples=max_examples, progress=True).exact_match,
+                          "adapter": task_accuracy(card["tasks"][t]["adapter"], prep, split=split,
+                                                   base=card["models"]["base"]["folder"], max_examples=max_examples,
+                                                   progress=True).exact_match}
+                  for split in card["tasks"][t]["splits"]}
+    return out
+
+
 def measure(card: dict, alpha: float, examples: int, work: Path,
-            weights: list[float] | None = None, anchor: float = 0.0) -> dict:
+            weights: list[float] | None = None, anchor: float = 0.0, max_examples: int | None = -1,
+            reference: dict | None = None) -> dict:
+    """``max_examples`` -1 = the release scorecard's examples (retention against its base and adapter); else the
+    first N (None = all), retention against ``reference`` (:func:`reference_scores` on the same examples)."""
     from bench.release_scorecard import fresh_exact_match
     from bench.train_sweep import general_perplexity
     from lorakit.evaluate import task_accuracy
@@ -76,9 +96,10 @@ def measure(card: dict, alpha: float, examples: int, work: Path,
     for t in tasks:
         scores[t] = {}
         for split, entry in card["tasks"][t]["splits"].items():
-            em = task_accuracy(loaded, str(preps[t]), split=split, max_examples=card["params"]["max_examples"],
-                               progress=False).exact_match
-            recorded = entry["models"]
+            n = card["params"]["max_examples"] if max_examples == -1 else max_examples
+            em = task_accuracy(loaded, str(preps[t]), split=split, max_examples=n, progress=False).exact_match
+            recorded = entry["models"] if reference is None else {
+                "merged": {"exact_match": None}, **{r: {"exact_match": v} for r, v in reference[t][split].items()}}
             ret = retention(recorded["base"]["exact_match"], recorded["adapter"]["exact_match"], em,
                             higher_is_better=True)
             scores[t][split] = {"exact_match": em, "release_merged": recorded["merged"]["exact_match"],
@@ -96,11 +117,15 @@ def measure(card: dict, alpha: float, examples: int, work: Path,
 
 def readme(data: dict, name: str = "regmean_alpha") -> str:
     tail = "" if name == "regmean_alpha" else f" --results {name}"
+    n = data.get("max_examples", -1)
+    tail += "" if n == -1 else f" --max-examples {'all' if n is None else n}"
+    scope = "first 50" if n == -1 else "every example" if n is None else f"first {n}"
+    against = "the release scorecard's base and adapter" if n == -1 else "the base and adapters on the same examples"
     lines = [f"## {name}", "",
              f"`python bench/regmean_alpha.py --release {data['release']}{tail}`: the default release's two adapters merged "
              "by RegMean at other off-diagonal scales (alpha) and Gram sizes (train examples per task); exact match "
-             "on val / test (first 50) and 40 fresh questions, retention on val against the release scorecard's base "
-             "and adapter (the gate's `min_retention`, 0.9), general-text perplexity against the base's (the gate's "
+             f"on val / test ({scope}) and 40 fresh questions, retention on val against {against} "
+             "(the gate's `min_retention`, 0.9), general-text perplexity against the base's (the gate's "
              "`max_general_forgetting`, 10%). The release merges with alpha 0.9, 128 examples.", "",
              "| alpha | examples | weights | anchor | task | merged val / test | fresh | retention val | general vs base | merge s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -120,6 +145,8 @@ def main() -> None:
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="alpha:examples[:w1/w2/...][:aLAMBDA], "
                     "comma-separated")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "regmean_alpha")
+    ap.add_argument("--max-examples", default=None, help="score every variant on the first N val/test examples, or "
+                    "'all' (default: the release scorecard's), with the base and adapters rescored on the same")
     ap.add_argument("--results", default="regmean_alpha", help="results file (bench/results/NAME.json) and README "
                     "section name: one per release, since every row of one file merges the same adapters")
     args = ap.parse_args()
@@ -134,10 +161,18 @@ def main() -> None:
         previous = {}
     data = {"release": str(args.release), "adapters": {t: card["tasks"][t]["adapter"] for t in card["task_order"]},
             "variants": previous.get("variants", {})}
+    n, reference = -1, None
+    if args.max_examples:
+        n = None if args.max_examples == "all" else int(args.max_examples)
+        if previous.get("max_examples", -1) != n:
+            data["variants"] = {}  # rows scored on other examples do not compare
+        reference = previous.get("reference") if previous.get("max_examples", -1) == n else None
+        reference = reference or reference_scores(card, n)
+        data.update(max_examples=n, reference=reference)
     for item in filter(None, args.variants.split(",")):
         alpha, examples, weights, anchor = parse_variant(item)
         key = variant_key(alpha, examples, weights, anchor)
-        data["variants"][key] = measure(card, alpha, examples, args.work, weights, anchor)
+        data["variants"][key] = measure(card, alpha, examples, args.work, weights, anchor, n, reference)
         print(key, json.dumps({t: s["val"] for t, s in data["variants"][key]["tasks"].items()}),
               json.dumps(data["variants"][key]["fresh"]), flush=True)
         write_results(args.results, data)  # after every variant: a long run keeps what it measured
