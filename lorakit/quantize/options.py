@@ -64,9 +64,10 @@ class QuantizeOptions(StageOptions):
         "gptq", description="gptq: GPTQModel's GPTQ (Hessian-based rounding). awq: lorakit's activation-aware scaling.")
     bits: Literal[4, 8] = Field(4, description="Weight bits.")
     group_size: int = Field(
-        32, description="Input channels sharing one scale/zero (16..1024, power of two). If it does not divide every "
-        "layer's input size, the largest valid one below it is used (128 does not divide SmolLM2's 576). 16 is finer but "
-        "the CPU int4 kernel transformers picks refuses it (load such a file on CUDA or with the torch backend).")
+        16, description="Input channels sharing one scale/zero (16..1024, power of two). If it does not divide every "
+        "layer's input size, the largest valid one below it is used (128 does not divide SmolLM2's 576). Torch's CPU "
+        "int4 kernel takes 32/64/128/256 only, so a 4-bit GPTQ file at 16 names GPTQModel's portable (slower) kernel in "
+        "its config, which transformers reads; 32 keeps the fast one.")
     sym: Annotated[bool | None, Cli(decls=("--sym/--asym",))] = Field(
         False, description="Symmetric grid (no zero point) or asymmetric with a zero point (the default, for both "
         "methods); none = each method's convention: --sym for gptq, --asym for awq.")
@@ -86,17 +87,17 @@ class QuantizeOptions(StageOptions):
         "x̄^α (the paper's), both = let the output error pick per group (twice the search time). Which is better "
         "depends on the group size (bench/README.md, quantize).")
     n_samples: int | None = Field(
-        None, gt=0, description="Calibration sequences; none = 64, or every one the data gives when fewer (at "
+        None, gt=0, description="Calibration sequences; none = 128, or every one the data gives when fewer (at "
         "least 16; a warning says so and lorakit_quant.json records it). A number the data cannot fill is an error.")
-    seq_len: int = Field(256, gt=0, description="Tokens per calibration sequence (64 x 256 is what the small bundled "
-                         "tasks fill; 128 x 512 needs 65k calibration tokens).")
+    seq_len: int = Field(256, gt=0, description="Tokens per calibration sequence (128 x 256, half of them general "
+                         "text, is what the small bundled tasks fill; 128 x 512 needs 65k calibration tokens).")
     seed: int = Field(0, description="Seed of the calibration text shuffle.")
     device: str = Field(DEFAULT_DEVICE, description="auto (CUDA when present), cpu or cuda[:N].")
     calib_general: str | None = Field(
         "default", description="General text mixed into calibration: 'default' = the general-English corpus shipped "
         "with lorakit (cut from its last documents), a .txt/.jsonl file, or none = the task data only.")
     calib_general_fraction: float = Field(
-        0.75, ge=0, lt=1, description="Share of the calibration blocks taken from calib_general.")
+        0.5, ge=0, lt=1, description="Share of the calibration blocks taken from calib_general.")
     target_degradation: float | None = Field(
         None, ge=0, description="Search instead of using the settings above as they are: the smallest configuration "
         "(group size, sym/asym, act-order, per-module precision), starting from the one above, whose perplexity is "
