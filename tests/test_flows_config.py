@@ -248,7 +248,7 @@ def test_release_gate_checks_general_text_by_default_and_the_search_must_meet_it
     searched = ReleasePlan(parse_config({**base, "quantize": {"target_degradation": 0.05}}))
     params = searched.quantize("m", "cal")["params"]
     assert params["eval_general"] == "default" and params["eval_general_max_tokens"] == DEFAULT_GENERAL_MAX_TOKENS
-    assert params["calib_general"] == "default" and params["calib_general_fraction"] == QuantizeConfig().calib_general_fraction == 0.75
+    assert params["calib_general"] == "default" and params["calib_general_fraction"] == QuantizeConfig().calib_general_fraction == 0.5
 
 
 def _check(name, degradation, passed, kl=0.01, max_kl=None):

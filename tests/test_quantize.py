@@ -49,12 +49,11 @@ def prep(tmp_path_factory) -> Path:
 def quantized(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
     """Tiny model quantized eight ways (made once for the module; each takes a few seconds). gptq4/gptq8 keep the
     natural group order (no act-order) so lorakit's unpacker can read them; ``default`` is the release default
-    (GPTQ 4-bit g32, zero point, act-order, GPTAQ, clipping search), ``no-clip`` without the clipping search, ``plain-gptq`` without either; ``gptq4-g16`` the default at group 16."""
+    (GPTQ 4-bit g16, zero point, act-order, GPTAQ, clipping search), ``no-clip`` without the clipping search, ``plain-gptq`` without either."""
     root = tmp_path_factory.mktemp("quant")
     runs = {"gptq4": dict(method="gptq", bits=4, group_size=32, desc_act=False),
             "gptq8": dict(method="gptq", bits=8, group_size=64, desc_act=False), "default": {},
             "no-clip": dict(clip_search=False), "plain-gptq": dict(clip_search=False, gptaq_alpha=0),
-            "gptq4-g16": dict(group_size=16),
             "awq4": dict(method="awq", bits=4, group_size=32), "awq8": dict(method="awq", bits=8, group_size=64),
             "awq4-fp32": dict(method="awq", bits=4, group_size=32, compute_dtype="float32", awq_scale_form="both")}
     return {name: quantize_model(tiny_base, root / name, calib=prep, progress=False, **CALIB, **kw).output
@@ -197,16 +196,16 @@ def test_act_order_checkpoint_keeps_its_groups_in_g_idx_and_the_loader_reads_the
 def test_group_16_names_the_portable_kernel_and_plain_transformers_runs_it_on_cpu(quantized):
     """Torch's CPU int4 kernel takes groups of 32/64/128/256; GPTQModel would still pick it for a group-16 file and
     fail at the first forward. lorakit names the portable torch kernel in quantization_config.backend (and only
-    there: the default group 32 leaves the choice to the loader); plain from_pretrained then computes x·Wᵀ with
+    there: group 32 leaves the choice to the loader); plain from_pretrained then computes x·Wᵀ with
     exactly the weights the g_idx-aware dequantizer reads."""
     from transformers import AutoModelForCausalLM
 
     from lorakit.evaluate.dequant import dequantize_gptq
 
-    folder = quantized["gptq4-g16"]
+    folder = quantized["default"]  # group 16 is the default
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
-    assert (qcfg["group_size"], qcfg["backend"]) == (16, "torch")
-    assert "backend" not in json.loads((quantized["default"] / "config.json").read_text())["quantization_config"]
+    assert (qcfg["group_size"], qcfg["backend"]) == (16, "torch") and QUANTIZE.group_size == 16
+    assert "backend" not in json.loads((quantized["gptq4"] / "config.json").read_text())["quantization_config"]
     meta = read_quant_meta(folder)
     assert "backend = 'torch'" in meta.how_to_load and any("group size 16" in n for n in meta.notes)
     tensors = load_file(folder / "model.safetensors")

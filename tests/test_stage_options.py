@@ -186,7 +186,7 @@ def test_train_without_steps_or_epochs_records_the_declared_default():
 
 def test_quantize_with_no_options_is_the_release_quantization(tmp_path, tiny_base):
     """`lorakit quantize MODEL -o OUT --calib DATA` writes what the release flow's quantize stage writes with the
-    run config's defaults: GPTQ 4-bit g32 with a zero point, act-order, GPTAQ and clipping search, 256-token blocks, 3/4 general text."""
+    run config's defaults: GPTQ 4-bit g16 with a zero point, act-order, GPTAQ and clipping search, 256-token blocks, half general text."""
     from flows.config import QuantizeConfig
     from lorakit.quantize import read_quant_meta
     from tests.test_quantize import make_prep
@@ -203,7 +203,9 @@ def test_quantize_with_no_options_is_the_release_quantization(tmp_path, tiny_bas
     assert used["sym"] is False and used["desc_act"] is True  # the measured default: a zero point, act-order
     assert used["gptaq_alpha"] == 0.5  # GPTAQ's input-error correction (gptaq_alpha none = 0.5 for gptq)
     assert used["clip_search"] is True
-    assert used["n_samples"] == 64  # what n_samples none means when the data gives enough
+    from lorakit.quantize.calibration import DEFAULT_N_SAMPLES
+
+    assert used["n_samples"] == DEFAULT_N_SAMPLES == 128  # what n_samples none means when the data gives enough
     general = meta.calibration["general"]
     assert general["source"] and general["fraction"] == pytest.approx(release.calib_general_fraction)
     recorded = json.loads((out / "lorakit_quant.json").read_text())
