@@ -3,21 +3,21 @@
 
 The defaults are the measured release configuration of the embedded SmolLM2-135M release.
 
-Why GPTQ 4-bit, group 32, with a zero point, act-order, GPTAQ (alpha 0.5) and the clipping search, calibrated on 3/4
-general text. On the anchored default release's merged model (bench/results/quantize_gptaq.json, ``variants.*``, all
-scored by the release gate itself): plain GPTQ group 32, the default before, lost
-+7.8% (``gptq-g32-asym-act-general75.checks.general-text.degradation``) of general-text perplexity; with GPTAQ and
-the clipping search (``gptq-g32-asym-act-gptaq50-clip-general75``) +5.3%, both tasks' perplexity within 3%, at the
-same 0.44x bf16 size and the same layout -- still just past the gate's 5%. Group 16 with both
-(``gptq-g16-asym-act-gptaq50-clip-general75``) is +3.0% at 0.47x, but it is not the default: torch's CPU int4 kernel,
-which GPTQModel picks for plain ``transformers`` on CPU, refuses group 16, so such a file names GPTQModel's portable
-(slower, plain torch) kernel in its config (:func:`lorakit.quantize.mixed.loader_backend`). A release at group
-16 (bench/results/release_scorecard_bf16_gptaq.json) passed general text and lost 3 of 50 number-words val answers
-against the merged model, which the gate rejects; half general text kept the answers but its general-text KL
-exceeds the gate's bar (bench/results/quantize_gptaq_accuracy.json). GPTAQ and the clipping search lengthen
-quantization (``quantize_s``; those runs shared the machine, so no ratio is claimed). Other GPTAQ alphas, more or
-longer calibration blocks and a lower damping were probed at group 32 without a recorded result;
-``bench/calibration_mix.py`` variants ``:gptaqA``/``:sN`` re-measure them.
+Why GPTQ 4-bit, group 16, with a zero point, act-order, GPTAQ (alpha 0.5) and the clipping search, on 128 calibration
+blocks, half of them general text. The bar is the gate's: general-text perplexity and mean KL within 5% (ln 1.05) of
+the merged model, and no task losing more than 2 exact-match points on its val questions -- judged on all 200 of
+them, since at the scorecard's first 50 one answer is the whole bar (bench/results/accuracy_sample_size_g32.json).
+On the default release's merged model (bench/results/quantize_accuracy_all.json, ``variants.*``, every val and test
+question): this setting (``gptq-g16-asym-act-gptaq50-clip-n128-general50``) is +3.6% on general text, mean KL 0.042,
+and loses at most 0.5 points on any task; the same on 64 blocks (``...-general50``) lost 3.5 number-words points.
+Group 32 with GPTAQ and clipping on 64 blocks of 3/4 general text, the default before (a cold release:
+bench/results/release_scorecard_bf16_gptaq32.json), was +5.01% on general text (KL 0.059) and lost 2.5 number-words
+points on all 200 (accuracy_sample_size_g32.json); plain GPTQ group 32 +7.8% (quantize_gptaq.json). The price of
+group 16: a 0.47x bf16 file instead of 0.44x, a longer quantization, and torch's CPU int4 kernel takes groups of
+32/64/128/256 only, so the file names GPTQModel's portable (slower, plain torch) kernel in its config, which
+``transformers`` reads on load (:func:`lorakit.quantize.mixed.loader_backend`; vLLM ignores the key). Set
+``group_size: 32`` to keep the fast CPU kernel at the cost measured above. Calibrating in float32 instead of
+bfloat16 was not better (bench/results/quantize_calib_dtype.json).
 
 Why GPTQ rather than AWQ (bench/results/quantize_regmean.json, ``variants.*``; 50 questions per task and split):
 at the same size GPTQ keeps the tasks' answers far better -- exact match lost against the merged model, summed over
