@@ -277,7 +277,8 @@ def build_scorecard(
                               "tokenizer_digest": want},
         "decoding": decoding,
         "normalization": {"case_insensitive": bool(case_insensitive), "strip_punctuation": bool(strip_punctuation)},
-        "params": {"max_examples": max_examples, "judge_examples": judge_examples, "gen_batch_size": int(gen_batch_size), "margin": int(margin),
+        "params": {"max_examples": max_examples, "judge_examples": judge_examples,
+                   "gen_batch_size": int(gen_batch_size), "margin": int(margin),
                    "quant_path": quant_path, "device": str(dev), "dtype": dtype, "compute_dtype": compute_dtype},
         "retention_definition": "(score_merged - score_base) / (score_adapter - score_base); for NLL on -NLL; "
                                 "null when the adapter did not gain over the base (lorakit.evaluate.retention)",

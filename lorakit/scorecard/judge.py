@@ -84,9 +84,10 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
             out.append(_retention_check(task, split["retention"][metric], metric, min_retention))
         if max_accuracy_drop is not None and accuracy and split.get("accuracy_drop") is not None:
             # the larger paired sample when the scorecard has one (scorecard.judge_examples), else the table's
-            judged = split.get("judged") or {"n_examples": split.get("n_examples"), "accuracy_drop": split["accuracy_drop"],
-                                             "merged": split["models"]["merged"]["exact_match"],
-                                             "quantized": split["models"]["quantized"]["exact_match"]}
+            judged = split.get("judged") or {
+                "n_examples": split.get("n_examples"), "accuracy_drop": split["accuracy_drop"],
+                "merged": split["models"]["merged"]["exact_match"],
+                "quantized": split["models"]["quantized"]["exact_match"]}
             drop = float(judged["accuracy_drop"])
             ok = drop <= max_accuracy_drop + TOLERANCE
             n = f", {judged['n_examples']} questions" if judged.get("n_examples") else ""
