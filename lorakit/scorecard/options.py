@@ -12,9 +12,9 @@ class ScorecardOptions(StageOptions):
     """What the release scorecard scores (``lorakit.scorecard.build_scorecard``): every task, every model, val and
     test."""
 
-    # 50: generating answers dominates the stage's time (5 models x 2 splits per task); 50 questions per split
-    # still resolve 2-point accuracy steps (the release's stage: bench/results/release_scorecard.json,
-    # release.scorecard_wall_s).
+    # 50: generating answers dominates the stage's time (5 models x 2 splits per task). Enough to show each model's
+    # level in the table; not enough for a 2-point paired comparison, which reads judge_examples below (the release's
+    # stage with both: bench/results/release_scorecard_bf16_g16.json, release.scorecard_wall_s).
     max_examples: int | None = Field(50, gt=0, description="Score at most the first N examples of each task and "
                                      "split, for exact match and perplexity alike (none = all).")
     # At 50 questions one answer is 2 points, the whole of the gate's max_accuracy_drop; on the default release the
