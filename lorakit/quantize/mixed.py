@@ -99,8 +99,9 @@ def how_to_load(method: str, layout: str, module_bits: dict[str, int], backend: 
     if backend:
         return (f"transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed (it reads "
                 f"quantization_config.backend = {backend!r}: CPU's int4 kernel takes group sizes "
-                f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only); gptqmodel.GPTQModel.load(folder, "
-                f"backend={backend!r}) on CPU; vLLM reads the same GPTQ layout")
+                f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only; GPTQ_TORCH_CACHE_WEIGHTS=1 makes it faster for "
+                f"dense-weight memory); gptqmodel.GPTQModel.load(folder, backend={backend!r}) on CPU; vLLM reads the "
+                f"same GPTQ layout")
     kept = f"; {len(module_bits)} sensitive modules are kept in fp16 (modules_to_not_convert)" if module_bits else ""
     if layout == "awq-gemm":
         return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed; vLLM and "
