@@ -132,14 +132,14 @@ def quantize_model(
 ) -> QuantResult:
     """Quantize a full-precision Llama-style model folder with GPTQ or AWQ into a standard checkpoint folder.
 
-    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, GPTQ 4-bit g32
-    with a zero point, act-order, GPTAQ and the clipping search, calibrated on 3/4 general text), the same as ``lorakit quantize`` and the run
+    Defaults: :class:`lorakit.quantize.options.QuantizeOptions` (the measured release configuration, GPTQ 4-bit g16
+    with a zero point, act-order, GPTAQ and the clipping search, calibrated on half general text), the same as ``lorakit quantize`` and the run
     config's ``quantize:``. ``sym``/``desc_act``/``gptaq_alpha`` None are each method's convention
     (:func:`lorakit.quantize.options.resolve_grid`, :func:`~lorakit.quantize.options.resolve_gptaq`). A ``group_size`` that does not divide
     every layer's input size is replaced by the largest valid one with a note (``strict_group_size`` makes
     that an error). AWQ at 8 bits is written in the GPTQ v1 layout, because the AWQ GEMM layout is 4-bit only;
     the record says so. Calibration: see :mod:`lorakit.quantize.calibration` (train split of a prep folder;
-    ``n_samples=None``: 64 blocks, or every block the data gives when fewer, with a warning);
+    ``n_samples=None``: 128 blocks, or every block the data gives when fewer, with a warning);
     ``calib_general`` ("default" = lorakit's general-English corpus, or a file) supplies ``calib_general_fraction``
     of the blocks, so that general language shapes the quantization too.
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
@@ -180,6 +180,7 @@ def quantize_model(
         if progress:
             print(f"note: {note}", file=sys.stderr)
     layout = "gptq-v1" if (method == "gptq" or bits != 4) else "awq-gemm"
+    backend_key = loader_backend(layout, bits, used_group)  # a kernel named in the file for CPU loaders, or None
     if method == "awq" and bits == 8:
         notes.append("AWQ at 8 bits is written in the GPTQ v1 layout (the AWQ GEMM layout is 4-bit only); "
                      "loaders see quant_method=gptq")
@@ -207,7 +208,6 @@ def quantize_model(
             method_params = details
             backend = {"name": "gptqmodel", "versions": backend_versions()}
             _copy_side_files(src, tmp, overwrite=True)  # undo GPTQModel's generation_config rewrite
-            backend_key = loader_backend(layout, bits, used_group)
             if backend_key:
                 _set_loader_backend(tmp / "config.json", backend_key)
                 notes.append(f"group size {used_group}: CPU's int4 kernel refuses it, so quantization_config.backend "
@@ -237,7 +237,7 @@ def quantize_model(
             wall_time_s=round(time.perf_counter() - started, 3),
             size_before_bytes=_folder_bytes(src, source_shards),
             size_after_bytes=_folder_bytes(tmp, out_shards),
-            how_to_load=how_to_load(method, layout, module_bits, loader_backend(layout, bits, used_group)),
+            how_to_load=how_to_load(method, layout, module_bits, backend_key),
             loaders=loaders(method, layout, module_bits),
             notes=notes,
             quality=quality,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit.scorecard.judge import split_names, task_names
+from lorakit.scorecard.judge import JUDGED_SPLIT, split_names, task_names
 
 MODELS = ("base", "adapter", "merged", "quantized")
 
@@ -92,7 +92,7 @@ def judged_lines(card: dict[str, Any]) -> list[str]:
     """The gate's larger accuracy sample per task (``judged``: scorecard.judge_examples), where there is one."""
     out = []
     for task in task_names(card):
-        j = card["tasks"][task]["splits"].get("val", {}).get("judged")
+        j = card["tasks"][task]["splits"].get(JUDGED_SPLIT, {}).get("judged")
         if j:
             out.append(f"{task}, the gate's sample (val, {j['n_examples']} questions): merged EM {j['merged']:.1%}, "
                        f"quantized {j['quantized']:.1%}, drop {100 * j['accuracy_drop']:+.1f} points")
