@@ -6,14 +6,14 @@ Given the output folder of a ``lorakit run`` of the default release (``bench/pip
 1. ``release``: the scorecard the release's own scorecard stage wrote (every task x base / adapter / merged /
    quantized, val and test, exact match, F1, NLL, retention, accuracy drop), the stage's wall time, and the gate's
    verdict, copied from the run's outputs (predictions left out); every stage's recorded wall time; and exact match
-   on 40 fresh questions per task (unseen words and numbers) for the adapter, the merged and the quantized model.
+   on 40 fresh questions per task (``--fresh-questions``; unseen words and numbers) for the adapter, the merged and the quantized model.
 2. ``merge_defaults``: the same adapters merged exactly by each candidate default (linear 1/n each, linear 1.0
    each = task arithmetic, TIES at density 0.5 with weights 1.0) and scored by ``build_scorecard`` without a
    quantized model: retention of each task on val and test, on exact match and on NLL, and the merged model's
    general-text perplexity against the base.
 
 Usage: python bench/release_scorecard.py --release bench/work/pipeline/out [--work bench/work/release_scorecard]
-       [--skip-merges] [--skip-fresh] [--results release_scorecard]
+       [--skip-merges] [--skip-fresh] [--fresh-questions 40] [--results release_scorecard]
 Writes bench/results/RESULTS.json and the ``RESULTS`` section of bench/README.md (a release measured on another
 kind of CPU gets its own name, e.g. ``--results release_scorecard_avx2``, beside the one the README cites).
 """
@@ -32,6 +32,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from bench.common import find_one, update_readme_section, write_results  # noqa: E402
+from bench.train_sweep import FRESH_QUESTIONS  # noqa: E402
 
 CANDIDATES = {  # name -> merge_adapters keyword arguments (weights filled per adapter count)
     "linear_uniform": {"method": "linear", "weight": "1/n"},
@@ -132,8 +133,8 @@ def merge_defaults(parts: dict, work: Path) -> dict:
 
 
 def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str, Path], work: Path,
-                      progress: bool = True) -> dict:
-    """Exact match on 40 fresh questions per task (words and numbers the bundled data never uses;
+                      progress: bool = True, n: int = FRESH_QUESTIONS) -> dict:
+    """Exact match on ``n`` fresh questions per task (words and numbers the bundled data never uses;
     ``lorakit.data.bundled.generate.fresh_records``), prepared as the task's own data was (its max_length).
 
     ``models``: (task, role) -> model folder; a folder that serves several tasks is loaded once. Returns
@@ -146,7 +147,7 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
     out: dict = {}
     for task in dict.fromkeys(t for t, _ in models):
         max_length = json.loads((Path(preps[task]) / "prep.json").read_text())["max_length"]
-        examples[task] = all_examples(fresh_prep(task, work, max_length))
+        examples[task] = all_examples(fresh_prep(task, work, max_length, n=n))
         out[task] = {"n": len(examples[task].records)}
     by_folder: dict[str, list[tuple[str, str]]] = {}
     for key, folder in models.items():
@@ -162,14 +163,14 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
     return out
 
 
-def fresh_scores(parts: dict, out_dir: Path, work: Path) -> dict:
+def fresh_scores(parts: dict, out_dir: Path, work: Path, n: int = FRESH_QUESTIONS) -> dict:
     """The release's fresh-question scores: each task's adapter, the merged and the quantized model."""
     quantized = find_one(out_dir, "quantized/*")
     models = {}
     for task in parts["tasks"]:
         models.update({(task, "adapter"): parts["adapters"][task], (task, "merged"): parts["merged"],
                        (task, "quantized"): quantized})
-    return fresh_exact_match(models, parts["preps"], work)
+    return fresh_exact_match(models, parts["preps"], work, n=n)
 
 
 def quantization_line(release: dict) -> str:
@@ -205,7 +206,8 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
     if release.get("fresh"):
-        lines += ["", "Fresh questions (40 per task, words and numbers the bundled data never uses), exact match:", "",
+        n = next(iter(release["fresh"].values())).get("n", FRESH_QUESTIONS)
+        lines += ["", f"Fresh questions ({n} per task, words and numbers the bundled data never uses), exact match:", "",
                   "| task | adapter | merged | quantized |", "|---|---|---|---|"]
         for task, f in release["fresh"].items():
             lines.append(f"| {task} | {pct(f['adapter']['exact_match'])} | {pct(f['merged']['exact_match'])} | "
@@ -270,6 +272,8 @@ def main() -> None:
     ap.add_argument("--skip-merges", action="store_true", help="keep the merge comparison already in the results file")
     ap.add_argument("--skip-fresh", action="store_true", help="keep the fresh-question scores already in the results "
                     "file when they are of the same --release, else record none")
+    ap.add_argument("--fresh-questions", type=int, default=FRESH_QUESTIONS, help="fresh questions per task (at 40 "
+                    "one answer is 2.5 points, more than the 2-point bar between merged and quantized)")
     ap.add_argument("--results", default="release_scorecard", help="results file (bench/results/NAME.json) and README "
                     "section name")
     args = ap.parse_args()
@@ -307,7 +311,7 @@ def main() -> None:
     # --skip-fresh keeps the fresh-question scores already recorded for this same release folder
     same = (kept.get("release") or {}).get("source") == str(args.release)
     release["fresh"] = ((kept["release"].get("fresh") if same else None) if args.skip_fresh
-                        else fresh_scores(parts, args.release, args.work))
+                        else fresh_scores(parts, args.release, args.work, args.fresh_questions))
     merges = kept.get("merge_defaults") if args.skip_merges else merge_defaults(parts, args.work)
     path = write_results(args.results, {"release": release, "merge_defaults": merges})
     update_readme_section(args.results, readme(release, merges, args.results))

@@ -55,18 +55,24 @@ def point_key(task: str, p: dict) -> str:
     return task + ":" + ",".join(f"{k}={p[k]}" for k in sorted(p))
 
 
-def fresh_prep(task: str, work: Path, max_length: int, examples: int | None = None, mix: str | None = None):
-    """A prep folder of fresh questions (every split of it is scored), built once per task, length, data size and
-    mix: 40 questions the ``examples`` generated training records (default: the shipped file) cannot contain."""
+FRESH_QUESTIONS = 40
+
+
+def fresh_prep(task: str, work: Path, max_length: int, examples: int | None = None, mix: str | None = None,
+               n: int = FRESH_QUESTIONS):
+    """A prep folder of fresh questions (every split of it is scored), built once per task, length, data size,
+    mix and count: ``n`` questions the ``examples`` generated training records (default: the shipped file) cannot
+    contain. The generator is seeded, so the first 40 of any larger set are the 40 earlier results used."""
     from lorakit.data.bundled.generate import N_EXAMPLES, NUMBER_MIX, fresh_records, render_jsonl
     from lorakit.data.prep import prepare_dataset
 
     examples, mix = examples or N_EXAMPLES, mix or NUMBER_MIX
-    folder = work / f"fresh-{task}-{max_length}-{examples}{_mix_tag(task, mix)}"
+    count = "" if n == FRESH_QUESTIONS else f"-n{n}"  # the 40-question folders keep their earlier names
+    folder = work / f"fresh-{task}-{max_length}-{examples}{_mix_tag(task, mix)}{count}"
     if not folder.exists():
-        src = work / f"fresh-{task}-{examples}{_mix_tag(task, mix)}.jsonl"
+        src = work / f"fresh-{task}-{examples}{_mix_tag(task, mix)}{count}.jsonl"
         src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_bytes(render_jsonl(fresh_records(task, 40, train_examples=examples, mix=mix)))
+        src.write_bytes(render_jsonl(fresh_records(task, n, train_examples=examples, mix=mix)))
         prepare_dataset([str(src)], folder, max_length=max_length, val_fraction=0.1, test_fraction=0.1, seed=0,
                         progress=False)
     return folder
