@@ -8,7 +8,8 @@ merge losing reverse-words answers on val. Each variant merges the release's two
 the base and scores the merged model as the release scorecard does: greedy exact match on the first
 ``scorecard.max_examples`` examples of every task's val and test split, retention on val against the base's and the
 adapter's exact match from the release's own scorecard (what the gate's ``min_retention`` judges), 40 fresh
-questions per task, and perplexity on the gate's general text against the base's (``max_general_forgetting``).
+questions per task (``--fresh-questions``), and perplexity on the gate's general text against the base's
+(``max_general_forgetting``).
 
 Usage: python bench/regmean_alpha.py --release OUT [--variants 0.9:128,1.0:128,0.9:128:1.2/1] [--work DIR]
 A variant is ``alpha:examples[:w1/w2/...][:aLAMBDA]``: the merge weights, one per task in the release's order (default
@@ -31,6 +32,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 from bench.common import update_readme_section, write_results  # noqa: E402
 from bench.release_scorecard import release_card  # noqa: E402
+from bench.train_sweep import FRESH_QUESTIONS  # noqa: E402
 
 DEFAULT_VARIANTS = "0.9:128,0.5:128,1.0:128,0.9:512"
 
@@ -70,7 +72,7 @@ def reference_scores(card: dict, max_examples: int | None) -> dict:
 
 def measure(card: dict, alpha: float, examples: int, work: Path,
             weights: list[float] | None = None, anchor: float = 0.0, max_examples: int | None = -1,
-            reference: dict | None = None) -> dict:
+            reference: dict | None = None, fresh_questions: int = FRESH_QUESTIONS) -> dict:
     """``max_examples`` -1 = the release scorecard's examples (retention against its base and adapter); else the
     first N (None = all), retention against ``reference`` (:func:`reference_scores` on the same examples)."""
     from bench.release_scorecard import fresh_exact_match
@@ -107,7 +109,7 @@ def measure(card: dict, alpha: float, examples: int, work: Path,
     general = general_perplexity(loaded)
     base_ppl = card["general_text"]["models"]["base"]["ppl"]
     del loaded
-    fresh = fresh_exact_match({(t, "merged"): out for t in tasks}, preps, work, progress=False)
+    fresh = fresh_exact_match({(t, "merged"): out for t in tasks}, preps, work, progress=False, n=fresh_questions)
     return {"alpha": alpha, "examples": examples, "weights": weights, "anchor": anchor, "merge_s": round(merge_s, 1),
             "tasks": scores,
             "fresh": {t: fresh[t]["merged"]["exact_match"] for t in tasks},
@@ -119,12 +121,14 @@ def readme(data: dict, name: str = "regmean_alpha") -> str:
     tail = "" if name == "regmean_alpha" else f" --results {name}"
     n = data.get("max_examples", -1)
     tail += "" if n == -1 else f" --max-examples {'all' if n is None else n}"
+    fresh_n = data.get("fresh_questions", FRESH_QUESTIONS)
+    tail += "" if fresh_n == FRESH_QUESTIONS else f" --fresh-questions {fresh_n}"
     scope = "first 50" if n == -1 else "every example" if n is None else f"first {n}"
     against = "the release scorecard's base and adapter" if n == -1 else "the base and adapters on the same examples"
     lines = [f"## {name}", "",
              f"`python bench/regmean_alpha.py --release {data['release']}{tail}`: the default release's two adapters merged "
              "by RegMean at other off-diagonal scales (alpha) and Gram sizes (train examples per task); exact match "
-             f"on val / test ({scope}) and 40 fresh questions, retention on val against {against} "
+             f"on val / test ({scope}) and {fresh_n} fresh questions, retention on val against {against} "
              "(the gate's `min_retention`, 0.9), general-text perplexity against the base's (the gate's "
              "`max_general_forgetting`, 10%). The release merges with alpha 0.9, 128 examples.", "",
              "| alpha | examples | weights | anchor | task | merged val / test | fresh | retention val | general vs base | merge s |",
@@ -147,6 +151,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "regmean_alpha")
     ap.add_argument("--max-examples", default=None, help="score every variant on the first N val/test examples, or "
                     "'all' (default: the release scorecard's), with the base and adapters rescored on the same")
+    ap.add_argument("--fresh-questions", type=int, default=FRESH_QUESTIONS, help="fresh questions per task")
     ap.add_argument("--results", default="regmean_alpha", help="results file (bench/results/NAME.json) and README "
                     "section name: one per release, since every row of one file merges the same adapters")
     args = ap.parse_args()
@@ -161,6 +166,9 @@ def main() -> None:
         previous = {}
     data = {"release": str(args.release), "adapters": {t: card["tasks"][t]["adapter"] for t in card["task_order"]},
             "variants": previous.get("variants", {})}
+    if previous.get("fresh_questions", FRESH_QUESTIONS) != args.fresh_questions:
+        data["variants"] = {}  # rows scored on other fresh questions do not compare
+    data["fresh_questions"] = args.fresh_questions
     n, reference = -1, None
     if args.max_examples:
         n = None if args.max_examples == "all" else int(args.max_examples)
@@ -172,7 +180,8 @@ def main() -> None:
     for item in filter(None, args.variants.split(",")):
         alpha, examples, weights, anchor = parse_variant(item)
         key = variant_key(alpha, examples, weights, anchor)
-        data["variants"][key] = measure(card, alpha, examples, args.work, weights, anchor, n, reference)
+        data["variants"][key] = measure(card, alpha, examples, args.work, weights, anchor, n, reference,
+                                         args.fresh_questions)
         print(key, json.dumps({t: s["val"] for t, s in data["variants"][key]["tasks"].items()}),
               json.dumps(data["variants"][key]["fresh"]), flush=True)
         write_results(args.results, data)  # after every variant: a long run keeps what it measured

@@ -6,7 +6,8 @@ Given the output folder of a ``lorakit run`` of the default release (``bench/pip
 1. ``release``: the scorecard the release's own scorecard stage wrote (every task x base / adapter / merged /
    quantized, val and test, exact match, F1, NLL, retention, accuracy drop), the stage's wall time, and the gate's
    verdict, copied from the run's outputs (predictions left out); every stage's recorded wall time; and exact match
-   on 40 fresh questions per task (``--fresh-questions``; unseen words and numbers) for the adapter, the merged and the quantized model.
+   on 40 fresh questions per task (``--fresh-questions``; unseen words and numbers) for the adapter, the merged
+   and the quantized model.
 2. ``merge_defaults``: the same adapters merged exactly by each candidate default (linear 1/n each, linear 1.0
    each = task arithmetic, TIES at density 0.5 with weights 1.0) and scored by ``build_scorecard`` without a
    quantized model: retention of each task on val and test, on exact match and on NLL, and the merged model's
