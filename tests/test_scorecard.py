@@ -313,24 +313,31 @@ def test_max_examples_caps_perplexity_to_the_examples_exact_match_scores(release
     assert val["mean_nll"] == pytest.approx(capped.mean_nll, rel=1e-9)
 
 
-def test_the_gate_judges_the_accuracy_drop_on_every_val_question_and_the_table_keeps_its_first(release):
-    """judge_examples (default: all) widens only the merged/quantized comparison the gate judges; the table's
-    columns are the first max_examples answers of the same run. References: lorakit.evaluate.task_accuracy on each
-    sample alone."""
+def test_the_gate_judges_retention_and_the_accuracy_drop_on_every_val_question_and_the_table_keeps_its_first(
+        release):
+    """judge_examples (default: all) widens what the gate judges (every model answers every val question: retention
+    and the quantized drop); the table's columns are the first max_examples answers of the same run. References:
+    lorakit.evaluate.task_accuracy on each sample alone, retention from its definition."""
     from lorakit.evaluate import task_accuracy
 
-    prep, _ = release["tasks"]["yes"]
+    prep, adapter = release["tasks"]["yes"]
     card = build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], release["base"],
                            max_examples=2, **SEQ)
     val = card.data["tasks"]["yes"]["splits"]["val"]
     whole = {r: task_accuracy(str(m), str(prep), split="val", progress=False)
-             for r, m in (("merged", release["yes_only"]), ("quantized", release["base"]))}
+             for r, m in (("merged", release["yes_only"]), ("quantized", release["base"]), ("base", release["base"]))}
+    whole["adapter"] = task_accuracy(str(adapter), str(prep), split="val", base=str(release["base"]), progress=False)
     first = task_accuracy(str(release["base"]), str(prep), split="val", max_examples=2, progress=False)
     n = whole["merged"].n_examples
     assert n > 2 and val["n_examples"] == 2 and val["judged"]["n_examples"] == n
     assert val["judged"]["merged"] == whole["merged"].exact_match == 1.0
     assert val["judged"]["quantized"] == whole["quantized"].exact_match
     assert val["judged"]["accuracy_drop"] == whole["merged"].exact_match - whole["quantized"].exact_match
+    base_em, adapter_em = whole["base"].exact_match, whole["adapter"].exact_match
+    assert (val["judged"]["base"], val["judged"]["adapter"]) == (base_em, adapter_em) and adapter_em > base_em
+    assert val["judged"]["retention"]["value"] == pytest.approx((1.0 - base_em) / (adapter_em - base_em))
+    for role in ("base", "adapter"):
+        assert card.predictions["yes"]["val"]["judged"][role] == [p.exact for p in whole[role].predictions]
     assert val["models"]["quantized"]["exact_match"] == first.exact_match
     assert len(card.predictions["yes"]["val"]["quantized"]) == 2
     assert card.predictions["yes"]["val"]["judged"]["quantized"] == [p.exact for p in whole["quantized"].predictions]
@@ -341,6 +348,8 @@ def test_the_gate_judges_the_accuracy_drop_on_every_val_question_and_the_table_k
         assert f"the gate's sample (val, {n} questions)" in text
     check = next(c for c in judge_scorecard(card.data) if c.check == "max_accuracy_drop")
     assert f"val, {n} questions" in check.message and check.value == val["judged"]["accuracy_drop"]
+    check = next(c for c in judge_scorecard(card.data) if c.check == "min_retention")
+    assert f"val, {n} questions" in check.message and check.value == val["judged"]["retention"]["value"]
     narrow = build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], release["base"],
                              max_examples=2, judge_examples=2, **SEQ).data  # nothing beyond the table: no sample
     assert "judged" not in narrow["tasks"]["yes"]["splits"]["val"]
@@ -368,5 +377,11 @@ def test_judge_boundaries_on_hand_made_numbers():
     checks = judge_scorecard(card, min_retention=0.9, max_accuracy_drop=0.02)
     assert [(c.check, c.passed) for c in checks] == [("min_retention", True), ("max_accuracy_drop", False)]
     assert checks[1].value == 0.025 and "200 questions" in checks[1].message
+    # a sample with the retention too (base/adapter/merged answered it) decides retention as well
+    card["tasks"]["t"]["splits"]["val"]["judged"]["retention"] = {"base": 0.0, "adapter": 0.5, "merged": 0.44,
+                                                                  "value": 0.88}
+    checks = judge_scorecard(card, min_retention=0.9, max_accuracy_drop=0.03)
+    assert [(c.check, c.passed) for c in checks] == [("min_retention", False), ("max_accuracy_drop", True)]
+    assert checks[0].value == 0.88 and "200 questions" in checks[0].message
     with pytest.raises(InputError, match="min_retention"):
         judge_scorecard(card, min_retention=float("nan"))

@@ -66,8 +66,9 @@ def scorecard(base, tasks, merged, quantized, output, margin, gen_batch_size, ca
     Derived per task and split:
       retention       (merged - base) / (adapter - base) on exact match, F1 and NLL: the share of the
                       adapter's gain the merge kept; "not learned" when the adapter gained nothing
-      quantized drop  merged exact match - quantized exact match; on val also over the first
-                      --judge-examples questions (default all), which the gate judges
+      quantized drop  merged exact match - quantized exact match
+    On val, both also over the first --judge-examples questions (default all, every model answers
+    them), which is what the gate judges; the table shows the first --max-examples.
     `lorakit gate --scorecard DIR` judges these on val (--min-retention, --max-accuracy-drop).
 
     \b

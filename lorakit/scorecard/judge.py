@@ -5,8 +5,10 @@
   adapter with no gain fails with "the adapter for TASK did not learn it": retention is undefined there, and
   the fix is training, not merging.
 - ``max_accuracy_drop``: for every task, exact match of the quantized model is at most this much (absolute)
-  below the merged model's, on the scorecard's judged sample (``judged``: ``scorecard.judge_examples``, by default
-  every val example) when it has one, else on the table's examples.
+  below the merged model's.
+
+Both are judged on the scorecard's larger sample (``judged``: ``scorecard.judge_examples``, by default every val
+example) when it has one, else on the table's examples (older scorecards, ``text`` data judged on NLL).
 - ``max_general_forgetting``: the merged model's perplexity on the general text is at most this fraction above the
   base's (``general_text.vs_base.merged``), once per release, when the scorecard scored general text: training and
   merging can cost the model its language while every task check and every quantized-vs-merged check passes.
@@ -80,11 +82,15 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
                              "`lorakit scorecard` (the gate judges val)")
         accuracy = split["accuracy_skipped"] is None
         metric = "exact_match" if accuracy else "nll"
+        # the larger sample when the scorecard has one (scorecard.judge_examples), else the table's examples
+        sample = split.get("judged") or {}
         if min_retention is not None:
-            out.append(_retention_check(task, split["retention"][metric], metric, min_retention))
+            judged_retention = accuracy and "retention" in sample  # older scorecards judged the table only
+            out.append(_retention_check(task, sample["retention"] if judged_retention else split["retention"][metric],
+                                        metric, min_retention,
+                                        sample["n_examples"] if judged_retention else split.get("n_examples")))
         if max_accuracy_drop is not None and accuracy and split.get("accuracy_drop") is not None:
-            # the larger paired sample when the scorecard has one (scorecard.judge_examples), else the table's
-            judged = split.get("judged") or {
+            judged = sample if "accuracy_drop" in sample else {
                 "n_examples": split.get("n_examples"), "accuracy_drop": split["accuracy_drop"],
                 "merged": split["models"]["merged"]["exact_match"],
                 "quantized": split["models"]["quantized"]["exact_match"]}
@@ -119,10 +125,13 @@ def split_names(entry: dict[str, Any]) -> list[str]:
     return sorted(entry["splits"], key=lambda s: (s != JUDGED_SPLIT, s))
 
 
-def _retention_check(task: str, r: dict[str, Any], metric: str, threshold: float) -> ScorecardCheck:
+def _retention_check(task: str, r: dict[str, Any], metric: str, threshold: float,
+                     n_examples: int | None = None) -> ScorecardCheck:
     what = "exact match" if metric == "exact_match" else "NLL"
     fmt = (lambda x: f"{x:.1%}") if metric == "exact_match" else (lambda x: f"{x:.4f}")
-    scores = f"{what} on {JUDGED_SPLIT}: base {fmt(r['base'])}, adapter {fmt(r['adapter'])}, merged {fmt(r['merged'])}"
+    n = f", {n_examples} questions" if n_examples and metric == "exact_match" else ""
+    scores = (f"{what} on {JUDGED_SPLIT}{n}: base {fmt(r['base'])}, adapter {fmt(r['adapter'])}, "
+              f"merged {fmt(r['merged'])}")
     if r["value"] is None:
         return ScorecardCheck("min_retention", task, metric, None, threshold, False,
                               f"the adapter for {task} did not learn it ({scores}); train it longer or on "

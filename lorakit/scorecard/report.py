@@ -89,13 +89,17 @@ def render_text(card: dict[str, Any]) -> str:
 
 
 def judged_lines(card: dict[str, Any]) -> list[str]:
-    """The gate's larger accuracy sample per task (``judged``: scorecard.judge_examples), where there is one."""
+    """The gate's larger sample per task (``judged``: scorecard.judge_examples), where there is one: each model's
+    exact match, retention and the quantized drop."""
     out = []
     for task in task_names(card):
         j = card["tasks"][task]["splits"].get(JUDGED_SPLIT, {}).get("judged")
         if j:
-            out.append(f"{task}, the gate's sample (val, {j['n_examples']} questions): merged EM {j['merged']:.1%}, "
-                       f"quantized {j['quantized']:.1%}, drop {100 * j['accuracy_drop']:+.1f} points")
+            ems = ", ".join(f"{r} {j[r]:.1%}" for r in MODELS if r in j)
+            ret = (j.get("retention") or {}).get("value")
+            tail = "" if ret is None else f", retention {ret:.3f}"
+            tail += f", drop {100 * j['accuracy_drop']:+.1f} points" if "accuracy_drop" in j else ""
+            out.append(f"{task}, the gate's sample (val, {j['n_examples']} questions): EM {ems}{tail}")
     return out
 
 
