@@ -31,7 +31,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from bench.common import update_readme_section, write_results  # noqa: E402
-from bench.release_scorecard import release_card  # noqa: E402
+from bench.release_scorecard import adapter_training, release_card  # noqa: E402
 from bench.train_sweep import FRESH_QUESTIONS  # noqa: E402
 
 DEFAULT_VARIANTS = "0.9:128,0.5:128,1.0:128,0.9:512"
@@ -117,6 +117,19 @@ def measure(card: dict, alpha: float, examples: int, work: Path,
             "general_text": {"ppl": general["ppl"], "vs_base": round(general["ppl"] / base_ppl - 1, 4)}}
 
 
+def recipe_line(data: dict) -> str:
+    """How the merged adapters trained (results written before it was recorded say nothing)."""
+    training = data.get("adapter_training")
+    if not training:
+        return ""
+
+    def recipe(t: dict) -> str:
+        plus = f", LoRA+ ratio {t['lora_plus_ratio']:g}" if t.get("lora_plus_ratio") else ""
+        return f"{t['steps']} steps at lr {t['lr']:g}{plus}"
+
+    return " Adapters: " + "; ".join(f"{task} {recipe(t)}" for task, t in training.items()) + "."
+
+
 def readme(data: dict, name: str = "regmean_alpha") -> str:
     tail = "" if name == "regmean_alpha" else f" --results {name}"
     n = data.get("max_examples", -1)
@@ -130,15 +143,16 @@ def readme(data: dict, name: str = "regmean_alpha") -> str:
              "by RegMean at other off-diagonal scales (alpha) and Gram sizes (train examples per task); exact match "
              f"on val / test ({scope}) and {fresh_n} fresh questions, retention on val against {against} "
              "(the gate's `min_retention`, 0.9), general-text perplexity against the base's (the gate's "
-             "`max_general_forgetting`, 10%). The release merges with alpha 0.9, 128 examples.", "",
+             "`max_general_forgetting`, 10%). The release merges with alpha 0.9, 128 examples." + recipe_line(data), "",
              "| alpha | examples | weights | anchor | task | merged val / test | fresh | retention val | general vs base | merge s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    digits = 0 if n == -1 else 1  # on 200 questions one answer is half a point
     for v in data["variants"].values():
         weights = " / ".join(f"{w:g}" for w in v.get("weights") or [1.0] * len(v["tasks"]))
         for t, s in v["tasks"].items():
             lines.append(f"| {v['alpha']} | {v['examples']} | {weights} | {v.get('anchor') or 0:g} | {t} | "
-                         f"{s['val']['exact_match']:.0%} / "
-                         f"{s['test']['exact_match']:.0%} | {v['fresh'][t]:.1%} | {s['val']['retention']:.3f} | "
+                         f"{s['val']['exact_match']:.{digits}%} / "
+                         f"{s['test']['exact_match']:.{digits}%} | {v['fresh'][t]:.1%} | {s['val']['retention']:.3f} | "
                          f"{v['general_text']['vs_base']:+.1%} | {v['merge_s']:.0f} |")
     return "\n".join(lines)
 
@@ -165,6 +179,7 @@ def main() -> None:
         print(f"{results.name} holds another release's adapters ({previous['release']}); starting it afresh")
         previous = {}
     data = {"release": str(args.release), "adapters": {t: card["tasks"][t]["adapter"] for t in card["task_order"]},
+            "adapter_training": {t: adapter_training(Path(card["tasks"][t]["adapter"])) for t in card["task_order"]},
             "variants": previous.get("variants", {})}
     if previous.get("fresh_questions", FRESH_QUESTIONS) != args.fresh_questions:
         data["variants"] = {}  # rows scored on other fresh questions do not compare

@@ -186,6 +186,8 @@ def quantization_line(release: dict) -> str:
 
 def readme(release: dict, merges: dict | None, name: str = "release_scorecard") -> str:
     tail = "" if name == "release_scorecard" else f" --results {name}"
+    fresh_n = next(iter((release.get("fresh") or {"": {}}).values())).get("n", FRESH_QUESTIONS)
+    tail += "" if fresh_n == FRESH_QUESTIONS else f" --fresh-questions {fresh_n}"
     lines = [f"## {name}", "",
              f"`python bench/release_scorecard.py --release {release['source']}{tail}`: the release's own scorecard "
              f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_span']:.0%} of the "
@@ -197,6 +199,9 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
     def pct(x):
         return "-" if x is None else f"{x:.0%}"
 
+    def pct1(x):  # fresh scores: one answer of 200 is half a point
+        return "-" if x is None else f"{x:.1%}"
+
     def num(x):
         return "-" if x is None else f"{x:.2f}"
 
@@ -207,12 +212,11 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
     if release.get("fresh"):
-        n = next(iter(release["fresh"].values())).get("n", FRESH_QUESTIONS)
-        lines += ["", f"Fresh questions ({n} per task, words and numbers the bundled data never uses), exact match:", "",
+        lines += ["", f"Fresh questions ({fresh_n} per task, words and numbers the bundled data never uses), exact match:", "",
                   "| task | adapter | merged | quantized |", "|---|---|---|---|"]
         for task, f in release["fresh"].items():
-            lines.append(f"| {task} | {pct(f['adapter']['exact_match'])} | {pct(f['merged']['exact_match'])} | "
-                         f"{pct(f['quantized']['exact_match'])} |")
+            lines.append(f"| {task} | {pct1(f['adapter']['exact_match'])} | {pct1(f['merged']['exact_match'])} | "
+                         f"{pct1(f['quantized']['exact_match'])} |")
     g = release.get("general_text")
     if g and g.get("models"):
         lines += ["", f"General text ({next(iter(g['models'].values()))['tokens']} tokens of the shipped corpus), "
