@@ -1,4 +1,4 @@
-"""The gate's two scorecard checks: ``min_retention`` and ``max_accuracy_drop``, judged on the val split.
+"""The gate's scorecard checks: ``min_retention``, ``max_accuracy_drop`` and ``max_general_forgetting``, on val.
 
 - ``min_retention``: for every task, the merged model keeps at least this share of its adapter's gain over the
   base (``lorakit.evaluate.retention``, on exact match; on NLL for ``text`` data, which has no answers). An
@@ -6,12 +6,12 @@
   the fix is training, not merging.
 - ``max_accuracy_drop``: for every task, exact match of the quantized model is at most this much (absolute)
   below the merged model's.
-
-Both are judged on the scorecard's larger sample (``judged``: ``scorecard.judge_examples``, by default every val
-example) when it has one, else on the table's examples (older scorecards, ``text`` data judged on NLL).
 - ``max_general_forgetting``: the merged model's perplexity on the general text is at most this fraction above the
   base's (``general_text.vs_base.merged``), once per release, when the scorecard scored general text: training and
   merging can cost the model its language while every task check and every quantized-vs-merged check passes.
+
+The first two are judged on the scorecard's larger sample (``judged``: ``scorecard.judge_examples``, by default
+every val example) when it has one, else on the table's examples (older scorecards; ``text`` data, on NLL).
 
 The gate judges the **val** split only: it is the selection split (searches and the perplexity gate read it too),
 so the test split stays an honest, held-out report. Each threshold may be None (reported, not judged).
