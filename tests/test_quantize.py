@@ -193,6 +193,18 @@ def test_act_order_checkpoint_keeps_its_groups_in_g_idx_and_the_loader_reads_the
     assert permuted, "act-order changed no module's group order"
 
 
+def test_how_to_load_a_mixed_bit_file_at_a_group_the_cpu_kernel_refuses_names_the_backend():
+    """A per-module-bits GPTQ file loads through GPTQModel.load only, which ignores the file's backend key: the
+    instructions must say to pass it on CPU, and say nothing of it when the group runs on the int4 kernel."""
+    from lorakit.quantize.mixed import how_to_load, loader_backend
+
+    bits = {"model.layers.0.mlp.down_proj": 8}
+    assert loader_backend("gptq-v1", 4, 16) == "torch" and loader_backend("gptq-v1", 4, 32) is None
+    text = how_to_load("gptq", "gptq-v1", bits, loader_backend("gptq-v1", 4, 16))
+    assert "GPTQModel.load" in text and "backend='torch'" in text
+    assert "backend" not in how_to_load("gptq", "gptq-v1", bits, loader_backend("gptq-v1", 4, 32))
+
+
 def test_group_16_names_the_portable_kernel_and_plain_transformers_runs_it_on_cpu(quantized):
     """Torch's CPU int4 kernel takes groups of 32/64/128/256; GPTQModel would still pick it for a group-16 file and
     fail at the first forward. lorakit names the portable torch kernel in quantization_config.backend (and only

@@ -93,9 +93,11 @@ def plain_transformers_loads(method: str, module_bits: dict[str, int]) -> bool:
 
 def how_to_load(method: str, layout: str, module_bits: dict[str, int], backend: str | None = None) -> str:
     if method == "gptq" and module_bits:
+        cpu = (f" On CPU pass backend={backend!r} to GPTQModel.load: its int4 kernel takes group sizes "
+               f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only.") if backend else ""
         return ("GPTQ with per-module bit widths (GPTQModel `dynamic` in quantization_config): load with "
                 "gptqmodel.GPTQModel.load(folder) or vLLM; plain transformers.from_pretrained does NOT load it. "
-                "`lorakit eval`/`gate` read it (dequantized path).")
+                "`lorakit eval`/`gate` read it (dequantized path)." + cpu)
     if backend:
         return (f"transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed (it reads "
                 f"quantization_config.backend = {backend!r}: CPU's int4 kernel takes group sizes "
