@@ -230,6 +230,7 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
         from flows.report import verdict_line
 
         lines += ["", f"Gate: {verdict_line(release['gate'], 0.05)}."]
+        lines += [f"- {c['check']}: {c['message']}" for c in release["gate"].get("scorecard_checks") or []]
     m = release.get("merge")
     if m:
         how = f"{m['method']} weights {', '.join(f'{w:.4g}' for w in m['weights'])}"

@@ -137,6 +137,41 @@ def test_a_shared_prompt_prefix_generates_the_tokens_full_prompts_generate(confi
     assert shared_stats["prefill_tokens"] < plain_stats["prefill_tokens"] * 0.75
 
 
+def test_generation_batches_keep_order_and_bound_count_and_kv_bytes():
+    """Batches are consecutive runs of the length order, at most batch_size long, and each one's KV cache (every
+    sequence as long as its longest prompt plus its largest answer) fits the budget; one prompt always goes."""
+    from lorakit.evaluate.accuracy import generation_batches
+
+    prompts = [[0] * n for n in (3, 5, 5, 8, 20)]
+    limits = [4, 4, 10, 4, 4]
+    order = list(range(5))
+    assert generation_batches(order, prompts, limits, 128, 0) == [order]  # no KV size known: batch_size only
+    assert generation_batches(order, prompts, limits, 2, 1) == [[0, 1], [2, 3], [4]]
+    budget = 2 * (5 + 10)  # two sequences of 15 tokens at 1 byte each
+    got = generation_batches(order, prompts, limits, 128, 1, budget)
+    assert got == [[0, 1], [2], [3], [4]] and sum(got, []) == order
+    for batch in got[:-1]:
+        width = max(len(prompts[i]) for i in batch) + max(limits[i] for i in batch)
+        assert len(batch) * width <= budget
+    assert generation_batches(order, prompts, limits, 128, 1, 1) == [[i] for i in order]  # too big alone: still runs
+
+
+def test_a_kv_budget_that_splits_batches_changes_no_answer(confident_pair, monkeypatch):
+    """The memory bound changes time only: the same greedy answers with batches cut to a single prompt."""
+    from lorakit.evaluate import accuracy
+
+    base, adapter, merged, prep = confident_pair
+    whole = task_accuracy(merged, prep, max_examples=16, batch_size=16, progress=False)
+    monkeypatch.setattr(accuracy, "KV_CACHE_BUDGET", 1)
+    cut = task_accuracy(merged, prep, max_examples=16, batch_size=16, progress=False)
+    assert [p.prediction for p in cut.predictions] == [p.prediction for p in whole.predictions]
+    assert sum(p.generated_tokens for p in whole.predictions) > 0
+    from lorakit.evaluate.loading import describe_model, load_eval_model
+
+    # not vacuous: the model's KV size is known, so a 1-byte budget really cut every batch to one prompt
+    assert accuracy.kv_bytes_per_token(load_eval_model(describe_model(merged)).model) > 0
+
+
 def test_greedy_answers_stop_at_end_of_turn_and_respect_the_length_budget(confident_pair):
     base, _, _, prep = confident_pair
     r = task_accuracy(base, prep, max_examples=8, margin=3, progress=False)

@@ -25,7 +25,8 @@ from lorakit.scorecard.options import ScorecardOptions
 @click.option("--margin", type=int, default=DEFAULT_MARGIN, show_default=True,
               help="New tokens allowed beyond each reference answer's length.")
 @click.option("--gen-batch-size", type=int, default=DEFAULT_GEN_BATCH_SIZE, show_default=True,
-              help="Prompts per generation batch.")
+              help="Prompts per generation batch, at most: a batch is also cut so its KV cache stays within 1 GiB "
+                   "(a large model gets fewer). Answers do not depend on it.")
 @click.option("--case-insensitive", is_flag=True, help="Exact match and F1 ignore case.")
 @click.option("--strip-punctuation", is_flag=True, help="Exact match and F1 ignore punctuation.")
 @click.option("--seq-len", default=DEFAULT_SEQ_LEN, show_default=True, type=int,

@@ -37,7 +37,13 @@ from lorakit.evaluate.text import tokenizer_digest
 from lorakit.progress import bar as progress_bar
 
 DEFAULT_MARGIN = 8
-DEFAULT_GEN_BATCH_SIZE = 32  # one decode step serves up to 32 prompts (batched by length): per-step overhead dominates small models
+# One decode step serves up to 128 prompts (batched by length): per-step overhead and weight reads dominate a small
+# model's step, so the release's answers came 1.26x faster than at 32, every one identical
+# (bench/results/gen_batch.json: total.speedup_vs_first.128). A large model's batch is cut further by KV_CACHE_BUDGET.
+DEFAULT_GEN_BATCH_SIZE = 128
+# Bytes the KV cache of one generation batch may take (its longest prompt plus answer, per sequence): the 135M default
+# fits 128 prompts in it; a 7B model gets a few dozen instead of running out of memory.
+KV_CACHE_BUDGET = 1 << 30
 
 
 @dataclass
@@ -166,6 +172,44 @@ def stop_token_ids(tokenizer, model, examples: TaskExamples) -> list[int]:
     return sorted(ids)
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token adds to ``model``'s KV cache (keys and values of every layer), from its config; 0 when the
+    config does not say (then only ``batch_size`` bounds a batch)."""
+    cfg = getattr(model, "config", None)
+    try:
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        layers = cfg.num_hidden_layers
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0
+    dtype = getattr(model, "dtype", torch.float32)
+    size = torch.empty((), dtype=dtype).element_size() if dtype.is_floating_point else 4
+    return int(layers * 2 * kv_heads * head_dim * size)
+
+
+def generation_batches(order: list[int], prompts: list[list[int]], limits: list[int], batch_size: int,
+                       token_bytes: int, budget: int | None = None) -> list[list[int]]:
+    """``order`` (indices sorted by prompt length) cut into batches of at most ``batch_size`` whose KV cache, each
+    sequence as long as the batch's longest prompt plus its largest answer limit, stays within ``budget`` bytes
+    (default :data:`KV_CACHE_BUDGET`); a single prompt always makes a batch. Greedy answers do not depend on which
+    prompts share a batch (bench/results/gen_batch.json: total.all_identical), so this changes time, not results."""
+    budget = KV_CACHE_BUDGET if budget is None else budget
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest_prompt = largest_limit = 0
+    for i in order:
+        tokens = max(longest_prompt, len(prompts[i])) + max(largest_limit, limits[i])  # per sequence, if i joins
+        if current and (len(current) == batch_size or (len(current) + 1) * tokens * token_bytes > budget):
+            batches.append(current)
+            current, longest_prompt, largest_limit = [], 0, 0
+        current.append(i)
+        longest_prompt, largest_limit = max(longest_prompt, len(prompts[i])), max(largest_limit, limits[i])
+    if current:
+        batches.append(current)
+    return batches
+
+
 @torch.inference_mode()
 def generate_greedy(model, prompts: list[list[int]], limits: list[int], *, stop_ids: list[int], pad_id: int,
                     batch_size: int, device: torch.device, progress: Any = None, share_prefix: bool = True,
@@ -188,8 +232,7 @@ def generate_greedy(model, prompts: list[list[int]], limits: list[int], *, stop_
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     out: list[tuple[list[int], str]] = [([], "length")] * len(prompts)
     stops = set(stop_ids)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    for idx in generation_batches(order, prompts, limits, int(batch_size), kv_bytes_per_token(model)):
         batch = [prompts[i] for i in idx]
         # every prompt keeps one token after the prefix: its logits give the first new token
         p = min(common_prefix_len(batch), min(len(q) for q in batch) - 1) if share_prefix and len(idx) > 1 else 0
@@ -290,6 +333,7 @@ def _score(loaded: EvalModel, examples: TaskExamples, norm: Normalization, *, ba
                                 token_f1(text, rec["reference"], norm), len(prompt), len(ids), stop))
     n = len(preds)
     decoding = {"strategy": "greedy", "kv_cache": True, "padding": "left", "batch_size": int(batch_size),
+                "kv_cache_budget_bytes": KV_CACHE_BUDGET,
                 "batch_order": "by prompt length", "max_new_tokens": "reference tokens + margin",
                 "margin": int(margin), "stop_token_ids": stops, "pad_token_id": int(pad_id), "dtype": loaded.dtype,
                 "prompt": "rendered example as prep rendered it, cut before the first answer token",

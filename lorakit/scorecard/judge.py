@@ -110,8 +110,9 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
         out.append(ScorecardCheck(
             "max_general_forgetting", GENERAL_TASK, "ppl", float(loss), max_general_forgetting, ok,
             f"perplexity on general text: base {ppl['base']['ppl']:.4g}, merged {ppl['merged']['ppl']:.4g}: "
-            f"{loss:+.1%} ({'<=' if ok else '>'} {max_general_forgetting:.0%}); the merge or the adapters lost "
-            f"language{'' if ok else ': train more gently (fewer steps, lower lr) or merge differently'}"))
+            f"{loss:+.1%} ({'<=' if ok else '>'} {max_general_forgetting:.0%})"
+            + ("" if ok else "; the merge or the adapters lost language: train more gently (fewer steps, lower lr) "
+               "or merge differently")))
     return out
 
 
