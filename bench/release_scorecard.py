@@ -186,7 +186,7 @@ def quantization_line(release: dict) -> str:
 
 def readme(release: dict, merges: dict | None, name: str = "release_scorecard") -> str:
     tail = "" if name == "release_scorecard" else f" --results {name}"
-    fresh_n = next(iter((release.get("fresh") or {"": {}}).values())).get("n", FRESH_QUESTIONS)
+    fresh_n = next((f.get("n", FRESH_QUESTIONS) for f in (release.get("fresh") or {}).values()), FRESH_QUESTIONS)
     tail += "" if fresh_n == FRESH_QUESTIONS else f" --fresh-questions {fresh_n}"
     lines = [f"## {name}", "",
              f"`python bench/release_scorecard.py --release {release['source']}{tail}`: the release's own scorecard "

@@ -34,6 +34,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from bench.common import machine, update_readme_section, write_results  # noqa: E402
+from lorakit.data.bundled.generate import FRESH_QUESTIONS  # noqa: E402
 
 RESULTS = BENCH / "results" / "train_sweep.json"
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -53,9 +54,6 @@ def parse_point(text: str) -> dict[str, float | int]:
 
 def point_key(task: str, p: dict) -> str:
     return task + ":" + ",".join(f"{k}={p[k]}" for k in sorted(p))
-
-
-FRESH_QUESTIONS = 40
 
 
 def fresh_prep(task: str, work: Path, max_length: int, examples: int | None = None, mix: str | None = None,

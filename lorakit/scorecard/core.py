@@ -60,9 +60,6 @@ PREDICTIONS_JSON = "predictions.json"
 SCORECARD_MD = "scorecard.md"
 SCORECARD_PNG = "scorecard.png"
 ROLES = ("base", "adapter", "merged", "quantized")
-# Every model answers the gate's sample (judge_examples): retention compares base, adapter and merged on it,
-# max_accuracy_drop merged and quantized.
-JUDGED_ROLES = ROLES
 
 
 @dataclass(frozen=True)
@@ -222,7 +219,8 @@ def build_scorecard(
                 continue
             for s in plans[t.name]["splits"]:
                 ppl = perplexity(loaded, streams[(t.name, s)], **ppl_kw)
-                judged = plans[t.name]["judged"] if s == JUDGED_SPLIT and role in JUDGED_ROLES else None
+                # every model answers the gate's sample: retention reads base/adapter/merged, the drop merged/quantized
+                judged = plans[t.name]["judged"] if s == JUDGED_SPLIT else None
                 if judged is None:
                     acc = task_accuracy(loaded, plans[t.name]["examples"][s], **acc_kw)
                 else:

@@ -102,7 +102,10 @@ _FRESH_WORDS = (
 assert not set(_FRESH_WORDS) & set(_WORDS)
 
 
-def fresh_records(name: str, n: int = 40, seed: int = 99, train_examples: int = N_EXAMPLES,
+FRESH_QUESTIONS = 40  # what fresh-question benchmarks ask per task unless told otherwise
+
+
+def fresh_records(name: str, n: int = FRESH_QUESTIONS, seed: int = 99, train_examples: int = N_EXAMPLES,
                   mix: str = NUMBER_MIX) -> list[dict]:
     """``n`` questions of the bundled task ``name`` that its generated data (``train_examples`` records, the shipped
     file by default; number-words drawn with ``mix``) cannot contain: reverse-words over words outside its
