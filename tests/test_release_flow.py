@@ -142,9 +142,9 @@ def test_release_rejected_by_the_scorecard_names_the_task(prefect_harness, tiny_
 @pytest.mark.parametrize("label,quantize,want", [
     # 256 does not divide the tiny model's 128-wide layers: the stage lowers it to 128.
     ("lowered", {"group_size": 256}, {"group_size": 128, "group_size_requested": 256}),
-    # The search starts from the configured settings (configs/tiny.yaml: group 32); with one trial its pick is exactly
-    # them.
-    ("searched", {"target_degradation": 1.0, "max_trials": 1}, {"group_size": 32, "search": {
+    # The search starts from the configured settings (configs/tiny.yaml's group size); with one trial its pick is
+    # exactly them.
+    ("searched", {"target_degradation": 1.0, "max_trials": 1}, {"search": {
         "target_degradation": 1.0, "passed": True, "chosen_trial": 0}}),
 ])
 def test_report_and_lineage_record_the_quantization_used(prefect_harness, tiny_base, workdir, label, quantize, want):
@@ -157,6 +157,7 @@ def test_report_and_lineage_record_the_quantization_used(prefect_harness, tiny_b
     from registry import Registry
 
     data = tiny_config_data(tiny_base, workdir, quantize=quantize, registry={"name": f"tiny-{label}"})
+    want = {"group_size": data["quantize"]["group_size"], **want}  # unless the case says otherwise: as configured
     state = run_release(data)
     assert state.is_completed(), state.message
     result = state.result()

@@ -203,11 +203,12 @@ def test_folder_without_test_split_uses_val_and_says_so(tiny_base, tmp_path):
     assert r.split == "val" and "no test split" in r.split_note and r.n_examples == 4
     out = tmp_path / "answers.json"
     proc = run_cli("eval", str(tiny_base), "--data", str(tmp_path / "p"), "--tasks", "--max-examples", "3", "-q",
-                   "--json", str(out))
+                   "--gen-batch-size", "2", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "no test split" in proc.stderr and "reporting the val split" in proc.stderr
     saved = json.loads(out.read_text())["results"][0]
     assert saved["split"] == "val" and len(saved["predictions"]) == 3 and saved["split_note"]
+    assert saved["decoding"]["batch_size"] == 2  # --gen-batch-size, not the perplexity windows' --batch-size
 
 
 def test_model_with_another_tokenizer_is_one_clear_error_and_nothing_written(tiny_base, tmp_path):

@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from lorakit.cli.options import compute_dtype_option, device_option, stage_options, take_stage_options
+from lorakit.cli.options import (compute_dtype_option, device_option, gen_batch_size_option, stage_options,
+                                 take_stage_options)
 from lorakit.errors import EXIT_REJECTED, InputError
 from lorakit.evaluate.options import WindowOptions
 from lorakit.gate.options import GateOptions
@@ -37,7 +38,7 @@ def _apply_method_options(f, stage: str):
                      help="Split of a prepared-data folder (default: val; eval --tasks: test, or val when the folder "
                           "has none, which the output then says)."),
         click.option("--batch-size", default=4, show_default=True, type=int,
-                     help="Windows per forward pass (does not change the result)."),
+                     help="Perplexity: windows per forward pass (does not change the result)."),
         click.option("--base", help="Base model for adapter folders (default: the adapter's recorded base)."),
         click.option("--quant-path", type=click.Choice(["auto", "dequantized", "kernel"]), default="auto",
                      show_default=True, help="GPTQ/AWQ: dequantized = exact dense weights (fast on CPU); kernel = the "
@@ -65,10 +66,11 @@ def _apply_method_options(f, stage: str):
 @click.option("--margin", type=int, default=8, show_default=True,
               help="--tasks: new tokens allowed beyond the reference answer's length.")
 @click.option("--max-examples", type=int, help="--tasks: score only the first N examples of the split.")
+@gen_batch_size_option
 @click.option("--case-insensitive", is_flag=True, help="--tasks: exact match and F1 ignore case.")
 @click.option("--strip-punctuation", is_flag=True, help="--tasks: exact match and F1 ignore punctuation.")
 def eval_(models, data, split, batch_size, base, quant_path, device, compute_dtype, quiet, json_out, force, kernel_check,
-          tasks, margin, max_examples, case_insensitive, strip_punctuation, **options):
+          tasks, margin, max_examples, gen_batch_size, case_insensitive, strip_punctuation, **options):
     """Perplexity of one or more models on the same text, with one fixed method.
 
     \b
@@ -87,7 +89,7 @@ def eval_(models, data, split, batch_size, base, quant_path, device, compute_dty
     has none, said in the output) greedily; each prompt is the example as training rendered it, up to its
     answer (the last assistant turn of a chat). Answers are scored against the reference: exact match after
     whitespace normalisation (--case-insensitive, --strip-punctuation) and token-level F1. Text-format data has
-    no answers and is skipped with a message. Decoding: greedy, left-padded batches of --batch-size, KV cache,
+    no answers and is skipped with a message. Decoding: greedy, left-padded batches of --gen-batch-size, KV cache,
     at most reference length + --margin new tokens, stopping at EOS or end of turn.
 
     \b
@@ -108,7 +110,7 @@ def eval_(models, data, split, batch_size, base, quant_path, device, compute_dty
             raise InputError(f"--json {json_out} is a folder; pass a file path")
         check_output_free(Path(json_out), force)
     if tasks:
-        _eval_tasks(list(models), data, split=split, base=base, batch_size=batch_size, margin=margin,
+        _eval_tasks(list(models), data, split=split, base=base, batch_size=gen_batch_size, margin=margin,
                     max_examples=max_examples, case_insensitive=case_insensitive, strip_punctuation=strip_punctuation,
                     quant_path=quant_path, device=device, dtype=compute_dtype, quiet=quiet, json_out=json_out)
         return

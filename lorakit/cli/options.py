@@ -11,6 +11,18 @@ from lorakit.runtime import DEFAULT_DEVICE
 device_option = click.option("--device", default=DEFAULT_DEVICE, show_default=True,
                              help="auto (CUDA when present), cpu or cuda[:N].")
 
+
+
+def gen_batch_size_option(f):
+    """``--gen-batch-size``: prompts per greedy-generation batch (scorecard, ``eval --tasks``)."""
+    from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, KV_CACHE_BUDGET
+
+    return click.option("--gen-batch-size", type=int, default=DEFAULT_GEN_BATCH_SIZE, show_default=True,
+                        help=f"Prompts per generation batch, at most: a batch is also cut so its KV cache stays "
+                             f"within {KV_CACHE_BUDGET / 2**30:g} GiB (a large model gets fewer). Answers do not "
+                             f"depend on it.")(f)
+
+
 # What `auto` means per stage (lorakit.compute.POLICY), in the words --help shows.
 _AUTO_MEANS = {
     "fastest": "bfloat16 where it is fast here (CUDA with bf16; a CPU whose bf16 matmul a short, cached probe "

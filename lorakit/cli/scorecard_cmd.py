@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from lorakit.cli.options import compute_dtype_option, device_option, stage_options, take_stage_options
+from lorakit.cli.options import (compute_dtype_option, device_option, gen_batch_size_option, stage_options,
+                                 take_stage_options)
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
-from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN
+from lorakit.evaluate.accuracy import DEFAULT_MARGIN
 from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN
 from lorakit.scorecard.options import ScorecardOptions
 
@@ -24,9 +25,7 @@ from lorakit.scorecard.options import ScorecardOptions
 @stage_options(ScorecardOptions)
 @click.option("--margin", type=int, default=DEFAULT_MARGIN, show_default=True,
               help="New tokens allowed beyond each reference answer's length.")
-@click.option("--gen-batch-size", type=int, default=DEFAULT_GEN_BATCH_SIZE, show_default=True,
-              help="Prompts per generation batch, at most: a batch is also cut so its KV cache stays within 1 GiB "
-                   "(a large model gets fewer). Answers do not depend on it.")
+@gen_batch_size_option
 @click.option("--case-insensitive", is_flag=True, help="Exact match and F1 ignore case.")
 @click.option("--strip-punctuation", is_flag=True, help="Exact match and F1 ignore punctuation.")
 @click.option("--seq-len", default=DEFAULT_SEQ_LEN, show_default=True, type=int,
