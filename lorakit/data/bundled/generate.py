@@ -13,13 +13,33 @@ from pathlib import Path
 N_EXAMPLES = 2000
 SEED = 1234
 
-# Short, common, single-token-ish English words keep examples short (~40 tokens with SmolLM2's chat template).
+# Common English words, mostly one SmolLM2 token each, keep examples short (~40 tokens with the chat template).
+# The first 57 were the whole vocabulary until the fresh-question scorecard showed what that teaches: the adapter
+# copied them, and on unseen words (_FRESH_WORDS) it garbled the first one ("bottle" -> "bunker") or fused
+# neighbours ("fire storm" -> "firestorm"). The rest widen it so the data teaches the rule, not a word list.
 _WORDS = (
     "apple river blue stone cloud green table window horse light paper music garden winter silver orange tiger "
     "candle bread ocean forest yellow mountain sugar pencil rabbit mirror thunder copper violet basket lemon "
     "shadow bridge falcon marble meadow coffee rocket planet velvet island anchor crystal desert feather hammer "
-    "jacket kettle ladder needle pillow ribbon saddle tunnel wagon zebra"
-).split()
+    "jacket kettle ladder needle pillow ribbon saddle tunnel wagon zebra "
+    "lion wolf bear eagle owl fox deer goat sheep camel whale shark dolphin otter beaver badger turtle lizard "
+    "snake frog spider beetle butterfly moth parrot pigeon swan goose duck penguin monkey gorilla panda koala "
+    "kangaroo giraffe elephant donkey pony llama salmon lobster crab oyster squirrel hedgehog mouse hamster "
+    "cheese butter honey carrot potato tomato onion garlic cherry grape peach plum melon banana mango olive "
+    "walnut almond noodle rice soup cookie cake pie muffin biscuit pickle yogurt cereal pasta pizza bacon "
+    "sausage vinegar ginger cinnamon vanilla cocoa tea juice syrup toast spoon fork knife plate bowl jar bucket "
+    "barrel rope chain wheel engine bicycle helmet glove scarf boot sock sweater blanket curtain carpet sofa "
+    "desk shelf drawer clock watch camera radio phone screen keyboard cable battery magnet compass lantern torch "
+    "umbrella wallet ticket envelope stamp letter crayon brush comb razor towel soap sponge bandage button "
+    "zipper pocket thread fabric cotton wool leather plastic rubber valley canyon cliff cave volcano glacier "
+    "beach coast harbor pond stream swamp jungle prairie oasis breeze rain fog frost hail rainbow sunset dawn "
+    "dusk autumn comet galaxy orbit pebble boulder cactus fern moss oak maple pine willow tulip rose daisy lily "
+    "orchid seed root leaf branch thorn castle tower temple church school library museum market bakery factory "
+    "garage barn cabin palace prison stadium airport station village avenue alley kitchen attic cellar balcony "
+    "hallway farmer teacher pilot sailor soldier painter singer dancer baker butcher tailor judge nurse artist "
+    "poet wizard knight pirate giant dragon robot ghost angel hero captain red purple pink brown black white "
+    "gray crimson scarlet indigo amber ivory bronze brave quiet happy gentle rapid frozen ancient bright dark "
+    "soft heavy tiny wild calm empty hollow rough smooth sharp sweet bitter sour warm cold fresh").split()
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
         "seventeen eighteen nineteen".split()
@@ -99,7 +119,7 @@ _FRESH_WORDS = (
     "train king queen book door hat lamp cup milk salt gold iron glass smoke storm flower wood sand rock hill lake "
     "field coat shoe ring bell drum box egg"
 ).split()
-assert not set(_FRESH_WORDS) & set(_WORDS)
+assert not set(_FRESH_WORDS) & set(_WORDS) and len(set(_WORDS)) == len(_WORDS)
 
 
 FRESH_QUESTIONS = 40  # what fresh-question benchmarks ask per task unless told otherwise
