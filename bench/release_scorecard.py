@@ -141,15 +141,22 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
     ``models``: (task, role) -> model folder; a folder that serves several tasks is loaded once. Returns
     {task: {"n": questions, role: {"exact_match", "f1"}}}."""
     from bench.train_sweep import all_examples, fresh_prep
-    from lorakit.evaluate import task_accuracy
-    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 
     examples = {}
-    out: dict = {}
     for task in dict.fromkeys(t for t, _ in models):
         max_length = json.loads((Path(preps[task]) / "prep.json").read_text())["max_length"]
         examples[task] = all_examples(fresh_prep(task, work, max_length, n=n))
-        out[task] = {"n": len(examples[task].records)}
+    return exact_match_by_folder(models, examples, "fresh", progress)
+
+
+def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: dict, label: str,
+                          progress: bool = True) -> dict:
+    """Exact match of every (task, role) model on ``examples[task]`` (TaskExamples), each folder loaded once:
+    {task: {"n": questions, role: {"exact_match", "f1"}}}."""
+    from lorakit.evaluate import task_accuracy
+    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
+
+    out: dict = {task: {"n": len(ex.records)} for task, ex in examples.items()}
     by_folder: dict[str, list[tuple[str, str]]] = {}
     for key, folder in models.items():
         by_folder.setdefault(str(folder), []).append(key)
@@ -159,19 +166,33 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
         for task, role in keys:
             acc = task_accuracy(loaded, examples[task], progress=progress)
             out[task][role] = {"exact_match": acc.exact_match, "f1": acc.f1}
-            print(task, role, f"fresh EM {acc.exact_match:.1%}", flush=True)
+            print(task, role, f"{label} EM {acc.exact_match:.1%}", flush=True)
         del loaded
     return out
 
 
-def fresh_scores(parts: dict, out_dir: Path, work: Path, n: int = FRESH_QUESTIONS) -> dict:
-    """The release's fresh-question scores: each task's adapter, the merged and the quantized model."""
+def release_models(parts: dict, out_dir: Path) -> dict[tuple[str, str], Path]:
+    """(task, role) -> folder for every task's adapter, the merged and the quantized model of a release."""
     quantized = find_one(out_dir, "quantized/*")
     models = {}
     for task in parts["tasks"]:
         models.update({(task, "adapter"): parts["adapters"][task], (task, "merged"): parts["merged"],
                        (task, "quantized"): quantized})
-    return fresh_exact_match(models, parts["preps"], work, n=n)
+    return models
+
+
+def all_test_scores(parts: dict, out_dir: Path) -> dict:
+    """Exact match of each task's adapter, the merged and the quantized model on every question of the task's test
+    split (the release scorecard reads its first ``scorecard.max_examples``)."""
+    from lorakit.evaluate.accuracy import read_task_examples
+
+    examples = {task: read_task_examples(parts["preps"][task], "test", None) for task in parts["tasks"]}
+    return exact_match_by_folder(release_models(parts, out_dir), examples, "test")
+
+
+def fresh_scores(parts: dict, out_dir: Path, work: Path, n: int = FRESH_QUESTIONS) -> dict:
+    """The release's fresh-question scores: each task's adapter, the merged and the quantized model."""
+    return fresh_exact_match(release_models(parts, out_dir), parts["preps"], work, n=n)
 
 
 def quantization_line(release: dict) -> str:
@@ -188,6 +209,7 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
     tail = "" if name == "release_scorecard" else f" --results {name}"
     fresh_n = next((f.get("n", FRESH_QUESTIONS) for f in (release.get("fresh") or {}).values()), FRESH_QUESTIONS)
     tail += "" if fresh_n == FRESH_QUESTIONS else f" --fresh-questions {fresh_n}"
+    tail += " --all-test" if release.get("all_test") else ""
     lines = [f"## {name}", "",
              f"`python bench/release_scorecard.py --release {release['source']}{tail}`: the release's own scorecard "
              f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_span']:.0%} of the "
@@ -199,7 +221,7 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
     def pct(x):
         return "-" if x is None else f"{x:.0%}"
 
-    def pct1(x):  # fresh scores: one answer of 200 is half a point
+    def pct1(x):  # fresh and all-test scores: one answer of 200 is half a point
         return "-" if x is None else f"{x:.1%}"
 
     def num(x):
@@ -211,6 +233,13 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
             lines.append(f"| {task} | {split} | {pct(em.get('base'))} | {pct(em.get('adapter'))} | "
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
+    if release.get("all_test"):
+        n_test = "/".join(str(t["n"]) for t in release["all_test"].values())
+        lines += ["", f"Every test question ({n_test} per task, `--all-test`), exact match:", "",
+                  "| task | adapter | merged | quantized |", "|---|---|---|---|"]
+        for task, t in release["all_test"].items():
+            lines.append(f"| {task} | {pct1(t['adapter']['exact_match'])} | {pct1(t['merged']['exact_match'])} | "
+                         f"{pct1(t['quantized']['exact_match'])} |")
     if release.get("fresh"):
         lines += ["", f"Fresh questions ({fresh_n} per task, words and numbers the bundled data never uses), exact match:", "",
                   "| task | adapter | merged | quantized |", "|---|---|---|---|"]
@@ -280,6 +309,8 @@ def main() -> None:
                     "file when they are of the same --release, else record none")
     ap.add_argument("--fresh-questions", type=int, default=FRESH_QUESTIONS, help="fresh questions per task (at 40 "
                     "one answer is 2.5 points, more than the 2-point bar between merged and quantized)")
+    ap.add_argument("--all-test", action="store_true", help="also score each adapter, the merged and the quantized "
+                    "model on every test question (else keep those already in the results file for the same --release)")
     ap.add_argument("--results", default="release_scorecard", help="results file (bench/results/NAME.json) and README "
                     "section name")
     args = ap.parse_args()
@@ -318,6 +349,8 @@ def main() -> None:
     same = (kept.get("release") or {}).get("source") == str(args.release)
     release["fresh"] = ((kept["release"].get("fresh") if same else None) if args.skip_fresh
                         else fresh_scores(parts, args.release, args.work, args.fresh_questions))
+    release["all_test"] = (all_test_scores(parts, args.release) if args.all_test
+                           else (kept["release"].get("all_test") if same else None))
     merges = kept.get("merge_defaults") if args.skip_merges else merge_defaults(parts, args.work)
     path = write_results(args.results, {"release": release, "merge_defaults": merges})
     update_readme_section(args.results, readme(release, merges, args.results))

@@ -14,7 +14,7 @@ class ScorecardOptions(StageOptions):
 
     # 50: generating answers dominates the stage's time (5 models x 2 splits per task). Enough to show each model's
     # level in the table; not enough for a 2-point paired comparison, which reads judge_examples below (the release's
-    # stage with both: bench/results/release_scorecard_bf16_gen128.json, release.scorecard_wall_s).
+    # stage with both: bench/results/release_scorecard_bf16_steps120.json, release.scorecard_wall_s).
     max_examples: int | None = Field(50, gt=0, description="Score at most the first N examples of each task and "
                                      "split, for exact match and perplexity alike (none = all).")
     # At 50 questions one answer is 2 points, the whole of the gate's max_accuracy_drop; on the default release the
