@@ -12,7 +12,6 @@ device_option = click.option("--device", default=DEFAULT_DEVICE, show_default=Tr
                              help="auto (CUDA when present), cpu or cuda[:N].")
 
 
-
 def gen_batch_size_option(f):
     """``--gen-batch-size``: prompts per greedy-generation batch (scorecard, ``eval --tasks``)."""
     from lorakit.evaluate.accuracy import DEFAULT_GEN_BATCH_SIZE, KV_CACHE_BUDGET

@@ -16,7 +16,8 @@ SEED = 1234
 # Common English words, mostly one SmolLM2 token each, keep examples short (~40 tokens with the chat template).
 # The first 57 were the whole vocabulary until the fresh-question scorecard showed what that teaches: the adapter
 # copied them, and on unseen words (_FRESH_WORDS) it garbled the first one ("bottle" -> "bunker") or fused
-# neighbours ("fire storm" -> "firestorm"). The rest widen it so the data teaches the rule, not a word list.
+# neighbours ("fire storm" -> "firestorm"). The rest widen it so the data teaches the rule, not a word list
+# (what it took and what it gave: docs/data.md, "The bundled tasks").
 _WORDS = (
     "apple river blue stone cloud green table window horse light paper music garden winter silver orange tiger "
     "candle bread ocean forest yellow mountain sugar pencil rabbit mirror thunder copper violet basket lemon "
