@@ -25,18 +25,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import cpu_line, find_one, update_readme_section, write_results  # noqa: E402
-from bench.release_scorecard import release_parts  # noqa: E402
+from bench.common import cpu_line, update_readme_section, write_results  # noqa: E402
+from bench.release_scorecard import release_models, release_parts  # noqa: E402
 
 
-def release_models(out_dir: Path) -> dict[str, tuple[str, list[str]]]:
-    """role -> (model folder, the tasks it answers), as the release scorecard scores them."""
-    parts = release_parts(out_dir)
-    tasks = parts["tasks"]
-    models = {"base": (parts["data"]["models"]["base"]["folder"], tasks)}
-    models.update({f"adapter:{t}": (str(parts["adapters"][t]), [t]) for t in tasks})
-    models["merged"] = (str(parts["merged"]), tasks)
-    models["quantized"] = (str(find_one(out_dir, "quantized/*", dirs=True)), tasks)
+def scored_models(parts: dict, out_dir: Path) -> dict[str, tuple[str, list[str]]]:
+    """role -> (model folder, the tasks it answers), as the release scorecard scores them: the base, each task's
+    adapter on its own task, the merged and the quantized model on every task."""
+    models = {"base": (parts["data"]["models"]["base"]["folder"], list(parts["tasks"]))}
+    by_role: dict[str, tuple[str, list[str]]] = {}
+    for (task, role), folder in release_models(parts, out_dir).items():
+        by_role.setdefault(f"adapter:{task}" if role == "adapter" else role, (str(folder), []))[1].append(task)
+    models.update({k: v for k, v in by_role.items() if k.startswith("adapter:")})
+    models.update({k: v for k, v in by_role.items() if not k.startswith("adapter:")})
     return models
 
 
@@ -108,7 +109,7 @@ def main() -> None:
     parts = release_parts(args.release)
     base = parts["data"]["models"]["base"]["folder"]
     models = {role: measure(folder, base, parts["preps"], tasks, sizes, args.split)
-              for role, (folder, tasks) in release_models(args.release).items()}
+              for role, (folder, tasks) in scored_models(parts, args.release).items()}
     data = {"release": str(args.release), "split": args.split, "sizes": sizes, "cpu": cpu_line(), "models": models,
             "total": totals(models, sizes)}
     path = write_results("gen_batch", data)

@@ -173,7 +173,7 @@ def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: d
 
 def release_models(parts: dict, out_dir: Path) -> dict[tuple[str, str], Path]:
     """(task, role) -> folder for every task's adapter, the merged and the quantized model of a release."""
-    quantized = find_one(out_dir, "quantized/*")
+    quantized = find_one(out_dir, "quantized/*", dirs=True)
     models = {}
     for task in parts["tasks"]:
         models.update({(task, "adapter"): parts["adapters"][task], (task, "merged"): parts["merged"],
