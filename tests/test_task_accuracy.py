@@ -209,6 +209,8 @@ def test_folder_without_test_split_uses_val_and_says_so(tiny_base, tmp_path):
     saved = json.loads(out.read_text())["results"][0]
     assert saved["split"] == "val" and len(saved["predictions"]) == 3 and saved["split_note"]
     assert saved["decoding"]["batch_size"] == 2  # --gen-batch-size, not the perplexity windows' --batch-size
+    with pytest.raises(InputError, match="batch_size in Python"):  # the API's own name, beside the CLI's
+        task_accuracy(tiny_base, tmp_path / "p", max_examples=2, batch_size=0, progress=False)
 
 
 def test_model_with_another_tokenizer_is_one_clear_error_and_nothing_written(tiny_base, tmp_path):

@@ -228,7 +228,8 @@ def generate_greedy(model, prompts: list[list[int]], limits: list[int], *, stop_
     from lorakit.models.kv_cache import MIN_SHARED_PREFIX, common_prefix_len, generate_cache_kwarg, prompt_cache
 
     if int(batch_size) < 1:
-        raise InputError(f"--gen-batch-size must be a positive integer, got {batch_size}")
+        raise InputError(f"the generation batch size (--gen-batch-size; batch_size in Python) must be a positive "
+                         f"integer, got {batch_size}")
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     out: list[tuple[list[int], str]] = [([], "length")] * len(prompts)
     stops = set(stop_ids)

@@ -175,7 +175,7 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         model = GPTQModel.load(str(model_dir), qcfg, device=device, dtype=dtype)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
         with _layer_progress(model, progress):
-            model.quantize(calib, batch_size=1)
+            model.quantize(calib, batch_size=CALIB_BATCH_SIZE)
         quantize_s = time.perf_counter() - started
         from lorakit.runtime import is_verbose
 
@@ -195,6 +195,12 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         "clip_norm": float(qcfg.mse),
         "module_loss": losses,
     }
+
+
+# Calibration blocks per forward call while GPTQModel replays each layer over the calibration set. The Hessians sum
+# the same tokens whatever the batch (all blocks have one length: no padding); one block per call spends much of
+# a small model's quantization in per-call overhead (bench/gptq_batch.py measures both).
+CALIB_BATCH_SIZE = 4
 
 
 # The dtype of the tensors GPTQ leaves unquantized (embeddings, norms, an untied head) in the checkpoint. GPTQModel
