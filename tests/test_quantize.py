@@ -253,6 +253,9 @@ def test_gptaq_corrects_only_where_earlier_modules_left_input_error(quantized):
     assert len(differ) == len(LINEARS), differ
     assert read_quant_meta(quantized["default"]).params.method_params["gptaq_alpha"] == GPTAQ_ALPHA == 0.5
     assert read_quant_meta(quantized["plain-gptq"]).params.method_params["gptaq_alpha"] == 0.0
+    from lorakit.quantize.gptqmodel_backend import CALIB_BATCH_SIZE  # recorded: it orders the Hessians' sums
+
+    assert read_quant_meta(quantized["default"]).params.method_params["calib_batch_size"] == CALIB_BATCH_SIZE
     meta = json.loads((quantized["default"] / "config.json").read_text())["quantization_config"]["meta"]
     assert meta["gptaq"]["alpha"] == GPTAQ_ALPHA
 

@@ -193,13 +193,15 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         "true_sequential": getattr(qcfg, "true_sequential", None),
         "gptaq_alpha": float(gptaq_alpha),
         "clip_norm": float(qcfg.mse),
+        "calib_batch_size": CALIB_BATCH_SIZE,
         "module_loss": losses,
     }
 
 
 # Calibration blocks per forward call while GPTQModel replays each layer over the calibration set. The Hessians sum
-# the same tokens whatever the batch (all blocks have one length: no padding); one block per call spends much of
-# a small model's quantization in per-call overhead (bench/gptq_batch.py measures both).
+# the same tokens whatever the batch (all blocks have one length: no padding). On the default release's merged
+# model 4 per call took 414 s (bench/results/gptq_batch.json: by_batch.4.quantize_s) against 479 s at 1
+# (bench/results/gptq_batch.json: by_batch.1.quantize_s) with the gate's checks in the same bounds (docs/quantize.md).
 CALIB_BATCH_SIZE = 4
 
 
