@@ -4,7 +4,7 @@ lorakit calls GPTQModel's ``quantize`` with ``batch_size =``
 :data:`lorakit.quantize.gptqmodel_backend.CALIB_BATCH_SIZE`. Every block has the same length (no padding), so the
 Hessians sum the same tokens at any batch size; only the order of the floating-point sums changes. This benchmark
 quantizes a default release's merged model with the release's own settings (``lorakit.quantize.options``) once
-per batch size, in one process on a quiet machine, and records for each:
+per batch size, one after another in one process (run it on a quiet machine), and records for each:
 
 - the wall time of the quantization (``quantize_s``) and its ratio to the first batch size's;
 - the release gate's checks against the merged model (``lorakit.gate.check``: perplexity and mean KL on each
@@ -34,8 +34,20 @@ from bench.calibration_mix import Variant, accuracy, measure  # noqa: E402
 from bench.common import cpu_line, find_one, machine, update_readme_section, write_results  # noqa: E402
 
 NAME = "gptq_batch"
-# The release's quantization (lorakit.quantize.options.QUANTIZE) in calibration_mix's variant syntax.
-RELEASE_VARIANT = "gptq:0.5:g16:asym:act:gptaq0.5:clip"
+
+
+def release_variant() -> Variant:
+    """The release's quantization (``lorakit.quantize.options.QUANTIZE``, its conventions resolved) as a
+    ``calibration_mix`` variant, so this benchmark follows the default wherever it moves."""
+    from lorakit.quantize.options import QUANTIZE, resolve_gptaq, resolve_grid
+
+    q = QUANTIZE
+    if q.method != "gptq":
+        raise SystemExit(f"the release quantizes with {q.method}; CALIB_BATCH_SIZE is GPTQ's (GPTQModel's) setting")
+    sym, desc_act = resolve_grid(q.method, q.sym, q.desc_act)
+    return Variant(q.method, q.calib_general_fraction, bits=q.bits, group_size=q.group_size, n_samples=q.n_samples,
+                   asym=not sym, act_order=desc_act, gptaq_alpha=resolve_gptaq(q.method, q.gptaq_alpha),
+                   clip=q.clip_search)
 
 
 def codes(folder: Path) -> dict:
@@ -96,7 +108,7 @@ def main() -> None:
     from flows.config import ReleaseConfig
 
     preps = [find_one(args.release, f"prep/{ds.name}-*", dirs=True) for ds in ReleaseConfig().datasets]
-    variant = Variant.parse(RELEASE_VARIANT)
+    variant = release_variant()
     merged_accuracy = accuracy(merged, preps, None)
     print("merged", merged_accuracy, flush=True)
     data = {"benchmark": NAME, "release": str(args.release), "merged": str(merged), "variant": variant.key(),
