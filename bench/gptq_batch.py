@@ -111,7 +111,7 @@ def main() -> None:
     variant = release_variant()
     merged_accuracy = accuracy(merged, preps, None)
     print("merged", merged_accuracy, flush=True)
-    data = {"benchmark": NAME, "release": str(args.release), "merged": str(merged), "variant": variant.key(),
+    data = {"release": str(args.release), "merged": str(merged), "variant": variant.key(),
             "default_batch_size": backend.CALIB_BATCH_SIZE, "merged_accuracy": merged_accuracy, "by_batch": {}}
     reference = None
     for b in [int(x) for x in args.batches.split(",")]:

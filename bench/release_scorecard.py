@@ -233,19 +233,18 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
             lines.append(f"| {task} | {split} | {pct(em.get('base'))} | {pct(em.get('adapter'))} | "
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
+    def exact_match_table(title: str, scores: dict) -> list[str]:  # {task: {role: {"exact_match"}}}
+        return ["", title, "", "| task | adapter | merged | quantized |", "|---|---|---|---|"] + [
+            f"| {task} | {pct1(t['adapter']['exact_match'])} | {pct1(t['merged']['exact_match'])} | "
+            f"{pct1(t['quantized']['exact_match'])} |" for task, t in scores.items()]
+
     if release.get("all_test"):
         n_test = "/".join(str(t["n"]) for t in release["all_test"].values())
-        lines += ["", f"Every test question ({n_test} per task, `--all-test`), exact match:", "",
-                  "| task | adapter | merged | quantized |", "|---|---|---|---|"]
-        for task, t in release["all_test"].items():
-            lines.append(f"| {task} | {pct1(t['adapter']['exact_match'])} | {pct1(t['merged']['exact_match'])} | "
-                         f"{pct1(t['quantized']['exact_match'])} |")
+        lines += exact_match_table(f"Every test question ({n_test} per task, `--all-test`), exact match:",
+                                   release["all_test"])
     if release.get("fresh"):
-        lines += ["", f"Fresh questions ({fresh_n} per task, words and numbers the bundled data never uses), exact match:", "",
-                  "| task | adapter | merged | quantized |", "|---|---|---|---|"]
-        for task, f in release["fresh"].items():
-            lines.append(f"| {task} | {pct1(f['adapter']['exact_match'])} | {pct1(f['merged']['exact_match'])} | "
-                         f"{pct1(f['quantized']['exact_match'])} |")
+        lines += exact_match_table(f"Fresh questions ({fresh_n} per task, words and numbers the bundled data never "
+                                   "uses), exact match:", release["fresh"])
     g = release.get("general_text")
     if g and g.get("models"):
         lines += ["", f"General text ({next(iter(g['models'].values()))['tokens']} tokens of the shipped corpus), "
