@@ -12,6 +12,8 @@ problem (the key at fault and the fix) instead of stopping at the first:
 - merge weights: one per dataset, finite (the schema's wording);
 - the base: a supported, unquantized model folder, and ``quantize.group_size`` against every quantized layer
   (:mod:`lorakit.quantize.checks`, the rules the quantize stage applies);
+- merge method regmean: its float64 Gram matrices of every adapted layer's inputs (and the base) fit the memory
+  available, counted from the base's weight headers (a wide base would otherwise train for hours, then fail);
 - every registry name and tag the run will create (:func:`registry.validate_name`);
 - the general text the gate scores and calibration mixes in (``gate.general_text``, ``quantize.calib_general``);
 - calibration volume, only when ``quantize.n_samples`` or ``seq_len`` is set explicitly (an explicit request that
@@ -187,6 +189,24 @@ def _check_quantize(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> No
         report.notes.append(f"quantize.group_size (default): {note}")
 
 
+def _check_merge_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> None:
+    """Method regmean holds float64 Gram matrices of every adapted layer's inputs; a base too wide for this
+    machine's memory is refused now, not after its adapters trained (the merge stage checks the same,
+    :func:`lorakit.merge.regmean.check_memory`, with the adapters' own modules)."""
+    from lorakit.merge.regmean import check_memory
+    from lorakit.models.folder import linear_weight_shapes
+    from lorakit.train.model import parse_targets
+
+    if cfg.merge.method != "regmean" or len(cfg.datasets) < 2:
+        return  # one adapter is its own fit: nothing is read or held
+    try:
+        shapes = linear_weight_shapes(base_dir, parse_targets(cfg.lora_for(cfg.datasets[0]).target))
+        if shapes:  # a target that matches nothing is the training stage's to refuse, with its fix
+            check_memory(base_dir, list(shapes.values()), len(cfg.datasets), cfg.merge.regmean_anchor)
+    except InputError as exc:
+        report.add(f"'merge.method': {exc}")
+
+
 def _check_names(cfg: ReleaseConfig, base_dir: Path | None, report: Preflight) -> None:
     """Every registry name and tag the run will register, as the registry will judge them: one line for the base's
     name, one for all names derived from ``registry.name`` (with the longest ``registry.name`` that fits)."""
@@ -351,6 +371,8 @@ def preflight(data: Any) -> Preflight:
     base_dir = report.base_dir = _resolve_base(cfg, report) if "base" not in bad else None
     if base_dir is not None and "quantize" not in bad:
         _check_quantize(cfg, base_dir, report)
+    if base_dir is not None and not {"merge", "lora", "datasets"} & bad:
+        _check_merge_memory(cfg, base_dir, report)
     if not {"registry", "datasets"} & bad:
         _check_names(cfg, base_dir, report)
     if not {"lora", "quantize", "route_gpu"} & bad:

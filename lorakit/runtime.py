@@ -61,6 +61,14 @@ TRAIN_PEAK_MARGIN = 1.10
 TRAIN_PEAK_PER_WEIGHT_BYTE = TRAIN_PEAK_MARGIN * 6243.8 * 2**20 / 538_090_408
 
 
+def available_memory_bytes() -> int:
+    """The memory the OS reports available now (psutil): what new allocations can take without swapping. One
+    function, so every fit-to-memory decision (training slots, RegMean's Gram matrices) reads the same number."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 def training_slots(requested: int | str, adapters: int, device: str = "auto", *,
                    base_weight_bytes: int | None = None, available_bytes: int | None = None
                    ) -> tuple[int, int | None]:
@@ -81,9 +89,7 @@ def training_slots(requested: int | str, adapters: int, device: str = "auto", *,
         slots = 1 if on_cuda else min(adapters, cores)
         if slots > 1 and base_weight_bytes:
             if available_bytes is None:
-                import psutil
-
-                available_bytes = psutil.virtual_memory().available
+                available_bytes = available_memory_bytes()
             slots = min(slots, int(available_bytes // (TRAIN_PEAK_PER_WEIGHT_BYTE * base_weight_bytes)))
     else:
         slots = min(adapters, int(requested))

@@ -274,6 +274,35 @@ def test_bad_input_is_refused_before_writing(setup, tmp_path):
     assert_nothing_written(out)
 
 
+def test_memory_estimate_is_what_regmean_holds_and_a_shortfall_is_refused_before_loading(setup, tmp_path,
+                                                                                       monkeypatch):
+    from lorakit import runtime
+    from lorakit.adapters import load_adapter
+    from lorakit.merge import merge_adapters
+    from lorakit.merge.regmean import collect_grams, gram_count, memory_bytes
+    from lorakit.models.folder import linear_weight_shapes
+
+    adapters = [load_adapter(a) for a in setup["adapters"]]
+    # the shapes read from the base's weight headers are those of the modules PEFT's all-linear picked
+    # (make_random_adapter), as its LoRA factors give them: out from B, in from A
+    shapes = linear_weight_shapes(setup["base"], "all-linear")
+    assert shapes == {n: (m.B.shape[0], m.A.shape[1]) for n, m in adapters[0].modules.items()}
+    assert linear_weight_shapes(setup["base"], ["q_proj", "down_proj"]).keys() == {
+        n for n in shapes if n.endswith((".q_proj", ".down_proj"))}
+    grams, _, _ = collect_grams(setup["base"], adapters, setup["preps"], examples=2, progress=False)
+    held = sum(g.numel() * g.element_size() for gram in grams for g in gram.values())
+    assert memory_bytes(list(shapes.values()), gram_count(2, 0.0), 0)["grams"] == held
+    assert gram_count(2, 1.0) == 3 and gram_count(2, None) == 2
+
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1 << 20)
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"method regmean needs about [\d.]+ MB at once and 1\.0 MB of memory is "
+                                         r"available: .* Merge with method linear or ties"):
+        merge_adapters(setup["adapters"], [1.0, 1.0], out, method="regmean", output_kind="model", base=setup["base"],
+                       data=setup["preps"], progress=False)
+    assert_nothing_written(out)
+
+
 def test_cli_takes_named_data(setup, tmp_path):
     out = tmp_path / "cli"
     r = run_cli("merge", *map(str, setup["adapters"]), "--method", "regmean", "--regmean-examples", "4",

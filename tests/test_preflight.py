@@ -183,3 +183,17 @@ def test_unknown_kernel_backend_setting_is_refused_before_any_stage(tiny_base, t
         assert not path.exists(), f"a refused run wrote {path}"
     monkeypatch.setenv("LORAKIT_KERNEL_BACKEND", "Torch")  # names are case-insensitive
     assert run_cli("run", str(config), "--check", cwd=tmp_path).returncode == 0
+
+
+def test_regmean_that_cannot_fit_in_memory_is_refused_before_training(tiny_base, tmp_path, monkeypatch):
+    from flows.preflight import preflight
+    from lorakit import runtime
+
+    data = tiny_config_data(tiny_base, tmp_path, merge={"method": "regmean"})
+    assert preflight(data).problems == []
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1 << 20)
+    problems = preflight(data).problems
+    assert [p for p in problems if p.startswith("'merge.method': method regmean needs about")
+            and "general-text anchor" in p], problems
+    data["merge"]["method"] = "linear"  # no Gram matrices: nothing to refuse
+    assert preflight(data).problems == []

@@ -51,6 +51,56 @@ DEFAULT_EXAMPLES = 128  # training examples per task whose inputs define Gₜ
 DEFAULT_ANCHOR = 0.0  # weight of the general-text anchor (0 = RegMean itself)
 ANCHOR_TOKENS = 8192  # general-text tokens the anchor reads (the gate's general window is as long)
 BATCH = 16
+GRAM_ITEM_BYTES = 8  # the Gram matrices are float64: sums over thousands of tokens, then a solve
+
+
+def gram_count(tasks: int, anchor: float | None) -> int:
+    """Gram matrices held per adapted module: one per task, and the anchor's when it is on."""
+    return int(tasks) + (1 if float(anchor or 0.0) > 0 else 0)
+
+
+def memory_bytes(shapes: Sequence[tuple[int, int]], grams: int, base_params: int) -> dict[str, int]:
+    """What :func:`collect_grams` holds at once, in bytes, besides one batch's activations: ``grams`` float64 Gram
+    matrices per adapted module, each its input width squared (``shapes``: each module's weight, out x in); the
+    base in float32; and the pristine float32 copy of its adapted weights (:class:`lorakit.merge.in_memory.InMemoryMerge`).
+
+    Why it matters: the Grams grow with the square of a layer's input width. Every linear layer adapted, per task:
+    30 x (6 x 576² + 1536²) x 8 bytes = 1.0 GB on SmolLM2-135M, 32 x (6 x 4096² + 11008²) x 8 bytes = 57 GB on a 7B
+    Llama; without this check such a release would train its adapters for hours, then be killed for memory here."""
+    return {"grams": int(grams) * GRAM_ITEM_BYTES * sum(int(i) ** 2 for _, i in shapes),
+            "weights": 4 * (int(base_params) + sum(int(o) * int(i) for o, i in shapes))}
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_memory(base_dir: Path, shapes: Sequence[tuple[int, int]], tasks: int, anchor: float | None,
+                 available: int | None = None) -> None:
+    """Refuse a RegMean of ``tasks`` adapters of the modules ``shapes`` on ``base_dir`` whose :func:`memory_bytes`
+    exceed the memory available (``available`` defaults to what the OS reports now), before any weights load (the
+    base is counted from its weight headers); the error says what each part takes and what to do instead."""
+    from lorakit.models.folder import tensor_index
+
+    base_params = sum(math.prod(info.shape) for _, info in tensor_index(base_dir).values())
+    need = memory_bytes(shapes, gram_count(tasks, anchor), base_params)
+    if available is None:
+        from lorakit import runtime
+
+        available = runtime.available_memory_bytes()
+    total = sum(need.values())
+    if total <= available:
+        return
+    anchored = gram_count(tasks, anchor) > tasks
+    per = f"{tasks} task(s)" + (" and the general-text anchor" if anchored else "")
+    widest = max(i for _, i in shapes)
+    raise InputError(
+        f"method regmean needs about {_size(total)} at once and {_size(available)} of memory is available: "
+        f"{_size(need['grams'])} of float64 Gram matrices (one per adapted module for each of {per}, the "
+        f"largest {widest} x {widest}) and {_size(need['weights'])} of float32 weights. Merge with "
+        "method linear or ties (no Gram matrices), adapt fewer or narrower modules (lora target), "
+        + ("turn the anchor off (regmean_anchor 0), " if anchored else "")
+        + "or merge on a machine with more free memory")
 
 
 def check_data(adapters: Sequence[Adapter], data: Sequence[str | os.PathLike[str]] | None, alpha: float,
@@ -228,6 +278,8 @@ def regmean_adapters(adapters: Sequence[Adapter], base_dir: Path, data: Sequence
     ``anchor`` > 0 adds the base's Gram matrix on general text (:func:`collect_grams`) to the fit as a task
     whose update is zero, scaled to ``anchor`` x the tasks' mean token count: the merged update then also keeps the
     base's outputs where general text reads each layer (module docstring)."""
+    # every adapter adapts the same modules (the compatibility check)
+    check_memory(base_dir, [(m.B.shape[0], m.A.shape[1]) for m in adapters[0].modules.values()], len(adapters), anchor)
     grams, tokens, g0_read = collect_grams(base_dir, adapters, data, examples=examples,
                                            anchor_tokens=ANCHOR_TOKENS if float(anchor) > 0 else 0, progress=progress)
     anchor_gram, anchor_record = None, None

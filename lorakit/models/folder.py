@@ -106,3 +106,29 @@ def tensor_index(model_dir: Path) -> dict[str, tuple[str, TensorInfo]]:
         for name, info in tensors.items():
             out[name] = (shard, info)
     return out
+
+
+def linear_weight_shapes(model_dir: Path, targets: str | list[str]) -> dict[str, tuple[int, int]]:
+    """Module name -> weight shape (out, in) of the linear layers an adapter with ``targets`` adapts, from the
+    weight headers alone (nothing loads, so a run config is checked against a 70B base in a second).
+
+    ``all-linear`` follows PEFT's rule, every linear layer but the output head: every 2-D ``.weight`` except the
+    vocabulary's (its rows are ``vocab_size``: the input embedding and the output head). A list names modules as
+    PEFT matches them: the full name or its last components (``q_proj`` matches ``model.layers.0.self_attn.q_proj``);
+    ``lorakit.train.model.parse_targets`` turns ``q,v`` into that list. A layer stored transposed (GPT-2's Conv1D)
+    reads as (in, out).
+    """
+    config = read_model_config(model_dir)
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, (_, info) in tensor_index(model_dir).items():
+        if not name.endswith(".weight") or len(info.shape) != 2:
+            continue
+        module = name.removesuffix(".weight")
+        if targets == "all-linear":
+            if info.shape[0] == vocab or "embed" in module or module.endswith("lm_head"):
+                continue
+        elif not any(module == t or module.endswith(f".{t}") for t in targets):
+            continue
+        shapes[module] = (int(info.shape[0]), int(info.shape[1]))
+    return shapes
