@@ -218,7 +218,7 @@ def readme(data: dict, name: str) -> str:
              + (" and by the scorecard's exact match (points lost vs the merged model, "
                 + ("every example" if "accuracy_examples" in data and data["accuracy_examples"] is None
                    else f"first {data.get('accuracy_examples', 50)} examples") + ")" if drops else "") + ". Kept modules: the most sensitive linears at higher precision (AWQ fp16, "
-             "GPTQ 8-bit). " + f"CPU: {cpu_line()}.", "",
+             "GPTQ 8-bit). " + f"CPU: {cpu_line(data.get('machine', {}).get('cpu'))}.", "",
              "| method | bits | group | general share | kept modules | size MB (x bf16) | " + " | ".join(
                  f"{name} ppl / KL" for name in first["checks"]) + "".join(f" | {d}" for d in drops) + " |",
              "|---|---|---|---|---|---|" + "---|" * (len(first["checks"]) + len(drops))]

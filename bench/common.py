@@ -102,10 +102,15 @@ def cpu() -> dict[str, object]:
             "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
 
 
-def cpu_line() -> str:
-    """This CPU in one phrase for a README section: its model and the flags that matter for lorakit's speed."""
-    c = cpu()
-    return f"{c['model']} ({', '.join(c['flags']) or 'no AVX flags read'})"
+def cpu_line(recorded: dict | None = None) -> str:
+    """A CPU in one phrase for a README section: its model, the flags that matter for lorakit's speed and any
+    kernel-limiting environment (``ATEN_CPU_CAPABILITY=avx2`` makes an AVX512 machine run as an AVX2 one).
+    ``recorded``: a results file's ``machine.cpu``, so a section regenerated later describes the machine measured;
+    default: this one."""
+    c = recorded or cpu()
+    line = f"{c['model']} ({', '.join(c['flags']) or 'no AVX flags read'})"
+    held = {k: v for k, v in (c.get("kernel_env") or {}).items() if k != "LORAKIT_THREADS"}
+    return line + (f" with {' '.join(f'{k}={v}' for k, v in held.items())}" if held else "")
 
 
 def machine() -> dict[str, object]:

@@ -80,7 +80,7 @@ def readme(data: dict) -> str:
              "(`CALIB_BATCH_SIZE` in `lorakit/quantize/gptqmodel_backend.py`), one after another in one process; "
              "judged by the release gate against the merged model (perplexity change / mean KL) and by exact match "
              "on every val and test question (points lost against the merged model). "
-             f"CPU: {cpu_line()}; load average at the end {data['machine'].get('loadavg_1m_at_end')}.", "",
+             f"CPU: {cpu_line(data['machine'].get('cpu'))}; load average at the end {data['machine'].get('loadavg_1m_at_end')}.", "",
              "| blocks per call | quantize s | speed-up | codes as at " + str(first["batch_size"]) + " | "
              + " | ".join(f"{c} ppl / KL" for c in checks) + "".join(f" | {t} drop val / test" for t in tasks) + " |",
              "|---|---|---|---|" + "---|" * (len(checks) + len(tasks))]
