@@ -22,9 +22,10 @@ problem (the key at fault and the fix) instead of stopping at the first:
   renders it (a superset of the train split, so a shortfall is certain, never a guess);
 - the devices of training and quantization (skipped with ``route_gpu``: those run on the CUDA pool's machine).
 
-Cheap first: torch is imported only when a CUDA device is requested on a machine that has an NVIDIA driver, and
-the tokenizer only for an explicit calibration request. Prefect-free: ``lorakit run`` calls it before it starts
-a Prefect server. :func:`plan_lines` prints what ``lorakit run --check`` shows.
+Cheap: no weights load and nothing runs on a device. The base's weight headers are read (lorakit's safetensors
+reader imports torch), CUDA is queried only when a CUDA device is requested on a machine that has an NVIDIA
+driver, and the tokenizer loads only for an explicit calibration request. Prefect-free: ``lorakit run`` calls it
+before it starts a Prefect server. :func:`plan_lines` prints what ``lorakit run --check`` shows.
 """
 
 from __future__ import annotations
