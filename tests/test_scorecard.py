@@ -346,8 +346,12 @@ def test_the_gate_judges_retention_and_the_accuracy_drop_on_every_val_question_a
 
     for text in (render_markdown(card.data), render_text(card.data)):
         assert f"the gate's sample (val, {n} questions)" in text
+    m, q = ([p.exact for p in whole[r].predictions] for r in ("merged", "quantized"))
+    lost, gained = sum(a and not b for a, b in zip(m, q)), sum(b and not a for a, b in zip(m, q))
+    assert lost > 0 and val["judged"]["answers_changed"] == {"lost": lost, "gained": gained}
     check = next(c for c in judge_scorecard(card.data) if c.check == "max_accuracy_drop")
     assert f"val, {n} questions" in check.message and check.value == val["judged"]["accuracy_drop"]
+    assert f"{lost} answers lost and {gained} gained" in check.message
     check = next(c for c in judge_scorecard(card.data) if c.check == "min_retention")
     assert f"val, {n} questions" in check.message and check.value == val["judged"]["retention"]["value"]
     narrow = build_scorecard(release["base"], _tasks(release, ("yes",)), release["yes_only"], release["base"],

@@ -232,7 +232,8 @@ def build_scorecard(
                                              "n_examples": acc.n_examples, "path_used": loaded.path_used}
                 if judged is not None:
                     scores[(t.name, s, role)]["judged"] = {"n_examples": whole.n_examples,
-                                                           "exact_match": whole.exact_match}
+                                                           "exact_match": whole.exact_match,
+                                                           "answers": [p.exact for p in whole.predictions]}
                 if acc.skipped is None:
                     decoding = decoding or {k2: v for k2, v in acc.decoding.items()
                                            if k2 not in ("stop_token_ids", "prefill_tokens")}
@@ -343,12 +344,20 @@ def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, has_qua
 
 def _judged_entry(judged: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The gate's sample of one split: each model's exact match on it, the merged model's retention of the
-    adapter's gain and the quantized model's drop (where there is a quantized model)."""
+    adapter's gain and the quantized model's drop (where there is a quantized model), with the answers behind the
+    drop: how many the quantized model got wrong that the merged one got right (``lost``) and the reverse
+    (``gained``). Quantization flips a few answers each way; 8 lost and 4 gained is another release than 4 and 0,
+    though both are a 2-point drop on 200 questions. The per-question answers stay in predictions.json."""
+    answers = {r: j.pop("answers", None) for r, j in judged.items()}
     out: dict[str, Any] = {"n_examples": judged["merged"]["n_examples"],
                            **{r: j["exact_match"] for r, j in judged.items()}}
     out["retention"] = retention(out["base"], out["adapter"], out["merged"], higher_is_better=True).to_dict()
     if "quantized" in out:
         out["accuracy_drop"] = out["merged"] - out["quantized"]
+        merged, quantized = answers["merged"], answers["quantized"]
+        if merged is not None and quantized is not None:
+            out["answers_changed"] = {"lost": sum(m and not q for m, q in zip(merged, quantized)),
+                                      "gained": sum(q and not m for m, q in zip(merged, quantized))}
     return out
 
 

@@ -97,10 +97,12 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
             drop = float(judged["accuracy_drop"])
             ok = drop <= max_accuracy_drop + TOLERANCE
             n = f", {judged['n_examples']} questions" if judged.get("n_examples") else ""
+            changed = judged.get("answers_changed")
+            flips = f", {changed['lost']} answers lost and {changed['gained']} gained" if changed else ""
             out.append(ScorecardCheck(
                 "max_accuracy_drop", task, metric, drop, max_accuracy_drop, ok,
                 f"exact match on {task} ({JUDGED_SPLIT}{n}): merged {judged['merged']:.1%}, "
-                f"quantized {judged['quantized']:.1%}: drop {drop * 100:+.1f} points "
+                f"quantized {judged['quantized']:.1%}: drop {drop * 100:+.1f} points{flips} "
                 f"({'<=' if ok else '>'} {max_accuracy_drop * 100:.1f})"))
     general = scorecard.get("general_text") or {}
     loss = (general.get("vs_base") or {}).get("merged")

@@ -90,7 +90,7 @@ def render_text(card: dict[str, Any]) -> str:
 
 def judged_lines(card: dict[str, Any]) -> list[str]:
     """The gate's larger sample per task (``judged``: scorecard.judge_examples), where there is one: each model's
-    exact match, retention and the quantized drop."""
+    exact match, retention and the quantized drop with the answers it lost and gained."""
     out = []
     for task in task_names(card):
         j = card["tasks"][task]["splits"].get(JUDGED_SPLIT, {}).get("judged")
@@ -99,6 +99,8 @@ def judged_lines(card: dict[str, Any]) -> list[str]:
             ret = (j.get("retention") or {}).get("value")
             tail = "" if ret is None else f", retention {ret:.3f}"
             tail += f", drop {100 * j['accuracy_drop']:+.1f} points" if "accuracy_drop" in j else ""
+            changed = j.get("answers_changed")
+            tail += f" ({changed['lost']} answers lost, {changed['gained']} gained)" if changed else ""
             out.append(f"{task}, the gate's sample (val, {j['n_examples']} questions): EM {ems}{tail}")
     return out
 
