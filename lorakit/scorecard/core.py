@@ -232,8 +232,7 @@ def build_scorecard(
                                              "n_examples": acc.n_examples, "path_used": loaded.path_used}
                 if judged is not None:
                     scores[(t.name, s, role)]["judged"] = {"n_examples": whole.n_examples,
-                                                           "exact_match": whole.exact_match,
-                                                           "answers": [p.exact for p in whole.predictions]}
+                                                           "exact_match": whole.exact_match}
                 if acc.skipped is None:
                     decoding = decoding or {k2: v for k2, v in acc.decoding.items()
                                            if k2 not in ("stop_token_ids", "prefill_tokens")}
@@ -271,7 +270,8 @@ def build_scorecard(
         "models": {"base": specs["base"].describe(), "merged": specs["merged"].describe(),
                    "quantized": specs["quantized"].describe() if quantized is not None else None,
                    "adapters": {t.name: specs[f"adapter:{t.name}"].describe() for t in tasks}},
-        "tasks": {t.name: _task_entry(t, plans[t.name], scores, quantized is not None) for t in tasks},
+        "tasks": {t.name: _task_entry(t, plans[t.name], scores, predictions[t.name],
+                                           quantized is not None) for t in tasks},
         "task_order": names,  # JSON files are written with sorted keys; this keeps the caller's order
         "general_text": _general_entry(general_path, general_max_tokens, general_scores,
                                        general_pair if "distribution" in general_pair else None),
@@ -313,7 +313,8 @@ def _general_entry(path: str | None, max_tokens: int | None, scores: dict[str, d
             "definition": "ppl(model) / ppl(reference) - 1 on the same token stream; > 0 = worse"}
 
 
-def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, has_quantized: bool) -> dict[str, Any]:
+def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, predictions: dict[str, Any],
+                has_quantized: bool) -> dict[str, Any]:
     examples: dict[str, TaskExamples] = plan["examples"]
     entry = {"data": str(task.data), "adapter": str(task.adapter), "format": next(iter(examples.values())).format,
              "report_split": plan["report"], "report_note": plan["note"], "splits": {}}
@@ -338,23 +339,23 @@ def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, has_qua
                               "accuracy_drop": drop}
         judged = {r: models[r].pop("judged") for r in roles if "judged" in models[r]}
         if judged:
-            entry["splits"][s]["judged"] = _judged_entry(judged)
+            entry["splits"][s]["judged"] = _judged_entry(judged, predictions[s].get("judged", {}))
     return entry
 
 
-def _judged_entry(judged: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _judged_entry(judged: dict[str, dict[str, Any]], answers: dict[str, list[bool]]) -> dict[str, Any]:
     """The gate's sample of one split: each model's exact match on it, the merged model's retention of the
     adapter's gain and the quantized model's drop (where there is a quantized model), with the answers behind the
     drop: how many the quantized model got wrong that the merged one got right (``lost``) and the reverse
     (``gained``). Quantization flips a few answers each way; 8 lost and 4 gained is another release than 4 and 0,
-    though both are a 2-point drop on 200 questions. The per-question answers stay in predictions.json."""
-    answers = {r: j.pop("answers", None) for r, j in judged.items()}
+    though both are a 2-point drop on 200 questions. ``answers``: each model's right/wrong per judged question
+    (predictions.json's ``judged``, where they stay)."""
     out: dict[str, Any] = {"n_examples": judged["merged"]["n_examples"],
                            **{r: j["exact_match"] for r, j in judged.items()}}
     out["retention"] = retention(out["base"], out["adapter"], out["merged"], higher_is_better=True).to_dict()
     if "quantized" in out:
         out["accuracy_drop"] = out["merged"] - out["quantized"]
-        merged, quantized = answers["merged"], answers["quantized"]
+        merged, quantized = answers.get("merged"), answers.get("quantized")
         if merged is not None and quantized is not None:
             out["answers_changed"] = {"lost": sum(m and not q for m, q in zip(merged, quantized)),
                                       "gained": sum(q and not m for m, q in zip(merged, quantized))}
