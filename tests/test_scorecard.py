@@ -348,7 +348,11 @@ def test_the_gate_judges_retention_and_the_accuracy_drop_on_every_val_question_a
         assert f"the gate's sample (val, {n} questions)" in text
     m, q = ([p.exact for p in whole[r].predictions] for r in ("merged", "quantized"))
     lost, gained = sum(a and not b for a, b in zip(m, q)), sum(b and not a for a, b in zip(m, q))
-    assert lost > 0 and val["judged"]["answers_changed"] == {"lost": lost, "gained": gained}
+    from scipy.stats import binomtest
+
+    p_value = binomtest(lost, lost + gained, 0.5).pvalue  # McNemar's exact test, computed by scipy
+    assert lost > 0 and val["judged"]["answers_changed"] == {"lost": lost, "gained": gained,
+                                                             "p_value": pytest.approx(p_value)}
     check = next(c for c in judge_scorecard(card.data) if c.check == "max_accuracy_drop")
     assert f"val, {n} questions" in check.message and check.value == val["judged"]["accuracy_drop"]
     assert f"{lost} answers lost and {gained} gained" in check.message

@@ -45,6 +45,7 @@ from lorakit.errors import InputError
 from lorakit.evaluate.accuracy import (DEFAULT_GEN_BATCH_SIZE, DEFAULT_MARGIN, TaskAccuracy, TaskExamples,
                                        check_prep_tokenizer, read_task_examples, task_accuracy)
 from lorakit.evaluate.core import DEFAULT_BATCH_SIZE, DEFAULT_SEQ_LEN, METHOD_NAME, perplexity, perplexity_pair
+from lorakit.evaluate.flips import answer_flips
 from lorakit.evaluate.loading import ModelSpec, describe_model, load_eval_model, load_tokenizer, model_digest
 from lorakit.evaluate.retention import retention
 from lorakit.evaluate.text import EvalTokens, read_eval_texts, tokenize_eval_texts, tokenizer_digest
@@ -347,8 +348,9 @@ def _judged_entry(judged: dict[str, dict[str, Any]], answers: dict[str, list[boo
     """The gate's sample of one split: each model's exact match on it, the merged model's retention of the
     adapter's gain and the quantized model's drop (where there is a quantized model), with the answers behind the
     drop: how many the quantized model got wrong that the merged one got right (``lost``) and the reverse
-    (``gained``). Quantization flips a few answers each way; 8 lost and 4 gained is another release than 4 and 0,
-    though both are a 2-point drop on 200 questions. ``answers``: each model's right/wrong per judged question
+    (``gained``), and McNemar's p-value of that split (``lorakit.evaluate.flips``). Quantization flips a few answers
+    each way; 8 lost and 4 gained (p 0.39) is another release than 4 and 0 (p 0.125), though both are a 2-point drop
+    on 200 questions. ``answers``: each model's right/wrong per judged question
     (predictions.json's ``judged``, where they stay)."""
     out: dict[str, Any] = {"n_examples": judged["merged"]["n_examples"],
                            **{r: j["exact_match"] for r, j in judged.items()}}
@@ -357,8 +359,7 @@ def _judged_entry(judged: dict[str, dict[str, Any]], answers: dict[str, list[boo
         out["accuracy_drop"] = out["merged"] - out["quantized"]
         merged, quantized = answers.get("merged"), answers.get("quantized")
         if merged is not None and quantized is not None:
-            out["answers_changed"] = {"lost": sum(m and not q for m, q in zip(merged, quantized)),
-                                      "gained": sum(q and not m for m, q in zip(merged, quantized))}
+            out["answers_changed"] = answer_flips(merged, quantized).to_dict()
     return out
 
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lorakit.errors import InputError
+from lorakit.evaluate.flips import describe_flips
 from lorakit.gate.options import GATE
 
 DEFAULT_MIN_RETENTION = GATE.min_retention
@@ -98,7 +99,7 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
             ok = drop <= max_accuracy_drop + TOLERANCE
             n = f", {judged['n_examples']} questions" if judged.get("n_examples") else ""
             changed = judged.get("answers_changed")
-            flips = f", {changed['lost']} answers lost and {changed['gained']} gained" if changed else ""
+            flips = f", {describe_flips(changed)}" if changed else ""
             out.append(ScorecardCheck(
                 "max_accuracy_drop", task, metric, drop, max_accuracy_drop, ok,
                 f"exact match on {task} ({JUDGED_SPLIT}{n}): merged {judged['merged']:.1%}, "

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorakit.evaluate.flips import describe_flips
 from lorakit.scorecard.judge import JUDGED_SPLIT, split_names, task_names
 
 MODELS = ("base", "adapter", "merged", "quantized")
@@ -100,7 +101,7 @@ def judged_lines(card: dict[str, Any]) -> list[str]:
             tail = "" if ret is None else f", retention {ret:.3f}"
             tail += f", drop {100 * j['accuracy_drop']:+.1f} points" if "accuracy_drop" in j else ""
             changed = j.get("answers_changed")
-            tail += f" ({changed['lost']} answers lost, {changed['gained']} gained)" if changed else ""
+            tail += f": {describe_flips(changed)}" if changed else ""
             out.append(f"{task}, the gate's sample (val, {j['n_examples']} questions): EM {ems}{tail}")
     return out
 
