@@ -41,11 +41,12 @@ def score(folder: str, preps: dict[str, Path], splits: tuple[str, ...]) -> dict:
 
 
 def compare(merged: list[bool], quantized: list[bool]) -> dict:
-    n = len(merged)
-    lost = sum(m and not q for m, q in zip(merged, quantized))
-    gained = sum(q and not m for m, q in zip(merged, quantized))
-    return {"n": n, "merged": sum(merged) / n, "quantized": sum(quantized) / n, "drop": (lost - gained) / n,
-            "merged_right_quantized_wrong": lost, "quantized_right_merged_wrong": gained}
+    from lorakit.evaluate.flips import answer_flips
+
+    n, flips = len(merged), answer_flips(merged, quantized)
+    return {"n": n, "merged": sum(merged) / n, "quantized": sum(quantized) / n,
+            "drop": (flips.lost - flips.gained) / n, "merged_right_quantized_wrong": flips.lost,
+            "quantized_right_merged_wrong": flips.gained, "p_value": flips.p_value}
 
 
 def quant_label(folder: str) -> str:
