@@ -152,11 +152,15 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
 def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: dict, label: str,
                           progress: bool = True) -> dict:
     """Exact match of every (task, role) model on ``examples[task]`` (TaskExamples), each folder loaded once:
-    {task: {"n": questions, role: {"exact_match", "f1"}}}."""
+    {task: {"n": questions, role: {"exact_match", "f1"}}}, and where a task has both a merged and a quantized
+    model, ``quantized_vs_merged``: the answers quantization lost and gained, with McNemar's p-value
+    (``lorakit.evaluate.flips``)."""
     from lorakit.evaluate import task_accuracy
+    from lorakit.evaluate.flips import answer_flips
     from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 
     out: dict = {task: {"n": len(ex.records)} for task, ex in examples.items()}
+    answers: dict[tuple[str, str], list[bool]] = {}
     by_folder: dict[str, list[tuple[str, str]]] = {}
     for key, folder in models.items():
         by_folder.setdefault(str(folder), []).append(key)
@@ -166,8 +170,12 @@ def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: d
         for task, role in keys:
             acc = task_accuracy(loaded, examples[task], progress=progress)
             out[task][role] = {"exact_match": acc.exact_match, "f1": acc.f1}
+            answers[task, role] = [bool(p.exact) for p in acc.predictions]
             print(task, role, f"{label} EM {acc.exact_match:.1%}", flush=True)
         del loaded
+    for task in out:
+        if (task, "merged") in answers and (task, "quantized") in answers:
+            out[task]["quantized_vs_merged"] = answer_flips(answers[task, "merged"], answers[task, "quantized"]).to_dict()
     return out
 
 
@@ -233,10 +241,17 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
             lines.append(f"| {task} | {split} | {pct(em.get('base'))} | {pct(em.get('adapter'))} | "
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
+    def flips(t: dict) -> str:  # results written before the answers were compared have no column
+        f = t.get("quantized_vs_merged")
+        return "" if f is None else f" {f['lost']} / {f['gained']} (p {f['p_value']:.2g}) |"
+
     def exact_match_table(title: str, scores: dict) -> list[str]:  # {task: {role: {"exact_match"}}}
-        return ["", title, "", "| task | adapter | merged | quantized |", "|---|---|---|---|"] + [
+        compared = all("quantized_vs_merged" in t for t in scores.values())
+        head = "| task | adapter | merged | quantized |" + (" quantized vs merged: lost / gained (McNemar p) |"
+                                                            if compared else "")
+        return ["", title, "", head, "|---|---|---|---|" + ("---|" if compared else "")] + [
             f"| {task} | {pct1(t['adapter']['exact_match'])} | {pct1(t['merged']['exact_match'])} | "
-            f"{pct1(t['quantized']['exact_match'])} |" for task, t in scores.items()]
+            f"{pct1(t['quantized']['exact_match'])} |{flips(t) if compared else ''}" for task, t in scores.items()]
 
     if release.get("all_test"):
         n_test = "/".join(str(t["n"]) for t in release["all_test"].values())
