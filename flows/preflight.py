@@ -203,7 +203,7 @@ def _check_merge_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -
     try:
         shapes = linear_weight_shapes(base_dir, parse_targets(cfg.lora_for(cfg.datasets[0]).target))
         if shapes:  # a target that matches nothing is the training stage's to refuse, with its fix
-            check_memory(base_dir, list(shapes.values()), len(cfg.datasets), cfg.merge.regmean_anchor)
+            check_memory(base_dir, shapes, len(cfg.datasets), cfg.merge.regmean_anchor)
     except InputError as exc:
         report.add(f"'merge.method': {exc}")
 

@@ -279,7 +279,7 @@ def test_memory_estimate_is_what_regmean_holds_and_a_shortfall_is_refused_before
     from lorakit import runtime
     from lorakit.adapters import load_adapter
     from lorakit.merge import merge_adapters
-    from lorakit.merge.regmean import collect_grams, gram_count, memory_bytes
+    from lorakit.merge.regmean import collect_grams, gram_count, input_sharing, memory_bytes
     from lorakit.models.folder import linear_weight_shapes
 
     adapters = [load_adapter(a) for a in setup["adapters"]]
@@ -290,8 +290,21 @@ def test_memory_estimate_is_what_regmean_holds_and_a_shortfall_is_refused_before
     assert linear_weight_shapes(setup["base"], ["q_proj", "down_proj"]).keys() == {
         n for n in shapes if n.endswith((".q_proj", ".down_proj"))}
     grams, _, _ = collect_grams(setup["base"], adapters, setup["preps"], examples=2, progress=False)
-    held = sum(g.numel() * g.element_size() for gram in grams for g in gram.values())
-    assert memory_bytes(list(shapes.values()), gram_count(2, 0.0), 0)["grams"] == held
+    held = sum(g.numel() * g.element_size() for g in {id(g): g for gram in grams for g in gram.values()}.values())
+    # q/k/v read one input and gate/up another (a Llama's structure, written out here): one Gram matrix each
+    layers = {n.rsplit(".", 2)[0] for n in shapes}
+    expected = {f"{layer}.{part}.{m}": f"{layer}.{part}.{first}" for layer in layers
+                for part, first, rest in (("self_attn", "q_proj", ("k_proj", "v_proj")), ("mlp", "gate_proj", ("up_proj",)))
+                for m in rest}
+    shared = input_sharing(setup["base"], list(shapes))
+    assert shared == expected
+    assert all(gram[n] is gram[o] for gram in grams for n, o in shared.items())
+    assert memory_bytes(shapes, gram_count(2, 0.0), 0, shared)["grams"] == held
+    assert memory_bytes(shapes, gram_count(2, 0.0), 0)["grams"] > held  # without sharing: an upper bound
+    odd = tmp_path / "odd"  # an architecture transformers cannot build: no sharing assumed (the upper bound)
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    assert input_sharing(odd, list(shapes)) == {}
     assert gram_count(2, 1.0) == 3 and gram_count(2, None) == 2
 
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1 << 20)

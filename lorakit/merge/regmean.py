@@ -59,31 +59,61 @@ def gram_count(tasks: int, anchor: float | None) -> int:
     return int(tasks) + (1 if float(anchor or 0.0) > 0 else 0)
 
 
-def memory_bytes(shapes: Sequence[tuple[int, int]], grams: int, base_params: int) -> dict[str, int]:
+def memory_bytes(shapes: dict[str, tuple[int, int]], grams: int, base_params: int,
+                 shared: dict[str, str] | None = None) -> dict[str, int]:
     """What :func:`collect_grams` holds at once, in bytes, besides one batch's activations: ``grams`` float64 Gram
-    matrices per adapted module, each its input width squared (``shapes``: each module's weight, out x in); the
-    base in float32; and the pristine float32 copy of its adapted weights (:class:`lorakit.merge.in_memory.InMemoryMerge`).
+    matrices per adapted module, each its input width squared (``shapes``: each module's weight, out x in), except
+    that modules reading the same input (``shared``: module -> the module whose Gram it uses, :func:`input_sharing`)
+    hold one between them; the base in float32; and the pristine float32 copy of its adapted weights
+    (:class:`lorakit.merge.in_memory.InMemoryMerge`).
 
-    Why it matters: the Grams grow with the square of a layer's input width. Every linear layer adapted, per task:
-    30 x (6 x 576² + 1536²) x 8 bytes = 1.0 GB on SmolLM2-135M, 32 x (6 x 4096² + 11008²) x 8 bytes = 57 GB on a 7B
-    Llama; without this check such a release would train its adapters for hours, then be killed for memory here."""
-    return {"grams": int(grams) * GRAM_ITEM_BYTES * sum(int(i) ** 2 for _, i in shapes),
-            "weights": 4 * (int(base_params) + sum(int(o) * int(i) for o, i in shapes))}
+    Why it matters: the Grams grow with the square of a layer's input width. Every linear layer of a Llama adapted
+    (q/k/v share one, gate/up one), per task: 30 x (3 x 576² + 1536²) x 8 bytes = 0.8 GB on SmolLM2-135M,
+    32 x (3 x 4096² + 11008²) x 8 bytes = 44 GB on a 7B Llama; without this check such a release would train its
+    adapters for hours, then be killed for memory here."""
+    shared = shared or {}
+    own = [i for name, (_, i) in shapes.items() if name not in shared]
+    return {"grams": int(grams) * GRAM_ITEM_BYTES * sum(int(i) ** 2 for i in own),
+            "weights": 4 * (int(base_params) + sum(int(o) * int(i) for o, i in shapes.values()))}
+
+
+def input_sharing(base_dir: Path, names: Sequence[str]) -> dict[str, str]:
+    """Module -> the earlier module whose input tensor it reads, among ``names`` (q/k/v read one, gate/up one, in a
+    Llama): found by running the base's architecture once on the meta device, where nothing is allocated, with the
+    same hooks :func:`collect_grams` shares by. {} when that pass cannot run (an architecture that needs remote code
+    or does not trace on meta): every module then counts its own Gram, an upper bound."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(base_dir))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        owner: dict[str, str] = {}
+        hooks = _gram_hooks(model, names, {}, owner=owner, collect=False)
+        try:
+            _decoder(model, names)(input_ids=torch.zeros((1, 8), dtype=torch.long, device="meta"))
+        finally:
+            for h in hooks:
+                h.remove()
+    except Exception:  # noqa: BLE001 - the estimate falls back to its upper bound; the merge itself still runs
+        return {}
+    return {n: o for n, o in owner.items() if n != o}
 
 
 def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_memory(base_dir: Path, shapes: Sequence[tuple[int, int]], tasks: int, anchor: float | None,
+def check_memory(base_dir: Path, shapes: dict[str, tuple[int, int]], tasks: int, anchor: float | None,
                  available: int | None = None) -> None:
-    """Refuse a RegMean of ``tasks`` adapters of the modules ``shapes`` on ``base_dir`` whose :func:`memory_bytes`
-    exceed the memory available (``available`` defaults to what the OS reports now), before any weights load (the
-    base is counted from its weight headers); the error says what each part takes and what to do instead."""
+    """Refuse a RegMean of ``tasks`` adapters of the modules ``shapes`` (name -> out x in) on ``base_dir`` whose
+    :func:`memory_bytes` exceed the memory available (``available`` defaults to what the OS reports now), before
+    any weights load (the base is counted from its weight headers, shared inputs from :func:`input_sharing`); the
+    error says what each part takes and what to do instead."""
     from lorakit.models.folder import tensor_index
 
     base_params = sum(math.prod(info.shape) for _, info in tensor_index(base_dir).values())
-    need = memory_bytes(shapes, gram_count(tasks, anchor), base_params)
+    need = memory_bytes(shapes, gram_count(tasks, anchor), base_params, input_sharing(base_dir, list(shapes)))
     if available is None:
         from lorakit import runtime
 
@@ -93,10 +123,10 @@ def check_memory(base_dir: Path, shapes: Sequence[tuple[int, int]], tasks: int, 
         return
     anchored = gram_count(tasks, anchor) > tasks
     per = f"{tasks} task(s)" + (" and the general-text anchor" if anchored else "")
-    widest = max(i for _, i in shapes)
+    widest = max(i for _, i in shapes.values())
     raise InputError(
         f"method regmean needs about {_size(total)} at once and {_size(available)} of memory is available: "
-        f"{_size(need['grams'])} of float64 Gram matrices (one per adapted module for each of {per}, the "
+        f"{_size(need['grams'])} of float64 Gram matrices (one per adapted module's input for each of {per}, the "
         f"largest {widest} x {widest}) and {_size(need['weights'])} of float32 weights. Merge with "
         "method linear or ties (no Gram matrices), adapt fewer or narrower modules (lora target), "
         + ("turn the anchor off (regmean_anchor 0), " if anchored else "")
@@ -143,22 +173,54 @@ def _documents(prep: Path, examples: int) -> list[str]:
     return texts
 
 
-def _gram_hooks(model, names: Sequence[str], gram: dict[str, torch.Tensor], mask: list[torch.Tensor] | None = None):
+def _gram_hooks(model, names: Sequence[str], gram: dict[str, torch.Tensor], mask: list[torch.Tensor] | None = None,
+                owner: dict[str, str] | None = None, collect: bool = True):
     """Forward pre-hooks adding each named module's input Gram XᵀX (float64) to ``gram[name]``; ``mask[0]``, when
-    given, selects the real (unpadded) tokens of the current batch. Modules reading the same input tensor (q/k/v,
-    gate/up) share one product."""
-    last: list[Any] = [None, None]  # (input tensor, its Gram)
+    given, selects the real (unpadded) tokens of the current batch.
+
+    Modules reading the same input tensor as the module hooked just before them (q/k/v, gate/up) share that
+    module's Gram matrix, the same tensor object: one product and one matrix between them (``owner``: module -> the
+    module whose matrix it holds, decided on the first batch, checked on every later one). ``collect=False`` only
+    records ``owner`` (:func:`input_sharing`, on the meta device)."""
+    owner = {} if owner is None else owner
+    last: list[Any] = [None, None]  # (input tensor, the module whose Gram it went into)
 
     def hook_for(name: str):
         def hook(module, args):
-            if args[0] is not last[0]:
-                x = args[0].reshape(-1, args[0].shape[-1])
-                x = (x[mask[0]] if mask is not None else x).float()
-                last[:] = [args[0], (x.T @ x).double()]
-            gram[name].add_(last[1])
+            same = args[0] is last[0]
+            if name not in owner:
+                owner[name] = owner[last[1]] if same else name
+            elif (owner[name] != name) != (same and owner[last[1]] == owner[name]):
+                raise RuntimeError(f"regmean: module {name} read another input than on the first batch; its shared "
+                                   "Gram matrix would be wrong")
+            last[:] = [args[0], name]
+            if not collect or owner[name] != name:
+                return
+            x = args[0].reshape(-1, args[0].shape[-1])
+            x = (x[mask[0]] if mask is not None else x).float()
+            product = (x.T @ x).double()
+            if name in gram:
+                gram[name].add_(product)
+            else:
+                gram[name] = product
         return hook
 
     return [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+
+
+def _share(gram: dict[str, torch.Tensor], owner: dict[str, str], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Every module's Gram: its own, or (the same tensor) the one of the module whose input it shares."""
+    missing = [n for n in names if owner.get(n) not in gram]
+    if missing:
+        raise RuntimeError(f"regmean: the forward pass never reached module {missing[0]}; its Gram matrix is empty")
+    return {name: gram[owner[name]] for name in names}
+
+
+def _decoder(model, names: Sequence[str]):
+    """The decoder stack that reads every adapted module (the whole model when the output head is adapted)."""
+    if hasattr(model, "get_decoder") and not any(n.startswith("lm_head") for n in names):
+        return model.get_decoder()
+    return model
 
 
 @torch.no_grad()
@@ -168,7 +230,8 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
     """Gₜ = XₜᵀXₜ (float64) of every adapted module's input, model t reading task t's first ``examples`` training
     documents (tokenized as training rendered them, padded batches, padding left out); the tokens read; and with
     ``anchor_tokens`` the anchor's G₀: the base itself (the same in-memory model, restored) reading that many tokens
-    of lorakit's general corpus in windows of 512, as the gate reads general text, with what was read."""
+    of lorakit's general corpus in windows of 512, as the gate reads general text, with what was read. Modules
+    that read the same input (q/k/v, gate/up) hold the same Gram tensor (:func:`_gram_hooks`)."""
     from lorakit.evaluate.loading import describe_model, load_tokenizer
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.merge.linear import LINEAR
@@ -180,19 +243,15 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
     grams: list[dict[str, torch.Tensor]] = []
     tokens: list[int] = []
     mask: list[torch.Tensor] = []  # the current batch's real-token mask, flattened, read by the hooks
-    decoder = memory.model.get_decoder() if hasattr(memory.model, "get_decoder") else memory.model
-    if any(n.startswith("lm_head") for n in names):
-        decoder = memory.model
+    decoder = _decoder(memory.model, names)
+    owner: dict[str, str] = {}  # which module's Gram each one holds: decided once, the same for every pass
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for i, (adapter, prep) in enumerate(zip(adapters, data)):
         weights = [0.0] * len(adapters)
         weights[i] = 1.0
         memory.apply(LINEAR, weights, {})  # W + ΔWₜ: model t, exactly as the merge writes it
-        gram = {}
-        for name in names:
-            width = adapter.modules[name].A.shape[1]
-            gram[name] = torch.zeros(width, width, dtype=torch.float64)
-        hooks = _gram_hooks(memory.model, names, gram, mask)
+        gram: dict[str, torch.Tensor] = {}
+        hooks = _gram_hooks(memory.model, names, gram, mask, owner)
         docs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in _documents(prep, examples)]
         seen = 0
         try:
@@ -211,15 +270,15 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
         finally:
             for h in hooks:
                 h.remove()
-        grams.append(gram)
+        grams.append(_share(gram, owner, names))
         tokens.append(seen)
     memory.restore()  # the base's own weights again
     anchor = None
     if anchor_tokens:
         # lorakit's corpus, last documents first, never the ones the release gate scores (calibration's rule)
         stream, info = general_stream("default", tokenizer, int(anchor_tokens), purpose="the RegMean anchor's")
-        gram = {n: torch.zeros_like(grams[0][n]) for n in names}
-        hooks = _gram_hooks(memory.model, names, gram)
+        gram = {}
+        hooks = _gram_hooks(memory.model, names, gram, owner=owner)
         try:
             for start in progress_bar(range(0, len(stream), 512), desc="regmean: general-text inputs of the base",
                                       unit="window", disable=not progress):
@@ -227,7 +286,7 @@ def collect_grams(base_dir: Path, adapters: Sequence[Adapter], data: Sequence[Pa
         finally:
             for h in hooks:
                 h.remove()
-        anchor = (gram, {**info, "tokens": len(stream)})
+        anchor = (_share(gram, owner, names), {**info, "tokens": len(stream)})
     return grams, tokens, anchor
 
 
@@ -279,7 +338,8 @@ def regmean_adapters(adapters: Sequence[Adapter], base_dir: Path, data: Sequence
     whose update is zero, scaled to ``anchor`` x the tasks' mean token count: the merged update then also keeps the
     base's outputs where general text reads each layer (module docstring)."""
     # every adapter adapts the same modules (the compatibility check)
-    check_memory(base_dir, [(m.B.shape[0], m.A.shape[1]) for m in adapters[0].modules.values()], len(adapters), anchor)
+    check_memory(base_dir, {n: (m.B.shape[0], m.A.shape[1]) for n, m in adapters[0].modules.items()}, len(adapters),
+                 anchor)
     grams, tokens, g0_read = collect_grams(base_dir, adapters, data, examples=examples,
                                            anchor_tokens=ANCHOR_TOKENS if float(anchor) > 0 else 0, progress=progress)
     anchor_gram, anchor_record = None, None
