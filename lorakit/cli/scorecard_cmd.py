@@ -68,7 +68,10 @@ def scorecard(base, tasks, merged, quantized, output, margin, gen_batch_size, ca
                       adapter's gain the merge kept; "not learned" when the adapter gained nothing
       quantized drop  merged exact match - quantized exact match
     On val, both also over the first --judge-examples questions (default all, every model answers
-    them), which is what the gate judges; the table shows the first --max-examples.
+    them), which is what the gate judges; the table shows the first --max-examples. The drop there
+    comes with the answers behind it: how many the quantized model lost and gained against the merged
+    one, and McNemar's exact p-value of that split (small: quantization broke answers; large: answers
+    near the edge flipped both ways). It is reported; the gate's bar stays fixed.
     `lorakit gate --scorecard DIR` judges these on val (--min-retention, --max-accuracy-drop).
 
     \b
