@@ -13,7 +13,8 @@ GPTQModel's clipping search (without them a GPTQ variant is plain GPTQ, as in ev
 existed; AWQ variants always search clipping). A variant ``method:fraction:kN`` also keeps the N most sensitive linears (``lorakit.quantize.sensitivity``, ranked
 on the same calibration blocks) at the method's higher precision (AWQ: fp16), as the search's second phase does:
 what per-module precision buys on general text, and what it costs in size. A variant ``method:fraction:sN``
-calibrates on N blocks instead of the release's ``n_samples``. ``:fp32`` (or ``:bf16``) forces the dtype the model
+calibrates on N blocks instead of the release's ``n_samples``, and ``:seedN`` draws the task blocks with seed N instead of
+the release's (how far the accuracy drop moves with the draw alone). ``:fp32`` (or ``:bf16``) forces the dtype the model
 runs in while it is calibrated (default: the machine's, ``lorakit.compute``; a CPU without bfloat16 units gets float32).
 
 With ``--accuracy`` each variant is also scored as the release scorecard scores it: greedy exact match on the first
@@ -99,7 +100,8 @@ DTYPE_KEYS = {v: k for k, v in DTYPE_TOKENS.items()}
 
 @dataclass(frozen=True)
 class Variant:
-    """One quantization to measure, parsed from ``method:fraction[:kN][:bN][:gN][:sN][:FORM][:asym][:act][:gptaqA][:clip][:fp32|:bf16]``."""
+    """One quantization to measure, parsed from
+    ``method:fraction[:kN][:bN][:gN][:sN][:seedN][:FORM][:asym][:act][:gptaqA][:clip][:fp32|:bf16]``."""
 
     method: str
     fraction: float
@@ -113,6 +115,7 @@ class Variant:
     gptaq_alpha: float = 0.0  # GPTQ: GPTAQ's input-error correction (0 = plain GPTQ, as every record before it)
     clip: bool = False  # GPTQ: GPTQModel's clipping search (AWQ variants always search clipping, as before)
     compute_dtype: str | None = None  # forced compute dtype (fp32 | bf16); None = the machine's (lorakit.compute)
+    seed: int | None = None  # calibration draw; None = the release's
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -128,7 +131,8 @@ class Variant:
                    asym="asym" in more, act_order="act" in more,
                    gptaq_alpha=next((float(m[5:]) for m in more if m.startswith("gptaq")), 0.0),
                    clip="clip" in more,
-                   compute_dtype=next((DTYPE_TOKENS[m] for m in more if m in DTYPE_TOKENS), None))
+                   compute_dtype=next((DTYPE_TOKENS[m] for m in more if m in DTYPE_TOKENS), None),
+                   seed=next((int(m[4:]) for m in more if m.startswith("seed") and m[4:].isdigit()), None))
 
     @classmethod
     def of_record(cls, v: dict) -> Variant:
@@ -136,7 +140,7 @@ class Variant:
         return cls(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
                    v.get("group_size", 64), v.get("n_samples"), v.get("awq_scale_form"), v.get("asym", False),
                    v.get("act_order", False), v.get("gptaq_alpha", 0.0), v.get("clip", False),
-                   v.get("compute_dtype"))
+                   v.get("compute_dtype"), v.get("seed"))
 
     def key(self) -> str:
         """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
@@ -147,7 +151,8 @@ class Variant:
                 f"{'-clip' if self.clip and self.method == 'gptq' else ''}"
                 f"{f'-{DTYPE_KEYS[self.compute_dtype]}' if self.compute_dtype else ''}"
                 f"{f'-n{self.n_samples}' if self.n_samples else ''}"
-                f"-general{round(self.fraction * 100)}" + (f"-keep{self.keep}" if self.keep else ""))
+                f"-general{round(self.fraction * 100)}" + (f"-keep{self.keep}" if self.keep else "")
+                + ("" if self.seed is None else f"-seed{self.seed}"))
 
 
 def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path,
@@ -173,6 +178,8 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
         q["clip_search"] = v.clip
     if v.compute_dtype:
         q["compute_dtype"] = v.compute_dtype
+    if v.seed is not None:
+        q["seed"] = v.seed
     started = time.perf_counter()
     module_bits = sensitive_modules(merged, calib, q, v.fraction, v.keep) if v.keep else None
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if v.fraction else None,
@@ -196,6 +203,7 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
             **({"clip": True} if v.clip and v.method == "gptq" else {}),
             **({"n_samples": v.n_samples} if v.n_samples else {}),
             **({"compute_dtype": v.compute_dtype} if v.compute_dtype else {}),
+            **({"seed": v.seed} if v.seed is not None else {}),
             "kept_modules": v.keep, **scored,
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
@@ -224,13 +232,14 @@ def readme(data: dict, name: str) -> str:
              "|---|---|---|---|---|---|" + "---|" * (len(first["checks"]) + len(drops))]
     for v in data["variants"].values():
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in v["checks"].values()]
-        cells += [" / ".join(f"{100 * s['drop']:+.0f}" for s in splits.values())
+        cells += [" / ".join(f"{100 * s['drop']:+.1f}" for s in splits.values())
                   for splits in v.get("accuracy", {}).values()]
         flavour = [v.get("awq_scale_form"), "asym" if v.get("asym") else None, "act-order" if v.get("act_order") else None,
                    f"GPTAQ {v['gptaq_alpha']:g}" if v.get("gptaq_alpha") else None,
                    "clipping search" if v.get("clip") else None,
                    f"{v['n_samples']} blocks" if v.get("n_samples") else None,
-                   f"computed in {v['compute_dtype']}" if v.get("compute_dtype") else None]
+                   f"computed in {v['compute_dtype']}" if v.get("compute_dtype") else None,
+                   f"calibration seed {v['seed']}" if v.get("seed") is not None else None]
         form = f" ({', '.join(filter(None, flavour))})" if any(flavour) else ""
         lines.append(f"| {v['method']}{form} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
                      f"{v.get('kept_modules', 0)} | {v['size_mb']} ({v['size_vs_bf16']:.2f}) | "
