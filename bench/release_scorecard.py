@@ -241,17 +241,17 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
             lines.append(f"| {task} | {split} | {pct(em.get('base'))} | {pct(em.get('adapter'))} | "
                          f"{pct(em.get('merged'))} | {pct(em.get('quantized'))} | {num(s['retention_exact_match'])} | "
                          f"{num(s['retention_nll'])} | {num(None if s['accuracy_drop'] is None else 100 * s['accuracy_drop'])} pts |")
-    def flips(t: dict) -> str:  # results written before the answers were compared have no column
-        f = t.get("quantized_vs_merged")
-        return "" if f is None else f" {f['lost']} / {f['gained']} (p {f['p_value']:.2g}) |"
+    def flips(f: dict) -> str:  # quantized_vs_merged
+        return f" {f['lost']} / {f['gained']} (p {f['p_value']:.2g}) |"
 
     def exact_match_table(title: str, scores: dict) -> list[str]:  # {task: {role: {"exact_match"}}}
+        # results written before the answers were compared have no such column
         compared = all("quantized_vs_merged" in t for t in scores.values())
         head = "| task | adapter | merged | quantized |" + (" quantized vs merged: lost / gained (McNemar p) |"
                                                             if compared else "")
         return ["", title, "", head, "|---|---|---|---|" + ("---|" if compared else "")] + [
             f"| {task} | {pct1(t['adapter']['exact_match'])} | {pct1(t['merged']['exact_match'])} | "
-            f"{pct1(t['quantized']['exact_match'])} |{flips(t) if compared else ''}" for task, t in scores.items()]
+            f"{pct1(t['quantized']['exact_match'])} |{flips(t['quantized_vs_merged']) if compared else ''}" for task, t in scores.items()]
 
     if release.get("all_test"):
         n_test = "/".join(str(t["n"]) for t in release["all_test"].values())
