@@ -13,7 +13,6 @@ Writes bench/results/NAME.json and its bench/README.md section.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import update_readme_section, write_results  # noqa: E402
+from bench.common import release_parser, update_readme_section, write_results  # noqa: E402
 from bench.release_scorecard import release_card  # noqa: E402
 
 FIRST = 50  # the scorecard's max_examples
@@ -79,8 +78,7 @@ def readme(data: dict, name: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
+    ap = release_parser(__doc__)
     ap.add_argument("--results", default="accuracy_sample_size")
     args = ap.parse_args()
     from lorakit.runtime import configure_threads

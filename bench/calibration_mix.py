@@ -29,7 +29,6 @@ release's merged model are not carried into a results file: every row of one fil
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import cpu_line, find_one, update_readme_section, write_results  # noqa: E402
+from bench.common import cpu_line, release_parser, release_quant_inputs, update_readme_section, write_results  # noqa: E402
 
 DEFAULT_VARIANTS = "gptq:0,gptq:0.5,awq:0,awq:0.5"
 
@@ -257,8 +256,7 @@ def readme(data: dict, name: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
+    ap = release_parser(__doc__)
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "calibration_mix")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="method:general_fraction[:kN][:bN][:gN][:sN][:activation][:asym][:act][:gptaqA][:clip][:fp32|:bf16], "
                     "comma-separated (empty: rewrite the results and README section from what was measured)")
@@ -272,11 +270,7 @@ def main() -> None:
     from lorakit.runtime import configure_threads
 
     configure_threads()
-    merged = find_one(args.release, "merged/model-*", dirs=True)
-    calib = find_one(args.release, "prep/calibration-*", dirs=True)
-    from flows.config import ReleaseConfig
-
-    preps = [find_one(args.release, f"prep/{ds.name}-*", dirs=True) for ds in ReleaseConfig().datasets]
+    merged, calib, preps = release_quant_inputs(args.release)
     previous = json.loads(results.read_text()) if results.exists() else {}
     if previous.get("merged") not in (None, str(merged)):
         print(f"{results.name} holds another release's merged model ({previous['merged']}); starting it afresh")

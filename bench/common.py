@@ -3,6 +3,7 @@ medians, write ``bench/results/<name>.json`` and this benchmark's section of ``b
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
@@ -64,6 +65,25 @@ def find_one(root: Path, pattern: str, *, dirs: bool = False) -> Path:
     if len(found) != 1:
         raise SystemExit(f"{root}: expected one {pattern}, found {[str(f) for f in found]}")
     return found[0]
+
+
+def release_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The opening of every bench that reads a finished ``lorakit run`` output folder: the module docstring's first
+    line as its description, and ``--release``."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap.add_argument("--release", type=Path, required=True,
+                    help="output folder of a default-release run (`lorakit run configs/default.yaml -o DIR`)")
+    return ap
+
+
+def release_quant_inputs(root: Path) -> tuple[Path, Path, list[Path]]:
+    """What a quantization bench re-quantizes from a finished run: its merged model, its calibration data and each
+    dataset's prep folder (in the default run config's order, which the accuracy tables follow)."""
+    from flows.config import ReleaseConfig
+
+    merged = find_one(root, "merged/model-*", dirs=True)
+    calib = find_one(root, "prep/calibration-*", dirs=True)
+    return merged, calib, [find_one(root, f"prep/{ds.name}-*", dirs=True) for ds in ReleaseConfig().datasets]
 
 
 def ensure_release_prep(plan, ds) -> str:

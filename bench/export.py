@@ -160,13 +160,11 @@ text and method, so compare the "vs fp32" columns only loosely).
 
 def _release_parts(out_dir: Path) -> dict[str, Path]:
     """The merged model, the GPTQ checkpoint and the calibration data of one `lorakit run` output folder."""
-    def one(pattern: str) -> Path:
-        found = sorted(out_dir.glob(pattern))
-        if len(found) != 1:
-            raise SystemExit(f"--release {out_dir}: expected one {pattern}, found {len(found)}")
-        return found[0]
+    from bench.common import find_one
 
-    return {"merged": one("merged/model-*"), "gptq": one("quantized/gptq-*"), "calib": one("prep/calibration-*")}
+    return {"merged": find_one(out_dir, "merged/model-*", dirs=True),
+            "gptq": find_one(out_dir, "quantized/gptq-*", dirs=True),
+            "calib": find_one(out_dir, "prep/calibration-*", dirs=True)}
 
 
 def _quant_extra(folder: Path) -> dict:

@@ -15,7 +15,6 @@ Writes bench/results/gen_batch.json and the ``## gen_batch`` section of bench/RE
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import cpu_line, update_readme_section, write_results  # noqa: E402
+from bench.common import cpu_line, release_parser, update_readme_section, write_results  # noqa: E402
 from bench.release_scorecard import release_models, release_parts  # noqa: E402
 
 
@@ -96,8 +95,7 @@ def readme(data: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
+    ap = release_parser(__doc__)
     ap.add_argument("--sizes", default="32,64,128", help="generation batch sizes, comma-separated; the first is the "
                     "reference for speed and answers")
     ap.add_argument("--split", default="val")

@@ -21,7 +21,6 @@ Writes bench/results/gptq_batch.json and the ``gptq_batch`` section of bench/REA
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
 from bench.calibration_mix import Variant, accuracy, measure  # noqa: E402
-from bench.common import cpu_line, find_one, machine, update_readme_section, write_results  # noqa: E402
+from bench.common import cpu_line, machine, release_parser, release_quant_inputs, update_readme_section, write_results  # noqa: E402
 
 NAME = "gptq_batch"
 
@@ -93,8 +92,7 @@ def readme(data: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
+    ap = release_parser(__doc__)
     ap.add_argument("--batches", default="1,4", help="calibration blocks per forward call, comma-separated; the "
                     "first is the reference of the speed-up and of the code comparison")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / NAME)
@@ -103,11 +101,7 @@ def main() -> None:
     from lorakit.runtime import configure_threads
 
     configure_threads()
-    merged = find_one(args.release, "merged/model-*", dirs=True)
-    calib = find_one(args.release, "prep/calibration-*", dirs=True)
-    from flows.config import ReleaseConfig
-
-    preps = [find_one(args.release, f"prep/{ds.name}-*", dirs=True) for ds in ReleaseConfig().datasets]
+    merged, calib, preps = release_quant_inputs(args.release)
     variant = release_variant()
     merged_accuracy = accuracy(merged, preps, None)
     print("merged", merged_accuracy, flush=True)

@@ -12,7 +12,6 @@ Writes bench/results/merge_regmean.json and the ``## merge_regmean`` section of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import update_readme_section, write_results  # noqa: E402
+from bench.common import release_parser, update_readme_section, write_results  # noqa: E402
 from bench.release_scorecard import fresh_exact_match, summary  # noqa: E402
 
 
@@ -65,8 +64,7 @@ def readme(variants: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", type=Path, required=True)
+    ap = release_parser(__doc__)
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "merge_regmean")
     args = ap.parse_args()
     from lorakit.runtime import configure_threads

@@ -19,7 +19,6 @@ weight (``regmean_anchor``, default 0: off). Writes bench/results/NAME.json (``-
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import update_readme_section, write_results  # noqa: E402
+from bench.common import release_parser, update_readme_section, write_results  # noqa: E402
 from bench.release_scorecard import adapter_training, release_card  # noqa: E402
 from bench.train_sweep import FRESH_QUESTIONS  # noqa: E402
 
@@ -158,8 +157,7 @@ def readme(data: dict, name: str = "regmean_alpha") -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", type=Path, required=True, help="output folder of a default-release run")
+    ap = release_parser(__doc__)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help="alpha:examples[:w1/w2/...][:aLAMBDA], "
                     "comma-separated")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "regmean_alpha")

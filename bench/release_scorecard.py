@@ -21,7 +21,6 @@ kind of CPU gets its own name, e.g. ``--results release_scorecard_avx2``, beside
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import find_one, update_readme_section, write_results  # noqa: E402
+from bench.common import find_one, release_parser, update_readme_section, write_results  # noqa: E402
 from bench.train_sweep import FRESH_QUESTIONS  # noqa: E402
 
 CANDIDATES = {  # name -> merge_adapters keyword arguments (weights filled per adapter count)
@@ -315,8 +314,7 @@ def adapter_training(adapter: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--release", type=Path, required=True)
+    ap = release_parser(__doc__)
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "release_scorecard")
     ap.add_argument("--skip-merges", action="store_true", help="keep the merge comparison already in the results file")
     ap.add_argument("--skip-fresh", action="store_true", help="keep the fresh-question scores already in the results "
