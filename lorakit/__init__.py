@@ -6,6 +6,8 @@ sub-packages are usable on their own; Prefect tasks and flows wrap them from the
 
 __version__ = "0.1.0"
 
+from lorakit.runtime import compile_cache_per_capability as _compile_cache
 from lorakit.runtime import quiet_third_party_logs as _quiet
 
 _quiet()
+_compile_cache()

@@ -31,6 +31,35 @@ def kernel_backend(kind: str) -> str | None:
     return None if choice is None else choice[kind]
 
 
+def compile_cache_per_capability() -> str | None:
+    """Give torch.compile's on-disk cache a folder of its own per ``$ATEN_CPU_CAPABILITY``; returns the folder set.
+
+    Why: the inductor cache does not key its kernels on the vector width that variable selects. On an AVX512 CPU,
+    a process held to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, how lorakit measures the path of a CPU without AVX512 or
+    bf16 units) reused kernels generated for 16 int32 lanes and built them against 8-lane vectors: GPTQModel's
+    compiled dequantization, which ``transformers`` runs when it loads a GPTQ/AWQ checkpoint, failed its own
+    bounds check ("index out of bounds") or aborted the process. In a cache folder of its own the same load
+    generated 8-lane code and ran. A CPU that has only AVX2 never meets this; a machine where the variable changes
+    between runs does. Nothing is set when the variable is unset or ``$TORCHINDUCTOR_CACHE_DIR`` is already given.
+    """
+    import re
+    import tempfile
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    if not capability or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return None
+    try:
+        import getpass
+
+        user = getpass.getuser()
+    except (KeyError, ImportError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "user"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"torchinductor_{user}_{capability}")
+    folder = os.path.join(tempfile.gettempdir(), name)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
 def configure_threads() -> int:
     """Pick the torch thread count once: ``$LORAKIT_THREADS`` if set, else the cores this process may use.
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,6 +139,52 @@ def test_reloads_with_plain_from_pretrained_and_logits_stay_close(quantized, tin
     fp, q = _logits(tiny_base, ids), _logits(quantized[name], ids)
     rel = ((q - fp).norm() / fp.norm()).item()
     assert 0 < rel < bound, f"{name}: relative logit error {rel:.4f}"
+
+
+# What a user's process does: import lorakit, then load a checkpoint with plain transformers and run it.
+_LOAD_AND_RUN = """
+import sys, torch
+import lorakit
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.randint(4, 250, (2, 48), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    torch.save(model(ids).logits.float(), sys.argv[2])
+"""
+
+
+def test_a_process_held_to_avx2_runs_a_checkpoint_after_wider_kernels_were_cached(quantized, tmp_path):
+    """GPTQModel compiles its dequantization (torch.compile) when transformers loads a checkpoint. On a CPU with
+    AVX512, a process held to AVX2 reused the 16-lane kernels torch had cached and aborted ("index out of bounds");
+    lorakit gives each ATEN_CPU_CAPABILITY a cache folder of its own (lorakit.runtime.compile_cache_per_capability).
+    On a CPU with AVX2 only, both runs generate the same kernels and the test holds as well."""
+    held = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "TORCHINDUCTOR_CACHE_DIR")
+    env = {k: v for k, v in os.environ.items() if k not in held}
+    env["TMPDIR"] = str(tmp_path)  # torch's default cache folder is under it: this test's own, empty at first
+    for name, extra in (("native", {}), ("avx2", {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})):
+        done = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(quantized["gptq8"]), str(tmp_path / name)],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    native, avx2 = (torch.load(tmp_path / name) for name in ("native", "avx2"))
+    # the same model's outputs: the checkpoint runs in float16, whose step near 1 is 2^-8, summed in another order
+    torch.testing.assert_close(avx2, native, rtol=1e-2, atol=1e-2)
+    user = getpass.getuser()
+    assert {p.name for p in tmp_path.glob("torchinductor_*")} == {f"torchinductor_{user}", f"torchinductor_{user}_avx2"}
+
+
+def test_compile_cache_folder_follows_the_capability_unless_one_is_given():
+    """The folder is set only for a process held to a capability, and never over the user's own choice."""
+    code = "import os, lorakit; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CACHE_DIR")}
+
+    def cache_dir(**extra: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True,
+                              check=True, timeout=300).stdout.strip()
+
+    assert cache_dir() == "None"
+    assert cache_dir(ATEN_CPU_CAPABILITY="avx2").endswith(f"torchinductor_{getpass.getuser()}_avx2")
+    assert cache_dir(ATEN_CPU_CAPABILITY="default").endswith("_default")
+    assert cache_dir(ATEN_CPU_CAPABILITY="avx2", TORCHINDUCTOR_CACHE_DIR="/mine") == "/mine"
 
 
 @pytest.mark.parametrize("name", ["gptq4", "gptq8", "awq4", "awq8"])
