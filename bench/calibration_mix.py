@@ -141,6 +141,17 @@ class Variant:
                    v.get("act_order", False), v.get("gptaq_alpha", 0.0), v.get("clip", False),
                    v.get("compute_dtype"), v.get("seed"))
 
+    def spec(self) -> str:
+        """The ``--variants`` item that parses back to this variant: what a README section's command line repeats."""
+        parts = [self.method, f"{self.fraction:g}"]
+        parts += [f"{prefix}{value}" for prefix, value, default in (
+            ("k", self.keep, 0), ("b", self.bits, 4), ("g", self.group_size, 64), ("s", self.n_samples, None),
+            ("seed", self.seed, None)) if value != default]
+        parts += [flag for flag, on in ((self.scale_form, bool(self.scale_form)), ("asym", self.asym),
+                                        ("act", self.act_order), (f"gptaq{self.gptaq_alpha:g}", bool(self.gptaq_alpha)),
+                                        ("clip", self.clip)) if on]
+        return ":".join(parts + ([DTYPE_KEYS[self.compute_dtype]] if self.compute_dtype else []))
+
     def key(self) -> str:
         """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
         return (f"{self.method}{'' if self.bits == 4 else f'-{self.bits}bit'}"
@@ -219,7 +230,8 @@ def readme(data: dict, name: str) -> str:
     first = next(iter(data["variants"].values()))
     drops = [f"{task} EM drop val / test" for task in first.get("accuracy", {})]
     lines = [f"## {name}", "",
-             f"`python bench/calibration_mix.py --release {data['release']}{data.get('command_tail', '')}`: the "
+             f"`python bench/calibration_mix.py --release {data['release']}{data.get('command_tail', '')} --variants "
+             + ",".join(Variant.of_record(v).spec() for v in data["variants"].values()) + "`: the "
              "default release's merged model, calibrated on the tasks alone or on a mix with general text, judged by "
              "the release gate (perplexity degradation vs the merged model; mean KL in nats)"
              + (" and by the scorecard's exact match (points lost vs the merged model, "
