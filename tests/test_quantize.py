@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import shutil
@@ -168,8 +167,8 @@ def test_a_process_held_to_avx2_runs_a_checkpoint_after_wider_kernels_were_cache
     native, avx2 = (torch.load(tmp_path / name) for name in ("native", "avx2"))
     # the same model's outputs: the checkpoint runs in float16, whose step near 1 is 2^-8, summed in another order
     torch.testing.assert_close(avx2, native, rtol=1e-2, atol=1e-2)
-    user = getpass.getuser()
-    assert {p.name for p in tmp_path.glob("torchinductor_*")} == {f"torchinductor_{user}", f"torchinductor_{user}_avx2"}
+    folders = sorted(p.name for p in tmp_path.glob("torchinductor_*"))  # torch's default, then the AVX2 one
+    assert len(folders) == 2 and folders[1].endswith("_avx2"), folders
 
 
 def test_compile_cache_folder_follows_the_capability_unless_one_is_given():
@@ -182,7 +181,8 @@ def test_compile_cache_folder_follows_the_capability_unless_one_is_given():
                               check=True, timeout=300).stdout.strip()
 
     assert cache_dir() == "None"
-    assert cache_dir(ATEN_CPU_CAPABILITY="avx2").endswith(f"torchinductor_{getpass.getuser()}_avx2")
+    assert os.path.basename(cache_dir(ATEN_CPU_CAPABILITY="avx2")).startswith("torchinductor_")
+    assert cache_dir(ATEN_CPU_CAPABILITY="avx2").endswith("_avx2")
     assert cache_dir(ATEN_CPU_CAPABILITY="default").endswith("_default")
     assert cache_dir(ATEN_CPU_CAPABILITY="avx2", TORCHINDUCTOR_CACHE_DIR="/mine") == "/mine"
 
