@@ -212,6 +212,18 @@ SUMMARY_FIELDS = ("exact_match_test", "exact_match_fresh", "s_per_step", "train_
 SWEEP_BASE_STEPS = 40
 
 
+def put_cell(table: dict, key: str, cell: dict) -> None:
+    """One cell of a summary table. The runs are read in recorded order and the latest run of a cell wins; when
+    more than one run falls in a cell (the same point trained again, or in another compute dtype, which the cell
+    does not key), every run's test exact match stays beside it (``exact_match_test_every_run``, oldest first), so
+    the spread is in the summary, not only in the rows."""
+    earlier = table.get(key)
+    if earlier is not None:
+        cell["exact_match_test_every_run"] = earlier.get("exact_match_test_every_run",
+                                                         [earlier["exact_match_test"]]) + [cell["exact_match_test"]]
+    table[key] = cell
+
+
 def release_point(runs: dict) -> dict:
     """The runs at the release's lr, batch and accum and the sweep's base step count (:data:`SWEEP_BASE_STEPS`), by
     task and data size: what the data-size docs and config comments cite
@@ -227,7 +239,8 @@ def release_point(runs: dict) -> dict:
         if r.get("cpu_profile", "native") == "native" and r.get("lora_plus_ratio") is None and \
                 set(p) <= {*defaults, "examples"} and all(
                 p.get(k, v) == v for k, v in defaults.items()):
-            out.setdefault(r["task"], {})[str(r.get("examples", EXAMPLES_BEFORE_THE_KEY))] = {k: r[k] for k in SUMMARY_FIELDS}
+            put_cell(out.setdefault(r["task"], {}), str(r.get("examples", EXAMPLES_BEFORE_THE_KEY)),
+                     {k: r[k] for k in SUMMARY_FIELDS})
     return out
 
 
@@ -244,8 +257,8 @@ def number_mix(runs: dict) -> dict:
         if r["task"] == "number-words" and r.get("cpu_profile", "native") == "native" and \
                 r.get("lora_plus_ratio") is None and set(p) <= {*fixed, "steps", "mix"} and \
                 all(p.get(k) == v for k, v in fixed.items()):
-            out.setdefault(p.get("mix", "magnitudes"), {})[str(r["steps"])] = {
-                k: r[k] for k in ("exact_match_test", "exact_match_fresh", "compute_dtype")}
+            put_cell(out.setdefault(p.get("mix", "magnitudes"), {}), str(r["steps"]),
+                     {k: r[k] for k in ("exact_match_test", "exact_match_fresh", "compute_dtype")})
     return out
 
 
@@ -263,9 +276,9 @@ def lora_plus(runs: dict) -> dict:
         if r.get("cpu_profile", "native") == "native" and set(p) <= {*fixed, "examples", "plus"} and \
                 p.get("examples", 2000) == 2000 and all(p.get(k, v) == v for k, v in fixed.items()):
             ratio = r.get("lora_plus_ratio")
-            out.setdefault(r["task"], {})["off" if ratio is None else f"{ratio:g}"] = {
+            put_cell(out.setdefault(r["task"], {}), "off" if ratio is None else f"{ratio:g}", {
                 **{k: r[k] for k in ("exact_match_test", "exact_match_fresh", "train_wall_s", "s_per_step",
-                                     "compute_dtype")}, "general_vs_base": general_vs_base(r)}
+                                     "compute_dtype")}, "general_vs_base": general_vs_base(r)})
     return out
 
 
@@ -283,9 +296,9 @@ def learning_rate(runs: dict) -> dict:
         if r.get("cpu_profile", "native") == "native" and r.get("lora_plus_ratio") is None and \
                 set(p) <= {*fixed, "examples", "lr"} and p.get("examples", 2000) == 2000 and \
                 all(p.get(k, v) == v for k, v in fixed.items()) and general_vs_base(r) is not None:
-            out.setdefault(r["task"], {})[f"{p.get('lr', lora.lr):.0e}"] = {
+            put_cell(out.setdefault(r["task"], {}), f"{p.get('lr', lora.lr):.0e}", {
                 **{k: r[k] for k in ("exact_match_test", "exact_match_fresh", "train_wall_s", "compute_dtype")},
-                "general_vs_base": general_vs_base(r)}
+                "general_vs_base": general_vs_base(r)})
     return out
 
 

@@ -15,8 +15,8 @@ adapters train side by side, so the release's training takes the longer of the t
 AVX2 CPU.
 
 Why one learning rate, not LoRA+ (``lora_plus_ratio``): at ratio 8 and the same 80 steps the adapters answer more
-(number-words 93.5% of 200 test questions against 84.5% with one learning rate, bench/results/train_sweep.json
-``lora_plus.number-words.*``), and a whole release trained that way passed every scorecard check, failing only the
+(number-words 93.5% of 200 test questions against 84.5% with one learning rate, 80% in an earlier float32 run,
+bench/results/train_sweep.json ``lora_plus.number-words.*``), and a whole release trained that way passed every scorecard check, failing only the
 quantized model's general-text check (bench/results/release_scorecard_bf16_loraplus8.json). But its adapters
 forgot general English: perplexity on the shipped corpus +98% / +137% over the base (``release.general_text.vs_base``),
 the merged model +61%, where the one-learning-rate release's merged model is +6.1%
