@@ -70,7 +70,7 @@ def find_one(root: Path, pattern: str, *, dirs: bool = False) -> Path:
 def release_parser(doc: str | None) -> argparse.ArgumentParser:
     """The opening of every bench that reads a finished ``lorakit run`` output folder: the module docstring's first
     line as its description, and ``--release``."""
-    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
     ap.add_argument("--release", type=Path, required=True,
                     help="output folder of a default-release run (`lorakit run configs/default.yaml -o DIR`)")
     return ap

@@ -354,7 +354,7 @@ def main() -> None:
     ap.add_argument("--cpu-profile", choices=("native", "avx2"), default="native")
     args = ap.parse_args()
     if args.cpu_profile == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
-        env = {**os.environ, **AVX2_ENV, "TORCHINDUCTOR_CACHE_DIR": str(Path(args.work) / "inductor-avx2")}
+        env = {**os.environ, **AVX2_ENV}  # importing lorakit gives its compile cache an AVX2 folder of its own
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     from lorakit.runtime import configure_threads
 
