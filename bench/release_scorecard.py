@@ -212,6 +212,19 @@ def quantization_line(release: dict) -> str:
             + (", act-order." if q.get("desc_act") else "."))
 
 
+def training_line(release: dict) -> str:
+    """The adapters' compute dtype and training seed (one phrase; results written before the seed was recorded say
+    only the dtype), so two runs of the same recipe that differ only there are told apart."""
+    runs = list((release.get("adapter_training") or {}).values())
+    if not runs:
+        return ""
+    dtypes = sorted({r.get("compute_dtype") for r in runs if r.get("compute_dtype")})
+    seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
+    parts = [f"compute dtype {', '.join(dtypes)}"] if dtypes else []
+    parts += [f"seed {', '.join(map(str, seeds))}"] if seeds else []
+    return f" Adapters trained with {' and '.join(parts)}." if parts else ""
+
+
 def readme(release: dict, merges: dict | None, name: str = "release_scorecard") -> str:
     tail = "" if name == "release_scorecard" else f" --results {name}"
     fresh_n = next((f.get("n", FRESH_QUESTIONS) for f in (release.get("fresh") or {}).values()), FRESH_QUESTIONS)
@@ -221,7 +234,8 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
              f"`python bench/release_scorecard.py --release {release['source']}{tail}`: the release's own scorecard "
              f"(stage wall time {release['scorecard_wall_s']:.0f} s, {release['scorecard_share_of_span']:.0%} of the "
              f"{release['stage_span_s']:.0f} s during which a stage ran; training "
-             f"{release['training_span_s']:.0f} s of it), exact match per model." + quantization_line(release), "",
+             f"{release['training_span_s']:.0f} s of it), exact match per model." + quantization_line(release)
+             + training_line(release), "",
              "| task | split | base | adapter | merged | quantized | retention (EM) | retention (NLL) | quantized drop |",
              "|---|---|---|---|---|---|---|---|---|"]
 
@@ -307,7 +321,7 @@ def adapter_training(adapter: Path) -> dict:
     rec = read_train_record(adapter)
     out = {k: getattr(rec, k) for k in ("torch_threads", "peak_rss_mib", "wall_time_s", "compute_dtype", "steps",
                                         "tokens", "computed_tokens")}
-    for key in ("lr", "lora_plus_ratio", "r", "alpha", "dropout", "variant", "init"):
+    for key in ("lr", "lora_plus_ratio", "r", "alpha", "dropout", "variant", "init", "seed"):
         out[key] = rec.config.get(key)
     out["shared_prefix"] = (rec.shared_prefix or {}).get("used")
     return out
