@@ -10,6 +10,9 @@ them, since at the scorecard's first 50 one answer is the whole bar (bench/resul
 On the default release's merged model (bench/results/quantize_accuracy_all.json, ``variants.*``, every val and test
 question): this setting (``gptq-g16-asym-act-gptaq50-clip-n128-general50``) is +3.6% on general text, mean KL 0.042,
 and loses at most 0.5 points on any task; the same on 64 blocks (``...-general50``) lost 3.5 number-words points.
+That model was a good draw: over four later cold releases (training seeds 0 and 1, bfloat16 and float32) this
+setting lost up to 3.0 reverse-words points on val (bench/results/release_scorecard_bf16_seed1.json:
+release.gate.scorecard_checks.1.value) and the gate rejected two of them; docs/release-status.md.
 Group 32 with GPTAQ and clipping on 64 blocks of 3/4 general text, the default before (a cold release:
 bench/results/release_scorecard_bf16_gptaq32.json), was +5.01% on general text (KL 0.059) and lost 2.5 number-words
 points on all 200 (accuracy_sample_size_g32.json); plain GPTQ group 32 +7.8% (quantize_gptaq.json). The price of
