@@ -142,7 +142,8 @@ def profile_steps(task: str, steps: int, skip: int, threads: int, work: Path) ->
         "share_by_group": {g: round(s / total, 4) for g, s in sorted(by_group.items(), key=lambda kv: -kv[1])},
         "matmul": {
             "flops_counted_step": mm_flops_counted,
-            "flops_counted_step_by_op": {str(op): int(n) for op, n in counts.items()}, "computed_tokens_counted_step": counted["computed_tokens"],
+            "flops_counted_step_by_op": {str(op): int(n) for op, n in counts.items()},
+            "computed_tokens_counted_step": counted["computed_tokens"],
             "flops_per_computed_token": round(per_token),
             "flops_profiled_estimate": round(mm_flops),
             "estimate": "the counted step's matmul FLOPs per computed token x the profiled steps' computed tokens",
