@@ -353,6 +353,19 @@ def test_the_gate_judges_retention_and_the_accuracy_drop_on_every_val_question_a
     p_value = binomtest(lost, lost + gained, 0.5).pvalue  # McNemar's exact test, computed by scipy
     assert lost > 0 and val["judged"]["answers_changed"] == {"lost": lost, "gained": gained,
                                                              "p_value": pytest.approx(p_value)}
+    # the answers behind those counts: the same examples, references and answers task_accuracy gave each model
+    for key, wanted in (("answers_lost", (True, False)), ("answers_gained", (False, True))):
+        expected = [{"index": pm.index, "reference": pm.reference, "merged": pm.prediction, "quantized": pq.prediction}
+                    for pm, pq in zip(whole["merged"].predictions, whole["quantized"].predictions)
+                    if (pm.exact, pq.exact) == wanted]
+        assert val["judged"][key] == expected[:20]
+    assert len(val["judged"]["answers_lost"]) == min(lost, 20)
+    assert card.predictions["yes"]["val"]["judged_answers"]["quantized"] == [
+        p.prediction for p in whole["quantized"].predictions]
+    shown = render_markdown(card.data)
+    first = val["judged"]["answers_lost"][0]
+    assert f"answers the quantized model lost (val, first {min(5, lost)} of {lost}" in shown
+    assert f"example {first['index']}: reference `{first['reference']}`, quantized `{first['quantized']}`" in shown
     check = next(c for c in judge_scorecard(card.data) if c.check == "max_accuracy_drop")
     assert f"val, {n} questions" in check.message and check.value == val["judged"]["accuracy_drop"]
     assert f"{lost} answers lost and {gained} gained" in check.message

@@ -227,7 +227,11 @@ def build_scorecard(
                 else:
                     whole = task_accuracy(loaded, judged, **acc_kw)
                     acc = _first(whole, len(plans[t.name]["examples"][s].records))
-                    predictions[t.name][s].setdefault("judged", {})[role] = [p.exact for p in whole.predictions]
+                    sample = predictions[t.name][s]
+                    sample.setdefault("judged", {})[role] = [p.exact for p in whole.predictions]
+                    sample.setdefault("judged_answers", {})[role] = [p.prediction for p in whole.predictions]
+                    sample["judged_reference"] = [p.reference for p in whole.predictions]
+                    sample["judged_index"] = [p.index for p in whole.predictions]
                 scores[(t.name, s, role)] = {"exact_match": acc.exact_match, "f1": acc.f1, "ppl": ppl.ppl,
                                              "mean_nll": ppl.mean_nll, "tokens": ppl.tokens,
                                              "n_examples": acc.n_examples, "path_used": loaded.path_used}
@@ -340,26 +344,40 @@ def _task_entry(task: ScorecardTask, plan: dict[str, Any], scores: dict, predict
                               "accuracy_drop": drop}
         judged = {r: models[r].pop("judged") for r in roles if "judged" in models[r]}
         if judged:
-            entry["splits"][s]["judged"] = _judged_entry(judged, predictions[s].get("judged", {}))
+            entry["splits"][s]["judged"] = _judged_entry(judged, predictions[s])
     return entry
 
 
-def _judged_entry(judged: dict[str, dict[str, Any]], answers: dict[str, list[bool]]) -> dict[str, Any]:
+# Flipped answers kept in scorecard.json per task and direction (all of them stay in predictions.json): enough to
+# see what quantization changes, few enough for a report.
+FLIPPED_EXAMPLES = 20
+
+
+def _judged_entry(judged: dict[str, dict[str, Any]], sample: dict[str, Any]) -> dict[str, Any]:
     """The gate's sample of one split: each model's exact match on it, the merged model's retention of the
     adapter's gain and the quantized model's drop (where there is a quantized model), with the answers behind the
     drop: how many the quantized model got wrong that the merged one got right (``lost``) and the reverse
     (``gained``), and McNemar's p-value of that split (``lorakit.evaluate.flips``). Quantization flips a few answers
     each way; 8 lost and 4 gained (p 0.39) is another release than 4 and 0 (p 0.125), though both are a 2-point drop
-    on 200 questions. ``answers``: each model's right/wrong per judged question
-    (predictions.json's ``judged``, where they stay)."""
+    on 200 questions. ``answers_lost`` / ``answers_gained`` show the first :data:`FLIPPED_EXAMPLES` of them (example
+    index, reference, both models' answers), so a verdict can be checked by reading them. ``sample``: the split's
+    predictions.json entry (``judged``: each model's right/wrong per judged question; ``judged_answers``,
+    ``judged_reference``, ``judged_index``: the answers themselves)."""
     out: dict[str, Any] = {"n_examples": judged["merged"]["n_examples"],
                            **{r: j["exact_match"] for r, j in judged.items()}}
     out["retention"] = retention(out["base"], out["adapter"], out["merged"], higher_is_better=True).to_dict()
     if "quantized" in out:
         out["accuracy_drop"] = out["merged"] - out["quantized"]
-        merged, quantized = answers.get("merged"), answers.get("quantized")
+        right = sample.get("judged", {})
+        merged, quantized = right.get("merged"), right.get("quantized")
         if merged is not None and quantized is not None:
             out["answers_changed"] = answer_flips(merged, quantized).to_dict()
+            answers = sample.get("judged_answers", {})
+            if "merged" in answers and "quantized" in answers:
+                for key, wanted in (("answers_lost", (True, False)), ("answers_gained", (False, True))):
+                    out[key] = [{"index": sample["judged_index"][i], "reference": sample["judged_reference"][i],
+                                 "merged": answers["merged"][i], "quantized": answers["quantized"][i]}
+                                for i, pair in enumerate(zip(merged, quantized)) if pair == wanted][:FLIPPED_EXAMPLES]
     return out
 
 

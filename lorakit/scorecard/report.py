@@ -106,6 +106,24 @@ def judged_lines(card: dict[str, Any]) -> list[str]:
     return out
 
 
+def lost_answer_lines(card: dict[str, Any], limit: int = 5) -> list[str]:
+    """Markdown lines naming the first ``limit`` answers the quantized model lost on the gate's sample, per task
+    (``answers_lost``; none for a scorecard without answers): a drop the gate judges can be read, not only
+    counted."""
+    out = []
+    for task in task_names(card):
+        j = card["tasks"][task]["splits"].get(JUDGED_SPLIT, {}).get("judged") or {}
+        lost = j.get("answers_lost") or []
+        if not lost:
+            continue
+        total = (j.get("answers_changed") or {}).get("lost", len(lost))
+        out.append(f"- {task}: answers the quantized model lost ({JUDGED_SPLIT}, first {min(limit, len(lost))} of "
+                   f"{total}; predictions.json has every answer):")
+        out += [f"  - example {a['index']}: reference `{a['reference']}`, quantized `{a['quantized']}`"
+                for a in lost[:limit]]
+    return out
+
+
 def render_markdown(card: dict[str, Any], heading: str = "# Release scorecard") -> str:
     table = rows(card)
     cols = list(table[0]) if table else []
@@ -124,6 +142,7 @@ def render_markdown(card: dict[str, Any], heading: str = "# Release scorecard") 
               if s["accuracy_skipped"]]
     lines += [""] + [f"- note: {n}" for n in notes]
     lines += [f"- {line}" for line in judged_lines(card)]
+    lines += lost_answer_lines(card)
     general = general_line(card)
     if general:
         lines += [f"- {general}"]
