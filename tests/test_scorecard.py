@@ -365,7 +365,11 @@ def test_the_gate_judges_retention_and_the_accuracy_drop_on_every_val_question_a
     shown = render_markdown(card.data)
     first = val["judged"]["answers_lost"][0]
     assert f"answers the quantized model lost (val, first {min(5, lost)} of {lost}" in shown
-    assert f"example {first['index']}: reference `{first['reference']}`, quantized `{first['quantized']}`" in shown
+    from lorakit.scorecard.report import _inline
+
+    assert f"example {first['index']}: reference {_inline(first['reference'])}, quantized " \
+           f"{_inline(first['quantized'])}" in shown
+    assert _inline("a `b`\n c") == "`a 'b' c`" and _inline("x" * 100, width=10) == "`" + "x" * 9 + "…`"
     check = next(c for c in judge_scorecard(card.data) if c.check == "max_accuracy_drop")
     assert f"val, {n} questions" in check.message and check.value == val["judged"]["accuracy_drop"]
     assert f"{lost} answers lost and {gained} gained" in check.message

@@ -106,6 +106,13 @@ def judged_lines(card: dict[str, Any]) -> list[str]:
     return out
 
 
+def _inline(text: str, width: int = 80) -> str:
+    """An answer as one Markdown code span: whitespace (newlines of chat answers) collapsed, backticks replaced,
+    cut at ``width`` characters."""
+    one = " ".join(str(text).split()).replace("`", "'")
+    return f"`{one if len(one) <= width else one[:width - 1] + '…'}`"
+
+
 def lost_answer_lines(card: dict[str, Any], limit: int = 5) -> list[str]:
     """Markdown lines naming the first ``limit`` answers the quantized model lost on the gate's sample, per task
     (``answers_lost``; none for a scorecard without answers): a drop the gate judges can be read, not only
@@ -119,7 +126,7 @@ def lost_answer_lines(card: dict[str, Any], limit: int = 5) -> list[str]:
         total = (j.get("answers_changed") or {}).get("lost", len(lost))
         out.append(f"- {task}: answers the quantized model lost ({JUDGED_SPLIT}, first {min(limit, len(lost))} of "
                    f"{total}; predictions.json has every answer):")
-        out += [f"  - example {a['index']}: reference `{a['reference']}`, quantized `{a['quantized']}`"
+        out += [f"  - example {a['index']}: reference {_inline(a['reference'])}, quantized {_inline(a['quantized'])}"
                 for a in lost[:limit]]
     return out
 
