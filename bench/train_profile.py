@@ -73,15 +73,10 @@ def reference_matmul(dtype, threads: int, n: int = 2048, repeats: int = 5) -> di
 
     import torch
 
+    from lorakit.compute import matmul_seconds
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    s = statistics.median(times)
+    s = statistics.median(matmul_seconds(dtype, n, n, n, repeats))
     return {"n": n, "seconds": round(s, 4), "gflops_per_s": round(2 * n ** 3 / s / 1e9, 1)}
 
 

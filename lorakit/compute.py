@@ -104,20 +104,27 @@ def probe_cache_path(key: dict[str, object]) -> Path:
     return lorakit_home() / "compute" / f"cpu-bf16-{digest}.json"
 
 
-def _time_matmul(dtype: torch.dtype, repeats: int = 5) -> float:
-    """Best-of-``repeats`` seconds of one 256x576 @ 576x1536 matmul (a SmolLM2 MLP projection of 256 tokens)."""
+def matmul_seconds(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5) -> list[float]:
+    """Seconds of each of ``repeats`` ``(m x k) @ (k x n)`` matmuls in ``dtype``, after one warm-up (kernel
+    selection, oneDNN primitive creation): the one timing loop of the bf16 probe and of the benchmarks that compare
+    against this CPU's matmul speed."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 576, generator=gen).to(dtype)
-    b = torch.randn(576, 1536, generator=gen).to(dtype)
-    a @ b  # warm-up: kernel selection, oneDNN primitive creation
-    best = float("inf")
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(k, n, generator=gen).to(dtype)
+    a @ b
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _time_matmul(dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best-of-``repeats`` seconds of one 256x576 @ 576x1536 matmul (a SmolLM2 MLP projection of 256 tokens)."""
+    return min(matmul_seconds(dtype, 256, 576, 1536, repeats))
 
 
 def measure_cpu_bf16() -> dict[str, object]:
