@@ -89,12 +89,17 @@ def render_text(card: dict[str, Any]) -> str:
     return "\n".join(lines + notes + judged_lines(card) + ([general] if general else []))
 
 
+def judged_sample(card: dict[str, Any], task: str) -> dict[str, Any]:
+    """The gate's larger sample of ``task`` (its val split's ``judged``), or {} when the scorecard has none."""
+    return card["tasks"][task]["splits"].get(JUDGED_SPLIT, {}).get("judged") or {}
+
+
 def judged_lines(card: dict[str, Any]) -> list[str]:
     """The gate's larger sample per task (``judged``: scorecard.judge_examples), where there is one: each model's
     exact match, retention and the quantized drop with the answers it lost and gained."""
     out = []
     for task in task_names(card):
-        j = card["tasks"][task]["splits"].get(JUDGED_SPLIT, {}).get("judged")
+        j = judged_sample(card, task)
         if j:
             ems = ", ".join(f"{r} {j[r]:.1%}" for r in MODELS if r in j)
             ret = (j.get("retention") or {}).get("value")
@@ -119,7 +124,7 @@ def lost_answer_lines(card: dict[str, Any], limit: int = 5) -> list[str]:
     counted."""
     out = []
     for task in task_names(card):
-        j = card["tasks"][task]["splits"].get(JUDGED_SPLIT, {}).get("judged") or {}
+        j = judged_sample(card, task)
         lost = j.get("answers_lost") or []
         if not lost:
             continue
