@@ -16,6 +16,8 @@ what per-module precision buys on general text, and what it costs in size. A var
 calibrates on N blocks instead of the release's ``n_samples``, and ``:seedN`` draws the task blocks with seed N instead of
 the release's (how far the accuracy drop moves with the draw alone). ``:fp32`` (or ``:bf16``) forces the dtype the model
 runs in while it is calibrated (default: the machine's, ``lorakit.compute``; a CPU without bfloat16 units gets float32).
+``:keep-KIND`` (e.g. ``:keep-k_proj``, repeatable) leaves that kind of linear unquantized in every layer (GPTQ: stored
+as plain weights and named out of ``modules_in_block_to_quantize``; the file stays loadable by plain transformers).
 
 With ``--accuracy`` each variant is also scored as the release scorecard scores it: greedy exact match on the first
 ``scorecard.max_examples`` examples of every task's val and test split, and its drop against the merged model's
@@ -75,6 +77,21 @@ def sensitive_modules(merged: Path, calib: Path, q: dict, fraction: float, keep:
     return {m: KEEP_BITS[q["method"]] for m in sens.ranking[:keep]}
 
 
+def unquantized_bits(merged: Path, kinds: tuple[str, ...]) -> dict[str, int]:
+    """Every layer's linear of each kind (``k_proj`` = ``self_attn.k_proj``), left unquantized (16)."""
+    from lorakit.quantize.checks import QUANTIZED_LINEARS
+
+    n_layers = json.loads((merged / "config.json").read_text())["num_hidden_layers"]
+    full = []
+    for kind in kinds:
+        match = [lin for lin in QUANTIZED_LINEARS if lin.endswith(f".{kind}")]
+        if len(match) != 1:
+            raise SystemExit(f"keep-{kind}: not a linear kind; use one of "
+                             + ", ".join(lin.split(".")[-1] for lin in QUANTIZED_LINEARS))
+        full.append(match[0])
+    return {f"model.layers.{i}.{lin}": 16 for i in range(n_layers) for lin in full}
+
+
 def accuracy(model: Path, preps: list[Path], max_examples: int | None) -> dict[str, dict[str, float]]:
     """{task: {split: exact match}} on the splits the release scorecard scores, their first ``max_examples``."""
     from lorakit.data.splits import pick_report_split
@@ -100,7 +117,7 @@ DTYPE_KEYS = {v: k for k, v in DTYPE_TOKENS.items()}
 @dataclass(frozen=True)
 class Variant:
     """One quantization to measure, parsed from
-    ``method:fraction[:kN][:bN][:gN][:sN][:seedN][:FORM][:asym][:act][:gptaqA][:clip][:fp32|:bf16]``."""
+    ``method:fraction[:kN][:bN][:gN][:sN][:seedN][:FORM][:asym][:act][:gptaqA][:clip][:fp32|:bf16][:keep-KIND]``."""
 
     method: str
     fraction: float
@@ -115,6 +132,7 @@ class Variant:
     clip: bool = False  # GPTQ: GPTQModel's clipping search (AWQ variants always search clipping, as before)
     compute_dtype: str | None = None  # forced compute dtype (fp32 | bf16); None = the machine's (lorakit.compute)
     seed: int | None = None  # calibration draw; None = the release's
+    unquantized: tuple[str, ...] = ()  # linear kinds (k_proj, ...) left unquantized in every layer
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -131,7 +149,8 @@ class Variant:
                    gptaq_alpha=next((float(m[5:]) for m in more if m.startswith("gptaq")), 0.0),
                    clip="clip" in more,
                    compute_dtype=next((DTYPE_TOKENS[m] for m in more if m in DTYPE_TOKENS), None),
-                   seed=next((int(m[4:]) for m in more if m.startswith("seed") and m[4:].isdigit()), None))
+                   seed=next((int(m[4:]) for m in more if m.startswith("seed") and m[4:].isdigit()), None),
+                   unquantized=tuple(sorted(m[len("keep-"):] for m in more if m.startswith("keep-"))))
 
     @classmethod
     def of_record(cls, v: dict) -> Variant:
@@ -139,7 +158,7 @@ class Variant:
         return cls(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
                    v.get("group_size", 64), v.get("n_samples"), v.get("awq_scale_form"), v.get("asym", False),
                    v.get("act_order", False), v.get("gptaq_alpha", 0.0), v.get("clip", False),
-                   v.get("compute_dtype"), v.get("seed"))
+                   v.get("compute_dtype"), v.get("seed"), tuple(v.get("unquantized_kinds", ())))
 
     def spec(self) -> str:
         """The ``--variants`` item that parses back to this variant: what a README section's command line repeats."""
@@ -150,7 +169,8 @@ class Variant:
         parts += [flag for flag, on in ((self.scale_form, bool(self.scale_form)), ("asym", self.asym),
                                         ("act", self.act_order), (f"gptaq{self.gptaq_alpha:g}", bool(self.gptaq_alpha)),
                                         ("clip", self.clip)) if on]
-        return ":".join(parts + ([DTYPE_KEYS[self.compute_dtype]] if self.compute_dtype else []))
+        return ":".join(parts + ([DTYPE_KEYS[self.compute_dtype]] if self.compute_dtype else [])
+                        + [f"keep-{kind}" for kind in self.unquantized])
 
     def key(self) -> str:
         """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
@@ -162,7 +182,8 @@ class Variant:
                 f"{f'-{DTYPE_KEYS[self.compute_dtype]}' if self.compute_dtype else ''}"
                 f"{f'-n{self.n_samples}' if self.n_samples else ''}"
                 f"-general{round(self.fraction * 100)}" + (f"-keep{self.keep}" if self.keep else "")
-                + ("" if self.seed is None else f"-seed{self.seed}"))
+                + ("" if self.seed is None else f"-seed{self.seed}")
+                + "".join(f"-unquantized-{kind}" for kind in self.unquantized))
 
 
 def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path,
@@ -191,7 +212,8 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
     if v.seed is not None:
         q["seed"] = v.seed
     started = time.perf_counter()
-    module_bits = sensitive_modules(merged, calib, q, v.fraction, v.keep) if v.keep else None
+    module_bits = sensitive_modules(merged, calib, q, v.fraction, v.keep) if v.keep else {}
+    module_bits.update(unquantized_bits(merged, v.unquantized))
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if v.fraction else None,
                             calib_general_fraction=v.fraction, module_bits=module_bits, force=True, progress=True, **q)
     quantize_s = time.perf_counter() - started
@@ -214,6 +236,7 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
             **({"n_samples": v.n_samples} if v.n_samples else {}),
             **({"compute_dtype": v.compute_dtype} if v.compute_dtype else {}),
             **({"seed": v.seed} if v.seed is not None else {}),
+            **({"unquantized_kinds": list(v.unquantized)} if v.unquantized else {}),
             "kept_modules": v.keep, **scored,
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
@@ -250,7 +273,8 @@ def readme(data: dict, name: str) -> str:
                    "clipping search" if v.get("clip") else None,
                    f"{v['n_samples']} blocks" if v.get("n_samples") else None,
                    f"computed in {v['compute_dtype']}" if v.get("compute_dtype") else None,
-                   f"calibration seed {v['seed']}" if v.get("seed") is not None else None]
+                   f"calibration seed {v['seed']}" if v.get("seed") is not None else None,
+                   f"{', '.join(v['unquantized_kinds'])} unquantized" if v.get("unquantized_kinds") else None]
         form = f" ({', '.join(filter(None, flavour))})" if any(flavour) else ""
         lines.append(f"| {v['method']}{form} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
                      f"{v.get('kept_modules', 0)} | {v['size_mb']} ({v['size_vs_bf16']:.2f}) | "

@@ -186,6 +186,52 @@ def test_gptq_module_bits_write_gptqmodel_dynamic_and_load(tmp_path, trained, pr
     assert verdict.passed and verdict.checks[0].candidate["path_used"] == "gptq-dequantized"
 
 
+def test_gptq_unquantized_modules_load_with_plain_transformers_and_gptqmodel(tmp_path, trained, prep):
+    """=16 leaves a module out of GPTQ: it is stored as a plain weight equal to the source's (bf16 storage), the
+    file lists the quantized modules in modules_in_block_to_quantize, and plain transformers, GPTQModel.load and
+    lorakit's dequantized path all build and run it, with the kept module as nn.Linear."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.evaluate import describe_model, load_eval_model
+    from lorakit.io.safetensors_stream import load_file
+
+    keep = {f"model.layers.{i}.self_attn.k_proj": 16 for i in range(2)} | {"model.layers.0.mlp.down_proj": 16}
+    res = quantize_model(trained, tmp_path / "kept", method="gptq", group_size=32, sym=False, calib=prep,
+                         n_samples=8, seq_len=64, module_bits=keep, progress=False)
+    qc = json.loads((res.output / "config.json").read_text())["quantization_config"]
+    in_block = qc["modules_in_block_to_quantize"][0]
+    assert "self_attn.k_proj" not in in_block and "mlp.down_proj" not in in_block
+    assert "model.layers.1.mlp.down_proj" in in_block and "model.layers.0.mlp.down_proj" not in in_block
+    assert {"self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"} <= set(in_block)
+    tensors = load_file(res.output / "model.safetensors")
+    source = load_file(trained / "model.safetensors")
+    for name in keep:
+        assert f"{name}.qweight" not in tensors
+        assert torch.equal(tensors[f"{name}.weight"], source[f"{name}.weight"].to(tensors[f"{name}.weight"].dtype))
+    assert "model.layers.1.mlp.down_proj.qweight" in tensors
+    assert "modules_in_block_to_quantize" in res.metadata["how_to_load"]
+    assert res.metadata["loaders"][0].startswith("transformers.")
+    assert res.metadata["size_after_bytes"] == pytest.approx(
+        predicted_size_bytes(json.loads((trained / "config.json").read_text()), method="gptq", bits=4,
+                             group_size=32, module_bits=keep), rel=0.05)
+    ids = torch.randint(4, 250, (1, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(str(res.output)).eval()
+        assert type(plain.get_submodule("model.layers.0.self_attn.k_proj")) is torch.nn.Linear
+        assert type(plain.get_submodule("model.layers.0.self_attn.q_proj")) is not torch.nn.Linear
+        a = plain(ids).logits.float()
+        dense = load_eval_model(describe_model(res.output), quant_path="dequantized", device="cpu").model
+        b = dense(ids).logits.float()
+        from lorakit.quantize.gptqmodel_backend import _import_gptqmodel
+
+        _import_gptqmodel()
+        from gptqmodel import GPTQModel
+
+        c = GPTQModel.load(str(res.output), device="cpu").model(ids).logits.float()
+    assert (a - b).abs().max() < 2e-2 * b.abs().max()
+    assert (c - b).abs().max() < 2e-2 * b.abs().max()
+
+
 def test_registry_export_keeps_a_searched_checkpoint_byte_for_byte(tmp_path, impossible):
     from lorakit.io.digests import file_manifest
     from registry import Registry
@@ -198,7 +244,7 @@ def test_registry_export_keeps_a_searched_checkpoint_byte_for_byte(tmp_path, imp
 
 @pytest.mark.parametrize("module_bits, match", [
     ({"model.layers.9.mlp.down_proj": 8}, "not a quantized linear"),
-    ({"model.layers.0.mlp.down_proj": 16}, "gptq keeps a module at 8 bits"),
+    ({"model.layers.0.mlp.down_proj": 12}, "gptq keeps a module at 8 .* or 16"),
     ({"lm_head": 8}, "not a quantized linear"),
 ])
 def test_bad_module_bits_are_refused_before_any_work(tmp_path, trained, prep, module_bits, match):

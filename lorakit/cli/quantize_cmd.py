@@ -20,8 +20,9 @@ from lorakit.quantize.options import AWQ_GRID, QuantizeOptions
 @click.option("--awq-grid", type=int, default=AWQ_GRID, show_default=True,
               help="awq: number of α values tried per group (time grows linearly with it).")
 @click.option("--module-bits", multiple=True, metavar="MODULE=BITS",
-              help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=8 (gptq: 8, via GPTQModel "
-                   "`dynamic`; NOT loadable by plain transformers) or =16 (awq: kept in fp16, still loadable). Repeatable.")
+              help="Keep one linear at higher precision, e.g. model.layers.3.mlp.down_proj=16: =16 leaves it unquantized "
+                   "(gptq and awq; still loadable by plain transformers); =8 (gptq only, via GPTQModel `dynamic`; NOT "
+                   "loadable by plain transformers). Repeatable.")
 @click.option("--eval-data", type=click.Path(), help="search: validation data (default: the val split of --calib).")
 @click.option("--eval-general", type=click.Path(), help="search: also meet the target on this general text "
               "(\"default\" = the shipped corpus, its first --eval-general-max-tokens tokens, as the release gate "

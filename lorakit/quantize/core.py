@@ -28,7 +28,8 @@ from lorakit.quantize.calibration import build_calibration
 from lorakit.quantize.checks import check_method, check_model, resolve_group_size
 from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, write_quant_meta
 from lorakit.quantize.awq import AWQ_COMPUTE_DTYPES
-from lorakit.quantize.mixed import check_module_bits, gptq_dynamic, how_to_load, loader_backend, loaders
+from lorakit.quantize.mixed import (check_module_bits, gptq_dynamic, how_to_load, loader_backend, loaders,
+                                    modules_in_block_to_quantize)
 
 HOW_TO_LOAD = ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed "
                "(and optimum for the GPTQ layout); vLLM/SGLang and GPTQModel.load read the same layout")
@@ -68,10 +69,11 @@ def _copy_side_files(src: Path, dst: Path, overwrite: bool) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _set_loader_backend(config_path: Path, backend: str) -> None:
-    """Name the kernel loaders should use in the saved quantization_config (see lorakit.quantize.mixed)."""
+def _update_quantization_config(config_path: Path, **keys: Any) -> None:
+    """Add keys loaders read to the saved quantization_config (see lorakit.quantize.mixed): the kernel to use,
+    the modules that hold packed weights."""
     config = json.loads(config_path.read_text())
-    config["quantization_config"]["backend"] = backend
+    config["quantization_config"].update(keys)
     config_path.write_text(json.dumps(config, indent=2) + "\n")  # inside the atomic output folder
 
 
@@ -143,7 +145,8 @@ def quantize_model(
     ``calib_general`` ("default" = lorakit's general-English corpus, or a file) supplies ``calib_general_fraction``
     of the blocks, so that general language shapes the quantization too.
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
-    for GPTQ (GPTQModel ``dynamic``), fp16 for AWQ (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
+    (GPTQModel ``dynamic``) or 16 (left unquantized, ``modules_in_block_to_quantize``) for GPTQ, fp16 for AWQ
+    (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
     for which loaders read each kind. ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
     it is fast); GPTQModel loads and runs the model in it, lorakit's AWQ runs its forwards and search matmuls in it.
     """
@@ -209,9 +212,12 @@ def quantize_model(
             backend = {"name": "gptqmodel", "versions": backend_versions()}
             _copy_side_files(src, tmp, overwrite=True)  # undo GPTQModel's generation_config rewrite
             if backend_key:
-                _set_loader_backend(tmp / "config.json", backend_key)
+                _update_quantization_config(tmp / "config.json", backend=backend_key)
                 notes.append(f"group size {used_group}: CPU's int4 kernel refuses it, so quantization_config.backend "
                              f"= {backend_key!r} (GPTQModel's portable kernel) for transformers")
+            in_block = modules_in_block_to_quantize(int(config["num_hidden_layers"]), module_bits)
+            if in_block:
+                _update_quantization_config(tmp / "config.json", modules_in_block_to_quantize=in_block)
         else:
             from lorakit.quantize.awq import AwqParams
             from lorakit.quantize.gptqmodel_backend import backend_versions

@@ -4,15 +4,19 @@ A few linears dominate the quantization error (GPTQModel's loss log on SmolLM2-1
 two orders of magnitude more error than the others; not recorded in bench/results), so keeping just those at higher precision buys most of the quality for a
 few MB. The two methods express that differently, and the difference decides which loaders read the file:
 
-* GPTQ: the module is quantized at **8 bits** through GPTQModel's ``dynamic`` per-module overrides, written into
+* GPTQ, **unquantized** (16): the module is left out of quantization (GPTQModel ``dynamic`` with a ``-:`` skip
+  rule) and stored as a plain ``weight``; the file also lists the quantized modules in
+  ``quantization_config.modules_in_block_to_quantize``, which transformers' GPTQ loader (through optimum) reads to
+  build the kept module as ``nn.Linear``. So plain transformers, GPTQModel.load and vLLM all read it.
+* GPTQ, **8 bits**: through GPTQModel's ``dynamic`` per-module bit widths, written into
   ``quantization_config.dynamic``. GPTQModel.load and vLLM (GPTQ/Marlin with ``dynamic``) read it; plain
   ``transformers.from_pretrained`` (5.24) does **not** (it builds every layer at the global bit width and fails
   with a size mismatch).
 * AWQ: the module is kept **unquantized in fp16** and named in ``quantization_config.modules_to_not_convert``,
   which transformers' AWQ loader (and vLLM's) honour, so the file stays loadable with plain transformers.
 
-lorakit's own evaluation (``lorakit eval``/``gate``, dequantized path) reads both: it derives each layer's bit
-width from its packed tensors and loads unquantized tensors as they are.
+lorakit's own evaluation (``lorakit eval``/``gate``, dequantized path) reads every kind: it derives each layer's
+bit width from its packed tensors and loads unquantized tensors as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import re
 from lorakit.errors import InputError
 from lorakit.quantize.checks import QUANTIZED_LINEARS
 
-KEEP_BITS = {"gptq": 8, "awq": 16}  # the one higher precision each method can express in a loadable file
+KEEP_BITS = {"gptq": 8, "awq": 16}  # the higher precision the quantization search keeps sensitive modules at
+ALLOWED_BITS = {"gptq": (8, 16), "awq": (16,)}  # what each method's checkpoint can express per module
+UNQUANTIZED = 16
 LOADER_TRANSFORMERS = "transformers.AutoModelForCausalLM.from_pretrained (with gptqmodel installed{optimum})"
 LOADER_GPTQMODEL = "gptqmodel.GPTQModel.load"
 LOADER_VLLM = "vLLM ({what})"
@@ -35,15 +41,16 @@ def check_module_bits(config: dict, method: str, bits: int, module_bits: dict[st
         return {}
     n_layers = int(config["num_hidden_layers"])
     valid = {f"model.layers.{i}.{lin}" for i in range(n_layers) for lin in QUANTIZED_LINEARS}
-    want = KEEP_BITS[method]
+    allowed = ALLOWED_BITS[method]
     out = {}
     for name, b in sorted(module_bits.items()):
         if name not in valid:
             raise InputError(f"--module-bits names {name!r}, which is not a quantized linear of this model; use "
                              f"names like model.layers.0.mlp.down_proj (layers 0..{n_layers - 1})")
-        if int(b) != want:
-            raise InputError(f"--module-bits {name}={b}: {method} keeps a module at {want} bits only "
-                             f"({'GPTQModel dynamic 8-bit' if method == 'gptq' else 'unquantized fp16'})")
+        if int(b) not in allowed:
+            how = ("8 (GPTQModel dynamic 8-bit) or 16 (left unquantized)" if method == "gptq"
+                   else "16 (unquantized fp16)")
+            raise InputError(f"--module-bits {name}={b}: {method} keeps a module at {how} only")
         out[name] = int(b)
     if bits >= 8 and out:
         raise InputError("--module-bits raises chosen modules above --bits; with --bits 8 there is nothing to raise")
@@ -51,10 +58,33 @@ def check_module_bits(config: dict, method: str, bits: int, module_bits: dict[st
 
 
 def gptq_dynamic(module_bits: dict[str, int]) -> dict[str, dict[str, int]] | None:
-    """GPTQModel ``dynamic`` overrides: one anchored regex per module (first match wins, so order is irrelevant)."""
+    """GPTQModel ``dynamic`` overrides: one anchored regex per module (first match wins, so order is irrelevant);
+    ``-:`` skips a module (left unquantized), ``+:`` sets its bits."""
     if not module_bits:
         return None
-    return {f"+:^{re.escape(name)}$": {"bits": b} for name, b in sorted(module_bits.items())}
+    return {(f"-:^{re.escape(name)}$" if b >= UNQUANTIZED else f"+:^{re.escape(name)}$"):
+            ({} if b >= UNQUANTIZED else {"bits": b}) for name, b in sorted(module_bits.items())}
+
+
+def modules_in_block_to_quantize(n_layers: int, module_bits: dict[str, int]) -> list[list[str]] | None:
+    """The ``quantization_config.modules_in_block_to_quantize`` of a GPTQ file with unquantized modules, or None.
+
+    transformers (through optimum's ``GPTQQuantizer.convert_model``) builds a quantized layer only for the linears
+    whose name ends with an entry here, and vLLM reads the same key. A kind quantized in every layer is named by
+    its in-block name (``self_attn.q_proj``); a kind kept unquantized in only some layers is listed by full name
+    for the layers where it is quantized, so the list says exactly which modules hold packed weights.
+    """
+    kept = {name for name, b in module_bits.items() if b >= UNQUANTIZED}
+    if not kept:
+        return None
+    names: list[str] = []
+    for kind in QUANTIZED_LINEARS:
+        quantized = [i for i in range(n_layers) if f"model.layers.{i}.{kind}" not in kept]
+        if len(quantized) == n_layers:
+            names.append(kind)
+        else:
+            names += [f"model.layers.{i}.{kind}" for i in quantized]
+    return [names]
 
 
 # The group sizes torch's CPU int4 kernel (``aten._weight_int4pack_mm_for_cpu``) accepts. GPTQModel 7.6 picks that
@@ -76,40 +106,51 @@ def loader_backend(layout: str, bits: int, group_size: int) -> str | None:
     return None
 
 
+def _gptq_bits_vary(method: str, module_bits: dict[str, int]) -> bool:
+    """A GPTQ file whose quantized modules differ in bit width (``dynamic`` bits), which plain transformers cannot
+    build; modules left unquantized do not count (``modules_in_block_to_quantize`` expresses them)."""
+    return method == "gptq" and any(b < UNQUANTIZED for b in module_bits.values())
+
+
 def loaders(method: str, layout: str, module_bits: dict[str, int]) -> list[str]:
     """The loaders that read a checkpoint of this kind (the ones lorakit's tests exercise come first)."""
-    if method == "gptq" and module_bits:
+    if _gptq_bits_vary(method, module_bits):
         return [LOADER_GPTQMODEL, LOADER_VLLM.format(what="GPTQ with per-module `dynamic` bits"), LOADER_LORAKIT]
     if layout == "awq-gemm":  # GPTQModel.load is not listed for fp16-kept modules: not verified
         return [LOADER_TRANSFORMERS.format(optimum=""), LOADER_LORAKIT,
                 LOADER_VLLM.format(what="AWQ, honours modules_to_not_convert")] + ([] if module_bits else [LOADER_GPTQMODEL])
+    what = "GPTQ; honours modules_in_block_to_quantize" if module_bits else "GPTQ"
     return [LOADER_TRANSFORMERS.format(optimum=" and optimum"), LOADER_LORAKIT, LOADER_GPTQMODEL,
-            LOADER_VLLM.format(what="GPTQ")]
+            LOADER_VLLM.format(what=what)]
 
 
 def plain_transformers_loads(method: str, module_bits: dict[str, int]) -> bool:
-    return not (method == "gptq" and module_bits)
+    return not _gptq_bits_vary(method, module_bits)
 
 
 def how_to_load(method: str, layout: str, module_bits: dict[str, int], backend: str | None = None) -> str:
-    if method == "gptq" and module_bits:
+    if _gptq_bits_vary(method, module_bits):
         cpu = (f" On CPU pass backend={backend!r} to GPTQModel.load: its int4 kernel takes group sizes "
                f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only.") if backend else ""
         return ("GPTQ with per-module bit widths (GPTQModel `dynamic` in quantization_config): load with "
                 "gptqmodel.GPTQModel.load(folder) or vLLM; plain transformers.from_pretrained does NOT load it. "
                 "`lorakit eval`/`gate` read it (dequantized path)." + cpu)
+    if method == "gptq":
+        kept = (f"; {len(module_bits)} modules are left unquantized (plain weights; the quantized ones are listed in "
+                "quantization_config.modules_in_block_to_quantize, which transformers and vLLM read)") if module_bits else ""
+    else:
+        kept = f"; {len(module_bits)} sensitive modules are kept in fp16 (modules_to_not_convert)" if module_bits else ""
     if backend:
         return (f"transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed (it reads "
                 f"quantization_config.backend = {backend!r}: CPU's int4 kernel takes group sizes "
                 f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only; GPTQ_TORCH_CACHE_WEIGHTS=1 makes it faster for "
                 f"dense-weight memory); gptqmodel.GPTQModel.load(folder, backend={backend!r}) on CPU; vLLM reads the "
-                f"same GPTQ layout")
-    kept = f"; {len(module_bits)} sensitive modules are kept in fp16 (modules_to_not_convert)" if module_bits else ""
+                f"same GPTQ layout{kept}")
     if layout == "awq-gemm":
         return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed; vLLM and "
                 f"GPTQModel.load read the same AWQ GEMM layout{kept}")
     return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel and optimum installed; "
-            "vLLM/SGLang and GPTQModel.load read the same GPTQ layout")
+            f"vLLM/SGLang and GPTQModel.load read the same GPTQ layout{kept}")
 
 
 def predicted_size_bytes(config: dict, *, method: str, bits: int, group_size: int,
