@@ -255,6 +255,25 @@ def test_how_to_load_a_mixed_bit_file_at_a_group_the_cpu_kernel_refuses_names_th
     assert "backend" not in how_to_load("gptq", "gptq-v1", bits, loader_backend("gptq-v1", 4, 32))
 
 
+def test_a_file_that_splits_a_group_vllm_fuses_does_not_claim_vllm():
+    """vLLM fuses q/k/v and gate/up and loads each fused layer at one precision: keeping k_proj alone unquantized
+    (or at 8 bits) splits the group, so the loaders and how_to_load leave vLLM out and say why; keeping the whole
+    group, or a module vLLM does not fuse, keeps it."""
+    from lorakit.quantize.mixed import how_to_load, loaders, split_fused_groups
+
+    k_only = {f"model.layers.{i}.self_attn.k_proj": 16 for i in range(2)}
+    qkv = {f"model.layers.0.self_attn.{m}_proj": 16 for m in "qkv"}
+    assert split_fused_groups(k_only) == ["model.layers.0.self_attn.q/k/v", "model.layers.1.self_attn.q/k/v"]
+    assert split_fused_groups(qkv) == [] and split_fused_groups({"model.layers.0.mlp.down_proj": 8}) == []
+    assert split_fused_groups({"model.layers.3.mlp.up_proj": 16}) == ["model.layers.3.mlp.gate/up"]
+    for method, layout in (("gptq", "gptq-v1"), ("awq", "awq-gemm")):
+        assert not any(x.startswith("vLLM") for x in loaders(method, layout, k_only))
+        assert "Not vLLM" in how_to_load(method, layout, k_only) and "vLLM read" not in how_to_load(method, layout, k_only)
+        assert any(x.startswith("vLLM") for x in loaders(method, layout, qkv))
+        assert "Not vLLM" not in how_to_load(method, layout, qkv)
+    assert not any(x.startswith("vLLM") for x in loaders("gptq", "gptq-v1", {"model.layers.0.self_attn.q_proj": 8}))
+
+
 def test_group_16_names_the_portable_kernel_and_plain_transformers_runs_it_on_cpu(quantized):
     """Torch's CPU int4 kernel takes groups of 32/64/128/256; GPTQModel would still pick it for a group-16 file and
     fail at the first forward. lorakit names the portable torch kernel in quantization_config.backend (and only

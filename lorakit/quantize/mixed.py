@@ -112,16 +112,47 @@ def _gptq_bits_vary(method: str, module_bits: dict[str, int]) -> bool:
     return method == "gptq" and any(b < UNQUANTIZED for b in module_bits.values())
 
 
+# Linears vLLM fuses into one layer (qkv_proj, gate_up_proj) for Llama-style models. It loads a fused layer at one
+# precision and refuses a checkpoint whose shards differ ("Detected some but not all shards ... are quantized";
+# vllm/model_executor/layers/quantization/utils/gptq_utils.py), so a module kept apart from its group is not vLLM's.
+FUSED_IN_VLLM = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def split_fused_groups(module_bits: dict[str, int]) -> list[str]:
+    """The fused groups (``model.layers.3.self_attn.q/k/v``) whose members do not share one precision."""
+    layers = sorted({int(name.split(".")[2]) for name in module_bits if name.startswith("model.layers.")})
+    split = []
+    for i in layers:
+        for group in FUSED_IN_VLLM:
+            if len({module_bits.get(f"model.layers.{i}.{lin}") for lin in group}) > 1:
+                prefix = group[0].rsplit(".", 1)[0]
+                split.append(f"model.layers.{i}.{prefix}." + "/".join(lin.rsplit(".", 1)[1].removesuffix("_proj")
+                                                                       for lin in group))
+    return split
+
+
 def loaders(method: str, layout: str, module_bits: dict[str, int]) -> list[str]:
     """The loaders that read a checkpoint of this kind (the ones lorakit's tests exercise come first)."""
+    vllm = [] if split_fused_groups(module_bits) else None  # [] = vLLM cannot load it (see FUSED_IN_VLLM)
     if _gptq_bits_vary(method, module_bits):
-        return [LOADER_GPTQMODEL, LOADER_VLLM.format(what="GPTQ with per-module `dynamic` bits"), LOADER_LORAKIT]
+        return [LOADER_GPTQMODEL, *(vllm if vllm is not None else [LOADER_VLLM.format(
+            what="GPTQ with per-module `dynamic` bits")]), LOADER_LORAKIT]
     if layout == "awq-gemm":  # GPTQModel.load is not listed for fp16-kept modules: not verified
         return [LOADER_TRANSFORMERS.format(optimum=""), LOADER_LORAKIT,
-                LOADER_VLLM.format(what="AWQ, honours modules_to_not_convert")] + ([] if module_bits else [LOADER_GPTQMODEL])
+                *(vllm if vllm is not None else [LOADER_VLLM.format(what="AWQ, honours modules_to_not_convert")])] + (
+            [] if module_bits else [LOADER_GPTQMODEL])
     what = "GPTQ; honours modules_in_block_to_quantize" if module_bits else "GPTQ"
     return [LOADER_TRANSFORMERS.format(optimum=" and optimum"), LOADER_LORAKIT, LOADER_GPTQMODEL,
-            LOADER_VLLM.format(what=what)]
+            *(vllm if vllm is not None else [LOADER_VLLM.format(what=what)])]
+
+
+def vllm_note(module_bits: dict[str, int]) -> str:
+    """What how_to_load adds when vLLM cannot load the file, or nothing."""
+    split = split_fused_groups(module_bits)
+    if not split:
+        return ""
+    return (f" Not vLLM: it fuses q/k/v and gate/up into one layer each and needs one precision per fused layer; "
+            f"this file splits {len(split)} ({split[0]}{', ...' if len(split) > 1 else ''}).")
 
 
 def plain_transformers_loads(method: str, module_bits: dict[str, int]) -> bool:
@@ -129,28 +160,31 @@ def plain_transformers_loads(method: str, module_bits: dict[str, int]) -> bool:
 
 
 def how_to_load(method: str, layout: str, module_bits: dict[str, int], backend: str | None = None) -> str:
+    vllm = not split_fused_groups(module_bits)
     if _gptq_bits_vary(method, module_bits):
         cpu = (f" On CPU pass backend={backend!r} to GPTQModel.load: its int4 kernel takes group sizes "
                f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only.") if backend else ""
         return ("GPTQ with per-module bit widths (GPTQModel `dynamic` in quantization_config): load with "
-                "gptqmodel.GPTQModel.load(folder) or vLLM; plain transformers.from_pretrained does NOT load it. "
-                "`lorakit eval`/`gate` read it (dequantized path)." + cpu)
+                f"gptqmodel.GPTQModel.load(folder){' or vLLM' if vllm else ''}; plain transformers.from_pretrained "
+                "does NOT load it. `lorakit eval`/`gate` read it (dequantized path)." + cpu + vllm_note(module_bits))
     if method == "gptq":
         kept = (f"; {len(module_bits)} modules are left unquantized (plain weights; the quantized ones are listed in "
-                "quantization_config.modules_in_block_to_quantize, which transformers and vLLM read)") if module_bits else ""
+                "quantization_config.modules_in_block_to_quantize)") if module_bits else ""
     else:
         kept = f"; {len(module_bits)} sensitive modules are kept in fp16 (modules_to_not_convert)" if module_bits else ""
     if backend:
         return (f"transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed (it reads "
                 f"quantization_config.backend = {backend!r}: CPU's int4 kernel takes group sizes "
                 f"{'/'.join(map(str, CPU_INT4_KERNEL_GROUPS))} only; GPTQ_TORCH_CACHE_WEIGHTS=1 makes it faster for "
-                f"dense-weight memory); gptqmodel.GPTQModel.load(folder, backend={backend!r}) on CPU; vLLM reads the "
-                f"same GPTQ layout{kept}")
+                f"dense-weight memory); gptqmodel.GPTQModel.load(folder, backend={backend!r}) on CPU"
+                f"{'; vLLM reads the same GPTQ layout' if vllm else ''}{kept}." + vllm_note(module_bits))
     if layout == "awq-gemm":
-        return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed; vLLM and "
-                f"GPTQModel.load read the same AWQ GEMM layout{kept}")
+        return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed; "
+                f"{'vLLM and GPTQModel.load read' if vllm else 'GPTQModel.load reads'} the same AWQ GEMM layout{kept}."
+                + vllm_note(module_bits))
     return ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel and optimum installed; "
-            f"vLLM/SGLang and GPTQModel.load read the same GPTQ layout{kept}")
+            f"{'vLLM/SGLang and GPTQModel.load read' if vllm else 'GPTQModel.load reads'} the same GPTQ layout{kept}."
+            + vllm_note(module_bits))
 
 
 def predicted_size_bytes(config: dict, *, method: str, bits: int, group_size: int,
