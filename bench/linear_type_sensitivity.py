@@ -4,8 +4,8 @@ Given the output folder of a ``lorakit run`` of the default release, the release
 float32 and, for each kind of linear (q/k/v/o_proj, gate/up/down_proj), its weights in every layer are replaced
 by round-to-nearest 4-bit on the release's grid (group 16, a zero point; ``lorakit.quantize.grid.fake_quantize``):
 
-* ``only:KIND`` rounds that kind alone and keeps every other linear exact: how much of the damage it carries;
-* ``all_but:KIND`` rounds every kind except that one: what keeping it in 16 bits would save;
+* ``only-KIND`` rounds that kind alone and keeps every other linear exact: how much of the damage it carries;
+* ``all_but-KIND`` rounds every kind except that one: what keeping it in 16 bits would save;
 * ``all`` rounds every kind.
 
 Each configuration answers every question of the task's val and test splits with the scorecard's own greedy
@@ -17,7 +17,9 @@ ranking is what this measures. The size a kind would add if kept in 16 bits is t
 (``lorakit.quantize.mixed.predicted_size_bytes``) as a share of the model's bf16 size.
 
 Usage: python bench/linear_type_sensitivity.py --release OUT [--task reverse-words] [--modes only,all_but]
-       [--results linear_type_sensitivity]
+       [--results linear_type_sensitivity] [--rewrite]
+``--rewrite`` measures nothing: it rewrites the results file (labels and keys in the current form, dot-free so a
+document can cite them) and its README section from what the file holds.
 Writes bench/results/RESULTS.json and the ``RESULTS`` section of bench/README.md.
 """
 
@@ -42,6 +44,23 @@ def kinds() -> tuple[str, ...]:
     from lorakit.quantize.checks import QUANTIZED_LINEARS
 
     return QUANTIZED_LINEARS
+
+
+def short(kind: str) -> str:
+    """``self_attn.k_proj`` -> ``k_proj``: labels and keys without dots, which a citation's key path splits on."""
+    return kind.rsplit(".", 1)[-1]
+
+
+def rewrite(path: Path) -> dict:
+    """The results file's data with labels in the current form (``only:self_attn.k_proj`` -> ``only-k_proj``)."""
+    import json
+
+    data = json.loads(path.read_text())
+    data["configs"] = {label.replace(":", "-").replace("self_attn.", "").replace("mlp.", ""): row
+                       for label, row in data["configs"].items()}
+    sizes = data["size"]["keep_kind_in_16_bits"]
+    data["size"]["keep_kind_in_16_bits"] = {short(k): v for k, v in sizes.items()}
+    return data  # its date and machine stay the measurement's (write_results keeps the data's own)
 
 
 def answer_margins(model, tokenizer, records: list[dict]) -> tuple[float, int]:
@@ -110,7 +129,14 @@ def main() -> None:
     ap.add_argument("--task", default="reverse-words", help="the release dataset whose answers are scored")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     ap.add_argument("--results", default="linear_type_sensitivity")
+    ap.add_argument("--rewrite", action="store_true", help="rewrite the results file and README section only")
     args = ap.parse_args()
+    if args.rewrite:
+        data = rewrite(BENCH / "results" / f"{args.results}.json")
+        path = write_results(args.results, data)
+        update_readme_section(args.results, markdown(data))
+        print(path)
+        return
     from lorakit.runtime import configure_threads
 
     configure_threads()
@@ -154,9 +180,9 @@ def main() -> None:
     configs = [("all", set(kinds()))]
     for kind in kinds():
         if "only" in modes:
-            configs.append((f"only:{kind}", {kind}))
+            configs.append((f"only-{short(kind)}", {kind}))
         if "all_but" in modes:
-            configs.append((f"all_but:{kind}", set(kinds()) - {kind}))
+            configs.append((f"all_but-{short(kind)}", set(kinds()) - {kind}))
     rows = {}
     for i, (label, rounded_kinds) in enumerate(configs, 1):
         t0 = time.perf_counter()
@@ -174,7 +200,7 @@ def main() -> None:
                        "lost_greedy_lead": merged[s]["lost_greedy_lead"]} for s in SPLITS},
         "size": {"bf16_bytes": bf16, "gptq_all_4bit_predicted_bytes": base_size,
                  "gptq_all_4bit_share_of_bf16": round(base_size / bf16, 4),
-                 "keep_kind_in_16_bits": {k: kept_size(k) for k in kinds()}},
+                 "keep_kind_in_16_bits": {short(k): kept_size(k) for k in kinds()}},
         "configs": rows, "wall_s": round(time.perf_counter() - started, 1),
         "cpu": cpu_line(),
     }
@@ -194,7 +220,7 @@ def markdown(data: dict) -> str:
              "16-bit kind adds (share of bf16) |", "|---|---|---|---|---|---|---|---|---|"]
     sizes = data["size"]["keep_kind_in_16_bits"]
     for label, row in data["configs"].items():
-        kind = label.split(":", 1)[1] if label.startswith("all_but:") else None
+        kind = label.split("-", 1)[1] if label.startswith("all_but-") else None
         size = f"{sizes[kind]['added_bytes'] / 2**20:.1f} MiB ({100 * sizes[kind]['share_of_bf16']:.1f}%)" if kind else ""
         lines.append(f"| {label} | {100 * row['val']['exact_match']:.1f}% | {100 * row['test']['exact_match']:.1f}% | "
                      f"{row['both_splits']['lost']} | {row['both_splits']['gained']} | {row['both_splits']['net_lost']} | "
