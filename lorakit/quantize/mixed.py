@@ -7,7 +7,8 @@ few MB. The two methods express that differently, and the difference decides whi
 * GPTQ, **unquantized** (16): the module is left out of quantization (GPTQModel ``dynamic`` with a ``-:`` skip
   rule) and stored as a plain ``weight``; the file also lists the quantized modules in
   ``quantization_config.modules_in_block_to_quantize``, which transformers' GPTQ loader (through optimum) reads to
-  build the kept module as ``nn.Linear``. So plain transformers, GPTQModel.load and vLLM all read it.
+  build the kept module as ``nn.Linear``. So plain transformers and GPTQModel.load read it, and vLLM does too
+  unless the file splits a group of linears vLLM fuses (:data:`FUSED_IN_VLLM`).
 * GPTQ, **8 bits**: through GPTQModel's ``dynamic`` per-module bit widths, written into
   ``quantization_config.dynamic``. GPTQModel.load and vLLM (GPTQ/Marlin with ``dynamic``) read it; plain
   ``transformers.from_pretrained`` (5.24) does **not** (it builds every layer at the global bit width and fails
@@ -133,17 +134,18 @@ def split_fused_groups(module_bits: dict[str, int]) -> list[str]:
 
 def loaders(method: str, layout: str, module_bits: dict[str, int]) -> list[str]:
     """The loaders that read a checkpoint of this kind (the ones lorakit's tests exercise come first)."""
-    vllm = [] if split_fused_groups(module_bits) else None  # [] = vLLM cannot load it (see FUSED_IN_VLLM)
+    vllm_loads = not split_fused_groups(module_bits)  # see FUSED_IN_VLLM
+
+    def vllm(what: str) -> list[str]:
+        return [LOADER_VLLM.format(what=what)] if vllm_loads else []
+
     if _gptq_bits_vary(method, module_bits):
-        return [LOADER_GPTQMODEL, *(vllm if vllm is not None else [LOADER_VLLM.format(
-            what="GPTQ with per-module `dynamic` bits")]), LOADER_LORAKIT]
+        return [LOADER_GPTQMODEL, *vllm("GPTQ with per-module `dynamic` bits"), LOADER_LORAKIT]
     if layout == "awq-gemm":  # GPTQModel.load is not listed for fp16-kept modules: not verified
         return [LOADER_TRANSFORMERS.format(optimum=""), LOADER_LORAKIT,
-                *(vllm if vllm is not None else [LOADER_VLLM.format(what="AWQ, honours modules_to_not_convert")])] + (
-            [] if module_bits else [LOADER_GPTQMODEL])
-    what = "GPTQ; honours modules_in_block_to_quantize" if module_bits else "GPTQ"
+                *vllm("AWQ, honours modules_to_not_convert")] + ([] if module_bits else [LOADER_GPTQMODEL])
     return [LOADER_TRANSFORMERS.format(optimum=" and optimum"), LOADER_LORAKIT, LOADER_GPTQMODEL,
-            *(vllm if vllm is not None else [LOADER_VLLM.format(what=what)])]
+            *vllm("GPTQ; honours modules_in_block_to_quantize" if module_bits else "GPTQ")]
 
 
 def vllm_note(module_bits: dict[str, int]) -> str:
