@@ -42,24 +42,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
-from bench.common import cpu_line, release_parser, release_quant_inputs, update_readme_section, write_results  # noqa: E402
+from bench.common import (bf16_bytes, cpu_line, release_parser, release_quant_inputs,  # noqa: E402
+                          update_readme_section, write_results)
 
 DEFAULT_VARIANTS = "gptq:0,gptq:0.5,awq:0,awq:0.5"
-
-
-def bf16_bytes(model: Path) -> int:
-    """What the model's tensors take in bf16 (the size the release's <= 50% goal is measured against)."""
-    from safetensors import safe_open
-
-    total = 0
-    for shard in sorted(model.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            for name in f.keys():
-                n = 1
-                for d in f.get_slice(name).get_shape():
-                    n *= d
-                total += 2 * n
-    return total
 
 
 def sensitive_modules(merged: Path, calib: Path, q: dict, fraction: float, keep: int) -> dict[str, int]:

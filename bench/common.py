@@ -86,6 +86,21 @@ def release_quant_inputs(root: Path) -> tuple[Path, Path, list[Path]]:
     return merged, calib, [find_one(root, f"prep/{ds.name}-*", dirs=True) for ds in ReleaseConfig().datasets]
 
 
+def bf16_bytes(model: Path) -> int:
+    """What the model's tensors take in bf16 (the size the release's <= 50% goal is measured against)."""
+    from safetensors import safe_open
+
+    total = 0
+    for shard in sorted(model.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            for name in f.keys():
+                n = 1
+                for d in f.get_slice(name).get_shape():
+                    n *= d
+                total += 2 * n
+    return total
+
+
 def ensure_release_prep(plan, ds) -> str:
     """The prepared-data folder the release flow's plan gives dataset ``ds`` (a ``flows.plan.ReleasePlan`` and
     one of its config's datasets), made with the stage's own arguments when it is missing."""
