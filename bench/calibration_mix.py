@@ -87,7 +87,7 @@ def accuracy(model: Path, preps: list[Path], max_examples: int | None) -> dict[s
     for prep in preps:
         report, _ = pick_report_split(prep)
         out[task_name(prep)] = {s: task_accuracy(str(model), str(prep), split=s, max_examples=max_examples,
-                                                 progress=False).exact_match
+                                                 progress=True).exact_match
                                 for s in dict.fromkeys(("val", report))}
     return out
 

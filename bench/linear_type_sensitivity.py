@@ -92,7 +92,7 @@ def score(loaded, examples: dict) -> dict:
 
     out = {}
     for split, ex in examples.items():
-        acc = task_accuracy(loaded, ex, progress=False)
+        acc = task_accuracy(loaded, ex, progress=True)
         nll, lost_lead = answer_margins(loaded.model, loaded.tokenizer, ex.records)
         out[split] = {"exact": [p.exact for p in acc.predictions], "exact_match": acc.exact_match,
                       "answer_nll": round(nll, 5), "lost_greedy_lead": lost_lead}
