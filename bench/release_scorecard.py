@@ -213,8 +213,9 @@ def quantization_line(release: dict) -> str:
 
 
 def training_line(release: dict) -> str:
-    """The adapters' compute dtype and training seed (one phrase; results written before the seed was recorded say
-    only the dtype), so two runs of the same recipe that differ only there are told apart."""
+    """The adapters' compute dtype, training seed and steps (one phrase; results written before the seed was recorded
+    say only the dtype), so two runs of the same recipe that differ only there are told apart, and runs of two
+    recipes (steps, tokens per step, learning rate) are too."""
     runs = list((release.get("adapter_training") or {}).values())
     if not runs:
         return ""
@@ -222,7 +223,10 @@ def training_line(release: dict) -> str:
     seeds = sorted({r["seed"] for r in runs if r.get("seed") is not None})
     parts = [f"compute dtype {', '.join(dtypes)}"] if dtypes else []
     parts += [f"seed {', '.join(map(str, seeds))}"] if seeds else []
-    return f" Adapters trained with {' and '.join(parts)}." if parts else ""
+    steps = [f"{task} {r['steps']} steps of ~{r['tokens'] / r['steps']:.0f} tokens at lr {r['lr']:g}"
+             for task, r in sorted((release.get("adapter_training") or {}).items()) if r.get("steps") and r.get("tokens")]
+    parts += ["; ".join(steps)] if steps else []
+    return f" Adapters trained with {', '.join(parts)}." if parts else ""
 
 
 def readme(release: dict, merges: dict | None, name: str = "release_scorecard") -> str:

@@ -43,6 +43,16 @@ def test_tiny_yaml_loads():
     assert cfg.merge_weights() == [0.5, 0.5] and cfg.lora.max_steps == 3 and cfg.merge_search() is None
 
 
+def test_steps240_yaml_is_the_default_but_for_training_steps_and_batch():
+    """configs/steps240.yaml (an experiment docs/release-status.md measures) must differ from the default release
+    only in what it says: each bundled adapter's steps and micro-batch, nothing else drifting with the default."""
+    cfg, default = load_config(REPO / "configs" / "steps240.yaml"), ReleaseConfig()
+    assert [ds.lora for ds in cfg.datasets] == [{**ds.lora, "max_steps": 240, "batch_size": 1}
+                                                  for ds in default.datasets]
+    strip = {"datasets": {i: {"lora"} for i in range(len(default.datasets))}}
+    assert cfg.model_dump(exclude=strip) == default.model_dump(exclude=strip)
+
+
 def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
     """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters, no weights
     given and a method with weights to choose (not regmean, the release's default, which fits its own combination);
