@@ -216,7 +216,8 @@ def training_line(release: dict) -> str:
     """The adapters' compute dtype, training seed and steps (one phrase; results written before the seed was recorded
     say only the dtype), so two runs of the same recipe that differ only there are told apart, and runs of two
     recipes (steps, tokens per step, learning rate) are too."""
-    runs = list((release.get("adapter_training") or {}).values())
+    training = release.get("adapter_training") or {}
+    runs = list(training.values())
     if not runs:
         return ""
     dtypes = sorted({r.get("compute_dtype") for r in runs if r.get("compute_dtype")})
@@ -224,7 +225,7 @@ def training_line(release: dict) -> str:
     parts = [f"compute dtype {', '.join(dtypes)}"] if dtypes else []
     parts += [f"seed {', '.join(map(str, seeds))}"] if seeds else []
     steps = [f"{task} {r['steps']} steps of ~{r['tokens'] / r['steps']:.0f} tokens at lr {r['lr']:g}"
-             for task, r in sorted((release.get("adapter_training") or {}).items()) if r.get("steps") and r.get("tokens")]
+             for task, r in sorted(training.items()) if r.get("steps") and r.get("tokens")]
     parts += ["; ".join(steps)] if steps else []
     return f" Adapters trained with {', '.join(parts)}." if parts else ""
 
