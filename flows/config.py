@@ -124,8 +124,9 @@ class MergeConfig(MergeOptions):
 
     search: MergeSearchConfig | Literal["auto"] | None = Field(
         "auto", description="Choose the weights on the tasks' val splits (lorakit merge --search): a mapping of "
-        "search options; auto = search with the defaults when it applies (no 'weights' given, two or more plain "
-        "LoRA adapters, a method other than regmean), else the weights; null = never, use 'weights'.")
+        "search options (the methods searched default to 'method'; with regmean it weighs RegMean's projected "
+        "updates); auto = search with the defaults when it applies (no 'weights' given, two or more plain LoRA "
+        "adapters, a method other than regmean), else the weights; null = never, use 'weights'.")
 
     @field_validator("search", mode="before")
     @classmethod
@@ -140,9 +141,6 @@ class MergeConfig(MergeOptions):
             raise ValueError("give 'weights' or 'search', not both: the search chooses the weights")
         if isinstance(self.search, MergeSearchConfig) and self.loftq_base is not None:
             raise ValueError("'search' merges plain LoRA adapters; it does not apply with loftq_base")
-        if isinstance(self.search, MergeSearchConfig) and self.method == "regmean":
-            raise ValueError("'search' chooses linear/TIES/DARE weights; method regmean fits its own combination "
-                             "on the tasks' data: set search: null, or another method")
         return self
 
 
@@ -252,15 +250,25 @@ class ReleaseConfig(_Section):
     def merge_search(self) -> MergeSearchConfig | None:
         """The search the merge runs, None for fixed weights. ``auto`` searches where the search applies and has a
         choice to make: no weights given, two or more datasets (one adapter alone is best at weight 1.0), and plain
-        LoRA adapters (a DoRA or LoftQ update depends on the base weights; the search refuses those)."""
+        LoRA adapters (a DoRA or LoftQ update depends on the base weights; the search refuses those), and a method
+        other than regmean. The search weighs the merge's own ``method`` unless ``methods`` is given: with
+        ``method: regmean`` and a ``search:`` mapping it chooses the weights of RegMean's projected updates."""
         s = self.merge.search
-        if s != "auto":
+        if s == "auto":
+            if self.merge.method == "regmean":  # its own weights (1.0 each) unless a search is asked for
+                return None
+            plain = self.lora.variant == "lora" and self.lora.init != "loftq"
+            given = self.merge.weights is not None or any("merge_weight" in ds.model_fields_set for ds in self.datasets)
+            s = MergeSearchConfig() if not given and len(self.datasets) > 1 and plain else None
+        if s is None or "methods" in s.model_fields_set:
             return s
-        if self.merge.method == "regmean":  # it fits the combination itself (lorakit.merge.regmean)
-            return None
-        plain = self.lora.variant == "lora" and self.lora.init != "loftq"
-        given = self.merge.weights is not None or any("merge_weight" in ds.model_fields_set for ds in self.datasets)
-        return MergeSearchConfig() if not given and len(self.datasets) > 1 and plain else None
+        return s.model_copy(update={"methods": [self.merge.method]})
+
+    def merges_with_regmean(self) -> bool:
+        """Whether the merge stage runs RegMean's fit: as the merge's method, or among the methods its search tries
+        (either way it reads every dataset's train split and holds the Gram matrices)."""
+        search = self.merge_search()
+        return self.merge.method == "regmean" or (search is not None and "regmean" in search.methods)
 
     def merge_weights(self) -> list[float]:
         """The weights given, else each dataset's ``merge_weight`` (1.0 unless set: why, at

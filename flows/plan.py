@@ -84,13 +84,15 @@ class ReleasePlan:
                   "output_kind": "model", "base": self.config.base}
         if m.loftq_base is not None:  # only then, so the merged stage's folder name is unchanged for other runs
             params["loftq_base"] = m.loftq_base
-        if m.method == "regmean":  # it reads each adapter's training data, in dataset order
+        if self.config.merges_with_regmean():  # it reads each adapter's training data, in dataset order
             if preps is None:
                 raise ValueError("merge method regmean needs the prepared data of every dataset (preps)")
-            params.update(data=[preps[ds.name] for ds in self.config.datasets], regmean_alpha=m.regmean_alpha,
-                          regmean_examples=m.regmean_examples, regmean_anchor=m.regmean_anchor)
+            params.update(regmean_alpha=m.regmean_alpha, regmean_examples=m.regmean_examples,
+                          regmean_anchor=m.regmean_anchor)
         weights: list[float] | None = self.config.merge_weights()
         search = self.config.merge_search()
+        if m.method == "regmean" and search is None:  # a search reads the same folders from its own data
+            params["data"] = [preps[ds.name] for ds in self.config.datasets]
         if search is not None:  # only then, like loftq_base; the weights are the search's to choose
             if preps is None:
                 raise ValueError("merge.search needs the prepared data of every dataset (preps)")

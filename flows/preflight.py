@@ -198,7 +198,7 @@ def _check_merge_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -
     from lorakit.models.folder import linear_weight_shapes
     from lorakit.train.model import parse_targets
 
-    if cfg.merge.method != "regmean" or len(cfg.datasets) < 2:
+    if not cfg.merges_with_regmean() or len(cfg.datasets) < 2:
         return  # one adapter is its own fit: nothing is read or held
     try:
         shapes = linear_weight_shapes(base_dir, parse_targets(cfg.lora_for(cfg.datasets[0]).target))

@@ -53,11 +53,22 @@ def test_steps240_yaml_is_the_default_but_for_training_steps_and_batch():
     assert cfg.model_dump(exclude=strip) == default.model_dump(exclude=strip)
 
 
+def test_steps240_search_yaml_is_steps240_but_for_searched_regmean_weights():
+    """configs/steps240_search.yaml differs from configs/steps240.yaml only in the merge weights: none given, the
+    search chooses RegMean's on every val question the gate judges."""
+    cfg, fixed = load_config(REPO / "configs" / "steps240_search.yaml"), load_config(REPO / "configs" / "steps240.yaml")
+    search = cfg.merge_search()
+    assert search.methods == ["regmean"] and search.max_examples is None and cfg.scorecard.judge_examples is None
+    assert fixed.merge_search() is None and cfg.merges_with_regmean()
+    strip = {"merge": {"search"}, "datasets": {i: {"merge_weight"} for i in range(len(cfg.datasets))}}
+    assert cfg.model_dump(exclude=strip) == fixed.model_dump(exclude=strip)
+
+
 def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
     """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters, no weights
     given and a method with weights to choose (not regmean, the release's default, which fits its own combination);
-    given weights, one dataset, DoRA or LoftQ adapters merge with fixed weights; null is off; a mapping is explicit,
-    and with weights too, or with regmean, it is an error."""
+    given weights, one dataset, DoRA or LoftQ adapters merge with fixed weights; null is off; a mapping is explicit
+    (with regmean too), and with weights too it is an error. The search weighs the merge's method unless told."""
     from flows.config import MergeSearchConfig
 
     two = [{"name": n, "files": ["a.jsonl"]} for n in ("a", "b")]
@@ -73,8 +84,11 @@ def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
     assert parse_config({"datasets": two, "merge": {**linear, "search": None}}).merge_search() is None
     searched = {"datasets": two, "merge": {**linear, "search": {"max_trials": 3}}}
     assert parse_config(searched).merge_search().max_trials == 3
-    with pytest.raises(InputError, match="regmean fits its own combination"):
-        parse_config({"datasets": two, "merge": {"search": {"max_trials": 3}}})
+    # regmean (the release's default) with a search mapping: its own method's weights are searched
+    assert parse_config({"datasets": two, "merge": {"search": {"max_trials": 3}}}).merge_search().methods == ["regmean"]
+    assert parse_config({"datasets": two, "merge": {"method": "ties"}}).merge_search().methods == ["ties"]
+    given = {"datasets": two, "merge": {"search": {"methods": ["linear", "regmean"]}}}
+    assert parse_config(given).merge_search().methods == ["linear", "regmean"]
     with pytest.raises(InputError, match="'weights' or 'search'"):
         parse_config({"datasets": two, "merge": {**linear, "weights": [1, 1], "search": {"max_trials": 3}}})
     with pytest.raises(InputError, match="merge.search"):

@@ -334,5 +334,7 @@ def test_release_config_uses_the_preps_and_no_search():
     assert cfg.merge_search() is None
     plan = ReleasePlan(cfg).merge(["a", "b"], {ds.name: f"/prep/{ds.name}" for ds in cfg.datasets})
     assert plan["params"]["data"] == [f"/prep/{ds.name}" for ds in cfg.datasets] and "search" not in plan["params"]
-    with pytest.raises(ValueError, match="regmean fits its own combination"):
-        ReleaseConfig(merge={"method": "regmean", "search": {"max_trials": 4}})
+    searched = ReleaseConfig(merge={"method": "regmean", "search": {"max_trials": 4}})
+    plan = ReleasePlan(searched).merge(["a", "b"], {ds.name: f"/prep/{ds.name}" for ds in cfg.datasets})
+    # asked for, the search weighs RegMean's projected updates; it reads the same folders from its own data
+    assert plan["params"]["search"]["methods"] == ["regmean"] and "data" not in plan["params"]

@@ -446,3 +446,66 @@ def test_auto_objective_is_accuracy_where_every_task_has_answers_else_nll(answer
                          tmp_path / "mixed", base=base, max_trials=1, seq_len=64, progress=False).metadata["search"]
     assert mixed["objective_name"] == "nll" and mixed["metric"] == "nll"
     assert "format text" in mixed["objective_chosen_by"]
+
+
+# --- method regmean: its projected updates weighed like plain ones ---------------------------------------------------
+
+def test_regmean_search_weighs_the_projected_updates_and_writes_the_closed_form(setup, tmp_path):
+    """Every trial is RegMean with task weights wₜ: W* = W + Σ wₜ·ΔWₜ·G̃ₜ·S⁻¹ (its fit is linear in them). The written
+    model equals that closed form, computed here from PEFT's own merged task models and their hooked layer inputs
+    (tests/test_merge_regmean.py's reference), at the chosen weights; its val NLL is the chosen trial's."""
+    from lorakit.merge.search import search_merge
+    from tests.test_merge_regmean import _reference, _shrink
+
+    out = tmp_path / "rm"
+    result = search_merge(setup["adapters"], setup["data"], out, methods=["regmean"], base=str(setup["base"]),
+                          output_kind="model", seq_len=SEQ_LEN, max_trials=8, progress=False)
+    meta, s = result.metadata, result.metadata["search"]
+    uniform, chosen = s["trials"][s["uniform"]], s["trials"][s["chosen"]]
+    # the baseline is RegMean itself (1.0 each), not the linear 1/n average
+    assert uniform["method"] == "regmean" and uniform["params"]["weights"] == [1.0, 1.0] and uniform["index"] == 0
+    assert s["n_trials"] == 8 and {t["method"] for t in s["trials"]} == {"regmean"}
+    assert chosen["worst_retention"] > uniform["worst_retention"] + 0.05, (chosen, uniform)
+    assert meta["method"] == "regmean" and meta["weights"] == chosen["params"]["weights"]
+    assert meta["regmean"]["data"] == [str(p) for p in setup["preps"].values()]  # the search's own folders, in order
+    assert chosen["params"]["regmean_alpha"] == 0.9 and chosen["params"]["regmean_anchor"] == 0.0
+    refs = [_reference(Path(setup["base"]), a, p, 128) for a, p in zip(setup["adapters"], setup["preps"].values())]
+    base = load_file(Path(setup["base"]) / "model.safetensors")["lm_head.weight"].double()
+    shrunk = [_shrink(g["lm_head"]) for _, g in refs]
+    updates = sum(w * (ref["lm_head"] - base) @ g for w, (ref, _), g in zip(chosen["params"]["weights"], refs, shrunk))
+    expected = base + torch.linalg.solve(sum(shrunk), updates.T).T  # S symmetric: X S⁻¹ = (S⁻¹ Xᵀ)ᵀ
+    got = load_file(out / "model.safetensors")["lm_head.weight"].double()
+    assert torch.allclose(got, expected, rtol=0, atol=5e-5 * float(expected.abs().max())), float((got - expected).abs().max())
+    for name, prep in setup["preps"].items():
+        assert _nll(out, prep) == pytest.approx(chosen["nll"][name], rel=1e-5)
+
+
+def test_regmean_search_from_the_cli_and_the_release_config(setup, tmp_path):
+    """`--methods regmean` takes the regmean options (refused without it); a release config with method regmean and
+    a `search:` mapping searches RegMean's weights, and its merge stage runs (the search's data feeds the fit)."""
+    from flows.config import parse_config
+    from flows.plan import ReleasePlan
+    from tasks import stages
+
+    adapters = list(map(str, setup["adapters"]))
+    data = sum((["--data", d] for d in setup["data"]), [])
+    common = ["--base", str(setup["base"]), "--seq-len", str(SEQ_LEN), "--max-trials", "2", "--output-kind", "model"]
+    proc = run_cli("merge", *adapters, "--search", *data, *common, "--regmean-alpha", "0.5", "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "--methods regmean" in proc.stderr
+    assert_nothing_written(tmp_path / "x")
+    proc = run_cli("merge", *adapters, "--search", "--methods", "regmean", *data, *common, "--regmean-alpha", "0.5",
+                   "--regmean-examples", "1", "-o", str(tmp_path / "cli"))
+    assert proc.returncode == 0, proc.stderr
+    assert "uniform (regmean, weights 1,1)" in proc.stdout
+    meta = json.loads((tmp_path / "cli" / "lorakit_merge.json").read_text())
+    assert meta["regmean"]["alpha"] == 0.5 and meta["regmean"]["examples"] == 1 and meta["search"]["n_trials"] == 2
+
+    datasets = [{"name": n, "files": ["x.jsonl"]} for n in TASKS]
+    cfg = parse_config({"base": str(setup["base"]), "datasets": datasets, "output_dir": str(tmp_path),
+                        "merge": {"regmean_anchor": 0, "search": {"max_trials": 2}}, "gate": {"seq_len": SEQ_LEN}})
+    assert cfg.merge.method == "regmean" and cfg.merge_search().methods == ["regmean"]
+    preps = {n: str(p) for n, p in setup["preps"].items()}
+    args = ReleasePlan(cfg).merge(adapters, preps)
+    assert "data" not in args["params"] and args["params"]["search"]["data"] == preps
+    meta = stages.merge_adapters.fn(args["adapters"], args["weights"], args["output"], args["params"])["metadata"]
+    assert meta["method"] == "regmean" and meta["search"]["n_trials"] == 2 and meta["regmean"]["data"] == list(preps.values())

@@ -52,6 +52,8 @@ def merge(adapters, output, output_kind, rank, base, force, ignore_base_name, se
       lorakit merge a b --search --data rev=prep/rev --data num=prep/num -o m   weights chosen on val
       lorakit merge a b --method regmean --data rev=prep/rev --data num=prep/num --output-kind model -o m
                                       each adapter keeps its layer outputs on its own task (the release's default)
+      lorakit merge a b --search --methods regmean --data rev=prep/rev --data num=prep/num --output-kind model -o m
+                                      RegMean with each task's weight chosen on val
 
     Nothing is written when an input is unusable; output appears only when complete (lorakit_merge.json
     inside records inputs, digests, parameters and any approximation error).
@@ -101,16 +103,17 @@ def merge(adapters, output, output_kind, rank, base, force, ignore_base_name, se
 
 def _search(adapters, output, opts, search_opts, data, seq_len, output_kind, rank, base, force, ignore_base_name,
             compute_dtype, quiet) -> None:
-    """``--search``: the weights chosen on val; prints the choice beside the uniform 1/n baseline."""
+    """``--search``: the weights chosen on val; prints the choice beside the unsearched baseline."""
     from lorakit.merge.search import search_merge
 
     if opts.weights is not None:
         raise InputError("--weights and --search exclude each other: --search chooses the weights; leave one out")
     if "method" in opts.model_fields_set:
         raise InputError("--search takes the methods to try as --methods (e.g. --methods linear,ties), not --method")
-    if opts.regmean_alpha is not None or opts.regmean_examples is not None or opts.regmean_anchor is not None:
-        raise InputError("--regmean-alpha, --regmean-examples and --regmean-anchor apply to --method regmean, which "
-                         "fits its own combination; --search searches linear/TIES/DARE weights")
+    regmean = {k: getattr(opts, k) for k in ("regmean_alpha", "regmean_examples", "regmean_anchor")}
+    if any(v is not None for v in regmean.values()) and "regmean" not in search_opts.methods:
+        raise InputError("--regmean-alpha, --regmean-examples and --regmean-anchor apply to method regmean; with "
+                         "--search, add it to the methods searched (--methods regmean), or leave them out")
     if opts.loftq_base is not None:
         raise InputError("--search merges plain LoRA adapters; --loftq-base does not apply")
     if not data:
@@ -118,7 +121,7 @@ def _search(adapters, output, opts, search_opts, data, seq_len, output_kind, ran
     extra = {} if seq_len is None else {"seq_len": seq_len}
     result = search_merge(
         adapters, list(data), output, **search_opts.given(), density=opts.density, seed=opts.seed,
-        normalize=opts.normalize, output_kind=output_kind, rank=rank, base=base, force=force,
+        normalize=opts.normalize, **regmean, output_kind=output_kind, rank=rank, base=base, force=force,
         ignore_base_name=ignore_base_name, compute_dtype=compute_dtype, progress=not quiet, **extra)
     if quiet:
         click.echo(str(result.output))
@@ -129,7 +132,8 @@ def _search(adapters, output, opts, search_opts, data, seq_len, output_kind, ran
 
 
 def search_summary(meta: dict) -> str:
-    """The chosen merge beside the uniform 1/n one: worst-task retention on val (searched) and test (held out)."""
+    """The chosen merge beside the unsearched baseline (linear 1/n, or RegMean 1.0 each): worst-task retention on val
+    (searched) and test (held out)."""
     s = meta["search"]
     metric = s.get("metric", "nll")
     chosen, uniform = s["trials"][s["chosen"]], s["trials"][s["uniform"]]

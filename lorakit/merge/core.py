@@ -254,6 +254,7 @@ def merge_adapters(
     loftq_base: str | None = MERGE.loftq_base,
     progress: bool = True,
     record: dict[str, Any] | None = None,
+    fitted: tuple[list[Adapter], dict[str, Any]] | None = None,
     started: float | None = None,
 ) -> MergeResult:
     """Merge PEFT LoRA adapters: ΔW = method(w₁·ΔW₁, …) with ΔWᵢ = scalingᵢ·BᵢAᵢ per target module.
@@ -266,6 +267,9 @@ def merge_adapters(
     search's ``search``), written inside the same atomic output. ``started``: the ``time.perf_counter()`` at which the
     stage began when work before this call belongs to it (the merge search), so ``wall_time_s`` is the stage's time.
     ``data``: method regmean's prepared-data folders, one per adapter (:mod:`lorakit.merge.regmean`).
+    ``fitted``: what :func:`lorakit.merge.regmean.regmean_adapters` returned for these adapters, data and parameters
+    (the merge search projects once for all its trials), so the output is written from the adapters it measured
+    without reading the data again; checked to be projections of the same adapters.
     """
     from lorakit.compute import dtype_name, resolve_compute_dtype
 
@@ -319,9 +323,18 @@ def merge_adapters(
     if regmean_data is not None:  # each adapter's A re-projected; the rest is the exact linear path
         from lorakit.merge.regmean import regmean_adapters
 
-        loaded, regmean_record = regmean_adapters(loaded, base_dir, regmean_data, alpha=params["regmean_alpha"],
-                                                  examples=params["regmean_examples"],
-                                                  anchor=params["regmean_anchor"], progress=progress)
+        if fitted is not None:
+            projected, regmean_record = fitted
+            fit = (regmean_record["alpha"], regmean_record["examples"], (regmean_record["anchor"] or {}).get("weight", 0.0))
+            asked = (float(params["regmean_alpha"]), int(params["regmean_examples"]), float(params["regmean_anchor"] or 0.0))
+            if ([a.digest for a in projected] != [a.digest for a in loaded] or fit != asked
+                    or regmean_record["data"] != [str(d) for d in regmean_data]):
+                raise ValueError("fitted: a RegMean projection of other adapters, data or parameters")
+            loaded = projected
+        else:
+            loaded, regmean_record = regmean_adapters(loaded, base_dir, regmean_data, alpha=params["regmean_alpha"],
+                                                      examples=params["regmean_examples"],
+                                                      anchor=params["regmean_anchor"], progress=progress)
 
     with atomic_dir(output, force=force) as tmp:
         if output_kind == "adapter":

@@ -41,10 +41,13 @@ class InMemoryMerge:
         self._digests = tuple(a.digest for a in adapters)
 
     @torch.no_grad()
-    def apply(self, method: MergeMethod, weights: Sequence[float], params: dict[str, Any]) -> None:
-        """Set every adapted weight to W + method(w₁·ΔW₁, …); nothing is read from disk."""
+    def apply(self, method: MergeMethod, weights: Sequence[float], params: dict[str, Any],
+              adapters: Sequence[Adapter] | None = None) -> None:
+        """Set every adapted weight to W + method(w₁·ΔW₁, …); nothing is read from disk. ``adapters``: the updates
+        to combine instead of the loaded ones, the same modules (RegMean's re-projected adapters, which the merge
+        search weighs like plain ones)."""
         for name in self.names:
-            modules = [a.modules[name] for a in self.adapters]
+            modules = [a.modules[name] for a in (adapters or self.adapters)]
             target, original = self._weights[name], self._original[name]
             if method.factorable:
                 A, B = concat_factors(modules, weights)

@@ -23,10 +23,20 @@ worst task's retention (ties: the higher mean retention, then the earlier trial)
 Trials, in order, bounded by ``max_trials`` and ``time_budget_s`` (counted from the call; no trial starts after
 it is spent, the first always runs):
 
-1. ``linear`` with uniform weights 1/n: the default merge, the baseline every result is shown beside;
+1. the baseline every result is shown beside (role ``uniform``: equal weights): ``linear`` 1/n, the usual
+   default merge, or, when the first method is ``regmean``, RegMean itself (1.0 each);
 2. per method in ``methods`` (the trial budget split evenly between them): a deterministic Nelder–Mead
    (:mod:`lorakit.merge.simplex`) over the weights in ``weight_bounds`` (and the density in
-   ``DENSITY_BOUNDS`` for ties/DARE/pruning unless ``density`` is given), started from the best point so far.
+   ``DENSITY_BOUNDS`` for ties/DARE/pruning unless ``density`` is given), started from the best point so far
+   (``regmean``: from its own best point, 1.0 each before it has one).
+
+RegMean (:mod:`lorakit.merge.regmean`) is searched the same way. Its solution is linear in the task weights: it
+re-projects each adapter's A once (the Gram matrices of each task's training inputs, read from the same ``data``
+folders' train splits), and its merge is then the exact weighted sum of the projected updates. So the projection
+runs once, before the trials, and every trial weighs the projected updates as ΔWᵢ; the output is written from
+the same projected adapters (no second pass over the data). Why search it: RegMean's own weights (1.0 each) fit
+each task's layer outputs in least squares, not its answers, and which weights keep the answers of stronger
+adapters moved more than ten points of val exact match between training seeds (docs/merge.md).
 
 Honest selection: trials read the val splits only. After the choice, when every data folder has a test split,
 the chosen and the uniform merge (and the base and adapters, for the denominators) are scored on test for the
@@ -96,6 +106,12 @@ class Trial:
     mean_retention: float | None = None  # the tie-break between trials of equal worst-task retention
 
 
+def baseline_weights(method: MergeMethod, n: int) -> list[float]:
+    """The unsearched weights of ``method``: RegMean itself is 1.0 each (its fit already divides the updates between
+    the tasks); every other method's usual default is the 1/n average."""
+    return [1.0] * n if method.name == "regmean" else [1.0 / n] * n
+
+
 def best_trial(trials: Sequence[Trial]) -> Trial:
     """The highest worst-task retention; ties (frequent with exact match): higher mean retention, earlier trial."""
     return max(trials, key=lambda t: (t.worst_retention, t.mean_retention or 0.0, -t.index))
@@ -142,9 +158,12 @@ class Evaluator:
     """Per-task score of the in-memory merge (val NLL on cached token streams, or greedy exact match on the val
     examples); the base and adapter scores are measured once."""
 
-    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int, objective: str = "nll"):
+    def __init__(self, merge, tasks: list[TaskStream], *, batch_size: int, objective: str = "nll",
+                 inputs: dict[str, list] | None = None):
         self.merge, self.tasks, self.batch_size = merge, tasks, batch_size
         self.objective = objective
+        # method name -> the updates it weighs instead of the loaded adapters (regmean: the re-projected ones)
+        self.inputs = inputs or {}
         self.metric, self.higher_is_better, _ = OBJECTIVES[objective]
         self._eval_model = None
 
@@ -191,7 +210,8 @@ class Evaluator:
                       ) -> tuple[dict[str, float], float]:
         """(score per task, seconds spent applying the merge)."""
         t0 = time.perf_counter()
-        self.merge.apply(method, params["weights"], {k: v for k, v in params.items() if k != "weights"})
+        self.merge.apply(method, params["weights"], {k: v for k, v in params.items() if k != "weights"},
+                         adapters=self.inputs.get(method.name))
         if self.merge.device.type == "cuda":
             torch.cuda.synchronize()
         apply_s = time.perf_counter() - t0
@@ -277,7 +297,9 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
             )
     deadline = started + float(time_budget_s)
     runner = _Runner(evaluator, base_val, adapter_val, max_trials=max_trials, deadline=deadline, progress=progress)
-    uniform = runner.run(LINEAR, {"weights": [1.0 / n] * n}, role="uniform")
+    first = methods[0] if methods[0].name == "regmean" else LINEAR
+    uniform = runner.run(first, {"weights": baseline_weights(first, n),
+                                 **(fixed_params[first.name] if first is not LINEAR else {})}, role="uniform")
     stopped: dict[str, str] = {}
     lo_w, hi_w = (float(x) for x in weight_bounds)
     remaining = max_trials - 1
@@ -288,8 +310,13 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
         search_density = "density" in fixed and fixed["density"] is None
         if search_density:
             del fixed["density"]
-        best = best_trial(runner.trials)
-        x0 = [min(max(w, lo_w), hi_w) for w in best.params["weights"]]
+        own = [t for t in runner.trials if t.method == method.name]
+        if method.name == "regmean":  # weights of projected updates: only its own trials' points mean the same
+            start = best_trial(own).params["weights"] if own else baseline_weights(method, n)
+        else:
+            plain = [t for t in runner.trials if t.method != "regmean"]
+            start = best_trial(plain).params["weights"] if plain else baseline_weights(method, n)
+        x0 = [min(max(w, lo_w), hi_w) for w in start]
         lo, hi, steps = [lo_w] * n, [hi_w] * n, [0.25 * (hi_w - lo_w)] * n
         if search_density:
             x0.append(START_DENSITY)
@@ -353,6 +380,9 @@ def search_merge(
     density: float | None = MERGE.density,
     seed: int | None = MERGE.seed,
     normalize: bool | None = MERGE.normalize,
+    regmean_alpha: float | None = MERGE.regmean_alpha,
+    regmean_examples: int | None = MERGE.regmean_examples,
+    regmean_anchor: float | None = MERGE.regmean_anchor,
     output_kind: str = "adapter",
     rank: int | None = None,
     base: str | os.PathLike[str] | None = None,
@@ -370,7 +400,8 @@ def search_merge(
 
     Returns the :class:`lorakit.merge.MergeResult` of the final write; its ``metadata["search"]`` holds every
     trial, the choice, the uniform baseline and the test-split report. Every input problem is an
-    :class:`InputError` raised before the model is loaded, and nothing is written then.
+    :class:`InputError` raised before the model is loaded, and nothing is written then. ``regmean_*``: method
+    regmean's fixed parameters when ``methods`` includes it (it reads each task's train split from ``data``).
     """
     from lorakit.adapters import check_compatible, check_tied_targets, load_adapter
     from lorakit.compute import dtype_name, resolve_compute_dtype
@@ -396,7 +427,8 @@ def search_merge(
     merge_methods = [get_method(m) for m in dict.fromkeys(methods)]
     fixed: dict[str, dict[str, Any]] = {}
     for m in merge_methods:
-        given = {"density": density, "seed": seed, "normalize": normalize}
+        given = {"density": density, "seed": seed, "normalize": normalize, "regmean_alpha": regmean_alpha,
+                 "regmean_examples": regmean_examples, "regmean_anchor": regmean_anchor}
         probe = resolve_params(m, {k: (START_DENSITY if k == "density" and v is None else v) for k, v in
                                    given.items() if any(p.name == k for p in m.params)})
         fixed[m.name] = {k: (None if k == "density" and density is None else v) for k, v in probe.items()}
@@ -418,14 +450,28 @@ def search_merge(
     objective, objective_why = resolve_objective(objective, [_prep_format(name, prep) for name, prep in tasks_in])
     tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens, objective, max_examples)
     with_test = all("test" in t.splits() for t in tasks)
+    regmean = fixed.get("regmean")
+    if regmean is not None:
+        from lorakit.merge.regmean import check_data
+
+        regmean_data = check_data(loaded, [prep for _, prep in tasks_in], regmean["regmean_alpha"],
+                                  regmean["regmean_examples"], regmean["regmean_anchor"])
 
     from lorakit.evaluate.loading import pick_device
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.progress import activity, emit
 
+    inputs, fitted = {}, None
+    if regmean is not None:  # the same projection for every weight: once (its memory checked first), before the base loads
+        from lorakit.merge.regmean import regmean_adapters
+
+        fitted = regmean_adapters(loaded, base_dir, regmean_data, alpha=regmean["regmean_alpha"],
+                                  examples=regmean["regmean_examples"], anchor=regmean["regmean_anchor"],
+                                  progress=progress)
+        inputs["regmean"] = fitted[0]
     with activity("merge search: loading the base"):
         merge = InMemoryMerge(base_dir, loaded, pick_device(device))
-    evaluator = Evaluator(merge, tasks, batch_size=batch_size, objective=objective)
+    evaluator = Evaluator(merge, tasks, batch_size=batch_size, objective=objective, inputs=inputs)
     with activity("merge search"):
         trials, chosen, uniform, info = run_search(
             evaluator, merge_methods, fixed, max_trials=max_trials, time_budget_s=time_budget_s, started=started,
@@ -471,7 +517,10 @@ def search_merge(
     p = chosen.params
     return core.merge_adapters(
         adapters, p["weights"], output, method=chosen.method, output_kind=output_kind, rank=rank, base=base,
-        density=p.get("density"), seed=p.get("seed"), normalize=p.get("normalize"), force=force,
+        density=p.get("density"), seed=p.get("seed"), normalize=p.get("normalize"),
+        data=[prep for _, prep in tasks_in] if chosen.method == "regmean" else None,
+        regmean_alpha=p.get("regmean_alpha"), regmean_examples=p.get("regmean_examples"),
+        regmean_anchor=p.get("regmean_anchor"), fitted=fitted if chosen.method == "regmean" else None, force=force,
         ignore_base_name=ignore_base_name, compute_dtype=compute, progress=progress, record={"search": record},
         started=started)  # the record's wall_time_s: the whole stage, search and write
 
