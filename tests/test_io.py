@@ -49,6 +49,24 @@ def test_atomic_dir_publishes_only_complete_output(tmp_path):
     assert oct(dest.stat().st_mode & 0o777) != oct(0o700), "published folder must not keep mkdtemp's private mode"
 
 
+def test_an_output_written_meanwhile_by_another_process_is_kept_not_replaced(tmp_path):
+    """Two writers to one path, each having checked it was free: the first to finish publishes; the second, without
+    force, is refused with the reason and leaves no temporary (with force it replaces, as asked)."""
+    from lorakit.errors import OutputExistsError
+
+    dest = tmp_path / "out"
+    with pytest.raises(OutputExistsError, match="appeared while this output was being written"):
+        with atomic_dir(dest) as tmp:
+            (tmp / "mine.txt").write_text("mine")
+            with atomic_dir(dest) as other:  # the other process, finishing first
+                (other / "theirs.txt").write_text("theirs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in dest.iterdir()] == ["theirs.txt"]
+    with atomic_dir(dest, force=True) as tmp:
+        (tmp / "mine.txt").write_text("mine")
+    assert [p.name for p in dest.iterdir()] == ["mine.txt"]
+
+
 def _dead_pid() -> int:
     import subprocess
     import sys

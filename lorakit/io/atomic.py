@@ -128,6 +128,8 @@ def atomic_dir(dest: str | os.PathLike[str], *, force: bool = False) -> Iterator
     try:
         yield tmp
         fsync_tree(tmp)
+        if dest.exists() and not force:
+            raise _appeared(dest)
         if dest.exists():
             # Move the old output aside first so that a failure between the two renames keeps it.
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-{_owner()}-", dir=dest.parent))
@@ -141,10 +143,19 @@ def atomic_dir(dest: str | os.PathLike[str], *, force: bool = False) -> Iterator
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise InputError(_disk_full_message(dest)) from exc
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and not force:  # it appeared between the check and rename
+            raise _appeared(dest) from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _appeared(dest: Path) -> OutputExistsError:
+    """``dest`` was free when the work started and exists now: another process wrote it meanwhile. Without
+    ``force`` it is theirs to keep: this output is discarded rather than replacing it unasked."""
+    return OutputExistsError(f"output {dest} appeared while this output was being written (another process wrote it); "
+                             "it was kept and this output discarded: choose another path, or pass --force to replace it")
 
 
 @contextlib.contextmanager
