@@ -214,6 +214,49 @@ def test_cli_run_exit_codes(prefect_harness, tiny_base, workdir, tmp_path):
         rejected.stderr[-3000:]
 
 
+def test_cli_run_stopped_by_sigterm_takes_its_prefect_server_and_training_with_it(tiny_base, tmp_path):
+    """`kill PID` of a `lorakit run` (SIGTERM, what schedulers send) while adapters train: the run exits 143 and no
+    process it started outlives it: not its ephemeral Prefect server (before, it stayed running, orphaned), not a
+    training process; nothing is published in the adapters' place."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    import yaml
+
+    from tests.release_helpers import REPO
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_data(tiny_base, tmp_path, lora={"max_steps": 100000})))
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lorakit", "run", str(config)], env=env, cwd=tmp_path,
+                                stdout=out, stderr=err)
+    try:
+        run = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 240
+        while True:  # until the server and both training processes run
+            started = run.children(recursive=True)
+            training = [c for c in started if "spawn_main" in " ".join(c.cmdline())]
+            if len(training) >= 2 and any("uvicorn" in " ".join(c.cmdline()) for c in started):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err.log").read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+        assert "stopped by signal 15" in (tmp_path / "err.log").read_text()
+        assert not list((tmp_path / "out" / "adapters").glob("*/adapter_model.safetensors"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_release_with_gguf_export_gates_and_registers_it(prefect_harness, tiny_base, workdir):
     from pathlib import Path
 

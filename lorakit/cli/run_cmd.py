@@ -7,6 +7,7 @@ flows over ``tasks`` over the ``lorakit`` library) lazily inside the function. T
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import click
@@ -108,6 +109,7 @@ def run(config, route_gpu, output_dir, compute_dtype, show_config, check, quiet)
 
     configure_threads()
     quiet_third_party_logs()
+    _exit_on_sigterm()
     with progress.activity("release"):
         from flows.release import release
 
@@ -124,6 +126,36 @@ def run(config, route_gpu, output_dir, compute_dtype, show_config, check, quiet)
         for role, ref in result["refs"].items():
             click.echo(f"  {role:<20} {ref}")
         click.echo(f"release model: {result['release']} (aliases: {', '.join(result['aliases'])})")
+
+
+def _exit_on_sigterm() -> None:
+    """``kill PID`` (SIGTERM, what schedulers and ``systemctl stop`` send) stops the run and every process it
+    started: Prefect's ephemeral API server and the adapters' training processes.
+
+    Why: Prefect's flow engine turns SIGTERM into a crash report, then re-sends the signal to the handler it found.
+    The default handler ends the process on the spot, so the server, a child process stopped only by an ``atexit``
+    hook, stayed running, orphaned (measured: ``kill`` of a run left its uvicorn process alive). Exiting through
+    Python instead waits for the stage threads, i.e. for training to finish. So this handler sends SIGTERM to the
+    children itself (uvicorn and training stop on it), then exits at once. Nothing is half-written: every output is
+    published atomically, and a re-run takes the finished stages from the cache. Exit status 143 = 128 + SIGTERM,
+    as a shell reports it."""
+    import signal
+
+    def stop(signum: int, _frame) -> None:
+        import sys
+
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        print(f"lorakit: stopped by signal {signum}; stopping {len(children)} child process(es) (the Prefect server, "
+              "training); finished stages are kept and a re-run takes them from the cache", file=sys.stderr, flush=True)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.terminate()
+        sys.stdout.flush()
+        os._exit(128 + signum)  # now: waiting would let the stage threads report their children's deaths as errors
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 COMMANDS = [run]
