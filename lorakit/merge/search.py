@@ -259,7 +259,7 @@ class _Runner:
             from lorakit.progress import emit
 
             shown = ", ".join(f"{k} {v:g}" if not isinstance(v, list) else f"{k} {','.join(f'{x:g}' for x in v)}"
-                              for k, v in params.items())
+                              for k, v in params.items() if k in ("weights", "density"))  # what is searched
             emit(f"merge search trial {trial.index + 1}: {method.name} {shown} -> worst-task retention "
                  f"{trial.worst_retention:.3f} ({total:.1f}s)")
         return trial
