@@ -87,6 +87,14 @@ def summary(card: dict) -> dict:
     return out
 
 
+def _baseline(search: dict) -> str:
+    """The search's unsearched baseline, as the section names it (results before it was recorded: linear 1/n)."""
+    b = search.get("baseline")
+    if b is None or b["method"] != "regmean":
+        return "1/n"
+    return f"{b['method']} at {', '.join(f'{w:g}' for w in b['weights'])}"
+
+
 def release_merge(merged: Path) -> dict:
     """How the release merged: method and weights, and when its merge searched them, what the search measured."""
     meta = json.loads((merged / "lorakit_merge.json").read_text())
@@ -97,6 +105,8 @@ def release_merge(merged: Path) -> dict:
     if s:
         out["search"] = {k: s.get(k) for k in ("objective_name", "objective_chosen_by", "n_trials", "chosen",
                                                "stopped", "search_s", "trial_s_median", "report")}
+        baseline = s["trials"][s["uniform"]]  # linear 1/n, or RegMean 1.0 each (lorakit.merge.search)
+        out["search"]["baseline"] = {"method": baseline["method"], "weights": baseline["params"]["weights"]}
     return out
 
 
@@ -299,7 +309,7 @@ def readme(release: dict, merges: dict | None, name: str = "release_scorecard") 
             r = m["search"]["report"]
             how += (f", chosen by the merge search ({m['search']['objective_name']}, {m['search']['n_trials']} trials, "
                     f"{m['search']['search_s']:.0f} s; worst-task retention val {r['val']['chosen']:.2f}, "
-                    f"1/n {r['val']['uniform']:.2f})")
+                    f"{_baseline(m['search'])} {r['val']['uniform']:.2f})")
         lines += ["", f"Merge: {how}."]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in release["stage_seconds"].items())]
     if merges:
