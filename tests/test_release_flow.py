@@ -232,7 +232,9 @@ def test_cli_run_stopped_by_sigterm_takes_its_prefect_server_and_training_with_i
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
     config = tmp_path / "long.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_data(tiny_base, tmp_path, lora={"max_steps": 100000})))
+    # two training processes whatever `auto` would decide on this machine's free memory (it may train in-process)
+    config.write_text(yaml.safe_dump(tiny_config_data(tiny_base, tmp_path, lora={"max_steps": 100000},
+                                                      train_concurrency=2)))
     with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "lorakit", "run", str(config)], env=env, cwd=tmp_path,
                                 stdout=out, stderr=err)
@@ -253,7 +255,9 @@ def test_cli_run_stopped_by_sigterm_takes_its_prefect_server_and_training_with_i
         assert "stopped by signal 15" in (tmp_path / "err.log").read_text()
         assert not list((tmp_path / "out" / "adapters").glob("*/adapter_model.safetensors"))
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the test failed before the signal: leave no server or training behind
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
             proc.kill()
 
 
