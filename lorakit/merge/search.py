@@ -298,8 +298,8 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
     deadline = started + float(time_budget_s)
     runner = _Runner(evaluator, base_val, adapter_val, max_trials=max_trials, deadline=deadline, progress=progress)
     first = methods[0] if methods[0].name == "regmean" else LINEAR
-    uniform = runner.run(first, {"weights": baseline_weights(first, n),
-                                 **(fixed_params[first.name] if first is not LINEAR else {})}, role="uniform")
+    uniform = runner.run(first, {"weights": baseline_weights(first, n), **fixed_params.get(first.name, {})},
+                         role="uniform")
     stopped: dict[str, str] = {}
     lo_w, hi_w = (float(x) for x in weight_bounds)
     remaining = max_trials - 1
@@ -310,12 +310,9 @@ def run_search(evaluator: Evaluator, methods: list[MergeMethod], fixed_params: d
         search_density = "density" in fixed and fixed["density"] is None
         if search_density:
             del fixed["density"]
-        own = [t for t in runner.trials if t.method == method.name]
-        if method.name == "regmean":  # weights of projected updates: only its own trials' points mean the same
-            start = best_trial(own).params["weights"] if own else baseline_weights(method, n)
-        else:
-            plain = [t for t in runner.trials if t.method != "regmean"]
-            start = best_trial(plain).params["weights"] if plain else baseline_weights(method, n)
+        # RegMean weighs projected updates: its points and the other methods' do not mean the same weights
+        alike = [t for t in runner.trials if (t.method == "regmean") == (method.name == "regmean")]
+        start = best_trial(alike).params["weights"] if alike else baseline_weights(method, n)
         x0 = [min(max(w, lo_w), hi_w) for w in start]
         lo, hi, steps = [lo_w] * n, [hi_w] * n, [0.25 * (hi_w - lo_w)] * n
         if search_density:
@@ -450,21 +447,18 @@ def search_merge(
     objective, objective_why = resolve_objective(objective, [_prep_format(name, prep) for name, prep in tasks_in])
     tasks = task_streams(tasks_in, loaded, base_dir, seq_len, max_tokens, objective, max_examples)
     with_test = all("test" in t.splits() for t in tasks)
-    regmean = fixed.get("regmean")
-    if regmean is not None:
-        from lorakit.merge.regmean import check_data
-
-        regmean_data = check_data(loaded, [prep for _, prep in tasks_in], regmean["regmean_alpha"],
-                                  regmean["regmean_examples"], regmean["regmean_anchor"])
 
     from lorakit.evaluate.loading import pick_device
     from lorakit.merge.in_memory import InMemoryMerge
     from lorakit.progress import activity, emit
 
-    inputs, fitted = {}, None
+    inputs, fitted, regmean_data = {}, None, None
+    regmean = fixed.get("regmean")
     if regmean is not None:  # the same projection for every weight: once (its memory checked first), before the base loads
-        from lorakit.merge.regmean import regmean_adapters
+        from lorakit.merge.regmean import check_data, regmean_adapters
 
+        regmean_data = check_data(loaded, [prep for _, prep in tasks_in], regmean["regmean_alpha"],
+                                  regmean["regmean_examples"], regmean["regmean_anchor"])
         fitted = regmean_adapters(loaded, base_dir, regmean_data, alpha=regmean["regmean_alpha"],
                                   examples=regmean["regmean_examples"], anchor=regmean["regmean_anchor"],
                                   progress=progress)
@@ -518,7 +512,7 @@ def search_merge(
     return core.merge_adapters(
         adapters, p["weights"], output, method=chosen.method, output_kind=output_kind, rank=rank, base=base,
         density=p.get("density"), seed=p.get("seed"), normalize=p.get("normalize"),
-        data=[prep for _, prep in tasks_in] if chosen.method == "regmean" else None,
+        data=regmean_data if chosen.method == "regmean" else None,
         regmean_alpha=p.get("regmean_alpha"), regmean_examples=p.get("regmean_examples"),
         regmean_anchor=p.get("regmean_anchor"), fitted=fitted if chosen.method == "regmean" else None, force=force,
         ignore_base_name=ignore_base_name, compute_dtype=compute, progress=progress, record={"search": record},
