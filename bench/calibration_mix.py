@@ -103,7 +103,8 @@ DTYPE_KEYS = {v: k for k, v in DTYPE_TOKENS.items()}
 @dataclass(frozen=True)
 class Variant:
     """One quantization to measure, parsed from
-    ``method:fraction[:kN][:bN][:gN][:sN][:seedN][:FORM][:asym][:act][:gptaqA][:clip][:fp32|:bf16][:keep-KIND]``."""
+    ``method:fraction[:kN][:bN][:gN][:sN][:seedN][:FORM][:asym][:act][:gptaqA][:clip][:fp32|:bf16][:keep-KIND]
+    [:tuneN][:tlrX]``."""
 
     method: str
     fraction: float
@@ -119,6 +120,8 @@ class Variant:
     compute_dtype: str | None = None  # forced compute dtype (fp32 | bf16); None = the machine's (lorakit.compute)
     seed: int | None = None  # calibration draw; None = the release's
     unquantized: tuple[str, ...] = ()  # linear kinds (k_proj, ...) left unquantized in every layer
+    tune_steps: int = 0  # scale tuning after rounding (lorakit.quantize.tune); 0 = none, as every record before it
+    tune_lr: float | None = None  # its learning rate; None = the quantize stage's default
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -136,7 +139,9 @@ class Variant:
                    clip="clip" in more,
                    compute_dtype=next((DTYPE_TOKENS[m] for m in more if m in DTYPE_TOKENS), None),
                    seed=next((int(m[4:]) for m in more if m.startswith("seed") and m[4:].isdigit()), None),
-                   unquantized=tuple(sorted(m[len("keep-"):] for m in more if m.startswith("keep-"))))
+                   unquantized=tuple(sorted(m[len("keep-"):] for m in more if m.startswith("keep-"))),
+                   tune_steps=next((int(m[4:]) for m in more if m.startswith("tune") and m[4:].isdigit()), 0),
+                   tune_lr=next((float(m[3:]) for m in more if m.startswith("tlr")), None))
 
     @classmethod
     def of_record(cls, v: dict) -> Variant:
@@ -144,7 +149,8 @@ class Variant:
         return cls(v["method"], v["general_fraction"], v.get("kept_modules", 0), v.get("bits", 4),
                    v.get("group_size", 64), v.get("n_samples"), v.get("awq_scale_form"), v.get("asym", False),
                    v.get("act_order", False), v.get("gptaq_alpha", 0.0), v.get("clip", False),
-                   v.get("compute_dtype"), v.get("seed"), tuple(v.get("unquantized_kinds", ())))
+                   v.get("compute_dtype"), v.get("seed"), tuple(v.get("unquantized_kinds", ())),
+                   v.get("tune_steps", 0), v.get("tune_lr"))
 
     def spec(self) -> str:
         """The ``--variants`` item that parses back to this variant: what a README section's command line repeats."""
@@ -156,7 +162,9 @@ class Variant:
                                         ("act", self.act_order), (f"gptaq{self.gptaq_alpha:g}", bool(self.gptaq_alpha)),
                                         ("clip", self.clip)) if on]
         return ":".join(parts + ([DTYPE_KEYS[self.compute_dtype]] if self.compute_dtype else [])
-                        + [f"keep-{kind}" for kind in self.unquantized])
+                        + [f"keep-{kind}" for kind in self.unquantized]
+                        + ([f"tune{self.tune_steps}"] if self.tune_steps else [])
+                        + ([f"tlr{self.tune_lr:g}"] if self.tune_lr is not None else []))
 
     def key(self) -> str:
         """``awq-g32-activation-general50-keep16``: no dots or colons, so a README figure can cite it by key path."""
@@ -169,7 +177,9 @@ class Variant:
                 f"{f'-n{self.n_samples}' if self.n_samples else ''}"
                 f"-general{round(self.fraction * 100)}" + (f"-keep{self.keep}" if self.keep else "")
                 + ("" if self.seed is None else f"-seed{self.seed}")
-                + "".join(f"-unquantized-{kind}" for kind in self.unquantized))
+                + "".join(f"-unquantized-{kind}" for kind in self.unquantized)
+                + (f"-tune{self.tune_steps}" if self.tune_steps else "")
+                + (f"-lr{self.tune_lr:.0e}" if self.tune_lr is not None else ""))
 
 
 def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path,
@@ -197,6 +207,9 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
         q["compute_dtype"] = v.compute_dtype
     if v.seed is not None:
         q["seed"] = v.seed
+    q["tune_steps"] = v.tune_steps
+    if v.tune_lr is not None:
+        q["tune_lr"] = v.tune_lr
     started = time.perf_counter()
     module_bits = sensitive_modules(merged, calib, q, v.fraction, v.keep) if v.keep else {}
     module_bits.update(unquantized_bits(merged, v.unquantized))
@@ -223,6 +236,8 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
             **({"compute_dtype": v.compute_dtype} if v.compute_dtype else {}),
             **({"seed": v.seed} if v.seed is not None else {}),
             **({"unquantized_kinds": list(v.unquantized)} if v.unquantized else {}),
+            **({"tune_steps": v.tune_steps, "tuning": meta["tuning"]} if v.tune_steps else {}),
+            **({"tune_lr": v.tune_lr} if v.tune_lr is not None else {}),
             "kept_modules": v.keep, **scored,
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
@@ -260,7 +275,8 @@ def readme(data: dict, name: str) -> str:
                    f"{v['n_samples']} blocks" if v.get("n_samples") else None,
                    f"computed in {v['compute_dtype']}" if v.get("compute_dtype") else None,
                    f"calibration seed {v['seed']}" if v.get("seed") is not None else None,
-                   f"{', '.join(v['unquantized_kinds'])} unquantized" if v.get("unquantized_kinds") else None]
+                   f"{', '.join(v['unquantized_kinds'])} unquantized" if v.get("unquantized_kinds") else None,
+                   f"scales tuned {v['tune_steps']} steps" if v.get("tune_steps") else None]
         form = f" ({', '.join(filter(None, flavour))})" if any(flavour) else ""
         lines.append(f"| {v['method']}{form} | {v.get('bits', 4)} | {v.get('group_size', 64)} | {v['general_fraction']:.0%} | "
                      f"{v.get('kept_modules', 0)} | {v['size_mb']} ({v['size_vs_bf16']:.2f}) | "

@@ -25,6 +25,8 @@ AWQ GEMM (``quant_method: awq``, ``version: gemm``)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lorakit.errors import InputError
@@ -55,7 +57,26 @@ def unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes.reshape(shape)
 
 
-def dequantize_gptq(
+@dataclass(frozen=True)
+class PackedLinear:
+    """One quantized linear as its integers and its scales: ``w[o, i] = codes[i, o] · scales[group[i], o]``.
+
+    ``codes`` [in, out] int64 holds ``q - z`` (the code minus its group's zero point), ``group`` [in] int64 the
+    group of each input row, ``scales`` [groups, out] as stored. Dequantization multiplies them out; scale tuning
+    (:mod:`lorakit.quantize.tune`) trains ``scales`` with ``codes`` fixed, so both read the layouts in one place.
+    """
+
+    codes: torch.Tensor
+    group: torch.Tensor
+    scales: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The dense ``[out, in]`` float32 weight."""
+        w = self.codes.to(torch.float32) * self.scales[self.group].to(torch.float32)  # [in, out]
+        return w.t().contiguous()
+
+
+def gptq_packed(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
     scales: torch.Tensor,
@@ -64,8 +85,8 @@ def dequantize_gptq(
     bits: int,
     group_size: int,
     checkpoint_format: str = "gptq",
-) -> torch.Tensor:
-    """The dense ``[out, in]`` float32 weight a GPTQ linear layer multiplies by."""
+) -> PackedLinear:
+    """A GPTQ linear's codes, groups and scales (see the module docstring for the layout)."""
     if bits not in GPTQ_BITS:
         raise InputError(f"GPTQ {bits}-bit weights cannot be dequantized exactly here (codes straddle words); "
                          "evaluate this model with --quant-path kernel")
@@ -86,13 +107,27 @@ def dequantize_gptq(
     g_idx = g_idx.to(torch.int64)
     if g_idx.numel() != n_in or int(g_idx.max()) >= scales.shape[0]:
         raise InputError("GPTQ g_idx does not match qweight/scales; the checkpoint is corrupt")
-    w = (q - z[g_idx]).to(torch.float32) * scales[g_idx].to(torch.float32)  # [in, out]
-    return w.t().contiguous()
+    return PackedLinear(q - z[g_idx], g_idx, scales)
 
 
-def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int = 4,
-                   group_size: int) -> torch.Tensor:
-    """The dense ``[out, in]`` float32 weight an AWQ GEMM linear layer multiplies by."""
+def dequantize_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    *,
+    bits: int,
+    group_size: int,
+    checkpoint_format: str = "gptq",
+) -> torch.Tensor:
+    """The dense ``[out, in]`` float32 weight a GPTQ linear layer multiplies by."""
+    return gptq_packed(qweight, qzeros, scales, g_idx, bits=bits, group_size=group_size,
+                       checkpoint_format=checkpoint_format).dense()
+
+
+def awq_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int = 4,
+               group_size: int) -> PackedLinear:
+    """An AWQ GEMM linear's codes, groups and scales (see the module docstring for the layout)."""
     if bits != 4:
         raise InputError(f"AWQ {bits}-bit weights are not supported; AWQ GEMM checkpoints are 4-bit")
     inverse = torch.tensor([AWQ_ORDER.index(c) for c in range(8)])  # column c lives in nibble inverse[c]
@@ -110,5 +145,28 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     if scales.shape != z.shape or scales.shape[0] != (n_in + size - 1) // size or scales.shape[1] != n_out:
         raise InputError(f"AWQ tensors disagree (qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, "
                          f"scales {list(scales.shape)}, group_size {group_size}); the checkpoint is corrupt")
-    w = (q - z[group]).to(torch.float32) * scales[group].to(torch.float32)
-    return w.t().contiguous()
+    return PackedLinear(q - z[group], group, scales)
+
+
+def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int = 4,
+                   group_size: int) -> torch.Tensor:
+    """The dense ``[out, in]`` float32 weight an AWQ GEMM linear layer multiplies by."""
+    return awq_packed(qweight, qzeros, scales, bits=bits, group_size=group_size).dense()
+
+
+def read_packed_linear(kind: str, tensors: dict[str, torch.Tensor], prefix: str, n_in: int, n_out: int, *,
+                       checkpoint_format: str = "gptq") -> PackedLinear:
+    """The packed linear ``prefix`` of a ``kind`` ("gptq" or "awq") checkpoint's tensors, its bits and group size
+    read from the tensors' shapes (GPTQModel's ``dynamic`` may change them per module)."""
+    qweight, qzeros, scales = (tensors[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales"))
+    if kind == "gptq":
+        bits = 32 * qweight.shape[0] // n_in
+        packed = gptq_packed(qweight, qzeros, scales, tensors.get(f"{prefix}.g_idx"), bits=bits,
+                             group_size=n_in // scales.shape[0], checkpoint_format=checkpoint_format)
+    else:
+        bits = 32 * qweight.shape[1] // n_out
+        packed = awq_packed(qweight, qzeros, scales, bits=bits, group_size=n_in // scales.shape[0])
+    if tuple(packed.codes.shape) != (n_in, n_out):
+        raise InputError(f"{prefix} dequantizes to {[packed.codes.shape[1], packed.codes.shape[0]]}, the model "
+                         f"expects {[n_out, n_in]}; the checkpoint is corrupt")
+    return packed

@@ -270,7 +270,7 @@ def _dequantized_model(spec: ModelSpec, dtype: torch.dtype):
     """A dense model whose quantized linears hold exactly ``(q - z)·s``; every other tensor as stored."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lorakit.evaluate.dequant import dequantize_awq, dequantize_gptq
+    from lorakit.evaluate.dequant import read_packed_linear
     from lorakit.io.safetensors_stream import load_file
     from lorakit.models.folder import shard_names
 
@@ -294,19 +294,14 @@ def _dequantized_model(spec: ModelSpec, dtype: torch.dtype):
             module = model.get_submodule(prefix)
         except AttributeError:
             raise InputError(f"{spec.folder}: quantized layer {prefix} does not exist in the model config") from None
-        qweight, qzeros, scales = (tensors.pop(f"{prefix}.{n}") for n in ("qweight", "qzeros", "scales"))
-        g_idx = tensors.pop(f"{prefix}.g_idx", None)
-        n_in, n_out = module.in_features, module.out_features
-        if spec.kind == "gptq":
-            bits = 32 * qweight.shape[0] // n_in  # per layer: GPTQModel's `dynamic` may change bits per module
-            weight = dequantize_gptq(qweight, qzeros, scales, g_idx, bits=bits, group_size=n_in // scales.shape[0],
-                                     checkpoint_format=str(qc.get("checkpoint_format", "gptq")))
-        else:
-            bits = 32 * qweight.shape[1] // n_out
-            weight = dequantize_awq(qweight, qzeros, scales, bits=bits, group_size=n_in // scales.shape[0])
-        if tuple(weight.shape) != (n_out, n_in):
-            raise InputError(f"{spec.folder}: {prefix} dequantizes to {list(weight.shape)}, the model expects "
-                             f"{[n_out, n_in]}; the checkpoint is corrupt")
+        try:
+            packed = read_packed_linear(spec.kind, tensors, prefix, module.in_features, module.out_features,
+                                        checkpoint_format=str(qc.get("checkpoint_format", "gptq")))
+        except InputError as err:
+            raise InputError(f"{spec.folder}: {err}") from None
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            tensors.pop(f"{prefix}.{name}", None)
+        weight = packed.dense()
         state[f"{prefix}.weight"] = weight.to(dtype)
     for name, t in tensors.items():
         state[name] = t.to(dtype) if t.is_floating_point() else t

@@ -129,6 +129,8 @@ def quantize_model(
     compute_dtype: str = "auto",
     awq_scale_form: str = QUANTIZE.awq_scale_form,
     module_bits: dict[str, int] | None = None,
+    tune_steps: int = QUANTIZE.tune_steps,
+    tune_lr: float = QUANTIZE.tune_lr,
     force: bool = False,
     progress: bool = True,
 ) -> QuantResult:
@@ -147,7 +149,9 @@ def quantize_model(
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
     (GPTQModel ``dynamic``) or 16 (left unquantized, ``modules_in_block_to_quantize``) for GPTQ, fp16 for AWQ
     (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
-    for which loaders read each kind. ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
+    for which loaders read each kind. ``tune_steps`` > 0 then tunes the written group scales and norms by
+    distillation from ``model_dir`` on the same calibration blocks (:mod:`lorakit.quantize.tune`; codes and layout
+    unchanged). ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
     it is fast); GPTQModel loads and runs the model in it, lorakit's AWQ runs its forwards and search matmuls in it.
     """
     started = time.perf_counter()
@@ -163,6 +167,9 @@ def quantize_model(
     sym, desc_act = resolve_grid(method, sym, desc_act)
     if desc_act and method != "gptq":
         raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
+    if tune_steps < 0 or (tune_steps and tune_lr <= 0):
+        raise InputError(f"--tune-steps must be >= 0 and --tune-lr positive (got {tune_steps}, {tune_lr}); "
+                         "0 steps = no scale tuning")
     gptaq_alpha = resolve_gptaq(method, gptaq_alpha)
     if not 0 <= gptaq_alpha <= 1:
         raise InputError(f"--gptaq-alpha must be in [0, 1] (got {gptaq_alpha}); 0 = plain GPTQ")
@@ -230,13 +237,23 @@ def quantize_model(
             method_params = {k: v for k, v in asdict(p).items() if k not in ("bits", "group_size", "sym")}
             backend = {"name": "lorakit-awq (plain torch)", "versions": backend_versions()}
             _copy_side_files(src, tmp, overwrite=True)
+        tuning = {}
+        if tune_steps:
+            from lorakit.quantize.tune import tune_scales
+
+            tuning = tune_scales(src, tmp, calibration.blocks, kind="gptq" if layout == "gptq-v1" else "awq",
+                                 steps=tune_steps, lr=tune_lr, dtype=dtype, seed=seed, progress=progress)
+            if not tuning["kept"]:
+                notes.append(f"scale tuning did not lower the held-out KL ({tuning['held_out_kl_before']} -> "
+                             f"{tuning['held_out_kl_after']}); the rounded scales were kept")
         out_shards = sorted(p.name for p in tmp.glob("*.safetensors"))
         meta = QuantMeta(
             lorakit_version=lorakit.__version__,
             params=QuantParams(method=method, bits=bits, group_size=used_group, group_size_requested=group_size,
                                sym=sym, desc_act=desc_act, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                device=device, layout=layout, method_params=method_params,
-                               module_bits=module_bits, compute_dtype=dtype_name(dtype)),
+                               module_bits=module_bits, compute_dtype=dtype_name(dtype),
+                               tune_steps=int(tune_steps), tune_lr=float(tune_lr) if tune_steps else 0.0),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,
@@ -247,6 +264,7 @@ def quantize_model(
             loaders=loaders(method, layout, module_bits),
             notes=notes,
             quality=quality,
+            tuning=tuning,
         )
         write_quant_meta(tmp, meta)
     return QuantResult(output, method, bits, used_group, meta.to_dict())

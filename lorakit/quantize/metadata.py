@@ -32,6 +32,8 @@ class QuantParams:
     method_params: dict[str, Any] = field(default_factory=dict)
     module_bits: dict[str, int] = field(default_factory=dict)  # per-module precision overrides (mixed.py)
     compute_dtype: str = ""  # the dtype the model ran in (lorakit.compute); "" in records from before it was kept
+    tune_steps: int = 0  # scale tuning after rounding (lorakit.quantize.tune); 0 = none, as in older records
+    tune_lr: float = 0.0
 
 
 @dataclass
@@ -49,6 +51,7 @@ class QuantMeta:
     quality: dict[str, Any] = field(default_factory=dict)  # per-module losses / AWQ search results
     loaders: list[str] = field(default_factory=list)  # who reads this checkpoint (mixed.loaders)
     search: dict[str, Any] = field(default_factory=dict)  # --target-degradation: every trial (search.py)
+    tuning: dict[str, Any] = field(default_factory=dict)  # scale tuning's record (tune.py): held-out KL, kept
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -64,6 +67,8 @@ class QuantMeta:
             used["clip_search"] = bool(p.method_params.get("clip", p.method_params.get("clip_norm")))
         if p.method_params.get("gptaq_alpha"):
             used["gptaq_alpha"] = p.method_params["gptaq_alpha"]
+        if p.tune_steps:
+            used["tune_steps"], used["tune_lr"] = p.tune_steps, p.tune_lr
         if p.group_size_requested != p.group_size:
             used["group_size_requested"] = p.group_size_requested
         requested = self.calibration.get("n_samples_requested", p.n_samples)

@@ -1,0 +1,227 @@
+"""Scale tuning: after rounding, distil the full-precision model into the quantized model's group scales and norms.
+
+Why: GPTQ rounds each linear to match its own outputs on the calibration blocks, one layer at a time. What a user
+sees is the whole model's next-token choice, and on the bundled reverse-words task 4 bits flip a few answers that
+sit near the edge, enough to cross the gate's 2-point bar on some draws (docs/release-status.md). Training the
+quantized model end to end against the full-precision one closes part of that gap without changing the file's
+kind: only each group's **scale** and the **RMSNorm weights** move. The integer codes, zero points, ``g_idx``,
+bits, group size and every other tensor stay byte for byte, so the folder loads wherever it loaded before
+(``transformers``, GPTQModel, vLLM), and nothing needs lorakit to read it. The method is PEQA's and EfficientQAT's
+end-to-end step (train the quantization scales with the codes frozen) with Norm Tweaking's norms, trained here by
+distillation rather than on labels.
+
+How: each quantized linear becomes ``w = codes · s0 · exp(t)`` per group, with ``t`` trained from 0 (the log form
+keeps every scale's sign and keeps it away from zero); the loss is the per-token KL(p_full || p_quantized) over the
+calibration blocks GPTQ itself used (task train data and general text: no val, test or gate text). Every
+``HOLDOUT_EVERY``-th block is held out: the KL there is measured before and after, and the tuned scales are kept only
+when it went down, so tuning never ships a model further from the full-precision one on text it did not train on.
+Both numbers are recorded (``lorakit_quant.json``, ``tuning``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.errors import InputError
+
+HOLDOUT_EVERY = 8  # every 8th calibration block is held out to judge the tuning (16 of the default 128)
+WARMUP_STEPS = 5
+
+
+class TunedLinear(nn.Module):
+    """A quantized linear whose group scales train: ``w = codes · (s0 · exp(t))[group]``, codes fixed."""
+
+    def __init__(self, codes: torch.Tensor, group: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        # q - z fits in bfloat16 exactly (|q - z| < 256), half the memory of float32 for the fixed part
+        self.register_buffer("codes", codes.t().to(torch.bfloat16).contiguous(), persistent=False)  # [out, in]
+        self.register_buffer("group", group, persistent=False)
+        self.register_buffer("s0", scales.to(torch.float32), persistent=False)
+        self.log_gain = nn.Parameter(torch.zeros_like(self.s0))
+        self.bias = bias
+
+    def scales(self) -> torch.Tensor:
+        return self.s0 * torch.exp(self.log_gain)
+
+    @torch.no_grad()
+    def round_to(self, dtype: torch.dtype) -> None:
+        """Hold the scales as the file will store them (e.g. float16), so what is measured next is what ships."""
+        self.s0.copy_(self.scales().to(dtype).to(torch.float32))
+        self.log_gain.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.codes.to(torch.float32) * self.scales()[self.group].t()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight.to(x.dtype), bias)
+
+
+@dataclass
+class _Checkpoint:
+    kind: str  # gptq | awq
+    shards: dict[str, dict[str, torch.Tensor]]  # file name -> its tensors
+
+    def tensor(self, name: str) -> torch.Tensor:
+        for tensors in self.shards.values():
+            if name in tensors:
+                return tensors[name]
+        raise KeyError(name)
+
+    def names(self) -> list[str]:
+        return [n for tensors in self.shards.values() for n in tensors]
+
+
+def _read_checkpoint(folder: Path, kind: str) -> _Checkpoint:
+    from lorakit.io.safetensors_stream import load_file
+    from lorakit.models.folder import shard_names
+
+    return _Checkpoint(kind, {shard: dict(load_file(folder / shard)) for shard in shard_names(folder)})
+
+
+def _student(src: Path, quantized: Path, kind: str, checkpoint_format: str, ckpt: _Checkpoint):
+    """The full-precision model with every quantized linear replaced by a :class:`TunedLinear` and every other
+    tensor as the quantized checkpoint stores it (AWQ folds its scales into the norms, so they differ)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.evaluate.dequant import read_packed_linear
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    names = ckpt.names()
+    prefixes = sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
+    if not prefixes:
+        raise InputError(f"{quantized} holds no quantized linears (no qweight tensors); nothing to tune")
+    flat = {n: ckpt.tensor(n) for n in names}
+    for prefix in prefixes:
+        parent, attr = prefix.rsplit(".", 1)
+        linear = model.get_submodule(prefix)
+        packed = read_packed_linear(kind, flat, prefix, linear.in_features, linear.out_features,
+                                    checkpoint_format=checkpoint_format)
+        bias = flat.get(f"{prefix}.bias")
+        setattr(model.get_submodule(parent), attr,
+                TunedLinear(packed.codes, packed.group, packed.scales,
+                            None if bias is None else nn.Parameter(bias.float(), requires_grad=False)))
+    state = model.state_dict()
+    for name in names:
+        if name in state and not name.startswith(tuple(p + "." for p in prefixes)):
+            state[name].copy_(flat[name].to(torch.float32))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".log_gain") or _is_norm(name))
+    return model, prefixes
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2]
+
+
+@torch.no_grad()
+def _mean_kl(teacher, student, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype) -> float:
+    total, tokens = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        x = blocks[i: i + batch_size]
+        total += float(_kl(teacher, student, x, dtype)) * x.numel()
+        tokens += x.numel()
+    return total / max(tokens, 1)
+
+
+def _kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mean per-token KL(p_teacher || p_student) over the block batch ``x``."""
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32 and x.device.type == "cpu")
+    with torch.no_grad(), autocast:
+        target = F.log_softmax(teacher(x).logits.float(), dim=-1)
+    with autocast:
+        logp = F.log_softmax(student(x).logits.float(), dim=-1)
+    return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
+                steps: int, lr: float, batch_size: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0,
+                progress: bool = True) -> dict:
+    """Tune ``quantized``'s group scales and norms in place against ``src`` (its full-precision model) on
+    ``blocks`` (see the module docstring); returns the record for ``lorakit_quant.json``."""
+    from lorakit.progress import bar
+
+    if steps < 1 or lr <= 0:
+        raise InputError(f"scale tuning needs steps >= 1 and a positive learning rate (got {steps}, {lr})")
+    if blocks.shape[0] < 2:
+        raise InputError("scale tuning needs at least 2 calibration blocks (one is held out to judge it)")
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    held = torch.arange(blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if not held.any():
+        held[-1] = True
+    train_blocks, held_blocks = blocks[~held], blocks[held]
+    ckpt = _read_checkpoint(quantized, kind)
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student, prefixes = _student(src, quantized, kind, checkpoint_format, ckpt)
+    params = [p for p in student.parameters() if p.requires_grad]
+    kl_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * i / steps)))
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    with bar(total=steps, desc="tuning scales", unit="step", disable=not progress) as pbar:
+        for _ in range(steps):
+            pick = torch.randint(0, train_blocks.shape[0], (batch_size,), generator=generator)
+            loss = _kl(teacher, student, train_blocks[pick], dtype)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            pbar.update(1)
+            pbar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")  # noisy per batch: a running mean
+    student.eval()
+    _round_to_stored(student, prefixes, ckpt)
+    kl_after = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
+    kept = kl_after < kl_before
+    if kept:
+        _write_back(quantized, ckpt, student, prefixes)
+    return {
+        "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "compute_dtype": str(dtype).split(".")[-1],
+        "trained": ["group scales", "norm weights"],
+        "trainable_params": sum(p.numel() for p in params),
+        "train_blocks": int(train_blocks.shape[0]), "held_out_blocks": int(held_blocks.shape[0]),
+        "held_out_kl_before": float(f"{kl_before:.4g}"), "held_out_kl_after": float(f"{kl_after:.4g}"),
+        "kept": kept, "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+@torch.no_grad()
+def _round_to_stored(student, prefixes: list[str], ckpt: _Checkpoint) -> None:
+    """Round every tuned value to its tensor's dtype in the checkpoint: the held-out KL is then the file's."""
+    for prefix in prefixes:
+        student.get_submodule(prefix).round_to(ckpt.tensor(f"{prefix}.scales").dtype)
+    for name, param in student.named_parameters():
+        if _is_norm(name):
+            param.copy_(param.to(ckpt.tensor(name).dtype).to(torch.float32))
+
+
+def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str]) -> None:
+    """Rewrite each shard with the tuned scales and norms in their stored dtypes; every other tensor as read."""
+    from safetensors.torch import save_file
+
+    tuned: dict[str, torch.Tensor] = {}
+    for prefix in prefixes:
+        tuned[f"{prefix}.scales"] = student.get_submodule(prefix).scales().detach()
+    for name, param in student.named_parameters():
+        if _is_norm(name):
+            tuned[name] = param.detach()
+    for shard, tensors in ckpt.shards.items():
+        out = {n: (tuned[n].to(t.dtype).contiguous() if n in tuned else t) for n, t in tensors.items()}
+        tmp = folder / f".{shard}.tuning"
+        save_file(out, str(tmp), metadata={"format": "pt"})
+        tmp.replace(folder / shard)
+
+
+__all__ = ["HOLDOUT_EVERY", "TunedLinear", "tune_scales"]

@@ -1,0 +1,112 @@
+"""Scale tuning after rounding (lorakit.quantize.tune): only scales and norms move, the file stays a standard
+checkpoint, and the tuning is kept only when it brings the model closer to the full-precision one on held-out text."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.errors import InputError
+from lorakit.io.safetensors_stream import load_file
+from lorakit.quantize import quantize_model, read_quant_meta
+from lorakit.quantize.calibration import build_calibration
+from lorakit.quantize.core import _load_tokenizer
+from lorakit.quantize.tune import HOLDOUT_EVERY, tune_scales
+from tests.test_quantize import CALIB, make_prep
+
+ROUNDED = {"gptq": {}, "awq": dict(method="awq", group_size=32)}
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory) -> Path:
+    return make_prep(tmp_path_factory.mktemp("prep") / "prep")
+
+
+@pytest.fixture(scope="module")
+def rounded(tmp_path_factory, tiny_base, prep) -> dict[str, Path]:
+    """The tiny model quantized without tuning: GPTQ as the release does (act-order, g16) and AWQ g32."""
+    root = tmp_path_factory.mktemp("rounded")
+    return {kind: quantize_model(tiny_base, root / kind, calib=prep, progress=False, **CALIB, **kw).output
+            for kind, kw in ROUNDED.items()}
+
+
+def _blocks(tiny_base: Path, prep: Path) -> torch.Tensor:
+    return build_calibration(prep, _load_tokenizer(tiny_base), n_samples=CALIB["n_samples"],
+                             seq_len=CALIB["seq_len"], seed=0).blocks
+
+
+def _logprobs(folder: Path, ids: torch.Tensor, dequantized: bool) -> torch.Tensor:
+    """Next-token log-probabilities of a folder: as plain transformers loads it (a quantized one through its own
+    kernel), or through lorakit's exact dequantizer."""
+    if dequantized:
+        from lorakit.evaluate.loading import describe_model, load_eval_model
+
+        model = load_eval_model(describe_model(str(folder)), quant_path="dequantized", device="cpu",
+                                dtype="float32").model
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder))
+    with torch.no_grad():
+        return F.log_softmax(model.eval()(ids).logits.float(), -1)
+
+
+def _held_out_kl(full: Path, quantized: Path, blocks: torch.Tensor, *, dequantized: bool = False) -> float:
+    """Mean per-token KL(full || quantized) on the blocks tuning holds out, computed here from the two folders."""
+    held = blocks[torch.arange(blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    p, q = _logprobs(full, held, False), _logprobs(quantized, held, dequantized)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("kind", sorted(ROUNDED))
+def test_tuning_moves_only_scales_and_norms_and_brings_held_out_text_closer(rounded, tiny_base, prep, tmp_path,
+                                                                              kind):
+    folder = tmp_path / kind
+    shutil.copytree(rounded[kind], folder)
+    blocks = _blocks(tiny_base, prep)
+    record = tune_scales(tiny_base, folder, blocks, kind=kind, steps=30, lr=2e-3, progress=False)
+    assert record["kept"] and record["held_out_kl_after"] < record["held_out_kl_before"]
+    before, after = load_file(rounded[kind] / "model.safetensors"), load_file(folder / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(n.endswith(".scales") or "norm" in n for n in changed), sorted(changed)
+    assert any(n.endswith(".scales") for n in changed) and any("norm" in n for n in changed)
+    assert all(after[n].dtype == before[n].dtype for n in before)
+    # the record's held-out KL is the written file's (its weights dequantized exactly, in float32) ...
+    for path, key in ((folder, "held_out_kl_after"), (rounded[kind], "held_out_kl_before")):
+        assert _held_out_kl(tiny_base, path, blocks, dequantized=True) == pytest.approx(record[key], rel=1e-3)
+    # ... and as a user loads the folders (plain transformers, the quantized kernel), the tuned one is closer
+    assert _held_out_kl(tiny_base, folder, blocks) < _held_out_kl(tiny_base, rounded[kind], blocks)
+
+
+def test_tuning_that_does_not_help_on_held_out_text_leaves_the_file_as_rounded(rounded, tiny_base, prep, tmp_path):
+    folder = tmp_path / "gptq"
+    shutil.copytree(rounded["gptq"], folder)
+    record = tune_scales(tiny_base, folder, _blocks(tiny_base, prep), kind="gptq", steps=3, lr=5.0, progress=False)
+    assert not record["kept"] and record["held_out_kl_after"] > record["held_out_kl_before"]
+    assert (folder / "model.safetensors").read_bytes() == (rounded["gptq"] / "model.safetensors").read_bytes()
+
+
+def test_quantize_with_tuning_records_it_and_the_search_keys_pass_it_on(tiny_base, prep, tmp_path):
+    out = quantize_model(tiny_base, tmp_path / "q", calib=prep, progress=False, tune_steps=10, **CALIB).output
+    meta = read_quant_meta(out)
+    assert meta.params.tune_steps == 10 and meta.tuning["steps"] == 10
+    assert meta.used_settings()["tune_steps"] == 10
+    assert meta.tuning["train_blocks"] + meta.tuning["held_out_blocks"] == CALIB["n_samples"]
+    with pytest.raises(InputError, match="--tune-steps"):
+        quantize_model(tiny_base, tmp_path / "bad", calib=prep, progress=False, tune_steps=-1, **CALIB)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_quantization_search_tunes_every_trial_it_is_given(tiny_base, prep, tmp_path):
+    from lorakit.quantize.options import QUANTIZE
+    from lorakit.quantize.search import quantize_to_target
+
+    params = {**QUANTIZE.quantize_kwargs(), **CALIB, "tune_steps": 5, "calib": str(prep), "progress": False}
+    result = quantize_to_target(tiny_base, tmp_path / "q", target_degradation=0.99, max_trials=1, **params)
+    meta = read_quant_meta(result.output)
+    assert meta.search["trials"][0]["params"]["tune_steps"] == 5 and meta.tuning["steps"] == 5
