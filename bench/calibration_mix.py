@@ -184,7 +184,6 @@ class Variant:
 
 def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path,
             merged_accuracy: dict | None = None, accuracy_examples: int | None = None) -> dict:
-    from lorakit.gate import CheckSpec, check, general_check
     from lorakit.quantize import quantize_model
     from lorakit.quantize.options import QUANTIZE
 
@@ -216,17 +215,9 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
     result = quantize_model(merged, folder, calib=calib, calib_general="default" if v.fraction else None,
                             calib_general_fraction=v.fraction, module_bits=module_bits, force=True, progress=True, **q)
     quantize_s = time.perf_counter() - started
-    first, *others = [task_name(p) for p in preps]
-    extra = [CheckSpec(name, str(p), 0.05, "task") for name, p in zip(others, preps[1:])]
-    extra.append(general_check("default"))
-    verdict = check(merged, folder, str(preps[0]), extra_checks=extra, seq_len=512, progress=True)
+    gate_s, checks = gate_checks(merged, folder, preps)
     meta = result.metadata
-    scored = {}
-    if merged_accuracy is not None:
-        mine = accuracy(folder, preps, accuracy_examples)
-        scored = {"accuracy": {task: {s: {"exact_match": em, "merged": merged_accuracy[task][s],
-                                          "drop": merged_accuracy[task][s] - em} for s, em in splits.items()}
-                               for task, splits in mine.items()}}
+    scored = accuracy_drops(folder, preps, merged_accuracy, accuracy_examples) if merged_accuracy is not None else {}
     return {"method": v.method, "bits": v.bits, "group_size": v.group_size, "general_fraction": v.fraction,
             **({"awq_scale_form": v.scale_form} if v.scale_form else {}),
             **({"asym": True} if v.asym else {}), **({"act_order": True} if v.act_order else {}),
@@ -242,12 +233,31 @@ def measure(merged: Path, calib: Path, preps: list[Path], v: Variant, work: Path
             "quantize_used": meta["params"],
             "calibration": meta["calibration"], "size_mb": round(meta["size_after_bytes"] / 1e6, 1),
             "size_vs_bf16": round(meta["size_after_bytes"] / bf16_bytes(merged), 3),
-            "quantize_s": round(quantize_s, 1), "gate_s": verdict.wall_s,
-            "checks": {(first if c.kind == "primary" else c.name).replace(" ", "-"): {
-                "kind": c.kind, "data": c.data, "tokens": c.tokens, "baseline_ppl": c.baseline_ppl,
-                "candidate_ppl": c.candidate_ppl, "degradation": c.degradation,
-                "kl_mean": c.distribution.get("kl_mean"), "kl_p99": c.distribution.get("kl_p99"),
-                "top1_agreement": c.distribution.get("top1_agreement")} for c in verdict.checks}}
+            "quantize_s": round(quantize_s, 1), "gate_s": gate_s, "checks": checks}
+
+
+def gate_checks(merged: Path, folder: Path, preps: list[Path]) -> tuple[float, dict]:
+    """The release gate's perplexity checks of ``folder`` against the merged model (every task's val split and the
+    general text), keyed by task: (gate seconds, {check: degradation, KL, top-1 agreement})."""
+    from lorakit.gate import CheckSpec, check, general_check
+
+    first, *others = [task_name(p) for p in preps]
+    extra = [CheckSpec(name, str(p), 0.05, "task") for name, p in zip(others, preps[1:])]
+    extra.append(general_check("default"))
+    verdict = check(merged, folder, str(preps[0]), extra_checks=extra, seq_len=512, progress=True)
+    return verdict.wall_s, {(first if c.kind == "primary" else c.name).replace(" ", "-"): {
+        "kind": c.kind, "data": c.data, "tokens": c.tokens, "baseline_ppl": c.baseline_ppl,
+        "candidate_ppl": c.candidate_ppl, "degradation": c.degradation,
+        "kl_mean": c.distribution.get("kl_mean"), "kl_p99": c.distribution.get("kl_p99"),
+        "top1_agreement": c.distribution.get("top1_agreement")} for c in verdict.checks}
+
+
+def accuracy_drops(folder: Path, preps: list[Path], merged_accuracy: dict, examples: int | None) -> dict:
+    """{"accuracy": {task: {split: exact match, the merged model's, and the drop}}} of ``folder``."""
+    mine = accuracy(folder, preps, examples)
+    return {"accuracy": {task: {s: {"exact_match": em, "merged": merged_accuracy[task][s],
+                                    "drop": merged_accuracy[task][s] - em} for s, em in splits.items()}
+                         for task, splits in mine.items()}}
 
 
 def readme(data: dict, name: str) -> str:

@@ -110,19 +110,9 @@ def gptq_packed(
     return PackedLinear(q - z[g_idx], g_idx, scales)
 
 
-def dequantize_gptq(
-    qweight: torch.Tensor,
-    qzeros: torch.Tensor,
-    scales: torch.Tensor,
-    g_idx: torch.Tensor | None,
-    *,
-    bits: int,
-    group_size: int,
-    checkpoint_format: str = "gptq",
-) -> torch.Tensor:
-    """The dense ``[out, in]`` float32 weight a GPTQ linear layer multiplies by."""
-    return gptq_packed(qweight, qzeros, scales, g_idx, bits=bits, group_size=group_size,
-                       checkpoint_format=checkpoint_format).dense()
+def dequantize_gptq(*args, **kwargs) -> torch.Tensor:
+    """The dense ``[out, in]`` float32 weight a GPTQ linear layer multiplies by (arguments: :func:`gptq_packed`)."""
+    return gptq_packed(*args, **kwargs).dense()
 
 
 def awq_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int = 4,
@@ -148,10 +138,9 @@ def awq_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return PackedLinear(q - z[group], group, scales)
 
 
-def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, bits: int = 4,
-                   group_size: int) -> torch.Tensor:
-    """The dense ``[out, in]`` float32 weight an AWQ GEMM linear layer multiplies by."""
-    return awq_packed(qweight, qzeros, scales, bits=bits, group_size=group_size).dense()
+def dequantize_awq(*args, **kwargs) -> torch.Tensor:
+    """The dense ``[out, in]`` float32 weight an AWQ GEMM linear layer multiplies by (arguments: :func:`awq_packed`)."""
+    return awq_packed(*args, **kwargs).dense()
 
 
 def read_packed_linear(kind: str, tensors: dict[str, torch.Tensor], prefix: str, n_in: int, n_out: int, *,
