@@ -15,7 +15,9 @@ from lorakit.io.safetensors_stream import load_file
 from lorakit.quantize import quantize_model, read_quant_meta
 from lorakit.quantize.calibration import build_calibration
 from lorakit.quantize.core import _load_tokenizer
+from lorakit.quantize.options import QUANTIZE
 from lorakit.quantize.tune import HOLDOUT_EVERY, tune_scales
+from tests.conftest import run_cli
 from tests.test_quantize import CALIB, make_prep
 
 ROUNDED = {"gptq": {}, "awq": dict(method="awq", group_size=32)}
@@ -91,19 +93,25 @@ def test_tuning_that_does_not_help_on_held_out_text_leaves_the_file_as_rounded(r
     assert (folder / "model.safetensors").read_bytes() == (rounded["gptq"] / "model.safetensors").read_bytes()
 
 
-def test_quantize_with_tuning_records_it_and_the_search_keys_pass_it_on(tiny_base, prep, tmp_path):
-    out = quantize_model(tiny_base, tmp_path / "q", calib=prep, progress=False, tune_steps=10, **CALIB).output
+def test_quantize_with_tuning_records_it_and_refuses_bad_settings_first(tiny_base, prep, tmp_path):
+    out = tmp_path / "q"
+    proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--calib", str(prep), "--n-samples", "8",
+                   "--seq-len", "64", "--calib-general", "none", "--tune-steps", "10", "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
     meta = read_quant_meta(out)
     assert meta.params.tune_steps == 10 and meta.tuning["steps"] == 10
     assert meta.used_settings()["tune_steps"] == 10
     assert meta.tuning["train_blocks"] + meta.tuning["held_out_blocks"] == CALIB["n_samples"]
+    assert meta.tuning["lr"] == pytest.approx(QUANTIZE.tune_lr)
     with pytest.raises(InputError, match="--tune-steps"):
-        quantize_model(tiny_base, tmp_path / "bad", calib=prep, progress=False, tune_steps=-1, **CALIB)
+        quantize_model(tiny_base, tmp_path / "bad", calib=prep, progress=False, tune_steps=5, tune_lr=0, **CALIB)
+    bad = run_cli("quantize", str(tiny_base), "-o", str(tmp_path / "bad"), "--calib", str(prep),
+                  "--tune-steps", "-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "tune" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 
 def test_the_quantization_search_tunes_every_trial_it_is_given(tiny_base, prep, tmp_path):
-    from lorakit.quantize.options import QUANTIZE
     from lorakit.quantize.search import quantize_to_target
 
     params = {**QUANTIZE.quantize_kwargs(), **CALIB, "tune_steps": 5, "calib": str(prep), "progress": False}

@@ -242,7 +242,8 @@ def quantize_model(
             from lorakit.quantize.tune import tune_scales
 
             tuning = tune_scales(src, tmp, calibration.blocks, kind="gptq" if layout == "gptq-v1" else "awq",
-                                 steps=tune_steps, lr=tune_lr, dtype=dtype, seed=seed, progress=progress)
+                                 steps=tune_steps, lr=tune_lr, dtype=dtype, seed=seed, device=device,
+                                 progress=progress)
             if not tuning["kept"]:
                 notes.append(f"scale tuning did not lower the held-out KL ({tuning['held_out_kl_before']} -> "
                              f"{tuning['held_out_kl_after']}); the rounded scales were kept")

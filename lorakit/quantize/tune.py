@@ -14,8 +14,10 @@ How: each quantized linear becomes ``w = codes · s0 · exp(t)`` per group, with
 keeps every scale's sign and keeps it away from zero); the loss is the per-token KL(p_full || p_quantized) over the
 calibration blocks GPTQ itself used (task train data and general text: no val, test or gate text). Every
 ``HOLDOUT_EVERY``-th block is held out: the KL there is measured before and after, and the tuned scales are kept only
-when it went down, so tuning never ships a model further from the full-precision one on text it did not train on.
-Both numbers are recorded (``lorakit_quant.json``, ``tuning``).
+when it went down, so tuning never ships a model further from the full-precision one on calibration text it did not
+train on.
+Both numbers are recorded (``lorakit_quant.json``, ``tuning``). What it buys on the bundled release, and what it
+does not: docs/quantize.md ("Scale tuning after rounding").
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ def _mean_kl(teacher, student, blocks: torch.Tensor, batch_size: int, dtype: tor
 
 
 def _kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Mean per-token KL(p_teacher || p_student) over the block batch ``x``."""
-    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32 and x.device.type == "cpu")
+    """Mean per-token KL(p_teacher || p_student) over the block batch ``x``, computed in ``dtype`` (autocast)."""
+    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.no_grad(), autocast:
         target = F.log_softmax(teacher(x).logits.float(), dim=-1)
     with autocast:
@@ -141,7 +143,7 @@ def _kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
                 steps: int, lr: float, batch_size: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0,
-                progress: bool = True) -> dict:
+                device: str = "cpu", progress: bool = True) -> dict:
     """Tune ``quantized``'s group scales and norms in place against ``src`` (its full-precision model) on
     ``blocks`` (see the module docstring); returns the record for ``lorakit_quant.json``."""
     from lorakit.progress import bar
@@ -151,18 +153,18 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     if blocks.shape[0] < 2:
         raise InputError("scale tuning needs at least 2 calibration blocks (one is held out to judge it)")
     started = time.perf_counter()
-    torch.manual_seed(seed)
     held = torch.arange(blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     if not held.any():
         held[-1] = True
-    train_blocks, held_blocks = blocks[~held], blocks[held]
+    train_blocks, held_blocks = blocks[~held].to(device), blocks[held].to(device)
     ckpt = _read_checkpoint(quantized, kind)
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student, prefixes = _student(src, quantized, kind, checkpoint_format, ckpt)
+    student.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     kl_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -172,7 +174,7 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     losses = []
     with bar(total=steps, desc="tuning scales", unit="step", disable=not progress) as pbar:
         for _ in range(steps):
-            pick = torch.randint(0, train_blocks.shape[0], (batch_size,), generator=generator)
+            pick = torch.randint(0, train_blocks.shape[0], (batch_size,), generator=generator).to(device)
             loss = _kl(teacher, student, train_blocks[pick], dtype)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -189,6 +191,7 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         _write_back(quantized, ckpt, student, prefixes)
     return {
         "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "compute_dtype": str(dtype).split(".")[-1],
+        "device": str(device),
         "trained": ["group scales", "norm weights"],
         "trainable_params": sum(p.numel() for p in params),
         "train_blocks": int(train_blocks.shape[0]), "held_out_blocks": int(held_blocks.shape[0]),
@@ -213,10 +216,10 @@ def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str]) -
 
     tuned: dict[str, torch.Tensor] = {}
     for prefix in prefixes:
-        tuned[f"{prefix}.scales"] = student.get_submodule(prefix).scales().detach()
+        tuned[f"{prefix}.scales"] = student.get_submodule(prefix).scales().detach().cpu()
     for name, param in student.named_parameters():
         if _is_norm(name):
-            tuned[name] = param.detach()
+            tuned[name] = param.detach().cpu()
     for shard, tensors in ckpt.shards.items():
         out = {n: (tuned[n].to(t.dtype).contiguous() if n in tuned else t) for n, t in tensors.items()}
         tmp = folder / f".{shard}.tuning"
