@@ -62,23 +62,27 @@ def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> 
     from lorakit.compute import resolve_compute_dtype
     from lorakit.quantize import read_quant_meta
     from lorakit.quantize.calibration import build_calibration
-    from lorakit.quantize.core import _load_tokenizer
+    from lorakit.quantize.core import _load_tokenizer, _tuning_blocks
     from lorakit.quantize.options import QUANTIZE
     from lorakit.quantize.tune import tune_scales
 
     meta = read_quant_meta(quantized)
     p, cal = meta.params, meta.calibration
-    share = (v.general_percent / 100 if v.general_percent is not None
-             else (cal.get("general") or {}).get("fraction", 0.0))
-    blocks = build_calibration(calib, _load_tokenizer(merged), n_samples=p.n_samples, seq_len=p.seq_len, seed=p.seed,
-                               general="default" if share else None, general_fraction=share).blocks
+    release_share = (cal.get("general") or {}).get("fraction", 0.0)
+    share = v.general_percent / 100 if v.general_percent is not None else release_share
+    tokenizer = _load_tokenizer(merged)
+    calibration = build_calibration(calib, tokenizer, n_samples=p.n_samples, seq_len=p.seq_len, seed=p.seed,
+                                    general="default" if release_share else None, general_fraction=release_share)
+    # the blocks quantize_model(..., tune_general_fraction=share) would tune on, and the general ones it watches
+    blocks, watched = _tuning_blocks(calibration, calib, tokenizer, share, "default", n_samples=p.n_samples,
+                                     seq_len=p.seq_len, seed=p.seed)
     folder = work / v.key()
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(quantized, folder)
     kind = "gptq" if p.layout == "gptq-v1" else "awq"
     record = tune_scales(merged, folder, blocks, kind=kind, steps=v.steps,
-                         lr=QUANTIZE.tune_lr if v.lr is None else v.lr,
+                         lr=QUANTIZE.tune_lr if v.lr is None else v.lr, general_blocks=watched,
                          dtype=resolve_compute_dtype(p.compute_dtype or "auto", "quantize", "cpu"), seed=p.seed)
     return folder, {**record, "general_fraction": share}
 

@@ -111,6 +111,32 @@ def test_quantize_with_tuning_records_it_and_refuses_bad_settings_first(tiny_bas
     assert not (tmp_path / "bad").exists()
 
 
+def test_tuning_on_the_tasks_alone_watches_the_general_blocks_the_rounding_used(tiny_base, prep, tmp_path):
+    """Calibrated on half general text, tuned on the tasks' data alone (the default share): every tuning block is
+    task text, drawn before any rounding, and the calibration's general blocks are watched, not trained on."""
+    mixed = dict(CALIB, calib_general="default", calib_general_fraction=0.5)
+    out = quantize_model(tiny_base, tmp_path / "q", calib=prep, progress=False, tune_steps=5, **mixed).output
+    tuning = read_quant_meta(out).tuning
+    assert tuning["general_fraction"] == 0.0
+    assert tuning["train_blocks"] + tuning["held_out_blocks"] == CALIB["n_samples"]  # all of them task blocks
+    assert tuning["general_blocks_watched"] == 1 and tuning["general_kl_before"] > 0  # 4 general blocks, every 8th
+    with pytest.raises(InputError, match="tune-general-fraction needs general text"):
+        quantize_model(tiny_base, tmp_path / "bad", calib=prep, progress=False, tune_steps=5,
+                       tune_general_fraction=0.5, **CALIB)
+    with pytest.raises(InputError, match="n-samples"):  # too little task data for the tuning blocks: refused first
+        quantize_model(tiny_base, tmp_path / "bad", calib=prep, progress=False, tune_steps=5,
+                       **dict(mixed, n_samples=_task_blocks_available(tiny_base, prep) + 2))
+    assert not (tmp_path / "bad").exists()
+
+
+def _task_blocks_available(tiny_base: Path, prep: Path) -> int:
+    from lorakit.quantize.calibration import load_texts
+
+    texts = load_texts(prep)[0]
+    tokens = sum(len(_load_tokenizer(tiny_base)(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    return tokens // CALIB["seq_len"]
+
+
 def test_the_quantization_search_tunes_every_trial_it_is_given(tiny_base, prep, tmp_path):
     from lorakit.quantize.search import quantize_to_target
 

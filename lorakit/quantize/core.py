@@ -106,6 +106,20 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
 
 
 
+def _tuning_blocks(calibration, calib, tokenizer, fraction: float, general, *, n_samples: int | None, seq_len: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale tuning's blocks, drawn like the calibration's (``n_samples`` as requested) with ``fraction`` of them
+    general text (the calibration's own blocks when the shares agree), and the calibration's general blocks that
+    tuning does not train on, whose KL it records."""
+    share = (calibration.general or {}).get("fraction", 0.0)
+    n_general = (calibration.general or {}).get("n_samples", 0)
+    if abs(share - fraction) < 1e-9:
+        return calibration.blocks, None
+    blocks = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                               general=general if fraction else None, general_fraction=fraction).blocks
+    return blocks, (calibration.blocks[-n_general:] if n_general and not fraction else None)
+
+
 def quantize_model(
     model_dir: str | os.PathLike[str] | None,
     output: str | os.PathLike[str],
@@ -131,6 +145,7 @@ def quantize_model(
     module_bits: dict[str, int] | None = None,
     tune_steps: int = QUANTIZE.tune_steps,
     tune_lr: float = QUANTIZE.tune_lr,
+    tune_general_fraction: float = QUANTIZE.tune_general_fraction,
     force: bool = False,
     progress: bool = True,
 ) -> QuantResult:
@@ -150,8 +165,8 @@ def quantize_model(
     (GPTQModel ``dynamic``) or 16 (left unquantized, ``modules_in_block_to_quantize``) for GPTQ, fp16 for AWQ
     (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
     for which loaders read each kind. ``tune_steps`` > 0 then tunes the written group scales and norms by
-    distillation from ``model_dir`` on the same calibration blocks (:mod:`lorakit.quantize.tune`; codes and layout
-    unchanged). ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
+    distillation from ``model_dir`` (:mod:`lorakit.quantize.tune`; codes and layout unchanged) on blocks drawn
+    like the calibration's, ``tune_general_fraction`` of them general text (0 = the tasks' data alone). ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
     it is fast); GPTQModel loads and runs the model in it, lorakit's AWQ runs its forwards and search matmuls in it.
     """
     started = time.perf_counter()
@@ -167,9 +182,12 @@ def quantize_model(
     sym, desc_act = resolve_grid(method, sym, desc_act)
     if desc_act and method != "gptq":
         raise InputError("--desc-act (act-order) is a GPTQ option; drop it for --method awq")
-    if tune_steps < 0 or (tune_steps and tune_lr <= 0):
-        raise InputError(f"--tune-steps must be >= 0 and --tune-lr positive (got {tune_steps}, {tune_lr}); "
-                         "0 steps = no scale tuning")
+    if tune_steps < 0 or (tune_steps and tune_lr <= 0) or not 0 <= tune_general_fraction < 1:
+        raise InputError(f"--tune-steps must be >= 0, --tune-lr positive and --tune-general-fraction in [0, 1) (got "
+                         f"{tune_steps}, {tune_lr}, {tune_general_fraction}); 0 steps = no scale tuning")
+    if tune_steps and tune_general_fraction and calib_general is None:
+        raise InputError("--tune-general-fraction needs general text: set --calib-general or tune on the tasks "
+                         "alone (--tune-general-fraction 0)")
     gptaq_alpha = resolve_gptaq(method, gptaq_alpha)
     if not 0 <= gptaq_alpha <= 1:
         raise InputError(f"--gptaq-alpha must be in [0, 1] (got {gptaq_alpha}); 0 = plain GPTQ")
@@ -202,6 +220,10 @@ def quantize_model(
     if calibration.note:
         notes.append(calibration.note)
         print(f"warning: {calibration.note}", file=sys.stderr)
+    # scale tuning's blocks are drawn now, so data too short for them is refused before any rounding
+    tune_blocks, general_watch = (_tuning_blocks(calibration, calib, tokenizer, tune_general_fraction, calib_general,
+                                                 n_samples=n_samples, seq_len=seq_len, seed=seed)
+                                  if tune_steps else (None, None))
     n_samples = int(calibration.blocks.shape[0])  # what was used; the request stays in calibration.summary()
     source_shards = shard_names(src)
     input_digest = weights_digest(src)
@@ -241,9 +263,10 @@ def quantize_model(
         if tune_steps:
             from lorakit.quantize.tune import tune_scales
 
-            tuning = tune_scales(src, tmp, calibration.blocks, kind="gptq" if layout == "gptq-v1" else "awq",
+            tuning = tune_scales(src, tmp, tune_blocks, kind="gptq" if layout == "gptq-v1" else "awq",
                                  steps=tune_steps, lr=tune_lr, dtype=dtype, seed=seed, device=device,
-                                 progress=progress)
+                                 general_blocks=general_watch, progress=progress)
+            tuning["general_fraction"] = tune_general_fraction
             if not tuning["kept"]:
                 notes.append(f"scale tuning did not lower the held-out KL ({tuning['held_out_kl_before']} -> "
                              f"{tuning['held_out_kl_after']}); the rounded scales were kept")
@@ -254,7 +277,8 @@ def quantize_model(
                                sym=sym, desc_act=desc_act, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                device=device, layout=layout, method_params=method_params,
                                module_bits=module_bits, compute_dtype=dtype_name(dtype),
-                               tune_steps=int(tune_steps), tune_lr=float(tune_lr) if tune_steps else 0.0),
+                               tune_steps=int(tune_steps), tune_lr=float(tune_lr) if tune_steps else 0.0,
+                               tune_general_fraction=float(tune_general_fraction) if tune_steps else 0.0),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,

@@ -34,6 +34,7 @@ class QuantParams:
     compute_dtype: str = ""  # the dtype the model ran in (lorakit.compute); "" in records from before it was kept
     tune_steps: int = 0  # scale tuning after rounding (lorakit.quantize.tune); 0 = none, as in older records
     tune_lr: float = 0.0
+    tune_general_fraction: float = 0.0
 
 
 @dataclass
@@ -68,7 +69,7 @@ class QuantMeta:
         if p.method_params.get("gptaq_alpha"):
             used["gptaq_alpha"] = p.method_params["gptaq_alpha"]
         if p.tune_steps:
-            used["tune_steps"], used["tune_lr"] = p.tune_steps, p.tune_lr
+            used.update(tune_steps=p.tune_steps, tune_lr=p.tune_lr, tune_general_fraction=p.tune_general_fraction)
         if p.group_size_requested != p.group_size:
             used["group_size_requested"] = p.group_size_requested
         requested = self.calibration.get("n_samples_requested", p.n_samples)

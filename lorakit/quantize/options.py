@@ -64,6 +64,8 @@ GPTAQ_ALPHA = 0.5
 
 # The keys of QuantizeOptions that only the search reads (lorakit.quantize.search.quantize_to_target).
 SEARCH_KEYS = ("target_degradation", "max_trials", "time_budget_s")
+# The keys of scale tuning after rounding (lorakit.quantize.tune), passed on as one group.
+TUNE_KEYS = ("tune_steps", "tune_lr", "tune_general_fraction")
 
 
 class QuantizeOptions(StageOptions):
@@ -113,6 +115,10 @@ class QuantizeOptions(StageOptions):
         "unchanged: the file loads wherever it did); kept only if it lowers the KL on held-out blocks. 0 = off.")
     tune_lr: float = Field(5e-4, gt=0, description="Adam learning rate of scale tuning (on each scale's log); 2e-3 "
                            "raised the held-out KL on the release measured (docs/quantize.md).")
+    tune_general_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Share of scale tuning's blocks taken from calib_general; 0 = the tasks' "
+        "calibration data alone (measured to keep the tasks' answers where the rounding's mix did not: "
+        "docs/quantize.md). The general text is then only watched: its KL before and after is recorded.")
     target_degradation: float | None = Field(
         None, ge=0, description="Search instead of using the settings above as they are: the smallest configuration "
         "(group size, sym/asym, act-order, per-module precision), starting from the one above, whose perplexity is "

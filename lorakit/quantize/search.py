@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.quantize.options import QUANTIZE, RELEASE_TARGET_DEGRADATION, resolve_grid
+from lorakit.quantize.options import QUANTIZE, RELEASE_TARGET_DEGRADATION, TUNE_KEYS, resolve_grid
 from lorakit.errors import InputError
 from lorakit.io.atomic import atomic_dir, check_output_free, write_json
 from lorakit.quantize.checks import METHODS, check_model, resolve_group_size
@@ -140,6 +140,7 @@ def search_quantization(
     clip_search: bool = QUANTIZE.clip_search,
     tune_steps: int = QUANTIZE.tune_steps,
     tune_lr: float = QUANTIZE.tune_lr,
+    tune_general_fraction: float = QUANTIZE.tune_general_fraction,
     seed: int = QUANTIZE.seed,
     device: str = QUANTIZE.device,
     compute_dtype: str = "auto",
@@ -152,7 +153,7 @@ def search_quantization(
     train split calibrates). ``eval_general`` (the release gate's general text, capped at
     ``eval_general_max_tokens``) is scored too: a trial passes only when *every* scored text is within the target,
     and its degradation is the worst of them. ``calib_general``/``calib_general_fraction``: the calibration mix of
-    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial, as are ``clip_search``, scale tuning (``tune_steps``, ``tune_lr``), ``awq_scale_form`` (AWQ trials) and ``gptaq_alpha`` (GPTQ trials). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
+    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial, as are ``clip_search``, scale tuning (``tune_*``), ``awq_scale_form`` (AWQ trials) and ``gptaq_alpha`` (GPTQ trials). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
     ``lorakit_quant.json`` carries ``search`` (every trial, the pick, whether the target was met).
     """
     from lorakit.evaluate.core import perplexity, prepare_tokens
@@ -193,7 +194,7 @@ def search_quantization(
     base = baselines["val"]
     calib_kw = {"calib_general": calib_general, "calib_general_fraction": calib_general_fraction}
     fixed_kw = {**calib_kw, "awq_scale_form": awq_scale_form, "clip_search": clip_search,  # the same in every trial
-                "tune_steps": tune_steps, "tune_lr": tune_lr}
+                "tune_steps": tune_steps, "tune_lr": tune_lr, "tune_general_fraction": tune_general_fraction}
     from lorakit.progress import emit
 
     say = emit if progress else (lambda msg: None)  # timestamped, and into the Prefect logs under `lorakit run`
@@ -382,7 +383,7 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
 SEARCH_HONOURS = frozenset({"calib", "method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len", "seed",
                             "device", "compute_dtype", "force", "progress", "calib_general",
                             "calib_general_fraction", "awq_scale_form", "gptaq_alpha", "clip_search", "eval_general",
-                            "eval_general_max_tokens", "tune_steps", "tune_lr"})
+                            "eval_general_max_tokens", *TUNE_KEYS})
 
 
 def configured_space(params: dict[str, Any]) -> SearchSpace:
@@ -435,8 +436,7 @@ def quantize_to_target(
         awq_scale_form=params.get("awq_scale_form", QUANTIZE.awq_scale_form),
         gptaq_alpha=params.get("gptaq_alpha", QUANTIZE.gptaq_alpha),
         clip_search=bool(params.get("clip_search", QUANTIZE.clip_search)),
-        tune_steps=int(params.get("tune_steps", QUANTIZE.tune_steps)),
-        tune_lr=float(params.get("tune_lr", QUANTIZE.tune_lr)),
+        **{key: params.get(key, getattr(QUANTIZE, key)) for key in TUNE_KEYS},
         device=params.get("device", QUANTIZE.device), compute_dtype=params.get("compute_dtype", "auto"),
         force=bool(params.get("force", False)),
         progress=bool(params.get("progress", True)),

@@ -143,9 +143,10 @@ def _kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
                 steps: int, lr: float, batch_size: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0,
-                device: str = "cpu", progress: bool = True) -> dict:
+                device: str = "cpu", general_blocks: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Tune ``quantized``'s group scales and norms in place against ``src`` (its full-precision model) on
-    ``blocks`` (see the module docstring); returns the record for ``lorakit_quant.json``."""
+    ``blocks`` (see the module docstring); returns the record for ``lorakit_quant.json``. ``general_blocks``
+    (general text tuning does not train on) are only watched: their KL before and after is recorded."""
     from lorakit.progress import bar
 
     if steps < 1 or lr <= 0:
@@ -167,6 +168,8 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     student.to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     kl_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
+    watched = None if general_blocks is None else general_blocks[::HOLDOUT_EVERY].to(device)
+    general_before = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * i / steps)))
@@ -186,6 +189,7 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     student.eval()
     _round_to_stored(student, prefixes, ckpt)
     kl_after = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
+    general_after = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)
     kept = kl_after < kl_before
     if kept:
         _write_back(quantized, ckpt, student, prefixes)
@@ -196,6 +200,9 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         "trainable_params": sum(p.numel() for p in params),
         "train_blocks": int(train_blocks.shape[0]), "held_out_blocks": int(held_blocks.shape[0]),
         "held_out_kl_before": float(f"{kl_before:.4g}"), "held_out_kl_after": float(f"{kl_after:.4g}"),
+        **({} if watched is None else {"general_blocks_watched": int(watched.shape[0]),
+                                       "general_kl_before": float(f"{general_before:.4g}"),
+                                       "general_kl_after": float(f"{general_after:.4g}")}),
         "kept": kept, "seconds": round(time.perf_counter() - started, 3),
     }
 
