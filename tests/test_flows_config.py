@@ -64,6 +64,19 @@ def test_steps240_search_yaml_is_steps240_but_for_searched_regmean_weights():
     assert cfg.model_dump(exclude=strip) == fixed.model_dump(exclude=strip)
 
 
+def test_steps240_search_tuned_yaml_is_steps240_search_but_for_scale_tuning():
+    """configs/steps240_search_tuned.yaml adds scale tuning after rounding to configs/steps240_search.yaml, nothing
+    else: the same adapters and merge (the same stage folders), so only the quantized model differs."""
+    from flows.plan import ReleasePlan
+
+    cfg = load_config(REPO / "configs" / "steps240_search_tuned.yaml")
+    base = load_config(REPO / "configs" / "steps240_search.yaml")
+    assert cfg.quantize.tune_steps == 100 and base.quantize.tune_steps == 0
+    assert cfg.model_dump(exclude={"quantize": {"tune_steps"}}) == base.model_dump(exclude={"quantize": {"tune_steps"}})
+    tuned, plain = ReleasePlan(cfg), ReleasePlan(base)
+    assert [tuned.prep(ds)["output"] for ds in cfg.datasets] == [plain.prep(ds)["output"] for ds in base.datasets]
+
+
 def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
     """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters, no weights
     given and a method with weights to choose (not regmean, the release's default, which fits its own combination);
