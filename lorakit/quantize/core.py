@@ -166,8 +166,9 @@ def quantize_model(
     (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
     for which loaders read each kind. ``tune_steps`` > 0 then tunes the written group scales and norms by
     distillation from ``model_dir`` (:mod:`lorakit.quantize.tune`; codes and layout unchanged) on blocks drawn
-    like the calibration's, ``tune_general_fraction`` of them general text (0 = the tasks' data alone). ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where
-    it is fast); GPTQModel loads and runs the model in it, lorakit's AWQ runs its forwards and search matmuls in it.
+    like the calibration's, ``tune_general_fraction`` of them general text (0 = the tasks' data alone).
+    ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where it is fast); GPTQModel loads and runs
+    the model in it, lorakit's AWQ runs its forwards and search matmuls in it, and scale tuning computes in it.
     """
     started = time.perf_counter()
     output = Path(output)
