@@ -11,9 +11,9 @@ end-to-end step (train the quantization scales with the codes frozen) with Norm 
 distillation rather than on labels.
 
 How: each quantized linear becomes ``w = codes · s0 · exp(t)`` per group, with ``t`` trained from 0 (the log form
-keeps every scale's sign and keeps it away from zero); the loss is the per-token KL(p_full || p_quantized) over the
-calibration blocks GPTQ itself used (task train data and general text: no val, test or gate text). Every
-``HOLDOUT_EVERY``-th block is held out: the KL there is measured before and after, and the tuned scales are kept only
+keeps every scale's sign and keeps it away from zero); the loss is the per-token KL(p_full || p_quantized) over
+blocks drawn like the calibration's (by default the tasks' train data alone: no val, test or gate text;
+:func:`lorakit.quantize.core.quantize_model` draws them). Every ``HOLDOUT_EVERY``-th block is held out: the KL there is measured before and after, and the tuned scales are kept only
 when it went down, so tuning never ships a model further from the full-precision one on calibration text it did not
 train on.
 Both numbers are recorded (``lorakit_quant.json``, ``tuning``). What it buys on the bundled release, and what it
@@ -22,6 +22,7 @@ does not: docs/quantize.md ("Scale tuning after rounding").
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from torch import nn
 
 from lorakit.errors import InputError
 
-HOLDOUT_EVERY = 8  # every 8th calibration block is held out to judge the tuning (16 of the default 128)
+HOLDOUT_EVERY = 8  # every 8th tuning block is held out to judge the tuning (16 of the default 128)
 WARMUP_STEPS = 5
 
 
@@ -66,39 +67,29 @@ class TunedLinear(nn.Module):
 
 @dataclass
 class _Checkpoint:
-    kind: str  # gptq | awq
-    shards: dict[str, dict[str, torch.Tensor]]  # file name -> its tensors
+    shards: dict[str, dict[str, torch.Tensor]]  # file name -> its tensors, as read (written back per shard)
 
-    def tensor(self, name: str) -> torch.Tensor:
-        for tensors in self.shards.values():
-            if name in tensors:
-                return tensors[name]
-        raise KeyError(name)
-
-    def names(self) -> list[str]:
-        return [n for tensors in self.shards.values() for n in tensors]
+    def __post_init__(self) -> None:
+        self.flat = {name: t for tensors in self.shards.values() for name, t in tensors.items()}
 
 
-def _read_checkpoint(folder: Path, kind: str) -> _Checkpoint:
+def _read_checkpoint(folder: Path) -> _Checkpoint:
     from lorakit.io.safetensors_stream import load_file
     from lorakit.models.folder import shard_names
 
-    return _Checkpoint(kind, {shard: dict(load_file(folder / shard)) for shard in shard_names(folder)})
+    return _Checkpoint({shard: dict(load_file(folder / shard)) for shard in shard_names(folder)})
 
 
-def _student(src: Path, quantized: Path, kind: str, checkpoint_format: str, ckpt: _Checkpoint):
-    """The full-precision model with every quantized linear replaced by a :class:`TunedLinear` and every other
-    tensor as the quantized checkpoint stores it (AWQ folds its scales into the norms, so they differ)."""
-    from transformers import AutoModelForCausalLM
-
+def _student(teacher, quantized: Path, kind: str, checkpoint_format: str, ckpt: _Checkpoint):
+    """A copy of the full-precision ``teacher`` with every quantized linear replaced by a :class:`TunedLinear` and
+    every other tensor as the quantized checkpoint stores it (AWQ folds its scales into the norms, so they differ)."""
     from lorakit.evaluate.dequant import read_packed_linear
 
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    names = ckpt.names()
-    prefixes = sorted(n[: -len(".qweight")] for n in names if n.endswith(".qweight"))
+    flat = ckpt.flat
+    prefixes = sorted(n[: -len(".qweight")] for n in flat if n.endswith(".qweight"))
     if not prefixes:
         raise InputError(f"{quantized} holds no quantized linears (no qweight tensors); nothing to tune")
-    flat = {n: ckpt.tensor(n) for n in names}
+    model = copy.deepcopy(teacher)
     for prefix in prefixes:
         parent, attr = prefix.rsplit(".", 1)
         linear = model.get_submodule(prefix)
@@ -109,7 +100,7 @@ def _student(src: Path, quantized: Path, kind: str, checkpoint_format: str, ckpt
                 TunedLinear(packed.codes, packed.group, packed.scales,
                             None if bias is None else nn.Parameter(bias.float(), requires_grad=False)))
     state = model.state_dict()
-    for name in names:
+    for name in flat:
         if name in state and not name.startswith(tuple(p + "." for p in prefixes)):
             state[name].copy_(flat[name].to(torch.float32))
     for name, param in model.named_parameters():
@@ -158,14 +149,14 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     if not held.any():
         held[-1] = True
     train_blocks, held_blocks = blocks[~held].to(device), blocks[held].to(device)
-    ckpt = _read_checkpoint(quantized, kind)
+    ckpt = _read_checkpoint(quantized)
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student, prefixes = _student(src, quantized, kind, checkpoint_format, ckpt)
-    student.to(device)
+    student, prefixes = _student(teacher, quantized, kind, checkpoint_format, ckpt)
+    student.to(device)  # the TunedLinears' codes and scales were built on the CPU
     params = [p for p in student.parameters() if p.requires_grad]
     kl_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
     watched = None if general_blocks is None else general_blocks[::HOLDOUT_EVERY].to(device)
@@ -199,22 +190,27 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         "trained": ["group scales", "norm weights"],
         "trainable_params": sum(p.numel() for p in params),
         "train_blocks": int(train_blocks.shape[0]), "held_out_blocks": int(held_blocks.shape[0]),
-        "held_out_kl_before": float(f"{kl_before:.4g}"), "held_out_kl_after": float(f"{kl_after:.4g}"),
+        "held_out_kl_before": _figure(kl_before), "held_out_kl_after": _figure(kl_after),
         **({} if watched is None else {"general_blocks_watched": int(watched.shape[0]),
-                                       "general_kl_before": float(f"{general_before:.4g}"),
-                                       "general_kl_after": float(f"{general_after:.4g}")}),
+                                       "general_kl_before": _figure(general_before),
+                                       "general_kl_after": _figure(general_after)}),
         "kept": kept, "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _figure(kl: float) -> float:
+    """A KL for the record: four significant digits (a tiny model's KL is ~1e-5, so not a fixed number of places)."""
+    return float(f"{kl:.4g}")
 
 
 @torch.no_grad()
 def _round_to_stored(student, prefixes: list[str], ckpt: _Checkpoint) -> None:
     """Round every tuned value to its tensor's dtype in the checkpoint: the held-out KL is then the file's."""
     for prefix in prefixes:
-        student.get_submodule(prefix).round_to(ckpt.tensor(f"{prefix}.scales").dtype)
+        student.get_submodule(prefix).round_to(ckpt.flat[f"{prefix}.scales"].dtype)
     for name, param in student.named_parameters():
         if _is_norm(name):
-            param.copy_(param.to(ckpt.tensor(name).dtype).to(torch.float32))
+            param.copy_(param.to(ckpt.flat[name].dtype).to(torch.float32))
 
 
 def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str]) -> None:
