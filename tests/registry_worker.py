@@ -19,12 +19,17 @@ from registry.locks import write_lock  # noqa: E402
 
 
 def register_loop(root: str, name: str, *folders: str) -> None:
-    """Register each folder in turn (the parent kills this process at a random moment)."""
+    """Register each folder in turn (the parent kills this process at a random moment).
+
+    A line after each registration lets the parent aim its kill at the first, second or third registration
+    by progress, not by a clock calibrated once (another test's load can slow this process several times over).
+    """
     reg = Registry(root)
     reg.conn  # open (and migrate) the index before announcing readiness
     print("ready", flush=True)
-    for folder in folders:
+    for i, folder in enumerate(folders, start=1):
         reg.register(folder, name=name, kind="base")
+        print(f"registered {i}", flush=True)
     print("done", flush=True)
 
 

@@ -57,12 +57,14 @@ def test_kill_9_during_registration_leaves_nothing_or_complete(tmp_path):
             sources[_digest(f)] = f
         return [str(f) for f in folders]
 
-    # Calibrate: how long a complete run of three registrations takes here, once the worker is ready.
+    # Calibrate: how long one registration takes here, once the worker is ready.
     proc = _spawn("register", str(root), "calib", *trial_folders(0))
     assert proc.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
-    assert proc.stdout.readline().strip() == "done", proc.stderr.read()
-    span = time.monotonic() - t0
+    for i in (1, 2, 3):
+        assert proc.stdout.readline().strip() == f"registered {i}", proc.stderr.read()
+    step = (time.monotonic() - t0) / 3
+    assert proc.stdout.readline().strip() == "done"
     proc.wait()
 
     outcomes = []
@@ -70,7 +72,15 @@ def test_kill_9_during_registration_leaves_nothing_or_complete(tmp_path):
         name = f"trial{t}"
         proc = _spawn("register", str(root), name, *trial_folders(t))
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        time.sleep(rng.uniform(0, span))
+        # Aim at registration k+1 by the worker's own progress, then kill at a random moment inside it, timed
+        # by how long this trial's previous registration took (load from other tests slows both alike).
+        k = t % 3
+        last = time.monotonic()
+        for i in range(1, k + 1):
+            assert proc.stdout.readline().strip() == f"registered {i}", proc.stderr.read()
+            now = time.monotonic()
+            step, last = now - last, now
+        time.sleep(rng.uniform(0, step))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()
@@ -80,6 +90,7 @@ def test_kill_9_during_registration_leaves_nothing_or_complete(tmp_path):
         assert report.ok, report.problems
         versions = reg.list(name)
         assert [v.version for v in versions] == list(range(1, len(versions) + 1))
+        assert len(versions) >= k, "a registration the worker reported done was lost"
         _assert_complete(reg, sources)
         outcomes.append(len(versions))
         reg.close()
