@@ -218,8 +218,12 @@ def quantization_line(release: dict) -> str:
     if not q:
         return ""
     zero = "symmetric" if q["sym"] else "with a zero point"
+    tuning = q.get("tuning")
+    tuned = "" if not tuning else (
+        f", scales tuned {tuning['steps']} steps (held-out KL {tuning['held_out_kl_before']} -> "
+        f"{tuning['held_out_kl_after']}, {tuning['seconds']:.0f} s" + ("" if tuning["kept"] else ", not kept") + ")")
     return (f" Quantization: {q['method'].upper()} {q['bits']}-bit, group {q['group_size']}, {zero}"
-            + (", act-order." if q.get("desc_act") else "."))
+            + (", act-order" if q.get("desc_act") else "") + tuned + ".")
 
 
 def training_line(release: dict) -> str:
@@ -366,9 +370,12 @@ def main() -> None:
     intervals = stage_intervals(args.release)
     stages = {name: round(end - start, 1) for name, (start, end) in intervals.items()}
     total, span = sum(stages.values()), span_seconds(intervals)
-    quant = json.loads((find_one(args.release, "quantized/*") / "lorakit_quant.json").read_text())["params"]
+    quant_meta = json.loads((find_one(args.release, "quantized/*") / "lorakit_quant.json").read_text())
+    quant = quant_meta["params"]
     release = {"source": str(args.release), "tasks": parts["tasks"], "summary": summary(card),
-               "quantization": {k: quant.get(k) for k in ("method", "bits", "group_size", "sym", "desc_act")},
+               "quantization": {**{k: quant.get(k) for k in ("method", "bits", "group_size", "sym", "desc_act",
+                                                            "tune_steps")},
+                                "tuning": quant_meta.get("tuning") or None},
                "scorecard_wall_s": card.get("wall_s"),
                # each stage's own recorded wall time; their sum is the chain's time without Prefect's start-up
                "stage_seconds": stages, "stage_seconds_total": round(total, 1),
