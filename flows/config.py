@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, FiniteFloat, ValidationError, field_validator, model_validator
 
-from lorakit.data.bundled import BUNDLED_MERGE_WEIGHTS, BUNDLED_NAMES, BUNDLED_TRAINING
+from lorakit.data.bundled import BUNDLED_NAMES, BUNDLED_TRAINING
 from lorakit.data.options import PrepOptions
 from lorakit.errors import InputError
 from lorakit.export.types import GGUF_TYPES
@@ -65,9 +65,10 @@ class DatasetConfig(PrepOptions):
         None, description="Name of a dataset bundled with lorakit (instead of files).")
     files: list[str] = Field(default_factory=list, description="Local data files (JSONL, JSON, CSV, Parquet, text).")
 
-    merge_weight: FiniteFloat = Field(
-        default_weights(1)[0], description="This task's adapter's weight in the merge when merge.weights is not given (the default "
-        "release weighs its bundled tasks more: RegMean's general-text anchor keeps less of each update).")
+    merge_weight: FiniteFloat | None = Field(
+        None, description="This task's adapter's weight in the merge when merge.weights is not given; null = "
+        f"{default_weights(1)[0]:g}, or chosen by the merge search. A weight on any dataset is a weight given: the "
+        "search (merge.search auto) is then off.")
     lora: dict[str, Any] = Field(
         default_factory=dict, description="This task's adapter trains with these options instead of the run's "
         f"lora: values (e.g. {{lr: 0.002}}); keys: {', '.join(PER_DATASET_LORA_KEYS)}.")
@@ -125,8 +126,9 @@ class MergeConfig(MergeOptions):
     search: MergeSearchConfig | Literal["auto"] | None = Field(
         "auto", description="Choose the weights on the tasks' val splits (lorakit merge --search): a mapping of "
         "search options (the methods searched default to 'method'; with regmean it weighs RegMean's projected "
-        "updates); auto = search with the defaults when it applies (no 'weights' given, two or more plain LoRA "
-        "adapters, a method other than regmean), else the weights; null = never, use 'weights'.")
+        "updates; max_examples defaults to the val questions the gate judges, scorecard.judge_examples); auto = "
+        "search with the defaults when it applies (no weights given, two or more plain LoRA adapters), else the "
+        "weights; null = never, use 'weights'.")
 
     @field_validator("search", mode="before")
     @classmethod
@@ -146,8 +148,17 @@ class MergeConfig(MergeOptions):
 
 class QuantizeConfig(QuantizeOptions):
     """4-bit post-training quantization of the merged model (the keys and defaults of ``lorakit quantize``,
-    :class:`lorakit.quantize.options.QuantizeOptions`: the measured release configuration, and why)."""
+    :class:`lorakit.quantize.options.QuantizeOptions`: the measured release configuration, and why).
 
+    The release tunes the rounded model's scales by default (``lorakit quantize``'s own default stays off: it
+    costs minutes where a quick quantization is asked for). Why: GPTQ alone flipped enough of reverse-words'
+    answers that the gate rejected half the releases measured; 100 steps of tuning on the tasks' data brought the
+    rejected one's lost val points from 3.0 to 0.0 (docs/release-status.md, "Scale tuning after rounding")."""
+
+    tune_steps: int = Field(
+        100, ge=0, description="After rounding, tune each group's scale and the norm weights this many steps by "
+        "distillation from the merged model on the tasks' calibration data (codes, zero points and layout "
+        "unchanged); kept only if it lowers the KL on held-out blocks. 0 = off (lorakit quantize's default).")
     calib_dataset: str | None = Field(
         None, description="Dataset whose train split calibrates; default: every dataset's data prepared together.")
 
@@ -191,8 +202,7 @@ class ReleaseConfig(_Section):
 
     base: str = Field("default", description="Base model: 'default' (embedded SmolLM2-135M-Instruct), a folder or hub id.")
     datasets: list[DatasetConfig] = Field(
-        default_factory=lambda: [DatasetConfig(name=n, bundled=n, lora=dict(BUNDLED_TRAINING.get(n, {})),
-                                               merge_weight=BUNDLED_MERGE_WEIGHTS.get(n, 1.0))
+        default_factory=lambda: [DatasetConfig(name=n, bundled=n, lora=dict(BUNDLED_TRAINING.get(n, {})))
                                  for n in DEFAULT_DATASETS], min_length=1
     )
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -249,20 +259,30 @@ class ReleaseConfig(_Section):
 
     def merge_search(self) -> MergeSearchConfig | None:
         """The search the merge runs, None for fixed weights. ``auto`` searches where the search applies and has a
-        choice to make: no weights given, two or more datasets (one adapter alone is best at weight 1.0), and plain
-        LoRA adapters (a DoRA or LoftQ update depends on the base weights; the search refuses those), and a method
-        other than regmean. The search weighs the merge's own ``method`` unless ``methods`` is given: with
-        ``method: regmean`` and a ``search:`` mapping it chooses the weights of RegMean's projected updates."""
+        choice to make: no weights given (neither ``merge.weights`` nor any dataset's ``merge_weight``), two or more
+        datasets (one adapter alone is best at weight 1.0), and plain LoRA adapters (a DoRA or LoftQ update depends
+        on the base weights; the search refuses those). The search weighs the merge's own ``method`` unless
+        ``methods`` is given: with regmean (the release's method) it chooses the weights of RegMean's projected
+        updates. Unless ``max_examples`` is given it scores the val questions the gate's retention check judges
+        (``scorecard.judge_examples``), so the weights are chosen on what the release is judged by.
+
+        Why RegMean searches by default: fixed weights of 1.3, measured on 120-step adapters, cost the 240-step
+        seed-0 adapters' merged model a tenth of reverse-words' answers; the searched weights kept at least 0.98 of
+        each adapter's val exact match on both seeds measured (docs/release-status.md, "RegMean's weights chosen on
+        val")."""
         s = self.merge.search
         if s == "auto":
-            if self.merge.method == "regmean":  # its own weights (1.0 each) unless a search is asked for
-                return None
             plain = self.lora.variant == "lora" and self.lora.init != "loftq"
-            given = self.merge.weights is not None or any("merge_weight" in ds.model_fields_set for ds in self.datasets)
+            given = self.merge.weights is not None or any(ds.merge_weight is not None for ds in self.datasets)
             s = MergeSearchConfig() if not given and len(self.datasets) > 1 and plain else None
-        if s is None or "methods" in s.model_fields_set:
-            return s
-        return s.model_copy(update={"methods": [self.merge.method]})
+        if s is None:
+            return None
+        update: dict[str, Any] = {}
+        if "methods" not in s.model_fields_set:
+            update["methods"] = [self.merge.method]
+        if "max_examples" not in s.model_fields_set:
+            update["max_examples"] = self.scorecard.judge_examples
+        return s.model_copy(update=update)
 
     def merges_with_regmean(self) -> bool:
         """Whether the merge stage runs RegMean's fit: as the merge's method, or among the methods its search tries
@@ -275,7 +295,8 @@ class ReleaseConfig(_Section):
         :func:`lorakit.merge.options.default_weights`)."""
         if self.merge.weights is not None:
             return list(self.merge.weights)
-        return [float(ds.merge_weight) for ds in self.datasets]
+        unset = default_weights(1)[0]
+        return [unset if ds.merge_weight is None else float(ds.merge_weight) for ds in self.datasets]
 
     def calib_dataset(self) -> str | None:
         """The one dataset that calibrates quantization; None = all of them, prepared together."""

@@ -91,7 +91,8 @@ def used_quantize_settings(folder: str) -> dict[str, Any]:
 
 
 def quantize_label(used: dict[str, Any]) -> str:
-    """``gptq 4-bit g128 sym`` plus what differs from the request: a lowered group size, kept modules, a search."""
+    """``gptq 4-bit g128 sym`` plus what differs from the request: a lowered group size, kept modules, a search,
+    and whether scale tuning's result was kept (a tuning that raised the held-out KL leaves the rounded scales)."""
     label = f"{used['method']} {used['bits']}-bit g{used['group_size']} {'sym' if used['sym'] else 'asym'}"
     if "group_size_requested" in used:
         label += f" (g{used['group_size_requested']} requested)"
@@ -102,6 +103,9 @@ def quantize_label(used: dict[str, Any]) -> str:
     if used.get("module_bits"):
         label += f" +{len(used['module_bits'])} modules kept"
     label += f", {used['n_samples']}x{used['seq_len']} calibration"
+    if used.get("tune_steps"):
+        label += (f", scales tuned ({used['tune_steps']} steps)" if used["tune_kept"]
+                  else f", scale tuning not kept ({used['tune_steps']} steps raised the held-out KL)")
     if used.get("search"):
         label += f", search pick (trial {used['search']['chosen_trial']})"
     return label

@@ -43,51 +43,76 @@ def test_tiny_yaml_loads():
     assert cfg.merge_weights() == [0.5, 0.5] and cfg.lora.max_steps == 3 and cfg.merge_search() is None
 
 
-def test_steps240_yaml_is_the_default_but_for_training_steps_and_batch():
-    """configs/steps240.yaml (an experiment docs/release-status.md measures) must differ from the default release
-    only in what it says: each bundled adapter's steps and micro-batch, nothing else drifting with the default."""
+def _differences(a: ReleaseConfig, b: ReleaseConfig) -> dict[str, tuple]:
+    """Dotted key -> (a's value, b's value) for every key the two configs resolve differently."""
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for name, sub in value.items() for k, v in flat(sub, f"{prefix}{name}.").items()}
+        if isinstance(value, list):
+            return {k: v for i, sub in enumerate(value) for k, v in flat(sub, f"{prefix}{i}.").items()}
+        return {prefix.rstrip("."): value}
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)}
+
+
+def test_quick_yaml_is_the_default_but_for_training_merge_weights_and_tuning():
+    """configs/quick.yaml (the default before 240 steps, the merge search and scale tuning) differs from the
+    default release only in what its comments say: each bundled adapter's steps and micro-batch, fixed merge
+    weights of 1.3, and no scale tuning."""
+    cfg, default = load_config(REPO / "configs" / "quick.yaml"), ReleaseConfig()
+    assert _differences(cfg, default) == {
+        "datasets.0.lora.max_steps": (120, 240), "datasets.0.lora.batch_size": (None, 1),
+        "datasets.1.lora.max_steps": (120, 240), "datasets.1.lora.batch_size": (None, 1),
+        "datasets.0.merge_weight": (1.3, None), "datasets.1.merge_weight": (1.3, None),
+        "quantize.tune_steps": (0, 100)}
+    assert cfg.merge_search() is None and cfg.merge_weights() == [1.3, 1.3]
+
+
+def test_steps240_yaml_is_the_default_but_for_fixed_merge_weights_and_no_tuning():
+    """configs/steps240.yaml (an experiment docs/release-status.md measures) trains as the default does and merges
+    with the fixed weights 1.3 the 120-step adapters were measured with, without scale tuning."""
     cfg, default = load_config(REPO / "configs" / "steps240.yaml"), ReleaseConfig()
-    assert [ds.lora for ds in cfg.datasets] == [{**ds.lora, "max_steps": 240, "batch_size": 1}
-                                                  for ds in default.datasets]
-    strip = {"datasets": {i: {"lora"} for i in range(len(default.datasets))}}
-    assert cfg.model_dump(exclude=strip) == default.model_dump(exclude=strip)
+    assert _differences(cfg, default) == {"datasets.0.merge_weight": (1.3, None), "datasets.1.merge_weight": (1.3, None),
+                                          "quantize.tune_steps": (0, 100)}
+    assert cfg.merge_search() is None
 
 
-def test_steps240_search_yaml_is_steps240_but_for_searched_regmean_weights():
-    """configs/steps240_search.yaml differs from configs/steps240.yaml only in the merge weights: none given, the
-    search chooses RegMean's on every val question the gate judges."""
-    cfg, fixed = load_config(REPO / "configs" / "steps240_search.yaml"), load_config(REPO / "configs" / "steps240.yaml")
-    search = cfg.merge_search()
-    assert search.methods == ["regmean"] and search.max_examples is None and cfg.scorecard.judge_examples is None
-    assert fixed.merge_search() is None and cfg.merges_with_regmean()
-    strip = {"merge": {"search"}, "datasets": {i: {"merge_weight"} for i in range(len(cfg.datasets))}}
-    assert cfg.model_dump(exclude=strip) == fixed.model_dump(exclude=strip)
-
-
-def test_steps240_search_tuned_yaml_is_steps240_search_but_for_scale_tuning():
-    """configs/steps240_search_tuned.yaml adds scale tuning after rounding to configs/steps240_search.yaml, nothing
-    else: the same adapters and merge (the same stage folders), so only the quantized model differs."""
+def test_steps240_search_yaml_is_the_default_but_for_scale_tuning():
+    """configs/steps240_search.yaml is the default release without scale tuning: the same adapters and merge (the
+    same stage folders), so only the quantized model differs; its merge searches RegMean's weights on every val
+    question the gate judges."""
     from flows.plan import ReleasePlan
 
-    cfg = load_config(REPO / "configs" / "steps240_search_tuned.yaml")
-    base = load_config(REPO / "configs" / "steps240_search.yaml")
-    assert cfg.quantize.tune_steps == 100 and base.quantize.tune_steps == 0
-    assert cfg.model_dump(exclude={"quantize": {"tune_steps"}}) == base.model_dump(exclude={"quantize": {"tune_steps"}})
-    tuned, plain = ReleasePlan(cfg), ReleasePlan(base)
-    assert [tuned.prep(ds)["output"] for ds in cfg.datasets] == [plain.prep(ds)["output"] for ds in base.datasets]
+    cfg, default = load_config(REPO / "configs" / "steps240_search.yaml"), ReleaseConfig()
+    assert _differences(cfg, default) == {"quantize.tune_steps": (0, 100)}
+    search = cfg.merge_search()
+    assert search.methods == ["regmean"] and search.max_examples is None and cfg.scorecard.judge_examples is None
+    assert search == default.merge_search() and cfg.merges_with_regmean()
+    plain, tuned = ReleasePlan(cfg), ReleasePlan(default)
+    assert [plain.prep(ds)["output"] for ds in cfg.datasets] == [tuned.prep(ds)["output"] for ds in default.datasets]
+    preps = {ds.name: f"/prep/{ds.name}" for ds in cfg.datasets}
+    assert plain.merge(["a", "b"], preps)["output"] == tuned.merge(["a", "b"], preps)["output"]
 
 
 def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
-    """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters, no weights
-    given and a method with weights to choose (not regmean, the release's default, which fits its own combination);
-    given weights, one dataset, DoRA or LoftQ adapters merge with fixed weights; null is off; a mapping is explicit
-    (with regmean too), and with weights too it is an error. The search weighs the merge's method unless told."""
+    """`merge.search: auto` (the default) searches with the default options for 2+ plain LoRA adapters and no
+    weights given, with any method (regmean, the release's default, searches the weights of its projected
+    updates); given weights, one dataset, DoRA or LoftQ adapters merge with fixed weights; null is off; a mapping
+    is explicit, and with weights too it is an error. The search weighs the merge's method unless told, and scores
+    the val questions the gate judges unless told."""
     from flows.config import MergeSearchConfig
 
     two = [{"name": n, "files": ["a.jsonl"]} for n in ("a", "b")]
     linear = {"method": "linear"}
-    assert ReleaseConfig().merge.method == "regmean" and ReleaseConfig().merge_search() is None
-    assert parse_config({"datasets": two, "merge": linear}).merge_search() == MergeSearchConfig()
+    default = ReleaseConfig()
+    assert default.merge.method == "regmean" and default.merge.search == "auto"
+    assert default.merge_search() == MergeSearchConfig(methods=["regmean"], max_examples=None)
+    assert parse_config({"datasets": two, "merge": linear}).merge_search() == MergeSearchConfig(max_examples=None)
+    judged = {"datasets": two, "merge": linear, "scorecard": {"judge_examples": 30}}
+    assert parse_config(judged).merge_search().max_examples == 30
+    told = {"datasets": two, "merge": {**linear, "search": {"max_examples": 10}}, "scorecard": {"judge_examples": 30}}
+    assert parse_config(told).merge_search().max_examples == 10
     assert MergeSearchConfig().objective == "auto"
     assert parse_config({"datasets": two, "merge": {**linear, "weights": [1, 2]}}).merge_search() is None
     assert parse_config({"datasets": two[:1], "merge": linear}).merge_search() is None
@@ -97,7 +122,7 @@ def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
     assert parse_config({"datasets": two, "merge": {**linear, "search": None}}).merge_search() is None
     searched = {"datasets": two, "merge": {**linear, "search": {"max_trials": 3}}}
     assert parse_config(searched).merge_search().max_trials == 3
-    # regmean (the release's default) with a search mapping: its own method's weights are searched
+    assert parse_config({"datasets": two}).merge_search().methods == ["regmean"]
     assert parse_config({"datasets": two, "merge": {"search": {"max_trials": 3}}}).merge_search().methods == ["regmean"]
     assert parse_config({"datasets": two, "merge": {"method": "ties"}}).merge_search().methods == ["ties"]
     given = {"datasets": two, "merge": {"search": {"methods": ["linear", "regmean"]}}}
@@ -109,6 +134,9 @@ def test_merge_search_is_on_by_default_where_it_has_weights_to_choose():
     # a dataset's own merge_weight is a weight given: nothing left to search
     weighted = [two[0], {**two[1], "merge_weight": 0.5}]
     assert parse_config({"datasets": weighted, "merge": linear}).merge_search() is None
+    assert parse_config({"datasets": weighted}).merge_search() is None
+    unset = [two[0], {**two[1], "merge_weight": None}]  # null is not a weight: the search still chooses
+    assert parse_config({"datasets": unset}).merge_search() is not None
 
 
 def test_merge_weights_come_from_the_datasets_unless_the_merge_names_them(tmp_path):
@@ -130,7 +158,8 @@ def test_merge_weights_come_from_the_datasets_unless_the_merge_names_them(tmp_pa
     merge = plan.merge(["x", "y"], {"a": "pa", "b": "pb"})
     assert merge["weights"] == [1.0, 1.5] and merge["params"]["regmean_anchor"] == 1.0
     default = ReleaseConfig()
-    assert default.merge_weights() == [1.3, 1.3] and default.merge.regmean_anchor == 1.0
+    assert default.merge_weights() == [1.0, 1.0] and default.merge.regmean_anchor == 1.0
+    assert [ds.merge_weight for ds in default.datasets] == [None, None]  # the merge search chooses them
     from lorakit.merge.options import MERGE
 
     assert MERGE.regmean_anchor is None  # `lorakit merge` anchors only when asked

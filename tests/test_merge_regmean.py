@@ -326,11 +326,11 @@ def test_cli_takes_named_data(setup, tmp_path):
     assert meta["regmean"]["data"] == [str(p) for p in setup["preps"]] and meta["regmean"]["examples"] == 4
 
 
-def test_release_config_uses_the_preps_and_no_search():
+def test_release_config_uses_the_preps_with_or_without_search():
     from flows.config import ReleaseConfig
     from flows.plan import ReleasePlan
 
-    cfg = ReleaseConfig(merge={"method": "regmean"})
+    cfg = ReleaseConfig(merge={"method": "regmean", "search": None})
     assert cfg.merge_search() is None
     plan = ReleasePlan(cfg).merge(["a", "b"], {ds.name: f"/prep/{ds.name}" for ds in cfg.datasets})
     assert plan["params"]["data"] == [f"/prep/{ds.name}" for ds in cfg.datasets] and "search" not in plan["params"]

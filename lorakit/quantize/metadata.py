@@ -69,7 +69,8 @@ class QuantMeta:
         if p.method_params.get("gptaq_alpha"):
             used["gptaq_alpha"] = p.method_params["gptaq_alpha"]
         if p.tune_steps:
-            used.update(tune_steps=p.tune_steps, tune_lr=p.tune_lr, tune_general_fraction=p.tune_general_fraction)
+            used.update(tune_steps=p.tune_steps, tune_lr=p.tune_lr, tune_general_fraction=p.tune_general_fraction,
+                        tune_kept=bool(self.tuning.get("kept")))
         if p.group_size_requested != p.group_size:
             used["group_size_requested"] = p.group_size_requested
         requested = self.calibration.get("n_samples_requested", p.n_samples)

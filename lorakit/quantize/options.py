@@ -31,13 +31,14 @@ answers; 90% lost fewer answers but more general English (+8.9%). Group 128 does
 and vLLM, not by plain ``transformers`` (:mod:`lorakit.quantize.mixed`). For other data or models, set
 ``target_degradation`` and let the search measure (``lorakit.quantize.search.quantize_to_target``).
 
-Why no scale tuning by default (``tune_steps`` 0): measured on the two releases of configs/steps240_search.yaml only
-(bench/results/quantize_tuning_b1s240_seed{0,1}.json, ``variants.tune100-lr5e-04-general0``), not yet on a cold run of
-any recipe. Tuned on the tasks' data (``tune_general_fraction`` 0) at 5e-4, the rejected seed-0 release's
+Scale tuning (``tune_steps``) is off here and 100 steps in a release (``flows.config.QuantizeConfig``): a plain
+``lorakit quantize`` stays minutes shorter, and a release, judged on its tasks' answers, buys them back. Measured on
+the two releases of configs/steps240_search.yaml (bench/results/quantize_tuning_b1s240_seed{0,1}.json,
+``variants.tune100-lr5e-04-general0``) and on cold releases of the default (docs/release-status.md). Tuned on the tasks' data (``tune_general_fraction`` 0) at 5e-4, the rejected seed-0 release's
 reverse-words lost 0.0 val points instead of 3.0 and answered 94.5% of test against the merged model's 92.0%;
 seed 1's moved by a point each way; general text stayed within the gate's bars. It costs 565-614 s per release
 on 2 cores. Tuned on the rounding's mix of half general text it did not bring the answers back, and at 2e-3 the
-held-out KL rose and the tuning was dropped (``variants.tune100``). configs/steps240_search_tuned.yaml turns it on.
+held-out KL rose and the tuning was dropped (``variants.tune100``).
 """
 
 from __future__ import annotations
@@ -113,8 +114,9 @@ class QuantizeOptions(StageOptions):
         0.5, ge=0, lt=1, description="Share of the calibration blocks taken from calib_general.")
     tune_steps: int = Field(
         0, ge=0, description="After rounding, tune each group's scale and the norm weights this many steps by "
-        "distillation from the full-precision model on the calibration blocks (codes, zero points and layout "
-        "unchanged: the file loads wherever it did); kept only if it lowers the KL on held-out blocks. 0 = off.")
+        "distillation from the full-precision model on the calibration data (codes, zero points and layout "
+        "unchanged: the file loads wherever it did); kept only if it lowers the KL on held-out blocks. 0 = off "
+        "(a release's default is 100).")
     tune_lr: float = Field(5e-4, gt=0, description="Adam learning rate of scale tuning (on each scale's log); 2e-3 "
                            "raised the held-out KL on the release measured (docs/quantize.md).")
     tune_general_fraction: float = Field(

@@ -21,19 +21,16 @@ BUNDLED_NAMES = ("reverse-words", "number-words")
 BUNDLED_PREFIX = "bundled:"
 
 # Training options a bundled task's adapter uses in the default release over the run's ``lora:`` (its
-# ``datasets[i].lora``). Both train 120 steps, not the run's 80: the adapters train side by side, so the longer
-# task sets the wall time, and number-words needs 120 to learn its rare magnitudes (two- and four-digit numbers,
-# whose digits it miscounted at 80). number-words also needs a higher learning rate: its adapter's test exact
-# match at 80 steps and 2e-3: 92% (bench/results/train_sweep.json: learning_rate.number-words.2e-03.exact_match_test),
-# at the run's 1e-3: 84% (bench/results/release_scorecard_bf16_gptq75.json: release.summary.number-words.test.exact_match.adapter);
+# ``datasets[i].lora``). Both train 240 optimizer steps of 2 packed rows (batch 1 x grad_accum 2), not the run's 80
+# steps of 4: the same tokens as 120 steps of 4, twice the updates, and adapters that answer more of their test
+# questions (docs/release-status.md, "Twice the updates"); the adapters train side by side, so the longer task sets
+# the wall time. number-words also needs a higher learning rate: its adapter's test exact match at 80 steps and
+# 2e-3: 92% (bench/results/train_sweep.json: learning_rate.number-words.2e-03.exact_match_test), at the run's 1e-3:
+# 84% (bench/results/release_scorecard_bf16_gptq75.json: release.summary.number-words.test.exact_match.adapter);
 # reverse-words keeps 1e-3, where it already forgets more general English than number-words does at 2e-3.
-BUNDLED_TRAINING: dict[str, dict[str, float]] = {"reverse-words": {"max_steps": 120},
-                                                 "number-words": {"lr": 2e-3, "max_steps": 120}}
-
-# Each bundled task's weight in the default release's merge (its ``datasets[i].merge_weight``). RegMean's
-# general-text anchor (``merge.regmean_anchor``) pulls both updates toward the base where general English reads
-# the layers; weighing each task 1.3 gives back the answers it cost (docs/merge.md).
-BUNDLED_MERGE_WEIGHTS: dict[str, float] = {"reverse-words": 1.3, "number-words": 1.3}
+# No merge weights: the release's merge search chooses RegMean's on the val splits (flows.config.ReleaseConfig.merge_search).
+BUNDLED_TRAINING: dict[str, dict[str, float]] = {"reverse-words": {"max_steps": 240, "batch_size": 1},
+                                                 "number-words": {"lr": 2e-3, "max_steps": 240, "batch_size": 1}}
 
 
 def bundled_dataset_path(name: str) -> Path:
@@ -44,4 +41,4 @@ def bundled_dataset_path(name: str) -> Path:
     return BUNDLED_DIR / f"{name}.jsonl"
 
 
-__all__ = ["BUNDLED_MERGE_WEIGHTS", "BUNDLED_NAMES", "BUNDLED_PREFIX", "BUNDLED_TRAINING", "bundled_dataset_path"]
+__all__ = ["BUNDLED_NAMES", "BUNDLED_PREFIX", "BUNDLED_TRAINING", "bundled_dataset_path"]
