@@ -153,7 +153,9 @@ class QuantizeConfig(QuantizeOptions):
     The release tunes the rounded model's scales by default (``lorakit quantize``'s own default stays off: it
     costs minutes where a quick quantization is asked for). Why: GPTQ alone flipped enough of reverse-words'
     answers that the gate rejected half the releases measured; 100 steps of tuning on the tasks' data brought the
-    rejected one's lost val points from 3.0 to 0.0 (docs/release-status.md, "Scale tuning after rounding")."""
+    rejected one's lost val points from 3.0 to 0.0 (bench/results/quantize_tuning_b1s240_seed0.json:
+    rounded.accuracy.reverse-words.val.drop, variants.tune100-lr5e-04-general0.accuracy.reverse-words.val.drop;
+    docs/release-status.md, "Scale tuning after rounding")."""
 
     tune_steps: int = Field(
         100, ge=0, description="After rounding, tune each group's scale and the norm weights this many steps by "
@@ -267,9 +269,11 @@ class ReleaseConfig(_Section):
         (``scorecard.judge_examples``), so the weights are chosen on what the release is judged by.
 
         Why RegMean searches by default: fixed weights of 1.3, measured on 120-step adapters, cost the 240-step
-        seed-0 adapters' merged model a tenth of reverse-words' answers; the searched weights kept at least 0.98 of
-        each adapter's val exact match on both seeds measured (docs/release-status.md, "RegMean's weights chosen on
-        val")."""
+        seed-0 adapters' merged model a tenth of reverse-words' test answers (84.0%, against 94.0% for the adapter:
+        bench/results/release_scorecard_bf16_b1s240.json, release.all_test.reverse-words); the searched weights kept
+        at least 0.98 of each adapter's val exact match on both seeds measured
+        (bench/results/release_scorecard_bf16_b1s240_search_seed{0,1}.json: release.merge.search.report.val.chosen;
+        docs/release-status.md, "RegMean's weights chosen on val")."""
         s = self.merge.search
         if s == "auto":
             plain = self.lora.variant == "lora" and self.lora.init != "loftq"
