@@ -8,10 +8,11 @@ the release does: the gate's perplexity and KL checks against the merged model (
 general text) and exact match on every val and test question. The rounded model itself is judged the same way
 once, so each row's change is the tuning's alone: the codes are the release's.
 
-A variant is ``tuneN[:lrX][:generalP]``: N steps, learning rate X (default the quantize stage's), P percent of the
-blocks general text (default the release's share).
+A variant is ``tuneN[:lrX][:generalP][:answers]``: N steps, learning rate X (default the quantize stage's), P percent
+of the blocks general text (default the release's share); ``answers`` takes the KL only where an answer token comes
+next (``--tune-tokens answers``; default every position).
 
-Usage: python bench/quantize_tuning.py --release OUT [--variants tune100,tune100:general25]
+Usage: python bench/quantize_tuning.py --release OUT [--variants tune100,tune100:general25,tune100:general0:answers]
        [--work bench/work/quantize_tuning] [--results quantize_tuning]
 Writes bench/results/RESULTS.json and the ``RESULTS`` section of bench/README.md.
 """
@@ -39,22 +40,25 @@ class Variant:
     steps: int
     lr: float | None = None  # None = QUANTIZE.tune_lr
     general_percent: int | None = None  # None = the release's calibration share
+    answers: bool = False  # the KL only where an answer token comes next (tune_tokens "answers")
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         head, *more = spec.split(":")
         if not head.startswith("tune") or not head[4:].isdigit():
-            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP]")
+            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP][:answers]")
         return cls(int(head[4:]), next((float(m[2:]) for m in more if m.startswith("lr")), None),
-                   next((int(m[7:]) for m in more if m.startswith("general")), None))
+                   next((int(m[7:]) for m in more if m.startswith("general")), None), "answers" in more)
 
     def key(self) -> str:
         return (f"tune{self.steps}" + (f"-lr{self.lr:.0e}" if self.lr is not None else "")
-                + (f"-general{self.general_percent}" if self.general_percent is not None else ""))
+                + (f"-general{self.general_percent}" if self.general_percent is not None else "")
+                + ("-answers" if self.answers else ""))
 
     def spec(self) -> str:
         return ":".join([f"tune{self.steps}"] + ([f"lr{self.lr:g}"] if self.lr is not None else [])
-                        + ([f"general{self.general_percent}"] if self.general_percent is not None else []))
+                        + ([f"general{self.general_percent}"] if self.general_percent is not None else [])
+                        + (["answers"] if self.answers else []))
 
 
 def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> tuple[Path, dict]:
@@ -74,8 +78,8 @@ def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> 
     calibration = build_calibration(calib, tokenizer, n_samples=p.n_samples, seq_len=p.seq_len, seed=p.seed,
                                     general="default" if release_share else None, general_fraction=release_share)
     # the blocks quantize_model(..., tune_general_fraction=share) would tune on, and the general ones it watches
-    blocks, watched = _tuning_blocks(calibration, calib, tokenizer, share, "default", n_samples=p.n_samples,
-                                     seq_len=p.seq_len, seed=p.seed)
+    blocks, answer_mask, watched = _tuning_blocks(calibration, calib, tokenizer, share, "default",
+                                                  n_samples=p.n_samples, seq_len=p.seq_len, seed=p.seed)
     folder = work / v.key()
     if folder.exists():
         shutil.rmtree(folder)
@@ -83,6 +87,7 @@ def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> 
     kind = "gptq" if p.layout == "gptq-v1" else "awq"
     record = tune_scales(merged, folder, blocks, kind=kind, steps=v.steps,
                          lr=QUANTIZE.tune_lr if v.lr is None else v.lr, general_blocks=watched,
+                         tokens="answers" if v.answers else "all", answer_mask=answer_mask,
                          dtype=resolve_compute_dtype(p.compute_dtype or "auto", "quantize", "cpu"), seed=p.seed)
     return folder, {**record, "general_fraction": share}
 
@@ -142,7 +147,8 @@ def main() -> None:
         v = Variant.parse(item)
         folder, record = tune(merged, quantized, calib, v, args.work)
         gate_s, checks = gate_checks(merged, folder, preps)
-        data["variants"][v.key()] = {"variant": {"steps": v.steps, "lr": v.lr, "general_percent": v.general_percent},
+        data["variants"][v.key()] = {"variant": {"steps": v.steps, "lr": v.lr, "general_percent": v.general_percent,
+                                                 "answers": v.answers},
                                      "tuning": record, "checks": checks, "gate_s": gate_s,
                                      **accuracy_drops(folder, preps, data["merged_accuracy"], None)}
         print(v.key(), json.dumps(record), json.dumps(data["variants"][v.key()]["accuracy"]), flush=True)

@@ -3,6 +3,7 @@ checkpoint, and the tuning is kept only when it brings the model closer to the f
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -144,3 +145,96 @@ def test_the_quantization_search_tunes_every_trial_it_is_given(tiny_base, prep, 
     result = quantize_to_target(tiny_base, tmp_path / "q", target_degradation=0.99, max_trials=1, **params)
     meta = read_quant_meta(result.output)
     assert meta.search["trials"][0]["params"]["tune_steps"] == 5 and meta.tuning["steps"] == 5
+
+
+# ---- tuning on the answers: the KL where a task's answer (and its end) is decided -------------------------------
+
+TASK_CALIB = dict(n_samples=16, seq_len=128, calib_general=None)
+
+
+@pytest.fixture(scope="module")
+def task_prep(tmp_path_factory, tiny_base) -> Path:
+    """A real instruction dataset prepared for the tiny model: its texts carry where each answer starts."""
+    from lorakit.data.prep import prepare_dataset
+
+    return prepare_dataset(["bundled:reverse-words"], tmp_path_factory.mktemp("task") / "prep", base=tiny_base,
+                           progress=False).output
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each run of True in a 1-d mask."""
+    runs, start = [], None
+    for i, on in enumerate(mask.tolist() + [False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_the_answer_mask_marks_every_answer_and_leaves_the_tokens_as_they_were(tiny_base, task_prep, tmp_path):
+    tok = _load_tokenizer(tiny_base)
+    cal = build_calibration(task_prep, tok, seed=0, **{k: v for k, v in TASK_CALIB.items() if k != "calib_general"})
+    from lorakit.data.splits import read_records
+
+    answers = {r["text"][r["prompt_end"]:] for r in read_records(task_prep, "train")}
+    seen = 0
+    for ids, mask in zip(cal.blocks, cal.answer_mask):
+        for start, end in _runs(mask):
+            if 0 < start and end < len(mask):  # a whole answer inside the block: exactly one example's answer
+                assert tok.decode(ids[start:end].tolist()) in answers
+                seen += 1
+    assert seen >= cal.blocks.shape[0]  # every block of this data holds at least one whole answer
+    assert cal.summary()["answer_tokens"] == int(cal.answer_mask.sum())
+    # the same texts without answer offsets (text data) give the same token blocks and no mask
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "prep.json").write_text((task_prep / "prep.json").read_text())
+    with open(plain / "train.texts.jsonl", "w") as fh:
+        for r in read_records(task_prep, "train"):
+            fh.write(json.dumps({"text": r["text"]}) + "\n")
+    other = build_calibration(plain, tok, seed=0, **{k: v for k, v in TASK_CALIB.items() if k != "calib_general"})
+    assert torch.equal(other.blocks, cal.blocks) and other.tokens_digest == cal.tokens_digest
+    assert other.answer_mask is None and other.summary()["answer_tokens"] is None
+
+
+def test_tuning_on_answers_judges_itself_on_the_held_out_answers(tiny_base, task_prep, tmp_path):
+    rounded = quantize_model(tiny_base, tmp_path / "rounded", calib=task_prep, progress=False, **TASK_CALIB).output
+    folder = tmp_path / "tuned"
+    shutil.copytree(rounded, folder)
+    cal = build_calibration(task_prep, _load_tokenizer(tiny_base), seed=0,
+                            **{k: v for k, v in TASK_CALIB.items() if k != "calib_general"})
+    record = tune_scales(tiny_base, folder, cal.blocks, kind="gptq", steps=30, lr=2e-3, tokens="answers",
+                         answer_mask=cal.answer_mask, progress=False)
+    assert record["tokens"] == "answers" and "tokens_note" not in record
+    assert record["kept"] and record["held_out_answer_kl_after"] < record["held_out_answer_kl_before"]
+    # the record's answer KL is the written files' KL at the positions whose next token is an answer token
+    held = torch.arange(cal.blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    ids, next_is_answer = cal.blocks[held], cal.answer_mask[held][:, 1:]
+    assert int(next_is_answer.sum()) == record["held_out_answer_positions"] > 0
+    p = _logprobs(tiny_base, ids, False)[:, :-1]
+    for path, key in ((folder, "held_out_answer_kl_after"), (rounded, "held_out_answer_kl_before")):
+        q = _logprobs(path, ids, True)[:, :-1]
+        kl = (p.exp() * (p - q)).sum(-1)[next_is_answer].mean()
+        assert float(kl) == pytest.approx(record[key], rel=1e-3)
+
+
+def test_tuning_on_answers_of_data_without_answers_tunes_every_token_and_says_so(tiny_base, task_prep, prep,
+                                                                                tmp_path):
+    out = tmp_path / "q"
+    proc = run_cli("quantize", str(tiny_base), "-o", str(out), "--calib", str(prep), "--n-samples", "8",
+                   "--seq-len", "64", "--calib-general", "none", "--tune-steps", "3", "--tune-tokens", "answers",
+                   "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    meta = read_quant_meta(out)
+    assert meta.params.tune_tokens == "answers" and meta.tuning["tokens"] == "all"
+    assert "no answers" in meta.tuning["tokens_note"] and any("no answers" in n for n in meta.notes)
+    assert meta.used_settings()["tune_tokens"] == "all"
+    answered = quantize_model(tiny_base, tmp_path / "a", calib=task_prep, progress=False, tune_steps=3,
+                              tune_tokens="answers", **TASK_CALIB).output
+    assert read_quant_meta(answered).used_settings()["tune_tokens"] == "answers"
+    bad = run_cli("quantize", str(tiny_base), "-o", str(tmp_path / "bad"), "--calib", str(prep),
+                  "--tune-tokens", "prompts", cwd=tmp_path)
+    assert bad.returncode == 2 and "tune-tokens" in bad.stderr
+    assert not (tmp_path / "bad").exists()

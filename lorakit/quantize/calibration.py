@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit.data.splits import PREP_META, read_texts, split_texts_path
+from lorakit.data.formats import IGNORE_INDEX, Rendered, tokenize_rendered
+from lorakit.data.splits import PREP_META, read_records, split_texts_path
 from lorakit.errors import InputError
 from lorakit.io.digests import sha256_file
 
@@ -58,9 +59,13 @@ class Calibration:
     n_samples_requested: int | None = None  # None: not asked for; the default or what the data gives
     note: str | None = None  # set when fewer than the default blocks were used
     general: dict | None = None  # the general-text share of the blocks (source, digest, blocks, fraction)
+    # bool [n_samples, seq_len]: True on the tokens of an example's answer (as training's loss mask marks them);
+    # None when the source has no answers (text data, a text file). Scale tuning can train on these alone.
+    answer_mask: torch.Tensor | None = None
 
     def summary(self) -> dict:
-        return {"general": self.general, "source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
+        return {"general": self.general,
+                "answer_tokens": None if self.answer_mask is None else int(self.answer_mask.sum()), "source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
                 else None, "source_sha256": self.source_digest, "tokens_sha256": self.tokens_digest,
                 "n_samples": int(self.blocks.shape[0]), "seq_len": int(self.blocks.shape[1]),
                 "n_samples_requested": self.n_samples_requested,
@@ -90,6 +95,12 @@ def _file_texts(path: Path) -> list[str]:
 
 def load_texts(calib: str | Path | None) -> tuple[list[str], str, str, str]:
     """(texts, source, kind, sha256 of the file read)."""
+    texts, _, source, kind, digest = _load_source(calib)
+    return texts, source, kind, digest
+
+
+def _load_source(calib: str | Path | None) -> tuple[list[str], list[int | None] | None, str, str, str]:
+    """(texts, where each text's answer starts (prep folders; None for a file), source, kind, sha256)."""
     if calib is None:
         raise InputError("quantization needs calibration text; pass --calib with a prepared-data folder "
                          "(`lorakit prep`) or a text file")
@@ -98,24 +109,40 @@ def load_texts(calib: str | Path | None) -> tuple[list[str], str, str, str]:
         if not (path / PREP_META).exists():
             raise InputError(f"--calib {path} is a folder but not a prepared-data folder (no {PREP_META}); "
                              "pass a `lorakit prep` output or a text file")
-        texts = read_texts(path, CALIB_SPLIT)
-        return texts, str(path), "prep", sha256_file(split_texts_path(path, CALIB_SPLIT))
+        records = read_records(path, CALIB_SPLIT)
+        return ([r["text"] for r in records], [r.get("prompt_end") for r in records], str(path), "prep",
+                sha256_file(split_texts_path(path, CALIB_SPLIT)))
     if not path.is_file():
         raise InputError(f"--calib {path} does not exist; pass a prepared-data folder or a text file")
-    return _file_texts(path), str(path), "file", sha256_file(path)
+    return _file_texts(path), None, str(path), "file", sha256_file(path)
 
 
-def _token_stream(texts: list[str], order: list[int], tokenizer, need: int) -> list[int]:
-    """The texts in ``order``, tokenized and joined with EOS, until ``need`` tokens are there (or the texts end)."""
+def _token_stream(texts: list[str], order: list[int], tokenizer, need: int,
+                  prompt_ends: list[int | None] | None = None) -> tuple[list[int], list[bool] | None]:
+    """The texts in ``order``, tokenized and joined with EOS, until ``need`` tokens are there (or the texts end);
+    with ``prompt_ends``, also which tokens are answer tokens (training's loss mask: the tokens inside
+    ``[prompt_end, len(text))``), else None."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
+    answer: list[bool] | None = None if prompt_ends is None else []
     for i in order:
-        stream.extend(tokenizer(texts[i], add_special_tokens=False)["input_ids"])
+        end = None if prompt_ends is None else prompt_ends[i]
+        if end is None:
+            ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
+            flags = [False] * len(ids)
+        else:  # tokenized whole, as plain calibration does; the ids are the same, the labels mark the answer
+            tok = tokenize_rendered(Rendered(texts[i], [(end, len(texts[i]))], "", reference=""), "chat", tokenizer,
+                                    max_length=10**9)
+            ids, flags = tok.input_ids, [label != IGNORE_INDEX for label in tok.labels]
+        stream.extend(ids)
         if eos is not None:
             stream.append(eos)
+            flags = flags + [False]
+        if answer is not None:
+            answer.extend(flags)
         if len(stream) >= need:
             break
-    return stream
+    return stream, answer
 
 
 def general_stream(general: str | Path, tokenizer, n_tokens: int, *, purpose: str = "calibration"
@@ -130,7 +157,7 @@ def general_stream(general: str | Path, tokenizer, n_tokens: int, *, purpose: st
         raise InputError(f"{purpose} general text is 'none'")
     texts, source, _, digest = load_texts(path)
     reserved = _gate_documents(texts, tokenizer) if Path(path).resolve() == Path(resolve_general_text("default")).resolve() else 0
-    stream = _token_stream(texts, list(reversed(range(reserved, len(texts)))), tokenizer, n_tokens)
+    stream, _ = _token_stream(texts, list(reversed(range(reserved, len(texts)))), tokenizer, n_tokens)
     if len(stream) < n_tokens:
         held = f" outside the {reserved} document(s) the release gate scores" if reserved else ""
         raise InputError(f"{purpose} general text {source} gives {len(stream)} tokens{held}, fewer than the "
@@ -188,10 +215,10 @@ def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int | N
     gen_blocks, gen_info = (general_blocks(general, tokenizer, n_general, seq_len) if n_general
                             else (None, None))
     want = total - n_general
-    texts, source, kind, digest = load_texts(calib)
+    texts, prompt_ends, source, kind, digest = _load_source(calib)
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    stream = _token_stream(texts, order, tokenizer, want * seq_len)
+    stream, answer = _token_stream(texts, order, tokenizer, want * seq_len, prompt_ends)
     available = len(stream) // seq_len
     note = None
     share = f" (its share; {n_general} more are general text)" if n_general else ""
@@ -218,9 +245,13 @@ def build_calibration(calib: str | Path | None, tokenizer, *, n_samples: int | N
                 f"{seq_len}; add text or lower --seq-len"
             )
     blocks = torch.tensor(stream[: want * seq_len], dtype=torch.int64).view(want, seq_len)
+    mask = (None if answer is None or not any(answer) else
+            torch.tensor(answer[: want * seq_len], dtype=torch.bool).view(want, seq_len))
     if gen_blocks is not None:
         blocks = torch.cat([blocks, gen_blocks])
+        if mask is not None:  # general text has no answers
+            mask = torch.cat([mask, torch.zeros_like(gen_blocks, dtype=torch.bool)])
         gen_info["fraction"] = round(n_general / int(blocks.shape[0]), 4)
     tokens_digest = hashlib.sha256(blocks.to(torch.int32).numpy().tobytes()).hexdigest()
     return Calibration(blocks, source, kind, digest, tokens_digest, len(texts), len(stream),
-                       n_samples_requested=n_samples, note=note, general=gen_info)
+                       n_samples_requested=n_samples, note=note, general=gen_info, answer_mask=mask)

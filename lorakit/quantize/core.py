@@ -107,17 +107,17 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
 
 
 def _tuning_blocks(calibration, calib, tokenizer, fraction: float, general, *, n_samples: int | None, seq_len: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Scale tuning's blocks, drawn like the calibration's (``n_samples`` as requested) with ``fraction`` of them
-    general text (the calibration's own blocks when the shares agree), and the calibration's general blocks that
-    tuning does not train on, whose KL it records."""
+    general text (the calibration's own blocks when the shares agree), their answer-token mask (None for data
+    without answers), and the calibration's general blocks that tuning does not train on, whose KL it records."""
     share = (calibration.general or {}).get("fraction", 0.0)
     n_general = (calibration.general or {}).get("n_samples", 0)
     if abs(share - fraction) < 1e-9:
-        return calibration.blocks, None
-    blocks = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
-                               general=general if fraction else None, general_fraction=fraction).blocks
-    return blocks, (calibration.blocks[-n_general:] if n_general and not fraction else None)
+        return calibration.blocks, calibration.answer_mask, None
+    drawn = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                              general=general if fraction else None, general_fraction=fraction)
+    return drawn.blocks, drawn.answer_mask, (calibration.blocks[-n_general:] if n_general and not fraction else None)
 
 
 def quantize_model(
@@ -146,6 +146,7 @@ def quantize_model(
     tune_steps: int = QUANTIZE.tune_steps,
     tune_lr: float = QUANTIZE.tune_lr,
     tune_general_fraction: float = QUANTIZE.tune_general_fraction,
+    tune_tokens: str = QUANTIZE.tune_tokens,
     force: bool = False,
     progress: bool = True,
 ) -> QuantResult:
@@ -222,9 +223,9 @@ def quantize_model(
         notes.append(calibration.note)
         print(f"warning: {calibration.note}", file=sys.stderr)
     # scale tuning's blocks are drawn now, so data too short for them is refused before any rounding
-    tune_blocks, general_watch = (_tuning_blocks(calibration, calib, tokenizer, tune_general_fraction, calib_general,
-                                                 n_samples=n_samples, seq_len=seq_len, seed=seed)
-                                  if tune_steps else (None, None))
+    tune_blocks, answer_mask, general_watch = (
+        _tuning_blocks(calibration, calib, tokenizer, tune_general_fraction, calib_general, n_samples=n_samples,
+                       seq_len=seq_len, seed=seed) if tune_steps else (None, None, None))
     n_samples = int(calibration.blocks.shape[0])  # what was used; the request stays in calibration.summary()
     source_shards = shard_names(src)
     input_digest = weights_digest(src)
@@ -266,8 +267,13 @@ def quantize_model(
 
             tuning = tune_scales(src, tmp, tune_blocks, kind="gptq" if layout == "gptq-v1" else "awq",
                                  steps=tune_steps, lr=tune_lr, dtype=dtype, seed=seed, device=device,
-                                 general_blocks=general_watch, progress=progress)
+                                 general_blocks=general_watch, tokens=tune_tokens, answer_mask=answer_mask,
+                                 progress=progress)
             tuning["general_fraction"] = tune_general_fraction
+            if tuning.get("tokens_note"):
+                notes.append(f"scale tuning: {tuning['tokens_note']}")
+                if progress:
+                    print(f"note: {notes[-1]}", file=sys.stderr)
             if not tuning["kept"]:
                 notes.append(f"scale tuning did not lower the held-out KL ({tuning['held_out_kl_before']} -> "
                              f"{tuning['held_out_kl_after']}); the rounded scales were kept")
@@ -279,7 +285,8 @@ def quantize_model(
                                device=device, layout=layout, method_params=method_params,
                                module_bits=module_bits, compute_dtype=dtype_name(dtype),
                                tune_steps=int(tune_steps), tune_lr=float(tune_lr) if tune_steps else 0.0,
-                               tune_general_fraction=float(tune_general_fraction) if tune_steps else 0.0),
+                               tune_general_fraction=float(tune_general_fraction) if tune_steps else 0.0,
+                               tune_tokens=tune_tokens if tune_steps else ""),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,

@@ -35,6 +35,7 @@ class QuantParams:
     tune_steps: int = 0  # scale tuning after rounding (lorakit.quantize.tune); 0 = none, as in older records
     tune_lr: float = 0.0
     tune_general_fraction: float = 0.0
+    tune_tokens: str = ""  # "all" | "answers" (what tuning asked for; tuning["tokens"] is what it did); "" = older
 
 
 @dataclass
@@ -70,7 +71,7 @@ class QuantMeta:
             used["gptaq_alpha"] = p.method_params["gptaq_alpha"]
         if p.tune_steps:
             used.update(tune_steps=p.tune_steps, tune_lr=p.tune_lr, tune_general_fraction=p.tune_general_fraction,
-                        tune_kept=bool(self.tuning.get("kept")))
+                        tune_tokens=self.tuning.get("tokens", "all"), tune_kept=bool(self.tuning.get("kept")))
         if p.group_size_requested != p.group_size:
             used["group_size_requested"] = p.group_size_requested
         requested = self.calibration.get("n_samples_requested", p.n_samples)

@@ -71,7 +71,7 @@ GPTAQ_ALPHA = 0.5
 # The keys of QuantizeOptions that only the search reads (lorakit.quantize.search.quantize_to_target).
 SEARCH_KEYS = ("target_degradation", "max_trials", "time_budget_s")
 # The keys of scale tuning after rounding (lorakit.quantize.tune), passed on as one group.
-TUNE_KEYS = ("tune_steps", "tune_lr", "tune_general_fraction")
+TUNE_KEYS = ("tune_steps", "tune_lr", "tune_general_fraction", "tune_tokens")
 
 
 class QuantizeOptions(StageOptions):
@@ -126,6 +126,11 @@ class QuantizeOptions(StageOptions):
         0.0, ge=0, lt=1, description="Share of scale tuning's blocks taken from calib_general; 0 = the tasks' "
         "calibration data alone (measured to keep the tasks' answers where the rounding's mix did not: "
         "docs/quantize.md). The general text is then only watched: its KL before and after is recorded.")
+    tune_tokens: Literal["answers", "all"] = Field(
+        "all", description="Where scale tuning takes the KL: all = every position of its blocks; answers = only "
+        "where the next token belongs to an example's answer (training's loss mask; its end included), the "
+        "positions where a task's answer is decided. Data without answers (text) is tuned on every position, and "
+        "lorakit_quant.json says so.")
     target_degradation: float | None = Field(
         None, ge=0, description="Search instead of using the settings above as they are: the smallest configuration "
         "(group size, sym/asym, act-order, per-module precision), starting from the one above, whose perplexity is "

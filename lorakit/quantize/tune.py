@@ -112,43 +112,78 @@ def _is_norm(name: str) -> bool:
     return name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2]
 
 
+def _next_is_answer(mask: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits predict an answer token (the token after them is one), from a token mask: the
+    positions the answers' own loss is taken at, the decision to end an answer included."""
+    out = torch.zeros_like(mask)
+    out[:, :-1] = mask[:, 1:]
+    return out
+
+
 @torch.no_grad()
-def _mean_kl(teacher, student, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype) -> float:
-    total, tokens = 0.0, 0
+def _mean_kl(teacher, student, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype,
+             weights: torch.Tensor | None = None) -> tuple[float, float | None]:
+    """(mean KL over every position, mean KL over the ``weights`` positions or None), from one forward pass each."""
+    total, count, picked, n_picked = 0.0, 0, 0.0, 0
     for i in range(0, blocks.shape[0], batch_size):
-        x = blocks[i: i + batch_size]
-        total += float(_kl(teacher, student, x, dtype)) * x.numel()
-        tokens += x.numel()
-    return total / max(tokens, 1)
+        per_token = _token_kl(teacher, student, blocks[i: i + batch_size], dtype)
+        total += float(per_token.sum())
+        count += per_token.numel()
+        if weights is not None:
+            w = weights[i: i + batch_size]
+            picked += float(per_token[w].sum())
+            n_picked += int(w.sum())
+    return total / max(count, 1), (None if weights is None else picked / max(n_picked, 1))
 
 
-def _kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Mean per-token KL(p_teacher || p_student) over the block batch ``x``, computed in ``dtype`` (autocast)."""
+def _token_kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-position KL(p_teacher || p_student) [batch, seq] over the block batch ``x``, computed in ``dtype``
+    (autocast)."""
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
     with torch.no_grad(), autocast:
         target = F.log_softmax(teacher(x).logits.float(), dim=-1)
     with autocast:
         logp = F.log_softmax(student(x).logits.float(), dim=-1)
-    return F.kl_div(logp.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean")
+    return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1)
+
+
+TUNE_TOKENS = ("answers", "all")
 
 
 def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
                 steps: int, lr: float, batch_size: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0,
-                device: str = "cpu", general_blocks: torch.Tensor | None = None, progress: bool = True) -> dict:
+                device: str = "cpu", general_blocks: torch.Tensor | None = None, tokens: str = "all",
+                answer_mask: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Tune ``quantized``'s group scales and norms in place against ``src`` (its full-precision model) on
     ``blocks`` (see the module docstring); returns the record for ``lorakit_quant.json``. ``general_blocks``
-    (general text tuning does not train on) are only watched: their KL before and after is recorded."""
+    (general text tuning does not train on) are only watched: their KL before and after is recorded.
+
+    ``tokens``: "all" takes the KL at every position; "answers" only where the next token is an answer token of
+    ``answer_mask`` (bool, ``blocks``' shape): the positions where a task's answer, and its end, is decided. Data
+    without answers (``answer_mask`` None or empty) is tuned on every position, and the record says so.
+    """
     from lorakit.progress import bar
 
     if steps < 1 or lr <= 0:
         raise InputError(f"scale tuning needs steps >= 1 and a positive learning rate (got {steps}, {lr})")
+    if tokens not in TUNE_TOKENS:
+        raise InputError(f"--tune-tokens must be one of {', '.join(TUNE_TOKENS)} (got {tokens!r})")
     if blocks.shape[0] < 2:
         raise InputError("scale tuning needs at least 2 calibration blocks (one is held out to judge it)")
+    if answer_mask is not None and tuple(answer_mask.shape) != tuple(blocks.shape):
+        raise ValueError(f"answer mask {tuple(answer_mask.shape)} does not match the blocks {tuple(blocks.shape)}")
     started = time.perf_counter()
     held = torch.arange(blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     if not held.any():
         held[-1] = True
+    weights = _next_is_answer(answer_mask) if tokens == "answers" and answer_mask is not None else None
+    note = None
+    if tokens == "answers" and (weights is None or not weights[~held].any() or not weights[held].any()):
+        note = ("the calibration data has no answers to tune on (text data or a text file, or too few answer "
+                "tokens to hold some out): tuned on every token")
+        weights = None
     train_blocks, held_blocks = blocks[~held].to(device), blocks[held].to(device)
+    train_w, held_w = (None, None) if weights is None else (weights[~held].to(device), weights[held].to(device))
     ckpt = _read_checkpoint(quantized)
     from transformers import AutoModelForCausalLM
 
@@ -158,9 +193,9 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     student, prefixes = _student(teacher, quantized, kind, checkpoint_format, ckpt)
     student.to(device)  # the TunedLinears' codes and scales were built on the CPU
     params = [p for p in student.parameters() if p.requires_grad]
-    kl_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
+    all_before, answers_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w)
     watched = None if general_blocks is None else general_blocks[::HOLDOUT_EVERY].to(device)
-    general_before = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)
+    general_before = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)[0]
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * i / steps)))
@@ -169,7 +204,12 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     with bar(total=steps, desc="tuning scales", unit="step", disable=not progress) as pbar:
         for _ in range(steps):
             pick = torch.randint(0, train_blocks.shape[0], (batch_size,), generator=generator).to(device)
-            loss = _kl(teacher, student, train_blocks[pick], dtype)
+            per_token = _token_kl(teacher, student, train_blocks[pick], dtype)
+            if train_w is None:
+                loss = per_token.mean()
+            else:  # a batch whose blocks hold no answer token has nothing to learn from
+                w = train_w[pick]
+                loss = per_token[w].sum() / w.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -179,18 +219,23 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
             pbar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")  # noisy per batch: a running mean
     student.eval()
     _round_to_stored(student, prefixes, ckpt)
-    kl_after = _mean_kl(teacher, student, held_blocks, batch_size, dtype)
-    general_after = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)
-    kept = kl_after < kl_before
+    all_after, answers_after = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w)
+    general_after = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)[0]
+    # judged on what it trained for, on blocks it did not train on
+    kept = (answers_after < answers_before) if held_w is not None else (all_after < all_before)
     if kept:
         _write_back(quantized, ckpt, student, prefixes)
     return {
         "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "compute_dtype": str(dtype).split(".")[-1],
-        "device": str(device),
+        "device": str(device), "tokens": "all" if weights is None else "answers",
+        **({"tokens_note": note} if note else {}),
         "trained": ["group scales", "norm weights"],
         "trainable_params": sum(p.numel() for p in params),
         "train_blocks": int(train_blocks.shape[0]), "held_out_blocks": int(held_blocks.shape[0]),
-        "held_out_kl_before": _figure(kl_before), "held_out_kl_after": _figure(kl_after),
+        "held_out_kl_before": _figure(all_before), "held_out_kl_after": _figure(all_after),
+        **({} if held_w is None else {"held_out_answer_positions": int(held_w.sum()),
+                                      "held_out_answer_kl_before": _figure(answers_before),
+                                      "held_out_answer_kl_after": _figure(answers_after)}),
         **({} if watched is None else {"general_blocks_watched": int(watched.shape[0]),
                                        "general_kl_before": _figure(general_before),
                                        "general_kl_after": _figure(general_after)}),
@@ -230,4 +275,4 @@ def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str]) -
         tmp.replace(folder / shard)
 
 
-__all__ = ["HOLDOUT_EVERY", "TunedLinear", "tune_scales"]
+__all__ = ["HOLDOUT_EVERY", "TUNE_TOKENS", "TunedLinear", "tune_scales"]
