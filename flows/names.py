@@ -19,10 +19,12 @@ def base_name(base_dir: str) -> str:
 
 
 def artifact_names(cfg: ReleaseConfig, base_dir: str) -> dict[str, str]:
-    """Registry names: the release itself is ``<name>``; its ingredients carry a suffix."""
+    """Registry names: the release itself is ``<name>``; its ingredients carry a suffix. The GGUF export's two
+    names only when ``export.gguf`` is on (``lorakit run --check`` lists what the run will register)."""
     n = cfg.registry.name
-    names = {"base": base_name(base_dir), "merged": f"{n}-merged", "quantized": n, "verdict": f"{n}-gate",
-             "gguf": f"{n}-gguf", "gguf-verdict": f"{n}-gguf-gate"}
+    names = {"base": base_name(base_dir), "merged": f"{n}-merged", "quantized": n, "verdict": f"{n}-gate"}
+    if cfg.export.gguf:
+        names.update({"gguf": f"{n}-gguf", "gguf-verdict": f"{n}-gguf-gate"})
     for ds in cfg.datasets:
         names[f"prep:{ds.name}"] = f"{n}-data-{ds.name}"
         names[f"adapter:{ds.name}"] = f"{n}-adapter-{ds.name}"

@@ -420,6 +420,9 @@ def plan_lines(cfg: ReleaseConfig, base_dir: Path | None = None) -> list[str]:
     card = plan.scorecard(dict(zip([ds.name for ds in cfg.datasets], adapters)), merged, quantized, preps)["output"]
     rows.append(("scorecard", card))
     rows.append(("gate", plan.gate(merged, quantized, preps, card)["output"]))
+    if cfg.export.gguf:  # the release flow's GGUF export of the merged model, gated like the quantized one
+        gguf = plan.export_gguf(merged)["output"]
+        rows += [(f"export gguf {cfg.export.gguf}", gguf), ("gate gguf", plan.gate(merged, gguf, preps)["output"])]
     width = max(len(label) for label, _ in rows)
     lines = [f"{label:<{width}}  {_state(path):<6}  {path}" for label, path in rows]
     done = sum(Path(path).is_dir() for _, path in rows)

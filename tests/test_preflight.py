@@ -197,3 +197,19 @@ def test_regmean_that_cannot_fit_in_memory_is_refused_before_training(tiny_base,
             and "general-text anchor" in p], problems
     data["merge"]["method"] = "linear"  # no Gram matrices: nothing to refuse
     assert preflight(data).problems == []
+
+
+def test_the_plan_lists_the_gguf_export_and_its_names_only_when_it_is_on(tiny_base, tmp_path):
+    from flows.config import ReleaseConfig
+    from flows.preflight import plan_lines
+
+    cfg = ReleaseConfig.model_validate(tiny_config_data(tiny_base, tmp_path))
+    off = plan_lines(cfg, tiny_base)
+    assert not any("gguf" in label for label in _plan_rows("\n".join(off))), off
+    assert f"{cfg.registry.name}-gguf" not in off[-1] and f"{cfg.registry.name}-gate" in off[-1]
+    cfg = ReleaseConfig.model_validate(tiny_config_data(tiny_base, tmp_path, export={"gguf": "q8_0"}))
+    on = plan_lines(cfg, tiny_base)
+    rows = _plan_rows("\n".join(on))
+    assert {"export gguf q8_0", "gate gguf"} <= set(rows), on
+    assert rows["gate gguf"][1] != rows["gate"][1]  # its own verdict folder
+    assert f"{cfg.registry.name}-gguf, {cfg.registry.name}-gguf-gate" in on[-1]
