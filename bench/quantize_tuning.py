@@ -109,7 +109,11 @@ def readme(data: dict, name: str) -> str:
              "|---|---|---|---|---|" + "---|" * (len(data["rounded"]["checks"]) + len(tasks))]
     for label, r in rows.items():
         t = r.get("tuning")
-        head = ([f"{t['general_fraction']:.0%}", f"{t['held_out_kl_before']:.4f} → {t['held_out_kl_after']:.4f}",
+        held = f"{t['held_out_kl_before']:.4f} → {t['held_out_kl_after']:.4f}" if t else ""
+        if t and "held_out_answer_kl_before" in t:  # tuned on answers: judged there, so both are shown
+            held = (f"every position {held}; answer positions {t['held_out_answer_kl_before']:.4f} → "
+                    f"{t['held_out_answer_kl_after']:.4f}")
+        head = ([f"{t['general_fraction']:.0%}", held,
                  "yes" if t["kept"] else "no", f"{t['seconds']:.0f}"] if t else ["", "", "", ""])
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in r["checks"].values()]
         cells += [" / ".join(f"{100 * s['drop']:+.1f}" for s in r["accuracy"][task].values()) for task in tasks]

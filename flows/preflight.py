@@ -14,6 +14,8 @@ problem (the key at fault and the fix) instead of stopping at the first:
   (:mod:`lorakit.quantize.checks`, the rules the quantize stage applies);
 - merge method regmean: its float64 Gram matrices of every adapted layer's inputs (and the base) fit the memory
   available, counted from the base's weight headers (a wide base would otherwise train for hours, then fail);
+- scale tuning (``quantize.tune_steps``, on in a release) on this machine's CPU: the full-precision and the quantized
+  model with a step's logits fit the memory available, counted the same way;
 - every registry name and tag the run will create (:func:`registry.validate_name`);
 - the general text the gate scores and calibration mixes in (``gate.general_text``, ``quantize.calib_general``);
 - calibration volume, only when ``quantize.n_samples`` or ``seq_len`` is set explicitly (an explicit request that
@@ -208,6 +210,23 @@ def _check_merge_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -
         report.add(f"'merge.method': {exc}")
 
 
+def _check_tune_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> None:
+    """Scale tuning (on by default in a release) holds the full-precision and the quantized model at once, after
+    hours of training and rounding: a base too large for this machine's memory is refused now
+    (:func:`lorakit.quantize.tune.check_memory`; the quantize stage checks the same before it rounds). Only where
+    quantization runs on this machine's CPU: with route_gpu, or a CUDA device here, the device's memory holds it."""
+    from lorakit.quantize.tune import check_memory
+
+    q = cfg.quantize
+    on_cpu = q.device == "cpu" or (q.device == "auto" and not _cuda_driver_present())
+    if not q.tune_steps or cfg.route_gpu or not on_cpu:
+        return
+    try:
+        check_memory(base_dir, q.seq_len, what="quantize.tune_steps")
+    except InputError as exc:
+        report.add(f"'quantize.tune_steps': {exc}")
+
+
 def _check_names(cfg: ReleaseConfig, base_dir: Path | None, report: Preflight) -> None:
     """Every registry name and tag the run will register, as the registry will judge them: one line for the base's
     name, one for all names derived from ``registry.name`` (with the longest ``registry.name`` that fits)."""
@@ -374,6 +393,8 @@ def preflight(data: Any) -> Preflight:
         _check_quantize(cfg, base_dir, report)
     if base_dir is not None and not {"merge", "lora", "datasets"} & bad:
         _check_merge_memory(cfg, base_dir, report)
+    if base_dir is not None and not {"quantize", "route_gpu"} & bad:
+        _check_tune_memory(cfg, base_dir, report)
     if not {"registry", "datasets"} & bad:
         _check_names(cfg, base_dir, report)
     if not {"lora", "quantize", "route_gpu"} & bad:

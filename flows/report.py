@@ -104,8 +104,9 @@ def quantize_label(used: dict[str, Any]) -> str:
         label += f" +{len(used['module_bits'])} modules kept"
     label += f", {used['n_samples']}x{used['seq_len']} calibration"
     if used.get("tune_steps"):
-        label += (f", scales tuned ({used['tune_steps']} steps)" if used["tune_kept"]
-                  else f", scale tuning not kept ({used['tune_steps']} steps raised the held-out KL)")
+        on = " on answers" if used.get("tune_tokens") == "answers" else ""
+        label += (f", scales tuned{on} ({used['tune_steps']} steps)" if used["tune_kept"]
+                  else f", scale tuning{on} not kept ({used['tune_steps']} steps raised the held-out KL)")
     if used.get("search"):
         label += f", search pick (trial {used['search']['chosen_trial']})"
     return label

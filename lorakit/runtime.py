@@ -90,6 +90,11 @@ TRAIN_PEAK_MARGIN = 1.10
 TRAIN_PEAK_PER_WEIGHT_BYTE = TRAIN_PEAK_MARGIN * 6243.8 * 2**20 / 538_090_408
 
 
+def memory_size(n: int) -> str:
+    """A memory amount for a message: GB (decimal) from 0.1 GB up, else MB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def available_memory_bytes() -> int:
     """The memory the OS reports available now (psutil): what new allocations can take without swapping. One
     function, so every fit-to-memory decision (training slots, RegMean's Gram matrices) reads the same number."""

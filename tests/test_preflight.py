@@ -196,7 +196,25 @@ def test_regmean_that_cannot_fit_in_memory_is_refused_before_training(tiny_base,
     assert [p for p in problems if p.startswith("'merge.method': method regmean needs about")
             and "general-text anchor" in p], problems
     data["merge"]["method"] = "linear"  # no Gram matrices: nothing to refuse
+    data["quantize"]["tune_steps"] = 0  # (scale tuning's own check: the next test)
     assert preflight(data).problems == []
+
+
+def test_scale_tuning_that_cannot_fit_in_memory_is_refused_before_training(tiny_base, tmp_path, monkeypatch):
+    from flows.preflight import preflight
+    from lorakit import runtime
+
+    data = tiny_config_data(tiny_base, tmp_path, quantize={"device": "cpu"})
+    assert data["quantize"]["tune_steps"] > 0 and preflight(data).problems == []
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1 << 20)
+    problems = preflight(data).problems
+    assert [p for p in problems if p.startswith("'quantize.tune_steps': scale tuning needs about")
+            and "quantize.tune_steps 0" in p], problems
+    data["quantize"]["tune_steps"] = 0
+    assert preflight(data).problems == []
+    data["quantize"]["tune_steps"] = 2
+    data["route_gpu"] = True  # quantized on the CUDA pool's machine: not this one's memory
+    assert not [p for p in preflight(data).problems if "tune_steps" in p]
 
 
 def test_the_plan_lists_the_gguf_export_and_its_names_only_when_it_is_on(tiny_base, tmp_path):

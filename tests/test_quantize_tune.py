@@ -238,3 +238,23 @@ def test_tuning_on_answers_of_data_without_answers_tunes_every_token_and_says_so
                   "--tune-tokens", "prompts", cwd=tmp_path)
     assert bad.returncode == 2 and "tune-tokens" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_tuning_that_cannot_fit_in_memory_is_refused_before_rounding(tiny_base, prep, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import runtime
+    from lorakit.quantize.tune import BYTES_PER_PARAM, LOGIT_COPIES, memory_bytes
+    from tests.conftest import assert_nothing_written
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    need = memory_bytes(tiny_base, seq_len=64)
+    assert need["weights"] == int(BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()))
+    assert need["logits"] == LOGIT_COPIES * 4 * (4 * 64) * model.config.vocab_size
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: sum(need.values()) - 1)
+    out = tmp_path / "q"
+    with pytest.raises(InputError, match=r"scale tuning needs about .*\(--tune-steps 0\)"):
+        quantize_model(tiny_base, out, calib=prep, progress=False, tune_steps=2, device="cpu", **CALIB)
+    assert_nothing_written(out)
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: sum(need.values()))
+    assert quantize_model(tiny_base, out, calib=prep, progress=False, tune_steps=2, device="cpu", **CALIB).output == out

@@ -181,7 +181,10 @@ def test_report_and_lineage_record_the_quantization_used(prefect_harness, tiny_b
     item += f" act-order GPTAQ {GPTAQ_ALPHA:g}, 8x128 calibration"
     # configs/tiny.yaml tunes 2 steps, so the release's tuning runs; on a random model it may or may not be kept
     assert record["params"]["tune_steps"] == 2 and params["tune_steps"] == 2 and params["tune_kept"] == record["tuning"]["kept"]
-    item += ", scales tuned (2 steps)" if record["tuning"]["kept"] else ", scale tuning not kept (2 steps raised the held-out KL)"
+    on = " on answers" if record["tuning"]["tokens"] == "answers" else ""
+    assert record["tuning"]["tokens"] == params["tune_tokens"] == record["params"]["tune_tokens"]  # bundled data: answers
+    item += (f", scales tuned{on} (2 steps)" if record["tuning"]["kept"]
+             else f", scale tuning{on} not kept (2 steps raised the held-out KL)")
     item += ", search pick (trial 0)" if "search" in want else ""
     assert f"| quantize | {item} |" in summary, summary
 

@@ -100,10 +100,6 @@ def input_sharing(base_dir: Path, names: Sequence[str]) -> dict[str, str]:
     return {n: o for n, o in owner.items() if n != o}
 
 
-def _size(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
 def check_memory(base_dir: Path, shapes: dict[str, tuple[int, int]], tasks: int, anchor: float | None,
                  available: int | None = None) -> None:
     """Refuse a RegMean of ``tasks`` adapters of the modules ``shapes`` (name -> out x in) on ``base_dir`` whose
@@ -111,6 +107,7 @@ def check_memory(base_dir: Path, shapes: dict[str, tuple[int, int]], tasks: int,
     any weights load (the base is counted from its weight headers, shared inputs from :func:`input_sharing`); the
     error says what each part takes and what to do instead."""
     from lorakit.models.folder import tensor_index
+    from lorakit.runtime import memory_size
 
     base_params = sum(math.prod(info.shape) for _, info in tensor_index(base_dir).values())
     need = memory_bytes(shapes, gram_count(tasks, anchor), base_params, input_sharing(base_dir, list(shapes)))
@@ -125,9 +122,9 @@ def check_memory(base_dir: Path, shapes: dict[str, tuple[int, int]], tasks: int,
     per = f"{tasks} task(s)" + (" and the general-text anchor" if anchored else "")
     widest = max(i for _, i in shapes.values())
     raise InputError(
-        f"method regmean needs about {_size(total)} at once and {_size(available)} of memory is available: "
-        f"{_size(need['grams'])} of float64 Gram matrices (one per adapted module's input for each of {per}, the "
-        f"largest {widest} x {widest}) and {_size(need['weights'])} of float32 weights. Merge with "
+        f"method regmean needs about {memory_size(total)} at once and {memory_size(available)} of memory is available: "
+        f"{memory_size(need['grams'])} of float64 Gram matrices (one per adapted module's input for each of {per}, the "
+        f"largest {widest} x {widest}) and {memory_size(need['weights'])} of float32 weights. Merge with "
         "method linear or ties (no Gram matrices), adapt fewer or narrower modules (lora target), "
         + ("turn the anchor off (regmean_anchor 0), " if anchored else "")
         + "or merge on a machine with more free memory")

@@ -226,6 +226,10 @@ def quantize_model(
     tune_blocks, answer_mask, general_watch = (
         _tuning_blocks(calibration, calib, tokenizer, tune_general_fraction, calib_general, n_samples=n_samples,
                        seq_len=seq_len, seed=seed) if tune_steps else (None, None, None))
+    if tune_steps and device == "cpu":  # it holds two models at once: refused before rounding
+        from lorakit.quantize.tune import check_memory
+
+        check_memory(src, seq_len)
     n_samples = int(calibration.blocks.shape[0])  # what was used; the request stays in calibration.summary()
     source_shards = shard_names(src)
     input_digest = weights_digest(src)

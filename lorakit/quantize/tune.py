@@ -36,6 +36,15 @@ from lorakit.errors import InputError
 
 HOLDOUT_EVERY = 8  # every 8th tuning block is held out to judge the tuning (16 of the default 128)
 WARMUP_STEPS = 5
+BATCH_SIZE = 4  # blocks per tuning step
+# Memory, per parameter of the model: the float32 teacher, the student (a copy of it while its linears are
+# replaced; then their fixed codes in bfloat16 and dequantized weights held for the backward pass), the checkpoint as
+# read, and what the allocator keeps: 20.7 bytes measured at 8 steps in float32 on SmolLM2-135M
+# (bench/results/tune_memory.json: float32_split.fixed_bytes_per_param; 24 steps peaked no higher), rounded up so the
+# estimate covers every measured peak (by 1.17x to 1.51x: runs.*.estimate_over_peak). Per logit of a step
+# ([batch, seq, vocab] float32 copies: both models' logits and log-probabilities, the per-token KL, their gradients).
+BYTES_PER_PARAM = 24.0
+LOGIT_COPIES = 10
 
 
 class TunedLinear(nn.Module):
@@ -112,6 +121,44 @@ def _is_norm(name: str) -> bool:
     return name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2]
 
 
+def memory_bytes(model_dir: Path, seq_len: int, batch_size: int = BATCH_SIZE) -> dict[str, int]:
+    """What :func:`tune_scales` holds at once, in bytes, counted from the full-precision model's weight headers and
+    config (nothing loads): the teacher, the student and the checkpoint (``BYTES_PER_PARAM`` per parameter), a
+    step's logits (``LOGIT_COPIES`` float32 copies of batch x seq x vocab) and the activations both passes keep
+    (per layer and token: 10 hidden-wide and 4 intermediate-wide float32 vectors).
+
+    Why it matters: a release tunes by default, after training, merging and rounding; a 7B base on a CPU would need
+    over 150 GB here and, without this check (:func:`check_memory`), fail hours into the run."""
+    from lorakit.models.folder import read_model_config, tensor_index
+
+    config = read_model_config(model_dir)
+    config = config.get("text_config") or config
+    params = sum(math.prod(info.shape) for _, info in tensor_index(model_dir).values())
+    tokens = int(batch_size) * int(seq_len)
+    per_layer = 10 * int(config.get("hidden_size", 0)) + 4 * int(config.get("intermediate_size", 0))
+    return {"weights": int(BYTES_PER_PARAM * params),
+            "logits": LOGIT_COPIES * 4 * tokens * int(config.get("vocab_size", 0)),
+            "activations": 4 * tokens * per_layer * int(config.get("num_hidden_layers", 0))}
+
+
+def check_memory(model_dir: Path, seq_len: int, *, what: str = "--tune-steps", available: int | None = None) -> None:
+    """Refuse scale tuning of ``model_dir`` whose :func:`memory_bytes` exceed the memory available (``available``
+    defaults to what the OS reports now), before anything is rounded; ``what`` names the setting in the fix."""
+    from lorakit import runtime
+    from lorakit.runtime import memory_size
+
+    need = memory_bytes(model_dir, seq_len)
+    available = runtime.available_memory_bytes() if available is None else available
+    total = sum(need.values())
+    if total <= available:
+        return
+    raise InputError(
+        f"scale tuning needs about {memory_size(total)} at once and {memory_size(available)} of memory is available: "
+        f"{memory_size(need['weights'])} for the full-precision and the quantized model, "
+        f"{memory_size(need['logits'])} of logits and {memory_size(need['activations'])} of activations per step. "
+        f"Turn it off ({what} 0), tune on a CUDA device, or quantize on a machine with more free memory")
+
+
 def _next_is_answer(mask: torch.Tensor) -> torch.Tensor:
     """The positions whose logits predict an answer token (the token after them is one), from a token mask: the
     positions the answers' own loss is taken at, the decision to end an answer included."""
@@ -151,7 +198,7 @@ TUNE_TOKENS = ("answers", "all")
 
 
 def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
-                steps: int, lr: float, batch_size: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0,
+                steps: int, lr: float, batch_size: int = BATCH_SIZE, dtype: torch.dtype = torch.float32, seed: int = 0,
                 device: str = "cpu", general_blocks: torch.Tensor | None = None, tokens: str = "all",
                 answer_mask: torch.Tensor | None = None, progress: bool = True) -> dict:
     """Tune ``quantized``'s group scales and norms in place against ``src`` (its full-precision model) on
@@ -275,4 +322,4 @@ def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str]) -
         tmp.replace(folder / shard)
 
 
-__all__ = ["HOLDOUT_EVERY", "TUNE_TOKENS", "TunedLinear", "tune_scales"]
+__all__ = ["HOLDOUT_EVERY", "TUNE_TOKENS", "TunedLinear", "check_memory", "memory_bytes", "tune_scales"]
