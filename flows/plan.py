@@ -105,6 +105,8 @@ class ReleasePlan:
 
     def quantize(self, model_dir: str, calib: str) -> dict[str, Any]:
         params = self.config.quantize.model_dump(exclude={"calib_dataset"})
+        if params["tune_tokens"] == "all":  # what tuning did before the option: stage folders and caches stay valid
+            del params["tune_tokens"]
         params["calib"] = calib
         g = self.config.gate
         if params["target_degradation"] is not None and g.general_text is not None:

@@ -336,3 +336,14 @@ def test_verdict_line_names_the_deciding_check_and_why(checks, expected):
 
     meta = {"passed": all(c["passed"] for c in checks), "checks": checks}
     assert verdict_line(meta, 0.05) == expected
+
+
+def test_tuning_on_every_position_keeps_the_quantize_folders_made_before_the_option(tmp_path):
+    """``quantize.tune_tokens`` all is what tuning did before the option existed: its quantize arguments (and so the
+    stage folder and Prefect's cache key) leave it out; answers is another folder."""
+    cfg = parse_config({"output_dir": str(tmp_path / "out")})
+    plan = ReleasePlan(cfg).quantize("merged", "calib")
+    assert cfg.quantize.tune_tokens == "all" and "tune_tokens" not in plan["params"]
+    answers = ReleasePlan(parse_config({"output_dir": str(tmp_path / "out"), "quantize": {"tune_tokens": "answers"}}))
+    other = answers.quantize("merged", "calib")
+    assert other["params"]["tune_tokens"] == "answers" and other["output"] != plan["output"]
