@@ -64,8 +64,7 @@ class Calibration:
     answer_mask: torch.Tensor | None = None
 
     def summary(self) -> dict:
-        return {"general": self.general,
-                "answer_tokens": None if self.answer_mask is None else int(self.answer_mask.sum()), "source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
+        return {"general": self.general, "source": self.source, "kind": self.source_kind, "split": CALIB_SPLIT if self.source_kind == "prep"
                 else None, "source_sha256": self.source_digest, "tokens_sha256": self.tokens_digest,
                 "n_samples": int(self.blocks.shape[0]), "seq_len": int(self.blocks.shape[1]),
                 "n_samples_requested": self.n_samples_requested,
@@ -73,7 +72,8 @@ class Calibration:
                                    f"default {DEFAULT_N_SAMPLES}, or every block the data gives when fewer "
                                    f"(at least {MIN_AUTO_SAMPLES})"),
                 "n_texts": self.n_texts, "tokens_read": self.tokens_read,
-                "sampling": "shuffle texts with random.Random(seed), join with EOS, first n_samples blocks"}
+                "sampling": "shuffle texts with random.Random(seed), join with EOS, first n_samples blocks",
+                "answer_tokens": None if self.answer_mask is None else int(self.answer_mask.sum())}
 
 
 def _file_texts(path: Path) -> list[str]:
