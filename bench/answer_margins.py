@@ -43,7 +43,7 @@ def answer_margins(loaded, examples) -> list[dict]:
     where it falls (index into the answer tokens, of how many), and the end-of-turn token's index and margin."""
     import torch
 
-    from lorakit.data.formats import IGNORE_INDEX, Rendered, tokenize_rendered
+    from lorakit.data.formats import IGNORE_INDEX, tokenize_prepped
     from lorakit.evaluate.accuracy import stop_token_ids
     from lorakit.progress import bar
 
@@ -51,8 +51,7 @@ def answer_margins(loaded, examples) -> list[dict]:
     stops = set(stop_token_ids(tok, loaded.model, examples))
     out = []
     for rec in bar(examples.records, desc="answer margins", unit="ex", leave=False):
-        rendered = Rendered(rec["text"], [(int(rec["prompt_end"]), len(rec["text"]))], "", reference="")
-        t = tokenize_rendered(rendered, "chat", tok, max_length=10**9)
+        t = tokenize_prepped(rec["text"], int(rec["prompt_end"]), tok)
         ids = torch.tensor([t.input_ids], device=loaded.device)
         targets = torch.tensor(t.labels[1:])
         with torch.no_grad():

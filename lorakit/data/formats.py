@@ -181,14 +181,21 @@ def tokenize_rendered(rendered: Rendered, fmt: str, tokenizer, max_length: int) 
     return Tokenized(ids[:max_length], labels[:max_length], rendered.text, rendered.origin, truncated, rendered)
 
 
+def tokenize_prepped(text: str, prompt_end: int, tokenizer) -> Tokenized:
+    """A prep record's rendered ``text`` tokenized whole, exactly as :func:`tokenize_rendered` does for training,
+    with its answer span ``[prompt_end, len(text))`` as the labels (nothing truncated): the one way evaluation,
+    calibration and benches read back what training saw."""
+    return tokenize_rendered(Rendered(text, [(prompt_end, len(text))], "", reference=""), "chat", tokenizer,
+                             max_length=10**9)
+
+
 def prompt_token_ids(text: str, prompt_end: int, tokenizer) -> list[int]:
     """The prompt of a rendered example as training saw it: the ids of ``text`` before its first answer token.
 
-    ``text`` is tokenized whole, exactly as :func:`tokenize_rendered` does for training, and cut before the first
-    token that lies inside the answer span ``[prompt_end, len(text))`` — so a BPE merge across the boundary gives
-    the same prompt ids here as there.
+    ``text`` is tokenized whole (:func:`tokenize_prepped`) and cut before the first token that lies inside the
+    answer span ``[prompt_end, len(text))`` — so a BPE merge across the boundary gives the same prompt ids here as
+    there.
     """
-    tok = tokenize_rendered(Rendered(text, [(prompt_end, len(text))], "", reference=""), "chat", tokenizer,
-                            max_length=10**9)
+    tok = tokenize_prepped(text, prompt_end, tokenizer)
     first = next((i for i, label in enumerate(tok.labels) if label != IGNORE_INDEX), len(tok.labels))
     return tok.input_ids[:first]

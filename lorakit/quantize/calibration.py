@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from lorakit.data.formats import IGNORE_INDEX, Rendered, tokenize_rendered
+from lorakit.data.formats import IGNORE_INDEX, tokenize_prepped
 from lorakit.data.splits import PREP_META, read_records, split_texts_path
 from lorakit.errors import InputError
 from lorakit.io.digests import sha256_file
@@ -131,8 +131,7 @@ def _token_stream(texts: list[str], order: list[int], tokenizer, need: int,
             ids = tokenizer(texts[i], add_special_tokens=False)["input_ids"]
             flags = [False] * len(ids)
         else:  # tokenized whole, as plain calibration does; the ids are the same, the labels mark the answer
-            tok = tokenize_rendered(Rendered(texts[i], [(end, len(texts[i]))], "", reference=""), "chat", tokenizer,
-                                    max_length=10**9)
+            tok = tokenize_prepped(texts[i], end, tokenizer)
             ids, flags = tok.input_ids, [label != IGNORE_INDEX for label in tok.labels]
         stream.extend(ids)
         if eos is not None:
