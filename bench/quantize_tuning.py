@@ -8,9 +8,10 @@ the release does: the gate's perplexity and KL checks against the merged model (
 general text) and exact match on every val and test question. The rounded model itself is judged the same way
 once, so each row's change is the tuning's alone: the codes are the release's.
 
-A variant is ``tuneN[:lrX][:generalP][:answers]``: N steps, learning rate X (default the quantize stage's), P percent
-of the blocks general text (default the release's share); ``answers`` takes the KL only where an answer token comes
-next (``--tune-tokens answers``; default every position).
+A variant is ``tuneN[:lrX][:generalP][:answers|:awK]``: N steps, learning rate X (default the quantize stage's), P
+percent of the blocks general text (default the release's share); ``answers`` takes the KL only where an answer token
+comes next (``--tune-tokens answers``; default every position); ``awK`` takes it at every position with each answer
+position counted K times (``answer_weight`` of ``lorakit.quantize.tune.tune_scales``).
 
 Usage: python bench/quantize_tuning.py --release OUT [--variants tune100,tune100:general25,tune100:general0:answers]
        [--work bench/work/quantize_tuning] [--results quantize_tuning]
@@ -41,24 +42,27 @@ class Variant:
     lr: float | None = None  # None = QUANTIZE.tune_lr
     general_percent: int | None = None  # None = the release's calibration share
     answers: bool = False  # the KL only where an answer token comes next (tune_tokens "answers")
+    answer_weight: float = 1.0  # every position, each answer position counted this many times
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         head, *more = spec.split(":")
         if not head.startswith("tune") or not head[4:].isdigit():
-            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP][:answers]")
+            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP][:answers|:awK]")
         return cls(int(head[4:]), next((float(m[2:]) for m in more if m.startswith("lr")), None),
-                   next((int(m[7:]) for m in more if m.startswith("general")), None), "answers" in more)
+                   next((int(m[7:]) for m in more if m.startswith("general")), None), "answers" in more,
+                   next((float(m[2:]) for m in more if m.startswith("aw")), 1.0))
 
     def key(self) -> str:
         return (f"tune{self.steps}" + (f"-lr{self.lr:.0e}" if self.lr is not None else "")
                 + (f"-general{self.general_percent}" if self.general_percent is not None else "")
-                + ("-answers" if self.answers else ""))
+                + ("-answers" if self.answers else "") + (f"-aw{self.answer_weight:g}" if self.answer_weight != 1 else ""))
 
     def spec(self) -> str:
         return ":".join([f"tune{self.steps}"] + ([f"lr{self.lr:g}"] if self.lr is not None else [])
                         + ([f"general{self.general_percent}"] if self.general_percent is not None else [])
-                        + (["answers"] if self.answers else []))
+                        + (["answers"] if self.answers else [])
+                        + ([f"aw{self.answer_weight:g}"] if self.answer_weight != 1 else []))
 
 
 def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> tuple[Path, dict]:
@@ -88,6 +92,7 @@ def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> 
     record = tune_scales(merged, folder, blocks, kind=kind, steps=v.steps,
                          lr=QUANTIZE.tune_lr if v.lr is None else v.lr, general_blocks=watched,
                          tokens="answers" if v.answers else "all", answer_mask=answer_mask,
+                         answer_weight=v.answer_weight,
                          dtype=resolve_compute_dtype(p.compute_dtype or "auto", "quantize", "cpu"), seed=p.seed)
     return folder, {**record, "general_fraction": share}
 
@@ -113,6 +118,9 @@ def readme(data: dict, name: str) -> str:
         if t and "held_out_answer_kl_before" in t:  # tuned on answers: judged there, so both are shown
             held = (f"every position {held}; answer positions {t['held_out_answer_kl_before']:.4f} → "
                     f"{t['held_out_answer_kl_after']:.4f}")
+        if t and "held_out_weighted_kl_before" in t:  # answers weighed up: judged on the weighted KL
+            held += (f"; weighted x{t['answer_weight']:g} (judged) {t['held_out_weighted_kl_before']:.4f} → "
+                     f"{t['held_out_weighted_kl_after']:.4f}")
         head = ([f"{t['general_fraction']:.0%}", held,
                  "yes" if t["kept"] else "no", f"{t['seconds']:.0f}"] if t else ["", "", "", ""])
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in r["checks"].values()]
@@ -152,7 +160,7 @@ def main() -> None:
         folder, record = tune(merged, quantized, calib, v, args.work)
         gate_s, checks = gate_checks(merged, folder, preps)
         data["variants"][v.key()] = {"variant": {"steps": v.steps, "lr": v.lr, "general_percent": v.general_percent,
-                                                 "answers": v.answers},
+                                                 "answers": v.answers, "answer_weight": v.answer_weight},
                                      "tuning": record, "checks": checks, "gate_s": gate_s,
                                      **accuracy_drops(folder, preps, data["merged_accuracy"], None)}
         print(v.key(), json.dumps(record), json.dumps(data["variants"][v.key()]["accuracy"]), flush=True)

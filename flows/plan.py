@@ -105,8 +105,11 @@ class ReleasePlan:
 
     def quantize(self, model_dir: str, calib: str) -> dict[str, Any]:
         params = self.config.quantize.model_dump(exclude={"calib_dataset"})
-        if params["tune_tokens"] == "all":  # what tuning did before the option: stage folders and caches stay valid
+        # what tuning did before these options: stage folders and caches stay valid
+        if params["tune_tokens"] == "all":
             del params["tune_tokens"]
+        if params["tune_answer_weight"] == 1.0:
+            del params["tune_answer_weight"]
         params["calib"] = calib
         g = self.config.gate
         if params["target_degradation"] is not None and g.general_text is not None:

@@ -105,6 +105,8 @@ def quantize_label(used: dict[str, Any]) -> str:
     label += f", {used['n_samples']}x{used['seq_len']} calibration"
     if used.get("tune_steps"):
         on = " on answers" if used.get("tune_tokens") == "answers" else ""
+        if used.get("tune_answer_weight"):
+            on = f" with answers weighed x{used['tune_answer_weight']:g}"
         label += (f", scales tuned{on} ({used['tune_steps']} steps)" if used["tune_kept"]
                   else f", scale tuning{on} not kept ({used['tune_steps']} steps raised the held-out KL)")
     if used.get("search"):

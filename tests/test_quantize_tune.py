@@ -220,6 +220,33 @@ def test_tuning_on_answers_judges_itself_on_the_held_out_answers(tiny_base, task
         assert float(kl) == pytest.approx(record[key], rel=1e-3)
 
 
+def test_tuning_with_answers_weighed_up_judges_itself_on_the_weighted_held_out_kl(tiny_base, task_prep, tmp_path):
+    rounded = quantize_model(tiny_base, tmp_path / "rounded", calib=task_prep, progress=False, **TASK_CALIB).output
+    folder = tmp_path / "tuned"
+    shutil.copytree(rounded, folder)
+    cal = build_calibration(task_prep, _load_tokenizer(tiny_base), seed=0,
+                            **{k: v for k, v in TASK_CALIB.items() if k != "calib_general"})
+    record = tune_scales(tiny_base, folder, cal.blocks, kind="gptq", steps=30, lr=2e-3, answer_weight=4.0,
+                         answer_mask=cal.answer_mask, progress=False)
+    assert record["tokens"] == "all" and record["answer_weight"] == 4.0 and "tokens_note" not in record
+    assert record["kept"] and record["held_out_weighted_kl_after"] < record["held_out_weighted_kl_before"]
+    # the weighted KL, from the written files: every position counts 1, one whose next token is an answer token 4
+    held = torch.arange(cal.blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    ids = cal.blocks[held]
+    weight = torch.ones(ids.shape)
+    weight[:, :-1] += 3.0 * cal.answer_mask[held][:, 1:].float()
+    p = _logprobs(tiny_base, ids, False)
+    for path, key in ((folder, "held_out_weighted_kl_after"), (rounded, "held_out_weighted_kl_before")):
+        q = _logprobs(path, ids, True)
+        kl = (p.exp() * (p - q)).sum(-1)
+        assert float((kl * weight).sum() / weight.sum()) == pytest.approx(record[key], rel=1e-3)
+        assert float(kl.mean()) == pytest.approx(record[key.replace("weighted_", "")], rel=1e-3)
+    for bad, what in (({"answer_weight": 0.5}, "at least 1"), ({"answer_weight": 2.0, "tokens": "answers"}, "all")):
+        with pytest.raises(InputError, match=what):
+            tune_scales(tiny_base, folder, cal.blocks, kind="gptq", steps=1, lr=2e-3, answer_mask=cal.answer_mask,
+                        progress=False, **bad)
+
+
 def test_tuning_on_answers_of_data_without_answers_tunes_every_token_and_says_so(tiny_base, task_prep, prep,
                                                                                 tmp_path):
     out = tmp_path / "q"
@@ -238,6 +265,9 @@ def test_tuning_on_answers_of_data_without_answers_tunes_every_token_and_says_so
                   "--tune-tokens", "prompts", cwd=tmp_path)
     assert bad.returncode == 2 and "tune-tokens" in bad.stderr
     assert not (tmp_path / "bad").exists()
+    both = run_cli("quantize", str(tiny_base), "-o", str(tmp_path / "both"), "--calib", str(prep), "--tune-steps",
+                   "3", "--tune-tokens", "answers", "--tune-answer-weight", "4", cwd=tmp_path)
+    assert both.returncode == 2 and "tune-answer-weight" in both.stderr and not (tmp_path / "both").exists()
 
 
 def test_tuning_that_cannot_fit_in_memory_is_refused_before_rounding(tiny_base, prep, tmp_path, monkeypatch):

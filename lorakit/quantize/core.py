@@ -147,6 +147,7 @@ def quantize_model(
     tune_lr: float = QUANTIZE.tune_lr,
     tune_general_fraction: float = QUANTIZE.tune_general_fraction,
     tune_tokens: str = QUANTIZE.tune_tokens,
+    tune_answer_weight: float = QUANTIZE.tune_answer_weight,
     force: bool = False,
     progress: bool = True,
 ) -> QuantResult:
@@ -187,6 +188,10 @@ def quantize_model(
     if tune_steps < 0 or (tune_steps and tune_lr <= 0) or not 0 <= tune_general_fraction < 1:
         raise InputError(f"--tune-steps must be >= 0, --tune-lr positive and --tune-general-fraction in [0, 1) (got "
                          f"{tune_steps}, {tune_lr}, {tune_general_fraction}); 0 steps = no scale tuning")
+    if tune_steps and (not tune_answer_weight >= 1 or (tune_tokens == "answers" and tune_answer_weight != 1)):
+        raise InputError(f"--tune-answer-weight must be at least 1 and weighs the answers among every position, so it "
+                         f"goes with --tune-tokens all (got {tune_answer_weight} with {tune_tokens}); 1 = every "
+                         "position alike")
     if tune_steps and tune_general_fraction and calib_general is None:
         raise InputError("--tune-general-fraction needs general text: set --calib-general or tune on the tasks "
                          "alone (--tune-general-fraction 0)")
@@ -272,7 +277,7 @@ def quantize_model(
             tuning = tune_scales(src, tmp, tune_blocks, kind="gptq" if layout == "gptq-v1" else "awq",
                                  steps=tune_steps, lr=tune_lr, dtype=dtype, seed=seed, device=device,
                                  general_blocks=general_watch, tokens=tune_tokens, answer_mask=answer_mask,
-                                 progress=progress)
+                                 answer_weight=tune_answer_weight, progress=progress)
             tuning["general_fraction"] = tune_general_fraction
             if tuning.get("tokens_note"):
                 notes.append(f"scale tuning: {tuning['tokens_note']}")
@@ -290,7 +295,8 @@ def quantize_model(
                                module_bits=module_bits, compute_dtype=dtype_name(dtype),
                                tune_steps=int(tune_steps), tune_lr=float(tune_lr) if tune_steps else 0.0,
                                tune_general_fraction=float(tune_general_fraction) if tune_steps else 0.0,
-                               tune_tokens=tune_tokens if tune_steps else ""),
+                               tune_tokens=tune_tokens if tune_steps else "",
+                               tune_answer_weight=float(tune_answer_weight) if tune_steps else 1.0),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,

@@ -36,6 +36,7 @@ class QuantParams:
     tune_lr: float = 0.0
     tune_general_fraction: float = 0.0
     tune_tokens: str = ""  # "all" | "answers" (what tuning asked for; tuning["tokens"] is what it did); "" = older
+    tune_answer_weight: float = 1.0  # with tokens "all": an answer position's weight in the KL (1 in older records)
 
 
 @dataclass
@@ -72,6 +73,8 @@ class QuantMeta:
         if p.tune_steps:
             used.update(tune_steps=p.tune_steps, tune_lr=p.tune_lr, tune_general_fraction=p.tune_general_fraction,
                         tune_tokens=self.tuning.get("tokens", "all"), tune_kept=bool(self.tuning.get("kept")))
+            if self.tuning.get("answer_weight", 1.0) != 1.0:  # what it did: data without answers weighs none up
+                used["tune_answer_weight"] = self.tuning["answer_weight"]
         if p.group_size_requested != p.group_size:
             used["group_size_requested"] = p.group_size_requested
         requested = self.calibration.get("n_samples_requested", p.n_samples)

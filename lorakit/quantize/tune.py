@@ -167,20 +167,36 @@ def _next_is_answer(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _position_weights(answers: torch.Tensor, answer_weight: float) -> torch.Tensor:
+    """Each position's weight in the tuning loss: 1, and ``answer_weight`` where an answer token comes next."""
+    return 1.0 + (float(answer_weight) - 1.0) * answers.float()
+
+
+def _weighted_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (per_token * weights).sum() / weights.sum().clamp(min=1e-12)
+
+
 @torch.no_grad()
 def _mean_kl(teacher, student, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype,
-             weights: torch.Tensor | None = None) -> tuple[float, float | None]:
-    """(mean KL over every position, mean KL over the ``weights`` positions or None), from one forward pass each."""
-    total, count, picked, n_picked = 0.0, 0, 0.0, 0
+             answers: torch.Tensor | None = None, answer_weight: float = 1.0
+             ) -> tuple[float, float | None, float | None]:
+    """(mean KL over every position, over the ``answers`` positions, and weighted as the tuning loss weighs it with
+    ``answer_weight``; the last two None without ``answers``), from one forward pass each."""
+    total, count, picked, n_picked, weighted, weight_sum = 0.0, 0, 0.0, 0, 0.0, 0.0
     for i in range(0, blocks.shape[0], batch_size):
         per_token = _token_kl(teacher, student, blocks[i: i + batch_size], dtype)
         total += float(per_token.sum())
         count += per_token.numel()
-        if weights is not None:
-            w = weights[i: i + batch_size]
-            picked += float(per_token[w].sum())
-            n_picked += int(w.sum())
-    return total / max(count, 1), (None if weights is None else picked / max(n_picked, 1))
+        if answers is not None:
+            a = answers[i: i + batch_size]
+            picked += float(per_token[a].sum())
+            n_picked += int(a.sum())
+            w = _position_weights(a, answer_weight)
+            weighted += float((per_token * w).sum())
+            weight_sum += float(w.sum())
+    if answers is None:
+        return total / max(count, 1), None, None
+    return total / max(count, 1), picked / max(n_picked, 1), weighted / max(weight_sum, 1e-12)
 
 
 def _token_kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -200,7 +216,7 @@ TUNE_TOKENS = ("answers", "all")
 def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
                 steps: int, lr: float, batch_size: int = BATCH_SIZE, dtype: torch.dtype = torch.float32, seed: int = 0,
                 device: str = "cpu", general_blocks: torch.Tensor | None = None, tokens: str = "all",
-                answer_mask: torch.Tensor | None = None, progress: bool = True) -> dict:
+                answer_mask: torch.Tensor | None = None, answer_weight: float = 1.0, progress: bool = True) -> dict:
     """Tune ``quantized``'s group scales and norms in place against ``src`` (its full-precision model) on
     ``blocks`` (see the module docstring); returns the record for ``lorakit_quant.json``. ``general_blocks``
     (general text tuning does not train on) are only watched: their KL before and after is recorded.
@@ -208,6 +224,11 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     ``tokens``: "all" takes the KL at every position; "answers" only where the next token is an answer token of
     ``answer_mask`` (bool, ``blocks``' shape): the positions where a task's answer, and its end, is decided. Data
     without answers (``answer_mask`` None or empty) is tuned on every position, and the record says so.
+
+    ``answer_weight`` (tokens "all"): an answer position's KL counts this many times in the loss (1 = every position
+    alike). Why: tuned on the answers alone, too few positions give the scales a steady gradient (docs/quantize.md);
+    weighed up among all positions, the answers steer the tuning while every position still anchors it. The tuning
+    is then judged, and kept, on the held-out blocks' KL weighed the same way.
     """
     from lorakit.progress import bar
 
@@ -215,6 +236,11 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         raise InputError(f"scale tuning needs steps >= 1 and a positive learning rate (got {steps}, {lr})")
     if tokens not in TUNE_TOKENS:
         raise InputError(f"--tune-tokens must be one of {', '.join(TUNE_TOKENS)} (got {tokens!r})")
+    if not answer_weight >= 1.0:
+        raise InputError(f"--tune-answer-weight must be at least 1 (1 = every position alike; got {answer_weight})")
+    if tokens == "answers" and answer_weight != 1.0:
+        raise InputError("--tune-answer-weight weighs the answer positions among all positions: use it with "
+                         "--tune-tokens all (with answers, only the answer positions count already)")
     if blocks.shape[0] < 2:
         raise InputError("scale tuning needs at least 2 calibration blocks (one is held out to judge it)")
     if answer_mask is not None and tuple(answer_mask.shape) != tuple(blocks.shape):
@@ -223,12 +249,13 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     held = torch.arange(blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     if not held.any():
         held[-1] = True
-    weights = _next_is_answer(answer_mask) if tokens == "answers" and answer_mask is not None else None
+    weighted = tokens == "answers" or answer_weight != 1.0
+    weights = _next_is_answer(answer_mask) if weighted and answer_mask is not None else None
     note = None
-    if tokens == "answers" and (weights is None or not weights[~held].any() or not weights[held].any()):
+    if weighted and (weights is None or not weights[~held].any() or not weights[held].any()):
         note = ("the calibration data has no answers to tune on (text data or a text file, or too few answer "
                 "tokens to hold some out): tuned on every token")
-        weights = None
+        weights, answer_weight = None, 1.0
     train_blocks, held_blocks = blocks[~held].to(device), blocks[held].to(device)
     train_w, held_w = (None, None) if weights is None else (weights[~held].to(device), weights[held].to(device))
     ckpt = _read_checkpoint(quantized)
@@ -240,7 +267,8 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     student, prefixes = _student(teacher, quantized, kind, checkpoint_format, ckpt)
     student.to(device)  # the TunedLinears' codes and scales were built on the CPU
     params = [p for p in student.parameters() if p.requires_grad]
-    all_before, answers_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w)
+    all_before, answers_before, weighted_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w,
+                                                           answer_weight)
     watched = None if general_blocks is None else general_blocks[::HOLDOUT_EVERY].to(device)
     general_before = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)[0]
     optimizer = torch.optim.Adam(params, lr=lr)
@@ -254,9 +282,11 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
             per_token = _token_kl(teacher, student, train_blocks[pick], dtype)
             if train_w is None:
                 loss = per_token.mean()
-            else:  # a batch whose blocks hold no answer token has nothing to learn from
+            elif tokens == "answers":  # a batch whose blocks hold no answer token has nothing to learn from
                 w = train_w[pick]
                 loss = per_token[w].sum() / w.sum().clamp(min=1)
+            else:
+                loss = _weighted_mean(per_token, _position_weights(train_w[pick], answer_weight))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -266,15 +296,22 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
             pbar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")  # noisy per batch: a running mean
     student.eval()
     _round_to_stored(student, prefixes, ckpt)
-    all_after, answers_after = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w)
+    all_after, answers_after, weighted_after = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w,
+                                                        answer_weight)
     general_after = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)[0]
     # judged on what it trained for, on blocks it did not train on
-    kept = (answers_after < answers_before) if held_w is not None else (all_after < all_before)
+    if held_w is None:
+        kept = all_after < all_before
+    elif tokens == "answers":
+        kept = answers_after < answers_before
+    else:
+        kept = weighted_after < weighted_before
     if kept:
         _write_back(quantized, ckpt, student, prefixes)
     return {
         "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "compute_dtype": str(dtype).split(".")[-1],
-        "device": str(device), "tokens": "all" if weights is None else "answers",
+        "device": str(device), "tokens": "answers" if tokens == "answers" and weights is not None else "all",
+        **({"answer_weight": answer_weight} if tokens == "all" and weights is not None else {}),
         **({"tokens_note": note} if note else {}),
         "trained": ["group scales", "norm weights"],
         "trainable_params": sum(p.numel() for p in params),
@@ -283,6 +320,8 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         **({} if held_w is None else {"held_out_answer_positions": int(held_w.sum()),
                                       "held_out_answer_kl_before": _figure(answers_before),
                                       "held_out_answer_kl_after": _figure(answers_after)}),
+        **({} if held_w is None or tokens == "answers" else {"held_out_weighted_kl_before": _figure(weighted_before),
+                                                             "held_out_weighted_kl_after": _figure(weighted_after)}),
         **({} if watched is None else {"general_blocks_watched": int(watched.shape[0]),
                                        "general_kl_before": _figure(general_before),
                                        "general_kl_after": _figure(general_after)}),
