@@ -12,9 +12,11 @@ change).
 
 ``--weights`` adds RegMean re-merges of the release's own adapters at other weights (the release's merge
 settings, only the weights changed): whether another point of the merge search gives answers more room.
+``--quantized LABEL=FOLDER`` adds other 4-bit models of the release's merged model (another tuning of the same codes,
+say), each compared with the merged model as the release's own is; ``--no-adapters`` leaves the adapters out.
 
 Usage: python bench/answer_margins.py --release OUT [--splits val,test] [--weights 1.2188,0.9375;1.5,1.0]
-       [--work bench/work/answer_margins] [--results answer_margins]
+       [--quantized aw4=DIR,...] [--no-adapters] [--work bench/work/answer_margins] [--results answer_margins]
 Writes bench/results/RESULTS.json and the ``RESULTS`` section of bench/README.md.
 """
 
@@ -160,7 +162,11 @@ def readme(data: dict, name: str) -> str:
     lines = [f"## {name}", "",
              f"`python bench/answer_margins.py --release {data['release']} --splits {','.join(data['splits'])}"
              + (f" --weights '{';'.join(','.join(f'{w:g}' for w in ws) for ws in data['weights'])}'"
-                if data["weights"] else "") + (f" --results {name}" if name != "answer_margins" else "") + "`: "
+                if data["weights"] else "")
+             + (" --quantized " + ",".join(f"{k}={v}" for k, v in data.get("quantized_other", {}).items())
+                if data.get("quantized_other") else "")
+             + (" --no-adapters" if data.get("no_adapters") else "")
+             + (f" --results {name}" if name != "answer_margins" else "") + "`: "
              "each model teacher-forced on every reference answer; an answer's margin is its smallest "
              "log p(reference token) - max log p(other token) over the answer's tokens and its end of turn, in nats "
              f"(negative: greedy decoding leaves the reference). CPU: {cpu_line(data['machine'].get('cpu'))}.", "",
@@ -182,24 +188,30 @@ def readme(data: dict, name: str) -> str:
               "answers by margin, 0% the smallest) "
               "and how far 4 bits moved every answer's margin (median shift; 90th percentile and largest of its "
               "size).", "",
-              "| task | split | lost / gained | lost: kinds | merged margin of lost: largest / median rank | "
-              "margin shift: median / \\|q90\\| / \\|max\\| |", "|---|---|---|---|---|---|"]
+              "| task | split | 4-bit model | lost / gained | lost: kinds | merged margin of lost: largest / median "
+              "rank | margin shift: median / \\|q90\\| / \\|max\\| |", "|---|---|---|---|---|---|---|"]
     for task, splits in data["tasks"].items():
         for split, row in splits.items():
-            f = row["flips"]
-            kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in f["lost_kinds"].items() if n) or "none"
-            big = (f"{f['lost_merged_margin_max']:.2f} / {f['lost_merged_margin_rank_median']:.0%}"
-                   if f["lost"] else "")
-            sh = f["margin_shift"]
-            lines.append(f"| {task} | {split} | {f['lost']} / {f['gained']} | {kinds} | {big} | "
-                         f"{sh['median']:+.2f} / {sh['abs_q90']:.2f} / {sh['abs_max']:.2f} |")
+            for label, f in {"quantized": row["flips"], **row.get("flips_other", {})}.items():
+                lines.append(_flips_row(task, split, label, f))
     return "\n".join(lines)
+
+
+def _flips_row(task: str, split: str, label: str, f: dict) -> str:
+    """One 4-bit model's flips against the merged model, as a row of the README's table."""
+    kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in f["lost_kinds"].items() if n) or "none"
+    big = f"{f['lost_merged_margin_max']:.2f} / {f['lost_merged_margin_rank_median']:.0%}" if f["lost"] else ""
+    sh = f["margin_shift"]
+    return (f"| {task} | {split} | {label} | {f['lost']} / {f['gained']} | {kinds} | {big} | "
+            f"{sh['median']:+.2f} / {sh['abs_q90']:.2f} / {sh['abs_max']:.2f} |")
 
 
 def main() -> None:
     ap = release_parser(__doc__)
     ap.add_argument("--splits", default="val,test")
     ap.add_argument("--weights", default="", help="RegMean re-merges to add: 'w1,w2;w1,w2'")
+    ap.add_argument("--quantized", default="", help="other 4-bit models of the merged model: 'label=dir,...'")
+    ap.add_argument("--no-adapters", action="store_true", help="score the merged and quantized models only")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "answer_margins")
     ap.add_argument("--results", default="answer_margins")
     args = ap.parse_args()
@@ -210,9 +222,13 @@ def main() -> None:
     weights = [[float(w) for w in ws.split(",")] for ws in args.weights.split(";") if ws.strip()]
     merged, _, preps = release_quant_inputs(args.release)
     quantized = find_one(args.release, "quantized/*", dirs=True)
-    models = {f"adapter ({task_name(p)})": find_one(args.release, f"adapters/{task_name(p)}-*", dirs=True)
-              for p in preps}
+    models = {} if args.no_adapters else {
+        f"adapter ({task_name(p)})": find_one(args.release, f"adapters/{task_name(p)}-*", dirs=True) for p in preps}
     models.update({"merged": merged, "quantized": quantized})
+    others = dict(item.split("=", 1) for item in args.quantized.split(",") if item.strip())
+    if {"merged", "quantized"} & set(others) or any("." in k or k.startswith("adapter") for k in others):
+        raise SystemExit("--quantized labels name a key of the results: not merged/quantized/adapter*, no dots")
+    models.update({label: Path(folder) for label, folder in others.items()})
     args.work.mkdir(parents=True, exist_ok=True)
     remerges = {f"remerge{i + 1}": ws for i, ws in enumerate(weights)}  # keys a citation can name (no dots)
     for label, ws in remerges.items():
@@ -228,8 +244,11 @@ def main() -> None:
             tasks.setdefault(task, {})[split] = {
                 "models": {("adapter" if label.startswith("adapter (") else label):
                            summary(r["margins"], [p["exact"] for p in r["predictions"]]) for label, r in per.items()},
-                "flips": flips(per["merged"], per["quantized"])}
+                "flips": flips(per["merged"], per["quantized"]),
+                **({"flips_other": {label: flips(per["merged"], per[label]) for label in others}} if others else {})}
     data = {"release": str(args.release), "splits": splits, "weights": weights, "remerges": remerges,
+            "quantized_other": {label: str(folder) for label, folder in others.items()},
+            "no_adapters": bool(args.no_adapters),
             "models": {label: str(path) for label, path in models.items()},
             "merge_weights": json.loads((merged / "lorakit_merge.json").read_text())["weights"],
             "tasks": tasks, "seconds": round(time.perf_counter() - started, 1)}
