@@ -8,10 +8,11 @@ the release does: the gate's perplexity and KL checks against the merged model (
 general text) and exact match on every val and test question. The rounded model itself is judged the same way
 once, so each row's change is the tuning's alone: the codes are the release's.
 
-A variant is ``tuneN[:lrX][:generalP][:answers|:awK]``: N steps, learning rate X (default the quantize stage's), P
+A variant is ``tuneN[:lrX][:generalP][:answers|:awK][:bB]``: N steps, learning rate X (default the quantize stage's), P
 percent of the blocks general text (default the release's share); ``answers`` takes the KL only where an answer token
 comes next (``--tune-tokens answers``; default every position); ``awK`` takes it at every position with each answer
-position counted K times (``answer_weight`` of ``lorakit.quantize.tune.tune_scales``).
+position counted K times (``answer_weight`` of ``lorakit.quantize.tune.tune_scales``); ``bB`` tunes on B blocks
+drawn like the calibration's instead of the release's n_samples (``--tune-samples``).
 
 Usage: python bench/quantize_tuning.py --release OUT [--variants tune100,tune100:general25,tune100:general0:answers]
        [--work bench/work/quantize_tuning] [--results quantize_tuning]
@@ -43,26 +44,30 @@ class Variant:
     general_percent: int | None = None  # None = the release's calibration share
     answers: bool = False  # the KL only where an answer token comes next (tune_tokens "answers")
     answer_weight: float = 1.0  # every position, each answer position counted this many times
+    blocks: int | None = None  # blocks tuning draws (None = the release's n_samples)
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         head, *more = spec.split(":")
         if not head.startswith("tune") or not head[4:].isdigit():
-            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP][:answers|:awK]")
+            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP][:answers|:awK][:bB]")
         return cls(int(head[4:]), next((float(m[2:]) for m in more if m.startswith("lr")), None),
                    next((int(m[7:]) for m in more if m.startswith("general")), None), "answers" in more,
-                   next((float(m[2:]) for m in more if m.startswith("aw")), 1.0))
+                   next((float(m[2:]) for m in more if m.startswith("aw")), 1.0),
+                   next((int(m[1:]) for m in more if m.startswith("b") and m[1:].isdigit()), None))
 
     def key(self) -> str:
         return (f"tune{self.steps}" + (f"-lr{self.lr:.0e}" if self.lr is not None else "")
                 + (f"-general{self.general_percent}" if self.general_percent is not None else "")
-                + ("-answers" if self.answers else "") + (f"-aw{self.answer_weight:g}" if self.answer_weight != 1 else ""))
+                + ("-answers" if self.answers else "") + (f"-aw{self.answer_weight:g}" if self.answer_weight != 1 else "")
+                + (f"-b{self.blocks}" if self.blocks else ""))
 
     def spec(self) -> str:
         return ":".join([f"tune{self.steps}"] + ([f"lr{self.lr:g}"] if self.lr is not None else [])
                         + ([f"general{self.general_percent}"] if self.general_percent is not None else [])
                         + (["answers"] if self.answers else [])
-                        + ([f"aw{self.answer_weight:g}"] if self.answer_weight != 1 else []))
+                        + ([f"aw{self.answer_weight:g}"] if self.answer_weight != 1 else [])
+                        + ([f"b{self.blocks}"] if self.blocks else []))
 
 
 def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> tuple[Path, dict]:
@@ -83,7 +88,8 @@ def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> 
                                     general="default" if release_share else None, general_fraction=release_share)
     # the blocks quantize_model(..., tune_general_fraction=share) would tune on, and the general ones it watches
     blocks, answer_mask, watched = _tuning_blocks(calibration, calib, tokenizer, share, "default",
-                                                  n_samples=p.n_samples, seq_len=p.seq_len, seed=p.seed)
+                                                  n_samples=p.n_samples, seq_len=p.seq_len, seed=p.seed,
+                                                  tune_samples=v.blocks)
     folder = work / v.key()
     if folder.exists():
         shutil.rmtree(folder)
@@ -160,7 +166,8 @@ def main() -> None:
         folder, record = tune(merged, quantized, calib, v, args.work)
         gate_s, checks = gate_checks(merged, folder, preps)
         data["variants"][v.key()] = {"variant": {"steps": v.steps, "lr": v.lr, "general_percent": v.general_percent,
-                                                 "answers": v.answers, "answer_weight": v.answer_weight},
+                                                 "answers": v.answers, "answer_weight": v.answer_weight,
+                                                 "blocks": v.blocks},
                                      "tuning": record, "checks": checks, "gate_s": gate_s,
                                      **accuracy_drops(folder, preps, data["merged_accuracy"], None)}
         print(v.key(), json.dumps(record), json.dumps(data["variants"][v.key()]["accuracy"]), flush=True)

@@ -110,6 +110,8 @@ class ReleasePlan:
             del params["tune_tokens"]
         if params["tune_answer_weight"] == 1.0:
             del params["tune_answer_weight"]
+        if params["tune_samples"] is None:
+            del params["tune_samples"]
         params["calib"] = calib
         g = self.config.gate
         if params["target_degradation"] is not None and g.general_text is not None:

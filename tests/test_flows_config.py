@@ -348,6 +348,7 @@ def test_tuning_on_every_position_keeps_the_quantize_folders_made_before_the_opt
     other = answers.quantize("merged", "calib")
     assert other["params"]["tune_tokens"] == "answers" and other["output"] != plan["output"]
     assert cfg.quantize.tune_answer_weight == 1.0 and "tune_answer_weight" not in plan["params"]
+    assert cfg.quantize.tune_samples is None and "tune_samples" not in plan["params"]
     weighed = ReleasePlan(parse_config({"output_dir": str(tmp_path / "out"), "quantize": {"tune_answer_weight": 4}}))
     third = weighed.quantize("merged", "calib")
     assert third["params"]["tune_answer_weight"] == 4 and third["output"] not in (plan["output"], other["output"])

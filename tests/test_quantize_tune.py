@@ -247,6 +247,21 @@ def test_tuning_with_answers_weighed_up_judges_itself_on_the_weighted_held_out_k
                         progress=False, **bad)
 
 
+def test_tuning_draws_its_own_number_of_blocks_and_records_it(tiny_base, task_prep, tmp_path):
+    out = quantize_model(tiny_base, tmp_path / "q", calib=task_prep, progress=False, tune_steps=2, tune_samples=24,
+                         **TASK_CALIB).output
+    meta = read_quant_meta(out)
+    assert meta.params.n_samples == 16 and meta.params.tune_samples == 24
+    assert meta.tuning["train_blocks"] + meta.tuning["held_out_blocks"] == 24 and meta.tuning["held_out_blocks"] == 3
+    assert meta.used_settings()["tune_samples"] == 24
+    # the calibration's own 16 blocks are the first 16 of the 24 (one shuffle, one token stream)
+    tok = _load_tokenizer(tiny_base)
+    cal_kw = {k: v for k, v in TASK_CALIB.items() if k not in ("calib_general", "n_samples")}
+    small = build_calibration(task_prep, tok, seed=0, n_samples=16, **cal_kw)
+    large = build_calibration(task_prep, tok, seed=0, n_samples=24, **cal_kw)
+    assert torch.equal(large.blocks[:16], small.blocks)
+
+
 def test_tuning_on_answers_of_data_without_answers_tunes_every_token_and_says_so(tiny_base, task_prep, prep,
                                                                                 tmp_path):
     out = tmp_path / "q"

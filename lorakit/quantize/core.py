@@ -107,15 +107,17 @@ def _run_awq(model_dir: Path, tmp: Path, config: dict, blocks, p, layout: str, d
 
 
 def _tuning_blocks(calibration, calib, tokenizer, fraction: float, general, *, n_samples: int | None, seq_len: int,
-                   seed: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Scale tuning's blocks, drawn like the calibration's (``n_samples`` as requested) with ``fraction`` of them
-    general text (the calibration's own blocks when the shares agree), their answer-token mask (None for data
-    without answers), and the calibration's general blocks that tuning does not train on, whose KL it records."""
+                   seed: int, tune_samples: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Scale tuning's blocks, drawn like the calibration's (``tune_samples`` of them, or ``n_samples`` as requested)
+    with ``fraction`` of them general text (the calibration's own blocks when the count and shares agree), their
+    answer-token mask (None for data without answers), and the calibration's general blocks that tuning does not
+    train on, whose KL it records."""
     share = (calibration.general or {}).get("fraction", 0.0)
     n_general = (calibration.general or {}).get("n_samples", 0)
-    if abs(share - fraction) < 1e-9:
+    if abs(share - fraction) < 1e-9 and tune_samples in (None, n_samples):
         return calibration.blocks, calibration.answer_mask, None
-    drawn = build_calibration(calib, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed,
+    drawn = build_calibration(calib, tokenizer, n_samples=tune_samples or n_samples, seq_len=seq_len, seed=seed,
                               general=general if fraction else None, general_fraction=fraction)
     return drawn.blocks, drawn.answer_mask, (calibration.blocks[-n_general:] if n_general and not fraction else None)
 
@@ -148,6 +150,7 @@ def quantize_model(
     tune_general_fraction: float = QUANTIZE.tune_general_fraction,
     tune_tokens: str = QUANTIZE.tune_tokens,
     tune_answer_weight: float = QUANTIZE.tune_answer_weight,
+    tune_samples: int | None = QUANTIZE.tune_samples,
     force: bool = False,
     progress: bool = True,
 ) -> QuantResult:
@@ -230,7 +233,7 @@ def quantize_model(
     # scale tuning's blocks are drawn now, so data too short for them is refused before any rounding
     tune_blocks, answer_mask, general_watch = (
         _tuning_blocks(calibration, calib, tokenizer, tune_general_fraction, calib_general, n_samples=n_samples,
-                       seq_len=seq_len, seed=seed) if tune_steps else (None, None, None))
+                       seq_len=seq_len, seed=seed, tune_samples=tune_samples) if tune_steps else (None, None, None))
     if tune_steps and device == "cpu":  # it holds two models at once: refused before rounding
         from lorakit.quantize.tune import check_memory
 
@@ -296,7 +299,8 @@ def quantize_model(
                                tune_steps=int(tune_steps), tune_lr=float(tune_lr) if tune_steps else 0.0,
                                tune_general_fraction=float(tune_general_fraction) if tune_steps else 0.0,
                                tune_tokens=tune_tokens if tune_steps else "",
-                               tune_answer_weight=float(tune_answer_weight) if tune_steps else 1.0),
+                               tune_answer_weight=float(tune_answer_weight) if tune_steps else 1.0,
+                               tune_samples=int(tune_blocks.shape[0]) if tune_steps else 0),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,

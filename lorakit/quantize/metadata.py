@@ -37,6 +37,7 @@ class QuantParams:
     tune_general_fraction: float = 0.0
     tune_tokens: str = ""  # "all" | "answers" (what tuning asked for; tuning["tokens"] is what it did); "" = older
     tune_answer_weight: float = 1.0  # with tokens "all": an answer position's weight in the KL (1 in older records)
+    tune_samples: int = 0  # blocks scale tuning drew (0 in older records: the calibration's n_samples)
 
 
 @dataclass
@@ -73,6 +74,8 @@ class QuantMeta:
         if p.tune_steps:
             used.update(tune_steps=p.tune_steps, tune_lr=p.tune_lr, tune_general_fraction=p.tune_general_fraction,
                         tune_tokens=self.tuning.get("tokens", "all"), tune_kept=bool(self.tuning.get("kept")))
+            if p.tune_samples and p.tune_samples != p.n_samples:
+                used["tune_samples"] = p.tune_samples
             if self.tuning.get("answer_weight", 1.0) != 1.0:  # what it did: data without answers weighs none up
                 used["tune_answer_weight"] = self.tuning["answer_weight"]
         if p.group_size_requested != p.group_size:

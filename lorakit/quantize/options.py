@@ -71,7 +71,7 @@ GPTAQ_ALPHA = 0.5
 # The keys of QuantizeOptions that only the search reads (lorakit.quantize.search.quantize_to_target).
 SEARCH_KEYS = ("target_degradation", "max_trials", "time_budget_s")
 # The keys of scale tuning after rounding (lorakit.quantize.tune), passed on as one group.
-TUNE_KEYS = ("tune_steps", "tune_lr", "tune_general_fraction", "tune_tokens", "tune_answer_weight")
+TUNE_KEYS = ("tune_steps", "tune_lr", "tune_general_fraction", "tune_tokens", "tune_answer_weight", "tune_samples")
 
 
 class QuantizeOptions(StageOptions):
@@ -136,6 +136,10 @@ class QuantizeOptions(StageOptions):
         1.0, ge=1, description="With tune_tokens all: each position where an answer token comes next counts this "
         "many times in scale tuning's KL, and the held-out check weighs it the same way; 1 = every position alike. "
         "The answers steer the tuning while every position still anchors it (docs/quantize.md).")
+    tune_samples: int | None = Field(
+        None, ge=2, description="Blocks of seq_len tokens scale tuning draws (every 8th held out to judge it), like "
+        "the calibration's; null = n_samples. More blocks, fewer repeats of each in its steps: the step count, not "
+        "the blocks, sets its time (docs/quantize.md).")
     target_degradation: float | None = Field(
         None, ge=0, description="Search instead of using the settings above as they are: the smallest configuration "
         "(group size, sym/asym, act-order, per-module precision), starting from the one above, whose perplexity is "

@@ -143,6 +143,7 @@ def search_quantization(
     tune_general_fraction: float = QUANTIZE.tune_general_fraction,
     tune_tokens: str = QUANTIZE.tune_tokens,
     tune_answer_weight: float = QUANTIZE.tune_answer_weight,
+    tune_samples: int | None = QUANTIZE.tune_samples,
     seed: int = QUANTIZE.seed,
     device: str = QUANTIZE.device,
     compute_dtype: str = "auto",
@@ -197,7 +198,7 @@ def search_quantization(
     calib_kw = {"calib_general": calib_general, "calib_general_fraction": calib_general_fraction}
     fixed_kw = {**calib_kw, "awq_scale_form": awq_scale_form, "clip_search": clip_search,  # the same in every trial
                 "tune_steps": tune_steps, "tune_lr": tune_lr, "tune_general_fraction": tune_general_fraction,
-                "tune_tokens": tune_tokens, "tune_answer_weight": tune_answer_weight}
+                "tune_tokens": tune_tokens, "tune_answer_weight": tune_answer_weight, "tune_samples": tune_samples}
     from lorakit.progress import emit
 
     say = emit if progress else (lambda msg: None)  # timestamped, and into the Prefect logs under `lorakit run`
