@@ -254,6 +254,10 @@ def test_tuning_draws_its_own_number_of_blocks_and_records_it(tiny_base, task_pr
     assert meta.params.n_samples == 16 and meta.params.tune_samples == 24
     assert meta.tuning["train_blocks"] + meta.tuning["held_out_blocks"] == 24 and meta.tuning["held_out_blocks"] == 3
     assert meta.used_settings()["tune_samples"] == 24
+    # tuned on every position alike, judged there; the answer positions' KL is recorded beside it
+    assert meta.tuning["tokens"] == "all" and "answer_weight" not in meta.tuning
+    assert meta.tuning["held_out_answer_positions"] > 0 and "held_out_answer_kl_after" in meta.tuning
+    assert meta.tuning["kept"] == (meta.tuning["held_out_kl_after"] < meta.tuning["held_out_kl_before"])
     # the calibration's own 16 blocks are the first 16 of the 24 (one shuffle, one token stream)
     tok = _load_tokenizer(tiny_base)
     cal_kw = {k: v for k, v in TASK_CALIB.items() if k not in ("calib_general", "n_samples")}

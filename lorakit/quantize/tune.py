@@ -16,7 +16,9 @@ blocks drawn like the calibration's (by default the tasks' train data alone: no 
 :func:`lorakit.quantize.core.quantize_model` draws them). Every ``HOLDOUT_EVERY``-th block is held out: the KL there is measured before and after, and the tuned scales are kept only
 when it went down, so tuning never ships a model further from the full-precision one on calibration text it did not
 train on.
-Both numbers are recorded (``lorakit_quant.json``, ``tuning``). What it buys on the bundled release, and what it
+Both numbers are recorded (``lorakit_quant.json``, ``tuning``), and, for data with answers, the KL at the held-out
+answer positions too (``held_out_answer_kl_*``): what the gate's exact match is decided by moves far less than the
+every-position KL (docs/quantize.md). What it buys on the bundled release, and what it
 does not: docs/quantize.md ("Scale tuning after rounding").
 """
 
@@ -249,15 +251,19 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     held = torch.arange(blocks.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     if not held.any():
         held[-1] = True
-    weighted = tokens == "answers" or answer_weight != 1.0
-    weights = _next_is_answer(answer_mask) if weighted and answer_mask is not None else None
+    # the answer positions are measured whenever the data has answers (the record shows what tuning did there);
+    # the loss and the held-out judgement use them per ``tokens`` and ``answer_weight``
+    answers = _next_is_answer(answer_mask) if answer_mask is not None else None
+    has_answers = answers is not None and bool(answers[~held].any()) and bool(answers[held].any())
+    mode = ("answers" if tokens == "answers" else "weighted" if answer_weight != 1.0 else "all") if has_answers else "all"
     note = None
-    if weighted and (weights is None or not weights[~held].any() or not weights[held].any()):
+    if (tokens == "answers" or answer_weight != 1.0) and not has_answers:
         note = ("the calibration data has no answers to tune on (text data or a text file, or too few answer "
                 "tokens to hold some out): tuned on every token")
-        weights, answer_weight = None, 1.0
+    if mode != "weighted":
+        answer_weight = 1.0
     train_blocks, held_blocks = blocks[~held].to(device), blocks[held].to(device)
-    train_w, held_w = (None, None) if weights is None else (weights[~held].to(device), weights[held].to(device))
+    train_w, held_w = (answers[~held].to(device), answers[held].to(device)) if has_answers else (None, None)
     ckpt = _read_checkpoint(quantized)
     from transformers import AutoModelForCausalLM
 
@@ -280,9 +286,9 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         for _ in range(steps):
             pick = torch.randint(0, train_blocks.shape[0], (batch_size,), generator=generator).to(device)
             per_token = _token_kl(teacher, student, train_blocks[pick], dtype)
-            if train_w is None:
+            if mode == "all":
                 loss = per_token.mean()
-            elif tokens == "answers":  # a batch whose blocks hold no answer token has nothing to learn from
+            elif mode == "answers":  # a batch whose blocks hold no answer token has nothing to learn from
                 w = train_w[pick]
                 loss = per_token[w].sum() / w.sum().clamp(min=1)
             else:
@@ -300,18 +306,15 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
                                                         answer_weight)
     general_after = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)[0]
     # judged on what it trained for, on blocks it did not train on
-    if held_w is None:
-        kept = all_after < all_before
-    elif tokens == "answers":
-        kept = answers_after < answers_before
-    else:
-        kept = weighted_after < weighted_before
+    before, after = {"all": (all_before, all_after), "answers": (answers_before, answers_after),
+                     "weighted": (weighted_before, weighted_after)}[mode]
+    kept = after < before
     if kept:
         _write_back(quantized, ckpt, student, prefixes)
     return {
         "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "compute_dtype": str(dtype).split(".")[-1],
-        "device": str(device), "tokens": "answers" if tokens == "answers" and weights is not None else "all",
-        **({"answer_weight": answer_weight} if tokens == "all" and weights is not None else {}),
+        "device": str(device), "tokens": "answers" if mode == "answers" else "all",
+        **({"answer_weight": answer_weight} if mode == "weighted" else {}),
         **({"tokens_note": note} if note else {}),
         "trained": ["group scales", "norm weights"],
         "trainable_params": sum(p.numel() for p in params),
@@ -320,8 +323,8 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         **({} if held_w is None else {"held_out_answer_positions": int(held_w.sum()),
                                       "held_out_answer_kl_before": _figure(answers_before),
                                       "held_out_answer_kl_after": _figure(answers_after)}),
-        **({} if held_w is None or tokens == "answers" else {"held_out_weighted_kl_before": _figure(weighted_before),
-                                                             "held_out_weighted_kl_after": _figure(weighted_after)}),
+        **({} if mode != "weighted" else {"held_out_weighted_kl_before": _figure(weighted_before),
+                                          "held_out_weighted_kl_after": _figure(weighted_after)}),
         **({} if watched is None else {"general_blocks_watched": int(watched.shape[0]),
                                        "general_kl_before": _figure(general_before),
                                        "general_kl_after": _figure(general_after)}),
