@@ -258,6 +258,7 @@ def test_tuning_draws_its_own_number_of_blocks_and_records_it(tiny_base, task_pr
     assert meta.tuning["tokens"] == "all" and "answer_weight" not in meta.tuning
     assert meta.tuning["held_out_answer_positions"] > 0 and "held_out_answer_kl_after" in meta.tuning
     assert meta.tuning["kept"] == (meta.tuning["held_out_kl_after"] < meta.tuning["held_out_kl_before"])
+    assert len(meta.tuning["loss_by_tenth"]) == 2  # 2 steps: one part each
     # the calibration's own 16 blocks are the first 16 of the 24 (one shuffle, one token stream)
     tok = _load_tokenizer(tiny_base)
     cal_kw = {k: v for k, v in TASK_CALIB.items() if k not in ("calib_general", "n_samples")}

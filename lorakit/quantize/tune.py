@@ -328,8 +328,17 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
         **({} if watched is None else {"general_blocks_watched": int(watched.shape[0]),
                                        "general_kl_before": _figure(general_before),
                                        "general_kl_after": _figure(general_after)}),
+        "loss_by_tenth": _loss_by_tenth(losses),
         "kept": kept, "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _loss_by_tenth(losses: list[float]) -> list[float]:
+    """The training loss's mean over each tenth of the steps (fewer parts for fewer steps): whether it fell steadily
+    or rose while the learning rate was high (the per-step loss is too noisy to keep whole)."""
+    parts = min(10, len(losses))
+    bounds = [round(i * len(losses) / parts) for i in range(parts + 1)]
+    return [_figure(sum(losses[a:b]) / (b - a)) for a, b in zip(bounds, bounds[1:])]
 
 
 def _figure(kl: float) -> float:
