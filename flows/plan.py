@@ -34,6 +34,11 @@ def sources(ds: DatasetConfig) -> list[str]:
     return [str(Path(f).absolute()) for f in ds.files]
 
 
+# Scale-tuning options added after releases were made, each with the value that does what tuning did before it: a
+# quantize call at that value leaves the key out of its arguments, so its stage folder and Prefect cache key stay.
+TUNE_OPTIONS_ADDED_LATER: dict[str, Any] = {"tune_tokens": "all", "tune_answer_weight": 1.0, "tune_samples": None}
+
+
 def stage_dir(output_dir: str, stage: str, label: str, args: dict[str, Any]) -> str:
     return str(Path(output_dir) / stage / f"{label}-{_key(args)}")
 
@@ -105,13 +110,9 @@ class ReleasePlan:
 
     def quantize(self, model_dir: str, calib: str) -> dict[str, Any]:
         params = self.config.quantize.model_dump(exclude={"calib_dataset"})
-        # what tuning did before these options: stage folders and caches stay valid
-        if params["tune_tokens"] == "all":
-            del params["tune_tokens"]
-        if params["tune_answer_weight"] == 1.0:
-            del params["tune_answer_weight"]
-        if params["tune_samples"] is None:
-            del params["tune_samples"]
+        for key, before in TUNE_OPTIONS_ADDED_LATER.items():  # at these values stage folders and caches stay valid
+            if params[key] == before:
+                del params[key]
         params["calib"] = calib
         g = self.config.gate
         if params["target_degradation"] is not None and g.general_text is not None:

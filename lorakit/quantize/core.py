@@ -191,10 +191,10 @@ def quantize_model(
     if tune_steps < 0 or (tune_steps and tune_lr <= 0) or not 0 <= tune_general_fraction < 1:
         raise InputError(f"--tune-steps must be >= 0, --tune-lr positive and --tune-general-fraction in [0, 1) (got "
                          f"{tune_steps}, {tune_lr}, {tune_general_fraction}); 0 steps = no scale tuning")
-    if tune_steps and (not tune_answer_weight >= 1 or (tune_tokens == "answers" and tune_answer_weight != 1)):
-        raise InputError(f"--tune-answer-weight must be at least 1 and weighs the answers among every position, so it "
-                         f"goes with --tune-tokens all (got {tune_answer_weight} with {tune_tokens}); 1 = every "
-                         "position alike")
+    if tune_steps:
+        from lorakit.quantize.tune import check_tokens
+
+        check_tokens(tune_tokens, tune_answer_weight)
     if tune_steps and tune_general_fraction and calib_general is None:
         raise InputError("--tune-general-fraction needs general text: set --calib-general or tune on the tasks "
                          "alone (--tune-general-fraction 0)")

@@ -215,6 +215,17 @@ def _token_kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Te
 TUNE_TOKENS = ("answers", "all")
 
 
+def check_tokens(tokens: str, answer_weight: float) -> None:
+    """Refuse a ``tokens``/``answer_weight`` pair tuning cannot run (``quantize_model`` calls it before rounding)."""
+    if tokens not in TUNE_TOKENS:
+        raise InputError(f"--tune-tokens must be one of {', '.join(TUNE_TOKENS)} (got {tokens!r})")
+    if not answer_weight >= 1.0:
+        raise InputError(f"--tune-answer-weight must be at least 1 (1 = every position alike; got {answer_weight})")
+    if tokens == "answers" and answer_weight != 1.0:
+        raise InputError("--tune-answer-weight weighs the answer positions among all positions: use it with "
+                         "--tune-tokens all (with answers, only the answer positions count already)")
+
+
 def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
                 steps: int, lr: float, batch_size: int = BATCH_SIZE, dtype: torch.dtype = torch.float32, seed: int = 0,
                 device: str = "cpu", general_blocks: torch.Tensor | None = None, tokens: str = "all",
@@ -238,13 +249,7 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
 
     if steps < 1 or lr <= 0:
         raise InputError(f"scale tuning needs steps >= 1 and a positive learning rate (got {steps}, {lr})")
-    if tokens not in TUNE_TOKENS:
-        raise InputError(f"--tune-tokens must be one of {', '.join(TUNE_TOKENS)} (got {tokens!r})")
-    if not answer_weight >= 1.0:
-        raise InputError(f"--tune-answer-weight must be at least 1 (1 = every position alike; got {answer_weight})")
-    if tokens == "answers" and answer_weight != 1.0:
-        raise InputError("--tune-answer-weight weighs the answer positions among all positions: use it with "
-                         "--tune-tokens all (with answers, only the answer positions count already)")
+    check_tokens(tokens, answer_weight)
     if blocks.shape[0] < 2:
         raise InputError("scale tuning needs at least 2 calibration blocks (one is held out to judge it)")
     if answer_mask is not None and tuple(answer_mask.shape) != tuple(blocks.shape):
