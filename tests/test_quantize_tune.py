@@ -298,9 +298,10 @@ def test_tuning_that_cannot_fit_in_memory_is_refused_before_rounding(tiny_base, 
     from tests.conftest import assert_nothing_written
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
-    need = memory_bytes(tiny_base, seq_len=64)
+    need = memory_bytes(tiny_base, seq_len=64, blocks=CALIB["n_samples"])  # tuning reads the calibration's blocks
     assert need["weights"] == int(BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()))
     assert need["logits"] == LOGIT_COPIES * 4 * (4 * 64) * model.config.vocab_size
+    assert need["teacher_states"] == 4 * CALIB["n_samples"] * 64 * model.config.hidden_size
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda: sum(need.values()) - 1)
     out = tmp_path / "q"
     with pytest.raises(InputError, match=r"scale tuning needs about .*\(--tune-steps 0\)"):
@@ -308,3 +309,42 @@ def test_tuning_that_cannot_fit_in_memory_is_refused_before_rounding(tiny_base, 
     assert_nothing_written(out)
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda: sum(need.values()))
     assert quantize_model(tiny_base, out, calib=prep, progress=False, tune_steps=2, device="cpu", **CALIB).output == out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_targets_are_the_teachers_own_log_probs(tiny_tied_base, dtype):
+    """The cached teacher (final hidden states once, the head per step) gives each drawn row the log-probabilities
+    the whole teacher gives it, whatever rows share the draw; recomputed here by the model's own forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.quantize.tune import _TeacherTargets
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_tied_base)).eval()
+    blocks = torch.randint(0, teacher.config.vocab_size, (10, 32), generator=torch.Generator().manual_seed(0))
+    targets = _TeacherTargets(teacher, blocks, batch_size=4, dtype=dtype, draws=40)
+    assert targets.cached
+    assert not _TeacherTargets(teacher, blocks, batch_size=4, dtype=dtype, draws=10).cached  # drawn once: no gain
+    rows = torch.tensor([7, 2, 2, 9])
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        want = torch.log_softmax(teacher(blocks[rows]).logits.float(), dim=-1)
+    torch.testing.assert_close(targets.log_probs(rows), want)
+
+
+def test_a_teacher_whose_logits_are_more_than_its_head_runs_whole(tmp_path):
+    """Gemma 2 caps its logits after the head: the cache would be wrong, so every step runs the whole teacher."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from lorakit.quantize.tune import _TeacherTargets
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5)
+    teacher = Gemma2ForCausalLM(config).eval()
+    blocks = torch.randint(0, 64, (6, 16), generator=torch.Generator().manual_seed(1))
+    targets = _TeacherTargets(teacher, blocks, batch_size=4, dtype=torch.float32, draws=100)
+    assert not targets.cached
+    rows = torch.tensor([5, 0])
+    with torch.no_grad():
+        want = torch.log_softmax(teacher(blocks[rows]).logits.float(), dim=-1)
+    torch.testing.assert_close(targets.log_probs(rows), want)

@@ -237,7 +237,7 @@ def quantize_model(
     if tune_steps and device == "cpu":  # it holds two models at once: refused before rounding
         from lorakit.quantize.tune import check_memory
 
-        check_memory(src, seq_len)
+        check_memory(src, seq_len, blocks=int(tune_blocks.shape[0]))
     n_samples = int(calibration.blocks.shape[0])  # what was used; the request stays in calibration.summary()
     source_shards = shard_names(src)
     input_digest = weights_digest(src)

@@ -47,6 +47,7 @@ BATCH_SIZE = 4  # blocks per tuning step
 # ([batch, seq, vocab] float32 copies: both models' logits and log-probabilities, the per-token KL, their gradients).
 BYTES_PER_PARAM = 24.0
 LOGIT_COPIES = 10
+DEFAULT_BLOCKS = 128  # the calibration's default size, which tuning reads unless tune_samples says otherwise
 
 
 class TunedLinear(nn.Module):
@@ -123,11 +124,13 @@ def _is_norm(name: str) -> bool:
     return name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2]
 
 
-def memory_bytes(model_dir: Path, seq_len: int, batch_size: int = BATCH_SIZE) -> dict[str, int]:
+def memory_bytes(model_dir: Path, seq_len: int, batch_size: int = BATCH_SIZE, blocks: int = DEFAULT_BLOCKS
+                 ) -> dict[str, int]:
     """What :func:`tune_scales` holds at once, in bytes, counted from the full-precision model's weight headers and
     config (nothing loads): the teacher, the student and the checkpoint (``BYTES_PER_PARAM`` per parameter), a
-    step's logits (``LOGIT_COPIES`` float32 copies of batch x seq x vocab) and the activations both passes keep
-    (per layer and token: 10 hidden-wide and 4 intermediate-wide float32 vectors).
+    step's logits (``LOGIT_COPIES`` float32 copies of batch x seq x vocab), the activations both passes keep
+    (per layer and token: 10 hidden-wide and 4 intermediate-wide float32 vectors) and the teacher's final hidden
+    states of the ``blocks`` tuning reads (one float32 vector per token, :class:`_TeacherTargets`).
 
     Why it matters: a release tunes by default, after training, merging and rounding; a 7B base on a CPU would need
     over 150 GB here and, without this check (:func:`check_memory`), fail hours into the run."""
@@ -140,16 +143,19 @@ def memory_bytes(model_dir: Path, seq_len: int, batch_size: int = BATCH_SIZE) ->
     per_layer = 10 * int(config.get("hidden_size", 0)) + 4 * int(config.get("intermediate_size", 0))
     return {"weights": int(BYTES_PER_PARAM * params),
             "logits": LOGIT_COPIES * 4 * tokens * int(config.get("vocab_size", 0)),
-            "activations": 4 * tokens * per_layer * int(config.get("num_hidden_layers", 0))}
+            "activations": 4 * tokens * per_layer * int(config.get("num_hidden_layers", 0)),
+            "teacher_states": 4 * int(blocks) * int(seq_len) * int(config.get("hidden_size", 0))}
 
 
-def check_memory(model_dir: Path, seq_len: int, *, what: str = "--tune-steps", available: int | None = None) -> None:
-    """Refuse scale tuning of ``model_dir`` whose :func:`memory_bytes` exceed the memory available (``available``
-    defaults to what the OS reports now), before anything is rounded; ``what`` names the setting in the fix."""
+def check_memory(model_dir: Path, seq_len: int, *, blocks: int = DEFAULT_BLOCKS, what: str = "--tune-steps",
+                 available: int | None = None) -> None:
+    """Refuse scale tuning of ``model_dir`` on ``blocks`` blocks whose :func:`memory_bytes` exceed the memory
+    available (``available`` defaults to what the OS reports now), before anything is rounded; ``what`` names the
+    setting in the fix."""
     from lorakit import runtime
     from lorakit.runtime import memory_size
 
-    need = memory_bytes(model_dir, seq_len)
+    need = memory_bytes(model_dir, seq_len, blocks=blocks)
     available = runtime.available_memory_bytes() if available is None else available
     total = sum(need.values())
     if total <= available:
@@ -157,7 +163,8 @@ def check_memory(model_dir: Path, seq_len: int, *, what: str = "--tune-steps", a
     raise InputError(
         f"scale tuning needs about {memory_size(total)} at once and {memory_size(available)} of memory is available: "
         f"{memory_size(need['weights'])} for the full-precision and the quantized model, "
-        f"{memory_size(need['logits'])} of logits and {memory_size(need['activations'])} of activations per step. "
+        f"{memory_size(need['logits'])} of logits and {memory_size(need['activations'])} of activations per step, "
+        f"{memory_size(need['teacher_states'])} of the full-precision model's states on the tuning blocks. "
         f"Turn it off ({what} 0), tune on a CUDA device, or quantize on a machine with more free memory")
 
 
@@ -179,14 +186,16 @@ def _weighted_mean(per_token: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
-def _mean_kl(teacher, student, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype,
+def _mean_kl(targets: _TeacherTargets, student, batch_size: int,
              answers: torch.Tensor | None = None, answer_weight: float = 1.0
              ) -> tuple[float, float | None, float | None]:
-    """(mean KL over every position, over the ``answers`` positions, and weighted as the tuning loss weighs it with
-    ``answer_weight``; the last two None without ``answers``), from one forward pass each."""
+    """(mean KL over every position of ``targets``' blocks, over the ``answers`` positions, and weighted as the
+    tuning loss weighs it with ``answer_weight``; the last two None without ``answers``), from one forward pass
+    each."""
     total, count, picked, n_picked, weighted, weight_sum = 0.0, 0, 0.0, 0, 0.0, 0.0
-    for i in range(0, blocks.shape[0], batch_size):
-        per_token = _token_kl(teacher, student, blocks[i: i + batch_size], dtype)
+    n = targets.blocks.shape[0]
+    for i in range(0, n, batch_size):
+        per_token = _token_kl(targets, student, torch.arange(i, min(i + batch_size, n)))
         total += float(per_token.sum())
         count += per_token.numel()
         if answers is not None:
@@ -201,13 +210,61 @@ def _mean_kl(teacher, student, blocks: torch.Tensor, batch_size: int, dtype: tor
     return total / max(count, 1), picked / max(n_picked, 1), weighted / max(weight_sum, 1e-12)
 
 
-def _token_kl(teacher, student, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-position KL(p_teacher || p_student) [batch, seq] over the block batch ``x``, computed in ``dtype``
-    (autocast)."""
-    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
-    with torch.no_grad(), autocast:
-        target = F.log_softmax(teacher(x).logits.float(), dim=-1)
-    with autocast:
+def _autocast(x: torch.Tensor, dtype: torch.dtype):
+    return torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class _TeacherTargets:
+    """The teacher's log-probabilities on a fixed set of blocks, from final hidden states computed once.
+
+    Why: the teacher never changes while the scales train, yet each step ran its whole forward pass on the blocks it
+    drew (by default 100 steps of 4 draws from 112 blocks: most blocks several times). Here its transformer body
+    runs once per block, in batches of the tuning's own size; a step applies only the output head (one matrix
+    product) to the rows it drew: bench/results/tune_teacher_cache.json has the time it saves (``speedup``) and the
+    files it writes, identical to the whole teacher's (``identical_files``). Only when there are fewer blocks than
+    ``draws`` (the rows the caller will ask for in all): with more, running the body on every block up front would
+    cost more than on the rows drawn. Exact, not an approximation: the first batch's ``head(body(x))`` is compared
+    with ``teacher(x).logits`` bit for bit, and a model whose logits are not just the head of the last hidden state
+    (one that scales or caps them after it) runs the whole teacher every step as before. Memory: blocks x seq x
+    hidden float32 values.
+    """
+
+    def __init__(self, teacher, blocks: torch.Tensor, batch_size: int, dtype: torch.dtype, draws: int):
+        self.teacher, self.blocks, self.dtype = teacher, blocks, dtype
+        self.hidden: torch.Tensor | None = None
+        head, body = teacher.get_output_embeddings(), getattr(teacher, "base_model", None)
+        if head is None or body is None or body is teacher or not 0 < blocks.shape[0] < draws:
+            return
+        parts = []
+        with torch.no_grad(), _autocast(blocks, dtype):
+            for i in range(0, blocks.shape[0], batch_size):
+                x = blocks[i: i + batch_size]
+                hidden = body(input_ids=x).last_hidden_state
+                if i == 0 and not torch.equal(head(hidden), teacher(x).logits):
+                    return  # the logits are more than the head of the last hidden state: keep the whole teacher
+                parts.append(hidden)
+        self.hidden = torch.cat(parts)
+
+    @property
+    def cached(self) -> bool:
+        return self.hidden is not None
+
+    def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
+        """log p_teacher [len(rows), seq, vocab] (float32) of the blocks at ``rows``."""
+        with torch.no_grad(), _autocast(self.blocks, self.dtype):
+            if self.hidden is None:
+                logits = self.teacher(self.blocks[rows]).logits
+            else:
+                logits = self.teacher.get_output_embeddings()(self.hidden[rows])
+        return F.log_softmax(logits.float(), dim=-1)
+
+
+def _token_kl(targets: _TeacherTargets, student, rows: torch.Tensor) -> torch.Tensor:
+    """Per-position KL(p_teacher || p_student) [batch, seq] over the blocks at ``rows`` of ``targets``' block set,
+    computed in its dtype (autocast)."""
+    target = targets.log_probs(rows)
+    x = targets.blocks[rows]
+    with _autocast(x, targets.dtype):
         logp = F.log_softmax(student(x).logits.float(), dim=-1)
     return F.kl_div(logp, target, log_target=True, reduction="none").sum(-1)
 
@@ -280,10 +337,14 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     student, prefixes = _student(teacher, quantized, kind, checkpoint_format, ckpt)
     student.to(device)  # the TunedLinears' codes and scales were built on the CPU
     params = [p for p in student.parameters() if p.requires_grad]
-    all_before, answers_before, weighted_before = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w,
-                                                           answer_weight)
+    # the held-out and watched blocks are read twice (before and after), each training block steps x batch / n times
+    train_targets = _TeacherTargets(teacher, train_blocks, batch_size, dtype, draws=steps * batch_size)
+    held_targets = _TeacherTargets(teacher, held_blocks, batch_size, dtype, draws=2 * held_blocks.shape[0])
+    all_before, answers_before, weighted_before = _mean_kl(held_targets, student, batch_size, held_w, answer_weight)
     watched = None if general_blocks is None else general_blocks[::HOLDOUT_EVERY].to(device)
-    general_before = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)[0]
+    watched_targets = (None if watched is None else
+                       _TeacherTargets(teacher, watched, batch_size, dtype, draws=2 * watched.shape[0]))
+    general_before = None if watched is None else _mean_kl(watched_targets, student, batch_size)[0]
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * i / steps)))
@@ -292,7 +353,7 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     with bar(total=steps, desc="tuning scales", unit="step", disable=not progress) as pbar:
         for _ in range(steps):
             pick = torch.randint(0, train_blocks.shape[0], (batch_size,), generator=generator).to(device)
-            per_token = _token_kl(teacher, student, train_blocks[pick], dtype)
+            per_token = _token_kl(train_targets, student, pick)
             if mode == "all":
                 loss = per_token.mean()
             elif mode == "answers":  # a batch whose blocks hold no answer token has nothing to learn from
@@ -309,9 +370,8 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
             pbar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")  # noisy per batch: a running mean
     student.eval()
     _round_to_stored(student, prefixes, ckpt)
-    all_after, answers_after, weighted_after = _mean_kl(teacher, student, held_blocks, batch_size, dtype, held_w,
-                                                        answer_weight)
-    general_after = None if watched is None else _mean_kl(teacher, student, watched, batch_size, dtype)[0]
+    all_after, answers_after, weighted_after = _mean_kl(held_targets, student, batch_size, held_w, answer_weight)
+    general_after = None if watched is None else _mean_kl(watched_targets, student, batch_size)[0]
     # judged on what it trained for, on blocks it did not train on
     before, after = {"all": (all_before, all_after), "answers": (answers_before, answers_after),
                      "weighted": (weighted_before, weighted_after)}[mode]
@@ -336,6 +396,7 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
                                        "general_kl_before": _figure(general_before),
                                        "general_kl_after": _figure(general_after)}),
         "loss_by_tenth": _loss_by_tenth(losses),
+        "teacher": "hidden states cached" if train_targets.cached else "whole forward pass each step",
         "kept": kept, "seconds": round(time.perf_counter() - started, 3),
     }
 
