@@ -109,6 +109,8 @@ def readme(data: dict) -> str:
                   f"({split['fixed_bytes_per_param']} bytes per parameter; estimated {split['estimate_fixed_bytes'] / gb:.2f} GB) "
                   f"and {split['per_token_bytes'] / 1e6:.2f} MB per token of a step (estimated "
                   f"{split['estimate_per_token_bytes'] / 1e6:.2f} MB)."]
+    if data.get("estimates_recomputed_after_measuring"):
+        lines += ["", "The estimates were recomputed (`--recompute`) by later code than measured the peaks."]
     return "\n".join(lines)
 
 
@@ -128,6 +130,7 @@ def main() -> None:
     if args.recompute:
         data = json.loads(results.read_text())
         data = {k: v for k, v in data.items() if k not in ("benchmark", "date")}
+        data["estimates_recomputed_after_measuring"] = True  # the peaks stay those of the code that measured them
     else:
         if not (args.model and args.quantized and args.calib):
             ap.error("--model, --quantized and --calib are needed to measure (or --recompute)")

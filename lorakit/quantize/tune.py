@@ -43,7 +43,7 @@ BATCH_SIZE = 4  # blocks per tuning step
 # replaced; then their fixed codes in bfloat16 and dequantized weights held for the backward pass), the checkpoint as
 # read, and what the allocator keeps: 20.7 bytes measured at 8 steps in float32 on SmolLM2-135M
 # (bench/results/tune_memory.json: float32_split.fixed_bytes_per_param; 24 steps peaked no higher), rounded up so the
-# estimate covers every measured peak (by 1.17x to 1.51x: runs.*.estimate_over_peak). Per logit of a step
+# estimate covers every measured peak (by 1.18x to 1.53x: runs.*.estimate_over_peak). Per logit of a step
 # ([batch, seq, vocab] float32 copies: both models' logits and log-probabilities, the per-token KL, their gradients).
 BYTES_PER_PARAM = 24.0
 LOGIT_COPIES = 10
