@@ -215,14 +215,15 @@ def _check_tune_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) ->
     hours of training and rounding: a base too large for this machine's memory is refused now
     (:func:`lorakit.quantize.tune.check_memory`; the quantize stage checks the same before it rounds). Only where
     quantization runs on this machine's CPU: with route_gpu, or a CUDA device here, the device's memory holds it."""
-    from lorakit.quantize.tune import DEFAULT_BLOCKS, check_memory
+    from lorakit.quantize.calibration import DEFAULT_N_SAMPLES
+    from lorakit.quantize.tune import check_memory
 
     q = cfg.quantize
     on_cpu = q.device == "cpu" or (q.device == "auto" and not _cuda_driver_present())
     if not q.tune_steps or cfg.route_gpu or not on_cpu:
         return
     try:
-        check_memory(base_dir, q.seq_len, blocks=q.tune_samples or q.n_samples or DEFAULT_BLOCKS,
+        check_memory(base_dir, q.seq_len, blocks=q.tune_samples or q.n_samples or DEFAULT_N_SAMPLES,
                      what="quantize.tune_steps")
     except InputError as exc:
         report.add(f"'quantize.tune_steps': {exc}")

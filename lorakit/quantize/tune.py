@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import InputError
+from lorakit.quantize.calibration import DEFAULT_N_SAMPLES
 
 HOLDOUT_EVERY = 8  # every 8th tuning block is held out to judge the tuning (16 of the default 128)
 WARMUP_STEPS = 5
@@ -47,7 +48,6 @@ BATCH_SIZE = 4  # blocks per tuning step
 # ([batch, seq, vocab] float32 copies: both models' logits and log-probabilities, the per-token KL, their gradients).
 BYTES_PER_PARAM = 24.0
 LOGIT_COPIES = 10
-DEFAULT_BLOCKS = 128  # the calibration's default size, which tuning reads unless tune_samples says otherwise
 
 
 class TunedLinear(nn.Module):
@@ -124,7 +124,7 @@ def _is_norm(name: str) -> bool:
     return name.endswith(".weight") and "norm" in name.rsplit(".", 2)[-2]
 
 
-def memory_bytes(model_dir: Path, seq_len: int, batch_size: int = BATCH_SIZE, blocks: int = DEFAULT_BLOCKS
+def memory_bytes(model_dir: Path, seq_len: int, batch_size: int = BATCH_SIZE, blocks: int = DEFAULT_N_SAMPLES
                  ) -> dict[str, int]:
     """What :func:`tune_scales` holds at once, in bytes, counted from the full-precision model's weight headers and
     config (nothing loads): the teacher, the student and the checkpoint (``BYTES_PER_PARAM`` per parameter), a
@@ -147,7 +147,7 @@ def memory_bytes(model_dir: Path, seq_len: int, batch_size: int = BATCH_SIZE, bl
             "teacher_states": 4 * int(blocks) * int(seq_len) * int(config.get("hidden_size", 0))}
 
 
-def check_memory(model_dir: Path, seq_len: int, *, blocks: int = DEFAULT_BLOCKS, what: str = "--tune-steps",
+def check_memory(model_dir: Path, seq_len: int, *, blocks: int = DEFAULT_N_SAMPLES, what: str = "--tune-steps",
                  available: int | None = None) -> None:
     """Refuse scale tuning of ``model_dir`` on ``blocks`` blocks whose :func:`memory_bytes` exceed the memory
     available (``available`` defaults to what the OS reports now), before anything is rounded; ``what`` names the
