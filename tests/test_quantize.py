@@ -304,22 +304,29 @@ def test_group_16_names_the_portable_kernel_and_plain_transformers_runs_it_on_cp
 
 def test_gptaq_corrects_only_where_earlier_modules_left_input_error(quantized):
     """GPTAQ (the default's gptaq_alpha) rounds each module against the float model's inputs as well as its own.
-    Layer 0's q/k/v read the unquantized embeddings, so their inputs carry no error yet and their codes must equal
-    plain GPTQ's; further down, where quantized modules feed the inputs, the codes must differ. Both checkpoints
-    have the same layout, and the record and quantize_config say which is which. (Compared without the clipping
-    search, whose range choice reacts to float noise in a few hundredths of a percent of the codes.)"""
+    Layer 0's q/k/v read the unquantized embeddings, so their inputs carry no error yet and their codes must be
+    plain GPTQ's; further down, where quantized modules feed the inputs, the codes must differ widely. Both
+    checkpoints have the same layout, and the record and quantize_config say which is which. (Compared without the
+    clipping search, whose range choice reacts to float noise.) "Must be plain GPTQ's" up to float noise: GPTAQ's
+    input-error term there is zero only in exact arithmetic. Where the rounding ran in bfloat16 (a CPU with
+    AVX512-BF16) the codes came out equal; where it ran in float32 (one without) a handful of one module's codes
+    moved by one level. A real correction moves a large share of every module's codes, by several levels."""
     from lorakit.quantize.options import GPTAQ_ALPHA
 
     default, plain = load_file(quantized["no-clip"] / "model.safetensors"), load_file(
         quantized["plain-gptq"] / "model.safetensors")
     assert {k: v.shape for k, v in default.items()} == {k: v.shape for k, v in plain.items()}
+
+    def codes(key: str) -> tuple[torch.Tensor, torch.Tensor]:  # the 4-bit codes, eight to an int32
+        return tuple(torch.stack([(f[key] >> (4 * i)) & 0xF for i in range(8)]) for f in (default, plain))
+
     for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-        key = f"model.layers.0.{mod}.qweight"
-        assert torch.equal(default[key], plain[key]), key
+        a, b = codes(f"model.layers.0.{mod}.qweight")
+        assert (a != b).float().mean() <= 0.002 and (a - b).abs().max() <= 1, mod
     last = max(int(k.split(".")[2]) for k in default if k.startswith("model.layers."))
-    differ = [m for m in LINEARS if not torch.equal(default[f"model.layers.{last}.{m}.qweight"],
-                                                    plain[f"model.layers.{last}.{m}.qweight"])]
-    assert len(differ) == len(LINEARS), differ
+    share = {m: float((lambda a, b: (a != b).float().mean())(*codes(f"model.layers.{last}.{m}.qweight")))
+             for m in LINEARS}
+    assert min(share.values()) >= 0.05, share
     assert read_quant_meta(quantized["default"]).params.method_params["gptaq_alpha"] == GPTAQ_ALPHA == 0.5
     assert read_quant_meta(quantized["plain-gptq"]).params.method_params["gptaq_alpha"] == 0.0
     from lorakit.quantize.gptqmodel_backend import CALIB_BATCH_SIZE  # recorded: it orders the Hessians' sums

@@ -53,10 +53,13 @@ def make_tiny_llama(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     dtype: str = "float32",
+    initializer_range: float = 0.02,
 ):
     """Build a random LlamaForCausalLM (+ tokenizer); save it as an HF folder when ``path`` is given.
 
-    Returns the model when ``path`` is None, else the folder path.
+    Returns the model when ``path`` is None, else the folder path. ``initializer_range`` (the weights' std) above
+    the default 0.02 gives a model whose next-token distribution is peaked rather than nearly uniform, so that
+    rounding its weights visibly changes what it predicts.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -75,6 +78,7 @@ def make_tiny_llama(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
