@@ -318,7 +318,9 @@ def test_gptaq_corrects_only_where_earlier_modules_left_input_error(quantized):
     assert {k: v.shape for k, v in default.items()} == {k: v.shape for k, v in plain.items()}
 
     def codes(key: str) -> tuple[torch.Tensor, torch.Tensor]:  # the 4-bit codes, eight to an int32
-        return tuple(torch.stack([(f[key] >> (4 * i)) & 0xF for i in range(8)]) for f in (default, plain))
+        from lorakit.evaluate.dequant import unpack_words
+
+        return unpack_words(default[key], 4, 0), unpack_words(plain[key], 4, 0)
 
     for mod in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         a, b = codes(f"model.layers.0.{mod}.qweight")

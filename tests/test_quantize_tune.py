@@ -52,8 +52,8 @@ def rounded(tmp_path_factory, sharp_base, prep) -> dict[str, Path]:
 TUNE_BLOCKS = 32  # tuning trains on 28 of them and judges itself on 4 (every HOLDOUT_EVERY-th)
 
 
-def _blocks(base: Path, prep: Path, n_samples: int = TUNE_BLOCKS) -> torch.Tensor:
-    return build_calibration(prep, _load_tokenizer(base), n_samples=n_samples, seq_len=CALIB["seq_len"],
+def _blocks(base: Path, prep: Path) -> torch.Tensor:
+    return build_calibration(prep, _load_tokenizer(base), n_samples=TUNE_BLOCKS, seq_len=CALIB["seq_len"],
                              seed=0).blocks
 
 
