@@ -8,11 +8,13 @@ the release does: the gate's perplexity and KL checks against the merged model (
 general text) and exact match on every val and test question. The rounded model itself is judged the same way
 once, so each row's change is the tuning's alone: the codes are the release's.
 
-A variant is ``tuneN[:lrX][:generalP][:answers|:awK][:bB]``: N steps, learning rate X (default the quantize stage's), P
-percent of the blocks general text (default the release's share); ``answers`` takes the KL only where an answer token
-comes next (``--tune-tokens answers``; default every position); ``awK`` takes it at every position with each answer
-position counted K times (``answer_weight`` of ``lorakit.quantize.tune.tune_scales``); ``bB`` tunes on B blocks
-drawn like the calibration's instead of the release's n_samples (``--tune-samples``).
+A variant is ``tuneN[:lrX][:generalP][:answers|:awK][:bB][:roundR]``: N steps, learning rate X (default the
+quantize stage's), P percent of the blocks general text (default the release's calibration share, not the quantize
+stage's tuning share of 0: name ``general0`` to tune as a release does); ``answers`` takes the KL only where an
+answer token comes next (``--tune-tokens answers``; default every position); ``awK`` takes it at every position
+with each answer position counted K times (``answer_weight`` of ``lorakit.quantize.tune.tune_scales``); ``bB``
+tunes on B blocks drawn like the calibration's instead of the release's n_samples (``--tune-samples``); ``roundR``
+also learns the rounding at learning rate R (each code may move one step: ``rounding_lr`` of ``tune_scales``).
 
 Usage: python bench/quantize_tuning.py --release OUT [--variants tune100,tune100:general25,tune100:general0:answers]
        [--work bench/work/quantize_tuning] [--results quantize_tuning]
@@ -45,29 +47,33 @@ class Variant:
     answers: bool = False  # the KL only where an answer token comes next (tune_tokens "answers")
     answer_weight: float = 1.0  # every position, each answer position counted this many times
     blocks: int | None = None  # blocks tuning draws (None = the release's n_samples)
+    rounding_lr: float = 0.0  # > 0: the codes' rounding learnt too, at this learning rate
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         head, *more = spec.split(":")
         if not head.startswith("tune") or not head[4:].isdigit():
-            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP][:answers|:awK][:bB]")
+            raise SystemExit(f"variant {spec!r}: expected tuneN[:lrX][:generalP][:answers|:awK][:bB][:roundR]")
         return cls(int(head[4:]), next((float(m[2:]) for m in more if m.startswith("lr")), None),
                    next((int(m[7:]) for m in more if m.startswith("general")), None), "answers" in more,
                    next((float(m[2:]) for m in more if m.startswith("aw")), 1.0),
-                   next((int(m[1:]) for m in more if m.startswith("b") and m[1:].isdigit()), None))
+                   next((int(m[1:]) for m in more if m.startswith("b") and m[1:].isdigit()), None),
+                   next((float(m[5:]) for m in more if m.startswith("round")), 0.0))
 
     def key(self) -> str:
         return (f"tune{self.steps}" + (f"-lr{self.lr:.0e}" if self.lr is not None else "")
                 + (f"-general{self.general_percent}" if self.general_percent is not None else "")
                 + ("-answers" if self.answers else "") + (f"-aw{self.answer_weight:g}" if self.answer_weight != 1 else "")
-                + (f"-b{self.blocks}" if self.blocks else ""))
+                + (f"-b{self.blocks}" if self.blocks else "")
+                + (f"-round{self.rounding_lr:.0e}" if self.rounding_lr else ""))
 
     def spec(self) -> str:
         return ":".join([f"tune{self.steps}"] + ([f"lr{self.lr:g}"] if self.lr is not None else [])
                         + ([f"general{self.general_percent}"] if self.general_percent is not None else [])
                         + (["answers"] if self.answers else [])
                         + ([f"aw{self.answer_weight:g}"] if self.answer_weight != 1 else [])
-                        + ([f"b{self.blocks}"] if self.blocks else []))
+                        + ([f"b{self.blocks}"] if self.blocks else [])
+                        + ([f"round{self.rounding_lr:g}"] if self.rounding_lr else []))
 
 
 def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> tuple[Path, dict]:
@@ -98,7 +104,7 @@ def tune(merged: Path, quantized: Path, calib: Path, v: Variant, work: Path) -> 
     record = tune_scales(merged, folder, blocks, kind=kind, steps=v.steps,
                          lr=QUANTIZE.tune_lr if v.lr is None else v.lr, general_blocks=watched,
                          tokens="answers" if v.answers else "all", answer_mask=answer_mask,
-                         answer_weight=v.answer_weight,
+                         answer_weight=v.answer_weight, rounding_lr=v.rounding_lr,
                          dtype=resolve_compute_dtype(p.compute_dtype or "auto", "quantize", "cpu"), seed=p.seed)
     return folder, {**record, "general_fraction": share}
 
@@ -110,7 +116,8 @@ def readme(data: dict, name: str) -> str:
              f"`python bench/quantize_tuning.py --release {data['release']} --variants "
              + ",".join(Variant(**v["variant"]).spec() for v in data["variants"].values())
              + (f" --results {name}" if name != "quantize_tuning" else "") + "`: the release's own 4-bit model, its "
-             "group scales and norms tuned by distillation from its merged model (codes unchanged), judged by the "
+             "group scales and norms tuned by distillation from its merged model (codes unchanged, except in a "
+             "`roundR` variant, which also learns each code's rounding, one step at most), judged by the "
              "release gate (perplexity vs the merged model, mean KL in nats) and by exact match on every val and test "
              "question (points lost vs the merged model: val / test). Held-out KL: on the calibration blocks tuning "
              f"did not train on. CPU: {cpu_line(data.get('machine', {}).get('cpu'))}.", "",
@@ -127,6 +134,8 @@ def readme(data: dict, name: str) -> str:
         if t and "held_out_weighted_kl_before" in t:  # answers weighed up: judged on the weighted KL
             held += (f"; weighted x{t['answer_weight']:g} (judged) {t['held_out_weighted_kl_before']:.4f} → "
                      f"{t['held_out_weighted_kl_after']:.4f}")
+        if t and "codes_moved" in t:  # the rounding learnt too
+            held += f"; codes moved {t['codes_moved']} (rounding lr {t['rounding_lr']:g})"
         head = ([f"{t['general_fraction']:.0%}", held,
                  "yes" if t["kept"] else "no", f"{t['seconds']:.0f}"] if t else ["", "", "", ""])
         cells = [f"{c['degradation']:+.1%} / {c['kl_mean']:.3f}" for c in r["checks"].values()]
@@ -167,7 +176,7 @@ def main() -> None:
         gate_s, checks = gate_checks(merged, folder, preps)
         data["variants"][v.key()] = {"variant": {"steps": v.steps, "lr": v.lr, "general_percent": v.general_percent,
                                                  "answers": v.answers, "answer_weight": v.answer_weight,
-                                                 "blocks": v.blocks},
+                                                 "blocks": v.blocks, "rounding_lr": v.rounding_lr},
                                      "tuning": record, "checks": checks, "gate_s": gate_s,
                                      **accuracy_drops(folder, preps, data["merged_accuracy"], None)}
         print(v.key(), json.dumps(record), json.dumps(data["variants"][v.key()]["accuracy"]), flush=True)

@@ -101,6 +101,75 @@ def test_tuning_moves_only_scales_and_norms_and_brings_held_out_text_closer(roun
     assert _held_out_kl(sharp_base, folder, blocks) < _held_out_kl(sharp_base, rounded[kind], blocks)
 
 
+def _unpack_4bit(words: torch.Tensor, kind: str) -> torch.Tensor:
+    """A 4-bit qweight's codes q [in, out], unpacked here with plain shifts (not lorakit's readers): GPTQ packs 8
+    input rows per int32 word along dim 0, AWQ 8 output columns per word along dim 1, nibble k holding column
+    AWQ's order[k]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(w >> (4 * k)) & 15 for k in range(8)], dim=-1)  # [..., 8]
+    if kind == "gptq":  # [in/8, out, 8] -> [in, out]
+        return nibbles.permute(0, 2, 1).reshape(w.shape[0] * 8, w.shape[1])
+    columns = torch.empty_like(nibbles)  # [in, out/8, 8]: nibble k is column 8·word + (0, 2, 4, 6, 1, 3, 5, 7)[k]
+    columns[..., [0, 2, 4, 6, 1, 3, 5, 7]] = nibbles
+    return columns.reshape(w.shape[0], w.shape[1] * 8)
+
+
+def _stored_codes(folder: Path, kind: str) -> dict[str, torch.Tensor]:
+    """Every quantized linear's codes q [in, out] in a folder's checkpoint."""
+    return {name: _unpack_4bit(words, kind) for name, words in load_file(folder / "model.safetensors").items()
+            if name.endswith(".qweight")}
+
+
+@pytest.mark.parametrize("kind", sorted(ROUNDED))
+def test_packing_codes_writes_the_layouts_words(rounded, kind):
+    """pack_qweight (what learnt rounding writes back) gives the words the layout's own bit order holds, for codes
+    drawn at random and for a real checkpoint's codes (which it must give back word for word)."""
+    from lorakit.evaluate.dequant import pack_qweight
+
+    q = torch.randint(0, 16, (64, 48), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_unpack_4bit(pack_qweight(kind, q, 4), kind), q)
+    for name, words in load_file(rounded[kind] / "model.safetensors").items():
+        if name.endswith(".qweight"):
+            assert torch.equal(pack_qweight(kind, _unpack_4bit(words, kind), 4), words), name
+
+
+def test_learnt_rounding_moves_codes_one_step_and_the_file_is_what_was_measured(rounded, sharp_base, prep, tmp_path):
+    """Rounding learnt with the scales (``rounding_lr``): from a GPTQ model with 2% of its codes pushed one step
+    up, the tuning moves codes, by one step at most and within 4 bits, rewrites only qweight, scales and norms, and
+    the file it writes is the model it measured. (The AWQ writer is the packing test's; learnt rounding is not kept
+    on this AWQ model: its held-out KL rose.)"""
+    from safetensors.torch import save_file
+
+    from lorakit.evaluate.dequant import pack_qweight
+
+    kind = "gptq"
+    folder = tmp_path / kind
+    shutil.copytree(rounded[kind], folder)
+    tensors, generator = dict(load_file(folder / "model.safetensors")), torch.Generator().manual_seed(0)
+    for name, q in _stored_codes(folder, kind).items():
+        tensors[name] = pack_qweight(kind, q + ((torch.rand(q.shape, generator=generator) < 0.02) & (q < 15)).long(), 4)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    pushed = tmp_path / f"{kind}-pushed"
+    shutil.copytree(folder, pushed)
+    blocks = _blocks(sharp_base, prep)
+    record = tune_scales(sharp_base, folder, blocks, kind=kind, steps=30, lr=2e-3, rounding_lr=0.05,
+                         progress=False)
+    assert record["kept"] and record["held_out_kl_after"] < record["held_out_kl_before"]
+    assert "rounding" in record["trained"] and record["rounding_lr"] == 0.05
+    before, after = load_file(pushed / "model.safetensors"), load_file(folder / "model.safetensors")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert all(n.endswith((".scales", ".qweight")) or "norm" in n for n in changed), sorted(changed)
+    assert all(after[n].dtype == before[n].dtype and after[n].shape == before[n].shape for n in before)
+    old, new = _stored_codes(pushed, kind), _stored_codes(folder, kind)
+    assert sum(int((old[n] != new[n]).sum()) for n in old) == record["codes_moved"] > 0
+    assert all(int((old[n] - new[n]).abs().max()) <= 1 and 0 <= int(new[n].min()) <= int(new[n].max()) <= 15
+               for n in old)
+    # the record's held-out KL is the written file's, and plain transformers reads it closer than the pushed one
+    assert _held_out_kl(sharp_base, folder, blocks, dequantized=True) == pytest.approx(record["held_out_kl_after"],
+                                                                                        rel=1e-3)
+    assert _held_out_kl(sharp_base, folder, blocks) < _held_out_kl(sharp_base, pushed, blocks)
+
+
 def test_tuning_that_does_not_help_on_held_out_text_leaves_the_file_as_rounded(rounded, sharp_base, prep, tmp_path):
     folder = tmp_path / "gptq"
     shutil.copytree(rounded["gptq"], folder)

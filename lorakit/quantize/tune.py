@@ -8,7 +8,8 @@ kind: only each group's **scale** and the **RMSNorm weights** move. The integer 
 bits, group size and every other tensor stay byte for byte, so the folder loads wherever it loaded before
 (``transformers``, GPTQModel, vLLM), and nothing needs lorakit to read it. The method is PEQA's and EfficientQAT's
 end-to-end step (train the quantization scales with the codes frozen) with Norm Tweaking's norms, trained here by
-distillation rather than on labels.
+distillation rather than on labels. (``tune_scales(..., rounding_lr=R)`` also lets each code move one step;
+measured on the bundled release and not adopted: docs/quantize.md, "Learning the rounding too".)
 
 How: each quantized linear becomes ``w = codes · s0 · exp(t)`` per group, with ``t`` trained from 0 (the log form
 keeps every scale's sign and keeps it away from zero); the loss is the per-token KL(p_full || p_quantized) over
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import InputError
+from lorakit.evaluate.dequant import PackedLinear, pack_qweight
 from lorakit.quantize.calibration import DEFAULT_N_SAMPLES
 
 HOLDOUT_EVERY = 8  # every 8th tuning block is held out to judge the tuning (16 of the default 128)
@@ -51,28 +53,54 @@ LOGIT_COPIES = 10
 
 
 class TunedLinear(nn.Module):
-    """A quantized linear whose group scales train: ``w = codes · (s0 · exp(t))[group]``, codes fixed."""
+    """A quantized linear whose group scales train: ``w = codes · (s0 · exp(t))[group]``, codes fixed, or, with
+    ``rounding``, each code free to move one step up or down within its grid (see :func:`tune_scales`)."""
 
-    def __init__(self, codes: torch.Tensor, group: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, *, rounding: bool = False):
         super().__init__()
         # q - z fits in bfloat16 exactly (|q - z| < 256), half the memory of float32 for the fixed part
-        self.register_buffer("codes", codes.t().to(torch.bfloat16).contiguous(), persistent=False)  # [out, in]
-        self.register_buffer("group", group, persistent=False)
-        self.register_buffer("s0", scales.to(torch.float32), persistent=False)
+        self.register_buffer("codes", packed.codes.t().to(torch.bfloat16).contiguous(), persistent=False)  # [out, in]
+        self.register_buffer("group", packed.group, persistent=False)
+        self.register_buffer("s0", packed.scales.to(torch.float32), persistent=False)
         self.log_gain = nn.Parameter(torch.zeros_like(self.s0))
         self.bias = bias
+        self.bits = packed.bits
+        self.round_offset: nn.Parameter | None = None
+        if rounding:
+            # the codes' range in q - z terms: q in [0, 2^bits - 1], so q - z in [-z, 2^bits - 1 - z]
+            self.register_buffer("zeros", packed.zeros.to(torch.float32), persistent=False)  # [groups, out]
+            self.round_offset = nn.Parameter(torch.zeros_like(self.codes, dtype=torch.float32))
 
     def scales(self) -> torch.Tensor:
         return self.s0 * torch.exp(self.log_gain)
 
+    def code_values(self) -> torch.Tensor:
+        """The codes ``q - z`` [out, in] as float32: the stored ones, plus with ``rounding`` each one's learnt step
+        (round(offset), offset held to [-1, 1]; its gradient passes straight through the rounding), kept on the grid."""
+        codes = self.codes.to(torch.float32)
+        if self.round_offset is None:
+            return codes
+        offset = self.round_offset.clamp(-1.0, 1.0)
+        step = offset + (torch.round(offset) - offset).detach()
+        low = -self.zeros[self.group].t()
+        return torch.clamp(codes + step, low, low + (2**self.bits - 1))
+
     @torch.no_grad()
     def round_to(self, dtype: torch.dtype) -> None:
-        """Hold the scales as the file will store them (e.g. float16), so what is measured next is what ships."""
+        """Hold the scales as the file will store them (e.g. float16) and the codes as whole steps, so what is
+        measured next is what ships."""
+        if self.round_offset is not None:
+            self.codes.copy_(self.code_values().to(self.codes.dtype))
+            self.round_offset.zero_()
         self.s0.copy_(self.scales().to(dtype).to(torch.float32))
         self.log_gain.zero_()
 
+    def stored_codes(self) -> torch.Tensor:
+        """The codes ``q`` [in, out] as the checkpoint stores them (in ``[0, 2^bits)``), after :meth:`round_to`."""
+        return (self.codes.to(torch.float32).t() + self.zeros[self.group]).round().to(torch.int64)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.codes.to(torch.float32) * self.scales()[self.group].t()
+        weight = self.code_values() * self.scales()[self.group].t()
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight.to(x.dtype), bias)
 
@@ -92,7 +120,7 @@ def _read_checkpoint(folder: Path) -> _Checkpoint:
     return _Checkpoint({shard: dict(load_file(folder / shard)) for shard in shard_names(folder)})
 
 
-def _student(teacher, quantized: Path, kind: str, checkpoint_format: str, ckpt: _Checkpoint):
+def _student(teacher, quantized: Path, kind: str, checkpoint_format: str, ckpt: _Checkpoint, rounding: bool = False):
     """A copy of the full-precision ``teacher`` with every quantized linear replaced by a :class:`TunedLinear` and
     every other tensor as the quantized checkpoint stores it (AWQ folds its scales into the norms, so they differ)."""
     from lorakit.evaluate.dequant import read_packed_linear
@@ -109,14 +137,14 @@ def _student(teacher, quantized: Path, kind: str, checkpoint_format: str, ckpt: 
                                     checkpoint_format=checkpoint_format)
         bias = flat.get(f"{prefix}.bias")
         setattr(model.get_submodule(parent), attr,
-                TunedLinear(packed.codes, packed.group, packed.scales,
-                            None if bias is None else nn.Parameter(bias.float(), requires_grad=False)))
+                TunedLinear(packed, None if bias is None else nn.Parameter(bias.float(), requires_grad=False),
+                            rounding=rounding))
     state = model.state_dict()
     for name in flat:
         if name in state and not name.startswith(tuple(p + "." for p in prefixes)):
             state[name].copy_(flat[name].to(torch.float32))
     for name, param in model.named_parameters():
-        param.requires_grad_(name.endswith(".log_gain") or _is_norm(name))
+        param.requires_grad_(name.endswith((".log_gain", ".round_offset")) or _is_norm(name))
     return model, prefixes
 
 
@@ -286,7 +314,8 @@ def check_tokens(tokens: str, answer_weight: float) -> None:
 def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, checkpoint_format: str = "gptq",
                 steps: int, lr: float, batch_size: int = BATCH_SIZE, dtype: torch.dtype = torch.float32, seed: int = 0,
                 device: str = "cpu", general_blocks: torch.Tensor | None = None, tokens: str = "all",
-                answer_mask: torch.Tensor | None = None, answer_weight: float = 1.0, progress: bool = True) -> dict:
+                answer_mask: torch.Tensor | None = None, answer_weight: float = 1.0, rounding_lr: float = 0.0,
+                progress: bool = True) -> dict:
     """Tune ``quantized``'s group scales and norms in place against ``src`` (its full-precision model) on
     ``blocks`` (see the module docstring); returns the record for ``lorakit_quant.json``. ``general_blocks``
     (general text tuning does not train on) are only watched: their KL before and after is recorded.
@@ -301,11 +330,23 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     is then judged, and kept, on the held-out blocks' KL weighed the same way. On the bundled release's rejected
     float32 model it did not reach the answers at 5e-4 (their held-out KL rose) or 1e-4 (it fell as much as without
     the weighting): docs/quantize.md, "What the answers weigh".
+
+    ``rounding_lr`` > 0 also learns the rounding, at that Adam learning rate: each code may move one step up or down
+    (kept within its grid, zero points unchanged), the idea of AutoRound's SignRound (Cheng et al., 2023) taken
+    end to end. Each code carries an offset from 0, the forward pass uses ``code + round(offset)`` and the gradient
+    passes straight through the rounding, so a code moves only where the distillation pushed it the same way for
+    many steps (the cosine schedule's learning rates sum to about ``rounding_lr · steps / 2``, which must pass 0.5).
+    Why: the scales are one number per 16 weights; the flips left after scale tuning are answers held by under a nat
+    (docs/release-status.md), and which way a weight rounds is the one freedom GPTQ fixed layer by layer. The file
+    stays the same layout, bits and zero points; only ``qweight`` changes with the codes. Measured on the bundled
+    release, it did not bring answers back: too low a rate moves almost no code, a higher one moves many at once and
+    the held-out check drops the tuning (docs/quantize.md, "Learning the rounding too"), so no stage uses it.
     """
     from lorakit.progress import bar
 
-    if steps < 1 or lr <= 0:
-        raise InputError(f"scale tuning needs steps >= 1 and a positive learning rate (got {steps}, {lr})")
+    if steps < 1 or lr <= 0 or rounding_lr < 0:
+        raise InputError(f"scale tuning needs steps >= 1, a positive learning rate and a rounding learning rate of at "
+                         f"least 0 (got {steps}, {lr}, {rounding_lr})")
     check_tokens(tokens, answer_weight)
     if blocks.shape[0] < 2:
         raise InputError("scale tuning needs at least 2 calibration blocks (one is held out to judge it)")
@@ -334,9 +375,11 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     teacher = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student, prefixes = _student(teacher, quantized, kind, checkpoint_format, ckpt)
+    student, prefixes = _student(teacher, quantized, kind, checkpoint_format, ckpt, rounding=rounding_lr > 0)
     student.to(device)  # the TunedLinears' codes and scales were built on the CPU
     params = [p for p in student.parameters() if p.requires_grad]
+    offsets = [p for n, p in student.named_parameters() if n.endswith(".round_offset")]
+    codes_before = {prefix: student.get_submodule(prefix).codes.clone() for prefix in prefixes} if offsets else {}
     # the held-out and watched blocks are read twice (before and after), each training block steps x batch / n times
     train_targets = _TeacherTargets(teacher, train_blocks, batch_size, dtype, draws=steps * batch_size)
     held_targets = _TeacherTargets(teacher, held_blocks, batch_size, dtype, draws=2 * held_blocks.shape[0])
@@ -345,7 +388,9 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     watched_targets = (None if watched is None else
                        _TeacherTargets(teacher, watched, batch_size, dtype, draws=2 * watched.shape[0]))
     general_before = None if watched is None else _mean_kl(watched_targets, student, batch_size)[0]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    offset_ids = {id(p) for p in offsets}
+    optimizer = torch.optim.Adam([{"params": [p for p in params if id(p) not in offset_ids], "lr": lr}]
+                                 + ([{"params": offsets, "lr": rounding_lr}] if offsets else []))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     generator = torch.Generator().manual_seed(seed)
@@ -376,14 +421,17 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     before, after = {"all": (all_before, all_after), "answers": (answers_before, answers_after),
                      "weighted": (weighted_before, weighted_after)}[mode]
     kept = after < before
+    moved = sum(int((student.get_submodule(p).codes != codes_before[p]).sum()) for p in codes_before)
     if kept:
-        _write_back(quantized, ckpt, student, prefixes)
+        _write_back(quantized, ckpt, student, prefixes, kind)
     return {
         "steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "compute_dtype": str(dtype).split(".")[-1],
         "device": str(device), "tokens": "answers" if mode == "answers" else "all",
         **({"answer_weight": answer_weight} if mode == "weighted" else {}),
         **({"tokens_note": note} if note else {}),
-        "trained": ["group scales", "norm weights"],
+        "trained": ["group scales", "norm weights"] + (["rounding"] if offsets else []),
+        **({"rounding_lr": rounding_lr, "codes_moved": moved,
+            "codes_moved_fraction": _figure(moved / sum(p.numel() for p in offsets))} if offsets else {}),
         "trainable_params": sum(p.numel() for p in params),
         "train_blocks": int(train_blocks.shape[0]), "held_out_blocks": int(held_blocks.shape[0]),
         "held_out_kl_before": _figure(all_before), "held_out_kl_after": _figure(all_after),
@@ -424,13 +472,17 @@ def _round_to_stored(student, prefixes: list[str], ckpt: _Checkpoint) -> None:
             param.copy_(param.to(ckpt.flat[name].dtype).to(torch.float32))
 
 
-def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str]) -> None:
-    """Rewrite each shard with the tuned scales and norms in their stored dtypes; every other tensor as read."""
+def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str], kind: str) -> None:
+    """Rewrite each shard with the tuned scales and norms in their stored dtypes, and the codes where the rounding
+    was learnt; every other tensor as read."""
     from safetensors.torch import save_file
 
     tuned: dict[str, torch.Tensor] = {}
     for prefix in prefixes:
-        tuned[f"{prefix}.scales"] = student.get_submodule(prefix).scales().detach().cpu()
+        linear = student.get_submodule(prefix)
+        tuned[f"{prefix}.scales"] = linear.scales().detach().cpu()
+        if linear.round_offset is not None:
+            tuned[f"{prefix}.qweight"] = pack_qweight(kind, linear.stored_codes().cpu(), linear.bits)
     for name, param in student.named_parameters():
         if _is_norm(name):
             tuned[name] = param.detach().cpu()
