@@ -124,7 +124,7 @@ def _stored_codes(folder: Path, kind: str) -> dict[str, torch.Tensor]:
 def test_packing_codes_writes_the_layouts_words(rounded, kind):
     """pack_qweight (what learnt rounding writes back) gives the words the layout's own bit order holds, for codes
     drawn at random and for a real checkpoint's codes (which it must give back word for word)."""
-    from lorakit.evaluate.dequant import pack_qweight
+    from lorakit.quantize.layouts import pack_qweight
 
     q = torch.randint(0, 16, (64, 48), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_unpack_4bit(pack_qweight(kind, q, 4), kind), q)
@@ -140,7 +140,7 @@ def test_learnt_rounding_moves_codes_one_step_and_the_file_is_what_was_measured(
     on this AWQ model: its held-out KL rose.)"""
     from safetensors.torch import save_file
 
-    from lorakit.evaluate.dequant import pack_qweight
+    from lorakit.quantize.layouts import pack_qweight
 
     kind = "gptq"
     folder = tmp_path / kind

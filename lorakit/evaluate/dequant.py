@@ -57,22 +57,6 @@ def unpack_words(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes.reshape(shape)
 
 
-def pack_words(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The inverse of :func:`unpack_words`: every ``32/bits`` consecutive codes along ``dim`` (each in
-    ``[0, 2^bits)``) into one int32 word, code ``k`` of a word at bits ``[bits·k, bits·(k+1))``."""
-    pack = 32 // bits
-    dim = dim % codes.dim()
-    if codes.shape[dim] % pack:
-        raise ValueError(f"{codes.shape[dim]} codes along dim {dim} do not fill whole {bits}-bit words")
-    if int(codes.min()) < 0 or int(codes.max()) >= 1 << bits:
-        raise ValueError(f"codes outside [0, {(1 << bits) - 1}] cannot be packed in {bits} bits")
-    shape = list(codes.shape)
-    shape[dim : dim + 1] = [shape[dim] // pack, pack]
-    grouped = codes.to(torch.int64).reshape(shape).movedim(dim + 1, -1)  # each word's codes on a new last dim
-    words = (grouped << torch.arange(0, 32, bits, dtype=torch.int64)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the same 32 bits, as int32
-
-
 @dataclass(frozen=True)
 class PackedLinear:
     """One quantized linear as its integers and its scales: ``w[o, i] = codes[i, o] · scales[group[i], o]``.
@@ -161,15 +145,6 @@ def awq_packed(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 def dequantize_awq(*args, **kwargs) -> torch.Tensor:
     """The dense ``[out, in]`` float32 weight an AWQ GEMM linear layer multiplies by (arguments: :func:`awq_packed`)."""
     return awq_packed(*args, **kwargs).dense()
-
-
-def pack_qweight(kind: str, q: torch.Tensor, bits: int) -> torch.Tensor:
-    """The ``qweight`` tensor of a ``kind`` ("gptq" or "awq") checkpoint holding the codes ``q`` [in, out] (each in
-    ``[0, 2^bits)``): the exact inverse of how :func:`gptq_packed` and :func:`awq_packed` read it."""
-    if kind == "gptq":
-        return pack_words(q, bits, dim=0)
-    rows, cols = q.shape  # AWQ: nibble k of each word holds column 8·word + AWQ_ORDER[k]
-    return pack_words(q.reshape(rows, cols // 8, 8)[:, :, list(AWQ_ORDER)].reshape(rows, cols), 4, dim=1)
 
 
 def read_packed_linear(kind: str, tensors: dict[str, torch.Tensor], prefix: str, n_in: int, n_out: int, *,

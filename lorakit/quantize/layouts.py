@@ -75,6 +75,15 @@ def pack_gptq(gq: GroupQuant) -> dict[str, torch.Tensor]:
     }
 
 
+def pack_qweight(kind: str, q: torch.Tensor, bits: int) -> torch.Tensor:
+    """The ``qweight`` of a ``kind`` ("gptq" or "awq") checkpoint holding the codes ``q`` [in, out] (each in
+    ``[0, 2^bits)``), packed as :func:`pack_gptq` and :func:`pack_awq` pack it: what learnt rounding
+    (:mod:`lorakit.quantize.tune`) writes back in place of a checkpoint's own."""
+    if kind == "gptq":
+        return _pack_last(q.t().contiguous(), bits).t().contiguous()
+    return _pack_last(q.contiguous(), 4, AWQ_ORDER)
+
+
 def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                 bits: int) -> GroupQuant:
     """Read a GPTQ v1 tensor set (natural group order required: g_idx = arange(in) // g)."""

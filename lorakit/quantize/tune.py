@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import InputError
-from lorakit.evaluate.dequant import PackedLinear, pack_qweight
+from lorakit.evaluate.dequant import PackedLinear
 from lorakit.quantize.calibration import DEFAULT_N_SAMPLES
+from lorakit.quantize.layouts import pack_qweight
 
 HOLDOUT_EVERY = 8  # every 8th tuning block is held out to judge the tuning (16 of the default 128)
 WARMUP_STEPS = 5
@@ -86,14 +87,18 @@ class TunedLinear(nn.Module):
         return torch.clamp(codes + step, low, low + (2**self.bits - 1))
 
     @torch.no_grad()
-    def round_to(self, dtype: torch.dtype) -> None:
+    def round_to(self, dtype: torch.dtype) -> int:
         """Hold the scales as the file will store them (e.g. float16) and the codes as whole steps, so what is
-        measured next is what ships."""
+        measured next is what ships; returns how many codes the learnt rounding moved (0 without it)."""
+        moved = 0
         if self.round_offset is not None:
-            self.codes.copy_(self.code_values().to(self.codes.dtype))
+            codes = self.code_values().to(self.codes.dtype)
+            moved = int((codes != self.codes).sum())
+            self.codes.copy_(codes)
             self.round_offset.zero_()
         self.s0.copy_(self.scales().to(dtype).to(torch.float32))
         self.log_gain.zero_()
+        return moved
 
     def stored_codes(self) -> torch.Tensor:
         """The codes ``q`` [in, out] as the checkpoint stores them (in ``[0, 2^bits)``), after :meth:`round_to`."""
@@ -379,7 +384,6 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     student.to(device)  # the TunedLinears' codes and scales were built on the CPU
     params = [p for p in student.parameters() if p.requires_grad]
     offsets = [p for n, p in student.named_parameters() if n.endswith(".round_offset")]
-    codes_before = {prefix: student.get_submodule(prefix).codes.clone() for prefix in prefixes} if offsets else {}
     # the held-out and watched blocks are read twice (before and after), each training block steps x batch / n times
     train_targets = _TeacherTargets(teacher, train_blocks, batch_size, dtype, draws=steps * batch_size)
     held_targets = _TeacherTargets(teacher, held_blocks, batch_size, dtype, draws=2 * held_blocks.shape[0])
@@ -388,8 +392,8 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
     watched_targets = (None if watched is None else
                        _TeacherTargets(teacher, watched, batch_size, dtype, draws=2 * watched.shape[0]))
     general_before = None if watched is None else _mean_kl(watched_targets, student, batch_size)[0]
-    offset_ids = {id(p) for p in offsets}
-    optimizer = torch.optim.Adam([{"params": [p for p in params if id(p) not in offset_ids], "lr": lr}]
+    scales_and_norms = [p for n, p in student.named_parameters() if p.requires_grad and not n.endswith(".round_offset")]
+    optimizer = torch.optim.Adam([{"params": scales_and_norms, "lr": lr}]
                                  + ([{"params": offsets, "lr": rounding_lr}] if offsets else []))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * i / steps)))
@@ -414,14 +418,13 @@ def tune_scales(src: Path, quantized: Path, blocks: torch.Tensor, *, kind: str, 
             pbar.update(1)
             pbar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")  # noisy per batch: a running mean
     student.eval()
-    _round_to_stored(student, prefixes, ckpt)
+    moved = _round_to_stored(student, prefixes, ckpt)
     all_after, answers_after, weighted_after = _mean_kl(held_targets, student, batch_size, held_w, answer_weight)
     general_after = None if watched is None else _mean_kl(watched_targets, student, batch_size)[0]
     # judged on what it trained for, on blocks it did not train on
     before, after = {"all": (all_before, all_after), "answers": (answers_before, answers_after),
                      "weighted": (weighted_before, weighted_after)}[mode]
     kept = after < before
-    moved = sum(int((student.get_submodule(p).codes != codes_before[p]).sum()) for p in codes_before)
     if kept:
         _write_back(quantized, ckpt, student, prefixes, kind)
     return {
@@ -463,13 +466,14 @@ def _figure(kl: float) -> float:
 
 
 @torch.no_grad()
-def _round_to_stored(student, prefixes: list[str], ckpt: _Checkpoint) -> None:
-    """Round every tuned value to its tensor's dtype in the checkpoint: the held-out KL is then the file's."""
-    for prefix in prefixes:
-        student.get_submodule(prefix).round_to(ckpt.flat[f"{prefix}.scales"].dtype)
+def _round_to_stored(student, prefixes: list[str], ckpt: _Checkpoint) -> int:
+    """Round every tuned value to its tensor's dtype in the checkpoint (and learnt codes to whole steps): the
+    held-out KL is then the file's. Returns how many codes moved."""
+    moved = sum(student.get_submodule(prefix).round_to(ckpt.flat[f"{prefix}.scales"].dtype) for prefix in prefixes)
     for name, param in student.named_parameters():
         if _is_norm(name):
             param.copy_(param.to(ckpt.flat[name].dtype).to(torch.float32))
+    return moved
 
 
 def _write_back(folder: Path, ckpt: _Checkpoint, student, prefixes: list[str], kind: str) -> None:
