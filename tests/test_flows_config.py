@@ -62,30 +62,33 @@ def test_quick_yaml_is_the_default_but_for_training_merge_weights_and_tuning():
     weights of 1.3, and no scale tuning."""
     cfg, default = load_config(REPO / "configs" / "quick.yaml"), ReleaseConfig()
     assert _differences(cfg, default) == {
-        "datasets.0.lora.max_steps": (120, 240), "datasets.0.lora.batch_size": (None, 1),
+        "datasets.0.lora.max_steps": (120, 360), "datasets.0.lora.batch_size": (None, 1),
         "datasets.1.lora.max_steps": (120, 240), "datasets.1.lora.batch_size": (None, 1),
         "datasets.0.merge_weight": (1.3, None), "datasets.1.merge_weight": (1.3, None),
         "quantize.tune_steps": (0, 100)}
     assert cfg.merge_search() is None and cfg.merge_weights() == [1.3, 1.3]
 
 
-def test_steps240_yaml_is_the_default_but_for_fixed_merge_weights_and_no_tuning():
-    """configs/steps240.yaml (an experiment docs/release-status.md measures) trains as the default does and merges
-    with the fixed weights 1.3 the 120-step adapters were measured with, without scale tuning."""
+def test_steps240_yaml_is_the_default_but_for_steps_fixed_merge_weights_and_no_tuning():
+    """configs/steps240.yaml (an experiment docs/release-status.md measures) trains as the default does but for
+    reverse-words' 240 steps (the default's 360 came after it), and merges with the fixed weights 1.3 the 120-step
+    adapters were measured with, without scale tuning."""
     cfg, default = load_config(REPO / "configs" / "steps240.yaml"), ReleaseConfig()
-    assert _differences(cfg, default) == {"datasets.0.merge_weight": (1.3, None), "datasets.1.merge_weight": (1.3, None),
+    assert _differences(cfg, default) == {"datasets.0.lora.max_steps": (240, 360),
+                                          "datasets.0.merge_weight": (1.3, None), "datasets.1.merge_weight": (1.3, None),
                                           "quantize.tune_steps": (0, 100)}
     assert cfg.merge_search() is None
 
 
-def test_steps240_search_yaml_is_the_default_but_for_scale_tuning():
-    """configs/steps240_search.yaml is the default release without scale tuning: the same adapters and merge (the
-    same stage folders), so only the quantized model differs; its merge searches RegMean's weights on every val
-    question the gate judges."""
+def test_steps240_search_yaml_is_the_240_step_default_without_scale_tuning():
+    """configs/steps240_search.yaml is the default release as it was before reverse-words trained 360 steps, without
+    scale tuning: the same splits and merge (the same stage folders for the same adapters), so beside reverse-words'
+    steps only the quantized model differs; its merge searches RegMean's weights on every val question the gate
+    judges."""
     from flows.plan import ReleasePlan
 
     cfg, default = load_config(REPO / "configs" / "steps240_search.yaml"), ReleaseConfig()
-    assert _differences(cfg, default) == {"quantize.tune_steps": (0, 100)}
+    assert _differences(cfg, default) == {"datasets.0.lora.max_steps": (240, 360), "quantize.tune_steps": (0, 100)}
     search = cfg.merge_search()
     assert search.methods == ["regmean"] and search.max_examples is None and cfg.scorecard.judge_examples is None
     assert search == default.merge_search() and cfg.merges_with_regmean()
