@@ -48,7 +48,7 @@ def pack_awq(gq: GroupQuant) -> dict[str, torch.Tensor]:
     if gq.bits != 4:
         raise ValueError("the AWQ GEMM layout stores 4-bit weights only")
     return {
-        "qweight": _pack_last(gq.q.t().contiguous(), 4, AWQ_ORDER),
+        "qweight": pack_qweight("awq", gq.q.t(), 4),
         "qzeros": _pack_last(gq.zeros.t().contiguous(), 4, AWQ_ORDER),
         "scales": gq.scales.t().contiguous().half(),
     }
@@ -68,7 +68,7 @@ def pack_gptq(gq: GroupQuant) -> dict[str, torch.Tensor]:
         # v1 stores z − 1; z = 0 would wrap to 2^b − 1 and the loader's +1 would overflow the field.
         raise ValueError("GPTQ v1 cannot store a zero point of 0; quantize with min_zero=1 for this layout")
     return {
-        "qweight": _pack_last(gq.q.contiguous(), gq.bits).t().contiguous(),
+        "qweight": pack_qweight("gptq", gq.q.t(), gq.bits),
         "qzeros": _pack_last((gq.zeros - 1).t().contiguous(), gq.bits),
         "scales": gq.scales.t().contiguous().half(),
         "g_idx": (torch.arange(in_f, dtype=torch.int32) // gq.group_size),
@@ -77,8 +77,8 @@ def pack_gptq(gq: GroupQuant) -> dict[str, torch.Tensor]:
 
 def pack_qweight(kind: str, q: torch.Tensor, bits: int) -> torch.Tensor:
     """The ``qweight`` of a ``kind`` ("gptq" or "awq") checkpoint holding the codes ``q`` [in, out] (each in
-    ``[0, 2^bits)``), packed as :func:`pack_gptq` and :func:`pack_awq` pack it: what learnt rounding
-    (:mod:`lorakit.quantize.tune`) writes back in place of a checkpoint's own."""
+    ``[0, 2^bits)``): the one definition of each layout's word order, which :func:`pack_gptq` and :func:`pack_awq`
+    use and learnt rounding (:mod:`lorakit.quantize.tune`) writes back in place of a checkpoint's own."""
     if kind == "gptq":
         return _pack_last(q.t().contiguous(), bits).t().contiguous()
     return _pack_last(q.contiguous(), 4, AWQ_ORDER)
