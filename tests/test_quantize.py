@@ -375,6 +375,18 @@ def test_quant_record_says_how_it_was_made(quantized, tiny_base, prep):
     assert len({read_quant_meta(f).calibration["tokens_sha256"] for f in quantized.values()}) == 1
 
 
+def test_gptq_record_keeps_every_modules_loss(quantized, tiny_base):
+    """Each GPTQ checkpoint's record holds GPTQModel's reconstruction loss of every quantized linear, with GPTAQ on
+    (the release default, whose losses GPTQModel leaves out of its quant_log.csv) and off: a sensitivity ranking
+    of the modules, which choosing what to keep at higher precision needs, without quantizing again."""
+    layers = json.loads((tiny_base / "config.json").read_text())["num_hidden_layers"]
+    every_linear = {f"model.layers.{i}.{lin}" for i in range(layers) for lin in LINEARS}
+    for name in ("gptq4", "gptq8", "default", "no-clip", "plain-gptq"):
+        losses = read_quant_meta(quantized[name]).quality["module_loss"]
+        assert set(losses) == every_linear, name
+        assert all(0 <= v < float("inf") for v in losses.values()) and max(losses.values()) > 0, name
+
+
 def test_calibration_sampling_is_seeded(tiny_base, prep):
     from transformers import AutoTokenizer
 

@@ -19,7 +19,6 @@ the user's shell:
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import os
 import sys
@@ -175,7 +174,7 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         model = GPTQModel.load(str(model_dir), qcfg, device=device, dtype=dtype)
         calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.shape[0]} for row in blocks]
         with _layer_progress(model, progress):
-            model.quantize(calib, batch_size=CALIB_BATCH_SIZE)
+            logs = model.quantize(calib, batch_size=CALIB_BATCH_SIZE)
         quantize_s = time.perf_counter() - started
         from lorakit.runtime import is_verbose
 
@@ -184,7 +183,8 @@ def gptq_quantize(model_dir: Path, out_dir: Path, blocks: torch.Tensor, *, bits:
         # save() prints the folder listing and whole config files with print(); lorakit_quant.json says it all
         with contextlib.nullcontext() if is_verbose() else contextlib.redirect_stdout(io.StringIO()):
             model.save(str(out_dir))
-    losses = _read_quant_log(out_dir / "quant_log.csv")
+    losses = module_losses(logs)
+    (out_dir / "quant_log.csv").unlink(missing_ok=True)  # the same losses; lorakit_quant.json keeps them
     return {
         "quantize_s": round(quantize_s, 3),
         "compute_dtype": ran_in,
@@ -231,16 +231,19 @@ def _store_unquantized_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
             cfg.dtype = dtype  # transformers 5 reads `dtype` (and writes it to config.json)
 
 
-def _read_quant_log(path: Path) -> dict[str, float]:
-    """GPTQModel's per-module reconstruction losses (quant_log.csv), moved into lorakit_quant.json."""
-    if not path.exists():
-        return {}
-    losses = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
+def module_losses(logs: Any) -> dict[str, float]:
+    """GPTQModel's per-module reconstruction losses, {"model.layers.3.mlp.down_proj": loss}, from what
+    ``quantize()`` returns: {processor name: [one row per module]}.
+
+    Why not its ``quant_log.csv``: GPTQModel 7.6 writes that file only for processors named "gptq", "gptq v2" or
+    "awq", and names its processor "gptaq" when GPTAQ is on, which the release's default is; the file was never
+    written and the record's losses were empty. The returned rows are there whatever the processor is called.
+    Rows without a numeric loss (another processor's) are skipped."""
+    losses: dict[str, float] = {}
+    for rows in (logs.values() if isinstance(logs, dict) else ()):
+        for row in rows or ():
             try:
-                losses[f"model.layers.{row['layer']}.{row['module']}"] = float(row["loss"])
-            except (KeyError, ValueError):
+                losses[f"model.layers.{int(row['layer'])}.{row['module']}"] = float(row["loss"])
+            except (KeyError, TypeError, ValueError):
                 continue
-    path.unlink()
     return losses
