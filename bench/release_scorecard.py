@@ -161,9 +161,9 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
 def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: dict, label: str,
                           progress: bool = True) -> dict:
     """Exact match of every (task, role) model on ``examples[task]`` (TaskExamples), each folder loaded once:
-    {task: {"n": questions, role: {"exact_match", "f1"}}}, and where a task has both a merged and a quantized
-    model, ``quantized_vs_merged``: the answers quantization lost and gained, with McNemar's p-value
-    (``lorakit.evaluate.flips``)."""
+    {task: {"n": questions, role: {"exact_match", "f1"}}}, and where a task has a merged model, ``ROLE_vs_merged``
+    for every other role but the adapter (``quantized_vs_merged``, ...): the answers that model lost and gained
+    against the merged one, with McNemar's p-value (``lorakit.evaluate.flips``)."""
     from lorakit.evaluate import task_accuracy
     from lorakit.evaluate.flips import answer_flips
     from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
@@ -182,9 +182,9 @@ def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: d
             answers[task, role] = [bool(p.exact) for p in acc.predictions]
             print(task, role, f"{label} EM {acc.exact_match:.1%}", flush=True)
         del loaded
-    for task in out:
-        if (task, "merged") in answers and (task, "quantized") in answers:
-            out[task]["quantized_vs_merged"] = answer_flips(answers[task, "merged"], answers[task, "quantized"]).to_dict()
+    for (task, role), mine in answers.items():
+        if role not in ("merged", "adapter") and (task, "merged") in answers:
+            out[task][f"{role}_vs_merged"] = answer_flips(answers[task, "merged"], mine).to_dict()
     return out
 
 

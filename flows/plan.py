@@ -34,9 +34,10 @@ def sources(ds: DatasetConfig) -> list[str]:
     return [str(Path(f).absolute()) for f in ds.files]
 
 
-# Scale-tuning options added after releases were made, each with the value that does what tuning did before it: a
+# Quantize options added after releases were made, each with the value that does what quantization did before it: a
 # quantize call at that value leaves the key out of its arguments, so its stage folder and Prefect cache key stay.
-TUNE_OPTIONS_ADDED_LATER: dict[str, Any] = {"tune_tokens": "all", "tune_answer_weight": 1.0, "tune_samples": None}
+QUANTIZE_OPTIONS_ADDED_LATER: dict[str, Any] = {"tune_tokens": "all", "tune_answer_weight": 1.0, "tune_samples": None,
+                                                "keep_sensitive": 0}
 
 
 def stage_dir(output_dir: str, stage: str, label: str, args: dict[str, Any]) -> str:
@@ -110,7 +111,7 @@ class ReleasePlan:
 
     def quantize(self, model_dir: str, calib: str) -> dict[str, Any]:
         params = self.config.quantize.model_dump(exclude={"calib_dataset"})
-        for key, before in TUNE_OPTIONS_ADDED_LATER.items():  # at these values stage folders and caches stay valid
+        for key, before in QUANTIZE_OPTIONS_ADDED_LATER.items():  # at these values stage folders and caches stay valid
             if params[key] == before:
                 del params[key]
         params["calib"] = calib

@@ -355,3 +355,13 @@ def test_tuning_on_every_position_keeps_the_quantize_folders_made_before_the_opt
     weighed = ReleasePlan(parse_config({"output_dir": str(tmp_path / "out"), "quantize": {"tune_answer_weight": 4}}))
     third = weighed.quantize("merged", "calib")
     assert third["params"]["tune_answer_weight"] == 4 and third["output"] not in (plan["output"], other["output"])
+
+
+def test_keep_sensitive_at_zero_keeps_the_quantize_folders_made_before_the_option(tmp_path):
+    """``quantize.keep_sensitive`` 0 is what quantization did before the option existed: the stage's arguments leave
+    it out (same folder, same cache key); any other value is its own folder and reaches the quantize stage."""
+    off = ReleasePlan(parse_config({"output_dir": str(tmp_path / "out"), "quantize": {"keep_sensitive": 0}}))
+    on = ReleasePlan(parse_config({"output_dir": str(tmp_path / "out"), "quantize": {"keep_sensitive": 3}}))
+    a, b = off.quantize("merged", "calib"), on.quantize("merged", "calib")
+    assert "keep_sensitive" not in a["params"] and b["params"]["keep_sensitive"] == 3
+    assert a["output"] != b["output"]

@@ -232,6 +232,114 @@ def test_gptq_unquantized_modules_load_with_plain_transformers_and_gptqmodel(tmp
     assert (c - b).abs().max() < 2e-2 * b.abs().max()
 
 
+def _with_planted_errors(trained: Path, folder: Path, scales: dict[tuple[str, str], float]) -> Path:
+    """A copy of ``trained`` computing the same function, in which each (linear, consumer) pair has the linear's
+    weights multiplied by the factor and the consumer's input columns divided by it (v_proj -> o_proj and
+    up_proj -> down_proj are linear in between). Rounding is scale-equivariant, so the linear's output error grows
+    by the factor (squared in its MSE) and the consumer's stays as it was: the planted linears are the most
+    sensitive, in order of their factors, by construction, with no ranking computed by the code under test."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from lorakit.io.safetensors_stream import load_file
+
+    shutil.copytree(trained, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for (name, consumer), factor in scales.items():
+        tensors[f"{name}.weight"] = tensors[f"{name}.weight"] * factor
+        tensors[f"{consumer}.weight"] = tensors[f"{consumer}.weight"] / factor
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(4, 250, (1, 32), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        before, after = (AutoModelForCausalLM.from_pretrained(str(f)).eval()(ids).logits for f in (trained, folder))
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)  # the same function: only where the error sits moved
+    return folder
+
+
+def test_keep_sensitive_leaves_the_planted_worst_linears_unquantized(tmp_path, trained, prep):
+    """keep_sensitive 2 keeps exactly the two linears made to round worst, most sensitive first, as plain weights
+    equal to the source's (bf16 storage); a --module-bits entry on one of them cannot lower it (the higher precision
+    wins) and one on another module still applies; the record says what was asked and what was kept."""
+    from lorakit.io.safetensors_stream import load_file
+
+    worst, second = "model.layers.1.self_attn.v_proj", "model.layers.0.mlp.up_proj"
+    src = _with_planted_errors(trained, tmp_path / "planted", {(worst, "model.layers.1.self_attn.o_proj"): 200.0,
+                                                               (second, "model.layers.0.mlp.down_proj"): 50.0})
+    res = quantize_model(src, tmp_path / "kept", method="gptq", group_size=32, calib=prep, n_samples=8, seq_len=64,
+                         calib_general=None, keep_sensitive=2, module_bits={worst: 8, "model.layers.0.mlp.down_proj": 8}, progress=False)
+    meta = read_quant_meta(res.output)
+    assert meta.params.keep_sensitive == 2 and meta.used_settings()["keep_sensitive"] == 2
+    assert meta.quality["sensitivity"]["kept"] == [worst, second]
+    assert [m["module"] for m in meta.quality["sensitivity"]["top"][:2]] == [worst, second]
+    assert meta.params.module_bits == {worst: 16, second: 16, "model.layers.0.mlp.down_proj": 8}
+    tensors = load_file(res.output / "model.safetensors")
+    source = load_file(src / "model.safetensors")
+    for name in (worst, second):
+        assert f"{name}.qweight" not in tensors
+        assert torch.equal(tensors[f"{name}.weight"], source[f"{name}.weight"].to(tensors[f"{name}.weight"].dtype))
+    assert "model.layers.0.self_attn.v_proj.qweight" in tensors and "model.layers.1.mlp.up_proj.qweight" in tensors
+
+
+def test_keep_sensitive_without_planting_keeps_the_highest_rtn_error(tmp_path, trained, prep):
+    """On the trained model as it is: the kept linear is the one whose round-to-nearest output error on the
+    calibration blocks is largest, that error computed here directly (weights, grid and activations hooked)."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.quantize.calibration import build_calibration
+    from lorakit.quantize.core import _load_tokenizer
+    from lorakit.quantize.grid import quantize_weight
+
+    res = quantize_model(trained, tmp_path / "k1", method="gptq", group_size=32, sym=False, calib=prep, n_samples=8,
+                         seq_len=64, calib_general=None, keep_sensitive=1, progress=False)
+    blocks = build_calibration(prep, _load_tokenizer(trained), n_samples=8, seq_len=64, seed=0).blocks
+    model = AutoModelForCausalLM.from_pretrained(str(trained), dtype=torch.float32).eval()
+    errors: dict[str, float] = {}
+
+    def hook(name):
+        def run(module, args, _out):
+            w = module.weight.detach().float()
+            q = quantize_weight(w, bits=4, group_size=32, sym=False).dequantize()
+            errors[name] = errors.get(name, 0.0) + float((args[0].float() @ (w - q).t()).pow(2).sum())
+        return run
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        model(blocks)
+    for h in handles:
+        h.remove()
+    assert read_quant_meta(res.output).quality["sensitivity"]["kept"] == [max(errors, key=errors.get)]
+
+
+def test_the_search_keeps_the_sensitive_linears_in_every_trial(tmp_path, trained, prep):
+    """keep_sensitive is one of the settings the search holds fixed: each trial records it, and the picked file
+    has the planted worst linear unquantized, as a fixed quantization would."""
+    worst = "model.layers.0.self_attn.v_proj"
+    src = _with_planted_errors(trained, tmp_path / "planted", {(worst, "model.layers.0.self_attn.o_proj"): 200.0})
+    res = search_quantization(src, tmp_path / "s", calib=prep, target_degradation=5.0, keep_sensitive=1,
+                              space=SearchSpace(methods=("gptq",), group_sizes=(32,), n_samples=(8,)),
+                              calib_general=None, progress=False, **SMALL)
+    trials = res.metadata["search"]["trials"]
+    assert trials and all(t["params"]["keep_sensitive"] == 1 for t in trials)
+    assert res.metadata["quality"]["sensitivity"]["kept"] == [worst]
+    assert res.metadata["params"]["module_bits"] == {worst: 16}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(keep_sensitive=14), "this model has 14 quantized linears; keep between 0 and 13"),
+    (dict(keep_sensitive=-1), "keep between 0 and 13"),
+    (dict(keep_sensitive=1, bits=8), "with --bits 8 there is nothing to raise"),
+])
+def test_bad_keep_sensitive_is_refused_before_any_work(tmp_path, trained, prep, kw, match):
+    with pytest.raises(InputError, match=match):
+        quantize_model(trained, tmp_path / "out", method="gptq", calib=prep, n_samples=8, seq_len=64, calib_general=None,
+                       progress=False, **kw)
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_registry_export_keeps_a_searched_checkpoint_byte_for_byte(tmp_path, impossible):
     from lorakit.io.digests import file_manifest
     from registry import Registry

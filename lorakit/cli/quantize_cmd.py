@@ -6,7 +6,7 @@ import click
 
 from lorakit.cli.options import compute_dtype_option, stage_options, take_stage_options
 from lorakit.gate.general import DEFAULT_GENERAL_MAX_TOKENS
-from lorakit.quantize.options import AWQ_GRID, QuantizeOptions
+from lorakit.quantize.options import AWQ_GRID, TUNE_KEYS, QuantizeOptions
 
 
 @click.command()
@@ -120,7 +120,8 @@ def _search(model_dir, output, calib, eval_data, opts, methods, compute_dtype, m
                                  seq_len=opts.seq_len, seed=opts.seed, device=opts.device,
                                  calib_general=opts.calib_general, calib_general_fraction=opts.calib_general_fraction,
                                  awq_scale_form=opts.awq_scale_form, gptaq_alpha=opts.gptaq_alpha,
-                                 clip_search=opts.clip_search,
+                                 clip_search=opts.clip_search, keep_sensitive=opts.keep_sensitive,
+                                 **{key: getattr(opts, key) for key in TUNE_KEYS},
                                  compute_dtype=compute_dtype, force=force, progress=not quiet, **general)
     search = result.metadata["search"]
     if quiet:

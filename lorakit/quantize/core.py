@@ -25,10 +25,10 @@ from lorakit.runtime import resolve_device as runtime_resolve_device
 from lorakit.io.atomic import atomic_dir, check_output_free
 from lorakit.models.folder import resolve_model_dir, shard_names, weights_digest
 from lorakit.quantize.calibration import build_calibration
-from lorakit.quantize.checks import check_method, check_model, resolve_group_size
+from lorakit.quantize.checks import QUANTIZED_LINEARS, check_method, check_model, resolve_group_size
 from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, write_quant_meta
 from lorakit.quantize.awq import AWQ_COMPUTE_DTYPES
-from lorakit.quantize.mixed import (check_module_bits, gptq_dynamic, how_to_load, loader_backend, loaders,
+from lorakit.quantize.mixed import (UNQUANTIZED, check_module_bits, gptq_dynamic, how_to_load, loader_backend, loaders,
                                     modules_in_block_to_quantize)
 
 HOW_TO_LOAD = ("transformers.AutoModelForCausalLM.from_pretrained(folder) with gptqmodel installed "
@@ -122,6 +122,41 @@ def _tuning_blocks(calibration, calib, tokenizer, fraction: float, general, *, n
     return drawn.blocks, drawn.answer_mask, (calibration.blocks[-n_general:] if n_general and not fraction else None)
 
 
+def check_keep_sensitive(config: dict, bits: int, keep_sensitive: int) -> None:
+    """Refuse a ``keep_sensitive`` the model or bit width cannot honour, before any calibration or rounding."""
+    if not keep_sensitive:
+        return
+    n_linears = int(config["num_hidden_layers"]) * len(QUANTIZED_LINEARS)
+    if keep_sensitive < 0 or keep_sensitive >= n_linears:
+        raise InputError(f"--keep-sensitive {keep_sensitive}: this model has {n_linears} quantized linears; keep "
+                         f"between 0 and {n_linears - 1} of them unquantized")
+    if bits >= 8:
+        raise InputError("--keep-sensitive leaves chosen linears above --bits; with --bits 8 there is nothing to "
+                         "raise (use --bits 4, or --keep-sensitive 0)")
+
+
+def _keep_most_sensitive(src: Path, blocks, k: int, module_bits: dict[str, int], *, config: dict, method: str,
+                         bits: int, group_size: int, sym: bool, device: str, progress: bool
+                         ) -> tuple[dict[str, int], dict[str, Any]]:
+    """``module_bits`` with the ``k`` linears of the largest rounding error left unquantized, and the ranking.
+
+    Why: on SmolLM2-135M a few ``mlp.down_proj`` carry most of the quantization error (GPTQ's per-module losses and
+    the RTN output error agree on which), and the answers a 4-bit release loses are lost in their rounding; a kept
+    module costs its 16-bit size and nothing in loadability (:mod:`lorakit.quantize.mixed`). The ranking is
+    :func:`lorakit.quantize.sensitivity.module_sensitivity` on this quantization's own calibration blocks and grid.
+    A module ``module_bits`` also names gets the higher precision, i.e. stays unquantized."""
+    from lorakit.progress import activity, emit
+    from lorakit.quantize.sensitivity import module_sensitivity
+
+    with activity("ranking linears by rounding error"):
+        sens = module_sensitivity(src, blocks, bits=bits, group_size=group_size, sym=sym, device=device)
+    kept = sens.ranking[:k]
+    if progress:
+        emit(f"keep-sensitive: {k} linear(s) left unquantized: {', '.join(kept)} ({sens.wall_s:.0f}s to rank)")
+    record = {**sens.to_dict(top=max(k, 10)), "kept": kept}
+    return check_module_bits(config, method, bits, {**module_bits, **{m: UNQUANTIZED for m in kept}}), record
+
+
 def quantize_model(
     model_dir: str | os.PathLike[str] | None,
     output: str | os.PathLike[str],
@@ -145,6 +180,7 @@ def quantize_model(
     compute_dtype: str = "auto",
     awq_scale_form: str = QUANTIZE.awq_scale_form,
     module_bits: dict[str, int] | None = None,
+    keep_sensitive: int = QUANTIZE.keep_sensitive,
     tune_steps: int = QUANTIZE.tune_steps,
     tune_lr: float = QUANTIZE.tune_lr,
     tune_general_fraction: float = QUANTIZE.tune_general_fraction,
@@ -169,7 +205,8 @@ def quantize_model(
     ``module_bits`` ({"model.layers.3.mlp.down_proj": 8, ...}) keeps chosen modules at higher precision: 8 bits
     (GPTQModel ``dynamic``) or 16 (left unquantized, ``modules_in_block_to_quantize``) for GPTQ, fp16 for AWQ
     (``modules_to_not_convert``); see :mod:`lorakit.quantize.mixed`
-    for which loaders read each kind. ``tune_steps`` > 0 then tunes the written group scales and norms by
+    for which loaders read each kind. ``keep_sensitive`` K > 0 also leaves the K linears with the largest rounding
+    error on the calibration blocks unquantized (:func:`_keep_most_sensitive`). ``tune_steps`` > 0 then tunes the written group scales and norms by
     distillation from ``model_dir`` (:mod:`lorakit.quantize.tune`; codes and layout unchanged) on blocks drawn
     like the calibration's, ``tune_general_fraction`` of them general text (0 = the tasks' data alone).
     ``compute_dtype``: see :mod:`lorakit.compute` (auto = bfloat16 only where it is fast); GPTQModel loads and runs
@@ -209,6 +246,7 @@ def quantize_model(
         raise InputError(f"output {output} is the input model folder; write the quantized model to a new folder")
     config = check_model(src)
     module_bits = check_module_bits(config, method, bits, module_bits)
+    check_keep_sensitive(config, bits, keep_sensitive)
     used_group, note = resolve_group_size(config, group_size, strict_group_size)
     device = resolve_device(device)
     dtype = resolve_compute_dtype(compute_dtype, "quantize", device)
@@ -239,6 +277,12 @@ def quantize_model(
 
         check_memory(src, seq_len, blocks=int(tune_blocks.shape[0]))
     n_samples = int(calibration.blocks.shape[0])  # what was used; the request stays in calibration.summary()
+    sensitivity = None
+    if keep_sensitive:
+        module_bits, sensitivity = _keep_most_sensitive(src, calibration.blocks, keep_sensitive, module_bits,
+                                                        config=config, method=method, bits=bits,
+                                                        group_size=used_group, sym=sym, device=device,
+                                                        progress=progress)
     source_shards = shard_names(src)
     input_digest = weights_digest(src)
 
@@ -273,6 +317,8 @@ def quantize_model(
             method_params = {k: v for k, v in asdict(p).items() if k not in ("bits", "group_size", "sym")}
             backend = {"name": "lorakit-awq (plain torch)", "versions": backend_versions()}
             _copy_side_files(src, tmp, overwrite=True)
+        if sensitivity:
+            quality["sensitivity"] = sensitivity
         tuning = {}
         if tune_steps:
             from lorakit.quantize.tune import tune_scales
@@ -300,7 +346,8 @@ def quantize_model(
                                tune_general_fraction=float(tune_general_fraction) if tune_steps else 0.0,
                                tune_tokens=tune_tokens if tune_steps else "",
                                tune_answer_weight=float(tune_answer_weight) if tune_steps else 1.0,
-                               tune_samples=int(tune_blocks.shape[0]) if tune_steps else 0),
+                               tune_samples=int(tune_blocks.shape[0]) if tune_steps else 0,
+                               keep_sensitive=int(keep_sensitive)),
             input={"path": str(src), "model_type": config.get("model_type"), "weights_digest": input_digest},
             calibration=calibration.summary(),
             backend=backend,

@@ -38,6 +38,7 @@ class QuantParams:
     tune_tokens: str = ""  # "all" | "answers" (what tuning asked for; tuning["tokens"] is what it did); "" = older
     tune_answer_weight: float = 1.0  # with tokens "all": an answer position's weight in the KL (1 in older records)
     tune_samples: int = 0  # blocks scale tuning drew (0 in older records: the calibration's n_samples)
+    keep_sensitive: int = 0  # the most sensitive linears asked to stay unquantized (0 in older records)
 
 
 @dataclass
@@ -71,6 +72,8 @@ class QuantMeta:
             used["clip_search"] = bool(p.method_params.get("clip", p.method_params.get("clip_norm")))
         if p.method_params.get("gptaq_alpha"):
             used["gptaq_alpha"] = p.method_params["gptaq_alpha"]
+        if p.keep_sensitive:
+            used["keep_sensitive"] = p.keep_sensitive
         if p.tune_steps:
             used.update(tune_steps=p.tune_steps, tune_lr=p.tune_lr, tune_general_fraction=p.tune_general_fraction,
                         tune_tokens=self.tuning.get("tokens", "all"), tune_kept=bool(self.tuning.get("kept")))

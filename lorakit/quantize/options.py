@@ -103,6 +103,12 @@ class QuantizeOptions(StageOptions):
         "duo", description="awq: the scale form on the α grid: duo = x̄^α/w̄^(1−α) (AutoAWQ's default), activation = "
         "x̄^α (the paper's), both = let the output error pick per group (twice the search time). Which is better "
         "depends on the group size (bench/README.md, quantize).")
+    keep_sensitive: int = Field(
+        0, ge=0, description="Leave the K linears whose rounding hurts their output most unquantized (16-bit plain "
+        "weights): ranked by lorakit.quantize.sensitivity, one forward pass over the calibration blocks, recorded in "
+        "lorakit_quant.json. The file stays one that plain transformers and vLLM load; each SmolLM2-135M down_proj "
+        "kept adds 1.8 MB. Modules --module-bits names keep the higher of the two precisions. 0 = quantize every "
+        "linear. 4-bit only.")
     n_samples: int | None = Field(
         None, gt=0, description="Calibration sequences; none = 128, or every one the data gives when fewer (at "
         "least 16; a warning says so and lorakit_quant.json records it). A number the data cannot fill is an error.")

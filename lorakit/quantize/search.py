@@ -138,6 +138,7 @@ def search_quantization(
     awq_scale_form: str = QUANTIZE.awq_scale_form,
     gptaq_alpha: float | None = QUANTIZE.gptaq_alpha,
     clip_search: bool = QUANTIZE.clip_search,
+    keep_sensitive: int = QUANTIZE.keep_sensitive,
     tune_steps: int = QUANTIZE.tune_steps,
     tune_lr: float = QUANTIZE.tune_lr,
     tune_general_fraction: float = QUANTIZE.tune_general_fraction,
@@ -156,7 +157,7 @@ def search_quantization(
     train split calibrates). ``eval_general`` (the release gate's general text, capped at
     ``eval_general_max_tokens``) is scored too: a trial passes only when *every* scored text is within the target,
     and its degradation is the worst of them. ``calib_general``/``calib_general_fraction``: the calibration mix of
-    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial, as are ``clip_search``, scale tuning (``tune_*``), ``awq_scale_form`` (AWQ trials) and ``gptaq_alpha`` (GPTQ trials). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
+    :func:`~lorakit.quantize.core.quantize_model`, the same in every trial, as are ``clip_search``, ``keep_sensitive`` (its modules stay unquantized whatever a trial keeps), scale tuning (``tune_*``), ``awq_scale_form`` (AWQ trials) and ``gptaq_alpha`` (GPTQ trials). Returns the chosen trial's :class:`~lorakit.quantize.QuantResult`, whose
     ``lorakit_quant.json`` carries ``search`` (every trial, the pick, whether the target was met).
     """
     from lorakit.evaluate.core import perplexity, prepare_tokens
@@ -197,6 +198,7 @@ def search_quantization(
     base = baselines["val"]
     calib_kw = {"calib_general": calib_general, "calib_general_fraction": calib_general_fraction}
     fixed_kw = {**calib_kw, "awq_scale_form": awq_scale_form, "clip_search": clip_search,  # the same in every trial
+                "keep_sensitive": keep_sensitive,
                 "tune_steps": tune_steps, "tune_lr": tune_lr, "tune_general_fraction": tune_general_fraction,
                 "tune_tokens": tune_tokens, "tune_answer_weight": tune_answer_weight, "tune_samples": tune_samples}
     from lorakit.progress import emit
@@ -386,7 +388,8 @@ def reproduce_trial(model_dir, output, trial: dict, *, calib, device: str = "aut
 # quantize_model arguments the search honours when it replaces a fixed configuration (quantize_to_target).
 SEARCH_HONOURS = frozenset({"calib", "method", "bits", "group_size", "sym", "desc_act", "n_samples", "seq_len", "seed",
                             "device", "compute_dtype", "force", "progress", "calib_general",
-                            "calib_general_fraction", "awq_scale_form", "gptaq_alpha", "clip_search", "eval_general",
+                            "calib_general_fraction", "awq_scale_form", "gptaq_alpha", "clip_search", "keep_sensitive",
+                            "eval_general",
                             "eval_general_max_tokens", *TUNE_KEYS})
 
 
@@ -440,6 +443,7 @@ def quantize_to_target(
         awq_scale_form=params.get("awq_scale_form", QUANTIZE.awq_scale_form),
         gptaq_alpha=params.get("gptaq_alpha", QUANTIZE.gptaq_alpha),
         clip_search=bool(params.get("clip_search", QUANTIZE.clip_search)),
+        keep_sensitive=int(params.get("keep_sensitive", QUANTIZE.keep_sensitive)),
         **{key: params.get(key, getattr(QUANTIZE, key)) for key in TUNE_KEYS},
         device=params.get("device", QUANTIZE.device), compute_dtype=params.get("compute_dtype", "auto"),
         force=bool(params.get("force", False)),
