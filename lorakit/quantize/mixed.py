@@ -1,8 +1,9 @@
 """Per-module precision ("mixed precision"): which linears keep more bits, and who can load the result.
 
-A few linears dominate the quantization error (GPTQModel's loss log on SmolLM2-135M: ``mlp.down_proj`` with
-two orders of magnitude more error than the others; not recorded in bench/results), so keeping just those at higher precision buys most of the quality for a
-few MB. The two methods express that differently, and the difference decides which loaders read the file:
+A few linears dominate the quantization error (on SmolLM2-135M's releases, three ``mlp.down_proj`` an order of
+magnitude above every other linear, by GPTQ's per-module losses and by ``lorakit.quantize.sensitivity``:
+``ranking`` in bench/results/keep_sensitive_*.json), so keeping just those at higher precision buys much of the
+output error back for a few MB (``--keep-sensitive``; docs/quantize.md has what it did and did not buy). The two methods express that differently, and the difference decides which loaders read the file:
 
 * GPTQ, **unquantized** (16): the module is left out of quantization (GPTQModel ``dynamic`` with a ``-:`` skip
   rule) and stored as a plain ``weight``; the file also lists the quantized modules in
