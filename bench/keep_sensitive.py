@@ -1,8 +1,8 @@
 """``--keep-sensitive K`` measured: a finished release's quantization redone with its K most sensitive linears kept.
 
-Why: on SmolLM2-135M a few linears' rounding error dominates every other's by an order of magnitude (GPTQ's own
-per-module loss and ``lorakit.quantize.sensitivity``'s RTN output error both put ``model.layers.11.mlp.down_proj``
-first, then the last layers' ``down_proj``), and the 4-bit answers a release loses against its merged model are
+Why: on SmolLM2-135M a few linears' rounding error dominates every other's by an order of magnitude
+(``lorakit.quantize.sensitivity``'s RTN output error puts ``model.layers.11.mlp.down_proj`` first, then the last
+layers' ``down_proj``; the ``ranking`` each results file records), and the 4-bit answers a release loses against its merged model are
 lost in GPTQ's rounding, not in the tuning after it (``bench/results/quantize_rounding_rw360_seed2.json``).
 Keeping K whole linears at 16 bits (plain weights, named out of ``modules_in_block_to_quantize``) is a layout
 plain transformers and vLLM load, at 1536 x 576 x 2 bytes per SmolLM2 ``down_proj``.

@@ -140,8 +140,7 @@ def _keep_most_sensitive(src: Path, blocks, k: int, module_bits: dict[str, int],
                          ) -> tuple[dict[str, int], dict[str, Any]]:
     """``module_bits`` with the ``k`` linears of the largest rounding error left unquantized, and the ranking.
 
-    Why: on SmolLM2-135M three ``mlp.down_proj`` carry most of the output error of rounding (GPTQ's per-module
-    losses and the RTN output error agree on which); keeping them brings general text closer to the full-precision
+    Why: on SmolLM2-135M three ``mlp.down_proj`` carry most of the output error of rounding; keeping them brings general text closer to the full-precision
     model for a few MB and nothing in loadability (:mod:`lorakit.quantize.mixed`), though on the bundled tasks it
     did not keep more answers (docs/quantize.md, ``bench/keep_sensitive.py``), so a release leaves it at 0. The
     ranking is :func:`lorakit.quantize.sensitivity.module_sensitivity` on this quantization's own calibration

@@ -1,9 +1,10 @@
 """Per-module precision ("mixed precision"): which linears keep more bits, and who can load the result.
 
 A few linears dominate the quantization error (on SmolLM2-135M's releases, three ``mlp.down_proj`` an order of
-magnitude above every other linear, by GPTQ's per-module losses and by ``lorakit.quantize.sensitivity``:
-``ranking`` in bench/results/keep_sensitive_*.json), so keeping just those at higher precision buys much of the
-output error back for a few MB (``--keep-sensitive``; docs/quantize.md has what it did and did not buy). The two methods express that differently, and the difference decides which loaders read the file:
+magnitude above every other linear by ``lorakit.quantize.sensitivity``: ``ranking`` in
+bench/results/keep_sensitive_*.json), so keeping just those at higher precision buys much of the output error back
+for a few MB (``--keep-sensitive``; docs/quantize.md has what it did and did not buy). The two methods express
+that differently, and the difference decides which loaders read the file:
 
 * GPTQ, **unquantized** (16): the module is left out of quantization (GPTQModel ``dynamic`` with a ``-:`` skip
   rule) and stored as a plain ``weight``; the file also lists the quantized modules in
