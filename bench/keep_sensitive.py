@@ -41,7 +41,7 @@ from bench.common import (bf16_bytes, cpu_line, find_one, machine, release_parse
 from bench.release_scorecard import FRESH_QUESTIONS, exact_match_by_folder, fresh_exact_match  # noqa: E402
 
 REDONE = "0-redone"  # the release's own settings quantized again by the bench (--redo)
-SAME_SETTINGS_IGNORED = ("module_bits", "keep_sensitive", "method_params.quantize_s")  # what a kept module may change in the record
+SAME_SETTINGS_IGNORED = ("module_bits", "keep_sensitive", "threads", "method_params.quantize_s")  # what a kept module may change in the record
 
 
 def recorded_kwargs(meta) -> dict:

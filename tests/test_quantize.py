@@ -362,6 +362,7 @@ def test_quant_record_says_how_it_was_made(quantized, tiny_base, prep):
         kind = "gptq4" if name in ("default", "plain-gptq", "no-clip") else name.split("-")[0]
         assert (p.method, p.bits) == (kind[:-1], int(kind[-1]))
         assert p.layout == ("awq-gemm" if kind == "awq4" else "gptq-v1")
+        assert p.threads == torch.get_num_threads() > 0
         assert meta.calibration["n_samples"] == 8 and meta.calibration["split"] == "train"
         assert len(meta.calibration["tokens_sha256"]) == 64 and len(meta.calibration["source_sha256"]) == 64
         assert meta.input["weights_digest"] and meta.backend["versions"]["gptqmodel"] == "7.6.0"

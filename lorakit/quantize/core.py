@@ -286,6 +286,9 @@ def quantize_model(
     source_shards = shard_names(src)
     input_digest = weights_digest(src)
 
+    import torch
+
+    threads = torch.get_num_threads()  # recorded: the float order of the rounding depends on it
     with atomic_dir(output, force=force) as tmp:
         if method == "gptq":
             from lorakit.quantize.gptqmodel_backend import backend_versions, gptq_quantize
@@ -341,7 +344,7 @@ def quantize_model(
             params=QuantParams(method=method, bits=bits, group_size=used_group, group_size_requested=group_size,
                                sym=sym, desc_act=desc_act, n_samples=n_samples, seq_len=seq_len, seed=seed,
                                device=device, layout=layout, method_params=method_params,
-                               module_bits=module_bits, compute_dtype=dtype_name(dtype),
+                               module_bits=module_bits, compute_dtype=dtype_name(dtype), threads=threads,
                                tune_steps=int(tune_steps), tune_lr=float(tune_lr) if tune_steps else 0.0,
                                tune_general_fraction=float(tune_general_fraction) if tune_steps else 0.0,
                                tune_tokens=tune_tokens if tune_steps else "",

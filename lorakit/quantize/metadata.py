@@ -32,6 +32,9 @@ class QuantParams:
     method_params: dict[str, Any] = field(default_factory=dict)
     module_bits: dict[str, int] = field(default_factory=dict)  # per-module precision overrides (mixed.py)
     compute_dtype: str = ""  # the dtype the model ran in (lorakit.compute); "" in records from before it was kept
+    # torch's CPU thread count while it ran (0 in older records): it orders GPTQ's float sums, so the same input and
+    # settings at another count give other codes (docs/quantize.md, "Leaving the most sensitive linears unquantized")
+    threads: int = 0
     tune_steps: int = 0  # scale tuning after rounding (lorakit.quantize.tune); 0 = none, as in older records
     tune_lr: float = 0.0
     tune_general_fraction: float = 0.0
