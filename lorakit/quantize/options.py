@@ -106,9 +106,10 @@ class QuantizeOptions(StageOptions):
     keep_sensitive: int = Field(
         0, ge=0, description="Leave the K linears whose rounding hurts their output most unquantized (16-bit plain "
         "weights): ranked by lorakit.quantize.sensitivity, one forward pass over the calibration blocks, recorded in "
-        "lorakit_quant.json. The file stays one that plain transformers and vLLM load; each SmolLM2-135M down_proj "
-        "kept adds 1.8 MB. Modules --module-bits names keep the higher of the two precisions. 0 = quantize every "
-        "linear. 4-bit only.")
+        "lorakit_quant.json. Plain transformers loads the file, vLLM too unless a group it fuses (q/k/v, gate/up) is "
+        "split; on SmolLM2-135M three kept added 3.5 MB to 127 (bench/results/keep_sensitive_bf16_rw360_seed2.json) "
+        "and kept no more of the tasks' answers (docs/quantize.md). Modules --module-bits names keep the higher of "
+        "the two precisions. 0 = quantize every linear. 4-bit only.")
     n_samples: int | None = Field(
         None, gt=0, description="Calibration sequences; none = 128, or every one the data gives when fewer (at "
         "least 16; a warning says so and lorakit_quant.json records it). A number the data cannot fill is an error.")
