@@ -328,6 +328,52 @@ def test_the_search_keeps_the_sensitive_linears_in_every_trial(tmp_path, trained
     assert res.metadata["params"]["module_bits"] == {worst: 16}
 
 
+def test_the_size_prediction_bounds_what_keep_sensitive_keeps(tmp_path, trained, prep):
+    """Which linears keep_sensitive keeps is known only after calibration, so the size prediction (which orders the
+    search and enforces max_size_bytes) counts the K whose 16-bit copy adds most: on the tiny Llama the MLP
+    linears, all one size. A quantization that keeps a small linear (v_proj, planted worst) stays under it."""
+    config = json.loads((trained / "config.json").read_text())
+    kw = dict(method="gptq", bits=4, group_size=32)
+    two_mlp = {"model.layers.1.mlp.up_proj": 16, "model.layers.0.mlp.gate_proj": 16}
+    assert predicted_size_bytes(config, **kw, keep_sensitive=2) == predicted_size_bytes(config, **kw,
+                                                                                         module_bits=two_mlp)
+    worst = "model.layers.0.self_attn.v_proj"
+    src = _with_planted_errors(trained, tmp_path / "planted", {(worst, "model.layers.0.self_attn.o_proj"): 200.0})
+    res = quantize_model(src, tmp_path / "k1", calib=prep, n_samples=8, seq_len=64, sym=False, calib_general=None,
+                         keep_sensitive=1, progress=False, **kw)
+    assert res.metadata["quality"]["sensitivity"]["kept"] == [worst]
+    real = res.metadata["size_after_bytes"]
+    assert predicted_size_bytes(config, **kw) < real <= predicted_size_bytes(config, **kw, keep_sensitive=1)
+
+
+def test_max_size_counts_the_linears_keep_sensitive_keeps(tmp_path, trained, prep):
+    """A size bound the all-4-bit file meets but one with the largest linear kept at 16 bits would not: with
+    keep_sensitive 1 the search runs no trial that could land over it, says why, and writes nothing (it once
+    predicted sizes as if nothing were kept); without, the same bound is met by a real file."""
+    from lorakit.quantize.search import SearchBounds
+
+    config = json.loads((trained / "config.json").read_text())
+    bound = int(predicted_size_bytes(config, method="gptq", bits=4, group_size=32) * 1.05)  # the header and what
+    # else the prediction leaves out (~2% on the tiny Llama; test_search_finds_the_smallest_passing_configuration)
+    assert bound < predicted_size_bytes(config, method="gptq", bits=4, group_size=32, keep_sensitive=1)
+    space = SearchSpace(methods=("gptq",), group_sizes=(32,), n_samples=(8,), mixed_steps=())
+    with pytest.raises(InputError, match=r"no trial ran.*predicted size above max_size_bytes.*raise --max-size-mb"):
+        search_quantization(trained, tmp_path / "s", calib=prep, target_degradation=5.0, keep_sensitive=1,
+                            space=space, bounds=SearchBounds(max_size_bytes=bound), calib_general=None,
+                            progress=False, **SMALL)
+    assert_nothing_written(tmp_path / "s")
+    fits = search_quantization(trained, tmp_path / "s0", calib=prep, target_degradation=5.0, space=space,
+                               bounds=SearchBounds(max_size_bytes=bound), calib_general=None, progress=False, **SMALL)
+    assert fits.metadata["size_after_bytes"] <= bound  # the same bound without a kept linear is met
+    # A bound the prediction meets but the real file (header and all) does not: the trial runs and does not pass.
+    tight = int(predicted_size_bytes(config, method="gptq", bits=4, group_size=32) * 1.005)
+    over = search_quantization(trained, tmp_path / "s1", calib=prep, target_degradation=5.0, space=space,
+                               bounds=SearchBounds(max_size_bytes=tight), calib_general=None, progress=False, **SMALL)
+    trials = over.metadata["search"]["trials"]
+    assert trials and all(t["size_bytes"] > tight and t["degradation"] <= 5.0 and not t["passed"] for t in trials)
+    assert not over.metadata["search"]["passed"]
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(keep_sensitive=14), "this model has 14 quantized linears; keep between 0 and 13"),
     (dict(keep_sensitive=-1), "keep between 0 and 13"),

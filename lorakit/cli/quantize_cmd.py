@@ -31,7 +31,9 @@ from lorakit.quantize.options import AWQ_GRID, TUNE_KEYS, QuantizeOptions
               help="search: tokens of --eval-general scored (0 = all).")
 @click.option("--search-methods", default="awq,gptq", show_default=True,
               help="search: methods, in order of preference at equal size.")
-@click.option("--max-size-mb", type=float, default=None, help="search: skip configurations predicted above this size.")
+@click.option("--max-size-mb", type=float, default=None, help="search: the largest file to accept, in MB. Configurations predicted above it are "
+              "skipped (with --keep-sensitive K, the prediction counts the K largest linears as kept), and a trial "
+              "whose real file is over it does not pass.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the output path.")
 def quantize(model_dir, output, strict_group_size, calib, compute_dtype, awq_grid,

@@ -191,13 +191,8 @@ def how_to_load(method: str, layout: str, module_bits: dict[str, int], backend: 
             + vllm_note(module_bits))
 
 
-def predicted_size_bytes(config: dict, *, method: str, bits: int, group_size: int,
-                         module_bits: dict[str, int] | None = None, dtype_bytes: int = 2) -> int:
-    """Bytes of the weights file a configuration will produce (tensor data; the small header excluded).
-
-    Used to order a search by size before spending minutes quantizing; the real size is recorded per trial.
-    """
-    module_bits = module_bits or {}
+def _linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """Every decoder linear of a Llama-style config by module name: (out_features, in_features)."""
     h, inter, n_layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     heads = config.get("num_attention_heads") or 1
     kv = config.get("num_key_value_heads") or heads
@@ -205,17 +200,40 @@ def predicted_size_bytes(config: dict, *, method: str, bits: int, group_size: in
     shapes = {"self_attn.q_proj": (heads * hd, h), "self_attn.k_proj": (kv * hd, h), "self_attn.v_proj": (kv * hd, h),
               "self_attn.o_proj": (h, heads * hd), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
               "mlp.down_proj": (h, inter)}
+    return {f"model.layers.{i}.{lin}": shape for i in range(n_layers) for lin, shape in shapes.items()}
+
+
+def _linear_bytes(out_f: int, in_f: int, b: int, group_size: int, method: str, bits: int) -> int:
+    """One linear quantized to ``b`` bits: codes, scales, zeros (and GPTQ's g_idx)."""
+    groups = in_f // group_size
+    size = out_f * in_f * b // 8 + groups * out_f * 2 + groups * out_f * b // 8
+    return size + (in_f * 4 if method == "gptq" or bits != 4 else 0)
+
+
+def predicted_size_bytes(config: dict, *, method: str, bits: int, group_size: int,
+                         module_bits: dict[str, int] | None = None, keep_sensitive: int = 0,
+                         dtype_bytes: int = 2) -> int:
+    """Bytes of the weights file a configuration will produce (tensor data; the small header excluded).
+
+    Used to order a search by size and to skip what ``max_size_bytes`` rules out before spending minutes
+    quantizing; the real size is recorded per trial. ``keep_sensitive`` K: which K linears stay unquantized is known
+    only after calibration, so the K whose 16-bit copy would add the most are counted: an upper bound, which the
+    real size meets when the kept ones are among the largest linears (SmolLM2's ``down_proj``s are).
+    """
+    module_bits = dict(module_bits or {})
+    if keep_sensitive:
+        growth = {}
+        for name, (out_f, in_f) in _linear_shapes(config).items():
+            b = module_bits.get(name, bits)
+            if b < 16:
+                growth[name] = out_f * in_f * dtype_bytes - _linear_bytes(out_f, in_f, b, group_size, method, bits)
+        for name in sorted(growth, key=lambda n: (-growth[n], n))[:keep_sensitive]:
+            module_bits[name] = 16
+    h, n_layers = config["hidden_size"], config["num_hidden_layers"]
     total = 0
-    for i in range(n_layers):
-        for lin, (out_f, in_f) in shapes.items():
-            b = module_bits.get(f"model.layers.{i}.{lin}", bits)
-            if b >= 16:
-                total += out_f * in_f * dtype_bytes
-                continue
-            groups = in_f // group_size
-            total += out_f * in_f * b // 8 + groups * out_f * 2 + groups * out_f * b // 8  # codes, scales, zeros
-            if method == "gptq" or bits != 4:
-                total += in_f * 4  # g_idx
+    for name, (out_f, in_f) in _linear_shapes(config).items():
+        b = module_bits.get(name, bits)
+        total += out_f * in_f * dtype_bytes if b >= 16 else _linear_bytes(out_f, in_f, b, group_size, method, bits)
     vocab = config["vocab_size"]
     total += vocab * h * dtype_bytes * (1 if config.get("tie_word_embeddings", True) else 2)
     total += (2 * n_layers + 1) * h * dtype_bytes  # norms

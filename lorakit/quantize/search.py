@@ -94,7 +94,8 @@ def _params(method: str, bits: int, group: int, sym: bool, desc_act: bool, n_sam
             "seed": seed, "strict_group_size": True, "module_bits": dict(sorted((module_bits or {}).items()))}
 
 
-def _uniform_tiers(config: dict, space: SearchSpace, seq_len: int, seed: int, skipped: list) -> list[list[dict]]:
+def _uniform_tiers(config: dict, space: SearchSpace, seq_len: int, seed: int, skipped: list,
+                   keep_sensitive: int = 0) -> list[list[dict]]:
     """Uniform candidates grouped into (method, group size) tiers, tiers sorted by predicted size."""
     tiers = []
     for mi, method in enumerate(space.methods):
@@ -113,7 +114,8 @@ def _uniform_tiers(config: dict, space: SearchSpace, seq_len: int, seed: int, sk
             variants.sort(key=lambda p: (space.sym.index(p["sym"]),
                                          space.desc_act.index(p["desc_act"]) if method == "gptq" else 0,
                                          space.n_samples.index(p["n_samples"])))
-            size = predicted_size_bytes(config, method=method, bits=space.bits, group_size=group)
+            size = predicted_size_bytes(config, method=method, bits=space.bits, group_size=group,
+                                        keep_sensitive=keep_sensitive)
             tiers.append((size, mi, variants))
     tiers.sort(key=lambda t: (t[0], t[1]))
     return [t[2] for t in tiers]
@@ -231,7 +233,8 @@ def search_quantization(
         if params["method"] == "gptq":
             params["gptaq_alpha"] = gptaq_alpha
         predicted = predicted_size_bytes(config, method=params["method"], bits=params["bits"],
-                                         group_size=params["group_size"], module_bits=params["module_bits"])
+                                         group_size=params["group_size"], module_bits=params["module_bits"],
+                                         keep_sensitive=keep_sensitive)
         trial = Trial(len(trials), phase, params, predicted,
                       plain_transformers=plain_transformers_loads(params["method"], params["module_bits"]))
         trials.append(trial)
@@ -254,21 +257,23 @@ def search_quantization(
         trial.eval_s = round(time.perf_counter() - t1, 2)
         trial.ppl = trial.checks["val"]["ppl"]
         trial.degradation = max(c["degradation"] for c in trial.checks.values())  # the worst scored text
-        trial.passed = trial.degradation <= target_degradation
+        oversize = bool(bounds.max_size_bytes) and trial.size_bytes > bounds.max_size_bytes
+        trial.passed = trial.degradation <= target_degradation and not oversize  # the bound holds on the real file
         per = ", ".join(f"{name} {c['degradation']:+.2%}" for name, c in trial.checks.items())
+        verdict = "fail: over max_size_bytes" if oversize else "PASS" if trial.passed else "fail"
         say(f"search: trial {trial.index} {_label(params)}: {trial.size_bytes / 1e6:.1f} MB, ppl {trial.ppl:.4f} "
-            f"({per}) {'PASS' if trial.passed else 'fail'} [{trial.quantize_s:.0f}+{trial.eval_s:.0f} s]")
+            f"({per}) {verdict} [{trial.quantize_s:.0f}+{trial.eval_s:.0f} s]")
         return trial
 
     sensitivity: dict[str, Any] = {}
     try:
         done = False
-        for tier in _uniform_tiers(config, space, seq_len, seed, skipped):
+        for tier in _uniform_tiers(config, space, seq_len, seed, skipped, keep_sensitive):
             first = None
             for params in tier:
                 if bounds.max_size_bytes and predicted_size_bytes(
-                        config, method=params["method"], bits=params["bits"],
-                        group_size=params["group_size"]) > bounds.max_size_bytes:
+                        config, method=params["method"], bits=params["bits"], group_size=params["group_size"],
+                        keep_sensitive=keep_sensitive) > bounds.max_size_bytes:
                     skipped.append({"params": params, "reason": "predicted size above max_size_bytes"})
                     continue
                 if first is not None and (first.degradation is None
@@ -311,7 +316,7 @@ def search_quantization(
                     params = dict(best.params, module_bits=dict(sorted(keep.items())))
                     if bounds.max_size_bytes and predicted_size_bytes(
                             config, method=method, bits=params["bits"], group_size=params["group_size"],
-                            module_bits=keep) > bounds.max_size_bytes:
+                            module_bits=keep, keep_sensitive=keep_sensitive) > bounds.max_size_bytes:
                         skipped.append({"params": params, "reason": "predicted size above max_size_bytes"})
                         break
                     reason = budget_left()
@@ -329,8 +334,12 @@ def search_quantization(
         passing = [t for t in trials if t.passed]
         measured = [t for t in trials if t.degradation is not None]
         if not measured:
-            raise InputError("quantization search made no successful trial "
-                             f"({'; '.join(t.error or '' for t in trials) or stop_reason}); widen the search space")
+            why = "; ".join(t.error or "" for t in trials) or stop_reason
+            if not trials and skipped:  # nothing ran: say what ruled every configuration out
+                reasons = sorted({s["reason"] for s in skipped})
+                why = f"no trial ran: {len(skipped)} configurations skipped ({'; '.join(reasons)})"
+            raise InputError(f"quantization search made no successful trial ({why}); widen the search space"
+                             + (" or raise --max-size-mb" if any("max_size" in s["reason"] for s in skipped) else ""))
         if passing:
             chosen = min(passing, key=lambda t: (not t.plain_transformers, t.size_bytes, t.degradation))
         else:
