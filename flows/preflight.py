@@ -14,8 +14,9 @@ problem (the key at fault and the fix) instead of stopping at the first:
   (:mod:`lorakit.quantize.checks`, the rules the quantize stage applies);
 - merge method regmean: its float64 Gram matrices of every adapted layer's inputs (and the base) fit the memory
   available, counted from the base's weight headers (a wide base would otherwise train for hours, then fail);
-- scale tuning (``quantize.tune_steps``, on in a release) on this machine's CPU: the full-precision and the quantized
-  model with a step's logits fit the memory available, counted the same way;
+- quantization on this machine's CPU: rounding (the model in its compute dtype, the calibration blocks' layer states,
+  a layer's Hessians) and scale tuning (``quantize.tune_steps``, on in a release: the full-precision and the quantized
+  model with a step's logits) fit the memory available, counted the same way;
 - every registry name and tag the run will create (:func:`registry.validate_name`);
 - the general text the gate scores and calibration mixes in (``gate.general_text``, ``quantize.calib_general``);
 - calibration volume, only when ``quantize.n_samples`` or ``seq_len`` is set explicitly (an explicit request that
@@ -210,17 +211,29 @@ def _check_merge_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -
         report.add(f"'merge.method': {exc}")
 
 
-def _check_tune_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> None:
-    """Scale tuning (on by default in a release) holds the full-precision and the quantized model at once, after
-    hours of training and rounding: a base too large for this machine's memory is refused now
-    (:func:`lorakit.quantize.tune.check_memory`; the quantize stage checks the same before it rounds). Only where
-    quantization runs on this machine's CPU: with route_gpu, or a CUDA device here, the device's memory holds it."""
+def _check_quantize_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> None:
+    """The quantize stage runs after hours of training and merging: a base whose rounding (the model in its compute
+    dtype, the calibration states, a layer's Hessians: :func:`lorakit.quantize.checks.check_rounding_memory`) or
+    whose scale tuning (on by default in a release: the full-precision and the quantized model at once,
+    :func:`lorakit.quantize.tune.check_memory`) does not fit this machine's memory is refused now; the quantize stage
+    checks the same before it rounds. Only where quantization runs on this machine's CPU: with route_gpu, or a CUDA
+    device here, the device's memory holds it."""
+    from lorakit.compute import resolve_compute_dtype
     from lorakit.quantize.calibration import DEFAULT_N_SAMPLES
+    from lorakit.quantize.checks import check_rounding_memory
     from lorakit.quantize.tune import check_memory
 
     q = cfg.quantize
     on_cpu = q.device == "cpu" or (q.device == "auto" and not _cuda_driver_present())
-    if not q.tune_steps or cfg.route_gpu or not on_cpu:
+    if cfg.route_gpu or not on_cpu:
+        return
+    try:
+        dtype = str(resolve_compute_dtype(cfg.compute_dtype, "quantize", "cpu")).removeprefix("torch.")
+        check_rounding_memory(base_dir, q.method, dtype, n_samples=q.n_samples or DEFAULT_N_SAMPLES,
+                              seq_len=q.seq_len, what="the quantize stage")
+    except InputError as exc:
+        report.add(f"'quantize': {exc}")
+    if not q.tune_steps:
         return
     try:
         check_memory(base_dir, q.seq_len, blocks=q.tune_samples or q.n_samples or DEFAULT_N_SAMPLES,
@@ -396,7 +409,7 @@ def preflight(data: Any) -> Preflight:
     if base_dir is not None and not {"merge", "lora", "datasets"} & bad:
         _check_merge_memory(cfg, base_dir, report)
     if base_dir is not None and not {"quantize", "route_gpu"} & bad:
-        _check_tune_memory(cfg, base_dir, report)
+        _check_quantize_memory(cfg, base_dir, report)
     if not {"registry", "datasets"} & bad:
         _check_names(cfg, base_dir, report)
     if not {"lora", "quantize", "route_gpu"} & bad:

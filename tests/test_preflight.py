@@ -196,8 +196,8 @@ def test_regmean_that_cannot_fit_in_memory_is_refused_before_training(tiny_base,
     assert [p for p in problems if p.startswith("'merge.method': method regmean needs about")
             and "general-text anchor" in p], problems
     data["merge"]["method"] = "linear"  # no Gram matrices: nothing to refuse
-    data["quantize"]["tune_steps"] = 0  # (scale tuning's own check: the next test)
-    assert preflight(data).problems == []
+    data["quantize"]["tune_steps"] = 0  # (scale tuning's and rounding's own checks: the next tests)
+    assert [p for p in preflight(data).problems if not p.startswith("'quantize': ")] == []
 
 
 def test_scale_tuning_that_cannot_fit_in_memory_is_refused_before_training(tiny_base, tmp_path, monkeypatch):
@@ -211,10 +211,34 @@ def test_scale_tuning_that_cannot_fit_in_memory_is_refused_before_training(tiny_
     assert [p for p in problems if p.startswith("'quantize.tune_steps': scale tuning needs about")
             and "quantize.tune_steps 0" in p], problems
     data["quantize"]["tune_steps"] = 0
-    assert preflight(data).problems == []
+    assert not [p for p in preflight(data).problems if "tune_steps" in p]
     data["quantize"]["tune_steps"] = 2
     data["route_gpu"] = True  # quantized on the CUDA pool's machine: not this one's memory
     assert not [p for p in preflight(data).problems if "tune_steps" in p]
+
+
+def test_rounding_that_cannot_fit_in_memory_is_refused_before_training(tiny_base, tmp_path, monkeypatch):
+    """With scale tuning off the rounding itself (the model, calibration states, a layer's Hessians) is still
+    checked: one byte short of its estimate is one problem under 'quantize' with the fix, exactly enough is none."""
+    from flows.preflight import preflight
+    from lorakit import runtime
+    from lorakit.quantize.calibration import DEFAULT_N_SAMPLES
+    from lorakit.quantize.checks import rounding_memory_bytes
+
+    data = tiny_config_data(tiny_base, tmp_path, quantize={"device": "cpu", "tune_steps": 0}, compute_dtype="float32")
+    q = data["quantize"]
+    need = sum(rounding_memory_bytes(tiny_base, q.get("method", "gptq"), "float32",
+                                     n_samples=q.get("n_samples") or DEFAULT_N_SAMPLES,
+                                     seq_len=q.get("seq_len", 256)).values())
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: need - 1)
+    problems = preflight(data).problems
+    assert len(problems) == 1 and problems[0].startswith("'quantize': the quantize stage: "), problems
+    assert "GPTQ rounding in float32 needs about" in problems[0] and "route_gpu" in problems[0]
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: need)
+    assert preflight(data).problems == []
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: 1 << 20)
+    data["route_gpu"] = True  # rounded on the CUDA pool's machine: not this one's memory
+    assert not [p for p in preflight(data).problems if p.startswith("'quantize': ")]
 
 
 def test_the_plan_lists_the_gguf_export_and_its_names_only_when_it_is_on(tiny_base, tmp_path):

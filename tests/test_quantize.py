@@ -785,3 +785,34 @@ def test_calibration_mix_bad_input_is_one_clear_error(tiny_base, prep, kw, match
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     with pytest.raises(InputError, match=match):
         build_calibration(prep, tok, n_samples=8, seq_len=32, seed=0, **kw)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_rounding_that_cannot_fit_in_memory_is_refused_before_any_rounding(tiny_base, prep, tmp_path, monkeypatch,
+                                                                           method):
+    """The estimate is counted from the loaded model's own parameters and config here, not by the code under test;
+    one byte short of it is refused with the fix and nothing written, exactly enough goes through."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import runtime
+    from lorakit.quantize.checks import (ROUNDING_BYTES_PER_PARAM, ROUNDING_HESSIAN_COPIES, ROUNDING_STATE_BYTES,
+                                         rounding_memory_bytes)
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    h, inter = model.config.hidden_size, model.config.intermediate_size
+    linears = {id(m.weight) for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)}
+    in_linears = sum(p.numel() for p in model.parameters() if id(p) in linears)
+    others = sum(p.numel() for p in model.parameters() if id(p) not in linears)  # a tied head is counted once
+    per_linear, per_other = ROUNDING_BYTES_PER_PARAM[method, "float32"]
+    need = rounding_memory_bytes(tiny_base, method, "float32", n_samples=CALIB["n_samples"], seq_len=64)
+    assert need == {"weights": int(per_linear * in_linears + per_other * others),
+                    "states": ROUNDING_STATE_BYTES[method] * CALIB["n_samples"] * 64 * h,
+                    "hessians": ROUNDING_HESSIAN_COPIES * 4 * (6 * h * h + inter * inter)}
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: sum(need.values()) - 1)
+    out = tmp_path / "q"
+    kw = dict(method=method, calib=prep, progress=False, device="cpu", compute_dtype="float32", **CALIB)
+    with pytest.raises(InputError, match=rf"{method.upper()} rounding in float32 needs about .*--n-samples"):
+        quantize_model(tiny_base, out, **kw)
+    assert_nothing_written(out)
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda: sum(need.values()))
+    assert quantize_model(tiny_base, out, **kw).output == out

@@ -81,3 +81,71 @@ def resolve_group_size(config: dict, group_size: int, strict: bool) -> tuple[int
     chosen = valid[-1]
     return chosen, (f"group size {group_size} does not divide every layer's input size ({what}); "
                     f"using {chosen} instead")
+
+
+# Rounding's memory, per (method, compute dtype): bytes per parameter of the decoder's linears and per other
+# parameter (embeddings, norms), and bytes per calibration token per hidden unit (the layer states every block is
+# replayed with). Measured peaks above the process's start (bench/results/quantize_memory.json, SmolLM2-135M whole or
+# cut to 6 or 12 layers): GPTQ float32 9.75 bytes per added decoder parameter (float32_per_param_bytes) and 46.4 per
+# calibration token and hidden unit (float32_per_calibration_token_bytes / 576); GPTQ bfloat16 1.82 per added
+# parameter (bfloat16_per_param_bytes); AWQ float32 13.6 (awq_float32_per_param_bytes: its integer codes wait for
+# packing). Rounded up so the estimate covers every measured peak (runs.*.estimate_over_peak, 1.1x to 1.2x). AWQ
+# holds the model in float32 whatever its compute dtype, and its 10 bytes per token and hidden unit (two float32
+# copies of the states) are assumed: only GPTQ was measured at two calibration sizes. float16 counts as bfloat16.
+ROUNDING_BYTES_PER_PARAM = {("gptq", "float32"): (10.5, 9.5), ("gptq", "bfloat16"): (2.5, 2.5),
+                            ("awq", "float32"): (14.5, 4.5)}
+ROUNDING_STATE_BYTES = {"gptq": 48, "awq": 10}
+ROUNDING_HESSIAN_COPIES = 2  # GPTQ's Hessian and GPTAQ's input-error term; AWQ's input Gram matrices
+
+
+def _rounding_constants(method: str, compute_dtype: str) -> tuple[tuple[float, float], int]:
+    dtype = "bfloat16" if compute_dtype in ("bfloat16", "float16") and method == "gptq" else "float32"
+    return ROUNDING_BYTES_PER_PARAM[method, dtype], ROUNDING_STATE_BYTES[method]
+
+
+def rounding_memory_bytes(model_dir: Path, method: str, compute_dtype: str, *, n_samples: int,
+                          seq_len: int) -> dict[str, int]:
+    """What rounding ``model_dir`` holds at once, in bytes, from its weight headers and config (nothing loads): the
+    model as the method holds it with what rounding keeps per weight (``weights``), the calibration blocks' layer
+    states (``states``) and one decoder layer's Hessians (``hessians``, float32 in_features² per linear).
+
+    Why it matters: without it, a base too large for the machine is found out by the operating system, after
+    training and merging (with scale tuning on, :func:`lorakit.quantize.tune.check_memory` is checked as well)."""
+    import math
+
+    from lorakit.models.folder import tensor_index
+
+    config = read_model_config(model_dir)
+    config = config.get("text_config") or config
+    linear = other = 0
+    for name, (_, info) in tensor_index(model_dir).items():
+        n = math.prod(info.shape)
+        if ".layers." in name and any(f".{lin}." in name for lin in QUANTIZED_LINEARS):
+            linear += n
+        else:
+            other += n
+    h, inter = int(config.get("hidden_size", 0)), int(config.get("intermediate_size", 0))
+    (per_linear, per_other), per_state = _rounding_constants(method, str(compute_dtype).removeprefix("torch."))
+    return {"weights": int(per_linear * linear + per_other * other),
+            "states": int(per_state * int(n_samples) * int(seq_len) * h),
+            "hessians": ROUNDING_HESSIAN_COPIES * 4 * (6 * h * h + inter * inter)}
+
+
+def check_rounding_memory(model_dir: Path, method: str, compute_dtype: str, *, n_samples: int, seq_len: int,
+                          what: str = "lorakit quantize", available: int | None = None) -> None:
+    """Refuse a quantization whose :func:`rounding_memory_bytes` exceed the memory available (``available``
+    defaults to what the OS reports now), before any rounding; ``what`` names the step in the message."""
+    from lorakit import runtime
+    from lorakit.runtime import memory_size
+
+    need = rounding_memory_bytes(model_dir, method, compute_dtype, n_samples=n_samples, seq_len=seq_len)
+    available = runtime.available_memory_bytes() if available is None else available
+    total = sum(need.values())
+    if total <= available:
+        return
+    raise InputError(
+        f"{what}: {method.upper()} rounding in {compute_dtype} needs about {memory_size(total)} at once and "
+        f"{memory_size(available)} of memory is available: {memory_size(need['weights'])} for the model and its "
+        f"packed copy, {memory_size(need['states'])} of the {n_samples} calibration blocks' layer states, "
+        f"{memory_size(need['hessians'])} of one layer's Hessians. Quantize on a CUDA device (route_gpu in a run "
+        "config), on a machine with more free memory, or with fewer calibration blocks (--n-samples)")

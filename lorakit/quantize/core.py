@@ -25,7 +25,8 @@ from lorakit.runtime import resolve_device as runtime_resolve_device
 from lorakit.io.atomic import atomic_dir, check_output_free
 from lorakit.models.folder import resolve_model_dir, shard_names, weights_digest
 from lorakit.quantize.calibration import build_calibration
-from lorakit.quantize.checks import QUANTIZED_LINEARS, check_method, check_model, resolve_group_size
+from lorakit.quantize.checks import (QUANTIZED_LINEARS, check_method, check_model, check_rounding_memory,
+                                     resolve_group_size)
 from lorakit.quantize.metadata import QUANT_META, QuantMeta, QuantParams, write_quant_meta
 from lorakit.quantize.awq import AWQ_COMPUTE_DTYPES
 from lorakit.quantize.mixed import (UNQUANTIZED, check_module_bits, gptq_dynamic, how_to_load, loader_backend, loaders,
@@ -277,6 +278,8 @@ def quantize_model(
 
         check_memory(src, seq_len, blocks=int(tune_blocks.shape[0]))
     n_samples = int(calibration.blocks.shape[0])  # what was used; the request stays in calibration.summary()
+    if device == "cpu":  # the model, its calibration states and Hessians in this machine's memory: refused now
+        check_rounding_memory(src, method, str(dtype).removeprefix("torch."), n_samples=n_samples, seq_len=seq_len)
     sensitivity = None
     if keep_sensitive:
         module_bits, sensitivity = _keep_most_sensitive(src, calibration.blocks, keep_sensitive, module_bits,
