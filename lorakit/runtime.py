@@ -103,6 +103,15 @@ def available_memory_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def memory_shortfall(need: dict[str, int], available: int | None = None) -> tuple[int, int] | None:
+    """(total needed, available) when the parts of ``need`` together exceed the memory available (``available``
+    defaults to what the OS reports now), else None: the one comparison each refuse-before-the-work memory check
+    (RegMean's Gram matrices, rounding, scale tuning) makes before it words its own error."""
+    available = available_memory_bytes() if available is None else available
+    total = sum(need.values())
+    return (total, available) if total > available else None
+
+
 def training_slots(requested: int | str, adapters: int, device: str = "auto", *,
                    base_weight_bytes: int | None = None, available_bytes: int | None = None
                    ) -> tuple[int, int | None]:

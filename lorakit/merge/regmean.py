@@ -107,17 +107,14 @@ def check_memory(base_dir: Path, shapes: dict[str, tuple[int, int]], tasks: int,
     any weights load (the base is counted from its weight headers, shared inputs from :func:`input_sharing`); the
     error says what each part takes and what to do instead."""
     from lorakit.models.folder import tensor_index
-    from lorakit.runtime import memory_size
+    from lorakit.runtime import memory_shortfall, memory_size
 
     base_params = sum(math.prod(info.shape) for _, info in tensor_index(base_dir).values())
     need = memory_bytes(shapes, gram_count(tasks, anchor), base_params, input_sharing(base_dir, list(shapes)))
-    if available is None:
-        from lorakit import runtime
-
-        available = runtime.available_memory_bytes()
-    total = sum(need.values())
-    if total <= available:
+    short = memory_shortfall(need, available)
+    if short is None:
         return
+    total, available = short
     anchored = gram_count(tasks, anchor) > tasks
     per = f"{tasks} task(s)" + (" and the general-text anchor" if anchored else "")
     widest = max(i for _, i in shapes.values())

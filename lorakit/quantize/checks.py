@@ -135,14 +135,13 @@ def check_rounding_memory(model_dir: Path, method: str, compute_dtype: str, *, n
                           what: str = "lorakit quantize", available: int | None = None) -> None:
     """Refuse a quantization whose :func:`rounding_memory_bytes` exceed the memory available (``available``
     defaults to what the OS reports now), before any rounding; ``what`` names the step in the message."""
-    from lorakit import runtime
-    from lorakit.runtime import memory_size
+    from lorakit.runtime import memory_shortfall, memory_size
 
     need = rounding_memory_bytes(model_dir, method, compute_dtype, n_samples=n_samples, seq_len=seq_len)
-    available = runtime.available_memory_bytes() if available is None else available
-    total = sum(need.values())
-    if total <= available:
+    short = memory_shortfall(need, available)
+    if short is None:
         return
+    total, available = short
     raise InputError(
         f"{what}: {method.upper()} rounding in {compute_dtype} needs about {memory_size(total)} at once and "
         f"{memory_size(available)} of memory is available: {memory_size(need['weights'])} for the model and its "

@@ -185,14 +185,13 @@ def check_memory(model_dir: Path, seq_len: int, *, blocks: int = DEFAULT_N_SAMPL
     """Refuse scale tuning of ``model_dir`` on ``blocks`` blocks whose :func:`memory_bytes` exceed the memory
     available (``available`` defaults to what the OS reports now), before anything is rounded; ``what`` names the
     setting in the fix."""
-    from lorakit import runtime
-    from lorakit.runtime import memory_size
+    from lorakit.runtime import memory_shortfall, memory_size
 
     need = memory_bytes(model_dir, seq_len, blocks=blocks)
-    available = runtime.available_memory_bytes() if available is None else available
-    total = sum(need.values())
-    if total <= available:
+    short = memory_shortfall(need, available)
+    if short is None:
         return
+    total, available = short
     raise InputError(
         f"scale tuning needs about {memory_size(total)} at once and {memory_size(available)} of memory is available: "
         f"{memory_size(need['weights'])} for the full-precision and the quantized model, "
