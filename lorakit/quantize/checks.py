@@ -87,7 +87,7 @@ def resolve_group_size(config: dict, group_size: int, strict: bool) -> tuple[int
 # parameter (embeddings, norms), and bytes per calibration token per hidden unit (the layer states every block is
 # replayed with). Measured peaks above the process's start (bench/results/quantize_memory.json, SmolLM2-135M whole or
 # cut to 6 or 12 layers): GPTQ float32 9.75 bytes per added decoder parameter (float32_per_param_bytes) and 46.4 per
-# calibration token and hidden unit (float32_per_calibration_token_bytes / 576); GPTQ bfloat16 1.82 per added
+# calibration token and hidden unit (float32_per_calibration_token_per_hidden_bytes); GPTQ bfloat16 1.82 per added
 # parameter (bfloat16_per_param_bytes); AWQ float32 13.6 (awq_float32_per_param_bytes: its integer codes wait for
 # packing). Rounded up so the estimate covers every measured peak (runs.*.estimate_over_peak, 1.1x to 1.2x). AWQ
 # holds the model in float32 whatever its compute dtype, and its 10 bytes per token and hidden unit (two float32
