@@ -59,6 +59,17 @@ def recorded_kwargs(meta) -> dict:
             "tune_answer_weight": p.tune_answer_weight, "tune_samples": p.tune_samples or None}
 
 
+def release_quantization(release: Path):
+    """What a bench that quantizes a finished release again starts from: its merged model, calibration data, prep
+    folders, its own 4-bit folder with that folder's record, and the ``quantize_model`` arguments that redo it."""
+    from lorakit.quantize import read_quant_meta
+
+    merged, calib, preps = release_quant_inputs(release)
+    quantized = find_one(release, "quantized/*", dirs=True)
+    meta = read_quant_meta(quantized)
+    return merged, calib, preps, quantized, meta, recorded_kwargs(meta)
+
+
 def settings_differ(release_meta, new_meta) -> list[str]:
     """Recorded parameters (module_bits and timings aside) on which a redone quantization differs from the release's."""
     def flat(d: dict, prefix: str = "") -> dict:
@@ -159,10 +170,7 @@ def main() -> None:
     from lorakit.runtime import configure_threads
 
     configure_threads()
-    merged, calib, preps = release_quant_inputs(args.release)
-    quantized = find_one(args.release, "quantized/*", dirs=True)
-    release_meta = read_quant_meta(quantized)
-    kwargs = recorded_kwargs(release_meta)
+    merged, calib, preps, quantized, release_meta, kwargs = release_quantization(args.release)
     work = args.work / args.results
     work.mkdir(parents=True, exist_ok=True)
     results = BENCH / "results" / f"{args.results}.json"
