@@ -28,7 +28,7 @@ problem (the key at fault and the fix) instead of stopping at the first:
 Cheap: no weights load and nothing runs on a device. The base's weight headers are read (lorakit's safetensors
 reader imports torch), CUDA is queried only when a CUDA device is requested on a machine that has an NVIDIA
 driver, the quantize stage's compute dtype is resolved as the stage will resolve it (with ``compute_dtype: auto``
-on a CPU with bfloat16 flags, the cached bfloat16 probe: a second of matmuls on its first run on a machine,
+on a CPU with bfloat16 flags, the bfloat16 probe: a few small matmuls, once per machine and then cached,
 :func:`lorakit.compute.cpu_bf16_probe`), and the tokenizer loads only for an explicit calibration request. Prefect-free: ``lorakit run`` calls it
 before it starts a Prefect server. :func:`plan_lines` prints what ``lorakit run --check`` shows.
 """
