@@ -228,14 +228,16 @@ def search_quantization(
             return f"time budget ({bounds.time_budget_s:.0f} s) would be exceeded (spent {spent:.0f} s)"
         return None
 
+    def predicted(params: dict) -> int:  # a trial's file, the linears keep_sensitive will keep counted in
+        return predicted_size_bytes(config, method=params["method"], bits=params["bits"],
+                                    group_size=params["group_size"], module_bits=params["module_bits"],
+                                    keep_sensitive=keep_sensitive)
+
     def run(phase: str, params: dict) -> Trial:
         params = {**params, **fixed_kw}  # recorded with the trial: its params alone reproduce it (reproduce_trial)
         if params["method"] == "gptq":
             params["gptaq_alpha"] = gptaq_alpha
-        predicted = predicted_size_bytes(config, method=params["method"], bits=params["bits"],
-                                         group_size=params["group_size"], module_bits=params["module_bits"],
-                                         keep_sensitive=keep_sensitive)
-        trial = Trial(len(trials), phase, params, predicted,
+        trial = Trial(len(trials), phase, params, predicted(params),
                       plain_transformers=plain_transformers_loads(params["method"], params["module_bits"]))
         trials.append(trial)
         folder = root / f"trial-{trial.index:02d}"
@@ -271,9 +273,7 @@ def search_quantization(
         for tier in _uniform_tiers(config, space, seq_len, seed, skipped, keep_sensitive):
             first = None
             for params in tier:
-                if bounds.max_size_bytes and predicted_size_bytes(
-                        config, method=params["method"], bits=params["bits"], group_size=params["group_size"],
-                        keep_sensitive=keep_sensitive) > bounds.max_size_bytes:
+                if bounds.max_size_bytes and predicted(params) > bounds.max_size_bytes:
                     skipped.append({"params": params, "reason": "predicted size above max_size_bytes"})
                     continue
                 if first is not None and (first.degradation is None
@@ -314,9 +314,7 @@ def search_quantization(
                 for k in [k for k in space.mixed_steps if 0 < k <= cap]:
                     keep = {m: KEEP_BITS[method] for m in sens.ranking[:k]}
                     params = dict(best.params, module_bits=dict(sorted(keep.items())))
-                    if bounds.max_size_bytes and predicted_size_bytes(
-                            config, method=method, bits=params["bits"], group_size=params["group_size"],
-                            module_bits=keep, keep_sensitive=keep_sensitive) > bounds.max_size_bytes:
+                    if bounds.max_size_bytes and predicted(params) > bounds.max_size_bytes:
                         skipped.append({"params": params, "reason": "predicted size above max_size_bytes"})
                         break
                     reason = budget_left()
