@@ -43,7 +43,7 @@ sys.path.insert(0, str(BENCH.parent))
 from bench.calibration_mix import gate_checks, task_name  # noqa: E402
 from bench.common import cpu_line, release_parser, update_readme_section, write_results  # noqa: E402
 from bench.keep_sensitive import release_quantization, settings_differ  # noqa: E402
-from bench.release_scorecard import FRESH_QUESTIONS  # noqa: E402
+from bench.release_scorecard import FRESH_QUESTIONS, score_folder  # noqa: E402
 
 SPLITS = ("val", "test", "fresh")
 MAX_ACCURACY_DROP = 0.02  # the issue's 4-bit goal and the gate's default max_accuracy_drop
@@ -69,17 +69,11 @@ def examples_by_split(preps: list[Path], work: Path, fresh_n: int) -> dict[str, 
 
 def answers(folder: Path, examples: dict[str, dict]) -> dict[str, dict[str, list[bool]]]:
     """{split: {task: right/wrong per question}} of one model, loaded once."""
-    from lorakit.evaluate import task_accuracy
-    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
-
-    spec = describe_model(folder)
-    loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
+    scored = score_folder(folder, {(split, task): ex for split, tasks in examples.items() for task, ex in tasks.items()})
     out: dict[str, dict[str, list[bool]]] = {}
-    for split, tasks in examples.items():
-        for task, ex in tasks.items():
-            acc = task_accuracy(loaded, ex, progress=True)
-            out.setdefault(split, {})[task] = [bool(p.exact) for p in acc.predictions]
-            print(folder.name, task, split, f"EM {acc.exact_match:.1%}", flush=True)
+    for (split, task), acc in scored.items():
+        out.setdefault(split, {})[task] = [bool(p.exact) for p in acc.predictions]
+        print(folder.name, task, split, f"EM {acc.exact_match:.1%}", flush=True)
     return out
 
 

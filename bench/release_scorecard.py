@@ -158,15 +158,24 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
     return exact_match_by_folder(models, examples, "fresh", progress)
 
 
+def score_folder(folder: str | Path, examples: dict, progress: bool = True) -> dict:
+    """One model folder loaded once and scored on each of ``examples`` (key -> TaskExamples): key -> TaskAccuracy,
+    its per-question ``predictions`` included (what flips against another model are counted from)."""
+    from lorakit.evaluate import task_accuracy
+    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
+
+    spec = describe_model(folder)
+    loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
+    return {key: task_accuracy(loaded, ex, progress=progress) for key, ex in examples.items()}
+
+
 def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: dict, label: str,
                           progress: bool = True) -> dict:
     """Exact match of every (task, role) model on ``examples[task]`` (TaskExamples), each folder loaded once:
     {task: {"n": questions, role: {"exact_match", "f1"}}}, and where a task has a merged model, ``ROLE_vs_merged``
     for every other role but the adapter (``quantized_vs_merged``, ...): the answers that model lost and gained
     against the merged one, with McNemar's p-value (``lorakit.evaluate.flips``)."""
-    from lorakit.evaluate import task_accuracy
     from lorakit.evaluate.flips import answer_flips
-    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 
     out: dict = {task: {"n": len(ex.records)} for task, ex in examples.items()}
     answers: dict[tuple[str, str], list[bool]] = {}
@@ -174,14 +183,10 @@ def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: d
     for key, folder in models.items():
         by_folder.setdefault(str(folder), []).append(key)
     for folder, keys in by_folder.items():
-        spec = describe_model(folder)
-        loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
-        for task, role in keys:
-            acc = task_accuracy(loaded, examples[task], progress=progress)
+        for (task, role), acc in score_folder(folder, {key: examples[key[0]] for key in keys}, progress).items():
             out[task][role] = {"exact_match": acc.exact_match, "f1": acc.f1}
             answers[task, role] = [bool(p.exact) for p in acc.predictions]
             print(task, role, f"{label} EM {acc.exact_match:.1%}", flush=True)
-        del loaded
     for (task, role), mine in answers.items():
         if role not in ("merged", "adapter") and (task, "merged") in answers:
             out[task][f"{role}_vs_merged"] = answer_flips(answers[task, "merged"], mine).to_dict()
