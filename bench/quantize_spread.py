@@ -18,18 +18,27 @@ checks (every task's val split and the general text). A roll meets the goals whe
 fresh-question exact match are within 2 points of the merged model's and general text within 5%; the gate passes it
 when its val drops are within 2 points and every perplexity check within 5%.
 
+Whether the rolls differ at all: with ``--fresh-questions`` in the thousands each roll's drop is measured to a
+fraction of a point (its 95% interval is recorded), and the spread says whether the rolls' lost answers are consistent
+with one common rate (a homogeneity test) and, from the rates pooled over every roll, how often a split of the test
+split's size would show a drop past the 2-point bar by the luck of which questions it holds. If the rolls share one
+rate, a roll that misses the goal on 200 questions is the evaluation's draw, not a worse rounding, and choosing
+among roundings cannot help. ``--checks-from NAME`` takes the gate's perplexity checks of a 4-bit folder already
+measured under ``--results NAME`` (same model, same data: the same numbers) instead of running them again.
+
 Each roll is kept in ``WORK/roll-LABEL.json`` as soon as it is measured (the merged model's answers in
 ``WORK/merged.json``), so two runs with disjoint ``--seeds`` can go side by side (one thread each on a 2-core
 machine), and each run writes the results of every roll the work folder holds.
 
 Usage: LORAKIT_THREADS=1 python bench/quantize_spread.py --release OUT --seeds 1,2 [--existing redo=FOLDER]
-           [--fresh-questions 200] [--results quantize_spread]
+           [--fresh-questions 200] [--checks-from NAME] [--results quantize_spread]
 Writes bench/results/RESULTS.json and the ``RESULTS`` section of bench/README.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -49,6 +58,7 @@ SPLITS = ("val", "test", "fresh")
 MAX_ACCURACY_DROP = 0.02  # the issue's 4-bit goal and the gate's default max_accuracy_drop
 MAX_DEGRADATION = 0.05  # the gate's default max_degradation and general_max_degradation
 SEED_IS_A_ROLL = ("seed",)  # what a roll may change in the record besides thread count and timings
+Z95 = 1.959964  # two-sided 95% normal quantile
 
 
 def examples_by_split(preps: list[Path], work: Path, fresh_n: int) -> dict[str, dict]:
@@ -97,8 +107,9 @@ def claim(path: Path) -> bool:
 
 
 def measure_roll(label: str, folder: Path, merged: Path, preps: list[Path], examples: dict, release_meta,
-                 quantize_s: float | None, threads: int) -> dict:
-    """One 4-bit model's record: its settings against the release's, gate checks and per-question answers."""
+                 quantize_s: float | None, threads: int, measured: dict[str, dict] | None = None) -> dict:
+    """One 4-bit model's record: its settings against the release's, gate checks (taken from ``measured``, the
+    roll records of an earlier run by folder, when it holds this folder) and per-question answers."""
     from lorakit.quantize import read_quant_meta
 
     meta = read_quant_meta(folder)
@@ -108,13 +119,65 @@ def measure_roll(label: str, folder: Path, merged: Path, preps: list[Path], exam
     if differ:
         raise SystemExit(f"roll {label}: {folder} was quantized with other settings than the release ({differ}); "
                          "it is not a roll of the same quantization")
-    gate_s, checks = gate_checks(merged, folder, preps)
+    earlier = (measured or {}).get(str(folder))
+    gate_s, checks = (earlier["gate_s"], earlier["checks"]) if earlier else gate_checks(merged, folder, preps)
     recorded_threads = params.get("threads") or None  # records before e06c42d leave it out
     return {"label": label, "folder": str(folder), "seed": meta.params.seed,
             "threads": threads if quantize_s is not None else recorded_threads,
             "quantize_s": round(quantize_s if quantize_s is not None else meta.wall_time_s, 1),
             "size_mb": round(meta.size_after_bytes / 1e6, 1), "tuning": meta.tuning, "checks": checks, "gate_s": gate_s,
-            "answers": answers(folder, examples)}
+            **({"checks_from": earlier["results"]} if earlier else {}), "answers": answers(folder, examples)}
+
+
+def earlier_checks(work_root: Path, name: str | None) -> dict[str, dict]:
+    """{4-bit folder: {checks, gate_s, results}} of every roll measured under ``--results name``."""
+    if not name:
+        return {}
+    rolls = sorted((work_root / name).glob("roll-*.json"))
+    if not rolls:
+        raise SystemExit(f"--checks-from {name}: no roll measured in {work_root / name}")
+    return {r["folder"]: {"checks": r["checks"], "gate_s": r["gate_s"], "results": name}
+            for r in (json.loads(p.read_text()) for p in rolls)}
+
+
+def drop_interval(lost: int, gained: int, n: int) -> tuple[float, float]:
+    """95% interval of a paired exact-match drop (lost - gained) / n: the normal approximation to the mean of the
+    per-question differences (+1 lost, -1 gained, 0 otherwise)."""
+    mean = (lost - gained) / n
+    var = ((lost + gained) / n - mean * mean) / n
+    half = Z95 * math.sqrt(max(var, 0.0))
+    return mean - half, mean + half
+
+
+def p_drop_past(n: int, p_lost: float, p_gained: float, bar: float = MAX_ACCURACY_DROP) -> float:
+    """Probability that ``n`` questions, each lost with probability ``p_lost`` and gained with ``p_gained``
+    independently, show a drop (lost - gained) / n past ``bar``: how often a split of that size misses the bar by
+    which questions it holds, when every roll shares the same per-question rates. Exact (trinomial sum)."""
+    limit = math.floor(bar * n + 1e-9)  # the largest net loss still within the bar
+    if p_lost <= 0:
+        return 0.0
+    p_none = 1.0 - p_lost - p_gained
+    log = lambda x: math.log(x) if x > 0 else -math.inf  # noqa: E731
+    total = 0.0
+    for lost in range(limit + 1, n + 1):
+        for gained in range(0, min(lost - limit - 1, n - lost) + 1):
+            rest = n - lost - gained
+            if (gained and p_gained <= 0) or (rest and p_none <= 0):
+                continue
+            total += math.exp(math.lgamma(n + 1) - math.lgamma(lost + 1) - math.lgamma(gained + 1)
+                              - math.lgamma(rest + 1) + lost * log(p_lost) + (gained * log(p_gained) if gained else 0)
+                              + (rest * log(p_none) if rest else 0))
+    return min(total, 1.0)
+
+
+def lost_homogeneity_p(lost: list[int], right: int) -> float | None:
+    """p-value that every roll loses answers at one common rate (chi-square test of the rolls' lost / kept counts
+    among the ``right`` questions the merged model answered); None when nothing was lost or only one roll."""
+    if len(lost) < 2 or not any(lost) or right <= 0:
+        return None
+    from scipy.stats import chi2_contingency
+
+    return float(chi2_contingency([[k, right - k] for k in lost], correction=False).pvalue)
 
 
 def summarize(roll: dict, merged: dict) -> dict:
@@ -126,8 +189,10 @@ def summarize(roll: dict, merged: dict) -> dict:
         for task, mine in tasks.items():
             base = merged[split][task]
             em, em_merged = sum(mine) / len(mine), sum(base) / len(base)
+            flips = answer_flips(base, mine)
             scores.setdefault(split, {})[task] = {"exact_match": em, "merged": em_merged, "drop": em_merged - em,
-                                                  **answer_flips(base, mine).to_dict()}
+                                                  "drop_ci95": drop_interval(flips.lost, flips.gained, len(mine)),
+                                                  "questions": len(mine), **flips.to_dict()}
     ppl_ok = all(c["degradation"] <= MAX_DEGRADATION for c in roll["checks"].values())
     general_ok = all(c["degradation"] <= MAX_DEGRADATION for c in roll["checks"].values() if c["kind"] == "general")
     within = {split: all(s["drop"] <= MAX_ACCURACY_DROP + 1e-9 for s in scores.get(split, {}).values())
@@ -153,6 +218,12 @@ def spread(rolls: dict[str, dict]) -> dict:
             if drops:
                 out["drops"].setdefault(task, {})[split] = {"min": drops[0], "median": statistics.median(drops),
                                                             "max": drops[-1]}
+            pooled = pooled_flips([r["scores"][split][task] for r in rolls.values()
+                                   if task in r["scores"].get(split, {})])
+            if pooled:
+                out.setdefault("pooled", {}).setdefault(task, {})[split] = pooled
+    if "pooled" in out:
+        out["noise_only_meet_rate"] = noise_only_meet_rate(out["pooled"])
     if len(rolls) > 1:
         def on_val(k: str) -> tuple[float, float]:  # worst task first, then every task's drop together
             return rolls[k]["worst_drop"]["val"], sum(t["drop"] for t in rolls[k]["scores"]["val"].values())
@@ -167,15 +238,45 @@ def spread(rolls: dict[str, dict]) -> dict:
     return out
 
 
+def pooled_flips(scores: list[dict]) -> dict | None:
+    """One task's split across rolls: flips pooled into per-question rates, the drop they imply with its 95%
+    interval, whether the rolls lose answers at one rate, and how often a split of this size would drop past the bar
+    at the pooled rates (also at 200 questions, the test split's size). None when rolls asked different counts."""
+    if not scores or len({s["questions"] for s in scores}) != 1:
+        return None
+    n, lost, gained = scores[0]["questions"], sum(s["lost"] for s in scores), sum(s["gained"] for s in scores)
+    total = n * len(scores)
+    p_lost, p_gained = lost / total, gained / total
+    right = round(scores[0]["merged"] * n)
+    return {"questions": n, "rolls": len(scores), "lost": lost, "gained": gained, "p_lost": p_lost,
+            "p_gained": p_gained, "drop": p_lost - p_gained, "drop_ci95": drop_interval(lost, gained, total),
+            "lost_homogeneity_p": lost_homogeneity_p([s["lost"] for s in scores], right),
+            "p_past_bar": p_drop_past(n, p_lost, p_gained), "p_past_bar_n200": p_drop_past(200, p_lost, p_gained)}
+
+
+def noise_only_meet_rate(pooled: dict[str, dict[str, dict]]) -> dict[str, float]:
+    """The share of rolls that would meet the goals (test and fresh within the bar on every task) if every roll
+    shared the pooled per-question rates and only the questions' luck varied: at the splits' own sizes, and with
+    fresh questions counted at 200 as the earlier spreads asked."""
+    own = n200 = 1.0
+    for splits in pooled.values():
+        for split in ("test", "fresh"):
+            if split in splits:
+                own *= 1 - splits[split]["p_past_bar"]
+                n200 *= 1 - splits[split]["p_past_bar_n200"]
+    return {"own_sizes": own, "fresh_at_200": n200}
+
+
 def readme(data: dict, name: str) -> str:
     rolls, s = data["rolls"], data["spread"]
     tasks = sorted(next(iter(rolls.values()))["scores"]["test"])
     splits = [sp for sp in SPLITS if any(sp in r["scores"] for r in rolls.values())]
-    seeds = ",".join(str(r["seed"]) for k, r in rolls.items() if k.startswith("seed"))
+    seeds = ",".join(str(r["seed"]) for k, r in rolls.items() if k.startswith("seed") and k not in data.get("existing", {}))
     lines = [f"## {name}", "",
              f"`LORAKIT_THREADS={data['threads']} python bench/quantize_spread.py --release {data['release']} --seeds "
              f"{seeds} --fresh-questions {data['fresh_questions']}"
              + "".join(f" --existing {k}=..." for k in data.get("existing", {}))
+             + (f" --checks-from {data['checks_from']}" if data.get("checks_from") else "")
              + (f" --results {name}" if name != "quantize_spread" else "") + "`: one release's merged model rounded "
              "again with the settings its `lorakit_quant.json` records (checked) but the calibration seed, at the "
              "thread count shown (?: not recorded, quantized before `lorakit_quant.json` kept it); `release` is the "
@@ -206,6 +307,21 @@ def readme(data: dict, name: str) -> str:
                      f"{100 * c['worst_test_drop']:.1f} points (median roll {100 * s['median_worst_test_drop']:.1f})"
                      + (f", fresh {100 * c['worst_fresh_drop']:.1f} (median {100 * s['median_worst_fresh_drop']:.1f})"
                         if c.get("worst_fresh_drop") is not None else "") + ".")
+    if "pooled" in s:
+        lines += ["", "Pooled over the rolls (per-question rates; drop with its 95% interval; p of one common lost "
+                  "rate across rolls; how often a split of its size, and one of 200, drops past 2 points at these "
+                  "rates):", "", "| task | split | questions x rolls | lost / gained | drop (points) | 95% interval | "
+                  "one rate p | past the bar: own size | at 200 |", "|---|---|---|---|---|---|---|---|---|"]
+        for task, splits in s["pooled"].items():
+            for split, q in splits.items():
+                homog = "" if q["lost_homogeneity_p"] is None else f"{q['lost_homogeneity_p']:.2f}"
+                lines.append(f"| {task} | {split} | {q['questions']} x {q['rolls']} | {q['lost']} / {q['gained']} | "
+                             f"{100 * q['drop']:.2f} | {100 * q['drop_ci95'][0]:.2f} to {100 * q['drop_ci95'][1]:.2f} | "
+                             f"{homog} | {q['p_past_bar']:.3f} | {q['p_past_bar_n200']:.3f} |")
+        rate = s["noise_only_meet_rate"]
+        lines += ["", f"If every roll shared these rates, {rate['own_sizes']:.0%} of rolls would meet the goals on "
+                  f"splits of these sizes ({rate['fresh_at_200']:.0%} with 200 fresh questions per task) against "
+                  f"{s['meet_goals']} of {s['rolls']} measured."]
     return "\n".join(lines)
 
 
@@ -216,6 +332,8 @@ def main() -> None:
     ap.add_argument("--existing", action="append", default=[], metavar="LABEL=FOLDER",
                     help="a 4-bit model of the same merged model quantized elsewhere with the release's settings")
     ap.add_argument("--fresh-questions", type=int, default=FRESH_QUESTIONS, help="fresh questions per task (0: none)")
+    ap.add_argument("--checks-from", metavar="NAME", help="take the gate checks of a 4-bit folder already measured "
+                    "under --results NAME (same work folder root) instead of running them again")
     ap.add_argument("--work", type=Path, default=BENCH / "work" / "quantize_spread")
     ap.add_argument("--results", default="quantize_spread")
     args = ap.parse_args()
@@ -233,6 +351,7 @@ def main() -> None:
     if stamp.exists() and json.loads(stamp.read_text()) != {"quantized": str(quantized), "fresh": args.fresh_questions}:
         raise SystemExit(f"{work} holds rolls of another release or question count: use another --results")
     save(stamp, {"quantized": str(quantized), "fresh": args.fresh_questions})
+    measured = earlier_checks(args.work, args.checks_from)
     examples = examples_by_split(preps, work, args.fresh_questions)
     merged_path = work / "merged.json"
     if claim(merged_path):
@@ -250,7 +369,8 @@ def main() -> None:
             t0 = time.perf_counter()
             quantize_model(merged, folder, calib=calib, force=True, progress=True, **{**kwargs, "seed": seed})
             quantize_s = time.perf_counter() - t0
-        roll = measure_roll(label, folder, merged, preps, examples, release_meta, quantize_s, threads)
+        roll = measure_roll(label, folder, merged, preps, examples, release_meta, quantize_s, threads,
+                            measured if seed is None else None)
         save(path, roll)
         path.with_suffix(".lock").unlink()
         print(label, json.dumps({c: round(v["degradation"], 4) for c, v in roll["checks"].items()}), flush=True)
@@ -265,6 +385,7 @@ def main() -> None:
     data = {"release": str(args.release), "merged": str(merged), "quantized": str(quantized), "threads": threads,
             "compute_dtype": release_meta.params.compute_dtype, "fresh_questions": args.fresh_questions,
             "recorded_settings": kwargs, "existing": {e.partition("=")[0]: e.partition("=")[2] for e in args.existing},
+            "checks_from": args.checks_from,
             "rolls": rolls, "spread": spread(rolls)}
     print(json.dumps(data["spread"]), flush=True)
     write_results(args.results, data)

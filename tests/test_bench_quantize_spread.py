@@ -1,6 +1,8 @@
 """The quantize-spread bench's bookkeeping: a roll's drops and flips against the merged model, its two verdicts
 (the page's goals on test and fresh questions, the gate's on val) and what choosing a roll by val would pick."""
 
+import math
+
 from bench.quantize_spread import spread, summarize
 
 TASKS = ("reverse-words", "number-words")
@@ -53,3 +55,60 @@ def test_choosing_on_val_picks_the_smallest_worst_task_val_drop_and_reports_its_
     assert abs(chosen["worst_test_drop"] - 0.005) < 1e-12
     assert abs(out["median_worst_test_drop"] - 0.01) < 1e-12
     assert abs(out["drops"]["reverse-words"]["test"]["max"] - 0.025) < 1e-12
+
+
+def test_the_chance_of_a_split_past_the_bar_matches_every_outcome_enumerated():
+    import itertools
+
+    from bench.quantize_spread import p_drop_past
+
+    n, p_lost, p_gained, bar = 8, 0.2, 0.1, 0.25  # past the bar: a net loss of 3 or more of 8
+    probs = {1: p_lost, -1: p_gained, 0: 1 - p_lost - p_gained}
+    reference = sum(math.prod(probs[o] for o in outcome)
+                    for outcome in itertools.product((1, -1, 0), repeat=n) if sum(outcome) > bar * n)
+    assert abs(p_drop_past(n, p_lost, p_gained, bar) - reference) < 1e-12
+    assert p_drop_past(200, 0.0, 0.01) == 0.0
+
+
+def test_the_chance_at_the_test_split_size_matches_a_simulation():
+    import numpy as np
+
+    from bench.quantize_spread import p_drop_past
+
+    draws = np.random.default_rng(0).multinomial(200, [0.0125, 0.003, 1 - 0.0155], size=400_000)
+    simulated = float(np.mean(draws[:, 0] - draws[:, 1] > 4))  # 4 of 200 is the 2-point bar, still within it
+    assert abs(p_drop_past(200, 0.0125, 0.003) - simulated) < 0.003
+
+
+def test_a_drop_interval_is_the_normal_interval_of_the_per_question_differences():
+    import statistics
+
+    from bench.quantize_spread import Z95, drop_interval
+
+    diffs = [1] * 7 + [-1] * 2 + [0] * 191
+    mean, sd = statistics.fmean(diffs), statistics.pstdev(diffs)
+    lo, hi = drop_interval(7, 2, 200)
+    assert abs(lo - (mean - Z95 * sd / math.sqrt(200))) < 1e-12 and abs(hi - (mean + Z95 * sd / math.sqrt(200))) < 1e-12
+    assert drop_interval(0, 0, 200) == (0.0, 0.0)
+
+
+def test_rolls_that_lose_alike_share_one_rate_and_a_roll_that_loses_far_more_does_not():
+    from bench.quantize_spread import lost_homogeneity_p
+
+    assert lost_homogeneity_p([5, 5, 5], 190) > 0.99
+    assert lost_homogeneity_p([1, 2, 25], 190) < 1e-4
+    assert lost_homogeneity_p([4], 190) is None and lost_homogeneity_p([0, 0], 190) is None
+
+
+def test_the_spread_pools_every_rolls_flips_per_task_and_split():
+    rolls = {k: _summary(_roll(k, {("test", "reverse-words"): flips, ("fresh", "reverse-words"): (1, 0)}))
+             for k, flips in {"a": (3, 1), "b": (5, 0), "c": (1, 0)}.items()}
+    pooled = spread(rolls)["pooled"]["reverse-words"]
+    test = pooled["test"]
+    assert (test["questions"], test["rolls"], test["lost"], test["gained"]) == (200, 3, 9, 1)
+    assert abs(test["p_lost"] - 9 / 600) < 1e-12 and abs(test["drop"] - 8 / 600) < 1e-12
+    assert test["p_past_bar"] > pooled["fresh"]["p_past_bar"]  # more lost per question: more often past the bar
+    out = spread(rolls)
+    assert out["pooled"]["number-words"]["test"]["lost"] == 0 and out["pooled"]["number-words"]["test"]["p_past_bar"] == 0
+    # meeting the goals needs test and fresh within the bar on every task: the chances multiply
+    assert abs(out["noise_only_meet_rate"]["own_sizes"] - (1 - test["p_past_bar"]) * (1 - pooled["fresh"]["p_past_bar"])) < 1e-12
