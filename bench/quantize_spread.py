@@ -203,8 +203,21 @@ def summarize(roll: dict, merged: dict) -> dict:
                            for split in SPLITS}}
 
 
-def spread(rolls: dict[str, dict]) -> dict:
+def question_diffs(answers_by_roll: list[dict], merged: dict) -> dict[tuple[str, str], list[float]]:
+    """{(split, task): per question, the rolls' mean of lost (+1) / gained (-1) / same (0) against the merged model}:
+    the rolls share their questions, so the pooled drop's uncertainty is over questions, not over answers."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for split, tasks in merged.items():
+        for task, base in tasks.items():
+            rows = [roll[split][task] for roll in answers_by_roll if task in roll.get(split, {})]
+            if rows and len(rows) == len(answers_by_roll):
+                out[(split, task)] = [statistics.fmean(int(b) - int(r[q]) for r in rows) for q, b in enumerate(base)]
+    return out
+
+
+def spread(rolls: dict[str, dict], diffs: dict[tuple[str, str], list[float]] | None = None) -> dict:
     """Across rolls: how many met the goals and passed the gate, each task's drop per split (min / median / max),
+    flips pooled per task and split (``pooled_flips``; the drop's interval over ``diffs``' questions when given),
     and what choosing the roll with the smallest worst-task val drop would have given on test and fresh."""
     out: dict = {"rolls": len(rolls), "meet_goals": sum(r["meets_goals"] for r in rolls.values()),
                  "gate_passes": sum(r["gate_passes"] for r in rolls.values()),
@@ -219,7 +232,7 @@ def spread(rolls: dict[str, dict]) -> dict:
                 out["drops"].setdefault(task, {})[split] = {"min": drops[0], "median": statistics.median(drops),
                                                             "max": drops[-1]}
             pooled = pooled_flips([r["scores"][split][task] for r in rolls.values()
-                                   if task in r["scores"].get(split, {})])
+                                   if task in r["scores"].get(split, {})], (diffs or {}).get((split, task)))
             if pooled:
                 out.setdefault("pooled", {}).setdefault(task, {})[split] = pooled
     if "pooled" in out:
@@ -238,18 +251,27 @@ def spread(rolls: dict[str, dict]) -> dict:
     return out
 
 
-def pooled_flips(scores: list[dict]) -> dict | None:
+def pooled_flips(scores: list[dict], diffs: list[float] | None = None) -> dict | None:
     """One task's split across rolls: flips pooled into per-question rates, the drop they imply with its 95%
     interval, whether the rolls lose answers at one rate, and how often a split of this size would drop past the bar
-    at the pooled rates (also at 200 questions, the test split's size). None when rolls asked different counts."""
+    at the pooled rates (also at 200 questions, the test split's size). None when rolls asked different counts.
+
+    The interval is over questions: ``diffs`` holds each question's mean flip across the rolls, which share the
+    questions (without it, every roll's answers count as independent, which is narrower than it should be)."""
     if not scores or len({s["questions"] for s in scores}) != 1:
         return None
     n, lost, gained = scores[0]["questions"], sum(s["lost"] for s in scores), sum(s["gained"] for s in scores)
     total = n * len(scores)
     p_lost, p_gained = lost / total, gained / total
     right = round(scores[0]["merged"] * n)
+    if diffs is not None and len(diffs) == n:
+        half = Z95 * statistics.pstdev(diffs) / math.sqrt(n)
+        interval = (statistics.fmean(diffs) - half, statistics.fmean(diffs) + half)
+    else:
+        interval = drop_interval(lost, gained, total)
     return {"questions": n, "rolls": len(scores), "lost": lost, "gained": gained, "p_lost": p_lost,
-            "p_gained": p_gained, "drop": p_lost - p_gained, "drop_ci95": drop_interval(lost, gained, total),
+            "p_gained": p_gained, "drop": p_lost - p_gained, "drop_ci95": interval,
+            "interval_over": "questions" if diffs is not None and len(diffs) == n else "answers",
             "lost_homogeneity_p": lost_homogeneity_p([s["lost"] for s in scores], right),
             "p_past_bar": p_drop_past(n, p_lost, p_gained), "p_past_bar_n200": p_drop_past(200, p_lost, p_gained)}
 
@@ -308,7 +330,8 @@ def readme(data: dict, name: str) -> str:
                      + (f", fresh {100 * c['worst_fresh_drop']:.1f} (median {100 * s['median_worst_fresh_drop']:.1f})"
                         if c.get("worst_fresh_drop") is not None else "") + ".")
     if "pooled" in s:
-        lines += ["", "Pooled over the rolls (per-question rates; drop with its 95% interval; p of one common lost "
+        lines += ["", "Pooled over the rolls (per-question rates; drop with its 95% interval over the questions, which the rolls "
+                  "share; p of one common lost "
                   "rate across rolls; how often a split of its size, and one of 200, drops past 2 points at these "
                   "rates):", "", "| task | split | questions x rolls | lost / gained | drop (points) | 95% interval | "
                   "one rate p | past the bar: own size | at 200 |", "|---|---|---|---|---|---|---|---|---|"]
@@ -378,15 +401,16 @@ def main() -> None:
         raise SystemExit("the merged model's answers are still being measured by another run; when it is done, "
                          f"assemble with --seeds ''")
     merged_answers = json.loads(merged_path.read_text())["answers"]
-    rolls = {}
+    rolls, answers_by_roll = {}, []
     for path in sorted(work.glob("roll-*.json"), key=lambda p: (p.stem != "roll-release", p.stem)):
         roll = json.loads(path.read_text())
         rolls[roll["label"]] = {**{k: v for k, v in roll.items() if k != "answers"}, **summarize(roll, merged_answers)}
+        answers_by_roll.append(roll["answers"])
     data = {"release": str(args.release), "merged": str(merged), "quantized": str(quantized), "threads": threads,
             "compute_dtype": release_meta.params.compute_dtype, "fresh_questions": args.fresh_questions,
             "recorded_settings": kwargs, "existing": {e.partition("=")[0]: e.partition("=")[2] for e in args.existing},
             "checks_from": args.checks_from,
-            "rolls": rolls, "spread": spread(rolls)}
+            "rolls": rolls, "spread": spread(rolls, question_diffs(answers_by_roll, merged_answers))}
     print(json.dumps(data["spread"]), flush=True)
     write_results(args.results, data)
     update_readme_section(args.results, readme(data, args.results))

@@ -112,3 +112,22 @@ def test_the_spread_pools_every_rolls_flips_per_task_and_split():
     assert out["pooled"]["number-words"]["test"]["lost"] == 0 and out["pooled"]["number-words"]["test"]["p_past_bar"] == 0
     # meeting the goals needs test and fresh within the bar on every task: the chances multiply
     assert abs(out["noise_only_meet_rate"]["own_sizes"] - (1 - test["p_past_bar"]) * (1 - pooled["fresh"]["p_past_bar"])) < 1e-12
+
+
+def test_the_pooled_interval_is_over_the_shared_questions_not_every_rolls_answers():
+    import statistics
+
+    from bench.quantize_spread import Z95, question_diffs
+
+    flips = {("test", "reverse-words"): (4, 0)}  # every roll loses the same four questions
+    raw = [_roll(k, flips) for k in "abc"]
+    rolls = {r["label"]: _summary(r) for r in raw}
+    diffs = question_diffs([r["answers"] for r in raw], _merged())
+    assert diffs[("test", "reverse-words")][:5] == [1.0, 1.0, 1.0, 1.0, 0.0]
+    over_questions = spread(rolls, diffs)["pooled"]["reverse-words"]["test"]
+    over_answers = spread(rolls)["pooled"]["reverse-words"]["test"]
+    per_question = [1.0] * 4 + [0.0] * 196
+    half = Z95 * statistics.pstdev(per_question) / math.sqrt(200)
+    assert over_questions["interval_over"] == "questions" and over_answers["interval_over"] == "answers"
+    assert abs(over_questions["drop_ci95"][1] - (0.02 + half)) < 1e-12
+    assert over_questions["drop_ci95"][1] > over_answers["drop_ci95"][1]  # three rolls are not 600 questions
