@@ -293,11 +293,12 @@ def readme(data: dict, name: str) -> str:
     rolls, s = data["rolls"], data["spread"]
     tasks = sorted(next(iter(rolls.values()))["scores"]["test"])
     splits = [sp for sp in SPLITS if any(sp in r["scores"] for r in rolls.values())]
-    seeds = ",".join(str(r["seed"]) for k, r in rolls.items() if k.startswith("seed") and k not in data.get("existing", {}))
+    existing = data.get("existing", {})
+    seeds = ",".join(str(r["seed"]) for k, r in rolls.items() if k.startswith("seed") and k not in existing)
     lines = [f"## {name}", "",
              f"`LORAKIT_THREADS={data['threads']} python bench/quantize_spread.py --release {data['release']} --seeds "
              f"{seeds} --fresh-questions {data['fresh_questions']}"
-             + "".join(f" --existing {k}=..." for k in data.get("existing", {}))
+             + "".join(f" --existing {k}=..." for k in existing)
              + (f" --checks-from {data['checks_from']}" if data.get("checks_from") else "")
              + (f" --results {name}" if name != "quantize_spread" else "") + "`: one release's merged model rounded "
              "again with the settings its `lorakit_quant.json` records (checked) but the calibration seed, at the "
@@ -330,16 +331,16 @@ def readme(data: dict, name: str) -> str:
                      + (f", fresh {100 * c['worst_fresh_drop']:.1f} (median {100 * s['median_worst_fresh_drop']:.1f})"
                         if c.get("worst_fresh_drop") is not None else "") + ".")
     if "pooled" in s:
-        lines += ["", "Pooled over the rolls (per-question rates; drop with its 95% interval over the questions, which the rolls "
-                  "share; p of one common lost "
-                  "rate across rolls; how often a split of its size, and one of 200, drops past 2 points at these "
+        lines += ["", "Pooled over the rolls (per-question rates; drop with its 95% interval over the questions, "
+                  "which the rolls share; p of one common lost rate across rolls; how often a split of its size, and one of 200, drops past 2 points at these "
                   "rates):", "", "| task | split | questions x rolls | lost / gained | drop (points) | 95% interval | "
                   "one rate p | past the bar: own size | at 200 |", "|---|---|---|---|---|---|---|---|---|"]
         for task, splits in s["pooled"].items():
             for split, q in splits.items():
                 homog = "" if q["lost_homogeneity_p"] is None else f"{q['lost_homogeneity_p']:.2f}"
                 lines.append(f"| {task} | {split} | {q['questions']} x {q['rolls']} | {q['lost']} / {q['gained']} | "
-                             f"{100 * q['drop']:.2f} | {100 * q['drop_ci95'][0]:.2f} to {100 * q['drop_ci95'][1]:.2f} | "
+                             f"{100 * q['drop']:.2f} | {100 * q['drop_ci95'][0]:.2f} to "
+                             f"{100 * q['drop_ci95'][1]:.2f} | "
                              f"{homog} | {q['p_past_bar']:.3f} | {q['p_past_bar_n200']:.3f} |")
         rate = s["noise_only_meet_rate"]
         lines += ["", f"If every roll shared these rates, {rate['own_sizes']:.0%} of rolls would meet the goals on "

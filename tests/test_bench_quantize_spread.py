@@ -109,9 +109,11 @@ def test_the_spread_pools_every_rolls_flips_per_task_and_split():
     assert abs(test["p_lost"] - 9 / 600) < 1e-12 and abs(test["drop"] - 8 / 600) < 1e-12
     assert test["p_past_bar"] > pooled["fresh"]["p_past_bar"]  # more lost per question: more often past the bar
     out = spread(rolls)
-    assert out["pooled"]["number-words"]["test"]["lost"] == 0 and out["pooled"]["number-words"]["test"]["p_past_bar"] == 0
+    number_words = out["pooled"]["number-words"]["test"]
+    assert number_words["lost"] == 0 and number_words["p_past_bar"] == 0
     # meeting the goals needs test and fresh within the bar on every task: the chances multiply
-    assert abs(out["noise_only_meet_rate"]["own_sizes"] - (1 - test["p_past_bar"]) * (1 - pooled["fresh"]["p_past_bar"])) < 1e-12
+    expected = (1 - test["p_past_bar"]) * (1 - pooled["fresh"]["p_past_bar"])
+    assert abs(out["noise_only_meet_rate"]["own_sizes"] - expected) < 1e-12
 
 
 def test_the_pooled_interval_is_over_the_shared_questions_not_every_rolls_answers():
