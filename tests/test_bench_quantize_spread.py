@@ -133,3 +133,15 @@ def test_the_pooled_interval_is_over_the_shared_questions_not_every_rolls_answer
     assert over_questions["interval_over"] == "questions" and over_answers["interval_over"] == "answers"
     assert abs(over_questions["drop_ci95"][1] - (0.02 + half)) < 1e-12
     assert over_questions["drop_ci95"][1] > over_answers["drop_ci95"][1]  # three rolls are not 600 questions
+
+
+def test_the_readme_section_shows_every_roll_and_the_pooled_rates():
+    from bench.quantize_spread import readme
+
+    raw = [_roll(k, {("test", "reverse-words"): (3, 1), ("val", "number-words"): (1, 0)}) for k in ("release", "seed1")]
+    rolls = {r["label"]: _summary(r) for r in raw}
+    data = {"threads": 1, "release": "OUT", "fresh_questions": 200, "existing": {}, "compute_dtype": "float32",
+            "rolls": rolls, "spread": spread(rolls)}
+    text = readme(data, "quantize_spread_x")
+    assert text.startswith("## quantize_spread_x") and "| release | 0 | 1 |" in text and "| seed1 |" in text
+    assert "| reverse-words | test | 200 x 2 | 6 / 2 | 1.00 |" in text and "rolls would meet the goals" in text
