@@ -59,6 +59,7 @@ MAX_ACCURACY_DROP = 0.02  # the issue's 4-bit goal and the gate's default max_ac
 MAX_DEGRADATION = 0.05  # the gate's default max_degradation and general_max_degradation
 SEED_IS_A_ROLL = ("seed",)  # what a roll may change in the record besides thread count and timings
 Z95 = 1.959964  # two-sided 95% normal quantile
+NO_SEEDS = "''"  # how the usage line writes an empty --seeds
 
 
 def examples_by_split(preps: list[Path], work: Path, fresh_n: int) -> dict[str, dict]:
@@ -297,7 +298,7 @@ def readme(data: dict, name: str) -> str:
     seeds = ",".join(str(r["seed"]) for k, r in rolls.items() if k.startswith("seed") and k not in existing)
     lines = [f"## {name}", "",
              f"`LORAKIT_THREADS={data['threads']} python bench/quantize_spread.py --release {data['release']} --seeds "
-             f"{seeds} --fresh-questions {data['fresh_questions']}"
+             f"{seeds or NO_SEEDS} --fresh-questions {data['fresh_questions']}"
              + "".join(f" --existing {k}=..." for k in existing)
              + (f" --checks-from {data['checks_from']}" if data.get("checks_from") else "")
              + (f" --results {name}" if name != "quantize_spread" else "") + "`: one release's merged model rounded "
