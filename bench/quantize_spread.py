@@ -53,12 +53,12 @@ from bench.calibration_mix import gate_checks, task_name  # noqa: E402
 from bench.common import cpu_line, release_parser, update_readme_section, write_results  # noqa: E402
 from bench.keep_sensitive import release_quantization, settings_differ  # noqa: E402
 from bench.release_scorecard import FRESH_QUESTIONS, score_folder  # noqa: E402
+from lorakit.evaluate.flips import Z95, answer_flips, drop_interval  # noqa: E402
 
 SPLITS = ("val", "test", "fresh")
 MAX_ACCURACY_DROP = 0.02  # the issue's 4-bit goal and the gate's default max_accuracy_drop
 MAX_DEGRADATION = 0.05  # the gate's default max_degradation and general_max_degradation
 SEED_IS_A_ROLL = ("seed",)  # what a roll may change in the record besides thread count and timings
-Z95 = 1.959964  # two-sided 95% normal quantile
 NO_SEEDS = "''"  # how the usage line writes an empty --seeds
 
 
@@ -141,15 +141,6 @@ def earlier_checks(work_root: Path, name: str | None) -> dict[str, dict]:
             for r in (json.loads(p.read_text()) for p in rolls)}
 
 
-def drop_interval(lost: int, gained: int, n: int) -> tuple[float, float]:
-    """95% interval of a paired exact-match drop (lost - gained) / n: the normal approximation to the mean of the
-    per-question differences (+1 lost, -1 gained, 0 otherwise)."""
-    mean = (lost - gained) / n
-    var = ((lost + gained) / n - mean * mean) / n
-    half = Z95 * math.sqrt(max(var, 0.0))
-    return mean - half, mean + half
-
-
 def p_drop_past(n: int, p_lost: float, p_gained: float, bar: float = MAX_ACCURACY_DROP) -> float:
     """Probability that ``n`` questions, each lost with probability ``p_lost`` and gained with ``p_gained``
     independently, show a drop (lost - gained) / n past ``bar``: how often a split of that size misses the bar by
@@ -183,17 +174,13 @@ def lost_homogeneity_p(lost: list[int], right: int) -> float | None:
 
 def summarize(roll: dict, merged: dict) -> dict:
     """A roll's exact match and flips against the merged model per split and task, and its two verdicts."""
-    from lorakit.evaluate.flips import answer_flips
-
     scores: dict = {}
     for split, tasks in roll["answers"].items():
         for task, mine in tasks.items():
             base = merged[split][task]
             em, em_merged = sum(mine) / len(mine), sum(base) / len(base)
-            flips = answer_flips(base, mine)
             scores.setdefault(split, {})[task] = {"exact_match": em, "merged": em_merged, "drop": em_merged - em,
-                                                  "drop_ci95": drop_interval(flips.lost, flips.gained, len(mine)),
-                                                  "questions": len(mine), **flips.to_dict()}
+                                                  **answer_flips(base, mine).to_dict()}
     ppl_ok = all(c["degradation"] <= MAX_DEGRADATION for c in roll["checks"].values())
     general_ok = all(c["degradation"] <= MAX_DEGRADATION for c in roll["checks"].values() if c["kind"] == "general")
     within = {split: all(s["drop"] <= MAX_ACCURACY_DROP + 1e-9 for s in scores.get(split, {}).values())
@@ -267,9 +254,9 @@ def pooled_flips(scores: list[dict], diffs: list[float] | None = None) -> dict |
     right = round(scores[0]["merged"] * n)
     if diffs is not None and len(diffs) == n:
         half = Z95 * statistics.pstdev(diffs) / math.sqrt(n)
-        interval = (statistics.fmean(diffs) - half, statistics.fmean(diffs) + half)
+        interval = [statistics.fmean(diffs) - half, statistics.fmean(diffs) + half]
     else:
-        interval = drop_interval(lost, gained, total)
+        interval = list(drop_interval(lost, gained, total))
     return {"questions": n, "rolls": len(scores), "lost": lost, "gained": gained, "p_lost": p_lost,
             "p_gained": p_gained, "drop": p_lost - p_gained, "drop_ci95": interval,
             "interval_over": "questions" if diffs is not None and len(diffs) == n else "answers",

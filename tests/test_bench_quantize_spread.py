@@ -80,18 +80,6 @@ def test_the_chance_at_the_test_split_size_matches_a_simulation():
     assert abs(p_drop_past(200, 0.0125, 0.003) - simulated) < 0.003
 
 
-def test_a_drop_interval_is_the_normal_interval_of_the_per_question_differences():
-    import statistics
-
-    from bench.quantize_spread import Z95, drop_interval
-
-    diffs = [1] * 7 + [-1] * 2 + [0] * 191
-    mean, sd = statistics.fmean(diffs), statistics.pstdev(diffs)
-    lo, hi = drop_interval(7, 2, 200)
-    assert abs(lo - (mean - Z95 * sd / math.sqrt(200))) < 1e-12 and abs(hi - (mean + Z95 * sd / math.sqrt(200))) < 1e-12
-    assert drop_interval(0, 0, 200) == (0.0, 0.0)
-
-
 def test_rolls_that_lose_alike_share_one_rate_and_a_roll_that_loses_far_more_does_not():
     from bench.quantize_spread import lost_homogeneity_p
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -351,8 +352,12 @@ def test_the_gate_judges_retention_and_the_accuracy_drop_on_every_val_question_a
     from scipy.stats import binomtest
 
     p_value = binomtest(lost, lost + gained, 0.5).pvalue  # McNemar's exact test, computed by scipy
-    assert lost > 0 and val["judged"]["answers_changed"] == {"lost": lost, "gained": gained,
-                                                             "p_value": pytest.approx(p_value)}
+    n_judged = len(m)
+    diffs = [int(a) - int(b) for a, b in zip(m, q)]  # +1 lost, -1 gained: the drop is their mean
+    half = 1.959964 * statistics.pstdev(diffs) / n_judged**0.5
+    assert lost > 0 and val["judged"]["answers_changed"] == {
+        "lost": lost, "gained": gained, "p_value": pytest.approx(p_value), "questions": n_judged,
+        "drop_ci95": pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half])}
     # the answers behind those counts: the same examples, references and answers task_accuracy gave each model
     for key, wanted in (("answers_lost", (True, False)), ("answers_gained", (False, True))):
         expected = [{"index": pm.index, "reference": pm.reference, "merged": pm.prediction, "quantized": pq.prediction}

@@ -7,25 +7,49 @@ model were as good as the merged one, each changed answer would be as likely los
 follows Binomial(lost + gained, 1/2). The p-value is the chance of a split at least as lopsided as the one seen,
 either way (two-sided, the textbook exact form). It is reported beside a drop; it does not replace the gate's
 fixed bar.
+
+Beside it, the drop's 95% interval says how precisely the split measured the drop at all. On 200 questions it
+spans about 2 points each side of the drop whenever a handful of answers changed, so a 2.5-point drop there and a
+0.5-point one can come from the same quantized model: the default release's six roundings of one merged model
+dropped from -0.1 to 1.4 reverse-words points on 2,000 fresh questions each, and the roll at 0.85 there had dropped
+2.5 on its 200 test questions (bench/results/quantize_spread_bf16_rw360_seed2_fresh2000.json).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import comb
+from math import comb, sqrt
 from typing import Sequence
+
+Z95 = 1.959964  # two-sided 95% normal quantile
 
 
 @dataclass(frozen=True)
 class AnswerFlips:
-    """``lost``: right before and wrong after; ``gained``: the reverse; ``p_value``: McNemar's exact two-sided test."""
+    """``lost``: right before and wrong after; ``gained``: the reverse; ``p_value``: McNemar's exact two-sided test;
+    ``questions``: how many were asked (the drop's interval needs it)."""
 
     lost: int
     gained: int
     p_value: float
+    questions: int | None = None
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"lost": self.lost, "gained": self.gained, "p_value": self.p_value}
+    def to_dict(self) -> dict:
+        out: dict = {"lost": self.lost, "gained": self.gained, "p_value": self.p_value}
+        if self.questions:
+            out.update(questions=self.questions, drop_ci95=list(drop_interval(self.lost, self.gained, self.questions)))
+        return out
+
+
+def drop_interval(lost: int, gained: int, questions: int) -> tuple[float, float]:
+    """95% interval of the paired drop in exact match, (lost - gained) / questions: the normal approximation to the
+    mean of the per-question differences (+1 lost, -1 gained, 0 unchanged)."""
+    if questions <= 0 or lost < 0 or gained < 0 or lost + gained > questions:
+        raise ValueError(f"need 0 <= lost + gained <= questions, got lost={lost}, gained={gained}, "
+                         f"questions={questions}")
+    mean = (lost - gained) / questions
+    half = Z95 * sqrt(max((lost + gained) / questions - mean * mean, 0.0) / questions)
+    return mean - half, mean + half
 
 
 def mcnemar_exact_p(lost: int, gained: int) -> float:
@@ -44,11 +68,15 @@ def answer_flips(before: Sequence[bool], after: Sequence[bool]) -> AnswerFlips:
         raise ValueError(f"the two models answered different numbers of questions ({len(before)} and {len(after)})")
     lost = sum(bool(b) and not a for b, a in zip(before, after))
     gained = sum(bool(a) and not b for b, a in zip(before, after))
-    return AnswerFlips(lost, gained, mcnemar_exact_p(lost, gained))
+    return AnswerFlips(lost, gained, mcnemar_exact_p(lost, gained), len(before))
 
 
 def describe_flips(changed: dict) -> str:
-    """"8 answers lost and 4 gained (McNemar p 0.39)" from ``AnswerFlips.to_dict()`` (scorecards written before
-    the p-value was recorded give the counts alone)."""
+    """"8 answers lost and 4 gained (McNemar p 0.39; the drop's 95% interval -0.7 to +4.7 points)" from
+    ``AnswerFlips.to_dict()`` (scorecards written before the p-value or the interval was recorded give less)."""
     text = f"{changed['lost']} answers lost and {changed['gained']} gained"
-    return text if changed.get("p_value") is None else f"{text} (McNemar p {changed['p_value']:.2g})"
+    notes = [] if changed.get("p_value") is None else [f"McNemar p {changed['p_value']:.2g}"]
+    if changed.get("drop_ci95"):
+        lo, hi = changed["drop_ci95"]
+        notes.append(f"the drop's 95% interval {100 * lo:+.1f} to {100 * hi:+.1f} points")
+    return f"{text} ({'; '.join(notes)})" if notes else text
