@@ -395,6 +395,8 @@ def main() -> None:
         roll = json.loads(path.read_text())
         rolls[roll["label"]] = {**{k: v for k, v in roll.items() if k != "answers"}, **summarize(roll, merged_answers)}
         answers_by_roll.append(roll["answers"])
+    if not rolls:
+        raise SystemExit("no roll is measured yet (another run holds them): when it is done, assemble with --seeds ''")
     data = {"release": str(args.release), "merged": str(merged), "quantized": str(quantized), "threads": threads,
             "compute_dtype": release_meta.params.compute_dtype, "fresh_questions": args.fresh_questions,
             "recorded_settings": kwargs, "existing": {e.partition("=")[0]: e.partition("=")[2] for e in args.existing},
