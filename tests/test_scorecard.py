@@ -415,3 +415,24 @@ def test_judge_boundaries_on_hand_made_numbers():
     assert checks[0].value == 0.88 and "200 questions" in checks[0].message
     with pytest.raises(InputError, match="min_retention"):
         judge_scorecard(card, min_retention=float("nan"))
+
+
+def test_a_failed_accuracy_drop_says_when_its_split_cannot_resolve_the_bar():
+    """5 of 200 lost: 2.5 points, past a 2-point bar, but its interval reaches inside it; 40 of 2,000 lost (2.0 points
+    measured to about 0.6) past a 1-point bar does not."""
+    from lorakit.evaluate.flips import answer_flips
+
+    def card(lost: int, n: int) -> dict:
+        merged, quantized = [True] * n, [i >= lost for i in range(n)]
+        judged = {"n_examples": n, "merged": 1.0, "quantized": 1 - lost / n, "accuracy_drop": lost / n,
+                  "answers_changed": answer_flips(merged, quantized).to_dict()}
+        val = {"accuracy_skipped": None, "models": {}, "retention": {}, "accuracy_drop": lost / n, "judged": judged}
+        return {"task_order": ["t"], "tasks": {"t": {"splits": {"val": val}}}}
+
+    small = judge_scorecard(card(5, 200), min_retention=None, max_accuracy_drop=0.02)[0]
+    assert not small.passed and "the drop's 95% interval +0.3 to +4.7 points" in small.message
+    assert "cannot tell the release from one within it" in small.message and "--val-fraction" in small.message
+    large = judge_scorecard(card(40, 2000), min_retention=None, max_accuracy_drop=0.01)[0]
+    assert not large.passed and "cannot tell" not in large.message
+    within = judge_scorecard(card(3, 200), min_retention=None, max_accuracy_drop=0.02)[0]
+    assert within.passed and "cannot tell" not in within.message  # a pass needs no advice
