@@ -72,8 +72,8 @@ def answer_flips(before: Sequence[bool], after: Sequence[bool]) -> AnswerFlips:
 
 
 def describe_flips(changed: dict) -> str:
-    """"8 answers lost and 4 gained (McNemar p 0.39; the drop's 95% interval -0.7 to +4.7 points)" from
-    ``AnswerFlips.to_dict()`` (scorecards written before the p-value or the interval was recorded give less)."""
+    """"8 answers lost and 4 gained (McNemar p 0.39; the drop's 95% interval -1.4 to +5.4 points)" (of 200 questions)
+    from ``AnswerFlips.to_dict()`` (scorecards written before the p-value or the interval was recorded give less)."""
     text = f"{changed['lost']} answers lost and {changed['gained']} gained"
     notes = [] if changed.get("p_value") is None else [f"McNemar p {changed['p_value']:.2g}"]
     if changed.get("drop_ci95"):

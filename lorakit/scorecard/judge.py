@@ -104,13 +104,13 @@ def judge_scorecard(scorecard: dict[str, Any], *, min_retention: float | None = 
             flips = f", {describe_flips(changed)}" if changed else ""
             interval = (changed or {}).get("drop_ci95")
             unresolved = not ok and interval is not None and interval[0] <= max_accuracy_drop
+            advice = ("; the interval reaches inside the bar, so this split cannot tell the release from one within "
+                      "it: a larger val split (`lorakit prep --val-fraction`) measures the drop closer")
             out.append(ScorecardCheck(
                 "max_accuracy_drop", task, metric, drop, max_accuracy_drop, ok,
                 f"exact match on {task} ({JUDGED_SPLIT}{n}): merged {judged['merged']:.1%}, "
                 f"quantized {judged['quantized']:.1%}: drop {drop * 100:+.1f} points{flips} "
-                f"({'<=' if ok else '>'} {max_accuracy_drop * 100:.1f})"
-                + ("; the interval reaches inside the bar, so this split cannot tell the release from one within it: "
-                   "a larger val split (`lorakit prep --val-fraction`) measures the drop closer" if unresolved else "")))
+                f"({'<=' if ok else '>'} {max_accuracy_drop * 100:.1f})" + (advice if unresolved else "")))
     general = scorecard.get("general_text") or {}
     loss = (general.get("vs_base") or {}).get("merged")
     if max_general_forgetting is not None and loss is not None:
