@@ -320,8 +320,9 @@ def readme(data: dict, name: str) -> str:
                         if c.get("worst_fresh_drop") is not None else "") + ".")
     if "pooled" in s:
         lines += ["", "Pooled over the rolls (per-question rates; drop with its 95% interval over the questions, "
-                  "which the rolls share; p of one common lost rate across rolls; how often a split of its size, and one of 200, drops past 2 points at these "
-                  "rates):", "", "| task | split | questions x rolls | lost / gained | drop (points) | 95% interval | "
+                  "which the rolls share; p of one common lost rate across rolls; how often a split of its size, and "
+                  "one of 200, drops past 2 points at these rates):", "",
+                  "| task | split | questions x rolls | lost / gained | drop (points) | 95% interval | "
                   "one rate p | past the bar: own size | at 200 |", "|---|---|---|---|---|---|---|---|---|"]
         for task, splits in s["pooled"].items():
             for split, q in splits.items():
