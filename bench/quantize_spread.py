@@ -252,14 +252,15 @@ def pooled_flips(scores: list[dict], diffs: list[float] | None = None) -> dict |
     total = n * len(scores)
     p_lost, p_gained = lost / total, gained / total
     right = round(scores[0]["merged"] * n)
-    if diffs is not None and len(diffs) == n:
+    by_question = diffs is not None and len(diffs) == n
+    if by_question:
         half = Z95 * statistics.pstdev(diffs) / math.sqrt(n)
         interval = [statistics.fmean(diffs) - half, statistics.fmean(diffs) + half]
     else:
         interval = list(drop_interval(lost, gained, total))
     return {"questions": n, "rolls": len(scores), "lost": lost, "gained": gained, "p_lost": p_lost,
             "p_gained": p_gained, "drop": p_lost - p_gained, "drop_ci95": interval,
-            "interval_over": "questions" if diffs is not None and len(diffs) == n else "answers",
+            "interval_over": "questions" if by_question else "answers",
             "lost_homogeneity_p": lost_homogeneity_p([s["lost"] for s in scores], right),
             "p_past_bar": p_drop_past(n, p_lost, p_gained), "p_past_bar_n200": p_drop_past(200, p_lost, p_gained)}
 
