@@ -50,7 +50,7 @@ class _Section(StageOptions):
 # What one dataset may set for its own adapter (``datasets[i].lora``): how long and how hard it trains. Tasks differ
 # there (number-words needs lr 2e-3 where reverse-words at 1e-3 already forgets more general English:
 # bench/results/train_sweep.json). What the merge and the training pool rely on (quantization, variant, init,
-# target modules, rank, device) stays the run's, one value for every adapter.
+# target modules and layers, rank, device) stays the run's, one value for every adapter.
 PER_DATASET_LORA_KEYS = ("lr", "epochs", "max_steps", "warmup_ratio", "weight_decay", "lora_plus_ratio", "batch_size",
                          "grad_accum", "seed")
 

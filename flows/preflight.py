@@ -195,6 +195,17 @@ def _check_quantize(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> No
         report.notes.append(f"quantize.group_size (default): {note}")
 
 
+def _check_layers(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> None:
+    """``lora.layers`` must name decoder layers the base has: refused now, not when the first adapter loads."""
+    from lorakit.models.folder import read_model_config
+    from lorakit.train.options import adapted_layers
+
+    try:
+        adapted_layers(cfg.lora.layers, read_model_config(base_dir), str(cfg.base))
+    except InputError as exc:
+        report.add(f"'lora.layers': {str(exc).removeprefix('--layers: ')}")
+
+
 def _check_merge_memory(cfg: ReleaseConfig, base_dir: Path, report: Preflight) -> None:
     """Method regmean holds float64 Gram matrices of every adapted layer's inputs; a base too wide for this
     machine's memory is refused now, not after its adapters trained (the merge stage checks the same,
@@ -408,6 +419,8 @@ def preflight(data: Any) -> Preflight:
     base_dir = report.base_dir = _resolve_base(cfg, report) if "base" not in bad else None
     if base_dir is not None and "quantize" not in bad:
         _check_quantize(cfg, base_dir, report)
+    if base_dir is not None and "lora" not in bad:
+        _check_layers(cfg, base_dir, report)
     if base_dir is not None and not {"merge", "lora", "datasets"} & bad:
         _check_merge_memory(cfg, base_dir, report)
     if base_dir is not None and not {"quantize", "route_gpu"} & bad:

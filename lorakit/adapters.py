@@ -274,7 +274,7 @@ def check_compatible(adapters: list[Adapter], *, ignore_base_name: bool = False)
             detail = f"{only_b[0]} is only in {other.label}" if only_b else f"{only_a[0]} is only in {first.label}"
             raise IncompatibleAdaptersError(
                 f"adapters target different modules ({detail}; {len(only_a) + len(only_b)} differ); "
-                "merge adapters trained with the same target modules"
+                "merge adapters trained with the same target modules and layers (--target, --layers)"
             )
         for name in sorted(a_names):
             ma, mb = first.modules[name], other.modules[name]

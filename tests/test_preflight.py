@@ -41,7 +41,7 @@ def test_every_problem_listed_at_once_exit_2_nothing_written(tiny_base, tmp_path
     import torch
 
     (tmp_path / "odd.jsonl").write_text('{"question": "2+2?", "reply": "4"}\n', encoding="utf-8")
-    data = tiny_config_data(tiny_base, tmp_path, lora={"device": "cuda"},
+    data = tiny_config_data(tiny_base, tmp_path, lora={"device": "cuda", "layers": "top:5"},
                             quantize={"group_size": 256, "calib_general": str(tmp_path / "gone-calib.txt")},
                             gate={"general_text": str(tmp_path / "gone-general.jsonl")},
                             registry={"name": "r" * 60})  # valid alone (<= 64); not once '-adapter-...' is added
@@ -63,6 +63,7 @@ def test_every_problem_listed_at_once_exit_2_nothing_written(tiny_base, tmp_path
         "undetectable format": ("'datasets.3' (odd)", "cannot tell the format", "datasets.3.format"),
         # q/k/v, o and gate/up take the tiny base's hidden size 128 (tests/conftest.py): 256 does not divide it
         "group size": ("'quantize.group_size'", "256 does not divide", "quantize.group_size 128"),
+        "layers": ("'lora.layers'", "top:5", "has 2 decoder layers"),  # the tiny base's depth
         # 'r'*60 + '-adapter-reverse-words' = 82 characters; the registry allows 64, so 42 is the longest that fits
         "general text": ("'gate.general_text'", "gone-general.jsonl does not exist"),
         "calibration general text": ("'quantize.calib_general'", "gone-calib.txt does not exist"),

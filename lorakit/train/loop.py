@@ -41,7 +41,7 @@ from lorakit.train.model import (assert_not_repacked, check_tied_targets, dropou
 from lorakit.train.prefix import MIN_PREFIX, prefix_batch, prefix_hidden
 from lorakit.train.sanity import TrainingSanityError, check_loss_fell, check_step
 from lorakit.train import variants
-from lorakit.train.options import DEFAULT_MAX_STEPS, TRAIN
+from lorakit.train.options import DEFAULT_MAX_STEPS, TRAIN, adapted_layers, parse_layer_spec
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -55,6 +55,7 @@ class TrainConfig:
     alpha: float = TRAIN.alpha
     dropout: float = TRAIN.dropout
     target: str = TRAIN.target
+    layers: str = TRAIN.layers  # all | top:N | A-B (lorakit.train.options.parse_layer_spec)
     rslora: bool = TRAIN.rslora
     lr: float = TRAIN.lr
     epochs: float | None = TRAIN.epochs
@@ -95,6 +96,10 @@ class TrainConfig:
         if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
             raise InputError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
         variants.check_variant(self.variant, self.init, self.quant, self.lora_plus_ratio)
+        try:
+            parse_layer_spec(self.layers)
+        except ValueError as exc:
+            raise InputError(f"--layers: {exc}") from None
 
     def fingerprint(self, prep_digest: str, base_digest: str, compute_dtype: str) -> str:
         """What a checkpoint must match to be resumed: everything that changes the computation, including the
@@ -342,6 +347,7 @@ def train_adapter(
     alpha: float = TRAIN.alpha,
     dropout: float = TRAIN.dropout,
     target: str = TRAIN.target,
+    layers: str = TRAIN.layers,
     rslora: bool = TRAIN.rslora,
     lr: float = TRAIN.lr,
     epochs: float | None = TRAIN.epochs,
@@ -383,7 +389,7 @@ def train_adapter(
     if epochs is None and max_steps is None:  # recorded as the step count it means
         max_steps = DEFAULT_MAX_STEPS
     cfg = TrainConfig(quant=quant, r=int(r), alpha=float(alpha), dropout=float(dropout),
-                      target=target if isinstance(target, str) else ",".join(target), rslora=bool(rslora),
+                      target=target if isinstance(target, str) else ",".join(target), layers=str(layers), rslora=bool(rslora),
                       lr=float(lr), epochs=epochs, max_steps=max_steps, batch_size=int(batch_size),
                       grad_accum=int(grad_accum), seed=int(seed), warmup_ratio=float(warmup_ratio),
                       weight_decay=float(weight_decay), max_grad_norm=float(max_grad_norm),
@@ -399,7 +405,9 @@ def train_adapter(
             f"{prep_dir} was tokenized with {prep.tokenizer['id']}'s tokenizer, but base {base_name} has a different "
             f"one; re-run `lorakit prep --base {base_name}` or train with --base {prep.tokenizer['id']}"
         )
-    tied = ties_embeddings(read_model_config(base_dir))
+    model_config = read_model_config(base_dir)
+    tied = ties_embeddings(model_config)
+    layer_list = adapted_layers(cfg.layers, model_config, base_name)
     targets = parse_targets(cfg.target)
     check_tied_targets(targets, tied, base_name)
     variants.check_base(base_dir, cfg.variant, cfg.quant, targets)
@@ -422,7 +430,7 @@ def train_adapter(
     loaded = load_for_training(base_dir, quant=cfg.quant, device=dev, r=cfg.r, alpha=cfg.alpha,
                                dropout=cfg.dropout, targets=targets, rslora=cfg.rslora, seed=cfg.seed,
                                gradient_checkpointing=cfg.gradient_checkpointing, compute_dtype=dtype,
-                               variant=cfg.variant, init=cfg.init)
+                               variant=cfg.variant, init=cfg.init, layers=layer_list)
     model = loaded.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

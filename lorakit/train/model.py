@@ -58,6 +58,13 @@ def check_tied_targets(targets: str | list[str], tied: bool, base_label: str) ->
         )
 
 
+def all_linear_names(model: torch.nn.Module) -> list[str]:
+    """What PEFT's ``all-linear`` adapts, as names: every linear layer's last name part but the output head's."""
+    head = model.get_output_embeddings()
+    return sorted({name.split(".")[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not head})
+
+
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -72,7 +79,7 @@ class LoadedModel:
 def load_for_training(base_dir: Path, *, quant: str, device: str, r: int, alpha: float, dropout: float,
                       targets: str | list[str], rslora: bool, seed: int,
                       gradient_checkpointing: bool | None, compute_dtype: str = "auto", variant: str = "lora",
-                      init: str = "default") -> LoadedModel:
+                      init: str = "default", layers: list[int] | None = None) -> LoadedModel:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -99,8 +106,12 @@ def load_for_training(base_dir: Path, *, quant: str, device: str, r: int, alpha:
     compute = dtype_name(dtype)
     model.config.use_cache = False
     torch.manual_seed(seed)  # LoRA A init
+    layer_kwargs = {}
+    if layers is not None:  # PEFT takes layers_to_transform only with a list of module names
+        targets = all_linear_names(model) if targets == "all-linear" else targets
+        layer_kwargs = {"layers_to_transform": list(layers)}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora,
-                        bias="none", task_type="CAUSAL_LM", **lora_config_kwargs(variant, init))
+                        bias="none", task_type="CAUSAL_LM", **layer_kwargs, **lora_config_kwargs(variant, init))
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from lorakit.errors import InputError
 from lorakit.options import Cli, StageOptions
 from lorakit.runtime import DEFAULT_DEVICE
 
@@ -46,6 +47,51 @@ VARIANTS = ("lora", "dora")
 INITS = ("default", "loftq", "pissa", "olora")
 BASE_CHANGING_INITS = ("pissa", "olora")  # they rewrite the base into a residual: a float base only
 DEFAULT_MAX_STEPS = 80  # when neither max_steps nor epochs is given (the sweep above)
+
+
+def parse_layer_spec(spec: str) -> tuple[str, int, int] | None:
+    """``all`` -> None; ``top:N`` -> ("top", N, 0); ``A-B`` -> ("range", A, B). ValueError says the forms."""
+    text = str(spec).strip().lower()
+    if text == "all":
+        return None
+    forms = "all, top:N (the last N decoder layers) or A-B (0-based, inclusive)"
+    head, sep, tail = text.partition(":")
+    if sep and head == "top":
+        if tail.isdigit() and int(tail) > 0:
+            return ("top", int(tail), 0)
+        raise ValueError(f"layers {spec!r}: top:N needs a positive whole N; the forms are {forms}")
+    first, dash, last = text.partition("-")
+    if dash and first.isdigit() and last.isdigit() and int(first) <= int(last):
+        return ("range", int(first), int(last))
+    raise ValueError(f"layers {spec!r} is not one of {forms}")
+
+
+def layer_indices(spec: str, depth: int) -> list[int] | None:
+    """The 0-based decoder layers ``spec`` adapts in a model of ``depth`` layers; None = every layer."""
+    parsed = parse_layer_spec(spec)
+    if parsed is None:
+        return None
+    kind, a, b = parsed
+    if kind == "top":
+        if a > depth:
+            raise ValueError(f"layers top:{a}, but the base has {depth} decoder layers")
+        return list(range(depth - a, depth))
+    if b >= depth:
+        raise ValueError(f"layers {a}-{b}, but the base's decoder layers are 0-{depth - 1}")
+    return list(range(a, b + 1))
+
+
+def adapted_layers(spec: str, model_config: dict, base_name: str) -> list[int] | None:
+    """``--layers`` against the base's depth, from its config.json: refused before any weight is read."""
+    if parse_layer_spec(spec) is None:
+        return None
+    depth = model_config.get("num_hidden_layers")
+    if not isinstance(depth, int):
+        raise InputError(f"--layers {spec}: base {base_name}'s config.json gives no num_hidden_layers; use --layers all")
+    try:
+        return layer_indices(spec, depth)
+    except ValueError as exc:
+        raise InputError(f"--layers: {exc} (base {base_name})") from None
 
 
 class TrainOptions(StageOptions):
@@ -59,6 +105,9 @@ class TrainOptions(StageOptions):
                            "once (docs/train.md); any other value trains every copy of it (slower).")
     target: str = Field("all-linear", description="Modules to adapt: all-linear (never the output head) or a list "
                         "such as q,v or q_proj,v_proj.")
+    layers: str = Field("all", description="Decoder layers that get adapters: all, top:N (the last N) or a range "
+                        "such as 15-29 (0-based, inclusive). The frozen layers below the lowest adapted one need no "
+                        "backward pass, so a step costs less (docs/train.md).")
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     variant: Literal[VARIANTS] = Field(  # type: ignore[valid-type]
         "lora", description="dora: DoRA (learned magnitude x normalised direction, PEFT use_dora); merges materialise it.")
@@ -85,6 +134,12 @@ class TrainOptions(StageOptions):
                                         "gradient checks stay on).")
     checkpoint_every: int | None = Field(50, gt=0, description="Steps between checkpoints (kept until the run "
                                          "succeeds, for --resume); none = no checkpoints.")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_spec(cls, v: str) -> str:
+        parse_layer_spec(v)  # the syntax; the range against the model's depth is checked when the base is read
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainOptions:
