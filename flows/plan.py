@@ -77,6 +77,8 @@ class ReleasePlan:
 
     def train(self, ds: DatasetConfig, prep_dir: str) -> dict[str, Any]:
         params = self.config.lora_for(ds).model_dump()
+        if params.get("layers") == "all":  # the default: left out, so adapters trained before the option stay cached
+            del params["layers"]
         params["base"] = self.config.base
         params["compute_dtype"] = self.config.compute_dtype
         return {"prep_dir": prep_dir, "params": params,

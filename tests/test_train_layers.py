@@ -129,3 +129,27 @@ def test_adapters_of_different_layers_are_not_merged(tiny_base, prep, tmp_path):
         merge_adapters([top, every], [0.5, 0.5], tmp_path / "merged", output_kind="model", base=tiny_base,
                        progress=False)
     assert_nothing_written(tmp_path / "merged")
+
+
+def test_the_default_keeps_stage_folders_and_checkpoints_of_before_the_option():
+    """`all` is left out of the release's train parameters (its adapters' stage folder, so adapters trained before
+    the option stay cached) and of the resume fingerprint (written before the option as below); any other spec
+    is a new folder and a new fingerprint."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from flows.config import LoraConfig, ReleaseConfig
+    from flows.plan import ReleasePlan
+    from lorakit.train import TrainConfig
+
+    default, top = ReleaseConfig(), ReleaseConfig(lora=LoraConfig(layers="top:15"))
+    plain, other = (ReleasePlan(c).train(c.datasets[0], "prep") for c in (default, top))
+    assert "layers" not in plain["params"] and other["params"]["layers"] == "top:15"
+    assert plain["output"] != other["output"]
+
+    config = TrainConfig()
+    before = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "min_loss_drop", "layers")}
+    blob = json.dumps({"config": before, "prep": "p", "base": "b", "compute_dtype": "float32"}, sort_keys=True)
+    assert config.fingerprint("p", "b", "float32") == hashlib.sha256(blob.encode()).hexdigest()
+    assert TrainConfig(layers="top:1").fingerprint("p", "b", "float32") != config.fingerprint("p", "b", "float32")

@@ -105,6 +105,8 @@ class TrainConfig:
         """What a checkpoint must match to be resumed: everything that changes the computation, including the
         dtype ``auto`` resolved to (a checkpoint moved to a machine that resolves differently is not resumed)."""
         fields = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "min_loss_drop")}
+        if fields["layers"] == "all":  # as before the option existed, so older checkpoints still resume
+            del fields["layers"]
         blob = json.dumps({"config": fields, "prep": prep_digest, "base": base_digest, "compute_dtype": compute_dtype},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
