@@ -97,7 +97,8 @@ def measure_time(prep: str, params: dict, specs: list[str], steps: int) -> dict:
     median = {spec: statistics.median(v) for spec, v in runs.items()}
     return {"steps_per_run": steps, "runs_per_spec": 2, "loadavg_at_end": os.getloadavg()[0],
             "step_s": {spec: round(v, 3) for spec, v in median.items()},
-            "speedup_vs_all": {spec: round(median["all"] / v, 2) for spec, v in median.items()} if "all" in median else {},
+            "speedup_vs_all": ({spec: round(median["all"] / v, 2) for spec, v in median.items()}
+                               if "all" in median else {}),
             "all_steps_s": {spec: [round(t, 3) for t in v] for spec, v in runs.items()}}
 
 

@@ -391,7 +391,8 @@ def train_adapter(
     if epochs is None and max_steps is None:  # recorded as the step count it means
         max_steps = DEFAULT_MAX_STEPS
     cfg = TrainConfig(quant=quant, r=int(r), alpha=float(alpha), dropout=float(dropout),
-                      target=target if isinstance(target, str) else ",".join(target), layers=str(layers), rslora=bool(rslora),
+                      target=target if isinstance(target, str) else ",".join(target), layers=str(layers),
+                      rslora=bool(rslora),
                       lr=float(lr), epochs=epochs, max_steps=max_steps, batch_size=int(batch_size),
                       grad_accum=int(grad_accum), seed=int(seed), warmup_ratio=float(warmup_ratio),
                       weight_decay=float(weight_decay), max_grad_norm=float(max_grad_norm),

@@ -87,7 +87,8 @@ def adapted_layers(spec: str, model_config: dict, base_name: str) -> list[int] |
         return None
     depth = model_config.get("num_hidden_layers")
     if not isinstance(depth, int):
-        raise InputError(f"--layers {spec}: base {base_name}'s config.json gives no num_hidden_layers; use --layers all")
+        raise InputError(f"--layers {spec}: base {base_name}'s config.json gives no num_hidden_layers; "
+                         "use --layers all")
     try:
         return layer_indices(spec, depth)
     except ValueError as exc:
