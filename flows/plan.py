@@ -16,6 +16,7 @@ from typing import Any
 
 from flows.config import DatasetConfig, ReleaseConfig
 from lorakit.gate.general import general_check
+from lorakit.train.options import without_default_layers
 
 STAGES = ("prep", "adapters", "merged", "quantized", "gguf", "scorecard", "gate")
 
@@ -76,9 +77,8 @@ class ReleasePlan:
                 "output": stage_dir(self.out, "prep", "calibration", {"sources": files, **params})}
 
     def train(self, ds: DatasetConfig, prep_dir: str) -> dict[str, Any]:
-        params = self.config.lora_for(ds).model_dump()
-        if params.get("layers") == "all":  # the default: left out, so adapters trained before the option stay cached
-            del params["layers"]
+        # layers 'all' left out, so adapters trained before the option stay cached
+        params = without_default_layers(self.config.lora_for(ds).model_dump())
         params["base"] = self.config.base
         params["compute_dtype"] = self.config.compute_dtype
         return {"prep_dir": prep_dir, "params": params,

@@ -41,7 +41,8 @@ from lorakit.train.model import (assert_not_repacked, check_tied_targets, dropou
 from lorakit.train.prefix import MIN_PREFIX, prefix_batch, prefix_hidden
 from lorakit.train.sanity import TrainingSanityError, check_loss_fell, check_step
 from lorakit.train import variants
-from lorakit.train.options import DEFAULT_MAX_STEPS, TRAIN, adapted_layers, parse_layer_spec
+from lorakit.train.options import (DEFAULT_MAX_STEPS, TRAIN, adapted_layers, parse_layer_spec,
+                                   without_default_layers)
 
 TRAIN_LOG = "train_log.jsonl"
 
@@ -104,9 +105,9 @@ class TrainConfig:
     def fingerprint(self, prep_digest: str, base_digest: str, compute_dtype: str) -> str:
         """What a checkpoint must match to be resumed: everything that changes the computation, including the
         dtype ``auto`` resolved to (a checkpoint moved to a machine that resolves differently is not resumed)."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "min_loss_drop")}
-        if fields["layers"] == "all":  # as before the option existed, so older checkpoints still resume
-            del fields["layers"]
+        # layers 'all' left out, as before the option existed, so older checkpoints still resume
+        fields = without_default_layers({k: v for k, v in asdict(self).items()
+                                         if k not in ("checkpoint_every", "min_loss_drop")})
         blob = json.dumps({"config": fields, "prep": prep_digest, "base": base_digest, "compute_dtype": compute_dtype},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()

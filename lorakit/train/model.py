@@ -58,9 +58,9 @@ def check_tied_targets(targets: str | list[str], tied: bool, base_label: str) ->
         )
 
 
-def all_linear_names(model: torch.nn.Module) -> list[str]:
-    """What PEFT's ``all-linear`` adapts, as names: every linear layer's last name part but the output head's."""
-    head = model.get_output_embeddings()
+def linear_names(model: torch.nn.Module, *, with_head: bool = False) -> list[str]:
+    """The last name part of every linear layer; without the output head, what PEFT's ``all-linear`` adapts."""
+    head = None if with_head else model.get_output_embeddings()
     return sorted({name.split(".")[-1] for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and module is not head})
 
@@ -108,14 +108,14 @@ def load_for_training(base_dir: Path, *, quant: str, device: str, r: int, alpha:
     torch.manual_seed(seed)  # LoRA A init
     layer_kwargs = {}
     if layers is not None:  # PEFT takes layers_to_transform only with a list of module names
-        targets = all_linear_names(model) if targets == "all-linear" else targets
+        targets = linear_names(model) if targets == "all-linear" else targets
         layer_kwargs = {"layers_to_transform": list(layers)}
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, use_rslora=rslora,
                         bias="none", task_type="CAUSAL_LM", **layer_kwargs, **lora_config_kwargs(variant, init))
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:
-        names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        names = linear_names(model, with_head=True)
         raise InputError(f"--target {targets}: {str(exc).splitlines()[0]}; linear layers of this model: {', '.join(names)}") from None
     after_init(model, init, base_dir)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -81,6 +81,12 @@ def layer_indices(spec: str, depth: int) -> list[int] | None:
     return list(range(a, b + 1))
 
 
+def without_default_layers(fields: dict) -> dict:
+    """``fields`` without ``layers`` where it is the default ``all``: what was hashed before the option existed (a
+    release's adapter stage folder, a checkpoint's resume fingerprint) hashes the same for the default."""
+    return {k: v for k, v in fields.items() if not (k == "layers" and v == "all")}
+
+
 def adapted_layers(spec: str, model_config: dict, base_name: str) -> list[int] | None:
     """``--layers`` against the base's depth, from its config.json: refused before any weight is read."""
     if parse_layer_spec(spec) is None:
