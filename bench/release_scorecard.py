@@ -158,15 +158,25 @@ def fresh_exact_match(models: dict[tuple[str, str], str | Path], preps: dict[str
     return exact_match_by_folder(models, examples, "fresh", progress)
 
 
-def score_folder(folder: str | Path, examples: dict, progress: bool = True) -> dict:
-    """One model folder loaded once and scored on each of ``examples`` (key -> TaskExamples): key -> TaskAccuracy,
-    its per-question ``predictions`` included (what flips against another model are counted from)."""
-    from lorakit.evaluate import task_accuracy
+def load_folder(folder: str | Path):
+    """A model folder (HF, PEFT adapter or GPTQ/AWQ) loaded as ``lorakit eval`` loads it."""
     from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 
     spec = describe_model(folder)
-    loaded = load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
+    return load_eval_model(spec, tokenizer=load_tokenizer(spec), stage="eval")
+
+
+def score_loaded(loaded, examples: dict, progress: bool = True) -> dict:
+    """A loaded model scored on each of ``examples`` (key -> TaskExamples): key -> TaskAccuracy, its per-question
+    ``predictions`` included (what flips against another model are counted from)."""
+    from lorakit.evaluate import task_accuracy
+
     return {key: task_accuracy(loaded, ex, progress=progress) for key, ex in examples.items()}
+
+
+def score_folder(folder: str | Path, examples: dict, progress: bool = True) -> dict:
+    """One model folder loaded once and scored on each of ``examples``: :func:`score_loaded`."""
+    return score_loaded(load_folder(folder), examples, progress)
 
 
 def exact_match_by_folder(models: dict[tuple[str, str], str | Path], examples: dict, label: str,

@@ -121,11 +121,10 @@ def check_recipe(spec: str, folder: Path, prep: str, params: dict) -> dict:
 
 def score(adapters: dict[str, Path], prep: str, task: str, fresh_n: int) -> dict:
     """Each adapter on every test question, ``fresh_n`` fresh ones and the general text; flips against ``all``."""
-    from bench.release_scorecard import score_folder
+    from bench.release_scorecard import load_folder, score_loaded
     from bench.train_sweep import all_examples, fresh_prep, general_text
     from lorakit.evaluate.accuracy import read_task_examples
     from lorakit.evaluate.flips import answer_flips
-    from lorakit.evaluate.loading import describe_model, load_eval_model, load_tokenizer
 
     examples = {"test": read_task_examples(Path(prep), "test", None)}
     if fresh_n:
@@ -133,10 +132,9 @@ def score(adapters: dict[str, Path], prep: str, task: str, fresh_n: int) -> dict
         examples["fresh"] = all_examples(fresh_prep(task, WORK, max_length, n=fresh_n))
     out, answers = {}, {}
     for spec, folder in adapters.items():
-        scored = score_folder(folder, examples)
-        spec_model = describe_model(folder)
-        general = general_text(load_eval_model(spec_model, tokenizer=load_tokenizer(spec_model), stage="eval"))
-        out[spec] = {"general_text": general}
+        loaded = load_folder(folder)  # once, for the answers and the general text
+        scored = score_loaded(loaded, examples)
+        out[spec] = {"general_text": general_text(loaded)}
         for split, acc in scored.items():
             answers[spec, split] = [bool(p.exact) for p in acc.predictions]
             out[spec][split] = {"n": len(acc.predictions), "exact_match": acc.exact_match}
